@@ -1,0 +1,175 @@
+"""The `embedkit` command: one sub-command per pipeline stage.
+
+    embedkit models                      what models are embedded, and where they live
+    embedkit data check PATH             validate and summarise a data set
+    embedkit encode --model M --input F  texts -> vectors (.npy)
+    embedkit eval / compare              evaluate, and gate a candidate against a baseline
+    embedkit demo                        the main job, end to end on the embedded defaults
+
+Each stage keeps its command functions in its own package (`embedkit/<stage>/cli.py`); this file only wires them
+together and turns an EmbedkitError into one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from embedkit import __version__
+from embedkit.data.cli import check_command
+from embedkit.errors import EmbedkitError
+
+app = typer.Typer(
+    name="embedkit",
+    help="Specialise embedding models to your domain, prove they got better, and ship them.\n\n"
+    "Pipeline: data -> mine -> train -> eval -> export -> serve. Models: 'minilm', 'smollm2-135m' (embedded, no hub "
+    "needed), any local folder, or a Hugging Face id.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Validate and summarise data sets (BEIR folders, STS files, training pairs).",
+                       no_args_is_help=True)
+data_app.command("check")(check_command)
+app.add_typer(data_app, name="data")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"embedkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    # No model hub unless the user asks for one: embedded models never need it, and a hidden download is a surprise.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command("models")
+def models_command(
+    json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """List the embedded default models: size, architecture, pooling, and where they live.
+
+    Use the short name anywhere a model is asked for (`--model minilm`). SmolLM2 is converted from its GGUF package
+    into EMBEDKIT_HOME on first use (~30 s, once).
+    """
+    import importlib.metadata
+
+    from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path
+
+    rows = []
+    for spec in EMBEDDED_MODELS.values():
+        dist, _, version = spec.package.partition("==")
+        try:
+            installed = importlib.metadata.version(dist) == version
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        if spec.name == "minilm":
+            location = str(minilm_path()) if installed else "(installs with embedkit)"
+        else:
+            folder = embedkit_home() / "models" / spec.name
+            location = str(folder) if folder.exists() else f"(converted into {folder} on first use)"
+        rows.append({"name": spec.name, "source": spec.source, "params": spec.params,
+                     "architecture": spec.architecture, "pooling": spec.pooling, "license": spec.license,
+                     "package": spec.package, "installed": installed, "location": location})
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['name']:<14} {row['params']:>6}  {row['architecture']:<34} pooling={row['pooling']:<10} "
+                   f"{row['license']}")
+        typer.echo(f"{'':<14} from {row['package']}: {row['source']}")
+        typer.echo(f"{'':<14} at {row['location']}")
+    typer.echo(f"\nEMBEDKIT_HOME={embedkit_home()}  (also: any local folder or Hugging Face id, e.g. "
+               f"BAAI/bge-small-en-v1.5 when the hub is reachable; {SMOLLM2_DIST} needs no hub)")
+
+
+def _read_texts(path: Path, field: str) -> list[str]:
+    """Texts from .txt (one per line) or .jsonl (one object per line, text in `field`)."""
+    from embedkit.errors import DataError
+
+    if not path.exists():
+        raise DataError("file not found", path=path)
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if path.suffix == ".jsonl":
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"invalid JSON ({exc.msg})", path=path, line=number) from None
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise DataError("missing or not a string", path=path, line=number, field=field)
+                texts.append(row[field])
+            else:
+                texts.append(line.rstrip("\n"))
+    if not texts:
+        raise DataError("no texts in file", path=path)
+    return texts
+
+
+@app.command("encode")
+def encode_command(
+    model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
+    input_path: Path = typer.Option(..., "--input", "-i",
+                                    help="Texts: .txt (one per line) or .jsonl (one object per line)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the vectors (.npy, float32 [n, dim])."),
+    kind: str = typer.Option("document", "--kind", help="'query' or 'document': picks the model's prompt."),
+    field: str = typer.Option("text", "--field", help="JSONL field holding the text."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise the vectors."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (bf16 for LLM encoders on capable CPUs/GPUs)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Truncate inputs to this many tokens."),
+) -> None:
+    """Embed texts with a model and save the vectors as .npy (row i = line i of the input).
+
+    Example: embedkit encode --model minilm --input questions.txt --kind query --output q.npy
+    """
+    import numpy as np
+
+    from embedkit.atomic import atomic_path
+    from embedkit.models import load_model
+
+    if kind not in ("query", "document"):
+        raise EmbedkitError(f"--kind must be 'query' or 'document', not {kind!r}", field="kind")
+    texts = _read_texts(input_path, field)
+    encoder = load_model(model, dtype=dtype, max_length=max_length)
+    vectors = encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=normalize)
+    with atomic_path(output) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, vectors)
+    typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {output} "
+               f"(model {encoder.name}, pooling {encoder.pooling}, fingerprint {encoder.fingerprint[:12]})")
+
+
+@app.command("demo")
+def demo_command(
+    workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the demo writes its outputs."),
+) -> None:
+    """The main job, end to end on the embedded defaults (no hub, no GPU). See README.md."""
+    from embedkit.pipeline import run_demo
+
+    run_demo(workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except EmbedkitError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`embedkit eval` and `embedkit compare` as plain typer-annotated functions (registered by embedkit/cli.py).
+
+Heavy libraries (torch, transformers, mteb, faiss) are imported inside the functions so `embedkit --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from embedkit.errors import EmbedkitError
+
+TASK_HELP = (
+    "Task to evaluate; repeat for several. Forms: 'beir:DIR[:SPLIT]' (BEIR folder, split defaults to test, e.g. "
+    "beir:../shared/data/scifact:test), 'sts:FILE' (.jsonl/.csv/.tsv with sentence1, sentence2, score, e.g. "
+    "sts:../shared/data/sts/sick/test.jsonl), 'mteb:NAME' (an installed mteb task; offline only if its data is "
+    "cached), or an embedded default: 'stsb' (STS-Benchmark test), 'stsb-paraphrase' (retrieval derived from "
+    "STS-B). Default: stsb and stsb-paraphrase."
+)
+
+
+def _fail(exc: EmbedkitError) -> typer.Exit:
+    typer.echo(f"error: {exc.one_line()}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def eval_command(
+    model: str = typer.Option(
+        "minilm", "--model", "-m",
+        help="Model to evaluate: an embedded default ('minilm', 'smollm2-135m'), a model folder saved by "
+             "'embedkit train', or a Hugging Face id (needs the hub).",
+    ),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help=TASK_HELP),
+    output: Path = typer.Option(
+        Path("eval_report.json"), "--output", "-o",
+        help="Report JSON to write (a Markdown summary is written beside it with the .md suffix). Compare two "
+             "reports with 'embedkit compare'.",
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Texts per encoder forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (recorded in the report; evaluation is deterministic)."),
+    top_k: int = typer.Option(100, "--top-k", min=100, help="Documents retrieved per query (>= 100 for recall@100)."),
+    search: str = typer.Option(
+        "auto", "--search",
+        help="Retrieval search: 'exact' (chunked matrix product), 'faiss' (IndexFlatIP), or 'auto' (FAISS from "
+             "200,000 documents). Both are exact.",
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache",
+        help="Encode the corpus even when cached embeddings exist (cache: $EMBEDKIT_HOME/embeddings, keyed by "
+             "model fingerprint, prompts and corpus hash).",
+    ),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: $EMBEDKIT_HOME "
+                                                                        "or ~/.cache/embedkit)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary table."),
+) -> None:
+    """Evaluate a model on retrieval and STS tasks and write a JSON + Markdown report.
+
+    Examples:
+
+      embedkit eval --model minilm                              # the embedded defaults stsb, stsb-paraphrase
+
+      embedkit eval -m runs/my-model -t beir:../shared/data/scifact:test -t sts:../shared/data/sts/sick/test.jsonl -o reports/my-model.json
+    """
+    try:
+        from embedkit.eval.report import summary_rows, write_report
+        from embedkit.eval.runner import evaluate
+        from embedkit.eval.tasks import parse_task_specs
+
+        specs = parse_task_specs(task)  # fail on a bad spec before the model loads
+        progress = None if quiet else (lambda message: print(f"[eval] {message}", file=sys.stderr, flush=True))
+        if progress:
+            progress(f"loading model {model}")
+        from embedkit.models import load_model
+
+        encoder = load_model(model)
+        report = evaluate(encoder, specs, batch_size=batch_size, seed=seed, top_k=top_k, search=search,
+                          cache_dir=cache_dir, use_cache=not no_cache, progress=progress)
+        json_path, md_path = write_report(report, output)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    for name, metric, value in summary_rows(report):
+        typer.echo(f"{name:<28} {metric:<16} {value:.4f}")
+    typer.echo(f"report: {json_path} (summary: {md_path})")
+
+
+def compare_command(
+    baseline: Path = typer.Option(..., "--baseline", "-b", help="Report of the reference model (from 'embedkit eval')."),
+    candidate: Path = typer.Option(..., "--candidate", "-c", help="Report of the model to check, on the same tasks."),
+    max_drop: float = typer.Option(
+        0.01, "--max-drop", min=0.0,
+        help="Largest tolerated drop of a task's main metric, absolute (0.01 = one nDCG@10 / Spearman point).",
+    ),
+    alpha: float = typer.Option(0.05, "--alpha", min=1e-6, max=0.5, help="Significance level of the paired test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the resampling test (same seed, same p-values)."),
+    resamples: int = typer.Option(2000, "--resamples", min=100, help="Permutations / bootstrap resamples per task."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the comparison as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG bar chart of both reports here."),
+) -> None:
+    """Gate a candidate against a baseline: exit 0 (no significant regression beyond --max-drop), 1 (regression),
+    2 (not comparable: different tasks or data).
+
+    Per task the main metric decides: retrieval uses a paired randomization test over per-query scores, STS a
+    paired bootstrap over pairs recomputing Spearman. A task regresses when its drop exceeds --max-drop AND is
+    significant at --alpha.
+
+    Example (CI):
+
+      embedkit eval -m runs/candidate -o candidate.json && embedkit compare -b eval/baselines/minilm.json -c candidate.json
+    """
+    try:
+        from embedkit.eval.compare import compare, load_report
+        from embedkit.eval.report import plot_reports
+
+        base_report, cand_report = load_report(baseline), load_report(candidate)
+        result = compare(base_report, cand_report, max_drop=max_drop, alpha=alpha, seed=seed, resamples=resamples)
+        if output is not None:
+            from embedkit.atomic import write_json
+
+            write_json(output, result.to_dict())
+        if plot is not None:
+            plot_reports([(f"baseline ({baseline.name})", base_report), (f"candidate ({candidate.name})", cand_report)],
+                         plot)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    for line in result.summary_lines():
+        typer.echo(line)
+    if result.tasks:
+        typer.echo(f"test: {result.tasks[0].method}" if len({t.method for t in result.tasks}) == 1 else
+                   "tests: " + "; ".join(sorted({t.method for t in result.tasks})))
+    raise typer.Exit(result.exit_code)

@@ -1,0 +1,247 @@
+"""Evaluation runner: encode, search, score, for every task; returns a report dict (see `report.py`).
+
+Retrieval: queries are encoded with kind="query", documents with kind="document" (asymmetric prompts);
+exact top-k search by chunked matrix products (or FAISS IndexFlatIP for large corpora); ties broken by
+document id the way trec_eval does, so a run is deterministic. Corpus embeddings are cached on disk under
+`<cache>/embeddings/` keyed by what determines them (model fingerprint, prompts, pooling, max length, corpus
+texts): a second evaluation of the same model on the same corpus only encodes the queries.
+STS: both sentences are encoded with kind="query" (a symmetric task: both sides are the same kind of
+text; mteb likewise uses no document prompt for STS), scored by cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from embedkit.atomic import atomic_path
+from embedkit.errors import ConfigError
+from embedkit.eval.metrics import paired_cosine, retrieval_metrics, sts_metrics, trec_order
+from embedkit.eval.tasks import LoadedTask, TaskSpec, load_task, parse_task_specs
+
+DEFAULT_TOP_K = 100  # enough for recall@100 and map@100; nDCG@10 / MRR@10 only read the first 10
+FAISS_MIN_DOCUMENTS = 200_000  # "auto" search switches to FAISS from this corpus size
+_QUERY_CHUNK = 256  # queries per matrix product: bounds memory at 256 x n_docs floats
+
+
+class Encoder(Protocol):
+    fingerprint: str
+
+    def encode(self, texts: list[str], kind: str = "query", batch_size: int = 32, normalize: bool = True,
+               show_progress: bool | None = None) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def default_cache_dir() -> Path:
+    """$EMBEDKIT_HOME, else ~/.cache/embedkit (same place the model registry uses)."""
+    env = os.environ.get("EMBEDKIT_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "embedkit"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch = sys.modules.get("torch")  # seed torch only if an encoder loaded it: importing it here costs seconds
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def _encoder_key(encoder: Encoder, kind: str) -> dict[str, Any]:
+    """Everything about the model that changes a document's embedding (not the batch size)."""
+    d = encoder.describe()
+    return {"fingerprint": encoder.fingerprint, "prompts": d.get("prompts"), "pooling": d.get("pooling"),
+            "max_length": d.get("max_length"), "dtype": d.get("dtype"), "kind": kind, "normalize": True}
+
+
+def embedding_cache_path(cache_dir: Path, encoder: Encoder, ids: list[str], texts: list[str], kind: str) -> Path:
+    from embedkit.manifest import sha256_texts
+
+    model_key = json.dumps(_encoder_key(encoder, kind), sort_keys=True, default=str)
+    corpus_key = sha256_texts(t for pair in zip(ids, texts) for t in pair)
+    key = hashlib.sha256(f"{model_key}\0{corpus_key}".encode()).hexdigest()[:40]
+    return Path(cache_dir) / "embeddings" / f"{key}.npy"
+
+
+def encode_cached(
+    encoder: Encoder, ids: list[str], texts: list[str], *, kind: str, batch_size: int,
+    cache_dir: Path | None, use_cache: bool,
+) -> tuple[np.ndarray, bool]:
+    """Embeddings of `texts`, from the cache when present; returns (embeddings, was_cached).
+
+    The cache holds plain .npy (loaded with allow_pickle=False), written atomically; a file of the wrong
+    shape (e.g. cut short by a full disk) is ignored and rewritten.
+    """
+    path = embedding_cache_path(cache_dir, encoder, ids, texts, kind) if (use_cache and cache_dir) else None
+    if path is not None and path.is_file():
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.ndim == 2 and cached.shape[0] == len(texts) and cached.dtype == np.float32:
+                return cached, True
+        except (ValueError, OSError):
+            pass
+    embeddings = np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
+                                      dtype=np.float32)
+    if path is not None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, embeddings, allow_pickle=False)
+    return embeddings, False
+
+
+def _tie_ranks(doc_ids: list[str]) -> np.ndarray:
+    """rank[i] = position of doc_ids[i] in sorted order; a larger rank wins a score tie (trec_eval order)."""
+    order = sorted(range(len(doc_ids)), key=lambda i: doc_ids[i])
+    ranks = np.empty(len(doc_ids), dtype=np.int64)
+    ranks[order] = np.arange(len(doc_ids))
+    return ranks
+
+
+def exact_search(
+    query_emb: np.ndarray, doc_emb: np.ndarray, query_ids: list[str], doc_ids: list[str], top_k: int
+) -> dict[str, dict[str, float]]:
+    """Top-k documents per query by inner product (cosine on normalised embeddings), exact and deterministic.
+
+    Every document scoring at least the k-th best score is a candidate, so ties at the cut are resolved by
+    doc id (descending, as trec_eval) rather than by whatever order argpartition happens to return.
+    """
+    n_docs = doc_emb.shape[0]
+    k = min(top_k, n_docs)
+    tie_rank = _tie_ranks(doc_ids)
+    run: dict[str, dict[str, float]] = {}
+    for start in range(0, len(query_ids), _QUERY_CHUNK):
+        scores = query_emb[start:start + _QUERY_CHUNK] @ doc_emb.T
+        kth = np.partition(scores, n_docs - k, axis=1)[:, n_docs - k]
+        for row, qid in enumerate(query_ids[start:start + _QUERY_CHUNK]):
+            candidates = np.nonzero(scores[row] >= kth[row])[0]
+            order = np.lexsort((-tie_rank[candidates], -scores[row, candidates]))[:k]
+            best = candidates[order]
+            run[qid] = {doc_ids[i]: float(scores[row, i]) for i in best}
+    return run
+
+
+def faiss_search(
+    query_emb: np.ndarray, doc_emb: np.ndarray, query_ids: list[str], doc_ids: list[str], top_k: int
+) -> dict[str, dict[str, float]]:
+    """Top-k by FAISS IndexFlatIP (exact inner product, multithreaded); results re-sorted in trec order."""
+    import faiss
+
+    index = faiss.IndexFlatIP(doc_emb.shape[1])
+    index.add(np.ascontiguousarray(doc_emb, dtype=np.float32))
+    scores, indices = index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(top_k, doc_emb.shape[0]))
+    run = {}
+    for qid, row_scores, row_idx in zip(query_ids, scores, indices):
+        hits = {doc_ids[i]: float(s) for s, i in zip(row_scores, row_idx) if i >= 0}
+        run[qid] = dict(trec_order(hits))
+    return run
+
+
+def run_retrieval(
+    encoder: Encoder, task: LoadedTask, *, batch_size: int, top_k: int, search: str,
+    cache_dir: Path | None, use_cache: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = task.data
+    query_ids = data.judged_query_ids()
+    doc_ids = list(data.corpus)
+    timings: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    doc_emb, cached = encode_cached(encoder, doc_ids, data.document_texts(doc_ids), kind="document",
+                                    batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache)
+    t1 = time.perf_counter()
+    query_emb = np.ascontiguousarray(
+        encoder.encode([data.queries[q] for q in query_ids], kind="query", batch_size=batch_size, normalize=True),
+        dtype=np.float32)
+    t2 = time.perf_counter()
+    use_faiss = search == "faiss" or (search == "auto" and len(doc_ids) >= FAISS_MIN_DOCUMENTS)
+    run = (faiss_search if use_faiss else exact_search)(query_emb, doc_emb, query_ids, doc_ids, top_k)
+    t3 = time.perf_counter()
+    scores = retrieval_metrics({q: data.qrels[q] for q in query_ids}, run)
+    t4 = time.perf_counter()
+    timings.update(encode_documents_s=t1 - t0, documents_from_cache=cached, encode_queries_s=t2 - t1,
+                   search_s=t3 - t2, search_backend="faiss" if use_faiss else "exact", scoring_s=t4 - t3)
+    return {"metrics": scores.metrics, "per_query": scores.per_query}, timings
+
+
+def run_sts(encoder: Encoder, task: LoadedTask, *, batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = task.data
+    t0 = time.perf_counter()
+    # Encode each distinct sentence once (STS files repeat sentences across pairs).
+    unique = list(dict.fromkeys([*data.sentences1, *data.sentences2]))
+    position = {s: i for i, s in enumerate(unique)}
+    emb = np.asarray(encoder.encode(unique, kind="query", batch_size=batch_size, normalize=True), dtype=np.float32)
+    t1 = time.perf_counter()
+    a = emb[[position[s] for s in data.sentences1]]
+    b = emb[[position[s] for s in data.sentences2]]
+    scores = sts_metrics(paired_cosine(a, b), data.scores)
+    return ({"metrics": scores.metrics, "per_pair": {"predicted": scores.predicted, "gold": scores.gold}},
+            {"encode_s": t1 - t0, "scoring_s": time.perf_counter() - t1})
+
+
+def evaluate(
+    encoder: Encoder,
+    tasks: list[str | TaskSpec] | None = None,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    top_k: int = DEFAULT_TOP_K,
+    search: str = "auto",
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `encoder` on `tasks` (spec strings or TaskSpecs; default: stsb, stsb-paraphrase); return a report.
+
+    All task specs are parsed and all data is loaded before any encoding, so a bad spec or a bad file fails
+    in seconds, not after an hour of encoding.
+    """
+    from embedkit.eval.report import build_report
+
+    if search not in ("auto", "exact", "faiss"):
+        raise ConfigError(f"unknown search backend '{search}' (use auto, exact or faiss)", field="search")
+    if top_k < 100:
+        raise ConfigError("top_k must be at least 100 (recall@100 and map@100 need 100 results)", field="top_k")
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    specs = parse_task_specs(tasks)
+    loaded = []
+    for spec in specs:
+        say(f"loading {spec.name} ({spec.spec})")
+        loaded.append(load_task(spec))
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    set_seed(seed)
+    results: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
+    for task in loaded:
+        spec = task.spec
+        say(f"evaluating {spec.name}")
+        t0 = time.perf_counter()
+        if spec.type == "retrieval":
+            result, task_timings = run_retrieval(encoder, task, batch_size=batch_size, top_k=top_k, search=search,
+                                                 cache_dir=cache, use_cache=use_cache)
+        elif spec.type == "sts":
+            result, task_timings = run_sts(encoder, task, batch_size=batch_size)
+        else:
+            from embedkit.eval.mteb_adapter import run_mteb_task
+
+            metrics = run_mteb_task(encoder, spec.spec.partition(":")[2], batch_size=batch_size,
+                                    cache_dir=cache / "mteb-results")
+            result, task_timings = {"metrics": metrics}, {}
+        task_timings["total_s"] = time.perf_counter() - t0
+        timings[spec.name] = task_timings
+        results[spec.name] = {
+            "task": {"name": spec.name, "type": spec.type, "main_metric": spec.main_metric, "split": spec.split,
+                     "data_hash": task.data_hash, "sizes": task.sizes},
+            **result,
+        }
+    return build_report(encoder, loaded, results, timings, seed=seed, batch_size=batch_size, top_k=top_k,
+                        search=search, wall_time_s=time.perf_counter() - started)

