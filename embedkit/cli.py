@@ -3,7 +3,10 @@
     embedkit models                      what models are embedded, and where they live
     embedkit data check PATH             validate and summarise a data set
     embedkit encode --model M --input F  texts -> vectors (.npy)
+    embedkit mine                        hard negatives with FAISS, false negatives filtered out
+    embedkit train RECIPE.yaml           contrastive fine-tuning (full, LoRA, QLoRA; GradCache; DeepSpeed)
     embedkit eval / compare              evaluate, and gate a candidate against a baseline
+    embedkit export / serve              ONNX (fp32, int8) with parity; OpenAI-compatible /v1/embeddings
     embedkit demo                        the main job, end to end on the embedded defaults
 
 Each stage keeps its command functions in its own package (`embedkit/<stage>/cli.py`); this file only wires them
@@ -22,6 +25,11 @@ import typer
 from embedkit import __version__
 from embedkit.data.cli import check_command
 from embedkit.errors import EmbedkitError
+from embedkit.eval.cli import compare_command, eval_command
+from embedkit.export.cli import export_command
+from embedkit.mine.cli import mine_command
+from embedkit.serve.cli import serve_command
+from embedkit.train.cli import train_command
 
 app = typer.Typer(
     name="embedkit",
@@ -36,6 +44,14 @@ data_app = typer.Typer(help="Validate and summarise data sets (BEIR folders, STS
                        no_args_is_help=True)
 data_app.command("check")(check_command)
 app.add_typer(data_app, name="data")
+
+# The pipeline, in order: data -> mine -> train -> eval -> export -> serve.
+app.command("mine")(mine_command)
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.command("compare")(compare_command)
+app.command("export")(export_command)
+app.command("serve")(serve_command)
 
 
 def _version_callback(value: bool) -> None:

@@ -60,7 +60,7 @@ def test_clearly_worse_retrieval_is_a_regression(base_report):
     worse = copy.deepcopy(base_report)
     base = np.array([v["ndcg_at_10"] for _, v in sorted(base_report["results"]["ret"]["per_query"].items())])
     worse["results"]["ret"] = retrieval_task(base * 0.8)
-    result = compare(base_report, worse, seed=1)
+    result = compare(base_report, worse, seed=1, resamples=500)
     assert result.exit_code == EXIT_REGRESSION
     ret = next(t for t in result.tasks if t.task == "ret")
     assert ret.verdict == "regression" and ret.p_value < 0.01 and "randomization" in ret.method
@@ -71,7 +71,7 @@ def test_clearly_worse_sts_is_a_regression(base_report):
     gold = np.array(base_report["results"]["sts"]["per_pair"]["gold"])
     worse = copy.deepcopy(base_report)
     worse["results"]["sts"] = sts_task(gold + np.random.default_rng(5).normal(0, 3.0, len(gold)), gold)
-    result = compare(base_report, worse)
+    result = compare(base_report, worse, resamples=500)
     sts = next(t for t in result.tasks if t.task == "sts")
     assert result.exit_code == EXIT_REGRESSION and sts.verdict == "regression"
     assert "bootstrap" in sts.method and sts.p_value < 0.01
@@ -81,8 +81,8 @@ def test_small_drop_within_max_drop_passes(base_report):
     base = np.array([v["ndcg_at_10"] for _, v in sorted(base_report["results"]["ret"]["per_query"].items())])
     slightly = copy.deepcopy(base_report)
     slightly["results"]["ret"] = retrieval_task(base - 0.005)  # consistent, hence significant, but small
-    assert compare(base_report, slightly, max_drop=0.01).exit_code == EXIT_OK
-    assert compare(base_report, slightly, max_drop=0.001).exit_code == EXIT_REGRESSION
+    assert compare(base_report, slightly, max_drop=0.01, resamples=500).exit_code == EXIT_OK
+    assert compare(base_report, slightly, max_drop=0.001, resamples=500).exit_code == EXIT_REGRESSION
 
 
 def test_insignificant_large_drop_passes():

@@ -154,6 +154,7 @@ def _free_port() -> int:
 
 def _gather_worker(rank: int, world: int, port: int, q, d, keys_q, keys_d, result_queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         b = q.shape[0] // world
@@ -201,7 +202,7 @@ def test_gather_across_processes_gives_the_full_batch_loss_and_gradient():
     ref_loss.backward()
     assert ref_fn.grad_scale == 1
 
-    ctx = torch.multiprocessing.get_context("spawn")
+    ctx = torch.multiprocessing.get_context("spawn")  # fork deadlocks gloo after torch threads started
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_gather_worker, args=(r, world, port, q, d, keys_q, keys_d, queue)) for r in range(world)]

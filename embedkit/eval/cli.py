@@ -59,11 +59,11 @@ def eval_command(
 ) -> None:
     """Evaluate a model on retrieval and STS tasks and write a JSON + Markdown report.
 
-    Examples:
+    Examples (the first runs the embedded default tasks stsb and stsb-paraphrase):
 
-      embedkit eval --model minilm                              # the embedded defaults stsb, stsb-paraphrase
+      embedkit eval --model minilm -o reports/minilm.json
 
-      embedkit eval -m runs/my-model -t beir:../shared/data/scifact:test -t sts:../shared/data/sts/sick/test.jsonl -o reports/my-model.json
+      embedkit eval -m runs/my-model -t beir:../shared/data/scifact:test -t sts:../shared/data/sts/sick/test.jsonl
     """
     try:
         from embedkit.eval.report import summary_rows, write_report

@@ -120,8 +120,24 @@ def to_mteb_task(loaded: Any) -> Any:
     raise ConfigError(f"task '{spec.name}' of type '{spec.type}' has no mteb custom-task form", field="task")
 
 
-def run_mteb_task(encoder: Any, name: str, *, batch_size: int, cache_dir: Any) -> dict[str, float]:
-    """Evaluate an installed mteb task by name; returns its scores for the first evaluated split and subset.
+def get_mteb_task(name: str) -> Any:
+    """The installed mteb task called `name`; an unknown name is a one-line ConfigError."""
+    import mteb
+
+    try:
+        return mteb.get_task(name)
+    except Exception as exc:  # mteb raises KeyError/ValueError variants for unknown names
+        raise ConfigError(f"unknown mteb task '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
+                          field="task") from None
+
+
+def mteb_data_hash(task: Any) -> str:
+    """mteb tasks pin their data by dataset revision: name + revision stand in for a content hash."""
+    return f"mteb:{task.metadata.name}@{task.metadata.dataset.get('revision', 'unknown')}"
+
+
+def run_mteb_task(encoder: Any, task: Any, *, batch_size: int, cache_dir: Any) -> dict[str, float]:
+    """Evaluate an mteb task object; returns its scores for the first evaluated split and subset.
 
     Offline, this works only when the task's data is already in the local Hugging Face cache; otherwise the
     hub download fails and we say so in one line instead of a traceback.
@@ -129,11 +145,7 @@ def run_mteb_task(encoder: Any, name: str, *, batch_size: int, cache_dir: Any) -
     import mteb
     from mteb.cache import ResultCache
 
-    try:
-        task = mteb.get_task(name)
-    except Exception as exc:  # mteb raises KeyError/ValueError variants for unknown names
-        raise ConfigError(f"unknown mteb task '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
-                          field="task") from None
+    name = task.metadata.name
     try:
         result = mteb.evaluate(
             mteb_encoder(encoder), task, cache=ResultCache(str(cache_dir)), overwrite_strategy="always",

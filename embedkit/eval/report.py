@@ -41,6 +41,7 @@ def build_report(
                   "prompts": model.get("prompts"), "pooling": model.get("pooling"), "max_length": model.get("max_length"),
                   "sts_encoding": "both sentences with kind='query'", "normalize": True},
     )
+    manifest["wall_time_s"] = round(wall_time_s, 3)
     return {
         "format": REPORT_FORMAT,
         "results": results,

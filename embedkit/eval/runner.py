@@ -233,8 +233,7 @@ def evaluate(
         else:
             from embedkit.eval.mteb_adapter import run_mteb_task
 
-            metrics = run_mteb_task(encoder, spec.spec.partition(":")[2], batch_size=batch_size,
-                                    cache_dir=cache / "mteb-results")
+            metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=cache / "mteb-results")
             result, task_timings = {"metrics": metrics}, {}
         task_timings["total_s"] = time.perf_counter() - t0
         timings[spec.name] = task_timings

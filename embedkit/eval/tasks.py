@@ -50,7 +50,7 @@ class TaskSpec:
 
 @dataclass
 class LoadedTask:
-    """A spec with its data: a `BeirDataset` (retrieval) or an `StsDataset` (sts); None for mteb tasks."""
+    """A spec with its data: a `BeirDataset` (retrieval), an `StsDataset` (sts) or an mteb task object."""
 
     spec: TaskSpec
     data: Any
@@ -111,7 +111,10 @@ def parse_task_specs(specs: list[str | TaskSpec] | tuple[str, ...] | None) -> li
 def load_task(spec: TaskSpec) -> LoadedTask:
     """Read and validate the task's data (DataError on bad input, naming file, line and field)."""
     if spec.type == "mteb":
-        return LoadedTask(spec, None, None)
+        from embedkit.eval.mteb_adapter import get_mteb_task, mteb_data_hash
+
+        task = get_mteb_task(spec.spec.partition(":")[2].strip())
+        return LoadedTask(spec, task, mteb_data_hash(task))
     if spec.name == "stsb" and spec.path is None:
         from embedkit.data.defaults import load_stsb
 

@@ -85,7 +85,8 @@ class MiningSettings:
                                       or not math.isfinite(value)):
                 raise ConfigError(f"expected a finite number or nothing, got {value!r}", field=name)
         if self.absolute_margin is not None and self.absolute_margin < 0:
-            raise ConfigError("a margin below 0 would keep negatives scored above the positive", field="absolute_margin")
+            raise ConfigError("a margin below 0 would keep negatives scored above the positive",
+                              field="absolute_margin")
         if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
             raise ConfigError("relative_margin is a fraction of the positive's score: 0 <= value < 1 (0.05 = 5%)",
                               field="relative_margin")

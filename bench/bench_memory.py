@@ -1,0 +1,88 @@
+"""Peak memory of QLoRA vs LoRA vs full fine-tuning of SmolLM2-135M as an embedding model (CPU).
+
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/bench_memory.py --steps 3
+
+Each variant runs recipes/smollm2-qlora.yaml for a few steps in its own subprocess with only `adapter.type`
+changed (qlora | lora | none), the adapter saved alone (no merge, so the peak is the training's); prints the peak
+RSS of each child (ru_maxrss from wait4) and its time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+VARIANTS = ("qlora", "lora", "none")
+
+
+def child(variant: str, steps: int, batch: int, max_length: int, data: str, output: str) -> dict:
+    from embedkit.train.config import load_recipe
+    from embedkit.train.trainer import train
+
+    overrides = [f"adapter.type={variant}", "adapter.save=adapter" if variant != "none" else "adapter.save=merged",
+                 f"training.max_steps={steps}", f"training.batch_size={batch}", "training.grad_cache=null",
+                 f"model.max_length={max_length}", f"data.train={data}/medquad/train_pairs.jsonl", "data.dev=null",
+                 f"data.max_examples={steps * batch}", f"training.output_dir={output}", "training.progress=false",
+                 "training.checkpoint_every=null"]
+    recipe = load_recipe(REPO / "recipes" / "smollm2-qlora.yaml", overrides)
+    result = train(recipe, say=lambda m: None)
+    from embedkit.models.adapters import trainable_parameters  # noqa: F401  (import cost outside the timing)
+
+    return {"steps": result.steps, "seconds_per_step": result.train_seconds / max(result.steps, 1),
+            "final_loss": result.final_loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default="/tmp/embedkit-bench-memory")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        out = child(args.child, args.steps, args.batch_size, args.max_length, args.data, f"{args.out}/{args.child}")
+        Path(args.result).write_text(json.dumps(out))
+        return
+
+    from embedkit.models.registry import smollm2_path
+
+    smollm2_path()  # convert once, outside the measured children
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for variant in args.variants.split(","):
+        result_file = Path(args.out) / f"{variant}.result.json"
+        cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch-size",
+               str(args.batch_size), "--max-length", str(args.max_length), "--data", args.data, "--out", args.out,
+               "--result", str(result_file)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{variant} failed")
+        row = json.loads(result_file.read_text())
+        row["peak_rss_gb"] = usage.ru_maxrss / 1e6
+        row["wall_s"] = time.perf_counter() - t0
+        rows[variant] = row
+        name = {"qlora": "QLoRA (NF4 base + LoRA)", "lora": "LoRA (fp32 base)", "none": "full fine-tuning"}[variant]
+        print(f"{name:26s} peak RSS {row['peak_rss_gb']:.2f} GB   {row['seconds_per_step']:.1f} s/step "
+              f"(batch {args.batch_size}, max length {args.max_length})", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

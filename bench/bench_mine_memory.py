@@ -1,0 +1,115 @@
+"""Benchmark: peak memory and time of mining over a large precomputed corpus (issue #5 acceptance: < 4 GB RSS).
+
+    .venv/bin/python bench/bench_mine_memory.py                       # 1,000,000 x 384 corpus, 10,000 queries
+    .venv/bin/python bench/bench_mine_memory.py --docs 200000 --queries 2000   # quicker
+
+Writes a synthetic float32 corpus (unit vectors, with np.lib.format.open_memmap in chunks, so generation is bounded
+too), queries placed near a random "positive" document each, then runs `embedkit.mine.mine_embeddings` over the
+.npy file in a fresh subprocess (exact search streamed in corpus chunks, rank window 10:100, 3 negatives, relative
+margin 0.05, near-duplicate filter on) and prints that process's peak RSS (ru_maxrss) and wall time. Exit code 1 if
+the peak exceeds --limit-gb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def generate(folder: Path, docs: int, queries: int, dim: int, seed: int, chunk: int = 65536) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    corpus = np.lib.format.open_memmap(folder / "corpus.npy", mode="w+", dtype=np.float32, shape=(docs, dim))
+    for start in range(0, docs, chunk):
+        block = rng.standard_normal((min(chunk, docs - start), dim), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        corpus[start:start + block.shape[0]] = block
+        corpus.flush()
+    positives = rng.choice(docs, size=queries, replace=False).astype(np.int64)
+    noise = rng.standard_normal((queries, dim), dtype=np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    q = np.asarray(corpus[np.sort(positives)])[np.argsort(np.argsort(positives))] + 0.5 * noise
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    del corpus
+    np.save(folder / "queries.npy", q.astype(np.float32))
+    np.save(folder / "positives.npy", positives)
+
+
+def child(folder: Path, chunk: int, search: str) -> None:
+    import numpy as np
+
+    from embedkit.mine import MiningSettings, MiningStats, NpyFileSource, mine_embeddings
+
+    t0 = time.perf_counter()
+    source = NpyFileSource(folder / "corpus.npy")
+    queries = np.load(folder / "queries.npy")
+    positives = np.load(folder / "positives.npy")
+    settings = MiningSettings(range_min=10, range_max=100, num_negatives=3, relative_margin=0.05,
+                              duplicate_threshold=0.98, corpus_chunk=chunk, search=search)
+    stats = MiningStats()
+    chosen = 0
+    for block in mine_embeddings(queries, len(queries), source, np.arange(len(queries) + 1), positives, settings,
+                                 stats=stats):
+        chosen += sum(len(n) for n in block.negatives)
+    wall = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"peak_rss_mb": round(peak_mb, 1), "wall_s": round(wall, 1), "negatives": chosen,
+                      "stats": stats.to_dict()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--chunk", type=int, default=131072, help="corpus rows per search chunk")
+    parser.add_argument("--search", default="exact", choices=["exact", "hnsw", "auto"])
+    parser.add_argument("--limit-gb", type=float, default=4.0)
+    parser.add_argument("--workdir", help="where to write the synthetic data (default: a temp folder, removed)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(Path(args.child), args.chunk, args.search)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-mine-", dir=args.workdir) as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        generate(folder, args.docs, args.queries, args.dim, args.seed)
+        size_gb = (folder / "corpus.npy").stat().st_size / 1e9
+        print(f"synthetic corpus {args.docs:,} x {args.dim} float32 ({size_gb:.2f} GB on disk), {args.queries:,} "
+              f"queries: generated in {time.perf_counter() - t0:.1f} s", flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--chunk", str(args.chunk),
+                               "--search", args.search], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"mining subprocess failed:\n{proc.stderr}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    children_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    s = result["stats"]
+    print(f"mining ({s['search']} search, chunks of {args.chunk:,}): wall {result['wall_s']:.1f} s "
+          f"(search {s['seconds']['search']:.1f} s, positives {s['seconds']['positives']:.1f} s, near-duplicates "
+          f"{s['seconds']['duplicates']:.1f} s, filters {s['seconds']['filter']:.1f} s)")
+    print(f"peak RSS of the mining process: {result['peak_rss_mb']:.0f} MB (RUSAGE_CHILDREN: {children_peak_mb:.0f} MB)"
+          f"; limit {args.limit_gb * 1024:.0f} MB")
+    print(f"candidates {s['candidates_in_window']:,}, removed {s['removed']}, negatives {result['negatives']:,}, "
+          f"short queries {s['queries_short']}, positive in top 10: {s['positive_ranked_before_window']:,}")
+    if result["peak_rss_mb"] > args.limit_gb * 1024:
+        print("FAIL: peak RSS above the limit")
+        sys.exit(1)
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()

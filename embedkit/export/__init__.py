@@ -1,0 +1,26 @@
+"""Export: trained model -> ONNX graph (fp32 / int8) or merged HF folder, each verified by a parity check.
+
+Names are imported lazily so that importing the package does not import torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "export_onnx": "embedkit.export.onnx",
+    "OnnxEncoder": "embedkit.export.onnx",
+    "ExportError": "embedkit.export.onnx",
+    "export_hf": "embedkit.export.hf",
+    "write_probes": "embedkit.export.probes",
+    "check_probes": "embedkit.export.probes",
+    "read_probes": "embedkit.export.probes",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'embedkit.export' has no attribute {name!r}")

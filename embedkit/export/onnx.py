@@ -1,0 +1,371 @@
+"""ONNX export: one graph = transformer + pooling + normalisation, verified against torch after every export.
+
+Folder layout written by `export_onnx(model, out)`:
+
+    model.onnx              fp32 graph: inputs input_ids, attention_mask (int64 [batch, seq]) -> sentence_embedding
+    model_int8.onnx         with --quantize int8: dynamic int8 (per-channel weights), the folder's default graph
+    tokenizer files         the model's tokenizer (pads on `padding_side`; EOS appended for last-token models)
+    embedkit_onnx.json      how to feed the graph: prompts, max_length, padding side, pooling, dim, default graph
+    probe_vectors.json      vectors the default graph gave the probe texts (checked again by `embedkit serve`)
+    embedkit_manifest.json  provenance + the parity results (torch vs fp32, fp32 vs int8, nDCG@10 on a check set)
+
+`OnnxEncoder(folder)` loads it with onnxruntime and offers `encode(texts, kind, batch_size)` like `Encoder`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from embedkit.errors import ModelError
+
+ONNX_CONFIG_NAME = "embedkit_onnx.json"
+FP32_GRAPH = "model.onnx"
+INT8_GRAPH = "model_int8.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "sentence_embedding"  # not "embedding": that name collides with nodes inside BERT graphs
+
+# Parity bounds (see issue #6): an export that misses one of them is not written.
+FP32_MAX_ABS_DIFF = 1e-5
+INT8_MIN_MEAN_COSINE = 0.99
+INT8_MAX_NDCG_DROP = 0.005
+
+# Texts of very different lengths so parity batches carry real padding.
+_PARITY_EXTRA = (
+    "a",
+    "Is it safe?",
+    "The committee postponed its decision on the new drug until the long-term safety data from the third trial "
+    "phase, which followed more than four thousand patients for five years, had been reviewed by independent experts.",
+    "42",
+    "résumé naïve café – “quotes” and emoji 🙂",
+)
+
+
+class ExportError(ModelError):
+    """An export failed its parity check; nothing was written."""
+
+    exit_code = 3
+
+
+# ---------------------------------------------------------------------------------------------------------- encoder
+class OnnxEncoder:
+    """Encode with an exported ONNX graph: tokenizer + onnxruntime session, length-sorted batches.
+
+    `variant` picks the graph: None (the folder's default), "fp32" or "int8".
+    """
+
+    def __init__(self, folder: str | Path, *, variant: str | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        config_path = self.folder / ONNX_CONFIG_NAME
+        if not config_path.is_file():
+            raise ModelError("not an ONNX export folder (no embedkit_onnx.json); create one with "
+                             "`embedkit export --format onnx`", path=self.folder)
+        self.config = json.loads(config_path.read_text())
+        graphs = self.config["graphs"]
+        self.variant = variant or self.config["default_variant"]
+        if self.variant not in graphs:
+            raise ModelError(f"this export has no {self.variant!r} graph; it has {', '.join(sorted(graphs))}",
+                             path=self.folder)
+        self.graph_path = self.folder / graphs[self.variant]
+        self.pooling = self.config["pooling"]
+        self.prompts = dict(self.config.get("prompts") or {})
+        self.max_length = int(self.config["max_length"])
+        self.normalize = bool(self.config["normalize"])
+        self.padding_side = self.config.get("padding_side", "right")
+        self.dim = int(self.config["dim"])
+        self.name = self.config.get("name") or self.folder.name
+        self.fingerprint = f"{self.config.get('fingerprint', '')}:{self.variant}"
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        if self.pooling == "lasttoken":
+            _ensure_eos(self.tokenizer, self.folder)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.graph_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelError(f"onnxruntime cannot load the graph: {exc}".splitlines()[0], path=self.graph_path) from exc
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.folder), "backend": "onnx", "variant": self.variant,
+                "pooling": self.pooling, "prompts": self.prompts, "max_length": self.max_length,
+                "normalize": self.normalize, "dim": self.dim, "fingerprint": self.fingerprint}
+
+    def token_ids(self, texts: Sequence[str], kind: str, *, truncate: bool = True) -> list[list[int]]:
+        from embedkit.models.prompts import apply_prompt
+
+        prompted = apply_prompt(list(texts), self.prompts, kind)
+        kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {"truncation": False}
+        return self.tokenizer(prompted, padding=False, return_attention_mask=False, return_token_type_ids=False,
+                              verbose=False, **kwargs)["input_ids"]
+
+    def collate(self, id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(ids) for ids in id_lists)
+        input_ids = np.full((len(id_lists), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(id_lists), width), dtype=np.int64)
+        for row, ids in enumerate(id_lists):
+            n = len(ids)
+            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, span] = ids
+            mask[row, span] = 1
+        return input_ids, mask
+
+    def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run the graph on one padded batch of token-id lists."""
+        input_ids, mask = self.collate(id_lists)
+        return self.session.run([OUTPUT_NAME], {"input_ids": input_ids, "attention_mask": mask})[0]
+
+    def encode(self, texts: Sequence[str] | str, kind: str = "document", batch_size: int = 32,
+               normalize: bool | None = None, show_progress: bool | None = None) -> np.ndarray:
+        if normalize is not None and bool(normalize) != self.normalize:
+            raise ModelError(f"this graph has normalize={self.normalize} built in; re-export to change it")
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.token_ids(texts, kind)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = self.embed_ids([ids[i] for i in rows])
+        return out
+
+
+def _ensure_eos(tokenizer, folder: Path) -> None:
+    """Last-token pooling reads the EOS state: make sure the loaded tokenizer appends it (as Encoder does)."""
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos_id is None:
+        raise ModelError("last-token pooling needs an EOS token, and the tokenizer has none", path=folder)
+    if tokenizer("a")["input_ids"][-1] == eos_id:
+        return
+    from tokenizers import processors
+
+    backend = tokenizer.backend_tokenizer
+    append = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                           special_tokens=[(eos, eos_id)])
+    existing = backend.post_processor
+    backend.post_processor = processors.Sequence([existing, append]) if existing is not None else append
+    if tokenizer("a")["input_ids"][-1] != eos_id:
+        raise ModelError("could not make the tokenizer append EOS", path=folder)
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+def _graph_module(encoder):
+    import torch
+
+    class EmbeddingGraph(torch.nn.Module):
+        """input_ids, attention_mask -> pooled (and normalised) embedding: exactly Encoder.forward."""
+
+        def __init__(self, enc) -> None:
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, input_ids, attention_mask):
+            return self.enc.forward({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    return EmbeddingGraph(encoder).eval()
+
+
+def _dummy_batch(encoder):
+    """Two rows of different lengths: the traced graph must take the padded-attention path."""
+    feats = encoder.tokenize(["a short one", "a somewhat longer example sentence with more tokens in it"], "document")
+    if bool(feats["attention_mask"].all()):
+        raise ExportError("could not build a padded example batch for tracing")
+    return feats["input_ids"], feats["attention_mask"]
+
+
+def torch_to_onnx(encoder, path: Path, *, exporter: str = "torchscript", opset: int = 17) -> None:
+    """Write `encoder` (transformer + pooling + normalisation) as one ONNX graph with dynamic batch/sequence axes."""
+    import warnings
+
+    import torch
+
+    module = _graph_module(encoder)
+    args = _dummy_batch(encoder)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                module, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                              OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+        elif exporter == "dynamo":
+            torch.onnx.export(
+                module, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"},
+                                "attention_mask": {0: "batch", 1: "sequence"}},
+                opset_version=max(opset, 18), dynamo=True, verbose=False,
+            )
+        else:
+            raise ModelError(f"unknown exporter {exporter!r}; choose 'torchscript' or 'dynamo'")
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation with per-channel weights (per-tensor loses too much: mean cosine 0.94 on MiniLM)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
+
+
+def parity_texts(check) -> list[tuple[str, str]]:
+    from embedkit.export.probes import DEFAULT_PROBES
+
+    items = [(t, "query") for t in list(check.queries.values())[:64]]
+    items += [(t, "document") for t in list(check.corpus.values())[:64]]
+    items += [(t, "document") for t in _PARITY_EXTRA] + list(DEFAULT_PROBES)
+    return items
+
+
+def _encode_items(encode, items: list[tuple[str, str]], batch_size: int) -> np.ndarray:
+    from embedkit.export.probes import _embed_by_kind
+
+    return _embed_by_kind(lambda texts, kind: encode(list(texts), kind, batch_size), [t for t, _ in items],
+                          [k for _, k in items])
+
+
+def export_onnx(
+    model: str | Path,
+    output: str | Path,
+    *,
+    quantize: str | None = None,
+    adapter: str | Path | None = None,
+    exporter: str = "torchscript",
+    opset: int = 17,
+    check_set: str | Path | None = None,
+    max_abs_diff: float = FP32_MAX_ABS_DIFF,
+    min_mean_cosine: float = INT8_MIN_MEAN_COSINE,
+    max_ndcg_drop: float = INT8_MAX_NDCG_DROP,
+    allow_probe_mismatch: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Export `model` (a folder or embedded name) to `output` and verify it. Returns the manifest.
+
+    Raises ExportError (and writes nothing) when a parity bound is missed.
+    """
+    import torch
+
+    from embedkit.atomic import atomic_dir, write_json
+    from embedkit.export.checkset import load_check_set, ndcg_at_10
+    from embedkit.export.probes import DEFAULT_ATOL, check_probes, has_probes, write_probes
+    from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
+    from embedkit.models import load_model
+
+    if quantize not in (None, "int8"):
+        raise ModelError(f"unknown quantization {quantize!r}; only 'int8' is supported for ONNX")
+    started = time.time()
+    encoder = load_model(model, adapter=adapter)
+    if encoder.has_adapter:
+        from embedkit.models.adapters import merge_adapter
+
+        encoder = merge_adapter(encoder)
+    encoder.eval()
+    source_probes = None
+    if encoder.source_path and has_probes(encoder.source_path):
+        result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
+        source_probes = result.to_dict()
+        log(f"source model: {result.summary()}")
+        if not result.ok and not allow_probe_mismatch:
+            raise ExportError(f"the model does not reproduce its own probe vectors ({result.summary()}); "
+                              "it changed after training (pass --allow-probe-mismatch to export anyway)",
+                              path=result.path)
+    check = load_check_set(check_set)
+    items = parity_texts(check)
+    with torch.inference_mode():
+        reference = _encode_items(lambda t, k, b: encoder.encode(t, kind=k, batch_size=b), items, 16)
+
+    output = Path(output)
+    with atomic_dir(output) as tmp:
+        log(f"exporting {encoder.name} to ONNX ({exporter}, opset {opset}) ...")
+        torch_to_onnx(encoder, tmp / FP32_GRAPH, exporter=exporter, opset=opset)
+        encoder.tokenizer.padding_side = encoder.padding_side
+        encoder.tokenizer.save_pretrained(tmp)
+        graphs = {"fp32": FP32_GRAPH}
+        if quantize == "int8":
+            log("quantising to int8 (dynamic, per-channel weights) ...")
+            quantize_int8(tmp / FP32_GRAPH, tmp / INT8_GRAPH)
+            graphs["int8"] = INT8_GRAPH
+        default_variant = "int8" if quantize == "int8" else "fp32"
+        config = {
+            "format": "embedkit-onnx/1", "name": encoder.name, "fingerprint": encoder.fingerprint,
+            "graphs": graphs, "default_variant": default_variant, "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
+            "pooling": encoder.pooling, "prompts": encoder.prompts, "max_length": encoder.max_length,
+            "normalize": encoder.normalize, "padding_side": encoder.padding_side, "dim": encoder.dim,
+            "is_causal": encoder.is_causal,
+        }
+        write_json(tmp / ONNX_CONFIG_NAME, config)
+
+        # --- parity: the whole path (saved tokenizer + graph) against torch, batches with and without padding
+        parity: dict[str, Any] = {"texts": len(items), "check_set": check.name}
+        fp32 = OnnxEncoder(tmp, variant="fp32")
+        got = np.concatenate([_encode_items(fp32.encode, items, 16)[None], _encode_items(fp32.encode, items, 1)[None]])
+        diff = float(np.abs(got - reference[None]).max())
+        parity["fp32_max_abs_diff"] = diff
+        parity["fp32_max_abs_diff_bound"] = max_abs_diff
+        log(f"parity fp32 vs torch: max |diff| {diff:.2e} (bound {max_abs_diff:.0e})")
+        if not diff < max_abs_diff:
+            raise ExportError(f"ONNX fp32 output differs from torch by {diff:.2e} (bound {max_abs_diff:.0e}); "
+                              "nothing was written", path=output)
+        if quantize == "int8":
+            int8 = OnnxEncoder(tmp, variant="int8")
+            quantized = _encode_items(int8.encode, items, 16)
+            fp32_vectors = got[0]
+            cos = _cosines(quantized, fp32_vectors)
+            ndcg_fp32 = ndcg_at_10(check, lambda t, k: fp32.encode(t, k, 32))
+            ndcg_int8 = ndcg_at_10(check, lambda t, k: int8.encode(t, k, 32))
+            parity.update({
+                "int8_mean_cosine": float(cos.mean()), "int8_min_cosine": float(cos.min()),
+                "int8_mean_cosine_bound": min_mean_cosine, "ndcg_at_10_fp32": ndcg_fp32,
+                "ndcg_at_10_int8": ndcg_int8, "ndcg_at_10_max_drop": max_ndcg_drop,
+            })
+            log(f"parity int8 vs fp32: mean cosine {cos.mean():.4f} (min {cos.min():.4f}, bound {min_mean_cosine}); "
+                f"nDCG@10 on {check.name}: fp32 {ndcg_fp32:.4f}, int8 {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
+            if not cos.mean() >= min_mean_cosine:
+                raise ExportError(f"int8 graph: mean cosine to fp32 {cos.mean():.4f} < {min_mean_cosine}; "
+                                  "nothing was written", path=output)
+            if ndcg_fp32 - ndcg_int8 > max_ndcg_drop:
+                raise ExportError(f"int8 graph: nDCG@10 {ndcg_int8:.4f} vs fp32 {ndcg_fp32:.4f} drops more than "
+                                  f"{max_ndcg_drop}; nothing was written", path=output)
+            default = int8
+        else:
+            default = fp32
+        parity["passed"] = True
+        # Probes of the graph this folder serves by default; `embedkit serve` re-checks them at start-up.
+        write_probes(default, tmp, created_by="export", atol=DEFAULT_ATOL if quantize is None else 1e-3,
+                     vectors_fn=lambda t, k: default.encode(list(t), k))
+        manifest = base_manifest(
+            "export",
+            base_model=encoder.base_model,
+            model=encoder.describe(),
+            export={"format": "onnx", "exporter": exporter, "opset": opset, "quantize": quantize,
+                    "default_variant": default_variant,
+                    "graphs": {v: {"file": f, "sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
+                               for v, f in graphs.items()},
+                    "seconds": round(time.time() - started, 1)},
+            parity=parity,
+            source_probes=source_probes,
+        )
+        manifest["model"]["path"] = str(model)
+        write_json(tmp / MANIFEST_NAME, manifest)
+    log(f"wrote {output} ({', '.join(graphs.values())}) in {time.time() - started:.1f}s")
+    return manifest
+

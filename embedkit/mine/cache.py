@@ -1,0 +1,75 @@
+"""Corpus embeddings for mining, encoded in chunks straight to a .npy file and cached on disk.
+
+The cache is the evaluation's (`embedkit.eval.runner.embedding_cache_path`): same folder, same key (model
+fingerprint + embedding settings + corpus ids and texts), same file format, so `embedkit eval` and `embedkit mine`
+reuse each other's corpus embeddings. What differs is only how a missing entry is written: here it is encoded
+`ENCODE_CHUNK` texts at a time and appended to the file, so a corpus of millions never sits in memory as one array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from embedkit.atomic import atomic_path
+from embedkit.mine.vectors import NpyFileSource, NpyWriter
+
+ENCODE_CHUNK = 16384
+
+
+def encode_to_npy(encoder, texts: list[str], target: Path, *, kind: str, batch_size: int,
+                  progress: Callable[[str], None] | None = None) -> None:
+    """Encode `texts` chunk by chunk into a float32 .npy at `target` (written atomically)."""
+    say = progress or (lambda message: None)
+    dim = None
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        writer = None
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk = encoder.encode(texts[start:start + ENCODE_CHUNK], kind=kind, batch_size=batch_size,
+                                   normalize=True)
+            chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+            if writer is None:
+                dim = chunk.shape[1]
+                writer = NpyWriter(f, len(texts), dim)
+            writer.write(chunk)
+            if len(texts) > ENCODE_CHUNK:
+                say(f"encoded {min(start + ENCODE_CHUNK, len(texts)):,}/{len(texts):,} documents")
+        if writer is None:
+            raise ValueError("cannot encode an empty corpus")
+        writer.close()
+
+
+@contextlib.contextmanager
+def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int = 32,
+                   cache_dir: str | Path | None = None, use_cache: bool = True,
+                   progress: Callable[[str], None] | None = None) -> Iterator[tuple[NpyFileSource, dict]]:
+    """Yield (vector source, info) for the corpus; info = {"cached": bool, "path": str | None}.
+
+    With the cache on, a hit is read from disk (streamed) and a miss is encoded into the cache. With it off, the
+    vectors go to a temporary file that is removed afterwards.
+    """
+    from embedkit.eval.runner import default_cache_dir, embedding_cache_path
+
+    if use_cache:
+        path = embedding_cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), encoder, ids, texts,
+                                    "document")
+        hit = None
+        if path.is_file():
+            try:
+                hit = NpyFileSource(path)
+            except Exception:  # a damaged cache entry (truncated, wrong dtype) is re-encoded below
+                hit = None
+        if hit is not None and hit.n == len(texts):
+            yield hit, {"cached": True, "path": str(path)}
+            return
+        encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)
+        yield NpyFileSource(path), {"cached": False, "path": str(path)}
+        return
+    with tempfile.TemporaryDirectory(prefix="embedkit-mine-") as tmp:
+        path = Path(tmp) / "corpus.npy"
+        encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)
+        yield NpyFileSource(path), {"cached": False, "path": None}

@@ -1,0 +1,129 @@
+"""`embedkit mine` (registered by embedkit/cli.py). Heavy imports (torch, faiss) stay inside the function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+
+def mine_command(
+    model: str = typer.Option(
+        ..., "--model", "-m",
+        help="Embedding model that ranks the pool: 'minilm', 'smollm2-135m', a local folder, or a Hugging Face id. "
+        "Use the model you are about to fine-tune (its own mistakes are the useful negatives)."),
+    data: Path = typer.Option(
+        ..., "--data", "-d",
+        help="What to mine for. A pairs file (.jsonl/.json/.csv/.tsv/.parquet with query and positive columns): a "
+        "query text that appears in several rows has all those positives. Or a BEIR folder: queries of --split with "
+        "their qrels (score > 0) as positives, the folder's corpus as the pool."),
+    output: Path = typer.Option(
+        ..., "--output", "-o",
+        help="Where to write the mined rows (.jsonl), one per (query, positive): {query, positive, negatives, "
+        "scores (positive first, then each negative), ids}. .summary.json, .scores.png and .manifest.json go "
+        "beside it."),
+    corpus: Path | None = typer.Option(
+        None, "--corpus",
+        help="Pairs only: documents to draw negatives from (a BEIR corpus.jsonl with _id, title, text, or a BEIR "
+        "folder). Without it the pool is the set of all positives, which is small: negatives from a bigger pool "
+        "are harder and more varied."),
+    split: str = typer.Option("train", "--split", help="BEIR only: which qrels/<split>.tsv gives the positives."),
+    window: str = typer.Option(
+        "10:100", "--range",
+        help="Rank window START:END (0-based, END excluded) of the model's ranking of the whole pool; negatives "
+        "come only from it. Known positives count as ranks. Skipping the first ranks avoids unlabelled "
+        "positives; END bounds how easy a negative may get."),
+    num_negatives: int = typer.Option(3, "--num-negatives", "-n", help="Negatives per query (NV-Retriever: <= 10)."),
+    sampling: str = typer.Option(
+        "random", "--sampling",
+        help="'random': seeded uniform draw from the survivors of the window. 'top': the best-scored survivors "
+        "('top' with --relative-margin 0.05 is NV-Retriever's TopK-PercPos)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the random draw (each query gets its own stream)."),
+    absolute_margin: float | None = typer.Option(
+        None, "--absolute-margin",
+        help="Drop a candidate if score > positive score - MARGIN (e.g. 0.05). Off by default."),
+    relative_margin: float | None = typer.Option(
+        0.05, "--relative-margin",
+        help="Drop a candidate if score > positive score x (1 - PERC) (|pos| form for negative scores): 0.05 keeps "
+        "only negatives scored at least 5% below the positive (NV-Retriever TopK-PercPos). "
+        "--no-relative-margin turns it off."),
+    no_relative_margin: bool = typer.Option(False, "--no-relative-margin", help="Turn the relative margin off."),
+    max_score: float | None = typer.Option(None, "--max-score", help="Drop candidates scored above this value."),
+    min_score: float | None = typer.Option(None, "--min-score", help="Drop candidates scored below this value."),
+    duplicate_threshold: float | None = typer.Option(
+        0.98, "--duplicate-threshold",
+        help="Drop a candidate whose embedding has cosine >= this with one of the query's positives: the same "
+        "document under another id, or a near copy."),
+    no_duplicate_filter: bool = typer.Option(False, "--no-duplicate-filter",
+                                             help="Turn the near-duplicate filter off."),
+    on_short: str = typer.Option(
+        "keep", "--short",
+        help="A query with fewer survivors than --num-negatives: 'keep' writes its rows with fewer negatives, "
+        "'drop' leaves them out. Either way every such query is listed (id, text, count) in the summary."),
+    cross_encoder: Path | None = typer.Option(
+        None, "--cross-encoder",
+        help="Folder of a sentence-transformers CrossEncoder: rescore the window's candidates and the positives "
+        "with it, re-rank, and apply the margins to its scores. None ships with embedkit."),
+    search: str = typer.Option(
+        "auto", "--search",
+        help="'exact': brute-force inner product streamed over corpus chunks (memory stays bounded). 'hnsw': faiss "
+        "HNSW graph (approximate, holds the corpus in memory, faster for huge query sets). 'auto': exact unless "
+        "queries x documents > 5e10."),
+    corpus_embeddings: Path | None = typer.Option(
+        None, "--corpus-embeddings",
+        help="Precomputed document vectors (float32 .npy, L2-normalised, from the same model) instead of encoding "
+        "the pool. Needs --corpus-ids and a pool with ids (a BEIR folder or --corpus)."),
+    corpus_ids: Path | None = typer.Option(
+        None, "--corpus-ids", help="Ids of the rows of --corpus-embeddings: one per line (.txt) or a JSON list."),
+    query_column: str = typer.Option("query", "--query", help="Pairs only: column holding the query."),
+    positive_column: str = typer.Option("positive", "--positive", help="Pairs only: column holding the positive."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Encoding batch size."),
+    corpus_chunk: int = typer.Option(131072, "--corpus-chunk",
+                                     help="Documents per search chunk (memory ~ chunk x dim x 4 bytes)."),
+    no_cache: bool = typer.Option(False, "--no-cache",
+                                  help="Do not read or write the corpus-embedding cache (under EMBEDKIT_HOME)."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default: EMBEDKIT_HOME)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Mine hard negatives for (query, positive) pairs, keeping out likely false negatives.
+
+    For each query the model ranks the whole pool; candidates come from the --range window, minus every known
+    positive, near duplicates of a positive, and anything scored too close to the positive (--relative-margin,
+    --absolute-margin). Then --num-negatives are drawn. Queries left short are reported, never silently dropped.
+
+    Examples:
+
+      embedkit mine -m minilm -d ../shared/data/scifact --split train -o runs/scifact-mined.jsonl
+
+      embedkit mine -m minilm -d pairs.jsonl --corpus corpus.jsonl --range 30:200 -n 5 --sampling top -o mined.jsonl
+
+      embedkit mine -m minilm -d beir/ --corpus-embeddings emb.npy --corpus-ids ids.txt -o mined.jsonl
+    """
+    from embedkit.mine.mining import load_task
+    from embedkit.mine.report import format_summary
+    from embedkit.mine.run import mine_to_file
+    from embedkit.mine.settings import MiningSettings, parse_range
+    from embedkit.models import load_model
+
+    lo, hi = parse_range(window)
+    settings = MiningSettings(
+        range_min=lo, range_max=hi, num_negatives=num_negatives, sampling=sampling, seed=seed,
+        absolute_margin=absolute_margin, relative_margin=None if no_relative_margin else relative_margin,
+        max_score=max_score, min_score=min_score,
+        duplicate_threshold=None if no_duplicate_filter else duplicate_threshold, on_short=on_short,
+        search=search, corpus_chunk=corpus_chunk, batch_size=batch_size,
+    )
+    say = (lambda message: print(f"embedkit mine: {message}", file=sys.stderr, flush=True))
+    task = load_task(data, split=split, corpus=corpus, query=query_column, positive=positive_column)
+    say(f"{task.n_queries:,} queries, {int(task.pos_idx.size):,} pairs, pool of {len(task.corpus_ids):,} documents")
+    encoder = load_model(model)
+    summary = mine_to_file(encoder, task, output, settings, corpus_embeddings=corpus_embeddings,
+                           corpus_ids=corpus_ids, cross_encoder=cross_encoder, cache_dir=cache_dir,
+                           use_cache=not no_cache, progress=say)
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_summary(summary))
+        typer.echo("wrote " + ", ".join(summary["files"].values()))

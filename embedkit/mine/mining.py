@@ -1,0 +1,273 @@
+"""Text-level mining: build the problem from pairs or a BEIR folder, encode, mine, write JSONL rows.
+
+A *task* is the pool of documents (corpus, or all positives when there is no corpus) and the distinct queries, each
+with every document known to be relevant to it: a query text that occurs in several pairs (or under several BEIR
+ids) has all of those documents as positives, and none of them is ever chosen as its negative. Output rows are one
+per (query, positive): {query, positive, negatives, scores: [positive, negatives...], query_id, positive_id,
+negative_ids}, which `embedkit.data.read_examples` reads as n-tuples with teacher scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from embedkit.errors import ConfigError, DataError, ModelError
+from embedkit.mine.core import MiningStats, mine_embeddings
+from embedkit.mine.settings import MiningSettings
+from embedkit.mine.vectors import NpyFileSource, VectorSource
+
+
+@dataclass
+class MiningTask:
+    corpus_ids: list[str]
+    corpus_texts: list[str]
+    query_ids: list[str]  # one per distinct query text
+    query_texts: list[str]
+    pos_ptr: np.ndarray  # positives of query q: pos_idx[pos_ptr[q]:pos_ptr[q + 1]]
+    pos_idx: np.ndarray
+    description: dict[str, Any] = field(default_factory=dict)  # where the data came from (for the manifest)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.query_texts)
+
+    def positives_of(self, q: int) -> np.ndarray:
+        return self.pos_idx[self.pos_ptr[q]:self.pos_ptr[q + 1]]
+
+
+class _Groups:
+    """Distinct query texts -> ordered, de-duplicated positive indices."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.positives: list[dict[int, None]] = []
+
+    def add(self, query_id: str, text: str, doc: int) -> None:
+        q = self.index.get(text)
+        if q is None:
+            q = self.index[text] = len(self.texts)
+            self.ids.append(query_id)
+            self.texts.append(text)
+            self.positives.append({})
+        self.positives[q][doc] = None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        sizes = [len(p) for p in self.positives]
+        ptr = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=ptr[1:])
+        flat = np.fromiter((d for p in self.positives for d in p), dtype=np.int64, count=int(ptr[-1]))
+        return ptr, flat
+
+
+def task_from_pairs(examples: Iterable, corpus: dict[str, dict] | None = None,
+                    description: dict | None = None) -> MiningTask:
+    """Pairs (objects with .query and .positive) + an optional corpus {id: {"title", "text"}}.
+
+    Without a corpus the pool is the set of distinct positives. A positive missing from the corpus is added to it
+    (id "positive:N"); a positive whose text equals a corpus document *is* that document.
+    """
+    from embedkit.data.beir import mteb_document_text
+
+    ids: list[str] = []
+    texts: list[str] = []
+    by_text: dict[str, int] = {}
+    for doc_id, row in (corpus or {}).items():
+        text = mteb_document_text(row.get("title", ""), row["text"])
+        ids.append(doc_id)
+        texts.append(text)
+        by_text.setdefault(text, len(texts) - 1)
+    groups = _Groups()
+    added = 0
+    for row_number, example in enumerate(examples, start=1):
+        doc = by_text.get(example.positive)
+        if doc is None:
+            added += 1
+            doc = by_text[example.positive] = len(texts)
+            ids.append(f"positive:{added}")
+            texts.append(example.positive)
+        groups.add(f"row:{row_number}", example.query, doc)
+    if not groups.texts:
+        raise DataError("no pairs to mine")
+    ptr, flat = groups.arrays()
+    info = dict(description or {})
+    info.update(pool="corpus + positives" if corpus else "positives", pool_size=len(texts), positives_added=added,
+                queries=len(groups.texts))
+    return MiningTask(ids, texts, groups.ids, groups.texts, ptr, flat, info)
+
+
+def task_from_beir(ds, description: dict | None = None) -> MiningTask:
+    """Judged queries of `ds.split` (score > 0 = positive) over the whole corpus; equal query texts are merged."""
+    ids = list(ds.corpus)
+    position = {doc_id: i for i, doc_id in enumerate(ids)}
+    groups = _Groups()
+    for qid, doc_id, _score in ds.relevant_pairs():
+        groups.add(qid, ds.queries[qid], position[doc_id])
+    if not groups.texts:
+        raise DataError(f"no judgments with score > 0 in split '{ds.split}'", path=ds.path)
+    ptr, flat = groups.arrays()
+    info = dict(description or {})
+    info.update(pool="corpus", pool_size=len(ids), queries=len(groups.texts), split=ds.split)
+    return MiningTask(ids, ds.document_texts(ids), groups.ids, groups.texts, ptr, flat, info)
+
+
+def load_task(data: str | Path, *, split: str = "train", corpus: str | Path | None = None,
+              query: str = "query", positive: str = "positive") -> MiningTask:
+    """A BEIR folder (positives from qrels/<split>.tsv) or a pairs file (any format read_examples reads)."""
+    from embedkit.data import is_beir_folder, load_beir, read_examples
+    from embedkit.data.beir import CORPUS_FILE, read_corpus
+    from embedkit.manifest import sha256_file
+
+    data = Path(data)
+    if not data.exists():
+        raise DataError("data not found (give a pairs file or a BEIR folder)", path=data)
+    if is_beir_folder(data):
+        if corpus is not None:
+            raise ConfigError("a BEIR folder brings its own corpus; leave out --corpus", field="corpus")
+        ds = load_beir(data, split)
+        return task_from_beir(ds, {"kind": "beir", "path": str(data), "split": split, "data_hash": ds.data_hash()})
+    if data.is_dir():
+        raise DataError("a folder that is not a BEIR folder (needs corpus.jsonl and queries.jsonl)", path=data)
+    description: dict[str, Any] = {"kind": "pairs", "path": str(data), "sha256": sha256_file(data)}
+    corpus_rows = None
+    if corpus is not None:
+        corpus_path = Path(corpus)
+        if corpus_path.is_dir():
+            corpus_path = corpus_path / CORPUS_FILE
+        corpus_rows = read_corpus(corpus_path)
+        description["corpus"] = {"path": str(corpus_path), "sha256": sha256_file(corpus_path)}
+    # Negatives already in the file are read (and validated) but not used: mining chooses its own.
+    examples = read_examples(data, query=query, positive=positive)
+    return task_from_pairs(examples, corpus_rows, description)
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Document ids, one per line (.txt) or a JSON list (.json), in the row order of the embeddings file."""
+    from embedkit.data._io import iter_text_lines, require_file
+
+    path = Path(path)
+    require_file(path, "ids file")
+    if path.suffix.lower() == ".json":
+        try:
+            ids = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", path=path, line=exc.lineno) from None
+        if not isinstance(ids, list) or not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids):
+            raise DataError("expected a JSON list of ids", path=path)
+        return [str(i) for i in ids]
+    ids = []
+    for number, line in iter_text_lines(path):
+        if not line.strip():
+            raise DataError("empty line (every row of the embeddings needs an id)", path=path, line=number)
+        ids.append(line.strip())
+    return ids
+
+
+def align_precomputed(task: MiningTask, embeddings: str | Path, ids_path: str | Path) -> NpyFileSource:
+    """Use precomputed corpus embeddings: reorder the task's pool to the rows of `embeddings` (ids from ids_path)."""
+    source = NpyFileSource(embeddings)
+    ids = read_ids(ids_path)
+    if len(ids) != source.n:
+        raise DataError(f"{len(ids)} ids for {source.n} embedding rows", path=ids_path)
+    row_of = {}
+    for line, doc_id in enumerate(ids, start=1):
+        if doc_id in row_of:
+            raise DataError(f"duplicate id '{doc_id}'", path=ids_path, line=line)
+        row_of[doc_id] = line - 1
+    text_of = dict(zip(task.corpus_ids, task.corpus_texts))
+    for doc_id in task.corpus_ids:
+        if doc_id not in row_of:
+            raise DataError(f"document '{doc_id}' of the pool has no embedding row (precomputed embeddings need a "
+                            "corpus with ids: a BEIR folder or --corpus, containing every positive)", path=ids_path)
+    for line, doc_id in enumerate(ids, start=1):
+        if doc_id not in text_of:
+            raise DataError(f"id '{doc_id}' is not in the corpus", path=ids_path, line=line)
+    old_to_new = np.array([row_of[d] for d in task.corpus_ids], dtype=np.int64)
+    task.pos_idx = old_to_new[task.pos_idx]
+    task.corpus_ids = ids
+    task.corpus_texts = [text_of[d] for d in ids]
+    task.description["precomputed_embeddings"] = {"path": str(embeddings), "ids": str(ids_path)}
+    return source
+
+
+class CrossEncoderRescorer:
+    """Rescore window candidates and positives with a sentence-transformers CrossEncoder loaded from a folder."""
+
+    def __init__(self, path: str | Path, task: MiningTask, *, batch_size: int = 32) -> None:
+        path = Path(path)
+        if not path.is_dir():
+            raise ConfigError("cross-encoder folder not found (no pretrained cross-encoder ships with embedkit; "
+                              "give a local sentence-transformers CrossEncoder folder)", path=path,
+                              field="cross_encoder")
+        try:
+            from sentence_transformers import CrossEncoder
+
+            self.model = CrossEncoder(str(path), device="cpu")
+        except Exception as exc:  # transformers raises many types for a bad folder
+            raise ModelError(f"cannot load a cross-encoder ({type(exc).__name__}: {exc})".splitlines()[0],
+                             path=path) from None
+        self.path = str(path)
+        self.task = task
+        self.batch_size = batch_size
+
+    def _predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        if not pairs:
+            return np.empty(0, dtype=np.float32)
+        scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False,
+                                    convert_to_numpy=True)
+        return np.asarray(scores, dtype=np.float32).reshape(len(pairs), -1)[:, -1]
+
+    def score_candidates(self, query_positions: np.ndarray, cand_idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        rows, cols = np.nonzero(mask)
+        pairs = [(self.task.query_texts[query_positions[r]], self.task.corpus_texts[cand_idx[r, c]])
+                 for r, c in zip(rows, cols)]
+        out = np.zeros(cand_idx.shape, dtype=np.float32)
+        out[rows, cols] = self._predict(pairs)
+        return out
+
+    def score_positives(self, query_positions: np.ndarray, pos_idx: np.ndarray) -> np.ndarray:
+        return self._predict([(self.task.query_texts[q], self.task.corpus_texts[d])
+                              for q, d in zip(query_positions, pos_idx)])
+
+
+def iter_rows(task: MiningTask, query_vectors: Callable[[int, int], np.ndarray] | np.ndarray,
+              corpus: VectorSource, settings: MiningSettings, stats: MiningStats, *,
+              rescorer=None, progress: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Output rows, one per (query, positive), block by block. Short queries follow settings.on_short."""
+    n = settings.num_negatives
+    for block in mine_embeddings(query_vectors, task.n_queries, corpus, task.pos_ptr, task.pos_idx, settings,
+                                 stats=stats, rescorer=rescorer, progress=progress):
+        offset = 0
+        for r, (negs, neg_scores) in enumerate(zip(block.negatives, block.negative_scores)):
+            q = block.start + r
+            positives = task.positives_of(q)
+            pos_scores = block.positive_scores[offset:offset + positives.size]
+            offset += positives.size
+            if negs.size < n and settings.on_short == "drop":
+                continue
+            negative_texts = [task.corpus_texts[i] for i in negs]
+            negative_ids = [task.corpus_ids[i] for i in negs]
+            tail = [round(float(s), 6) for s in neg_scores]
+            for p, p_score in zip(positives, pos_scores):
+                yield {"query": task.query_texts[q], "positive": task.corpus_texts[p], "negatives": negative_texts,
+                       "scores": [round(float(p_score), 6), *tail], "query_id": task.query_ids[q],
+                       "positive_id": task.corpus_ids[p], "negative_ids": negative_ids}
+
+
+def query_encoder(encoder, task: MiningTask, batch_size: int) -> Callable[[int, int], np.ndarray]:
+    def encode(a: int, b: int) -> np.ndarray:
+        return np.asarray(encoder.encode(task.query_texts[a:b], kind="query", batch_size=batch_size, normalize=True),
+                          dtype=np.float32)
+    return encode
+
+
+def short_report(task: MiningTask, stats: MiningStats, settings: MiningSettings) -> list[dict[str, Any]]:
+    return [{"query_id": task.query_ids[s["query"]], "query": task.query_texts[s["query"]], "found": s["found"],
+             "wanted": settings.num_negatives, "positives": int(task.positives_of(s["query"]).size),
+             "rows": "dropped" if settings.on_short == "drop" else "kept"} for s in stats.short]

@@ -1,0 +1,119 @@
+"""`embedkit mine` end to end: data + model -> mined.jsonl, .summary.json, .scores.png, .manifest.json.
+
+Files written beside the output (all atomically):
+    mined.jsonl               one row per (query, positive): query, positive, negatives, scores, ids
+    mined.summary.json        filter counts, short queries (by id), score distributions, timings
+    mined.scores.png          histogram of positive vs kept-negative scores
+    mined.manifest.json       model description, data hashes, settings (filters, seed), library versions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from embedkit.errors import ConfigError
+from embedkit.mine.core import MiningStats
+from embedkit.mine.mining import (
+    CrossEncoderRescorer,
+    MiningTask,
+    align_precomputed,
+    iter_rows,
+    query_encoder,
+    short_report,
+)
+from embedkit.mine.settings import MiningSettings
+
+
+def sidecar(output: Path, suffix: str) -> Path:
+    """mined.jsonl -> mined.summary.json etc."""
+    return output.with_name(output.stem + suffix)
+
+
+def mine_to_file(
+    encoder,
+    task: MiningTask,
+    output: str | Path,
+    settings: MiningSettings,
+    *,
+    corpus_embeddings: str | Path | None = None,
+    corpus_ids: str | Path | None = None,
+    cross_encoder: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    histogram: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Mine `task` with `encoder`; write the output files; return the summary (also written as JSON)."""
+    from embedkit.atomic import atomic_path, write_json
+    from embedkit.manifest import base_manifest, sha256_file
+    from embedkit.mine.cache import corpus_vectors
+    from embedkit.mine.report import write_histogram
+
+    output = Path(output)
+    if output.suffix.lower() != ".jsonl":
+        raise ConfigError("the output is JSON Lines: give a path ending in .jsonl", path=output, field="output")
+    if (corpus_embeddings is None) != (corpus_ids is None):
+        raise ConfigError("precomputed embeddings need both --corpus-embeddings (.npy) and --corpus-ids",
+                          field="corpus_ids" if corpus_ids is None else "corpus_embeddings")
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    rescorer = CrossEncoderRescorer(cross_encoder, task, batch_size=settings.batch_size) if cross_encoder else None
+    stats = MiningStats()
+    rows_written = 0
+    with contextlib.ExitStack() as stack:
+        if corpus_embeddings is not None:
+            source = align_precomputed(task, corpus_embeddings, corpus_ids)
+            corpus_info: dict[str, Any] = {"precomputed": str(corpus_embeddings)}
+        else:
+            say(f"encoding {len(task.corpus_texts):,} documents")
+            source, corpus_info = stack.enter_context(corpus_vectors(
+                encoder, task.corpus_ids, task.corpus_texts, batch_size=settings.batch_size, cache_dir=cache_dir,
+                use_cache=use_cache, progress=progress))
+            if corpus_info["cached"]:
+                say(f"corpus embeddings from cache {corpus_info['path']}")
+        encode_started = time.perf_counter()
+        queries = query_encoder(encoder, task, settings.batch_size)
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for row in iter_rows(task, queries, source, settings, stats, rescorer=rescorer, progress=progress):
+                line = json.dumps(row, ensure_ascii=False) + "\n"
+                f.write(line)
+                rows_written += 1
+    finished = time.perf_counter()
+    summary: dict[str, Any] = {
+        "output": str(output),
+        "rows_written": rows_written,
+        "pool_size": len(task.corpus_ids),
+        "settings": settings.to_dict(),
+        "stats": stats.to_dict(),
+        "short_queries": short_report(task, stats, settings),
+        "corpus_embeddings": corpus_info,
+        "cross_encoder": str(cross_encoder) if cross_encoder else None,
+        "seconds": {"total": round(finished - started, 3), "mining": round(finished - encode_started, 3)},
+    }
+    summary_path = sidecar(output, ".summary.json")
+    write_json(summary_path, summary)
+    files = {"output": str(output), "summary": str(summary_path)}
+    if histogram:
+        png = sidecar(output, ".scores.png")
+        score_kind = "cross-encoder" if cross_encoder else "bi-encoder cosine"
+        write_histogram(png, stats.all_positive_scores(), stats.all_negative_scores(),
+                        f"{output.name}: {score_kind} scores")
+        files["histogram"] = str(png)
+    manifest = base_manifest(
+        "mining",
+        model=encoder.describe(),
+        data=task.description,
+        settings=settings.to_dict(),
+        seed=settings.seed,
+        cross_encoder=str(cross_encoder) if cross_encoder else None,
+        outputs={**files, "rows": rows_written, "sha256": sha256_file(output)},
+        summary={k: summary[k] for k in ("rows_written", "pool_size", "stats")},
+    )
+    write_json(sidecar(output, ".manifest.json"), manifest)
+    files["manifest"] = str(sidecar(output, ".manifest.json"))
+    summary["files"] = files
+    return summary

@@ -1,0 +1,98 @@
+"""`embedkit serve`: an OpenAI-compatible embedding server on CPU, or vLLM launched and verified on a GPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def serve_command(
+    model: List[str] = typer.Option(..., "--model", "-m",
+                                    help="A model to serve: a model folder, an ONNX export folder, 'minilm' or "
+                                         "'smollm2-135m'. Repeat to serve several; clients pick one with the "
+                                         "request's `model` field. NAME=PATH sets the served name (default: the "
+                                         "folder's name)."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="'onnx' (an `embedkit export --format onnx` folder; fastest on CPU, int8 if "
+                                     "exported so), 'torch' (any model folder), or 'auto' (onnx for export folders)."),
+    engine: str = typer.Option("embedkit", "--engine",
+                               help="'embedkit' (this server) or 'vllm': launch `vllm serve --runner pooling` for an "
+                                    "`embedkit export --format hf` folder, then check its /v1/embeddings against the "
+                                    "folder's probe vectors."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to bind. 127.0.0.1 = this machine only; 0.0.0.0 exposes it (use --api-key)."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port to listen on."),
+    api_key: List[str] = typer.Option([], "--api-key",
+                                      help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise). Repeatable; "
+                                           "also read from EMBEDKIT_API_KEY."),
+    max_inputs: int = typer.Option(2048, "--max-inputs", min=1, help="Texts per request (400 above)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens-per-input", min=1,
+                                             help="Tokens per text, prompt included (400 above). Default and "
+                                                  "ceiling: the model's max length."),
+    truncate: bool = typer.Option(False, "--truncate/--no-truncate",
+                                  help="Cut over-long texts to the limit instead of answering 400."),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb", min=0.001, help="Request body size limit (413 above)."),
+    max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", min=1,
+                                         help="Micro-batching token budget: padded tokens per model call, summed "
+                                              "over the concurrent requests merged into it."),
+    max_batch_size: int = typer.Option(128, "--max-batch-size", min=1, help="Texts per model call."),
+    input_type: str = typer.Option("document", "--default-input-type",
+                                   help="Prompt used when a request has no `input_type`: 'document' or 'query'."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per model call (onnxruntime intra-op / torch). Default: all cores; on a busy machine fewer threads avoid stalls."),
+    probe_atol: Optional[float] = typer.Option(None, "--probe-atol",
+                                               help="Tolerance of the start-up probe check (default: the one recorded "
+                                                    "in probe_vectors.json; 1e-3 for --engine vllm)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
+                                        help="Serve even if the model does not reproduce its probe_vectors.json "
+                                             "(prints a loud warning). Without it the server refuses to start."),
+    vllm_bin: str = typer.Option("vllm", "--vllm-bin", help="--engine vllm: the vllm executable (its own venv)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="--engine vllm: print the command, launch nothing."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve embeddings over HTTP: OpenAI-compatible POST /v1/embeddings, GET /v1/models, /health, /metrics.
+
+    Concurrent requests are merged into token-budgeted batches (one worker thread per model), so throughput under
+    load approaches in-process batched encoding. At start-up each model's probe_vectors.json (if present) is
+    re-embedded; a mismatch refuses to start. SIGINT/SIGTERM finish in-flight requests before exiting.
+
+    Examples:
+
+      embedkit serve --model runs/medquad/onnx --port 8000
+
+      embedkit serve --model base=minilm --model tuned=runs/medquad/onnx --api-key secret
+
+      embedkit serve --engine vllm --model runs/medquad/hf --port 8001   (GPU machine with vLLM)
+
+    Then: curl -s localhost:8000/v1/embeddings -H 'Content-Type: application/json'
+    -d '{"input": ["what causes asthma?"], "input_type": "query"}'
+    """
+    from embedkit.errors import ConfigError
+
+    keys = tuple(api_key) or tuple(k for k in [os.environ.get("EMBEDKIT_API_KEY")] if k)
+    if input_type not in ("query", "document"):
+        raise ConfigError(f"--default-input-type must be 'query' or 'document', not {input_type!r}")
+    if engine == "vllm":
+        from embedkit.serve.engines import REMOTE_PROBE_ATOL, run_vllm
+
+        if len(model) != 1:
+            raise ConfigError("--engine vllm serves one model per process")
+        name, _, path = model[0].partition("=") if "=" in model[0] else (None, "", model[0])
+        run_vllm(Path(path), served_name=name, host=host, port=port, vllm_bin=vllm_bin, dry_run=dry_run,
+                 atol=probe_atol or REMOTE_PROBE_ATOL, allow_mismatch=allow_mismatch,
+                 api_key=keys[0] if keys else None)
+        return
+    if engine != "embedkit":
+        raise ConfigError(f"unknown engine {engine!r}; choose 'embedkit' or 'vllm'")
+    if dry_run:
+        raise ConfigError("--dry-run applies to --engine vllm only")
+    from embedkit.serve.app import ServeSettings
+    from embedkit.serve.server import run_server
+
+    settings = ServeSettings(api_keys=keys, max_inputs=max_inputs, max_tokens_per_input=max_tokens, truncate=truncate,
+                             max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch_tokens=max_batch_tokens,
+                             max_batch_size=max_batch_size, default_input_type=input_type)  # type: ignore[arg-type]
+    run_server(model, backend=backend, host=host, port=port, settings=settings, threads=threads,
+               probe_atol=probe_atol, allow_mismatch=allow_mismatch, log_level=log_level)

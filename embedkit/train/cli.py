@@ -1,0 +1,52 @@
+"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--deepspeed zero3] [--output DIR]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train_command(
+    recipe: Path = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set training.lr=1e-5 (YAML value)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of this output."),
+    deepspeed: Optional[str] = typer.Option(None, "--deepspeed",
+                                            help="DeepSpeed ZeRO stage: zero2 or zero3 (overrides deepspeed.stage)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides training.output_dir)."),
+    check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Fine-tune an embedding model with a contrastive loss, as a recipe describes.
+
+    The recipe is validated (unknown keys, types, data files, model name) before any model loads. The output
+    folder is a sentence-transformers model with a manifest, a model card, probe vectors and the training log.
+    """
+    from embedkit.train.config import load_recipe
+
+    overrides = list(set_)
+    if deepspeed is not None:
+        overrides.append(f"deepspeed.stage={deepspeed}")
+    if output is not None:
+        overrides.append(f"training.output_dir={output}")
+    parsed = load_recipe(recipe, overrides)
+    if check:
+        typer.echo(f"{recipe}: ok (model {parsed.model.name}, data {parsed.data.train}, "
+                   f"output {parsed.training.output_dir})")
+        return
+    from embedkit.train.trainer import train
+
+    result = train(parsed, resume=resume)
+    summary = {"output_dir": str(result.output_dir), "steps": result.steps, "samples": result.samples,
+               "samples_per_second": result.samples_per_second, "peak_rss_gb": result.peak_rss_gb,
+               "final_loss": result.final_loss, "best_step": result.best_step,
+               "dev": result.dev["metrics"] if result.dev else None}
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        line = f"trained {result.steps} steps -> {result.output_dir} ({result.samples_per_second:.2f} samples/s"
+        if result.dev:
+            line += f"; dev {result.dev['main_metric']} {result.dev['metrics'][result.dev['main_metric']]:.4f}"
+        typer.echo(line + ")")

@@ -1,0 +1,307 @@
+"""Training recipes: typed YAML (pydantic v2), `--set a.b=value` overrides, validation before any model loads.
+
+    model:    {name: minilm, pooling: mean, prompts: none, max_length: 256, attention_dropout: 0.0}
+    adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}
+    data:     {train: pairs.jsonl | beir:DIR:SPLIT, columns: {query: q, positive: p}, max_examples: 1000, dev: beir:DIR:SPLIT}
+    loss:     {temperature: 0.05, learn_temperature: false, symmetric: false, hard_negatives: 0, margin: null, ...}
+    training: {output_dir: runs/x, epochs: 1, batch_size: 32, lr: 2e-5, seed: 42, grad_cache: null, ...}
+    deepspeed: {stage: none | zero2 | zero3, offload_optimizer: false, offload_params: false}
+
+Every mistake is one ConfigError naming the recipe file, the line when known, and the field path
+(`training.batch_size`): unknown keys (extra="forbid"), wrong types, missing data files, unknown models.
+Relative paths are relative to the current directory (run recipes from the project root).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from embedkit.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(description="embedded name (minilm, smollm2-135m), a local folder, or a Hugging Face id")
+    pooling: Literal["mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens"] | None = None
+    prompts: dict[str, str] | str | None = None  # a preset name (none, e5, bge, instruct) or {query:, document:}
+    max_length: int | None = Field(None, gt=0)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    padding_side: Literal["left", "right"] | None = None
+    # None keeps the model's own dropout. attention_dropout 0 lets CPU attention use the fused (flash) kernel, which
+    # does not materialise the [heads, L, L] probabilities: several times faster and far less memory.
+    attention_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    hidden_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = False
+
+
+class AdapterSection(_Section):
+    type: Literal["none", "lora", "qlora"] = "none"
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: str | list[str] = "all-linear"
+    save: Literal["merged", "adapter", "both"] = "merged"  # what the output folder holds
+
+
+class ColumnsSection(_Section):
+    query: str = "query"
+    positive: str = "positive"
+    negatives: str | list[str] | None = None
+    scores: str | None = None
+
+
+class DataSection(_Section):
+    train: str = Field(description="a tuples file (.jsonl/.json/.csv/.tsv/.parquet) or beir:DIR[:SPLIT]")
+    columns: ColumnsSection = ColumnsSection()
+    max_examples: int | None = Field(None, gt=0)
+    sample: Literal["first", "random"] = "first"  # with max_examples: the first N, or a seeded random N
+    dev: str | None = None  # an eval task spec (beir:DIR:SPLIT, sts:FILE, stsb ...) for dev evaluation
+    dev_batch_size: int = Field(64, gt=0)
+
+
+class LossSection(_Section):
+    temperature: float = Field(0.05, gt=0.0)
+    learn_temperature: bool = False
+    symmetric: bool = False
+    hard_negatives: int = Field(0, ge=0, description="hard negatives per query taken from the data")
+    mask_false_negatives: bool = True
+    margin: float | None = None  # also mask candidates scoring above positive - margin
+    matryoshka_dims: list[int] | None = None
+    distillation: Literal["none", "kl", "margin_mse"] = "none"
+    distillation_weight: float = Field(1.0, ge=0.0)
+    distillation_temperature: float = Field(1.0, gt=0.0)
+    contrastive_weight: float = Field(1.0, ge=0.0)
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _positive_dims(cls, dims):
+        if dims is not None and (not dims or any(d <= 0 for d in dims)):
+            raise ValueError("matryoshka_dims must be a non-empty list of positive sizes")
+        return dims
+
+
+class TrainingSection(_Section):
+    output_dir: str
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # stop early (counts optimizer steps)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(2e-5, gt=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 42
+    grad_cache: int | None = Field(None, gt=0, description="GradCache sub-batch size; null = plain step")
+    group_by_length: bool = False
+    drop_last: bool = False
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    eval_at_end: bool = True
+    log_every: int = Field(10, gt=0)
+    threads: int | None = Field(None, gt=0)  # torch intra-op threads; null = torch's default
+    progress: bool = True
+
+
+class DeepSpeedSection(_Section):
+    stage: Literal["none", "zero2", "zero3"] = "none"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self):
+        if self.offload_params and self.stage != "zero3":
+            raise ValueError("offload_params needs stage: zero3")
+        return self
+
+
+class Recipe(_Section):
+    model: ModelSection
+    adapter: AdapterSection = AdapterSection()
+    data: DataSection
+    loss: LossSection = LossSection()
+    training: TrainingSection
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
+            raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
+        if self.adapter.type == "qlora" and self.model.dtype == "fp16":
+            raise ValueError("qlora computes in fp32 or bf16, not fp16")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. training.lr=1e-5), got {text!r}", field="--set")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: take the text as it is
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"cannot set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section",
+                                  field="--set")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """(section, key, ...) -> 1-based line of that key in the YAML text, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    here = prefix + (key.value,)
+                    lines[here] = key.start_mark.line + 1
+                    walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                lines[prefix + (str(i),)] = value.start_mark.line + 1
+                walk(value, prefix + (str(i),))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _first_error(exc: ValidationError) -> tuple[tuple, str]:
+    error = exc.errors()[0]
+    # pydantic appends the union member / validator tag to `loc`; keep the field names only.
+    loc = tuple(str(p) for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (not a recipe field; check the spelling)"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif "input" in error and error["type"] not in ("value_error",):
+        message = f"{message} (got {error['input']!r})"
+    return loc, message.removeprefix("Value error, ")
+
+
+def parse_recipe(raw: Any, *, source: str | Path | None = None, text: str | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise ConfigError("a recipe must be a YAML mapping with sections model, data, training, ...", path=source)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        loc, message = _first_error(exc)
+        line = None
+        if text is not None and loc:
+            lines = _key_lines(text)
+            for cut in range(len(loc), 0, -1):  # the deepest key that exists in the file
+                if loc[:cut] in lines:
+                    line = lines[loc[:cut]]
+                    break
+        raise ConfigError(message, path=source, line=line, field=".".join(loc) or None) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True,
+                check_environment: bool = True) -> Recipe:
+    """Read, override, type-check and (by default) validate a recipe; never loads a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("recipe file not found", path=path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", path=path, line=mark.line + 1 if mark else None) from None
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, list(overrides or []))
+    recipe = parse_recipe(raw, source=path, text=text)
+    if validate:
+        validate_recipe(recipe, source=path, check_environment=check_environment)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def parse_train_source(spec: str) -> tuple[str, Path, str | None]:
+    """("beir", DIR, SPLIT) or ("file", PATH, None)."""
+    if spec.startswith("beir:"):
+        rest = spec[len("beir:"):]
+        folder, sep, split = rest.rpartition(":")
+        if Path(rest).is_dir() or not sep or "/" in split:
+            return "beir", Path(rest), "train"
+        return "beir", Path(folder), split
+    return "file", Path(spec), None
+
+
+def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_environment: bool = True) -> None:
+    """Checks that need the file system but no model: data files exist, specs parse, optional packages present
+    (`check_environment=False` skips the last, to validate a GPU recipe on a machine without deepspeed)."""
+    import importlib.util
+
+    kind, path, split = parse_train_source(recipe.data.train)
+    if kind == "beir":
+        if not (path / "corpus.jsonl").is_file() or not (path / "queries.jsonl").is_file():
+            raise ConfigError(f"not a BEIR folder (needs corpus.jsonl and queries.jsonl): {path}", path=source,
+                              field="data.train")
+        if not (path / "qrels" / f"{split}.tsv").is_file():
+            raise ConfigError(f"no qrels/{split}.tsv in {path}", path=source, field="data.train")
+    else:
+        if not path.is_file():
+            raise ConfigError(f"training data file not found: {path}", path=source, field="data.train")
+        from embedkit.data.tuples import TUPLE_FORMATS
+
+        if path.suffix.lower() not in TUPLE_FORMATS:
+            raise ConfigError(f"unknown training file type {path.suffix!r} (use {', '.join(TUPLE_FORMATS)})",
+                              path=source, field="data.train")
+    if recipe.data.dev:
+        from embedkit.eval.tasks import parse_task_spec
+
+        try:
+            spec = parse_task_spec(recipe.data.dev)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, path=source, field="data.dev") from None
+        if spec.path is not None and not Path(spec.path).exists():
+            raise ConfigError(f"dev data not found: {spec.path}", path=source, field="data.dev")
+    name = recipe.model.name
+    from embedkit.models.registry import EMBEDDED_MODELS
+
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"no model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not an existing "
+                          "folder, not a Hugging Face id (owner/name)", path=source, field="model.name")
+    if isinstance(recipe.model.prompts, str):
+        from embedkit.models.prompts import PROMPT_PRESETS
+
+        if recipe.model.prompts not in PROMPT_PRESETS:
+            raise ConfigError(f"unknown prompt preset {recipe.model.prompts!r} (use {', '.join(PROMPT_PRESETS)})",
+                              path=source, field="model.prompts")
+    if check_environment and recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
+    if check_environment and recipe.deepspeed.stage != "none" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("deepspeed is not installed: pip install 'embedkit[deepspeed]'", path=source,
+                          field="deepspeed.stage")
+    if recipe.training.eval_every and not recipe.data.dev:
+        raise ConfigError("eval_every needs data.dev (a task to evaluate on)", path=source, field="training.eval_every")
+    output = Path(recipe.training.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output_dir exists and is not a folder: {output}", path=source, field="training.output_dir")

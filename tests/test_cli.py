@@ -1,0 +1,70 @@
+"""The `embedkit` command as a user runs it: exit codes, one-line errors, outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "embedkit.cli", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+def test_help_lists_every_stage():
+    out = run_cli("--help", check=True).stdout
+    for command in ("models", "encode", "data", "demo"):
+        assert command in out
+
+
+def test_models_lists_the_embedded_defaults():
+    rows = json.loads(run_cli("models", "--json", check=True).stdout)
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["minilm"]["pooling"] == "mean" and by_name["minilm"]["installed"]
+    assert by_name["smollm2-135m"]["pooling"] == "lasttoken"
+
+
+def test_data_check_names_the_broken_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "a", "positive": "b"}\n{"query": "c", "positive": "d"}\n{"query": "e", positive}\n')
+    result = run_cli("data", "check", str(path))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{path}:3:" in lines[0] and lines[0].startswith("error:")
+
+
+def test_data_check_summarises_a_beir_folder(shared_data):
+    result = run_cli("data", "check", str(shared_data / "scifact"), "--json", check=True)
+    summary = json.loads(result.stdout)
+    text = json.dumps(summary)
+    for number in ("5183", "300", "339", "809", "919"):
+        assert number in text
+
+
+def test_encode_bad_input_is_one_line(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    result = run_cli("encode", "--model", "minilm", "--input", str(path), "--output", str(tmp_path / "v.npy"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {path}:2: field 'text': missing or not a string"
+    assert not (tmp_path / "v.npy").exists()
+
+
+@pytest.mark.integration
+def test_encode_matches_sentence_transformers(tmp_path, minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["A man is playing a guitar.", "What causes type 2 diabetes?", "short", "x " * 300]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    run_cli("encode", "--model", "minilm", "--input", str(tmp_path / "texts.txt"), "--output",
+            str(tmp_path / "v.npy"), check=True)
+    ours = np.load(tmp_path / "v.npy")
+    theirs = SentenceTransformer(str(minilm_dir), device="cpu").encode(texts)
+    assert ours.shape == (4, 384)
+    assert np.abs(ours - theirs).max() < 1e-5

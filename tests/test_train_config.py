@@ -1,0 +1,137 @@
+"""Recipes: every shipped recipe validates; bad recipes fail before any model loads, naming the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embedkit.errors import ConfigError
+from embedkit.train.cli import train_command
+from embedkit.train.config import apply_overrides, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"minilm-scifact.yaml", "minilm-medquad.yaml", "bge-small-lora.yaml", "smollm2-qlora.yaml",
+            "qwen3-0.6b-qlora-zero3.yaml", "mistral-7b-qlora-zero3.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(recipe, monkeypatch, shared_data):
+    monkeypatch.chdir(REPO)  # recipes name data relative to the project root
+    # deepspeed may be absent here; the environment check is tested separately below.
+    parsed = load_recipe(recipe, check_environment=False)
+    assert parsed.training.output_dir.startswith("runs/")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}"}) + "\n" for i in range(4)))
+    return path
+
+
+def _good(pairs_file, tmp_path) -> str:
+    return (f"model:\n  name: minilm\ndata:\n  train: {pairs_file}\n"
+            f"training:\n  output_dir: {tmp_path / 'out'}\n  batch_size: 2\n")
+
+
+def test_good_recipe_and_overrides(pairs_file, tmp_path):
+    path = _write(tmp_path, _good(pairs_file, tmp_path))
+    recipe = load_recipe(path, ["training.lr=1e-4", "loss.matryoshka_dims=[384, 128]", "model.prompts=e5",
+                                "training.grad_cache=null"])
+    assert recipe.training.lr == 1e-4 and recipe.loss.matryoshka_dims == [384, 128]
+    assert recipe.model.prompts == "e5" and recipe.training.grad_cache is None
+    assert recipe.training.batch_size == 2 and recipe.loss.temperature == 0.05
+
+
+def _fails(path, overrides=(), **kw) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, list(overrides), **kw)
+    message = str(info.value)
+    assert "\n" not in message
+    return info.value
+
+
+def test_unknown_key_is_named_with_its_line(pairs_file, tmp_path):
+    path = _write(tmp_path, _good(pairs_file, tmp_path) + "  batch_sz: 4\n")
+    err = _fails(path)
+    assert err.field == "training.batch_sz" and err.line == 8 and "unknown key" in str(err)
+    assert str(path) in str(err)
+
+
+def test_wrong_type_is_named_by_field_path(pairs_file, tmp_path):
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path) + "  lr: fast\n"))
+    assert err.field == "training.lr" and "fast" in str(err) and err.line == 8
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), ["loss.temperature=-1"])
+    assert err.field == "loss.temperature"
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), ["adapter.type=dora"])
+    assert err.field == "adapter.type"
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), ["training.nope=1"])
+    assert err.field == "training.nope"
+
+
+def test_missing_section_and_bad_yaml(pairs_file, tmp_path):
+    err = _fails(_write(tmp_path, "model:\n  name: minilm\n"))
+    assert err.field == "data" and "missing" in str(err)
+    err = _fails(_write(tmp_path, "model: [unclosed\n"))
+    assert "invalid YAML" in str(err) and err.line is not None
+
+
+def test_missing_data_file_and_unknown_model(pairs_file, tmp_path):
+    err = _fails(_write(tmp_path, _good(tmp_path / "nope.jsonl", tmp_path)))
+    assert err.field == "data.train" and "nope.jsonl" in str(err)
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), [f"data.train=beir:{tmp_path}:train"])
+    assert err.field == "data.train" and "BEIR" in str(err)
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), ["data.dev=beir:/no/such/dir:test"])
+    assert err.field == "data.dev"
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), ["model.name=./no-such-model"])
+    assert err.field == "model.name"
+    err = _fails(_write(tmp_path, _good(pairs_file, tmp_path)), ["training.eval_every=5"])
+    assert err.field == "training.eval_every"
+
+
+def test_deepspeed_absent_is_an_environment_error(pairs_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    path = _write(tmp_path, _good(pairs_file, tmp_path) + "deepspeed:\n  stage: zero3\n")
+    assert _fails(path).field == "deepspeed.stage"
+    load_recipe(path, check_environment=False)
+
+
+def test_override_syntax_errors(pairs_file, tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["training.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"training": {"lr": 1}}, ["training.lr.x=2"])
+
+
+def test_bad_recipe_fails_in_the_cli_before_any_model_loads(pairs_file, tmp_path, monkeypatch):
+    import embedkit.models.encoder as encoder_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe was validated")
+
+    monkeypatch.setattr(encoder_module.Encoder, "from_pretrained", classmethod(no_model))
+    path = _write(tmp_path, _good(pairs_file, tmp_path) + "  epochz: 2\n")
+    kwargs = dict(set_=[], resume=False, deepspeed=None, output=None, check=False, json_output=False)
+    with pytest.raises(ConfigError, match="epochz"):
+        train_command(path, **kwargs)
+    path = _write(tmp_path, _good(tmp_path / "missing.jsonl", tmp_path))
+    with pytest.raises(ConfigError, match="missing.jsonl"):
+        train_command(path, **kwargs)
+    with pytest.raises(ConfigError, match="deepspeed.stage"):
+        train_command(_write(tmp_path, _good(pairs_file, tmp_path)), **{**kwargs, "deepspeed": "zero9"})
