@@ -194,6 +194,26 @@ def audit(name: str, dataset: dict[str, Any], rows: list[dict], docs, queries) -
     return result
 
 
+def lost_pairs(dataset: dict[str, Any], st_rows: list[dict], ek_rows: list[dict]) -> dict[str, Any]:
+    """Pairs that ST's triplet output left out (no negative found), and how well the model scored their positive.
+
+    embedkit keeps every pair (short queries keep fewer negatives), so its rows give every pair's positive score.
+    """
+    import numpy as np
+
+    st_pairs = {(r["query"], r["positive"]) for r in st_rows}
+    score = {(r["query"], r["positive"]): r["scores"][0] for r in ek_rows}
+    unique = list(dict.fromkeys(dataset["pairs"]))
+    lost = [score[p] for p in unique if p not in st_pairs and p in score]
+    kept = [score[p] for p in unique if p in st_pairs and p in score]
+
+    def describe(values: list[float]) -> dict[str, float]:
+        return {"n": len(values), "median": round(float(np.median(values)), 4)} if values else {"n": 0}
+
+    return {"count": sum(p not in st_pairs for p in unique), "distinct_pairs": len(unique),
+            "lost_positive_score": describe(lost), "kept_positive_score": describe(kept)}
+
+
 def train_step(args, mined: dict[str, dict[str, Path]]) -> None:
     """Hook for the training comparison (no hard negatives vs ST-mined vs embedkit-mined), not wired yet."""
     try:
@@ -260,7 +280,10 @@ def main() -> None:
             if isinstance(a, dict):
                 a, b = " ".join(f"{k}={v}" for k, v in a.items()), " ".join(f"{k}={v}" for k, v in (b or {}).items())
             print(f"{key:<52}{a!s:>22}{b!s:>22}")
-        results[name] = {"pairs": len(dataset["pairs"]), "pool": pool,
+        lost = lost_pairs(dataset, st_rows, ek_rows)
+        print(f"pairs with no row in ST's output: {lost['count']:,}; their positive's score (embedkit's rows): "
+              f"{lost['lost_positive_score']}; pairs ST kept: {lost['kept_positive_score']}")
+        results[name] = {"pairs": len(dataset["pairs"]), "pool": pool, "st_lost_pairs": lost,
                          "st": {"wall_s": round(st_seconds[0], 2), "cpu_s": round(st_seconds[1], 2),
                                 "rows": len(st_rows), "log": st_log,
                                 "audit": st_audit},

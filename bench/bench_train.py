@@ -9,8 +9,9 @@ Same model (all-MiniLM-L6-v2), data, batch size (32), lr (2e-5), epochs (1), max
 - scifact: the 919 SciFact train pairs (qrels/train.tsv) -> nDCG@10 on SciFact test;
 - medquad: a seeded 1,000-pair sample of medquad/train_pairs.jsonl (the recipe's sample; both sides train on the
   same pairs) -> nDCG@10 on medquad/test.
-Each trainer runs in its own subprocess (ST first, then embedkit, per dataset), so peak RSS (ru_maxrss of that
-child, from wait4) is per trainer. Train samples/s = samples / wall time of the training call (ST:
+Each trainer runs in its own subprocess (ST first, then embedkit; side by side with --parallel), so peak RSS
+is per trainer: ru_maxrss of the child read at its last training step (each child then evaluates its model;
+the whole child's ru_maxrss from wait4 is printed too). Train samples/s = samples / wall time of the training call (ST:
 `trainer.train()`; embedkit: `train()` up to its last step, i.e. including its data loading and tokenization).
 Because wall time depends on whatever else the machine runs, samples per CPU-second of the child is printed too.
 Both trained models are evaluated by the same code (embedkit.eval) in this process.
@@ -68,9 +69,14 @@ def child_embedkit(dataset: str, data_root: str, output: Path) -> dict:
     def on_step(step, record):
         marks["end"], marks["cpu"] = time.perf_counter(), time.process_time()
 
-    result = train(recipe, on_step=on_step, say=lambda m: None)
+    def on_step_rss(step, record):
+        on_step(step, record)
+        marks["rss"] = _self_peak_rss_gb()
+
+    result = train(recipe, on_step=on_step_rss, say=lambda m: None)
     return {"samples": result.samples, "steps": result.steps, "train_s": marks["end"] - started,
-            "cpu_s": marks["cpu"] - cpu0, "steps_only_s": result.train_seconds, "final_loss": result.final_loss}
+            "cpu_s": marks["cpu"] - cpu0, "steps_only_s": result.train_seconds, "final_loss": result.final_loss,
+            "train_peak_rss_gb": marks["rss"]}
 
 
 def child_st(dataset: str, data_root: str, output: Path) -> dict:
@@ -99,24 +105,35 @@ def child_st(dataset: str, data_root: str, output: Path) -> dict:
     started, cpu0 = time.perf_counter(), time.process_time()
     out = trainer.train()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    rss = _self_peak_rss_gb()
     model.save(str(output))
     samples = min(len(examples), out.global_step * SHARED["batch_size"])
     return {"samples": samples, "steps": out.global_step, "train_s": wall, "cpu_s": cpu,
-            "final_loss": out.training_loss}
+            "final_loss": out.training_loss, "train_peak_rss_gb": rss}
+
+
+def _self_peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------------- parent
-def run_child(kind: str, dataset: str, data_root: str, output: Path) -> dict:
+def start_child(kind: str, dataset: str, data_root: str, output: Path, task: str, cache: Path) -> subprocess.Popen:
     result_file = output.with_suffix(".result.json")
     cmd = [sys.executable, __file__, "--child", kind, "--datasets", dataset, "--data", data_root,
-           "--output", str(output), "--result", str(result_file)]
-    proc = subprocess.Popen(cmd, cwd=REPO)
+           "--output", str(output), "--result", str(result_file), "--task", task, "--out", str(cache)]
+    return subprocess.Popen(cmd, cwd=REPO)
+
+
+def wait_child(proc: subprocess.Popen, kind: str, dataset: str, output: Path) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} on {dataset} failed with exit code {proc.returncode}")
-    result = json.loads(result_file.read_text())
-    result["peak_rss_gb"] = usage.ru_maxrss / 1e6  # KiB on Linux
+    result = json.loads(output.with_suffix(".result.json").read_text())
+    result["peak_rss_gb"] = result["train_peak_rss_gb"]  # peak up to the end of training (eval follows in the child)
+    result["child_peak_rss_gb"] = usage.ru_maxrss / 1e6  # the whole child, from wait4 (KiB on Linux)
     result["child_cpu_s"] = usage.ru_utime + usage.ru_stime
     result["samples_per_s"] = result["samples"] / result["train_s"]
     result["samples_per_cpu_s"] = result["samples"] / result["cpu_s"]
@@ -139,7 +156,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default="/tmp/embedkit-bench-train", help="work folder (models, caches)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the two trainers side by side (on a busy machine both then see the same load; "
+                             "compare samples per CPU-second)")
     parser.add_argument("--child", choices=["st", "embedkit"], help=argparse.SUPPRESS)
+    parser.add_argument("--task", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +169,10 @@ def main() -> None:
     if args.child:
         fn = child_st if args.child == "st" else child_embedkit
         result = fn(args.datasets, args.data, Path(args.output))
+        Path(args.result).write_text(json.dumps(result))  # training numbers first, in case evaluation fails
+        t0 = time.perf_counter()
+        result["ndcg_at_10"] = evaluate_ndcg(Path(args.output), args.task, Path(args.out))
+        result["eval_s"] = time.perf_counter() - t0
         Path(args.result).write_text(json.dumps(result))
         return
 
@@ -155,18 +181,26 @@ def main() -> None:
     results: dict = {"settings": SHARED, "datasets": {}}
     for dataset in args.datasets.split(","):
         task = DATASETS[dataset]["test"].format(data=args.data)
-        row: dict = {"task": task}
-        row["base_ndcg_at_10"] = evaluate_ndcg("minilm", task, work / "cache")
-        print(f"[{dataset}] base nDCG@10 {row['base_ndcg_at_10']:.4f}", flush=True)
+        row: dict = {"task": task, "parallel": args.parallel}
+        if not args.no_base:
+            row["base_ndcg_at_10"] = evaluate_ndcg("minilm", task, work / "cache")
+            print(f"[{dataset}] base nDCG@10 {row['base_ndcg_at_10']:.4f}", flush=True)
+        t0 = time.perf_counter()
+        procs = {}
         for kind in ("st", "embedkit"):
             output = work / f"{dataset}-{kind}"
-            t0 = time.perf_counter()
-            row[kind] = run_child(kind, dataset, args.data, output)
-            row[kind]["ndcg_at_10"] = evaluate_ndcg(output, task, work / "cache")
+            procs[kind] = (start_child(kind, dataset, args.data, output, task, work / "cache"), output)
+            if not args.parallel:
+                row[kind] = wait_child(procs[kind][0], kind, dataset, output)
+        for kind in ("st", "embedkit"):
+            if args.parallel:
+                row[kind] = wait_child(procs[kind][0], kind, dataset, procs[kind][1])
             r = row[kind]
             print(f"[{dataset}] {kind:8s} nDCG@10 {r['ndcg_at_10']:.4f}  {r['samples_per_s']:.3f} samples/s  "
-                  f"{r['samples_per_cpu_s']:.3f} samples/CPU-s  peak RSS {r['peak_rss_gb']:.2f} GB  "
-                  f"({time.perf_counter() - t0:.0f} s incl. eval)", flush=True)
+                  f"{r['samples_per_cpu_s']:.3f} samples/CPU-s  peak RSS {r['peak_rss_gb']:.2f} GB "
+                  f"(whole child {r['child_peak_rss_gb']:.2f})  train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s",
+                  flush=True)
+        print(f"[{dataset}] {time.perf_counter() - t0:.0f} s for both", flush=True)
         st, ek = row["st"], row["embedkit"]
         row["ratios"] = {"ndcg_delta": ek["ndcg_at_10"] - st["ndcg_at_10"],
                          "samples_per_s": ek["samples_per_s"] / st["samples_per_s"],

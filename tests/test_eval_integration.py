@@ -118,7 +118,15 @@ def test_compare_same_model_passes_and_randomised_model_regresses(minilm, tmp_pa
 
     from embedkit.models import load_model
 
-    tasks = ["stsb"]
+    from embedkit.data.defaults import load_stsb
+
+    # the first 400 STS-B test pairs keep three evaluations affordable
+    stsb = load_stsb("test")
+    subset = tmp_path / "stsb400" / "test.jsonl"
+    subset.parent.mkdir()
+    subset.write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "score": float(s)}) + "\n" for a, b, s in
+                              list(zip(stsb.sentences1, stsb.sentences2, stsb.scores))[:400]), encoding="utf-8")
+    tasks = [f"sts:{subset}"]
     base = evaluate(minilm, tasks, cache_dir=tmp_path)
     again = evaluate(minilm, tasks, cache_dir=tmp_path)
     assert compare(base, again).exit_code == 0

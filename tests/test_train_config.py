@@ -127,7 +127,7 @@ def test_bad_recipe_fails_in_the_cli_before_any_model_loads(pairs_file, tmp_path
 
     monkeypatch.setattr(encoder_module.Encoder, "from_pretrained", classmethod(no_model))
     path = _write(tmp_path, _good(pairs_file, tmp_path) + "  epochz: 2\n")
-    kwargs = dict(set_=[], resume=False, deepspeed=None, output=None, check=False, json_output=False)
+    kwargs = dict(set_=[], resume=False, deepspeed=None, output=None, nproc=1, check=False, json_output=False)
     with pytest.raises(ConfigError, match="epochz"):
         train_command(path, **kwargs)
     path = _write(tmp_path, _good(tmp_path / "missing.jsonl", tmp_path))
@@ -135,3 +135,17 @@ def test_bad_recipe_fails_in_the_cli_before_any_model_loads(pairs_file, tmp_path
         train_command(path, **kwargs)
     with pytest.raises(ConfigError, match="deepspeed.stage"):
         train_command(_write(tmp_path, _good(pairs_file, tmp_path)), **{**kwargs, "deepspeed": "zero9"})
+
+
+def test_cli_check_validates_without_training(pairs_file, tmp_path, capsys, monkeypatch):
+    import embedkit.models.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module.Encoder, "from_pretrained",
+                        classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded"))))
+    path = _write(tmp_path, _good(pairs_file, tmp_path))
+    kwargs = dict(set_=["training.lr=3e-5"], resume=False, deepspeed=None, output=tmp_path / "o2", nproc=1,
+                  check=True, json_output=False)
+    train_command(path, **kwargs)
+    assert "ok" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--nproc"):
+        train_command(path, **{**kwargs, "check": False, "nproc": 2})

@@ -136,13 +136,12 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_bert_dir, pairs_fil
     checkpoint = work_dir(out) / "checkpoints" / "step-4" / "state.pt"
     payload = torch.load(checkpoint, weights_only=True)  # plain tensors and dicts only
     assert payload["position"]["step"] == 4 and payload["position"]["epoch"] == 1
-    assert not (work_dir(out) / "checkpoints" / "step-2").exists() or True
     result = train(recipe, resume=True, **QUIET)
     assert result.steps == 6
     _assert_weights_close(tmp_path / "full", out, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
-    assert steps == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6][: len(steps)] or steps[-2:] == [5, 6]
+    assert steps == [1, 2, 3, 4, 5, 5, 6]  # the killed run logged 1-5; the resumed one redid 5, then 6
 
 
 def test_resume_refuses_a_changed_recipe(tiny_bert_dir, pairs_file, tmp_path):

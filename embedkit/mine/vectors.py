@@ -19,7 +19,8 @@ class VectorSource(Protocol):
     dim: int
 
     def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, float32 C-contiguous [m, dim] array) covering all rows in order."""
+        """Yield (first row, float32 C-contiguous [m, dim] array) covering all rows in order. The array is only
+        valid until the next step (a file source reuses one buffer)."""
         ...
 
 
@@ -57,12 +58,19 @@ class NpyFileSource:
                             path=self.path)
 
     def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """One buffer is reused for every chunk: a caller that keeps a chunk past the next step must copy it.
+
+        (Allocating a fresh chunk each step would hold two chunks at once while the generator fills the next.)
+        """
+        buffer = np.empty((min(rows, self.n), self.dim), dtype=np.float32)
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             for start in range(0, self.n, rows):
-                m = min(rows, self.n - start)
-                chunk = np.empty((m, self.dim), dtype=np.float32)
-                f.readinto(memoryview(chunk).cast("B"))
+                chunk = buffer[: min(rows, self.n - start)]
+                view = memoryview(chunk).cast("B")
+                got = f.readinto(view)
+                if got != view.nbytes:
+                    raise DataError(f"file ended early while reading rows from {start}", path=self.path)
                 yield start, chunk
 
 

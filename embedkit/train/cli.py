@@ -16,6 +16,8 @@ def train_command(
     deepspeed: Optional[str] = typer.Option(None, "--deepspeed",
                                             help="DeepSpeed ZeRO stage: zero2 or zero3 (overrides deepspeed.stage)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides training.output_dir)."),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="Processes for a DeepSpeed run (launched with torchrun; gloo on CPU)."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -35,6 +37,19 @@ def train_command(
     if check:
         typer.echo(f"{recipe}: ok (model {parsed.model.name}, data {parsed.data.train}, "
                    f"output {parsed.training.output_dir})")
+        return
+    if nproc > 1:
+        if parsed.deepspeed.stage == "none":
+            from embedkit.errors import ConfigError
+
+            raise ConfigError("--nproc > 1 needs DeepSpeed: add --deepspeed zero2|zero3", field="--nproc")
+        from embedkit.train.distributed import launch
+
+        argv = [str(recipe), *[a for s in overrides for a in ("--set", s)]]
+        code = launch(argv, nproc)
+        if code:
+            raise typer.Exit(code)
+        typer.echo(f"trained with {nproc} processes -> {parsed.training.output_dir}")
         return
     from embedkit.train.trainer import train
 

@@ -72,12 +72,18 @@ def train_deepspeed(recipe: Recipe, *, resume: bool = False, say: Callable[[str]
     from embedkit.train.gradcache import RngState, chunks
     from embedkit.train.loss import ContrastiveLoss, distributed_world
     from embedkit.train.trainer import (TrainResult, build_encoder, epoch_batches, linear_schedule, load_examples,
-                                        peak_rss_gb, prepare_data, save_output, seed_everything, work_dir)
+                                        param_groups, peak_rss_gb, prepare_data, save_output, seed_everything,
+                                        work_dir)
 
     if resume:
         raise ConfigError("resume is not supported with deepspeed yet", field="--resume")
     if recipe.loss.learn_temperature:
         raise ConfigError("learn_temperature is not supported with deepspeed yet", field="loss.learn_temperature")
+    if "RANK" not in os.environ:  # not under torchrun: a single-process run
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = distributed_world()
@@ -104,9 +110,8 @@ def train_deepspeed(recipe: Recipe, *, resume: bool = False, say: Callable[[str]
     if t.max_steps:
         total = min(total, t.max_steps)
     warmup = math.ceil(total * t.warmup_ratio)
-    params = [p for p in encoder.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
-        model=encoder, model_parameters=params, config=deepspeed_config(recipe, world),
+        model=encoder, model_parameters=param_groups(encoder, t.weight_decay), config=deepspeed_config(recipe, world),
         lr_scheduler=lambda opt: linear_schedule(opt, warmup, total))
     k = lc.hard_negatives
     step, epoch, samples, seconds, last = 0, 0, 0, 0.0, None
@@ -154,7 +159,8 @@ def train_deepspeed(recipe: Recipe, *, resume: bool = False, say: Callable[[str]
     if rank == 0:
         fresh = build_encoder(recipe)
         missing, unexpected = fresh.load_state_dict(full_state, strict=False)
-        if unexpected or [m for m in missing if "lm_head" not in m]:
+        buffers = {name for name, _ in fresh.named_buffers()}  # never trained: the fresh copy has them
+        if unexpected or [m for m in missing if m not in buffers and "lm_head" not in m]:
             raise RuntimeError(f"gathered weights do not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         save_output(fresh, recipe, output, data.source, stats, None, work_dir(output))
@@ -193,9 +199,6 @@ def _gathered_state(engine, encoder, deepspeed, rank: int) -> dict[str, torch.Te
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
         if rank == 0:
             state = {name: p.detach().clone() for name, p in params}
-    if rank == 0:
-        for name, buf in encoder.named_buffers():
-            state[name] = buf.detach().clone()
     return state
 
 

@@ -175,15 +175,20 @@ def set_dropout(encoder, *, attention: float | None, hidden: float | None) -> di
     return changed
 
 
-def make_optimizer(encoder, loss_fn, recipe: Recipe):
-    t = recipe.training
+def param_groups(encoder, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in encoder.named_parameters():
         if not p.requires_grad:
             continue
         # Biases and norm weights are not decayed (the usual BERT/HF rule).
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def make_optimizer(encoder, loss_fn, recipe: Recipe):
+    t = recipe.training
+    groups = param_groups(encoder, t.weight_decay)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "weight_decay": 0.0})
@@ -299,7 +304,7 @@ def train(
     if recipe.deepspeed.stage != "none":
         from embedkit.train.distributed import train_deepspeed
 
-        return train_deepspeed(recipe, resume=resume, say=say)
+        return train_deepspeed(recipe, resume=resume)
     threads_before = torch.get_num_threads()
     if t.threads:
         torch.set_num_threads(t.threads)
