@@ -117,6 +117,16 @@ def tiny_llama64_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def st_bert(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT saved by embedkit as a normalised sentence-transformers model with a query prompt."""
+    from embedkit.models import load_model
+
+    folder = tmp_path_factory.mktemp("st_bert") / "model"
+    load_model(tiny_bert_dir, prompts={"query": "query: "}, normalize=True).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from embedkit.models.registry import minilm_path
 

@@ -23,12 +23,6 @@ def _quiet(_message: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def st_bert(tmp_path_factory, tiny_bert_dir):
-    """Tiny BERT saved as a normalised sentence-transformers model with a query prompt."""
-    folder = tmp_path_factory.mktemp("st_bert") / "model"
-    load_model(tiny_bert_dir, prompts={"query": "query: "}, normalize=True).save(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

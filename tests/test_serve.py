@@ -26,11 +26,6 @@ def _quiet(_message: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def st_bert(tmp_path_factory, tiny_bert_dir):
-    folder = tmp_path_factory.mktemp("serve_bert") / "model"
-    load_model(tiny_bert_dir, prompts={"query": "query: "}, normalize=True).save(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

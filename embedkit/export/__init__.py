@@ -5,7 +5,7 @@ Names are imported lazily so that importing the package does not import torch or
 
 from __future__ import annotations
 
-import importlib
+from embedkit._lazy import lazy_exports
 
 _EXPORTS = {
     "export_onnx": "embedkit.export.onnx",
@@ -17,10 +17,4 @@ _EXPORTS = {
     "read_probes": "embedkit.export.probes",
 }
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'embedkit.export' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -12,7 +12,7 @@ Python API (names load lazily, so importing embedkit.mine is cheap):
 
 from __future__ import annotations
 
-import importlib
+from embedkit._lazy import lazy_exports
 
 _EXPORTS = {
     "MiningSettings": "embedkit.mine.settings",
@@ -30,10 +30,4 @@ _EXPORTS = {
     "remine": "embedkit.mine.online",
 }
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'embedkit.mine' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

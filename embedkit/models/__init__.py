@@ -5,7 +5,7 @@ Names are imported lazily so that `embedkit models` and `--help` do not pay for 
 
 from __future__ import annotations
 
-import importlib
+from embedkit._lazy import lazy_exports
 
 _EXPORTS = {
     "Encoder": "embedkit.models.encoder",
@@ -15,10 +15,4 @@ _EXPORTS = {
     "resolve_model_path": "embedkit.models.registry",
 }
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'embedkit.models' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Names are imported lazily so that importing the package does not import torch, o
 
 from __future__ import annotations
 
-import importlib
+from embedkit._lazy import lazy_exports
 
 _EXPORTS = {
     "create_app": "embedkit.serve.app",
@@ -17,10 +17,4 @@ _EXPORTS = {
     "OnnxBackend": "embedkit.serve.backends",
 }
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'embedkit.serve' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

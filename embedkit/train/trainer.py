@@ -539,7 +539,7 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
     """One atomic folder: model (ST layout) + manifest + README.md + probe vectors + training log."""
     from embedkit.atomic import atomic_dir, write_json, write_text
     from embedkit.manifest import MANIFEST_NAME, command_line
-    from embedkit.train.probes import write_probe_vectors
+    from embedkit.export.probes import write_probes
 
     a = recipe.adapter
     base = encoder.base_model
@@ -557,7 +557,7 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
             merged = _merged_from_4bit(encoder, recipe, adapter_dir) if a.type == "qlora" else encoder
             merged.save(tmp, manifest=manifest)
             merged.invalidate_fingerprint()
-            write_probe_vectors(merged, tmp)
+            write_probes(merged, tmp, created_by="train")
             # Encoder.save records the path it wrote to (the temporary folder): record the final one.
             record = json.loads((tmp / MANIFEST_NAME).read_text())
             record["model"]["path"] = str(output)
@@ -568,7 +568,7 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
 
             write_json(tmp / MANIFEST_NAME, base_manifest("adapter", base_model=base, model=encoder.describe(),
                                                           **manifest))
-            write_probe_vectors(encoder, tmp)
+            write_probes(encoder, tmp, created_by="train")
         if adapter_dir is not None and a.save in ("adapter", "both"):
             shutil.copytree(adapter_dir, tmp / "adapter")
         if (work / LOG_FILE).is_file():
