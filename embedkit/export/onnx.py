@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from embedkit.models.batching import length_sorted_batches
 from embedkit.errors import ModelError
 
 ONNX_CONFIG_NAME = "embedkit_onnx.json"
@@ -137,9 +138,7 @@ class OnnxEncoder:
         if not texts:
             return out
         ids = self.token_ids(texts, kind)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_sorted_batches(ids, batch_size):
             out[rows] = self.embed_ids([ids[i] for i in rows])
         return out
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest
+from embedkit.models.batching import length_sorted_batches
 from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st_pooling_config
 from embedkit.models.prompts import apply_prompt, resolve_prompts
 
@@ -303,9 +304,7 @@ class Encoder(nn.Module):
             for start in range(0, len(texts), _SORT_CHUNK):
                 chunk = texts[start : start + _SORT_CHUNK]
                 ids = self._token_ids(chunk, kind)
-                order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-                for b in range(0, len(order), batch_size):
-                    rows = order[b : b + batch_size]
+                for rows in length_sorted_batches(ids, batch_size):
                     vectors = self.forward(self.collate([ids[i] for i in rows]), normalize=normalize)
                     out[[start + i for i in rows]] = vectors.cpu().numpy()
                     progress.update(len(rows))
