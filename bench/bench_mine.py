@@ -22,8 +22,14 @@ Audit of each side's mined negatives, all with the same MiniLM embeddings:
   other query (SciFact: also of a *test* query, against the base rate of test positives in the corpus);
 - MedQuAD: negatives that answer a question on the same topic (`focus`), and same focus + same question type;
 - rows lost (pairs without a row in the output).
-`--train` is the place for the training comparison (mined sets are written to --out for it); it needs the
-training engineer's `embedkit.train` API and is not wired yet.
+
+`--train` runs the training comparison instead (issue #5 acceptance; one dataset at a time with --datasets):
+
+    nice -n 5 .venv/bin/python bench/bench_mine.py --train --datasets scifact,medquad
+
+MiniLM trained by embedkit's trainer (batch 32, lr 2e-5, 1 epoch, max length 256, seed 42, 2 threads) a) without
+mined negatives, b) with sentence-transformers' mined negatives, c) with embedkit's, d) with embedkit's online
+re-mining; test nDCG@10 of each, mining time of each. See TRAIN_MINING below for the mining settings and why.
 """
 
 from __future__ import annotations
@@ -214,17 +220,278 @@ def lost_pairs(dataset: dict[str, Any], st_rows: list[dict], ek_rows: list[dict]
             "lost_positive_score": describe(lost), "kept_positive_score": describe(kept)}
 
 
-def train_step(args, mined: dict[str, dict[str, Path]]) -> None:
-    """Hook for the training comparison (no hard negatives vs ST-mined vs embedkit-mined), not wired yet."""
-    try:
-        from embedkit.train import trainer  # noqa: F401
-    except ImportError:
-        print("--train: embedkit.train is not available", file=sys.stderr)
-        return
-    print("--train: not wired yet; train on these files with the trainer's recipes (data.train = the path):")
-    for dataset, files in mined.items():
-        for side, path in files.items():
-            print(f"  {dataset} {side}: {path}")
+# ---------------------------------------------------------------------------------------------------- --train
+# The training comparison (issue #5 acceptance). Same trainer, recipe and settings for every variant; only the
+# negatives differ:
+#   a) none (in-batch negatives only)            b) sentence-transformers' mine_hard_negatives
+#   c) embedkit mine (static, base model)         d) embedkit online re-mining during training
+# Mining settings (the same for b, c and d; see TRAIN_MINING for why):
+#   pool: the whole SciFact corpus (5,183 abstracts) / every distinct MedQuAD train answer (not only the sample's);
+#   window: SciFact ranks 10-100 (the head holds unlabelled relevant abstracts), MedQuAD 1-100 (the confusers of the
+#   test set are answers on the *same topic* to another question type, which rank right below the positive);
+#   positive-aware margin: drop candidates scored above 95% of the positive (relative margin 0.05, NV-Retriever's
+#   TopK-PercPos), take the best survivors ("top"); embedkit also drops near duplicates of a positive (cos >= 0.98).
+# ST's output keeps only pairs that got all their negatives (n-tuple rows); embedkit keeps every pair (a short row
+# trains with the negatives it has).
+TRAIN_SETTINGS = {"batch_size": 32, "lr": 2e-5, "epochs": 1, "max_length": 256, "seed": 42, "threads": 2}
+TRAIN_MINING = {
+    "scifact": {"range": (10, 100), "relative_margin": 0.05, "online_every": 10},
+    "medquad": {"range": (1, 100), "relative_margin": 0.05, "online_every": 16},
+}
+TEST_TASKS = {"scifact": "beir:{data}/scifact:test", "medquad": "beir:{data}/medquad/test:test"}
+VARIANTS = ("none", "st", "embedkit", "online")
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    from embedkit.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def train_pool(name: str, data: Path, dataset: dict[str, Any]) -> dict[str, dict]:
+    """The mining pool as a corpus {id: {title, text}} (the same documents for ST and embedkit)."""
+    if name == "scifact":
+        return dataset["corpus_rows"]
+    answers = dict.fromkeys(json.loads(line)["positive"]
+                            for line in (data / "medquad" / "train_pairs.jsonl").read_text().splitlines() if line)
+    return {f"answer-{i}": {"title": "", "text": text} for i, text in enumerate(answers)}
+
+
+def mine_st_train(dataset, pool_texts: list[str], settings: dict, k: int, batch_size: int):
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from embedkit.models.registry import minilm_path
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model.max_seq_length = TRAIN_SETTINGS["max_length"]
+    ds = Dataset.from_dict({"query": [q for q, _ in dataset["pairs"]], "positive": [p for _, p in dataset["pairs"]]})
+    log = io.StringIO()
+    started, cpu = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(log):
+        mined = mine_hard_negatives(ds, model, corpus=pool_texts, range_min=settings["range"][0],
+                                    range_max=settings["range"][1], relative_margin=settings["relative_margin"],
+                                    num_negatives=k, sampling_strategy="top", batch_size=batch_size,
+                                    use_faiss=True, output_format="n-tuple", verbose=True)
+    seconds = (time.perf_counter() - started, time.process_time() - cpu)
+    rows = [{"query": r["query"], "positive": r["positive"], "negatives": [r[f"negative_{j + 1}"] for j in range(k)]}
+            for r in mined]
+    return rows, seconds, log.getvalue()
+
+
+def mine_embedkit_train(dataset, pool: dict[str, dict], settings: dict, k: int, batch_size: int, output: Path):
+    """Static mining with a cold corpus cache (everything encoded, as on ST's side); the vectors are then put in
+    the shared embedding cache, where the online run's first round (base weights) finds them."""
+    import shutil
+
+    from embedkit.data import TrainingExample
+    from embedkit.eval.runner import default_cache_dir, embedding_cache_path
+    from embedkit.mine import MiningSettings, mine_to_file, task_from_pairs
+    from embedkit.models import load_model
+
+    encoder = load_model("minilm", max_length=TRAIN_SETTINGS["max_length"])
+    mining = MiningSettings(range_min=settings["range"][0], range_max=settings["range"][1], num_negatives=k,
+                            sampling="top", relative_margin=settings["relative_margin"], duplicate_threshold=0.98,
+                            seed=TRAIN_SETTINGS["seed"], batch_size=batch_size)
+    with tempfile.TemporaryDirectory(prefix="bench-mine-cold-") as cold:
+        started, cpu = time.perf_counter(), time.process_time()
+        task = task_from_pairs([TrainingExample(q, p) for q, p in dataset["pairs"]], pool,
+                               {"kind": "bench", "name": dataset["name"]})
+        summary = mine_to_file(encoder, task, output, mining, cache_dir=cold, use_cache=True, histogram=False)
+        seconds = (time.perf_counter() - started, time.process_time() - cpu)
+        target = embedding_cache_path(default_cache_dir(), encoder, task.corpus_ids, task.corpus_texts, "document")
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(summary["corpus_embeddings"]["path"], target)
+    return summary, seconds
+
+
+def _variant_overrides(variant: str, files: dict[str, Path], k: int, settings: dict, output: Path) -> list[str]:
+    s = TRAIN_SETTINGS
+    train_file = {"none": files["pairs"], "st": files["st"], "embedkit": files["embedkit"],
+                  "online": files["pairs"]}[variant]
+    overrides = [f"data.train={train_file}", "data.dev=null", "data.max_examples=null", "data.sample=first",
+                 "data.columns={query: query, positive: positive, negatives: negatives}"
+                 if variant in ("st", "embedkit") else "data.columns={query: query, positive: positive}",
+                 f"training.output_dir={output}", "training.progress=false", f"training.batch_size={s['batch_size']}",
+                 f"training.lr={s['lr']}", f"training.epochs={s['epochs']}", f"model.max_length={s['max_length']}",
+                 f"training.seed={s['seed']}", f"training.threads={s['threads']}",
+                 f"loss.hard_negatives={0 if variant == 'none' else k}"]
+    if variant == "online":
+        lo, hi = settings["range"]
+        overrides += ["mining.online=true", f"mining.every={settings['online_every']}", f"mining.range={lo}:{hi}",
+                      "mining.sampling=top", f"mining.relative_margin={settings['relative_margin']}",
+                      "mining.duplicate_threshold=0.98", f"mining.corpus={files['pool']}"]
+    if os.environ.get("BENCH_MAX_STEPS"):  # smoke test of the benchmark itself
+        overrides.append(f"training.max_steps={os.environ['BENCH_MAX_STEPS']}")
+    return overrides
+
+
+def child_train(spec_path: Path) -> None:
+    """One variant in its own process (so peak RSS is its own): train, then evaluate on the test split."""
+    import resource
+
+    import torch
+
+    from embedkit.eval.runner import evaluate
+    from embedkit.manifest import MANIFEST_NAME
+    from embedkit.models import load_model
+    from embedkit.train.config import load_recipe
+    from embedkit.train.trainer import train
+
+    spec = json.loads(spec_path.read_text())
+    recipe = load_recipe(REPO / spec["recipe"], spec["overrides"])
+    started = time.perf_counter()
+    result = train(recipe, say=lambda m: print(f"  [{spec['variant']}] {m}", flush=True))
+    train_s = time.perf_counter() - started
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    manifest = json.loads((result.output_dir / MANIFEST_NAME).read_text())["training"]
+    torch.set_num_threads(TRAIN_SETTINGS["threads"])
+    t0 = time.perf_counter()
+    encoder = load_model(result.output_dir, max_length=TRAIN_SETTINGS["max_length"])
+    report = evaluate(encoder, [spec["task"]], batch_size=64)
+    (name,) = report["results"]
+    out = {"variant": spec["variant"], "ndcg_at_10": report["results"][name]["metrics"]["ndcg_at_10"],
+           "steps": result.steps, "samples": result.samples, "train_s": round(train_s, 1),
+           "steps_s": round(result.train_seconds, 1), "eval_s": round(time.perf_counter() - t0, 1),
+           "peak_rss_gb_train": round(rss, 2), "final_loss": result.final_loss,
+           "rows": manifest["data"].get("used"), "hard_negatives": manifest["data"].get("hard_negatives")}
+    online = manifest.get("online_mining")
+    if online:
+        out["refreshes"] = [{k: r[k] for k in ("step", "seconds", "negatives_changed", "rows_changed", "rows_short",
+                                               "removed")} for r in online["refreshes"]]
+    Path(spec["result"]).write_text(json.dumps(out, indent=2))
+
+
+def run_variant(name: str, variant: str, recipe: str, overrides: list[str], task: str, work: Path,
+                reuse: bool) -> dict[str, Any]:
+    import subprocess
+
+    result_path = work / f"{variant}.result.json"
+    if reuse and result_path.is_file():
+        print(f"[{name}] {variant}: reusing {result_path}", flush=True)
+        return json.loads(result_path.read_text())
+    spec = work / f"{variant}.spec.json"
+    spec.write_text(json.dumps({"variant": variant, "recipe": recipe, "overrides": overrides, "task": task,
+                                "result": str(result_path)}))
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child-train", str(spec)], cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"[{name}] {variant} failed (exit {os.waitstatus_to_exitcode(status)})")
+    result = json.loads(result_path.read_text())
+    result["child_peak_rss_gb"] = round(usage.ru_maxrss / 1e6, 2)
+    result["child_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # train + eval; robust to pauses
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def train_comparison(args, name: str, data: Path, work: Path, results: dict[str, Any], save) -> None:
+    import statistics
+
+    from embedkit.eval.runner import evaluate
+    from embedkit.models import load_model
+
+    k = args.num_negatives
+    settings = TRAIN_MINING[name]
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = load_scifact(data) if name == "scifact" else load_medquad(data, args.medquad_sample, args.seed)
+    pool = train_pool(name, data, dataset)
+    task = TEST_TASKS[name].format(data=data)
+    row: dict[str, Any] = results.setdefault(name, {})
+    row.update({"pairs": len(dataset["pairs"]), "pool": len(pool), "num_negatives": k,
+                "mining": {"range": settings["range"], "relative_margin": settings["relative_margin"],
+                           "sampling": "top", "online_every": settings["online_every"]}, "task": task})
+    print(f"\n== {name}: {len(dataset['pairs']):,} training pairs, pool {len(pool):,} documents, {k} negative(s), "
+          f"window {settings['range']}", flush=True)
+    files = {"pairs": work / "pairs.jsonl", "pool": work / "pool.jsonl", "st": work / "st-mined.jsonl",
+             "embedkit": work / "embedkit-mined.jsonl"}
+    _write_jsonl(files["pairs"], ({"query": q, "positive": p} for q, p in dataset["pairs"]))
+    _write_jsonl(files["pool"], ({"_id": i, "title": d.get("title", ""), "text": d["text"]} for i, d in pool.items()))
+
+    if "base_ndcg_at_10" not in row:  # the base model's test embeddings come from the eval cache after one run
+        t0 = time.perf_counter()
+        report = evaluate(load_model("minilm", max_length=TRAIN_SETTINGS["max_length"]), [task], batch_size=64)
+        row["base_ndcg_at_10"] = next(iter(report["results"].values()))["metrics"]["ndcg_at_10"]
+        print(f"[{name}] base MiniLM nDCG@10 {row['base_ndcg_at_10']:.4f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        save()
+
+    from embedkit.data.beir import mteb_document_text
+
+    pool_texts = [mteb_document_text(d.get("title", ""), d["text"]) for d in pool.values()]
+    timing_path = work / "mining.json"
+    timing = json.loads(timing_path.read_text()) if (args.reuse and timing_path.is_file()) else {}
+    if not (timing and files["st"].is_file() and files["embedkit"].is_file()):
+        st_times, ek_times = [], []
+        for repeat in range(args.mine_repeats):
+            st_rows, st_s, st_log = mine_st_train(dataset, pool_texts, settings, k, args.batch_size)
+            summary, ek_s = mine_embedkit_train(dataset, pool, settings, k, args.batch_size, files["embedkit"])
+            st_times.append(st_s)
+            ek_times.append(ek_s)
+            print(f"[{name}] mining round {repeat + 1}: ST wall {st_s[0]:.1f} s / CPU {st_s[1]:.1f} s "
+                  f"({len(st_rows)} rows), embedkit wall {ek_s[0]:.1f} s / CPU {ek_s[1]:.1f} s "
+                  f"({summary['rows_written']} rows)", flush=True)
+        _write_jsonl(files["st"], st_rows)
+        ek_rows = [json.loads(line) for line in files["embedkit"].read_text().splitlines()]
+        stats = summary["stats"]
+        # Wall and CPU seconds (CPU time of this process, threads included): on a shared machine whose other jobs
+        # may pause or slow this one, CPU time is the comparable number.
+        timing = {"st_s": st_times, "embedkit_s": ek_times,
+                  "st_median_s": statistics.median(t[0] for t in st_times),
+                  "embedkit_median_s": statistics.median(t[0] for t in ek_times),
+                  "st_median_cpu_s": statistics.median(t[1] for t in st_times),
+                  "embedkit_median_cpu_s": statistics.median(t[1] for t in ek_times), "st_rows": len(st_rows),
+                  "embedkit_rows": len(ek_rows), "embedkit_short_rows": sum(len(r["negatives"]) < k for r in ek_rows),
+                  "embedkit_removed": stats["removed"], "embedkit_positive_ranked_before_window":
+                  stats["positive_ranked_before_window"], "st_log": [line for line in st_log.splitlines()
+                                                                     if line.strip() and "it/s" not in line]}
+        timing_path.write_text(json.dumps(timing, indent=2))
+    row["mining_time"] = timing
+    print(f"[{name}] mining (median of {len(timing['st_s'])}): ST wall {timing['st_median_s']:.1f} s, CPU "
+          f"{timing['st_median_cpu_s']:.1f} s -> {timing['st_rows']} rows of {len(dataset['pairs'])} pairs; embedkit "
+          f"wall {timing['embedkit_median_s']:.1f} s, CPU {timing['embedkit_median_cpu_s']:.1f} s -> "
+          f"{timing['embedkit_rows']} rows ({timing['embedkit_short_rows']} short)", flush=True)
+    save()
+
+    recipe = {"scifact": "recipes/minilm-scifact.yaml", "medquad": "recipes/minilm-medquad.yaml"}[name]
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
+        overrides = _variant_overrides(variant, files, k, settings, work / f"model-{variant}")
+        result = run_variant(name, variant, recipe, overrides, task, work, args.reuse)
+        row.setdefault("variants", {})[variant] = result
+        base = row["variants"].get("none", {}).get("ndcg_at_10")
+        delta = f" ({result['ndcg_at_10'] - base:+.4f} vs none)" if base is not None and variant != "none" else ""
+        print(f"[{name}] {variant:9s} nDCG@10 {result['ndcg_at_10']:.4f}{delta}  train {result['train_s']:.0f} s, "
+              f"eval {result['eval_s']:.0f} s, peak RSS {result['child_peak_rss_gb']:.2f} GB", flush=True)
+        save()
+
+
+def print_train_table(results: dict[str, Any]) -> None:
+    names = {"none": "a) no mined negatives", "st": "b) ST mine_hard_negatives", "embedkit": "c) embedkit mine",
+             "online": "d) embedkit online"}
+    print(f"\n{'dataset':<9}{'variant':<28}{'rows':>6}{'nDCG@10':>9}{'vs a)':>8}{'mine CPU s':>11}{'mine s':>8}"
+          f"{'train s':>9}{'RSS GB':>8}")
+    for name in ("scifact", "medquad"):
+        row = results.get(name)
+        if not row or "variants" not in row:
+            continue
+        print(f"{name:<9}{'base MiniLM (untrained)':<28}{'':>6}{row['base_ndcg_at_10']:>9.4f}")
+        base = row["variants"].get("none", {}).get("ndcg_at_10")
+        timing = row.get("mining_time", {})
+        for variant, r in row["variants"].items():
+            mining = {"st": timing.get("st_median_s"), "embedkit": timing.get("embedkit_median_s")}.get(variant)
+            cpu = {"st": timing.get("st_median_cpu_s"), "embedkit": timing.get("embedkit_median_cpu_s")}.get(variant)
+            if variant == "online" and r.get("refreshes"):
+                mining = sum(x["seconds"] for x in r["refreshes"])  # wall time of all refreshes, inside training
+            delta = f"{r['ndcg_at_10'] - base:+.4f}" if base is not None and variant != "none" else ""
+            print(f"{name:<9}{names[variant]:<28}{r.get('rows') or 0:>6}{r['ndcg_at_10']:>9.4f}{delta:>8}"
+                  f"{(f'{cpu:.1f}' if cpu is not None else ''):>11}{(f'{mining:.1f}' if mining is not None else ''):>8}"
+                  f"{r['train_s']:>9.0f}{r['child_peak_rss_gb']:>8.2f}")
 
 
 def main() -> None:
@@ -236,8 +503,42 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", help="folder for the mined JSONL files (default: a temp folder)")
     parser.add_argument("--json", help="write all numbers here")
-    parser.add_argument("--train", action="store_true", help="also train on the mined sets (not wired yet)")
+    parser.add_argument("--train", action="store_true",
+                        help="instead of the audit: train MiniLM with no / ST-mined / embedkit-mined / online-mined "
+                             "negatives and compare test nDCG@10 (see TRAIN_MINING; results in --json, default "
+                             "bench/results/mine_train.json)")
+    parser.add_argument("--num-negatives", type=int, default=1, help="--train: negatives per pair (default 1)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="--train: which of none,st,embedkit,online")
+    parser.add_argument("--mine-repeats", type=int, default=1, help="--train: mining runs per side (median time)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="--train: reuse mined files and finished variants found in --out (resume a run)")
+    parser.add_argument("--child-train", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_train:
+        child_train(Path(args.child_train))
+        return
+    if args.train:
+        import torch
+
+        torch.set_num_threads(2)
+        out = Path(args.out or "/tmp/embedkit-bench-mine-train")
+        json_path = Path(args.json or REPO / "bench" / "results" / "mine_train.json")
+        results: dict[str, Any] = {"settings": TRAIN_SETTINGS, "mining": TRAIN_MINING,
+                                   "load_average_start": os.getloadavg()}
+        if args.reuse and json_path.is_file():
+            results.update({k: v for k, v in json.loads(json_path.read_text()).items() if k in ("scifact", "medquad")})
+
+        def save() -> None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            results["load_average_now"] = os.getloadavg()
+            json_path.write_text(json.dumps(results, indent=2, default=str))
+
+        for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+            train_comparison(args, name, Path(args.data), out / name, results, save)
+        save()
+        print_train_table(results)
+        print(f"\nresults in {json_path}; models and mined files in {out}")
+        return
 
     import torch
 
@@ -294,8 +595,6 @@ def main() -> None:
                          "ratio_embedkit_over_st": {"wall": round(ek_seconds[0] / st_seconds[0], 3),
                                                     "cpu": round(ek_seconds[1] / st_seconds[1], 3)}}
     results["load_average_end"] = os.getloadavg()
-    if args.train:
-        train_step(args, mined_files)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -4,8 +4,14 @@
 
 One run with MiniLM and N short texts (MedQuAD questions when ../shared/data is there, else generated sentences)
 in requests of 32: in-process `encode` (torch, onnx int8), then the server (each backend in its own process, as in
-production) at concurrency 1 and 8. Prints texts/s and the server/in-process ratio. infinity-emb is not compared:
-it needs its own venv (it pins sentence-transformers<4 and numpy<2); see serve/README.md.
+production) at concurrency 1 and 8, and infinity-emb (the peer) serving the same MiniLM folder from its own venv
+(it pins sentence-transformers<4 and numpy<2, so it cannot share embedkit's): create it once with
+
+    python3 -m venv bench/.venv-infinity && bench/.venv-infinity/bin/pip install torch==2.13.0 \
+        "infinity-emb[server,torch]==0.0.78"
+
+and pass `--infinity-venv bench/.venv-infinity` (the default; without it the peer is reported as not run).
+Prints texts/s and the ratios: server / in-process, embedkit / infinity, int8 / torch.
 """
 
 from __future__ import annotations
@@ -45,14 +51,16 @@ def in_process(encoder, texts: list[str], batch: int) -> float:
     return len(texts) / (time.perf_counter() - began)
 
 
-async def drive(url: str, texts: list[str], batch: int, concurrency: int) -> tuple[float, int]:
+async def drive(url: str, texts: list[str], batch: int, concurrency: int, *, route: str = "/v1/embeddings",
+                model: str | None = None) -> tuple[float, int]:
     import httpx
 
     requests = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
-        await client.post("/v1/embeddings", json={"input": texts[:batch]})  # warm-up
+        extra = {"model": model} if model else {}
+        await client.post(route, json={"input": texts[:batch], **extra})  # warm-up
         queue: asyncio.Queue = asyncio.Queue()
         for r in requests:
             queue.put_nowait(r)
@@ -61,7 +69,7 @@ async def drive(url: str, texts: list[str], batch: int, concurrency: int) -> tup
             nonlocal errors
             while not queue.empty():
                 chunk = queue.get_nowait()
-                response = await client.post("/v1/embeddings", json={"input": chunk})
+                response = await client.post(route, json={"input": chunk, **extra})
                 errors += response.status_code != 200
 
         began = time.perf_counter()
@@ -74,6 +82,14 @@ def start_server(model: str, backend: str, port: int) -> subprocess.Popen:
                              "app = typer.Typer(); app.command()(serve_command); app()",
                              "--model", model, "--backend", backend, "--port", str(port), "--log-level", "warning"],
                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def start_infinity(venv: Path, model_dir: str, port: int, batch: int) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    return subprocess.Popen([str(venv / "bin" / "infinity_emb"), "v2", "--model-id", model_dir, "--port", str(port),
+                             "--engine", "torch", "--device", "cpu", "--batch-size", str(batch),
+                             "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 def wait_up(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -99,6 +115,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--onnx-dir", type=Path, help="An existing minilm int8 export (else exported to a temp dir).")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--infinity-venv", type=Path, default=REPO / "bench" / ".venv-infinity",
+                        help="venv with infinity-emb installed (see the docstring)")
     args = parser.parse_args()
 
     from embedkit.export.onnx import OnnxEncoder, export_onnx
@@ -130,6 +148,24 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(60)
+    infinity_note = None
+    if (args.infinity_venv / "bin" / "infinity_emb").is_file():
+        from embedkit.models.registry import resolve_model_path
+
+        process = start_infinity(args.infinity_venv, str(resolve_model_path("minilm")), args.port, args.batch)
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            wait_up(url, process, timeout=600)
+            for concurrency in (1, 8):
+                rate, errors = asyncio.run(drive(url, texts, args.batch, concurrency, route="/embeddings",
+                                                 model=str(resolve_model_path("minilm"))))
+                results[f"infinity_c{concurrency}"] = rate
+                print(f"infinity-emb concurrency {concurrency}: {rate:.0f} texts/s, errors {errors}", flush=True)
+        finally:
+            os.killpg(process.pid, 15)
+            process.wait(60)
+    else:
+        infinity_note = f"not run: no infinity-emb venv at {args.infinity_venv} (see the docstring)"
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -139,7 +175,12 @@ def main() -> None:
               "ratios": {"onnx_int8_vs_torch_inprocess": results["inprocess_onnx_int8"] / results["inprocess_torch"],
                          "serve_onnx_c8_vs_inprocess": results["serve_onnx_c8"] / results["inprocess_onnx_int8"],
                          "serve_torch_c8_vs_inprocess": results["serve_torch_c8"] / results["inprocess_torch"]},
-              "infinity_emb": "not run: needs its own venv (pins sentence-transformers<4, numpy<2)"}
+              "infinity_emb": infinity_note or "run"}
+    for c in (1, 8):
+        if f"infinity_c{c}" in results:
+            for backend in ("onnx", "torch"):
+                report["ratios"][f"serve_{backend}_c{c}_vs_infinity"] = (results[f"serve_{backend}_c{c}"]
+                                                                         / results[f"infinity_c{c}"])
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -73,3 +73,46 @@ def test_gradcache_on_a_causal_encoder(tiny_llama_dir):
     encoder = load_model(tiny_llama_dir, padding_side="left")
     encoder.eval()
     _assert_same(_run(encoder, plain_step), _run(encoder, cached_step, mini_batch=4))
+
+
+def test_length_sorted_chunks_equal_one_forward(tiny_bert_dir, monkeypatch):
+    """The trainer's length-sorted chunked forward gives the one-forward loss and gradients."""
+    import embedkit.train.gradcache as gradcache
+
+    # These texts are too short for chunking to pay; force it so that the chunked path is what runs.
+    monkeypatch.setattr(gradcache, "CHUNK_MIN_SAVED_TOKENS", 0)
+    monkeypatch.setattr(gradcache, "CHUNK_MIN_SAVED_FRACTION", 0.0)
+    calls = []
+    real = gradcache.embed_length_sorted
+    monkeypatch.setattr(gradcache, "embed_length_sorted", lambda *a, **k: calls.append(1) or real(*a, **k))
+    encoder = load_model(tiny_bert_dir)
+    encoder.eval()
+    whole = _run(encoder, plain_step)
+    assert not calls
+    chunked = _run(encoder, plain_step, length_chunk=3)
+    assert len(calls) == 2  # queries and documents
+    _assert_same(whole, chunked)
+
+
+def test_length_sorted_chunks_keep_row_order(tiny_bert_dir):
+    from embedkit.train.gradcache import embed_length_sorted
+
+    encoder = load_model(tiny_bert_dir)
+    encoder.eval()
+    ids = encoder._token_ids(DOCS + NEGATIVES, "document")
+    with torch.no_grad():
+        expected = encoder(encoder.collate(ids))
+        got = embed_length_sorted(encoder, ids, 3)
+    assert torch.allclose(expected, got, atol=1e-6)
+
+
+def test_chunking_only_when_it_removes_much_padding():
+    from embedkit.train.gradcache import chunking_saves
+
+    uniform = [[1] * 256] * 32  # nothing to save
+    mixed = [[1] * 256] * 8 + [[1] * 40] * 24  # 3 of 4 chunks shrink to 40 tokens
+    short = [[1] * 30] * 8 + [[1] * 5] * 24  # a big fraction, but too few tokens to matter
+    assert not chunking_saves(uniform, 8)
+    assert chunking_saves(mixed, 8)
+    assert not chunking_saves(short, 8)
+    assert not chunking_saves(mixed[:8], 8)  # a single chunk

@@ -204,11 +204,12 @@ def test_hard_negatives_distillation_matryoshka_and_learned_temperature(tiny_ber
     assert np.isfinite(result.final_loss)
 
 
-def test_too_few_negatives_is_a_data_error(tiny_bert_dir, pairs_file, tmp_path):
-    from embedkit.errors import DataError
-
-    with pytest.raises(DataError, match="hard_negatives"):
-        train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "m", loss={"hard_negatives": 3}), **QUIET)
+def test_rows_short_of_negatives_are_padded_not_refused(tiny_bert_dir, pairs_file, tmp_path):
+    # Every row has 2 negatives; asking for 3 pads one slot per row (tests/test_train_mining.py checks the loss).
+    result = train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "m", loss={"hard_negatives": 3}), **QUIET)
+    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["padded"] for r in log if r["event"] == "train"][:3] == [4, 4, 2]  # batches of 4, 4, 2 rows
+    assert np.isfinite(result.final_loss)
 
 
 def test_lora_saves_adapter_and_merged_model(tiny_bert_dir, pairs_file, tmp_path):

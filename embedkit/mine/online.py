@@ -8,7 +8,7 @@
         examples = remine(encoder, state)      # list[TrainingExample] with negatives and scores
         ...train one epoch on `examples` ...   # state.last_stats holds this round's filter counts
 
-Every call re-encodes the pool with the encoder as it is now (no cache: the weights changed), applies the same
+Every call re-encodes the pool with the encoder as it is now (no cache by default: the weights changed), applies the same
 filters as `embedkit mine`, and draws with seed `settings.seed + round` (round = 0, 1, ...), so successive rounds
 sample different negatives while a re-run of the whole training reproduces them. `encoder` is anything with
 `encode(texts, kind=..., batch_size=..., normalize=...) -> float32 array` (an embedkit Encoder); `encode` switches a
@@ -44,8 +44,13 @@ class RemineState:
         return cls(task=task_from_beir(dataset), settings=settings or MiningSettings())
 
 
-def remine(encoder, state: RemineState, *, progress: Callable[[str], None] | None = None) -> list:
-    """Mine negatives for every (query, positive) of `state.task` with the current `encoder`; advance the round."""
+def remine(encoder, state: RemineState, *, progress: Callable[[str], None] | None = None, use_cache: bool = False,
+           cache_dir=None) -> list:
+    """Mine negatives for every (query, positive) of `state.task` with the current `encoder`; advance the round.
+
+    `use_cache` reads / writes the corpus-embedding cache (keyed by the weights' fingerprint): only for weights
+    that are worth caching, e.g. the loaded base model before the first optimizer step.
+    """
     from embedkit.data import TrainingExample
     from embedkit.mine.cache import corpus_vectors
 
@@ -53,7 +58,7 @@ def remine(encoder, state: RemineState, *, progress: Callable[[str], None] | Non
     stats = MiningStats()
     task = state.task
     with corpus_vectors(encoder, task.corpus_ids, task.corpus_texts, batch_size=settings.batch_size,
-                        use_cache=False, progress=progress) as (source, _info):
+                        use_cache=use_cache, cache_dir=cache_dir, progress=progress) as (source, _info):
         rows = list(iter_rows(task, query_encoder(encoder, task, settings.batch_size), source, settings, stats,
                               progress=progress))
     state.rounds += 1

@@ -57,8 +57,13 @@ class Encoder(nn.Module):
         padding_side: str | None = None,
         base_model: dict | None = None,
         quantization: str | None = None,
+        attention: str = "causal",
     ) -> None:
         super().__init__()
+        if attention not in ("causal", "bidirectional"):
+            raise ModelError(f"attention must be 'causal' or 'bidirectional', not {attention!r}")
+        # 'bidirectional': a causal LM embeds with full attention (GritLM-style); generation stays causal.
+        self.attention = attention
         if pooling not in POOLING_MODES:
             raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING_MODES)}")
         self.backbone = backbone
@@ -117,6 +122,8 @@ class Encoder(nn.Module):
         if quantization:
             load_kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
         backbone = AutoModel.from_pretrained(transformer_dir, **load_kwargs)
+        if quantization:
+            _release_checkpoint_mapping(backbone)
         tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
         if adapter is not None:
             from peft import PeftModel
@@ -141,6 +148,7 @@ class Encoder(nn.Module):
             padding_side=padding_side or st.get("padding_side"),
             base_model=manifest.get("base_model"),
             quantization=quantization,
+            attention=st.get("attention") or "causal",
         )
         return encoder.to(device) if device != "cpu" and not quantization else encoder
 
@@ -174,6 +182,8 @@ class Encoder(nn.Module):
                 h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
             settings = {"pooling": self.pooling, "prompts": self.prompts, "max_length": self.max_length,
                         "normalize": self.normalize}
+            if self.attention != "causal":  # only when set, so causal fingerprints stay what they were
+                settings["attention"] = self.attention
             h.update(json.dumps(settings, sort_keys=True).encode())
             h.update(self._tokenizer_identity().encode())
             self._fingerprint = h.hexdigest()
@@ -212,6 +222,7 @@ class Encoder(nn.Module):
             "quantization": self.quantization,
             "adapter": self.has_adapter,
             "base_model": self.base_model,
+            **({"attention": self.attention} if self.attention != "causal" else {}),
         }
 
     @property
@@ -272,6 +283,16 @@ class Encoder(nn.Module):
             # Position ids from the mask make left padding give the same states as no padding at all.
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
+            if self.attention == "bidirectional":
+                from transformers.masking_utils import create_bidirectional_mask
+
+                # A ready 4D mask is passed through as-is by the model, replacing its causal one.
+                embeds = self.backbone.get_input_embeddings()(input_ids)
+                kwargs.pop("input_ids")
+                kwargs["inputs_embeds"] = embeds
+                kwargs["attention_mask"] = create_bidirectional_mask(
+                    config=self._base_config, inputs_embeds=embeds, attention_mask=attention_mask,
+                    allow_is_bidirectional_skip=False)
         hidden = self.backbone(**kwargs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling).float()
         if self.normalize if normalize is None else normalize:
@@ -347,7 +368,8 @@ class Encoder(nn.Module):
                 "prompts": {"query": self.prompts.get("query", ""), "document": self.prompts.get("document", "")},
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
-                "embedkit": {"padding_side": self.padding_side},
+                "embedkit": {"padding_side": self.padding_side,
+                             **({"attention": self.attention} if self.attention != "causal" else {})},
             })
             record = base_manifest("model", base_model=self.base_model, model=self.describe(), **(manifest or {}))
             record["model"]["path"] = str(target)
@@ -369,7 +391,7 @@ class Encoder(nn.Module):
 def _read_st_folder(path: Path) -> dict[str, Any]:
     """What a sentence-transformers folder says about pooling, prompts, max length and normalisation."""
     info: dict[str, Any] = {"transformer_path": "", "pooling": None, "prompts": {}, "max_length": None,
-                            "normalize": False, "padding_side": None}
+                            "normalize": False, "padding_side": None, "attention": None}
     modules = _read_json(path / "modules.json")
     if modules is None:  # a plain Hugging Face folder: no pooling recorded, decided by the caller
         return info
@@ -395,6 +417,7 @@ def _read_st_folder(path: Path) -> dict[str, Any]:
     st_config = _read_json(path / "config_sentence_transformers.json") or {}
     info["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
     info["padding_side"] = (st_config.get("embedkit") or {}).get("padding_side")
+    info["attention"] = (st_config.get("embedkit") or {}).get("attention")
     return info
 
 
@@ -408,6 +431,28 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
     return table[dtype]
+
+
+def _release_checkpoint_mapping(backbone) -> None:
+    """Give the non-quantised weights (embeddings, norms) their own memory, so the memory-mapped fp32 checkpoint can
+    be unmapped.
+
+    safetensors maps the whole file; a weight left unquantised is a view into that mapping, which keeps every page
+    the 4-bit conversion read resident: SmolLM2-135M kept 0.54 GB of fp32 checkpoint next to its 0.17 GB of 4-bit
+    weights. Copying the few unquantised tensors (0.11 GB) drops the mapping. (An fp32 load needs no copy: its
+    weights *are* the mapping.)
+    """
+    with torch.no_grad():
+        for module in backbone.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.dtype != torch.uint8:  # bitsandbytes' packed 4-bit storage already owns its memory
+                    param.data = param.data.clone()
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()
+    import gc
+
+    gc.collect()
 
 
 def _quantization_config(kind: str, compute_dtype: torch.dtype):

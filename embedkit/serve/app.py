@@ -1,4 +1,5 @@
-"""The OpenAI-compatible embedding server (FastAPI): /v1/embeddings, /v1/models, /health, /metrics.
+"""The OpenAI-compatible embedding server (FastAPI): /v1/embeddings, /v1/models, /health, /metrics, and
+/v1/chat/completions for models whose folder has a generative head (`embedkit llm`).
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 4xx for everything a client
 can get wrong (400 bad input, 401 key, 404 model, 413 body size, 422 schema); a 5xx means a bug in the server.
@@ -38,6 +39,7 @@ class ServeSettings:
     max_batch_tokens: int = 16384  # padded tokens per model call
     max_batch_size: int = 128  # texts per model call
     default_input_type: Literal["query", "document"] = "document"
+    max_completion_tokens: int = 1024  # ceiling of a chat request's max_tokens
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,6 +78,30 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"messages": [{"role": "user", "content": "What causes asthma?"}], "max_tokens": 64}]})
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation; text content only.")
+    model: Optional[str] = Field(None, description="A served model with a generative head (GET /v1/models).")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Answer length limit in tokens (default 256).")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Same as max_tokens (newer name).")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 (default) = greedy, reproducible.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, description="Only 1 is supported.")
+    stream: bool = Field(False, description="Streaming is not supported (400).")
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -112,7 +138,8 @@ def _error_json(status: int, message: str, *, type: str = "invalid_request_error
 
 
 # ---------------------------------------------------------------------------------------------------------- middleware
-_ROUTES = {"/v1/embeddings", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/embeddings"}
+_ROUTES = {"/v1/embeddings", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs",
+           "/redoc", "/embeddings"}
 
 
 class _BodyLimitMiddleware:
@@ -178,8 +205,16 @@ class _Served:
     created: int
 
 
-def create_app(backends: dict[str, Any], settings: ServeSettings | None = None) -> FastAPI:
-    """An app serving `backends` ({served name: backend}); models are chosen by the request's `model` field."""
+def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
+               generators: dict[str, Any] | None = None) -> FastAPI:
+    """An app serving `backends` ({served name: backend}); models are chosen by the request's `model` field.
+
+    `generators` ({served name: embedkit.llm.generate.Generator}) adds /v1/chat/completions for those models.
+    """
+    generators = dict(generators or {})
+    unknown = set(generators) - set(backends)
+    if unknown:
+        raise ValueError(f"generators without an embedding backend: {sorted(unknown)}")
     settings = settings or ServeSettings()
     if not backends:
         raise ValueError("at least one model must be served")
@@ -210,6 +245,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None) 
         lifespan=lifespan,
     )
     app.state.served = served
+    app.state.generators = generators
     app.state.settings = settings
     app.state.metrics = metrics
     bearer = HTTPBearer(auto_error=False, description="Required when the server was started with --api-key.")
@@ -292,10 +328,51 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None) 
                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
         return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
+    @app.post("/v1/chat/completions", responses=_ERRORS, dependencies=[Depends(check_key)],
+              summary="Create a chat completion (OpenAI-compatible, non-streaming)")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        import asyncio
+        import uuid
+
+        entry = _pick_model(served, body.model)
+        generator = generators.get(entry.name)
+        if generator is None:
+            raise APIError(400, f"model {entry.name!r} has no generative head (it serves embeddings only); train one "
+                                "with `embedkit llm sft|joint`", param="model", code="model_not_generative")
+        if body.stream:
+            raise APIError(400, "stream=true is not supported by this server: send stream=false", param="stream",
+                           code="stream_unsupported")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n", code="invalid_n")
+        limit = body.max_completion_tokens or body.max_tokens or 256
+        if limit > settings.max_completion_tokens:
+            raise APIError(400, f"max_tokens={limit} is over this server's limit of {settings.max_completion_tokens}",
+                           param="max_tokens", code="max_tokens_too_large")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        from embedkit.errors import EmbedkitError
+
+        try:  # generation blocks for seconds: keep the event loop (and the embedding batcher) responsive
+            result = await asyncio.to_thread(generator.chat, messages, max_new_tokens=limit,
+                                             temperature=body.temperature, top_p=body.top_p, stop=stop,
+                                             seed=body.seed)
+        except EmbedkitError as exc:
+            raise APIError(400, exc.message, param="messages", code="invalid_messages") from None
+        payload = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": entry.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+        }
+        return Response(json.dumps(payload), media_type="application/json")
+
     @app.get("/v1/models", dependencies=[Depends(check_key)], responses={401: _ERRORS[401]},
              summary="List the served models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(entry) for entry in served.values()]}
+        return {"object": "list", "data": [{**_model_card(entry), "chat": name in generators}
+                                           for name, entry in served.items()]}
 
     @app.get("/health", summary="Liveness: 200 when the server can embed")
     async def health() -> dict[str, Any]:

@@ -51,6 +51,9 @@ def serve_command(
     vllm_bin: str = typer.Option("vllm", "--vllm-bin", help="--engine vllm: the vllm executable (its own venv)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="--engine vllm: print the command, launch nothing."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    chat: bool = typer.Option(True, "--chat/--no-chat",
+                              help="Also serve POST /v1/chat/completions for model folders with a generative head "
+                                   "(`embedkit llm sft|dpo|joint` outputs; torch backend). Non-streaming."),
 ) -> None:
     """Serve embeddings over HTTP: OpenAI-compatible POST /v1/embeddings, GET /v1/models, /health, /metrics.
 
@@ -65,6 +68,8 @@ def serve_command(
       embedkit serve --model base=minilm --model tuned=runs/medquad/onnx --api-key secret
 
       embedkit serve --engine vllm --model runs/medquad/hf --port 8001   (GPU machine with vLLM)
+
+      embedkit serve --model runs/smollm2-joint   (embeddings and chat completions from one model)
 
     Then: curl -s localhost:8000/v1/embeddings -H 'Content-Type: application/json'
     -d '{"input": ["what causes asthma?"], "input_type": "query"}'
@@ -95,4 +100,4 @@ def serve_command(
                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch_tokens=max_batch_tokens,
                              max_batch_size=max_batch_size, default_input_type=input_type)  # type: ignore[arg-type]
     run_server(model, backend=backend, host=host, port=port, settings=settings, threads=threads,
-               probe_atol=probe_atol, allow_mismatch=allow_mismatch, log_level=log_level)
+               probe_atol=probe_atol, allow_mismatch=allow_mismatch, log_level=log_level, chat=chat)

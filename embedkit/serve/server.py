@@ -31,6 +31,22 @@ def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int 
     return loaded
 
 
+def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log) -> dict[str, Any]:
+    """{served name: Generator} for the served model folders that have a generative head (`embedkit llm`)."""
+    from embedkit.llm.generate import has_generative_head, load_generator
+    from embedkit.serve.backends import ModelSpec
+
+    generators: dict[str, Any] = {}
+    for text in models:
+        spec = ModelSpec.parse(text)
+        backend = backends.get(spec.name)
+        folder = getattr(backend, "folder", None)
+        if getattr(backend, "kind", None) == "torch" and folder is not None and has_generative_head(folder):
+            log(f"[{spec.name}] generative head found: serving /v1/chat/completions too")
+            generators[spec.name] = load_generator(folder, name=spec.name)
+    return generators
+
+
 def run_server(
     models: Sequence[str],
     *,
@@ -43,6 +59,7 @@ def run_server(
     allow_mismatch: bool = False,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    chat: bool = True,
 ) -> None:
     import uvicorn
 
@@ -52,7 +69,8 @@ def run_server(
         raise ConfigError(f"port {port} is out of range", field="port")
     backends = load_backends(models, backend=backend, threads=threads, probe_atol=probe_atol,
                              allow_mismatch=allow_mismatch)
-    app = create_app(backends, settings)
+    generators = load_generators(models, backends) if chat else {}
+    app = create_app(backends, settings, generators)
     keys = "API key required" if settings is not None and settings.api_keys else "no API key"
     _log(f"serving {', '.join(backends)} at http://{host}:{port}/v1/embeddings ({keys}; docs at /docs, "
          f"metrics at /metrics)")

@@ -6,6 +6,8 @@
     loss:     {temperature: 0.05, learn_temperature: false, symmetric: false, hard_negatives: 0, margin: null, ...}
     training: {output_dir: runs/x, epochs: 1, batch_size: 32, lr: 2e-5, seed: 42, grad_cache: null, ...}
     deepspeed: {stage: none | zero2 | zero3, offload_optimizer: false, offload_params: false}
+    mining:   {online: false, every: epoch | N (steps), range: "10:100", num_negatives: null (= loss.hard_negatives),
+               sampling: random, relative_margin: 0.05, corpus: null, ...}   (online hard-negative re-mining)
 
 Every mistake is one ConfigError naming the recipe file, the line when known, and the field path
 (`training.batch_size`): unknown keys (extra="forbid"), wrong types, missing data files, unknown models.
@@ -99,6 +101,10 @@ class TrainingSection(_Section):
     seed: int = 42
     grad_cache: int | None = Field(None, gt=0, description="GradCache sub-batch size; null = plain step")
     group_by_length: bool = False
+    # Forward a batch in length-sorted chunks of this many texts (each padded to its own longest) when that removes
+    # at least 20% and 2,048 of its padded tokens: same loss, less compute on mixed lengths. null = one forward.
+    # Ignored with grad_cache.
+    length_chunk: int | None = Field(8, gt=0)
     drop_last: bool = False
     checkpoint_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
@@ -121,6 +127,44 @@ class DeepSpeedSection(_Section):
         return self
 
 
+class MiningSection(_Section):
+    """Online hard-negative re-mining: the trainer re-encodes the pool with the model being trained and refreshes
+    every example's negatives with the same filters as `embedkit mine` (see embedkit/mine/settings.py)."""
+
+    online: bool = False
+    every: Literal["epoch"] | int = Field("epoch", description="'epoch' (before each epoch) or a number of steps")
+    at_start: bool = True  # also mine before the first step, with the base model
+    range: str = "10:100"  # rank window START:END of the model's ranking of the pool
+    num_negatives: int | None = Field(None, gt=0)  # null = loss.hard_negatives
+    sampling: Literal["random", "top"] = "random"
+    absolute_margin: float | None = Field(None, ge=0.0)
+    relative_margin: float | None = Field(0.05, ge=0.0, lt=1.0)
+    max_score: float | None = None
+    min_score: float | None = None
+    duplicate_threshold: float | None = 0.98
+    seed: int | None = Field(None, ge=0)  # null = training.seed; round r draws with seed + r
+    corpus: str | None = None  # more pool documents (BEIR folder / corpus.jsonl); a beir: train set brings its own
+    batch_size: int = Field(64, gt=0)  # encoding batch size
+
+    @field_validator("every")
+    @classmethod
+    def _positive_every(cls, every):
+        if isinstance(every, int) and every <= 0:
+            raise ValueError("every must be 'epoch' or a positive number of steps")
+        return every
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, text):
+        from embedkit.mine.settings import parse_range
+
+        try:
+            parse_range(text)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return text
+
+
 class Recipe(_Section):
     model: ModelSection
     adapter: AdapterSection = AdapterSection()
@@ -128,14 +172,40 @@ class Recipe(_Section):
     loss: LossSection = LossSection()
     training: TrainingSection
     deepspeed: DeepSpeedSection = DeepSpeedSection()
+    mining: MiningSection = MiningSection()
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.mining.online:
+            if self.loss.hard_negatives == 0:
+                raise ValueError("mining.online needs loss.hard_negatives > 0 (how many mined negatives to train on)")
+            if self.loss.distillation != "none":
+                raise ValueError("mining.online replaces the negatives and their scores during training: use it "
+                                 "without loss.distillation (teacher scores must come from a fixed teacher)")
+            if self.deepspeed.stage != "none":
+                raise ValueError("mining.online is not supported with deepspeed yet")
+            self.mining_settings()  # the mining filters' own checks (window size, margins)
         if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
             raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
         if self.adapter.type == "qlora" and self.model.dtype == "fp16":
             raise ValueError("qlora computes in fp32 or bf16, not fp16")
         return self
+
+
+    def mining_settings(self):
+        """The recipe's mining section as embedkit.mine.MiningSettings (ValueError when inconsistent)."""
+        from embedkit.mine.settings import MiningSettings, parse_range
+
+        m = self.mining
+        lo, hi = parse_range(m.range)
+        try:
+            return MiningSettings(range_min=lo, range_max=hi, num_negatives=m.num_negatives or self.loss.hard_negatives,
+                                  sampling=m.sampling, absolute_margin=m.absolute_margin,
+                                  relative_margin=m.relative_margin, max_score=m.max_score, min_score=m.min_score,
+                                  duplicate_threshold=m.duplicate_threshold,
+                                  seed=self.training.seed if m.seed is None else m.seed, batch_size=m.batch_size)
+        except ConfigError as exc:
+            raise ValueError(f"mining: {exc.message}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -300,6 +370,8 @@ def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_e
     if check_environment and recipe.deepspeed.stage != "none" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("deepspeed is not installed: pip install 'embedkit[deepspeed]'", path=source,
                           field="deepspeed.stage")
+    if recipe.mining.corpus is not None and not Path(recipe.mining.corpus).exists():
+        raise ConfigError(f"mining corpus not found: {recipe.mining.corpus}", path=source, field="mining.corpus")
     if recipe.training.eval_every and not recipe.data.dev:
         raise ConfigError("eval_every needs data.dev (a task to evaluate on)", path=source, field="training.eval_every")
     output = Path(recipe.training.output_dir)

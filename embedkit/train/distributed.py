@@ -69,11 +69,11 @@ def train_deepspeed(recipe: Recipe, *, resume: bool = False, say: Callable[[str]
     """The DeepSpeed variant of trainer.train (no checkpoints/resume yet); returns a TrainResult on every rank."""
     import deepspeed
 
-    from embedkit.train.gradcache import RngState, chunks
+    from embedkit.train.gradcache import RngState, chunks, expand_documents
     from embedkit.train.loss import ContrastiveLoss, distributed_world
-    from embedkit.train.trainer import (TrainResult, build_encoder, epoch_batches, linear_schedule, load_examples,
-                                        param_groups, peak_rss_gb, prepare_data, save_output, seed_everything,
-                                        work_dir)
+    from embedkit.train.trainer import (TrainResult, batch_inputs, build_encoder, epoch_batches, linear_schedule,
+                                        load_examples, param_groups, peak_rss_gb, prepare_data, save_output,
+                                        seed_everything, work_dir)
 
     if resume:
         raise ConfigError("resume is not supported with deepspeed yet", field="--resume")
@@ -124,20 +124,17 @@ def train_deepspeed(recipe: Recipe, *, resume: bool = False, say: Callable[[str]
                 continue  # a last batch smaller than the number of processes
             rows = rows_global[rank * per:(rank + 1) * per]
             started = time.perf_counter()
-            q_ids = [data.query_ids[i] for i in rows]
-            d_ids = [data.doc_ids[i][0] for i in rows] + [ids for i in rows for ids in data.doc_ids[i][1:1 + k]]
-            idx = torch.tensor(rows)
-            kwargs = {"query_keys": data.query_keys[idx],
-                      "document_keys": torch.cat([data.doc_keys[idx, 0], data.doc_keys[idx, 1:].reshape(-1)])}
-            if data.teacher is not None:
-                kwargs["teacher_scores"] = data.teacher[idx]
+            q_ids, d_ids, kwargs = batch_inputs(data, rows, k)
+            if world > 1:
+                # Every rank must pass the same arguments to the gathering loss: always send the validity mask.
+                kwargs.setdefault("document_valid", torch.ones(len(rows) * (1 + k), dtype=torch.bool))
             if t.grad_cache:
                 last = _cached_step(engine, encoder, loss_fn, q_ids, d_ids, t.grad_cache, world, kwargs,
                                     RngState, chunks)
             else:
                 engine.set_gradient_accumulation_boundary(True)
                 q = engine(encoder.collate(q_ids))
-                d = engine(encoder.collate(d_ids))
+                d = expand_documents(engine(encoder.collate(d_ids)), kwargs.get("document_valid"))
                 out = loss_fn(q, d, **kwargs)
                 engine.backward(out.loss * loss_fn.grad_scale)
                 last = float(out.loss.detach())
@@ -173,6 +170,8 @@ def train_deepspeed(recipe: Recipe, *, resume: bool = False, say: Callable[[str]
 def _cached_step(engine, encoder, loss_fn, q_ids, d_ids, size, world, kwargs, RngState, chunks) -> float:
     """GradCache through the engine: no-grad embeddings, loss + embedding gradients, then per sub-batch
     forward/backward with the gradient-accumulation boundary only on the last one (ZeRO reduces once)."""
+    from embedkit.train.gradcache import expand_documents
+
     states: list = []
     with torch.no_grad():
         q_parts, d_parts = [], []
@@ -182,7 +181,7 @@ def _cached_step(engine, encoder, loss_fn, q_ids, d_ids, size, world, kwargs, Rn
                 parts.append(engine(encoder.collate(part)))
     q = torch.cat(q_parts).detach().requires_grad_(True)
     d = torch.cat(d_parts).detach().requires_grad_(True)
-    out = loss_fn(q, d, **kwargs)
+    out = loss_fn(q, expand_documents(d, kwargs.get("document_valid")), **kwargs)
     (out.loss * loss_fn.grad_scale).backward()
     jobs = list(zip(chunks(q_ids, size), q.grad.split(size))) + list(zip(chunks(d_ids, size), d.grad.split(size)))
     for i, ((part, grad), state) in enumerate(zip(jobs, states)):

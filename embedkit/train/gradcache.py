@@ -7,6 +7,10 @@
 
 The result equals the plain loss on the whole batch (same dropout masks as a sub-batched forward), at the cost of
 a second forward pass.
+
+Padded negative slots (rows short of hard negatives): pass `document_valid` (bool, one per slot of the loss layout)
+and only the real documents in `document_ids`; they are embedded alone (no compute spent on padding) and scattered
+into the full layout with zero rows in the padded slots, which the loss then leaves out.
 """
 
 from __future__ import annotations
@@ -52,14 +56,71 @@ def embed_chunks(encoder, id_lists: Sequence[Sequence[int]], size: int, *, grad:
     return torch.cat(out)
 
 
+def expand_documents(embeddings: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Real-document embeddings [n_real, dim] -> the loss layout [len(valid), dim], zeros in padded slots."""
+    if valid is None:
+        return embeddings
+    if int(valid.sum()) != embeddings.shape[0]:
+        raise ValueError(f"{embeddings.shape[0]} document embeddings for {int(valid.sum())} real slots")
+    full = embeddings.new_zeros((valid.shape[0], embeddings.shape[1]))
+    return full.index_put((valid.nonzero().squeeze(1),), embeddings)  # differentiable w.r.t. embeddings
+
+
+def embed_length_sorted(encoder, id_lists: Sequence[Sequence[int]], size: int) -> torch.Tensor:
+    """Embed with autograd in chunks of `size` texts of similar length, rows returned in the original order.
+
+    Each chunk is padded only to its own longest text, so a batch of mixed lengths (short answers beside
+    truncated long ones) spends far less compute on padding than one forward padded to the batch's longest.
+    The embeddings are those of a single forward (attention masks make each row independent of its neighbours),
+    only the dropout masks are drawn differently.
+    """
+    from embedkit.models.batching import length_sorted_batches
+
+    order: list[int] = []
+    parts = []
+    for rows in length_sorted_batches(id_lists, size):
+        order.extend(rows)
+        parts.append(encoder(encoder.collate([id_lists[i] for i in rows])))
+    embeddings = torch.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return embeddings[inverse.to(embeddings.device)]
+
+
+# Chunking pays only when it removes a lot of padding: smaller forwards run less efficiently on CPU.
+CHUNK_MIN_SAVED_FRACTION = 0.2
+CHUNK_MIN_SAVED_TOKENS = 2048
+
+
+def chunking_saves(id_lists: Sequence[Sequence[int]], size: int) -> bool:
+    """Would length-sorted chunks of `size` cut the padded tokens of one forward by enough to be faster?"""
+    lengths = sorted((len(ids) for ids in id_lists), reverse=True)
+    if len(lengths) <= size:
+        return False
+    whole = len(lengths) * lengths[0]
+    chunked = sum(len(lengths[i:i + size]) * lengths[i] for i in range(0, len(lengths), size))
+    saved = whole - chunked
+    return saved >= CHUNK_MIN_SAVED_TOKENS and saved >= CHUNK_MIN_SAVED_FRACTION * whole
+
+
+def _embed_with_grad(encoder, id_lists, mini_batch: int | None, length_chunk: int | None) -> torch.Tensor:
+    if length_chunk and not mini_batch and chunking_saves(id_lists, length_chunk):
+        with torch.enable_grad():
+            return embed_length_sorted(encoder, id_lists, length_chunk)
+    return embed_chunks(encoder, id_lists, mini_batch or len(id_lists), grad=True)
+
+
 def plain_step(encoder, loss_fn: Callable[..., LossOutput], query_ids, document_ids, *, mini_batch: int | None = None,
-               loss_scale: float = 1.0, **loss_kwargs: Any) -> LossOutput:
-    """Forward with autograd (queries, then documents), loss, backward. `mini_batch` splits the forward only."""
-    size_q = mini_batch or len(query_ids)
-    size_d = mini_batch or len(document_ids)
-    q = embed_chunks(encoder, query_ids, size_q, grad=True)
-    d = embed_chunks(encoder, document_ids, size_d, grad=True)
-    out = loss_fn(q, d, **loss_kwargs)
+               length_chunk: int | None = None, loss_scale: float = 1.0, **loss_kwargs: Any) -> LossOutput:
+    """Forward with autograd (queries, then documents), loss, backward.
+
+    `mini_batch` splits the forward in input order; `length_chunk` instead forwards length-sorted chunks of that
+    many texts when that removes enough padding (`chunking_saves`). Either changes only how the forward is cut:
+    the loss is the same up to dropout masks.
+    """
+    q = _embed_with_grad(encoder, query_ids, mini_batch, length_chunk)
+    d = _embed_with_grad(encoder, document_ids, mini_batch, length_chunk)
+    out = loss_fn(q, expand_documents(d, loss_kwargs.get("document_valid")), **loss_kwargs)
     (out.loss * loss_scale).backward()
     out.loss = out.loss.detach()
     return out
@@ -75,7 +136,7 @@ def cached_step(encoder, loss_fn: Callable[..., LossOutput], query_ids, document
         d = embed_chunks(encoder, document_ids, mini_batch, grad=False, states=d_states)
     q = q.detach().requires_grad_(True)
     d = d.detach().requires_grad_(True)
-    out = loss_fn(q, d, **loss_kwargs)
+    out = loss_fn(q, expand_documents(d, loss_kwargs.get("document_valid")), **loss_kwargs)
     (out.loss * loss_scale).backward()  # grads of the embeddings (and of a learned temperature)
     for id_lists, states, cached in ((query_ids, q_states, q.grad), (document_ids, d_states, d.grad)):
         for part, state, grad in zip(chunks(id_lists, mini_batch), states, cached.split(mini_batch)):

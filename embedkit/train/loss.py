@@ -4,6 +4,10 @@ Layout. `queries` is [B, dim]; `documents` is [B * (1 + k), dim]: the B positive
 query i), then the hard negatives grouped by query (query i's negatives are rows B + i*k ... B + i*k + k - 1).
 Every query is scored against every document in the (gathered) batch; its own positive is the label.
 
+Rows short of hard negatives (mined data where a query had fewer than k survivors) are padded: `document_valid`
+[B*(1+k)] marks the real documents, and the padded slots are excluded from every softmax (logit -> finfo.min, so
+exp() is exactly 0) and from the distillation terms, which makes the loss equal to the one computed without them.
+
 Options: fixed or learned temperature (log-parametrised, so it stays positive); a symmetric document -> query term;
 false-negative masking (a candidate with the same text as the positive, another positive of the same query, and,
 optionally, any candidate scoring above `positive - margin`); Matryoshka (the loss averaged over nested prefixes of
@@ -61,6 +65,7 @@ class LossOutput:
     distillation: float
     masked: int  # candidates masked as false negatives (summed over Matryoshka dims: first dim only)
     scale: float
+    padded: int = 0  # padded negative slots (rows short of hard negatives), excluded from the loss
 
 
 class ContrastiveLoss(nn.Module):
@@ -116,9 +121,11 @@ class ContrastiveLoss(nn.Module):
         query_keys: torch.Tensor | None = None,
         document_keys: torch.Tensor | None = None,
         teacher_scores: torch.Tensor | None = None,
+        document_valid: torch.Tensor | None = None,
     ) -> LossOutput:
         """queries [B, dim], documents [B*(1+k), dim] (layout above); keys from `text_keys` enable text masking;
-        teacher_scores [B, 1+k] (positive first) enable distillation."""
+        teacher_scores [B, 1+k] (positive first) enable distillation; document_valid [B*(1+k)] bool marks real
+        documents (False = a padded negative slot, left out of the loss; positives must be real)."""
         b = queries.shape[0]
         if documents.shape[0] % b:
             raise ValueError(f"documents ({documents.shape[0]}) must be B * (1 + k) for B = {b} queries")
@@ -136,14 +143,29 @@ class ContrastiveLoss(nn.Module):
             q_keys = gather_with_grad(query_keys) if query_keys is not None else None
             d_keys = gather_with_grad(document_keys) if document_keys is not None else None
             teacher = gather_with_grad(teacher_scores) if teacher_scores is not None else None
+            # all_gather of bool tensors is not supported by every backend: travel as uint8.
+            valid = gather_with_grad(document_valid.to(torch.uint8)).bool() if document_valid is not None else None
         else:
             world = 1
             all_q, all_d, q_keys, d_keys, teacher = queries, documents, query_keys, document_keys, teacher_scores
+            valid = document_valid
+        if valid is not None:
+            valid = valid.to(device=queries.device, dtype=torch.bool)
+            if valid.shape != (all_d.shape[0],):
+                raise ValueError(f"document_valid must have one entry per document ({all_d.shape[0]}), "
+                                 f"got {list(valid.shape)}")
+            if valid.all():
+                valid = None  # nothing padded: the plain path
         n_docs_local = b * (1 + k)
         # Global row of query i's positive: each process contributes a block of B positives then B*k negatives.
         labels = torch.cat([torch.arange(b) + r * n_docs_local for r in range(world)]).to(queries.device)
 
         static_mask = self._text_mask(q_keys, d_keys, labels, b, k, world) if self.mask_false_negatives else None
+        padded = 0
+        if valid is not None:
+            if not valid[labels].all():
+                raise ValueError("a positive is marked as padding in document_valid")
+            padded = int((~valid).sum())
         scale = self.scale
         total = queries.new_zeros(())
         contrastive_sum, distill_sum, masked = 0.0, 0.0, 0
@@ -159,6 +181,8 @@ class ContrastiveLoss(nn.Module):
                 mask[torch.arange(len(labels)), labels] = False
             if index == 0:
                 masked = int(mask.sum())
+            if valid is not None:
+                mask |= ~valid[None, :]  # padded slots: no query may see them (added after counting)
             logits = (sims * scale).masked_fill(mask, torch.finfo(sims.dtype).min)
             term = F.cross_entropy(logits, labels)
             if self.symmetric:
@@ -173,12 +197,12 @@ class ContrastiveLoss(nn.Module):
             loss = self.contrastive_weight * term
             contrastive_sum += float(term.detach())
             if self.distillation:
-                distill = self._distill(q, d, teacher, b * world, k, world)
+                distill = self._distill(q, d, teacher, b * world, k, world, valid)
                 loss = loss + self.distillation_weight * distill
                 distill_sum += float(distill.detach())
             total = total + loss
         n = len(dims)
-        return LossOutput(total / n, contrastive_sum / n, distill_sum / n, masked, float(scale.detach()))
+        return LossOutput(total / n, contrastive_sum / n, distill_sum / n, masked, float(scale.detach()), padded)
 
     def _text_mask(self, q_keys, d_keys, labels, b, k, world) -> torch.Tensor | None:
         """True where a candidate is a positive of the query in disguise (never the label itself)."""
@@ -195,8 +219,9 @@ class ContrastiveLoss(nn.Module):
         mask[torch.arange(len(labels)), labels] = False
         return mask
 
-    def _distill(self, q, d, teacher, n_queries, k, world) -> torch.Tensor:
-        """Student scores over each query's own positive + hard negatives vs the teacher's scores for them."""
+    def _distill(self, q, d, teacher, n_queries, k, world, valid=None) -> torch.Tensor:
+        """Student scores over each query's own positive + hard negatives vs the teacher's scores for them
+        (padded negative slots, `valid` False, take no part)."""
         if teacher.shape != (n_queries, 1 + k):
             raise ValueError(f"teacher_scores must be [B, 1+k] = [{n_queries}, {1 + k}], got {list(teacher.shape)}")
         b = n_queries // world
@@ -209,10 +234,20 @@ class ContrastiveLoss(nn.Module):
         cols = torch.cat(rows).to(q.device)
         student = (q[:, None, :] * d[cols]).sum(-1)  # [Q, 1+k] cosine scores
         teacher = teacher.to(student.dtype)
+        real = valid[cols] if valid is not None else None  # [Q, 1+k]
         if self.distillation == "kl":
             t = self.distillation_temperature
-            return F.kl_div(F.log_softmax(student * self.scale, dim=-1), F.log_softmax(teacher / t, dim=-1),
+            s_logits, t_logits = student * self.scale, teacher / t
+            if real is not None:
+                # finfo.min, not -inf: exp() is exactly 0, and kl_div's 0 * (t - s) stays finite (no NaN).
+                low = torch.finfo(student.dtype).min
+                s_logits, t_logits = s_logits.masked_fill(~real, low), t_logits.masked_fill(~real, low)
+            return F.kl_div(F.log_softmax(s_logits, dim=-1), F.log_softmax(t_logits, dim=-1),
                             log_target=True, reduction="batchmean")
         if k == 0:
             raise ValueError("margin-MSE distillation needs hard negatives")
-        return F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])
+        error = ((student[:, :1] - student[:, 1:]) - (teacher[:, :1] - teacher[:, 1:])) ** 2
+        if real is None:
+            return error.mean()
+        keep = real[:, 1:].to(error.dtype)
+        return (error * keep).sum() / keep.sum().clamp(min=1)  # the mean over real negatives only

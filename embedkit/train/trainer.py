@@ -51,7 +51,8 @@ class TrainData:
     query_ids: list[list[int]] = field(default_factory=list)
     doc_ids: list[list[list[int]]] = field(default_factory=list)  # per example: [positive, negatives...]
     query_keys: torch.Tensor | None = None
-    doc_keys: torch.Tensor | None = None  # [n, 1+k]
+    doc_keys: torch.Tensor | None = None  # [n, 1+k], -1 in padded slots
+    doc_valid: torch.Tensor | None = None  # [n, 1+k] bool: False where a row is short of negatives
     teacher: torch.Tensor | None = None  # [n, 1+k]
 
 
@@ -87,10 +88,10 @@ def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]
             examples = examples[: data.max_examples]
     source.update(sample=data.sample, max_examples=data.max_examples, used=len(examples))
     k = loss.hard_negatives
+    # Rows short of negatives (mining keeps queries with fewer survivors) are padded and masked out of the loss.
+    short = [len(ex.negatives) for ex in examples if len(ex.negatives) < k]
+    source["hard_negatives"] = {"wanted": k, "short_rows": len(short), "missing": sum(k - n for n in short)}
     for i, ex in enumerate(examples):
-        if len(ex.negatives) < k:
-            raise DataError(f"example {i + 1} has {len(ex.negatives)} negatives; loss.hard_negatives asks for {k}",
-                            path=path, field="negatives")
         if loss.distillation != "none" and ex.scores is None:
             raise DataError(f"example {i + 1} has no teacher scores; loss.distillation needs them", path=path,
                             field=data.columns.scores or "scores")
@@ -99,17 +100,66 @@ def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]
 
 def prepare_data(encoder, examples: list[TrainingExample], source: dict, recipe: Recipe) -> TrainData:
     """Tokenize once (never inside the loop) and compute the text keys used for false-negative masking."""
-    k = recipe.loss.hard_negatives
     data = TrainData(examples, source)
     data.query_ids = encoder._token_ids([ex.query for ex in examples], "query")
-    docs = [[ex.positive, *ex.negatives[:k]] for ex in examples]
-    flat = encoder._token_ids([t for row in docs for t in row], "document")
-    data.doc_ids = [flat[i * (1 + k):(i + 1) * (1 + k)] for i in range(len(examples))]
     data.query_keys = text_keys([ex.query for ex in examples])
-    data.doc_keys = text_keys([t for row in docs for t in row]).view(len(examples), 1 + k)
-    if recipe.loss.distillation != "none":
-        data.teacher = torch.tensor([[ex.scores[0], *ex.scores[1:1 + k]] for ex in examples], dtype=torch.float32)
+    set_documents(data, encoder, recipe)
     return data
+
+
+def set_documents(data: TrainData, encoder, recipe: Recipe, token_cache: dict[str, list[int]] | None = None) -> None:
+    """(Re)build the per-example documents [positive, negatives...] from data.examples: token ids, text keys, the
+    validity of each negative slot (rows short of negatives are padded) and teacher scores.
+
+    `token_cache` (text -> ids) lets online re-mining tokenize only the texts it has not seen yet.
+    """
+    k = recipe.loss.hard_negatives
+    examples = data.examples
+    docs = [[ex.positive, *ex.negatives[:k]] for ex in examples]
+    texts = [t for row in docs for t in row]
+    if token_cache is None:
+        flat = encoder._token_ids(texts, "document")
+    else:
+        new = list(dict.fromkeys(t for t in texts if t not in token_cache))
+        if new:
+            token_cache.update(zip(new, encoder._token_ids(new, "document")))
+        flat = [token_cache[t] for t in texts]
+    data.doc_ids, start = [], 0
+    for row in docs:
+        data.doc_ids.append(flat[start:start + len(row)])
+        start += len(row)
+    n = len(examples)
+    valid = torch.zeros(n, 1 + k, dtype=torch.bool)
+    keys = torch.full((n, 1 + k), -1, dtype=torch.long)  # -1: a padded slot (real keys are >= 0)
+    all_keys = text_keys(texts) if texts else torch.zeros(0, dtype=torch.long)
+    start = 0
+    for i, row in enumerate(docs):
+        valid[i, :len(row)] = True
+        keys[i, :len(row)] = all_keys[start:start + len(row)]
+        start += len(row)
+    data.doc_keys, data.doc_valid = keys, valid
+    if recipe.loss.distillation != "none":
+        teacher = torch.zeros(n, 1 + k, dtype=torch.float32)  # padded slots stay 0 (masked in the loss)
+        for i, ex in enumerate(examples):
+            row = [ex.scores[0], *ex.scores[1:1 + min(k, len(ex.negatives))]]
+            teacher[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        data.teacher = teacher
+
+
+def batch_inputs(data: TrainData, rows: list[int], k: int) -> tuple[list, list, dict[str, Any]]:
+    """(query ids, real document ids, loss kwargs) of a batch in the loss layout: all positives, then each query's
+    k negative slots in order. Padded slots have no ids; `document_valid` tells the loss which slots are real."""
+    query_ids = [data.query_ids[i] for i in rows]
+    doc_ids = [data.doc_ids[i][0] for i in rows] + [ids for i in rows for ids in data.doc_ids[i][1:1 + k]]
+    idx = torch.tensor(rows)
+    doc_keys = torch.cat([data.doc_keys[idx, 0], data.doc_keys[idx, 1:].reshape(-1)])
+    kwargs: dict[str, Any] = {"query_keys": data.query_keys[idx], "document_keys": doc_keys}
+    valid = torch.cat([data.doc_valid[idx, 0], data.doc_valid[idx, 1:].reshape(-1)])
+    if not valid.all():
+        kwargs["document_valid"] = valid
+    if data.teacher is not None:
+        kwargs["teacher_scores"] = data.teacher[idx]
+    return query_ids, doc_ids, kwargs
 
 
 def epoch_batches(data: TrainData, recipe: Recipe, epoch: int) -> list[list[int]]:
@@ -211,6 +261,44 @@ def linear_schedule(optimizer, warmup: int, total: int):
 # ---------------------------------------------------------------------------------------------------- helpers
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def rss_gb() -> float:
+    """Resident memory now (GB), from /proc (0.0 where there is none)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
+def parameter_memory(encoder) -> dict[str, Any]:
+    """Bytes held by the weights: all of them, the trainable ones, and per storage type.
+
+    A 4-bit (bitsandbytes Params4bit) weight counts its packed uint8 storage plus its quantisation constants, so this
+    is what the weights really occupy: it shows the saving of QLoRA that peak RSS (dominated by activations) hides.
+    """
+    total = trainable = 0
+    by_kind: dict[str, int] = {}
+    for p in encoder.parameters():
+        size = p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for part in (getattr(state, "absmax", None), getattr(state, "code", None)):
+                if isinstance(part, torch.Tensor):
+                    size += part.numel() * part.element_size()
+            kind = "nf4 (packed uint8 + absmax)"
+        else:
+            kind = str(p.dtype).replace("torch.", "")
+        total += size
+        trainable += size if p.requires_grad else 0
+        by_kind[kind] = by_kind.get(kind, 0) + size
+    for b in encoder.buffers():
+        total += b.numel() * b.element_size()
+    return {"total_bytes": total, "trainable_bytes": trainable, "by_kind_bytes": by_kind}
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -325,8 +413,21 @@ def _train(recipe: Recipe, *, resume: bool, on_step, say) -> TrainResult:
     seed_everything(t.seed)  # before the model: LoRA initialisation draws from the RNG
     examples, source = load_examples(recipe)
     say(f"{len(examples)} training examples from {recipe.data.train}")
+    short = source["hard_negatives"]
+    if short["short_rows"] and not (recipe.mining.online and recipe.mining.at_start):  # else mining fills them
+        say(f"{short['short_rows']} rows have fewer than {short['wanted']} negatives ({short['missing']} slots "
+            "padded and left out of the loss)")
     encoder = build_encoder(recipe)
+    memory = {"parameters": parameter_memory(encoder), "rss_after_load_gb": round(rss_gb(), 3),
+              "peak_rss_after_load_gb": round(peak_rss_gb(), 3)}
     data = prepare_data(encoder, examples, source, recipe)
+    miner = None
+    if recipe.mining.online:
+        from embedkit.train.remining import OnlineMiner
+
+        miner = OnlineMiner(recipe, examples)
+        say(f"online mining: pool of {len(miner.state.task.corpus_ids)} documents, every {recipe.mining.every}"
+            + (" step(s)" if recipe.mining.every != "epoch" else ""))
     lc = recipe.loss
     loss_fn = ContrastiveLoss(
         temperature=lc.temperature, learn_temperature=lc.learn_temperature, symmetric=lc.symmetric,
@@ -362,6 +463,8 @@ def _train(recipe: Recipe, *, resume: bool, on_step, say) -> TrainResult:
         scheduler.load_state_dict(payload["scheduler"])
         _set_rng(payload["rng"])
         state.update(payload["position"])
+        if miner is not None:
+            miner.restore(payload["mining"], encoder, data)  # the negatives in use when the checkpoint was written
         say(f"resumed from {checkpoint.name} (step {state['step']})")
     else:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -376,6 +479,9 @@ def _train(recipe: Recipe, *, resume: bool, on_step, say) -> TrainResult:
     last_loss = None
     try:
         while state["step"] < total_steps:
+            if miner is not None and state["batch"] == 0 and miner.due_before_epoch(state["step"], state["epoch"]):
+                logger.log({"event": "remine", **miner.refresh(encoder, data, step=state["step"],
+                                                              epoch=state["epoch"], say=say)})
             batches = epoch_batches(data, recipe, state["epoch"])
             while state["batch"] < len(batches) and state["step"] < total_steps:
                 rows = batches[state["batch"]]
@@ -396,17 +502,22 @@ def _train(recipe: Recipe, *, resume: bool, on_step, say) -> TrainResult:
                 last_loss = float(out.loss)
                 record = {"event": "train", "step": state["step"], "epoch": state["epoch"], "loss": last_loss,
                           "contrastive": out.contrastive, "lr": scheduler.get_last_lr()[0], "scale": out.scale,
-                          "masked": out.masked, "grad_norm": grad_norm, "samples_per_s": len(rows) / elapsed}
+                          "masked": out.masked, "padded": out.padded, "grad_norm": grad_norm,
+                          "samples_per_s": len(rows) / elapsed}
                 if out.distillation:
                     record["distillation"] = out.distillation
                 progress.update(1)
                 progress.set_postfix(loss=f"{last_loss:.4f}", sps=f"{state['samples'] / state['train_seconds']:.2f}")
                 if state["step"] % t.log_every == 0 or state["step"] == total_steps:
                     logger.log(record)
+                if miner is not None and miner.due_after_step(state["step"], total_steps):
+                    logger.log({"event": "remine", **miner.refresh(encoder, data, step=state["step"],
+                                                                  epoch=state["epoch"], say=say)})
                 if dev_task is not None and t.eval_every and state["step"] % t.eval_every == 0:
                     _dev_eval(encoder, dev_task, recipe, state, logger, work, loss_fn, say)
                 if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total_steps:
-                    _save_checkpoint(work, encoder, loss_fn, optimizer, scheduler, state, recipe)
+                    _save_checkpoint(work, encoder, loss_fn, optimizer, scheduler, state, recipe,
+                                     mining=miner.checkpoint_state(data) if miner is not None else None)
                 if on_step is not None:
                     on_step(state["step"], record)
             if state["batch"] >= len(batches):
@@ -430,11 +541,13 @@ def _train(recipe: Recipe, *, resume: bool, on_step, say) -> TrainResult:
 
     stats = {"steps": state["step"], "samples": state["samples"], "train_seconds": round(state["train_seconds"], 3),
              "samples_per_second": round(state["samples"] / max(state["train_seconds"], 1e-9), 4),
-             "peak_rss_gb": round(peak_rss_gb(), 3), "final_loss": last_loss, "best_step": state["best_step"],
+             "peak_rss_gb": round(peak_rss_gb(), 3), "memory": memory, "final_loss": last_loss,
+             "best_step": state["best_step"],
              "history": state["history"]}
     logger.log({"event": "done", **{k: v for k, v in stats.items() if k != "history"}})
     logger.close()
-    save_output(encoder, recipe, output, data.source, stats, dev_result, work)
+    save_output(encoder, recipe, output, data.source, stats, dev_result, work,
+                online_mining=miner.manifest() if miner is not None else None)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     say(f"saved {output} ({stats['samples_per_second']} samples/s, peak RSS {stats['peak_rss_gb']} GB)")
     return TrainResult(output, state["step"], state["samples"], stats["train_seconds"], stats["samples_per_second"],
@@ -442,19 +555,12 @@ def _train(recipe: Recipe, *, resume: bool, on_step, say) -> TrainResult:
 
 
 def _train_step(encoder, loss_fn, data: TrainData, rows: list[int], recipe: Recipe, grad_scale: int):
-    k = recipe.loss.hard_negatives
-    query_ids = [data.query_ids[i] for i in rows]
-    # Documents in the loss layout: all positives, then each query's negatives in order.
-    doc_ids = [data.doc_ids[i][0] for i in rows] + [ids for i in rows for ids in data.doc_ids[i][1:1 + k]]
-    idx = torch.tensor(rows)
-    doc_keys = torch.cat([data.doc_keys[idx, 0], data.doc_keys[idx, 1:].reshape(-1)])
-    kwargs = {"query_keys": data.query_keys[idx], "document_keys": doc_keys}
-    if data.teacher is not None:
-        kwargs["teacher_scores"] = data.teacher[idx]
+    query_ids, doc_ids, kwargs = batch_inputs(data, rows, recipe.loss.hard_negatives)
     if recipe.training.grad_cache:
         return cached_step(encoder, loss_fn, query_ids, doc_ids, mini_batch=recipe.training.grad_cache,
                            loss_scale=grad_scale, **kwargs)
-    return plain_step(encoder, loss_fn, query_ids, doc_ids, loss_scale=grad_scale, **kwargs)
+    return plain_step(encoder, loss_fn, query_ids, doc_ids, length_chunk=recipe.training.length_chunk,
+                      loss_scale=grad_scale, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -488,13 +594,16 @@ def _latest_checkpoint(work: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def _save_checkpoint(work: Path, encoder, loss_fn, optimizer, scheduler, state: dict, recipe: Recipe) -> Path:
+def _save_checkpoint(work: Path, encoder, loss_fn, optimizer, scheduler, state: dict, recipe: Recipe,
+                     mining: dict | None = None) -> Path:
     from embedkit.atomic import atomic_dir
 
     target = work / "checkpoints" / f"step-{state['step']}"
     payload = {"model": trainable_state(encoder, loss_fn), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "rng": _get_rng(), "position": dict(state),
                "recipe_hash": recipe_hash(recipe)}
+    if mining is not None:
+        payload["mining"] = mining
     with atomic_dir(target) as tmp:
         torch.save(payload, tmp / CHECKPOINT_FILE)
     old = sorted((p for p in target.parent.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
@@ -535,7 +644,8 @@ def _dev_eval(encoder, task, recipe, state, logger, work, loss_fn, say) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict, dev: dict | None, work: Path) -> Path:
+def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict, dev: dict | None, work: Path,
+                online_mining: dict | None = None) -> Path:
     """One atomic folder: model (ST layout) + manifest + README.md + probe vectors + training log."""
     from embedkit.atomic import atomic_dir, write_json, write_text
     from embedkit.manifest import MANIFEST_NAME, command_line
@@ -545,7 +655,8 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
     base = encoder.base_model
     manifest = {
         "training": {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe_hash(recipe),
-                     "data": source, "seed": recipe.training.seed, "stats": {k: v for k, v in stats.items()}},
+                     "data": source, "seed": recipe.training.seed, "stats": {k: v for k, v in stats.items()},
+                     "online_mining": online_mining},
         "dev_eval": dev,
     }
     # The adapter goes to the work folder first: Encoder.save replaces the folder it writes and merges in place.
@@ -606,6 +717,9 @@ def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None, base
         f"{lc.hard_negatives} hard negatives, symmetric={lc.symmetric}"
         + (f", Matryoshka {lc.matryoshka_dims}" if lc.matryoshka_dims else "")
         + (f", distillation {lc.distillation}" if lc.distillation != "none" else ""),
+        *([f"- online hard-negative mining every {recipe.mining.every}"
+           + (" steps" if recipe.mining.every != "epoch" else "")
+           + f", window {recipe.mining.range}, {recipe.mining.sampling} sampling"] if recipe.mining.online else []),
         f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}, seed {t.seed}, "
         f"max length {m.max_length or 'model default'}",
         f"- throughput {stats['samples_per_second']} samples/s, peak RSS {stats['peak_rss_gb']} GB",

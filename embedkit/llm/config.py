@@ -1,0 +1,193 @@
+"""Recipes for the generative path (`embedkit llm sft|dpo|joint`): typed YAML like embedkit/train/config.py.
+
+    model:    {name: smollm2-135m, max_length: 256, dtype: fp32, system_prompt: null,
+               pooling: lasttoken, prompts: instruct, padding_side: left, embedding_attention: causal}
+    adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}
+    data:     {train: pairs.jsonl | beir:DIR:SPLIT, columns: {question: query, answer: positive, topic: focus},
+               max_examples: 256, sample: random, heldout: beir:DIR:SPLIT, heldout_examples: 64, dev: beir:DIR:SPLIT}
+    dpo:      {beta: 0.1}                                  (embedkit llm dpo)
+    joint:    {sft_weight: 1.0, temperature: 0.02, ...}    (embedkit llm joint)
+    training: {output_dir: runs/x, epochs: 1, batch_size: 16, micro_batch_size: 8, lr: 2e-4, seed: 42, ...}
+
+Errors are one ConfigError naming the file, line and field, as for `embedkit train` recipes (the YAML helpers are
+shared). Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from embedkit.errors import ConfigError
+from embedkit.train.config import _first_error, _key_lines, apply_overrides, parse_train_source
+
+MODES = ("sft", "dpo", "joint")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LLMModelSection(_Section):
+    name: str = Field(description="smollm2-135m, a local folder with a causal LM, or a Hugging Face id")
+    max_length: int = Field(256, gt=8, description="tokens of one chat example (prompt + answer) or embedded text")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    system_prompt: str | None = None  # None: the chat template's own default
+    # The embedding side of the same model. None: the source folder's setting, else the LLM defaults.
+    pooling: Literal["lasttoken", "mean"] | None = None
+    prompts: dict[str, str] | str | None = None
+    padding_side: Literal["left", "right"] | None = None
+    embedding_attention: Literal["causal", "bidirectional"] = "causal"
+    gradient_checkpointing: bool = False
+
+
+class LLMAdapterSection(_Section):
+    type: Literal["none", "lora", "qlora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: str | list[str] = "all-linear"
+
+
+class QAColumns(_Section):
+    question: str = "query"
+    answer: str = "positive"
+    topic: str | None = "focus"  # preference pairs take the rejected answer from the same topic
+
+
+class LLMDataSection(_Section):
+    train: str = Field(description="question/answer pairs (.jsonl) or beir:DIR[:SPLIT]")
+    columns: QAColumns = QAColumns()
+    max_examples: int | None = Field(None, gt=0)
+    sample: Literal["first", "random"] = "random"
+    heldout: str | None = None  # held-out QA data: answer loss (sft, joint), preference accuracy (dpo)
+    heldout_examples: int | None = Field(64, gt=0)
+    heldout_before: bool = True  # also measure the held-out metric before training (the starting model)
+    dev: str | None = None  # joint: a retrieval task spec (beir:DIR:SPLIT) evaluated at the end
+    dev_batch_size: int = Field(32, gt=0)
+
+
+class DPOSection(_Section):
+    beta: float = Field(0.1, gt=0.0, description="strength of the KL anchor to the reference (the starting model)")
+
+
+class JointSection(_Section):
+    sft_weight: float = Field(1.0, ge=0.0, description="loss = contrastive + sft_weight * answer loss (0: embedding only)")
+    temperature: float = Field(0.02, gt=0.0)
+    symmetric: bool = False
+    mask_false_negatives: bool = True
+
+
+class LLMTrainingSection(_Section):
+    output_dir: str
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0, description="examples (sft), pairs (dpo) or query/answer pairs (joint) per step")
+    micro_batch_size: int | None = Field(None, gt=0, description="split each step's forward into chunks of this size")
+    lr: float = Field(2e-4, gt=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0)
+    log_every: int = Field(1, gt=0)
+    progress: bool = True
+
+
+class LLMRecipe(_Section):
+    model: LLMModelSection
+    adapter: LLMAdapterSection = LLMAdapterSection()
+    data: LLMDataSection
+    dpo: DPOSection = DPOSection()
+    joint: JointSection = JointSection()
+    training: LLMTrainingSection
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.adapter.type == "qlora" and self.model.dtype == "fp16":
+            raise ValueError("qlora computes in fp32 or bf16, not fp16")
+        return self
+
+
+def load_llm_recipe(path: str | Path, overrides: list[str] | None = None, *, mode: str,
+                    validate: bool = True) -> LLMRecipe:
+    """Read, override, type-check and validate an LLM recipe for `mode` (sft, dpo, joint); loads no model."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("recipe file not found", path=path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or 'invalid YAML'}", path=path,
+                          line=mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("a recipe must be a YAML mapping with sections model, data, training, ...", path=path)
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        recipe = LLMRecipe.model_validate(raw)
+    except ValidationError as exc:
+        loc, message = _first_error(exc)
+        lines = _key_lines(text)
+        line = next((lines[loc[:cut]] for cut in range(len(loc), 0, -1) if loc[:cut] in lines), None)
+        raise ConfigError(message, path=path, line=line, field=".".join(loc) or None) from None
+    if validate:
+        validate_llm_recipe(recipe, mode=mode, source=path)
+    return recipe
+
+
+def _check_source(spec: str, *, source, field: str) -> None:
+    kind, folder, split = parse_train_source(spec)
+    if kind == "beir":
+        if not (folder / "corpus.jsonl").is_file() or not (folder / "qrels" / f"{split}.tsv").is_file():
+            raise ConfigError(f"not a BEIR folder with qrels/{split}.tsv: {folder}", path=source, field=field)
+    elif not folder.is_file():
+        raise ConfigError(f"data file not found: {folder}", path=source, field=field)
+    elif folder.suffix.lower() != ".jsonl":
+        raise ConfigError(f"question/answer data must be .jsonl or beir:DIR:SPLIT, not {folder.suffix!r}",
+                          path=source, field=field)
+
+
+def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
+    import importlib.util
+
+    _check_source(recipe.data.train, source=source, field="data.train")
+    if recipe.data.heldout:
+        _check_source(recipe.data.heldout, source=source, field="data.heldout")
+    if recipe.data.dev:
+        if mode != "joint":
+            raise ConfigError("data.dev (retrieval evaluation) applies to `embedkit llm joint` only", path=source,
+                              field="data.dev")
+        from embedkit.eval.tasks import parse_task_spec
+
+        spec = parse_task_spec(recipe.data.dev)
+        if spec.path is not None and not Path(spec.path).exists():
+            raise ConfigError(f"dev data not found: {spec.path}", path=source, field="data.dev")
+    if mode == "dpo" and not recipe.data.columns.topic and not recipe.data.train.startswith("beir:"):
+        raise ConfigError("dpo builds rejected answers from the same topic: set data.columns.topic", path=source,
+                          field="data.columns.topic")
+    if recipe.model.embedding_attention == "bidirectional" and mode != "joint":
+        raise ConfigError("model.embedding_attention: bidirectional needs the embedding side trained (llm joint)",
+                          path=source, field="model.embedding_attention")
+    name = recipe.model.name
+    from embedkit.models.registry import EMBEDDED_MODELS
+
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"no model {name!r}: not an embedded model, an existing folder or a Hugging Face id",
+                          path=source, field="model.name")
+    if name == "minilm":
+        raise ConfigError("minilm is an encoder without a generative head; use smollm2-135m or a causal LM",
+                          path=source, field="model.name")
+    if recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
+    output = Path(recipe.training.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output_dir exists and is not a folder: {output}", path=source, field="training.output_dir")

@@ -1,0 +1,182 @@
+"""One model, two heads: a causal LM whose decoder is also the embedding backbone.
+
+Loading: `load_causal_lm` reads the embedded SmolLM2, any causal-LM folder, or an embedkit folder written by
+`save_llm_folder` (sentence-transformers layout whose weights are the full causal LM).
+Training: LoRA / QLoRA adapters via PEFT on the causal LM (lm_head stays frozen and, when tied, shared).
+Saving: one folder that `embedkit.models.load_model` reads as an embedding model (the decoder; pooling config,
+prompts, manifest, probe vectors) and `embedkit.llm.generate.load_generator` reads as a chat model (lm_head
+included: `architectures: [...ForCausalLM]`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedkit.errors import ModelError
+
+LLM_DEFAULTS = {"pooling": "lasttoken", "prompts": "instruct", "padding_side": "left"}
+
+
+def pick_device(setting: str = "auto") -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelError("training.device is cuda but no CUDA device is available")
+    return setting
+
+
+def transformer_dir(name_or_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(model folder, folder holding the transformer weights, what its sentence-transformers files say)."""
+    from embedkit.models.encoder import _read_st_folder
+    from embedkit.models.registry import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    st = _read_st_folder(path)
+    return path, path / st["transformer_path"], st
+
+
+def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantization: str | None = None,
+                   device: str = "cpu", adapter: str | Path | None = None):
+    """(model, tokenizer, folder, st info). Raises ModelError when the folder has no generative head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from embedkit.llm.generate import has_generative_head
+    from embedkit.models.encoder import _parse_dtype, _quantization_config
+
+    path, weights, st = transformer_dir(name_or_path)
+    if not has_generative_head(path):
+        raise ModelError("this folder has no generative head (it was saved as an embedding-only model); train from "
+                         "the causal LM it came from, e.g. smollm2-135m", path=path)
+    torch_dtype = _parse_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization:
+        kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
+        if device == "cuda":
+            kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if device != "cpu" and not quantization:
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from embedkit.llm.data import ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    return model, tokenizer, path, st
+
+
+def attach_adapter(model, adapter, *, gradient_checkpointing: bool = False):
+    """LoRA or QLoRA (the model must then be loaded 4-bit) on every linear layer but lm_head; or full training."""
+    if adapter.type == "none":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if adapter.type == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    # PEFT's "all-linear" leaves the output layer (lm_head) out, so a tied embedding matrix stays frozen and shared.
+    config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        target_modules=adapter.targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def base_lm(model):
+    """The plain *ForCausalLM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def decoder_of(model):
+    lm = base_lm(model)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", None)
+    if decoder is None:
+        raise ModelError(f"cannot find the decoder of {type(lm).__name__}")
+    return decoder
+
+
+def lm_head_of(model):
+    return base_lm(model).get_output_embeddings()
+
+
+def embedding_settings(recipe_model, st: dict[str, Any]) -> dict[str, Any]:
+    """Pooling / prompts / padding side / attention: the recipe's, else the source folder's, else LLM defaults."""
+    from embedkit.models.prompts import resolve_prompts
+
+    pooling = recipe_model.pooling or st.get("pooling") or LLM_DEFAULTS["pooling"]
+    prompts = recipe_model.prompts if recipe_model.prompts is not None else (st.get("prompts") or LLM_DEFAULTS["prompts"])
+    padding = recipe_model.padding_side or st.get("padding_side") or LLM_DEFAULTS["padding_side"]
+    attention = recipe_model.embedding_attention
+    if attention == "causal" and st.get("attention"):
+        attention = st["attention"]
+    return {"pooling": pooling, "prompts": resolve_prompts(prompts), "padding_side": padding, "attention": attention,
+            "max_length": recipe_model.max_length}
+
+
+def make_embedder(model, tokenizer, settings: dict[str, Any], *, name: str, source_path: str | None = None,
+                  base_model: dict | None = None):
+    """An Encoder over the causal LM's decoder: the same parameters (and adapters) serve both heads."""
+    from embedkit.models.encoder import Encoder
+
+    return Encoder(decoder_of(model), tokenizer, pooling=settings["pooling"], prompts=settings["prompts"],
+                   max_length=settings["max_length"], normalize=True, name=name, source_path=source_path,
+                   padding_side=settings["padding_side"], attention=settings["attention"],
+                   base_model=base_model or {"name": name, "path": source_path})
+
+
+def merged_lm(model, *, adapter_type: str, source: str | Path, dtype: str, work: Path):
+    """The trained causal LM with adapters folded in, in full precision (QLoRA: reload the base unquantised)."""
+    if adapter_type == "none":
+        return base_lm(model)
+    if adapter_type == "lora":
+        return model.merge_and_unload()
+    # Merging into 4-bit weights is lossy: save the adapter, reload the base in full precision with it, merge.
+    adapter_dir = work / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    model.save_pretrained(str(adapter_dir))
+    full, _, _, _ = load_causal_lm(source, dtype="fp32" if dtype == "fp16" else dtype, adapter=adapter_dir)
+    return full.merge_and_unload()
+
+
+def save_llm_folder(lm, tokenizer, output: str | Path, *, settings: dict[str, Any], name: str,
+                    base_model: dict | None, manifest: dict[str, Any], card: str | None = None) -> Path:
+    """Write one folder holding both heads; returns it. Probe vectors are computed from the folder as re-loaded."""
+    from embedkit.atomic import atomic_dir, write_json, write_text
+    from embedkit.export.probes import write_probes
+    from embedkit.llm.data import ensure_chat_template
+    from embedkit.manifest import MANIFEST_NAME
+    from embedkit.models.encoder import load_model
+
+    output = Path(output)
+    lm = lm.to("cpu").float() if next(lm.parameters()).dtype == torch.float16 else lm.to("cpu")
+    ensure_chat_template(tokenizer)
+    embedder = make_embedder(lm, tokenizer, settings, name=name, base_model=base_model)
+    with atomic_dir(output) as tmp:
+        embedder.save(tmp, manifest=manifest)  # ST layout, pooling config, prompts, manifest (decoder weights)
+        # Replace the decoder-only weights and config by the whole causal LM: lm_head (or the tie) included.
+        for stale in tmp.glob("model*.safetensors*"):
+            stale.unlink()
+        lm.save_pretrained(tmp, safe_serialization=True)
+        loaded = load_model(tmp)
+        write_probes(loaded, tmp, created_by="llm")
+        record = json.loads((tmp / MANIFEST_NAME).read_text())
+        record["model"]["path"] = str(output)
+        record["model"]["fingerprint"] = loaded.fingerprint
+        record["model"]["generative_head"] = True
+        write_json(tmp / MANIFEST_NAME, record)
+        if card:
+            write_text(tmp / "README.md", card)
+    return output

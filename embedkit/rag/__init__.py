@@ -1,0 +1,32 @@
+"""RAG: a FAISS index over a corpus (plus a document store and optional BM25), searched, evaluated and served.
+
+    from embedkit.models import load_model
+    from embedkit.rag import build_index, RagIndex, evaluate_index
+    encoder = load_model("minilm")
+    index = build_index(encoder, "../shared/data/scifact", "runs/scifact-index")   # flat below 50k docs, else HNSW
+    index.search(encoder, "does vitamin D prevent fractures?", k=5)               # -> [Hit(rank, doc_id, score, ...)]
+    index.add(encoder, {"new-1": {"title": "", "text": "..."}}); index.delete(["new-1"])
+    evaluate_index(index, encoder, queries, qrels)["metrics"]["ndcg_at_10"]
+
+Names are imported lazily so that importing the package does not import faiss, torch or fastapi.
+"""
+
+from __future__ import annotations
+
+from embedkit._lazy import lazy_exports
+
+_EXPORTS = {
+    "build_index": "embedkit.rag.index",
+    "RagIndex": "embedkit.rag.index",
+    "Hit": "embedkit.rag.index",
+    "choose_index_type": "embedkit.rag.index",
+    "load_index_encoder": "embedkit.rag.index",
+    "HNSW_THRESHOLD": "embedkit.rag.index",
+    "evaluate_index": "embedkit.rag.evaluate",
+    "load_documents": "embedkit.rag.corpus",
+    "Document": "embedkit.rag.corpus",
+    "create_web_app": "embedkit.rag.web",
+    "serve_web": "embedkit.rag.web",
+}
+
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,343 @@
+"""`embedkit rag ...`: index a corpus, add/delete documents, query, evaluate, and serve a search page.
+
+Registered by embedkit/cli.py as a typer sub-app. Heavy imports (torch, faiss, fastapi) stay inside the commands
+so `embedkit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from embedkit.errors import EmbedkitError
+
+rag_app = typer.Typer(
+    help="Retrieval-augmented generation: a FAISS index over your corpus, searched, evaluated and served as a web "
+         "page.\n\nExample: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/rag && "
+         "embedkit rag query runs/rag \"does vitamin D prevent fractures?\"",
+    no_args_is_help=True,
+)
+
+_MODEL_HELP = ("Model to embed the queries with. Default: the model the index was built with (recorded in its "
+               "manifest). Any other model is refused: its vectors would not match the index.")
+_HYBRID_HELP = ("Hybrid retrieval: fuse the dense ranking with BM25 (reciprocal rank fusion over the top 100 of each; "
+                "needs bm25s: the rag extra of embedkit).")
+_WEIGHT_HELP = "Hybrid only: BM25's share of the fusion, 0 (dense only) to 1 (BM25 first, dense breaks ties)."
+
+
+def _fail(exc: EmbedkitError) -> typer.Exit:
+    typer.echo(f"error: {exc.one_line()}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _say(quiet: bool):
+    return None if quiet else (lambda message: print(f"[rag] {message}", file=sys.stderr, flush=True))
+
+
+@rag_app.command("index")
+def index_command(
+    model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
+    corpus: Path = typer.Option(
+        ..., "--corpus", "-c",
+        help="Documents: a BEIR folder (its corpus.jsonl), a corpus.jsonl ({\"_id\", \"title\", \"text\"} per line) or "
+             "a .txt (one passage per line; ids are FILE:LINE)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Index folder to write (an older index there is replaced)."),
+    index_type: str = typer.Option(
+        "auto", "--index-type",
+        help="'flat' (exact inner product), 'hnsw' (graph, approximate, fast at scale), 'ivf' (inverted lists, "
+             "approximate), or 'auto': flat below --hnsw-threshold documents, HNSW from there."),
+    hnsw_threshold: int = typer.Option(50_000, "--hnsw-threshold", min=1, help="'auto': corpus size from which HNSW "
+                                                                                "is used."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per encoder forward pass (32 = the "
+                                                                   "eval runner's, which keeps rag eval == eval)."),
+    bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Also build the BM25 part for --hybrid (when bm25s is "
+                                                             "installed)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+) -> None:
+    """Embed a corpus and write a RAG index folder: FAISS index, document store (SQLite), BM25, manifest.
+
+    The manifest records the model fingerprint (queries with another model are refused), the corpus hash, the index
+    type and the counts. Documents can be added and deleted later without a rebuild (embedkit rag add / delete).
+
+    Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
+    """
+    try:
+        from embedkit.models import load_model
+        from embedkit.rag.bm25 import bm25_available
+        from embedkit.rag.corpus import load_documents
+        from embedkit.rag.index import build_index, choose_index_type
+
+        choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
+        say = _say(quiet)
+        docs = load_documents(corpus)
+        if say:
+            say(f"read {len(docs)} documents; loading model {model}")
+        encoder = load_model(model)
+        index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
+                            batch_size=batch_size, bm25=bm25 and bm25_available(), progress=say, source=corpus)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    info = index.describe()
+    build = index.manifest.get("build", {})
+    typer.echo(f"indexed {info['documents']} documents into {output} ({info['type']} index, {info['dim']}-d, "
+               f"bm25 {'yes' if info['bm25'] else 'no'}; encode {build.get('encode_s', 0):.1f}s, index "
+               f"{build.get('index_s', 0):.1f}s; model {info['model']}, fingerprint {info['fingerprint'][:12]})")
+
+
+@rag_app.command("add")
+def add_command(
+    index_path: Path = typer.Argument(..., help="Index folder (from embedkit rag index)."),
+    corpus: Path = typer.Option(..., "--corpus", "-c", help="Documents to add: corpus.jsonl, .txt or BEIR folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per encoder forward pass."),
+) -> None:
+    """Add documents to an index without rebuilding it (only the new documents are encoded).
+
+    Ids already in the index are refused (delete them first to replace a document).
+
+    Example: embedkit rag add runs/scifact-index --corpus new_abstracts.jsonl
+    """
+    try:
+        from embedkit.rag.index import RagIndex, load_index_encoder
+
+        index = RagIndex.load(index_path)
+        encoder = load_index_encoder(index, model)
+        added = index.add(encoder, corpus, batch_size=batch_size)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"added {added} documents; the index now holds {len(index)}")
+
+
+@rag_app.command("delete")
+def delete_command(
+    index_path: Path = typer.Argument(..., help="Index folder."),
+    ids: Optional[List[str]] = typer.Argument(None, help="Document ids to delete."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="Also delete the ids in this file (one a line)."),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="Ignore ids that are not in the index."),
+) -> None:
+    """Delete documents by id (removed from flat/IVF indexes; tombstoned and filtered out in HNSW graphs).
+
+    Example: embedkit rag delete runs/scifact-index 4983 5836
+    """
+    try:
+        from embedkit.errors import ConfigError, DataError
+        from embedkit.rag.index import RagIndex
+
+        wanted = list(ids or [])
+        if ids_file is not None:
+            if not ids_file.is_file():
+                raise DataError("ids file not found", path=ids_file)
+            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not wanted:
+            raise ConfigError("give document ids to delete (arguments or --ids-file)", field="ids")
+        index = RagIndex.load(index_path)
+        deleted = index.delete(wanted, missing_ok=missing_ok)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"deleted {deleted} documents; the index now holds {len(index)}")
+
+
+@rag_app.command("query")
+def query_command(
+    index_path: Path = typer.Argument(..., help="Index folder."),
+    question: str = typer.Argument(..., help="The query text."),
+    k: int = typer.Option(5, "-k", "--top-k", min=1, help="Number of results."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
+    hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", min=0.0, max=1.0, help=_WEIGHT_HELP),
+    json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    width: int = typer.Option(160, "--width", min=20, help="Characters of each passage to print."),
+) -> None:
+    """Search an index and print the top-k documents with their scores.
+
+    Example: embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
+    """
+    try:
+        from embedkit.rag.index import RagIndex, load_index_encoder
+
+        index = RagIndex.load(index_path)
+        encoder = load_index_encoder(index, model)
+        hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    if json_output:
+        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return
+    for hit in hits:
+        passage = " ".join(f"{hit.title} {hit.text}".split())
+        passage = passage if len(passage) <= width else passage[:width - 3] + "..."
+        typer.echo(f"{hit.rank:>3}. {hit.score:.4f}  {hit.doc_id}  {passage}")
+    if not hits:
+        typer.echo("no results")
+
+
+@rag_app.command("eval")
+def eval_command(
+    index_path: Path = typer.Argument(..., help="Index folder."),
+    beir: Optional[Path] = typer.Option(None, "--beir", help="BEIR folder giving queries.jsonl and qrels/<split>.tsv."),
+    split: str = typer.Option("test", "--split", help="--beir: which qrels split."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="queries.jsonl ({\"_id\", \"text\"} per line)."),
+    qrels: Optional[Path] = typer.Option(None, "--qrels", help="qrels .tsv (query-id, corpus-id, score; header "
+                                                               "optional); its corpus ids must be in the index."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    hybrid: bool = typer.Option(False, "--hybrid", help=_HYBRID_HELP),
+    hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", min=0.0, max=1.0, help=_WEIGHT_HELP),
+    k_values: str = typer.Option("1,3,5,10,100", "--k-values", help="Recall cut-offs, comma-separated."),
+    latency_queries: Optional[int] = typer.Option(
+        None, "--latency-queries", min=0,
+        help="Time only the first N queries one by one (default: all; 0: no latency pass)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per encoder forward pass."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full result (per-query "
+                                                                       "metrics included) as JSON here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+) -> None:
+    """Evaluate retrieval through the index: Recall@k, nDCG@10, MRR@10, MAP@100, and latency per query.
+
+    On an exact (flat) index of a BEIR corpus, nDCG@10 equals `embedkit eval` on the same folder and model. Latency
+    is measured per single query (encode + search + fetch), median and p95.
+
+    Examples:
+
+      embedkit rag eval runs/scifact-index --beir ../shared/data/scifact --split test
+
+      embedkit rag eval runs/my-index --queries queries.jsonl --qrels qrels.tsv --hybrid
+    """
+    try:
+        from embedkit.errors import ConfigError
+        from embedkit.rag.evaluate import evaluate_index
+        from embedkit.rag.index import RagIndex, load_index_encoder
+
+        try:
+            ks = [int(x) for x in k_values.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--k-values must be integers separated by commas, not {k_values!r}",
+                              field="k-values") from None
+        index = RagIndex.load(index_path)
+        query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
+        say = _say(quiet)
+        if say:
+            say("loading the index's model")
+        encoder = load_index_encoder(index, model)
+        result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
+                                hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
+                                progress=say)
+        if output is not None:
+            from embedkit.atomic import write_json
+            from embedkit.manifest import base_manifest
+
+            write_json(output, base_manifest("rag_eval", **result))
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+    m, lat = result["metrics"], result["latency"]
+    mode = f"hybrid (BM25 weight {hybrid_weight})" if hybrid else "dense"
+    typer.echo(f"{result['batch']['queries']} queries, {result['index']['documents']} documents, "
+               f"{result['index']['type']} index, {mode}")
+    typer.echo(f"{'ndcg_at_10':<14} {m['ndcg_at_10']:.4f}")
+    for k in sorted(int(name.rsplit('_', 1)[1]) for name in m if name.startswith("recall_at_")):
+        typer.echo(f"{f'recall_at_{k}':<14} {m[f'recall_at_{k}']:.4f}")
+    typer.echo(f"{'mrr_at_10':<14} {m['mrr_at_10']:.4f}")
+    typer.echo(f"{'map_at_100':<14} {m['map_at_100']:.4f}")
+    if lat["queries"]:
+        typer.echo(f"latency per query (k={lat['k']}, {lat['queries']} queries one by one): median "
+                   f"{lat['median_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms (encode {lat['encode_median_ms']:.1f} ms, "
+                   f"search {lat['search_median_ms']:.2f} ms median)")
+    if output is not None:
+        typer.echo(f"wrote {output}")
+
+
+def _read_eval_data(index, beir: Path | None, split: str, queries: Path | None, qrels: Path | None):
+    from embedkit.data.beir import load_beir, read_qrels, read_queries
+    from embedkit.errors import ConfigError
+
+    if beir is not None:
+        if queries is not None or qrels is not None:
+            raise ConfigError("give either --beir or --queries with --qrels, not both", field="beir")
+        data = load_beir(beir, split)
+        from embedkit.manifest import sha256_texts
+
+        corpus_hash = sha256_texts(t for i, row in data.corpus.items() for t in (i, row["title"], row["text"]))
+        if corpus_hash != index.manifest["corpus"].get("sha256"):
+            # Not an error (an index may hold more or fewer documents on purpose), but the numbers then differ
+            # from `embedkit eval` on this folder.
+            print(f"note: the index's documents are not exactly {beir}/corpus.jsonl", file=sys.stderr)
+        return data.queries, data.qrels
+    if queries is None or qrels is None:
+        raise ConfigError("give --beir DIR, or both --queries and --qrels", field="queries")
+    query_texts = read_queries(queries)
+    # The index's document ids stand in for the corpus: a judged id missing from the index is named with its line.
+    return query_texts, read_qrels(qrels, index.store.all_doc_ids(), query_texts)
+
+
+@rag_app.command("web")
+def web_command(
+    index_path: Path = typer.Argument(..., help="Index folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    k: int = typer.Option(5, "-k", "--top-k", min=1, max=50, help="Default number of results."),
+    hybrid: bool = typer.Option(False, "--hybrid", help="Default to hybrid retrieval (the page can switch)."),
+    hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", min=0.0, max=1.0, help=_WEIGHT_HELP),
+    generator: Optional[str] = typer.Option(
+        None, "--generator",
+        help="Model with a generative head ('smollm2-135m' or a folder from 'embedkit llm') that writes an answer "
+             "citing the passages [1], [2] ... Default: the index's model, when it has one."),
+    no_generator: bool = typer.Option(False, "--no-generator", help="Never generate answers."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Length limit of a generated answer."),
+    answer_passages: int = typer.Option(3, "--answer-passages", min=1, help="Top passages given to the generator."),
+) -> None:
+    """Serve a search page over an index on 127.0.0.1: search box, ranked highlighted passages, generated answers.
+
+    Results show their scores with the query terms highlighted; when a generative head is available (--generator,
+    or the index's own model) an answer citing the passages [1], [2] ... is shown above them. Also
+    GET /api/search?q=...&k=5 (JSON) and GET /health.
+
+    Example: embedkit rag web runs/scifact-index --port 8080   then open http://127.0.0.1:8080/?q=vitamin+D
+    """
+    try:
+        from embedkit.rag.index import RagIndex, load_index_encoder
+        from embedkit.rag.web import serve_web
+
+        index = RagIndex.load(index_path)
+        encoder = load_index_encoder(index, model)
+        answerer = None if no_generator else _answerer(index, generator, max_new_tokens)
+        typer.echo(f"serving {len(index)} documents at http://{host}:{port}/ "
+                   f"({'answers from ' + answerer.source if answerer else 'no generated answers'}); Ctrl-C stops",
+                   err=True)
+        serve_web(index, encoder, host=host, port=port, answerer=answerer, default_k=k, hybrid=hybrid,
+                  hybrid_weight=hybrid_weight, answer_passages=answer_passages)
+    except EmbedkitError as exc:
+        raise _fail(exc) from None
+
+
+class _GeneratorAnswerer:
+    """(question, passages) -> answer, through embedkit.llm.generate (imported only when answers are wanted)."""
+
+    def __init__(self, generator, source: str, max_new_tokens: int) -> None:
+        self.generator, self.source, self.max_new_tokens = generator, source, max_new_tokens
+
+    def __call__(self, question: str, passages: list[str]) -> str:
+        return self.generator.answer(question, passages, max_new_tokens=self.max_new_tokens)
+
+
+def _answerer(index, generator: str | Path | None, max_new_tokens: int) -> _GeneratorAnswerer | None:
+    from embedkit.errors import ConfigError
+
+    try:
+        from embedkit.llm.generate import has_generative_head, load_generator
+    except ImportError as exc:
+        if generator is not None:
+            raise ConfigError(f"--generator needs embedkit.llm ({exc})", field="generator") from None
+        return None
+    if generator is not None:
+        if Path(generator).is_dir() and not has_generative_head(generator):
+            raise ConfigError("this model folder has no generative head (an embedding-only save?)", path=generator,
+                              field="generator")
+        return _GeneratorAnswerer(load_generator(generator), str(generator), max_new_tokens)  # names too
+    model_path = index.manifest["model"].get("path")
+    if model_path and Path(model_path).is_dir() and has_generative_head(model_path):
+        return _GeneratorAnswerer(load_generator(model_path), model_path, max_new_tokens)
+    return None

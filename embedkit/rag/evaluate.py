@@ -1,0 +1,116 @@
+"""`rag eval`: retrieval quality of an index (through embedkit.eval.metrics / pytrec_eval) and query latency.
+
+Quality: all judged queries are encoded in one `encode` call with the eval runner's batch size and searched in
+one FAISS call, so on an exact (flat) index built from the same corpus the run equals `embedkit eval`'s and so
+does nDCG@10. Latency: each query again on its own, as a user would send it (encode one query + search), timed
+end to end; median and p95 over the queries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from embedkit.errors import ConfigError, DataError
+from embedkit.eval.metrics import retrieval_metrics
+from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, _encode
+
+DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
+
+
+def _recall_at(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
+               k_values: Sequence[int]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """pytrec_eval recall@k for any k (metrics.py fixes its own set); unretrieved judged queries count as 0."""
+    import pytrec_eval
+
+    measure = "recall." + ",".join(str(k) for k in k_values)
+    scores = pytrec_eval.RelevanceEvaluator({q: dict(d) for q, d in qrels.items()}, {measure}).evaluate(
+        {q: dict(run[q]) for q in qrels if run.get(q)})
+    per_query = {q: {f"recall_at_{k}": float(scores.get(q, {}).get(f"recall_{k}", 0.0)) for k in k_values}
+                 for q in qrels}
+    means = {f"recall_at_{k}": float(np.mean([v[f"recall_at_{k}"] for v in per_query.values()])) for k in k_values}
+    return means, per_query
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def evaluate_index(
+    index: RagIndex,
+    encoder,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    k_values: Sequence[int] = DEFAULT_K_VALUES,
+    *,
+    hybrid: bool = False,
+    hybrid_weight: float = 0.5,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    latency_queries: int | None = None,
+    latency_k: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Recall@k (k_values), nDCG@10, MRR@10, MAP@100 of the index's ranking, and per-query latency.
+
+    Evaluated queries are those with judgments, in `queries` order (as the eval runner does).
+    latency_queries: time only the first N of them (None: all; 0: skip the latency pass).
+    """
+    say = progress or (lambda message: None)
+    k_values = sorted({int(k) for k in k_values})
+    if not k_values or k_values[0] < 1:
+        raise ConfigError("k values must be positive integers", field="k_values")
+    unknown = [q for q in qrels if q not in queries]
+    if unknown:
+        raise DataError(f"{len(unknown)} judged query id(s) have no query text (e.g. '{unknown[0]}')",
+                        field="query-id")
+    judged = {q: dict(qrels[q]) for q in queries if q in qrels}
+    qids = list(judged)
+    if not qids:
+        raise DataError("no judged queries to evaluate")
+    index.check_encoder(encoder)
+    texts = [queries[q] for q in qids]
+    top_k = max(max(k_values), 100)  # 100: recall@100 and MAP@100, as `embedkit eval`
+
+    say(f"searching {len(qids)} queries (batch)")
+    t0 = time.perf_counter()
+    query_emb = _encode(encoder, texts, "query", batch_size)
+    t1 = time.perf_counter()
+    ranked = index.rank(texts, query_emb, top_k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+    t2 = time.perf_counter()
+    doc_ids = index.store.doc_ids({i for row in ranked for i, *_ in row})
+    run = {q: {doc_ids[i]: score for i, score, *_ in row if i in doc_ids} for q, row in zip(qids, ranked)}
+    scores = retrieval_metrics(judged, run)
+    recalls, recall_per_query = _recall_at(judged, run, k_values)
+    metrics = {**scores.metrics, **recalls}
+    per_query = {q: {**scores.per_query.get(q, {}), **recall_per_query[q]} for q in qids}
+
+    n_latency = len(qids) if latency_queries is None else max(0, min(latency_queries, len(qids)))
+    total, encode, search = [], [], []
+    if n_latency:
+        say(f"timing {n_latency} single queries")
+        index.search(encoder, texts[0], k=latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)  # warm-up
+    for text in texts[:n_latency]:
+        s0 = time.perf_counter()
+        emb = _encode(encoder, [text], "query", batch_size)
+        s1 = time.perf_counter()
+        ranked_one = index.rank([text], emb, latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+        index.store.get(i for i, *_ in ranked_one[0])  # fetching the passages is part of answering a query
+        s2 = time.perf_counter()
+        total.append((s2 - s0) * 1000)
+        encode.append((s1 - s0) * 1000)
+        search.append((s2 - s1) * 1000)
+    latency = {"queries": n_latency, "k": latency_k,
+               "median_ms": _percentile(total, 50), "p95_ms": _percentile(total, 95),
+               "mean_ms": float(np.mean(total)) if total else float("nan"),
+               "encode_median_ms": _percentile(encode, 50), "search_median_ms": _percentile(search, 50),
+               "search_p95_ms": _percentile(search, 95)}
+    return {
+        "metrics": metrics,
+        "latency": latency,
+        "batch": {"queries": len(qids), "encode_s": t1 - t0, "search_s": t2 - t1, "top_k": top_k},
+        "retrieval": {"hybrid": hybrid, "hybrid_weight": hybrid_weight if hybrid else None},
+        "index": index.describe(),
+        "per_query": per_query,
+    }

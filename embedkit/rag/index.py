@@ -1,0 +1,491 @@
+"""A RAG index: FAISS vectors + a SQLite document store + (optionally) BM25, in one folder with a manifest.
+
+    <index>/index.faiss            FAISS index; vector ids are the store's integer ids
+    <index>/documents.sqlite       id -> (doc_id, title, text); HNSW tombstones
+    <index>/bm25/                  bm25s index and the FAISS id of each of its rows (when bm25s is installed)
+    <index>/embedkit_manifest.json model fingerprint, corpus hash, index type and parameters, counts
+
+Index types: "flat" is exact inner product (cosine: vectors are L2-normalised); "hnsw" (graph, approximate, fast
+on large corpora) and "ivf" (inverted lists, approximate) trade a little recall for speed. "auto" picks flat below
+`HNSW_THRESHOLD` documents and HNSW from there.
+
+Adding and deleting documents never re-encodes the corpus: new documents are encoded and added, deleted ones are
+removed from flat/IVF indexes, and tombstoned in HNSW graphs (which cannot drop a node) and filtered out at
+search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and swaps it in
+(`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from embedkit.atomic import atomic_dir, write_json
+from embedkit.errors import ConfigError, DataError, ModelError
+from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_texts
+from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
+from embedkit.rag.corpus import load_documents
+from embedkit.rag.store import STORE_NAME, DocumentStore
+
+INDEX_FILE = "index.faiss"
+MANIFEST_KIND = "rag_index"
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
+# "auto": exact search of one 384-d query over 50k documents takes ~10 ms on one core (bench/bench_rag.py), so
+# below this HNSW's approximation buys little.
+HNSW_THRESHOLD = 50_000
+HNSW_M = 32  # graph degree: FAISS' usual choice for 384-1024-d text embeddings
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128  # recall@10 0.999 of exact on SciFact/MiniLM (bench/bench_rag.py); raised to k when k is larger
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+HYBRID_DEPTH = 100  # candidates taken from each retriever before fusion
+DEFAULT_BATCH_SIZE = 32  # the eval runner's default: equal batches give bit-equal embeddings
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+@dataclass
+class Hit:
+    """One search result. `score` is the cosine similarity, or the fused RRF score in hybrid mode."""
+
+    rank: int
+    doc_id: str
+    score: float
+    title: str
+    text: str
+    dense_score: float | None = None
+    bm25_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_index_type(n_documents: int, index_type: str = "auto", hnsw_threshold: int = HNSW_THRESHOLD) -> str:
+    """The FAISS index kind for a corpus size: the given type, or for "auto" flat below the threshold, else HNSW."""
+    if index_type not in INDEX_TYPES:
+        raise ConfigError(f"unknown index type {index_type!r} (use {', '.join(INDEX_TYPES)})", field="index_type")
+    if index_type != "auto":
+        return index_type
+    return "flat" if n_documents < hnsw_threshold else "hnsw"
+
+
+def _new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    faiss = _faiss()
+    n, dim = vectors.shape
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {}
+    if kind == "hnsw":
+        graph = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return faiss.IndexIDMap2(graph), {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
+                                          "ef_search": HNSW_EF_SEARCH}
+    # IVF: ~4 sqrt(n) lists, but at least 39 training points per list (FAISS warns below that).
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    nprobe = min(nlist, max(8, nlist // 16))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.min_points_per_centroid = 1  # nlist <= n/39 already; this only silences the 1-list case of tiny corpora
+    index.train(vectors)
+    # IVF takes ids natively (no IDMap: IndexIDMap's removal assumes a compacting index); a hashtable direct map
+    # lets hybrid search reconstruct vectors by id and survives removals.
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index, {"nlist": nlist, "nprobe": nprobe}
+
+
+def _encode(encoder, texts: list[str], kind: str, batch_size: int) -> np.ndarray:
+    # Same call as the eval runner (kind picks the model's prompt; normalised so inner product = cosine).
+    return np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
+                                dtype=np.float32)
+
+
+def _model_record(encoder) -> dict[str, Any]:
+    d = encoder.describe()
+    keep = ("name", "path", "fingerprint", "architecture", "pooling", "prompts", "max_length", "normalize", "dim",
+            "dtype")
+    return {k: d.get(k) for k in keep}
+
+
+def _corpus_sha256(store: DocumentStore) -> str:
+    return sha256_texts(t for _, d in store.iter_documents() for t in (d.doc_id, d.title, d.text))
+
+
+def _is_rag_index(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text()).get("kind") == MANIFEST_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _write_lock(path: Path):
+    """One writer at a time per index (a lock file beside the folder, since the folder itself gets swapped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class RagIndex:
+    """A loaded index. Searching is thread-safe; `add`/`delete` rewrite the folder and reload it."""
+
+    def __init__(self, path: Path, faiss_index, store: DocumentStore, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.faiss_index = faiss_index
+        self.store = store
+        self.manifest = manifest
+        self._bm25: Bm25Index | None = None
+        self._tombstones = np.array(store.tombstones(), dtype=np.int64)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path) -> "RagIndex":
+        path = Path(path)
+        if not path.is_dir():
+            raise DataError("RAG index folder not found (build one with 'embedkit rag index')", path=path)
+        manifest_path = path / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"not a RAG index: no {MANIFEST_NAME}", path=path) from None
+        except ValueError as exc:
+            raise DataError(f"manifest is not valid JSON ({exc})", path=manifest_path) from None
+        if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+            raise DataError(f"not a RAG index manifest (kind is {manifest.get('kind')!r})"
+                            if isinstance(manifest, dict) else "manifest is not an object", path=manifest_path,
+                            field="kind")
+        for key in ("model", "index", "corpus"):
+            if not isinstance(manifest.get(key), dict):
+                raise DataError("missing section", path=manifest_path, field=key)
+        if not (path / INDEX_FILE).is_file():
+            raise DataError("FAISS index file missing", path=path / INDEX_FILE)
+        faiss_index = _faiss().read_index(str(path / INDEX_FILE))
+        if faiss_index.ntotal != manifest["index"].get("vectors"):
+            raise DataError(f"index holds {faiss_index.ntotal} vectors, the manifest says "
+                            f"{manifest['index'].get('vectors')} (folder modified by hand?)", path=path / INDEX_FILE)
+        return cls(path, faiss_index, DocumentStore(path / STORE_NAME, readonly=True), manifest)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def index_type(self) -> str:
+        return self.manifest["index"]["type"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["index"]["dim"])
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.manifest["model"]["fingerprint"]
+
+    def __len__(self) -> int:
+        return int(self.manifest["index"]["documents"])
+
+    @property
+    def has_bm25(self) -> bool:
+        return bool(self.manifest["index"].get("bm25")) and (self.path / BM25_DIR).is_dir()
+
+    def describe(self) -> dict[str, Any]:
+        info = self.manifest["index"]
+        return {"path": str(self.path), "type": info["type"], "documents": info["documents"],
+                "vectors": info["vectors"], "tombstones": info["tombstones"], "dim": info["dim"],
+                "params": info.get("params", {}), "bm25": self.has_bm25, "model": self.manifest["model"].get("name"),
+                "fingerprint": self.model_fingerprint}
+
+    # ------------------------------------------------------------------ model check
+    def check_encoder(self, encoder) -> None:
+        """Refuse a model other than the one the index was built with: its vectors would live in another space."""
+        built = self.manifest["model"]
+        if encoder.fingerprint != built["fingerprint"]:
+            raise ModelError(
+                f"index was built with model '{built.get('name')}' (fingerprint {built['fingerprint'][:12]}), but the "
+                f"query model '{getattr(encoder, 'name', '?')}' has fingerprint {encoder.fingerprint[:12]}: query "
+                "with the same model or rebuild the index", path=self.path)
+
+    # ------------------------------------------------------------------ search
+    def _search_params(self, k: int):
+        faiss = _faiss()
+        selector = None
+        if len(self._tombstones):
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
+        params_info = self.manifest["index"].get("params", {})
+        if self.index_type == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(params_info.get("ef_search", HNSW_EF_SEARCH), k))
+        elif self.index_type == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=params_info.get("nprobe", 8))
+        else:
+            params = faiss.SearchParameters() if selector is not None else None
+        if selector is not None:
+            params.sel = selector
+        return params, selector  # the selector must outlive the search: SWIG keeps no reference to it
+
+    def search_vectors(self, query_emb: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Dense top-k per query as (faiss ids, inner products), best first; deleted documents never appear."""
+        query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
+        if query_emb.ndim != 2 or query_emb.shape[1] != self.dim:
+            raise ModelError(f"query vectors have shape {query_emb.shape}, the index holds {self.dim}-d vectors")
+        k = max(1, min(int(k), self.faiss_index.ntotal))
+        if self.faiss_index.ntotal == 0:
+            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in query_emb]
+        params, _selector = self._search_params(k)
+        scores, ids = self.faiss_index.search(query_emb, k, params=params)
+        return [(row_ids[row_ids >= 0], row_scores[row_ids >= 0]) for row_ids, row_scores in zip(ids, scores)]
+
+    @property
+    def bm25(self) -> Bm25Index:
+        if self._bm25 is None:
+            if not self.has_bm25:
+                raise ConfigError("this index has no BM25 part (built without bm25s installed, or with --no-bm25): "
+                                  "rebuild it with bm25s installed (pip install 'embedkit[rag]')", field="hybrid")
+            self._bm25 = Bm25Index.load(self.path / BM25_DIR)
+        return self._bm25
+
+    def _reconstruct(self, ids: Sequence[int]) -> np.ndarray:
+        return self.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+
+    def rank(self, query_texts: Sequence[str], query_emb: np.ndarray, k: int, *, hybrid: bool = False,
+             hybrid_weight: float = 0.5, depth: int = HYBRID_DEPTH
+             ) -> list[list[tuple[int, float, float | None, float | None]]]:
+        """Per query, up to k (faiss id, score, dense score, bm25 score), best first.
+
+        Hybrid: weighted reciprocal rank fusion, score = (1-w)/(60+dense rank) + w/(60+BM25 rank), over the
+        union of the top-`depth` (100) of each retriever. Dense scores of BM25-only candidates are computed exactly from
+        their stored vectors, so every candidate has a dense rank; only documents sharing a term with the query
+        get a BM25 rank. RRF needs no score normalisation (cosine and BM25 live on different scales).
+        """
+        if not 0.0 <= hybrid_weight <= 1.0:
+            raise ConfigError(f"hybrid weight must be between 0 and 1, not {hybrid_weight}", field="hybrid_weight")
+        if not hybrid:
+            return [[(int(i), float(s), float(s), None) for i, s in _tie_sorted(ids, scores)]
+                    for ids, scores in self.search_vectors(query_emb, k)]
+        depth = max(k, depth)
+        dense = self.search_vectors(query_emb, depth)
+        lexical = self.bm25.search(list(query_texts), depth)
+        out = []
+        for q, ((d_ids, d_scores), (b_ids, b_scores)) in enumerate(zip(dense, lexical)):
+            dense_score = {int(i): float(s) for i, s in zip(d_ids, d_scores)}
+            extra = [int(i) for i in b_ids if int(i) not in dense_score]
+            if extra:
+                vectors = self._reconstruct(extra)
+                for i, s in zip(extra, vectors @ query_emb[q]):
+                    dense_score[i] = float(s)
+            dense_rank = {i: r for r, (i, _) in enumerate(_tie_sorted(list(dense_score), list(dense_score.values())),
+                                                            start=1)}
+            bm25_score = {int(i): float(s) for i, s in zip(b_ids, b_scores)}
+            bm25_rank = {i: r for r, (i, _) in enumerate(_tie_sorted(list(bm25_score), list(bm25_score.values())),
+                                                         start=1)}
+            fused = {i: (1 - hybrid_weight) / (RRF_K + dense_rank[i])
+                     + (hybrid_weight / (RRF_K + bm25_rank[i]) if i in bm25_rank else 0.0) for i in dense_score}
+            best = _tie_sorted(list(fused), list(fused.values()))[:k]
+            out.append([(i, s, dense_score[i], bm25_score.get(i)) for i, s in best])
+        return out
+
+    def search(self, encoder, query: str | Sequence[str], k: int = 5, *, hybrid: bool = False,
+               hybrid_weight: float = 0.5, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Hit] | list[list[Hit]]:
+        """Top-k documents for a query (a list of Hits) or for each of several queries (a list of lists)."""
+        single = isinstance(query, str)
+        queries = [query] if single else list(query)
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, not {k}", field="k")
+        self.check_encoder(encoder)
+        query_emb = _encode(encoder, queries, "query", batch_size)
+        ranked = self.rank(queries, query_emb, k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+        docs = self.store.get({i for row in ranked for i, *_ in row})
+        results = [[Hit(rank, docs[i].doc_id, score, docs[i].title, docs[i].text, dense, lex)
+                    for rank, (i, score, dense, lex) in enumerate((r for r in row if r[0] in docs), start=1)]
+                   for row in ranked]
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------ updates
+    def add(self, encoder, docs: Any, *, batch_size: int = DEFAULT_BATCH_SIZE,
+            progress: Callable[[str], None] | None = None) -> int:
+        """Encode and add documents (same inputs as `build_index`); ids already in the index are refused."""
+        self.check_encoder(encoder)
+        new = load_documents(docs)
+        if not new:
+            return 0
+        clash = self.store.ids_for(d.doc_id for d in new)
+        if clash:
+            names = ", ".join(sorted(clash)[:5]) + (" ..." if len(clash) > 5 else "")
+            raise DataError(f"{len(clash)} document id(s) already in the index ({names}): delete them first",
+                            path=self.path, field="_id")
+        (progress or (lambda m: None))(f"encoding {len(new)} documents")
+        vectors = _encode(encoder, [d.embed_text for d in new], "document", batch_size)
+        start = int(self.manifest["index"]["next_id"])
+        ids = np.arange(start, start + len(new), dtype=np.int64)
+
+        def change(index, store: DocumentStore) -> None:
+            index.add_with_ids(vectors, ids)
+            store.add(zip(ids.tolist(), new))
+
+        self._commit(change, op="add", count=len(new), next_id=start + len(new))
+        return len(new)
+
+    def delete(self, doc_ids: Iterable[str], *, missing_ok: bool = False) -> int:
+        """Delete documents by corpus id; an unknown id is an error unless `missing_ok`."""
+        doc_ids = list(dict.fromkeys(str(d) for d in doc_ids))
+        found = self.store.ids_for(doc_ids)
+        missing = [d for d in doc_ids if d not in found]
+        if missing and not missing_ok:
+            names = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise DataError(f"{len(missing)} id(s) not in the index: {names}", path=self.path, field="_id")
+        if not found:
+            return 0
+        ids = np.array(sorted(found.values()), dtype=np.int64)
+        tombstone = self.index_type == "hnsw"  # HNSW graphs cannot remove nodes
+
+        def change(index, store: DocumentStore) -> None:
+            if not tombstone:
+                index.remove_ids(ids)
+            store.delete(ids.tolist(), tombstone=tombstone)
+
+        self._commit(change, op="delete", count=len(ids), next_id=int(self.manifest["index"]["next_id"]))
+        return len(ids)
+
+    def _commit(self, change, *, op: str, count: int, next_id: int) -> None:
+        """Apply `change` to a copy of the index and store, write a complete new folder, swap it in, reload."""
+        faiss = _faiss()
+        with _write_lock(self.path):
+            on_disk = json.loads((self.path / MANIFEST_NAME).read_text())
+            if on_disk["index"].get("generation") != self.manifest["index"].get("generation"):
+                raise DataError("the index changed on disk since it was loaded (another writer?): load it again",
+                                path=self.path)
+            index = faiss.clone_index(self.faiss_index)  # the loaded index stays valid if anything below fails
+            with atomic_dir(self.path) as tmp:
+                self.store.backup_to(tmp / STORE_NAME)
+                store = DocumentStore(tmp / STORE_NAME)
+                try:
+                    change(index, store)
+                    manifest = dict(self.manifest)
+                    updates = list(manifest.get("updates", []))[-99:]  # bounded history
+                    updates.append({"op": op, "documents": count,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                    manifest["updates"] = updates
+                    _write_folder(tmp, index, store, manifest, next_id=next_id,
+                                  generation=int(self.manifest["index"].get("generation", 0)) + 1,
+                                  bm25=bool(self.manifest["index"].get("bm25")))
+                finally:
+                    store.close()
+        self.store.close()
+        fresh = RagIndex.load(self.path)
+        self.faiss_index, self.store, self.manifest = fresh.faiss_index, fresh.store, fresh.manifest
+        self._tombstones, self._bm25 = fresh._tombstones, None
+
+
+def _tie_sorted(ids: Sequence[int], scores: Sequence[float]) -> list[tuple[int, float]]:
+    """Best first; equal scores by id, so the order never depends on FAISS internals."""
+    return sorted(((int(i), float(s)) for i, s in zip(ids, scores)), key=lambda x: (-x[1], x[0]))
+
+
+def _write_folder(folder: Path, index, store: DocumentStore, manifest: dict[str, Any], *, next_id: int,
+                  generation: int, bm25: bool) -> None:
+    """index.faiss, bm25/ and the manifest for `store`'s documents (the store is already in `folder`)."""
+    faiss = _faiss()
+    faiss.write_index(index, str(folder / INDEX_FILE))
+    documents = store.count()
+    if bm25:
+        Bm25Index.build((i, d.embed_text) for i, d in store.iter_documents()).save(folder / BM25_DIR)
+    manifest["corpus"] = {**manifest.get("corpus", {}), "sha256": _corpus_sha256(store), "documents": documents}
+    manifest["index"] = {**manifest["index"], "vectors": int(index.ntotal), "documents": documents,
+                         "tombstones": len(store.tombstones()), "next_id": next_id, "generation": generation,
+                         "bm25": bm25}
+    write_json(folder / MANIFEST_NAME, manifest)
+
+
+def build_index(
+    encoder,
+    corpus: Any,
+    output: str | Path,
+    *,
+    index_type: str = "auto",
+    hnsw_threshold: int = HNSW_THRESHOLD,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    bm25: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+    source: str | Path | None = None,
+) -> RagIndex:
+    """Encode a corpus and write a RAG index folder at `output` (replacing an older RAG index there).
+
+    corpus: a BeirDataset, a dict id -> {"title", "text"}, or a path (BEIR folder, corpus.jsonl, .txt).
+    bm25: build the BM25 part for hybrid search; None = when bm25s is installed.
+    source: where the corpus came from, for the manifest (default: the path, when `corpus` is one).
+    """
+    say = progress or (lambda message: None)
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not _is_rag_index(output))):
+        raise ConfigError("output exists and is not a RAG index: refusing to replace it", path=output)
+    if bm25 and not bm25_available():
+        raise ConfigError("BM25 needs bm25s: pip install 'embedkit[rag]'", field="bm25")
+    with_bm25 = bm25_available() if bm25 is None else bm25
+    docs = load_documents(corpus)
+    if not docs:
+        raise DataError("the corpus has no documents")
+    kind = choose_index_type(len(docs), index_type, hnsw_threshold)
+    say(f"encoding {len(docs)} documents with {getattr(encoder, 'name', 'the model')}")
+    t0 = time.perf_counter()
+    vectors = _encode(encoder, [d.embed_text for d in docs], "document", batch_size)
+    encode_s = time.perf_counter() - t0
+    say(f"building a {kind} index")
+    t1 = time.perf_counter()
+    index, params = _new_faiss_index(kind, vectors)
+    ids = np.arange(len(docs), dtype=np.int64)
+    index.add_with_ids(vectors, ids)
+    if source is None:
+        source = corpus.path if hasattr(corpus, "path") else corpus if isinstance(corpus, (str, Path)) else None
+    manifest = base_manifest(
+        MANIFEST_KIND,
+        model=_model_record(encoder),
+        corpus={"source": str(Path(source).resolve()) if source is not None else None},
+        index={"type": kind, "requested_type": index_type, "metric": "inner_product (cosine, normalised vectors)",
+               "dim": int(vectors.shape[1]), "params": params, "file": INDEX_FILE, "store": STORE_NAME},
+        build={"encode_s": round(encode_s, 3), "batch_size": batch_size},
+    )
+    with _write_lock(output), atomic_dir(output) as tmp:
+        store = DocumentStore(tmp / STORE_NAME)
+        try:
+            store.add(zip(ids.tolist(), docs))
+            manifest["build"]["index_s"] = round(time.perf_counter() - t1, 3)
+            _write_folder(tmp, index, store, manifest, next_id=len(docs), generation=0, bm25=with_bm25)
+        finally:
+            store.close()
+    say(f"wrote {output}")
+    return RagIndex.load(output)
+
+
+def load_index_encoder(index: RagIndex, model: str | Path | None = None):
+    """The encoder to query `index` with: `model` if given, else the one recorded in its manifest.
+
+    The recorded model is reloaded with its recorded settings (pooling, prompts, max length, dtype) so that its
+    fingerprint matches; any other model is refused by `check_encoder`.
+    """
+    from embedkit.models import load_model
+    from embedkit.models.registry import EMBEDDED_MODELS
+
+    info = index.manifest["model"]
+    if model is not None:
+        encoder = load_model(model)
+    else:
+        name, path = info.get("name"), info.get("path")
+        target = name if name in EMBEDDED_MODELS or (name and Path(name).exists()) else path
+        if not target:
+            raise ModelError("the index manifest names no model: pass --model", path=index.path)
+        encoder = load_model(target, pooling=info.get("pooling"), prompts=info.get("prompts") or {},
+                             max_length=info.get("max_length"), normalize=info.get("normalize"),
+                             dtype=info.get("dtype"))
+    index.check_encoder(encoder)
+    return encoder

@@ -1,0 +1,323 @@
+"""The RAG index (embedkit.rag): exact search, index types, add/delete, model check, eval parity, hybrid, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS
+
+TEXTS = list(dict.fromkeys(CORPUS))  # the 10 distinct fixture sentences
+EXTRA = [
+    "a cough that lasts for weeks may need a chest x-ray",
+    "children with asthma use an inhaler before sport",
+    "the bank raised its lending rate again",
+    "the guitar player tuned his instrument before the concert",
+    "the judge dismissed the case for lack of evidence",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(st_bert):
+    from embedkit.models import load_model
+
+    return load_model(st_bert)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return {f"d{i:02d}": {"title": "", "text": t} for i, t in enumerate(TEXTS + EXTRA)}
+
+
+def _build(encoder, docs, path, **kw):
+    from embedkit.rag import build_index
+
+    return build_index(encoder, docs, path, **kw)
+
+
+def test_flat_search_equals_brute_force_numpy_ranking(encoder, docs, tmp_path):
+    index = _build(encoder, docs, tmp_path / "idx", index_type="flat")
+    assert index.index_type == "flat" and len(index) == len(docs)
+    ids = list(docs)
+    doc_emb = encoder.encode([docs[i]["text"] for i in ids], kind="document", normalize=True)
+    queries = ["fever and cough", "blood sugar and insulin", "court contract"]
+    query_emb = encoder.encode(queries, kind="query", normalize=True)  # the query prompt ("query: ") applies
+    results = index.search(encoder, queries, k=len(ids))
+    for q, hits in enumerate(results):
+        scores = doc_emb @ query_emb[q]
+        expected = sorted(range(len(ids)), key=lambda i: (-scores[i], i))
+        assert [h.doc_id for h in hits] == [ids[i] for i in expected]
+        np.testing.assert_allclose([h.score for h in hits], scores[expected], rtol=0, atol=1e-5)
+        assert [h.rank for h in hits] == list(range(1, len(ids) + 1))
+        assert hits[0].text == docs[hits[0].doc_id]["text"]
+    single = index.search(encoder, queries[0], k=3)
+    assert [h.doc_id for h in single] == [h.doc_id for h in results[0][:3]]
+
+
+def test_auto_picks_flat_below_threshold_and_hnsw_above(encoder, docs, tmp_path):
+    from embedkit.errors import ConfigError
+    from embedkit.rag import HNSW_THRESHOLD, choose_index_type
+
+    assert choose_index_type(HNSW_THRESHOLD - 1) == "flat"
+    assert choose_index_type(HNSW_THRESHOLD) == "hnsw"
+    assert choose_index_type(10, hnsw_threshold=5) == "hnsw"
+    assert choose_index_type(10, "ivf") == "ivf"
+    with pytest.raises(ConfigError, match="unknown index type"):
+        choose_index_type(10, "annoy")
+
+    flat = _build(encoder, docs, tmp_path / "flat")
+    hnsw = _build(encoder, docs, tmp_path / "hnsw", hnsw_threshold=len(docs))  # at the threshold -> HNSW
+    assert flat.index_type == "flat" and hnsw.index_type == "hnsw"
+    manifest = json.loads((tmp_path / "hnsw" / "embedkit_manifest.json").read_text())
+    assert manifest["index"]["type"] == "hnsw" and manifest["index"]["params"]["M"] == 32
+    assert manifest["index"]["requested_type"] == "auto"
+    # On 15 documents with efSearch 128 the graph search visits everything: same ranking as exact search.
+    query = ["the patient has a fever", "interest rates"]
+    assert [[h.doc_id for h in r] for r in hnsw.search(encoder, query, k=5)] == \
+           [[h.doc_id for h in r] for r in flat.search(encoder, query, k=5)]
+
+
+def test_manifest_records_model_corpus_and_counts(encoder, docs, tmp_path):
+    from embedkit.manifest import sha256_texts
+
+    _build(encoder, docs, tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / "embedkit_manifest.json").read_text())
+    assert manifest["kind"] == "rag_index"
+    assert manifest["model"]["fingerprint"] == encoder.fingerprint
+    assert manifest["index"]["documents"] == manifest["index"]["vectors"] == len(docs)
+    expected = sha256_texts(t for i, row in docs.items() for t in (i, "", row["text"]))
+    assert manifest["corpus"]["sha256"] == expected
+    assert {p.name for p in (tmp_path / "idx").iterdir()} == {"index.faiss", "documents.sqlite", "bm25",
+                                                              "embedkit_manifest.json"}
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_add_then_delete_without_rebuild(encoder, docs, tmp_path, index_type):
+    from embedkit.errors import DataError
+    from embedkit.rag import RagIndex
+
+    path = tmp_path / "idx"
+    index = _build(encoder, docs, path, index_type=index_type)
+    n = len(docs)
+    assert index.delete(["d00", "d03"]) == 2
+    assert len(index) == n - 2
+    everything = index.search(encoder, "the patient has a fever and a cough", k=n)
+    assert {"d00", "d03"}.isdisjoint(h.doc_id for h in everything) and len(everything) == n - 2
+
+    added = index.add(encoder, {"new1": {"title": "Flu", "text": "fever and cough in winter"},
+                                "new2": "insulin pumps for diabetes"})
+    assert added == 2 and len(index) == n
+    reloaded = RagIndex.load(path)
+    assert len(reloaded) == n
+    manifest = reloaded.manifest["index"]
+    assert manifest["documents"] == n
+    # HNSW keeps deleted vectors as tombstones; flat and IVF really remove them.
+    assert manifest["tombstones"] == (2 if index_type == "hnsw" else 0)
+    assert manifest["vectors"] == (n + 2 if index_type == "hnsw" else n)
+    assert manifest["next_id"] == n + 2  # ids are never reused
+    found = {h.doc_id: h for h in reloaded.search(encoder, "fever and cough in winter", k=n + 5)}
+    assert "new1" in found and found["new1"].title == "Flu" and "d00" not in found and "d03" not in found
+    assert len(found) == n
+    assert [u["op"] for u in reloaded.manifest["updates"]] == ["delete", "add"]
+
+    with pytest.raises(DataError, match="already in the index"):
+        reloaded.add(encoder, {"new1": "again"})
+    with pytest.raises(DataError, match="not in the index"):
+        reloaded.delete(["d00"])  # already deleted
+    assert reloaded.delete(["d00", "d01"], missing_ok=True) == 1
+    # The first handle is stale now: writing through it is refused instead of losing the other update.
+    with pytest.raises(DataError, match="changed on disk"):
+        index.delete(["d02"])
+
+
+def test_a_different_model_is_refused(encoder, docs, tmp_path, tiny_bert_dir):
+    from embedkit.errors import ModelError
+    from embedkit.models import load_model
+
+    index = _build(encoder, docs, tmp_path / "idx")
+    other = load_model(tiny_bert_dir)  # same weights, no query prompt: other vectors, other fingerprint
+    assert other.fingerprint != encoder.fingerprint
+    with pytest.raises(ModelError) as err:
+        index.search(other, "fever", k=3)
+    line = err.value.one_line()
+    assert "\n" not in line and "fingerprint" in line and encoder.fingerprint[:12] in line
+    with pytest.raises(ModelError):
+        index.add(other, {"x": "text"})
+
+
+def test_load_index_encoder_reloads_the_recorded_model(encoder, docs, tmp_path, st_bert):
+    from embedkit.rag import RagIndex, load_index_encoder
+
+    _build(encoder, docs, tmp_path / "idx")
+    again = load_index_encoder(RagIndex.load(tmp_path / "idx"))
+    assert again.fingerprint == encoder.fingerprint
+
+
+def _small_beir(shared_data: Path, folder: Path, n_queries: int = 40, n_docs: int = 400) -> Path:
+    """A slice of SciFact: the first judged test queries, their relevant documents and the first other documents."""
+    src = shared_data / "scifact"
+    qrels_lines = (src / "qrels" / "test.tsv").read_text().splitlines()
+    header, rows = qrels_lines[0], [line.split("\t") for line in qrels_lines[1:] if line.strip()]
+    keep_q = list(dict.fromkeys(r[0] for r in rows))[:n_queries]
+    rows = [r for r in rows if r[0] in keep_q]
+    wanted = {r[1] for r in rows}
+    corpus = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    picked = [d for i, d in enumerate(corpus) if i < n_docs or d["_id"] in wanted]
+    queries = [json.loads(line) for line in (src / "queries.jsonl").read_text().splitlines() if line.strip()]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in picked))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in keep_q))
+    (folder / "qrels" / "test.tsv").write_text(header + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    return folder
+
+
+def test_rag_eval_ndcg_equals_embedkit_eval(encoder, tmp_path, shared_data):
+    from embedkit.data.beir import load_beir
+    from embedkit.eval.runner import evaluate
+    from embedkit.rag import build_index, evaluate_index
+
+    beir = _small_beir(shared_data, tmp_path / "scifact-slice")
+    data = load_beir(beir, "test")
+    index = build_index(encoder, data, tmp_path / "idx", index_type="flat")
+    result = evaluate_index(index, encoder, data.queries, data.qrels, latency_queries=5)
+    report = evaluate(encoder, [f"beir:{beir}:test"], use_cache=False, cache_dir=tmp_path / "cache")
+    (task,) = report["results"].values()
+    assert result["metrics"]["ndcg_at_10"] == pytest.approx(task["metrics"]["ndcg_at_10"], abs=1e-12)
+    for name in ("recall_at_10", "recall_at_100", "mrr_at_10", "map_at_100"):
+        assert result["metrics"][name] == pytest.approx(task["metrics"][name], abs=1e-12), name
+    assert result["per_query"].keys() == task["per_query"].keys()
+    assert 0 < result["metrics"]["ndcg_at_10"] < 1  # a real, non-degenerate number on this slice
+    assert result["metrics"]["recall_at_1"] <= result["metrics"]["recall_at_5"] <= result["metrics"]["recall_at_100"]
+    lat = result["latency"]
+    assert lat["queries"] == 5 and 0 < lat["median_ms"] <= lat["p95_ms"]
+
+
+def test_hybrid_finds_a_lexical_only_match(encoder, docs, tmp_path):
+    from embedkit.errors import ConfigError
+
+    rare = {"rare": {"title": "", "text": "the zyxquartz deposit was surveyed last spring"}}
+    index = _build(encoder, {**docs, **rare}, tmp_path / "idx")
+    query = "zyxquartz"
+    dense = [h.doc_id for h in index.search(encoder, query, k=len(docs) + 1)]
+    hybrid = index.search(encoder, query, k=5, hybrid=True)
+    assert dense[0] != "rare"  # the tiny random model does not find it by meaning ...
+    assert hybrid[0].doc_id == "rare" and hybrid[0].bm25_score > 0  # ... BM25 does, and fusion puts it first
+    assert all(h.bm25_score is None for h in hybrid[1:])  # no other document contains the word
+    # Weight 0 is the dense ranking again; the fused scores are RRF scores.
+    assert [h.doc_id for h in index.search(encoder, query, k=5, hybrid=True, hybrid_weight=0.0)] == dense[:5]
+    rank_dense = dense.index("rare") + 1
+    assert hybrid[0].score == pytest.approx(0.5 / (60 + rank_dense) + 0.5 / 61)
+    with pytest.raises(ConfigError):
+        index.search(encoder, query, hybrid=True, hybrid_weight=1.5)
+    # A stopword-only query matches nothing lexically and falls back to the dense order.
+    assert [h.doc_id for h in index.search(encoder, "the of", k=3, hybrid=True, hybrid_weight=0.0)] == \
+           [h.doc_id for h in index.search(encoder, "the of", k=3)]
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_hybrid_scores_bm25_only_candidates_from_stored_vectors(encoder, docs, tmp_path, index_type):
+    """With a shallow dense list, BM25-only candidates get their exact cosine from the index's stored vectors."""
+    from embedkit.rag.index import _encode
+
+    index = _build(encoder, docs, tmp_path / "idx", index_type=index_type)
+    ids = list(docs)
+    query = "insulin lowers blood glucose"
+    q = _encode(encoder, [query], "query", 32)
+    doc_emb = _encode(encoder, [docs[i]["text"] for i in ids], "document", 32)
+    cosine = dict(zip(range(len(ids)), doc_emb @ q[0]))
+    (ranked,) = index.rank([query], q, 10, hybrid=True, depth=1)  # dense contributes only its top 1 ...
+    assert len(ranked) > 1  # ... so every other candidate came from BM25 and was reconstructed
+    for faiss_id, _, dense_score, _ in ranked:
+        assert dense_score == pytest.approx(float(cosine[faiss_id]), abs=1e-5)
+
+
+def test_corpus_inputs_jsonl_txt_and_errors(encoder, tmp_path):
+    from embedkit.errors import DataError
+    from embedkit.rag import load_documents
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"_id": "a", "title": "T", "text": "x"}\n{"_id": 7, "text": "y"}\n')
+    assert [(d.doc_id, d.embed_text) for d in load_documents(jsonl)] == [("a", "T x"), ("7", "y")]
+    txt = tmp_path / "p.txt"
+    txt.write_text("first passage\n\nsecond passage\n")
+    assert [d.doc_id for d in load_documents(txt)] == ["p.txt:1", "p.txt:3"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"_id": "a", "text": "x"}\n{"_id": "b"}\n')
+    with pytest.raises(DataError) as err:
+        load_documents(bad)
+    assert err.value.line == 2 and err.value.field == "text"
+    csv = tmp_path / "c.csv"
+    csv.write_text("x")
+    with pytest.raises(DataError, match="unsupported corpus file"):
+        load_documents(csv)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedkit.cli", "rag", *args], capture_output=True, text=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_index_query_eval(st_bert, tmp_path, shared_data):
+    beir = _small_beir(shared_data, tmp_path / "beir", n_queries=10, n_docs=60)
+    out = tmp_path / "idx"
+    result = run_cli("index", "--model", str(st_bert), "--corpus", str(beir), "--output", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    assert "flat index" in result.stdout and "indexed" in result.stdout
+
+    result = run_cli("query", str(out), "vitamin D and bone fractures", "-k", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+    report = tmp_path / "rag_eval.json"
+    result = run_cli("eval", str(out), "--beir", str(beir), "--latency-queries", "3", "-o", str(report), "-q",
+                     "--hybrid")
+    assert result.returncode == 0, result.stderr
+    assert "ndcg_at_10" in result.stdout and "latency per query" in result.stdout and "hybrid" in result.stdout
+    saved = json.loads(report.read_text())
+    assert saved["kind"] == "rag_eval" and saved["retrieval"]["hybrid"] is True
+    assert f"{saved['metrics']['ndcg_at_10']:.4f}" in result.stdout
+
+    # explicit files: a qrels line naming a document that is not in the index is reported with its line
+    qrels = tmp_path / "qrels.tsv"
+    first_query = json.loads((beir / "queries.jsonl").read_text().splitlines()[0])["_id"]
+    qrels.write_text(f"query-id\tcorpus-id\tscore\n{first_query}\tno-such-doc\t1\n")
+    result = run_cli("eval", str(out), "--queries", str(beir / "queries.jsonl"), "--qrels", str(qrels))
+    assert result.returncode == 2 and f"{qrels}:2" in result.stderr and "no-such-doc" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_corpus_line_exits_2_with_file_and_line(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": "fine too"}\n{"_id": "c", "text": }\n')
+    result = run_cli("index", "--model", "minilm", "--corpus", str(corpus), "--output", str(tmp_path / "idx"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"{corpus}:3" in lines[0]
+    assert not (tmp_path / "idx").exists()
+
+    result = run_cli("query", str(tmp_path / "nowhere"), "x")
+    assert result.returncode == 2 and "RAG index folder not found" in result.stderr
+
+
+def test_cli_add_and_delete(st_bert, tmp_path):
+    corpus = tmp_path / "passages.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "idx"
+    assert run_cli("index", "-m", str(st_bert), "-c", str(corpus), "-o", str(out), "-q").returncode == 0
+    more = tmp_path / "more.jsonl"
+    more.write_text('{"_id": "m1", "title": "", "text": "a new passage about coughs"}\n')
+    result = run_cli("add", str(out), "--corpus", str(more))
+    assert result.returncode == 0, result.stderr
+    assert "added 1 documents; the index now holds 11" in result.stdout
+    result = run_cli("delete", str(out), "m1", "passages.txt:1")
+    assert result.returncode == 0 and "now holds 9" in result.stdout
+    result = run_cli("delete", str(out), "m1")
+    assert result.returncode == 2 and "not in the index" in result.stderr

@@ -1,0 +1,221 @@
+"""The RAG search page: rendered server-side, checked in headless Chromium (DOM + screenshot) and over HTTP."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS
+
+CHROMIUM_FLAGS = [  # without these, a closed network makes Chromium hang on lookups and updates
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "Debian's chromium is needed (.ci/run installs it: apt-get install chromium)"
+    return exe
+
+
+def chromium(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
+                          capture_output=True, text=True, timeout=120)
+
+
+class PageParser(HTMLParser):
+    """Collects what the assertions need: the search box, the hits, <mark>s, the answer and its citation links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query_value = None
+        self.hits: list[dict] = []
+        self.marks: list[str] = []
+        self.citations: list[tuple[str, str]] = []
+        self.answer_text = ""
+        self.error = ""
+        self._stack: list[tuple[str, dict]] = []
+
+    def _inside(self, cls: str) -> bool:
+        return any(cls in (a.get("class") or "").split() or a.get("id") == cls for _, a in self._stack)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "input" and a.get("name") == "q":
+            self.query_value = a.get("value")
+        if tag == "li" and "hit" in (a.get("class") or ""):
+            self.hits.append({"rank": int(a["data-rank"]), "score": float(a["data-score"]),
+                              "doc_id": a["data-doc-id"], "id": a["id"], "text": ""})
+        if tag not in ("input", "meta", "br", "option"):  # void elements never close
+            self._stack.append((tag, a))
+
+    def handle_endtag(self, tag):
+        while self._stack:
+            if self._stack.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        if not self._stack:
+            return
+        tag, attrs = self._stack[-1]
+        if tag == "mark":
+            self.marks.append(data)
+        if self._inside("passage") and self.hits:
+            self.hits[-1]["text"] += data
+        if self._inside("answer"):
+            self.answer_text += data
+            if tag == "a" and "cite" in (attrs.get("class") or ""):
+                self.citations.append((attrs["href"], data))
+        if self._inside("error"):
+            self.error += data
+
+
+def parse(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def web_index(st_bert, tmp_path_factory):
+    from embedkit.models import load_model
+    from embedkit.rag import build_index
+
+    encoder = load_model(st_bert)
+    docs = {f"doc{i}": {"title": "", "text": t} for i, t in enumerate(dict.fromkeys(CORPUS))}
+    docs["xss"] = {"title": "<b>bold</b> title", "text": "fever <script>alert('x')</script> & cough"}
+    index = build_index(encoder, docs, tmp_path_factory.mktemp("web") / "idx")
+    return index, encoder
+
+
+class RecordingAnswerer:
+    """A deterministic answerer that cites the first two passages and remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, question: str, passages: list[str]) -> str:
+        self.calls.append((question, passages))
+        return f"Fever and cough are covered by [1] and [2]; see also [9] <i>unlisted</i>."
+
+
+def test_search_page_in_headless_chromium(web_index, tmp_path):
+    from embedkit.rag import create_web_app
+    from embedkit.serve.server import BackgroundServer
+
+    index, encoder = web_index
+    answerer = RecordingAnswerer()
+    app = create_web_app(index, encoder, answerer=answerer)
+    shot = tmp_path / "page.png"
+    with BackgroundServer(app) as server:
+        url = f"{server.url}/?q=fever+and+cough&k=5"
+        dom = chromium(url, tmp_path / "profile-dom", "--dump-dom")
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        png = chromium(url, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1100,1300",
+                       "--hide-scrollbars")
+        assert png.returncode == 0, png.stderr[-2000:]
+
+    page = parse(dom.stdout)
+    assert page.query_value == "fever and cough"  # the query stays in the box
+    assert [h["rank"] for h in page.hits] == [1, 2, 3, 4, 5]
+    scores = [h["score"] for h in page.hits]
+    assert scores == sorted(scores, reverse=True)
+    expected = index.search(encoder, "fever and cough", k=5)
+    assert [h["doc_id"] for h in page.hits] == [h.doc_id for h in expected]
+    assert page.marks and all(m.lower().startswith(("fever", "cough")) for m in page.marks)
+    assert any(m.lower() == "fever" for m in page.marks)
+    # The answer shows with its citations linked to the listed passages; [9] is no passage, so no link.
+    assert page.citations == [("#hit-1", "[1]"), ("#hit-2", "[2]")]
+    assert "[9]" in page.answer_text and "<i>unlisted</i>" in page.answer_text  # escaped, shown as text
+    assert {h["id"] for h in page.hits} >= {"hit-1", "hit-2"}
+    (question, passages), *_ = answerer.calls
+    assert question == "fever and cough" and len(passages) == 5
+    assert passages[0].endswith(expected[0].text)
+
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank canvas
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (1100, 1300)
+
+
+def test_page_escapes_corpus_and_query_html(web_index):
+    from fastapi.testclient import TestClient
+
+    from embedkit.rag import create_web_app
+
+    index, encoder = web_index
+    client = TestClient(create_web_app(index, encoder))
+    body = client.get("/", params={"q": "fever\"><script>alert(1)</script>", "k": 20}).text
+    assert "<script>" not in body and "&lt;script&gt;" in body
+    assert "<b>bold</b>" not in body and "&lt;b&gt;bold&lt;/b&gt;" in body
+    page = parse(body)
+    assert page.query_value == "fever\"><script>alert(1)</script>"
+    assert any(h["doc_id"] == "xss" for h in page.hits)
+
+
+def test_page_without_query_and_with_a_failing_answerer(web_index):
+    from fastapi.testclient import TestClient
+
+    from embedkit.rag import create_web_app
+
+    index, encoder = web_index
+    empty = parse(TestClient(create_web_app(index, encoder)).get("/").text)
+    assert empty.query_value == "" and empty.hits == []
+
+    def broken(question, passages):
+        raise RuntimeError("generator out of memory")
+
+    page = parse(TestClient(create_web_app(index, encoder, answerer=broken)).get("/?q=insulin").text)
+    assert len(page.hits) == 5 and "generator out of memory" in page.error
+
+
+def test_json_api(web_index):
+    from fastapi.testclient import TestClient
+
+    from embedkit.rag import create_web_app
+
+    index, encoder = web_index
+    client = TestClient(create_web_app(index, encoder, answerer=RecordingAnswerer()))
+    body = client.get("/api/search", params={"q": "blood sugar", "k": 3, "answer": "true"}).json()
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3]
+    assert [r["doc_id"] for r in body["results"]] == [h.doc_id for h in index.search(encoder, "blood sugar", k=3)]
+    assert body["answer"].startswith("Fever and cough are covered by [1]")
+    hybrid = client.get("/api/search", params={"q": "guitar stage", "k": 3, "hybrid": "true"}).json()
+    assert hybrid["hybrid"] is True and hybrid["results"][0]["bm25_score"] is not None
+    assert client.get("/api/search", params={"q": "x", "k": 0}).status_code == 422
+    assert client.get("/health").json()["index"]["documents"] == len(index)
+
+
+def test_highlight_and_citations_units():
+    from embedkit.rag.web import highlight, query_terms, render_answer, snippet
+
+    assert query_terms("What causes the Fever?") == ["causes", "fever"]
+    assert highlight("Fevers <b> fever", ["fever"]) == "<mark>Fevers</mark> &lt;b&gt; <mark>fever</mark>"
+    assert highlight("a < b", []) == "a &lt; b"
+    assert highlight("one fracture, two fractures", ["fractures"]) == \
+        "one <mark>fracture</mark>, two <mark>fractures</mark>"
+    assert render_answer("x [1] [3] <y>", 2) == 'x <a class="cite" href="#hit-1">[1]</a> [3] &lt;y&gt;'
+    long = "word " * 300 + "needle here " + "word " * 300
+    cut = snippet(long, ["needle"], limit=200)
+    assert "needle" in cut and len(cut) < 220 and cut.startswith("... ")
+
+
+def test_generator_wiring_of_rag_web(web_index, tiny_llama_dir, st_bert):
+    """`rag web --generator` builds the answerer through embedkit.llm.generate; an embedding-only folder is refused."""
+    from embedkit.errors import ConfigError
+    from embedkit.rag.cli import _answerer
+
+    index, _ = web_index
+    assert _answerer(index, None, 8) is None  # the index's own model (a BERT encoder) has no generative head
+    answer = _answerer(index, tiny_llama_dir, 4)
+    assert answer.source == str(tiny_llama_dir)
+    text = answer("what causes a fever?", ["the patient has a fever", "flu causes fever"])
+    assert isinstance(text, str)
+    with pytest.raises(ConfigError, match="no generative head"):
+        _answerer(index, st_bert, 8)
