@@ -13,7 +13,6 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.errors import EmbedkitError
 
 rag_app = typer.Typer(
     help="Retrieval-augmented generation: a FAISS index over your corpus, searched, evaluated and served as a web "
@@ -27,11 +26,6 @@ _MODEL_HELP = ("Model to embed the queries with. Default: the model the index wa
 _HYBRID_HELP = ("Hybrid retrieval: fuse the dense ranking with BM25 (reciprocal rank fusion over the top 100 of each; "
                 "needs bm25s: the rag extra of embedkit).")
 _WEIGHT_HELP = "Hybrid only: BM25's share of the fusion, 0 (dense only) to 1 (BM25 first, dense breaks ties)."
-
-
-def _fail(exc: EmbedkitError) -> typer.Exit:
-    typer.echo(f"error: {exc.one_line()}", err=True)
-    return typer.Exit(exc.exit_code)
 
 
 def _say(quiet: bool):
@@ -65,22 +59,19 @@ def index_command(
 
     Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
     """
-    try:
-        from embedkit.models import load_model
-        from embedkit.rag.bm25 import bm25_available
-        from embedkit.rag.corpus import load_documents
-        from embedkit.rag.index import build_index, choose_index_type
+    from embedkit.models import load_model
+    from embedkit.rag.bm25 import bm25_available
+    from embedkit.rag.corpus import load_documents
+    from embedkit.rag.index import build_index, choose_index_type
 
-        choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
-        say = _say(quiet)
-        docs = load_documents(corpus)
-        if say:
-            say(f"read {len(docs)} documents; loading model {model}")
-        encoder = load_model(model)
-        index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
-                            batch_size=batch_size, bm25=bm25 and bm25_available(), progress=say, source=corpus)
-    except EmbedkitError as exc:
-        raise _fail(exc) from None
+    choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
+    say = _say(quiet)
+    docs = load_documents(corpus)
+    if say:
+        say(f"read {len(docs)} documents; loading model {model}")
+    encoder = load_model(model)
+    index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
+                        batch_size=batch_size, bm25=bm25 and bm25_available(), progress=say, source=corpus)
     info = index.describe()
     build = index.manifest.get("build", {})
     typer.echo(f"indexed {info['documents']} documents into {output} ({info['type']} index, {info['dim']}-d, "
@@ -101,14 +92,11 @@ def add_command(
 
     Example: embedkit rag add runs/scifact-index --corpus new_abstracts.jsonl
     """
-    try:
-        from embedkit.rag.index import RagIndex, load_index_encoder
+    from embedkit.rag.index import RagIndex, load_index_encoder
 
-        index = RagIndex.load(index_path)
-        encoder = load_index_encoder(index, model)
-        added = index.add(encoder, corpus, batch_size=batch_size)
-    except EmbedkitError as exc:
-        raise _fail(exc) from None
+    index = RagIndex.load(index_path)
+    encoder = load_index_encoder(index, model)
+    added = index.add(encoder, corpus, batch_size=batch_size)
     typer.echo(f"added {added} documents; the index now holds {len(index)}")
 
 
@@ -123,21 +111,18 @@ def delete_command(
 
     Example: embedkit rag delete runs/scifact-index 4983 5836
     """
-    try:
-        from embedkit.errors import ConfigError, DataError
-        from embedkit.rag.index import RagIndex
+    from embedkit.errors import ConfigError, DataError
+    from embedkit.rag.index import RagIndex
 
-        wanted = list(ids or [])
-        if ids_file is not None:
-            if not ids_file.is_file():
-                raise DataError("ids file not found", path=ids_file)
-            wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not wanted:
-            raise ConfigError("give document ids to delete (arguments or --ids-file)", field="ids")
-        index = RagIndex.load(index_path)
-        deleted = index.delete(wanted, missing_ok=missing_ok)
-    except EmbedkitError as exc:
-        raise _fail(exc) from None
+    wanted = list(ids or [])
+    if ids_file is not None:
+        if not ids_file.is_file():
+            raise DataError("ids file not found", path=ids_file)
+        wanted += [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not wanted:
+        raise ConfigError("give document ids to delete (arguments or --ids-file)", field="ids")
+    index = RagIndex.load(index_path)
+    deleted = index.delete(wanted, missing_ok=missing_ok)
     typer.echo(f"deleted {deleted} documents; the index now holds {len(index)}")
 
 
@@ -156,14 +141,11 @@ def query_command(
 
     Example: embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
     """
-    try:
-        from embedkit.rag.index import RagIndex, load_index_encoder
+    from embedkit.rag.index import RagIndex, load_index_encoder
 
-        index = RagIndex.load(index_path)
-        encoder = load_index_encoder(index, model)
-        hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight)
-    except EmbedkitError as exc:
-        raise _fail(exc) from None
+    index = RagIndex.load(index_path)
+    encoder = load_index_encoder(index, model)
+    hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight)
     if json_output:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
@@ -206,32 +188,29 @@ def eval_command(
 
       embedkit rag eval runs/my-index --queries queries.jsonl --qrels qrels.tsv --hybrid
     """
+    from embedkit.errors import ConfigError
+    from embedkit.rag.evaluate import evaluate_index
+    from embedkit.rag.index import RagIndex, load_index_encoder
+
     try:
-        from embedkit.errors import ConfigError
-        from embedkit.rag.evaluate import evaluate_index
-        from embedkit.rag.index import RagIndex, load_index_encoder
+        ks = [int(x) for x in k_values.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--k-values must be integers separated by commas, not {k_values!r}",
+                          field="k-values") from None
+    index = RagIndex.load(index_path)
+    query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
+    say = _say(quiet)
+    if say:
+        say("loading the index's model")
+    encoder = load_index_encoder(index, model)
+    result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
+                            hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
+                            progress=say)
+    if output is not None:
+        from embedkit.atomic import write_json
+        from embedkit.manifest import base_manifest
 
-        try:
-            ks = [int(x) for x in k_values.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--k-values must be integers separated by commas, not {k_values!r}",
-                              field="k-values") from None
-        index = RagIndex.load(index_path)
-        query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
-        say = _say(quiet)
-        if say:
-            say("loading the index's model")
-        encoder = load_index_encoder(index, model)
-        result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
-                                hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
-                                progress=say)
-        if output is not None:
-            from embedkit.atomic import write_json
-            from embedkit.manifest import base_manifest
-
-            write_json(output, base_manifest("rag_eval", **result))
-    except EmbedkitError as exc:
-        raise _fail(exc) from None
+        write_json(output, base_manifest("rag_eval", **result))
     m, lat = result["metrics"], result["latency"]
     mode = f"hybrid (BM25 weight {hybrid_weight})" if hybrid else "dense"
     typer.echo(f"{result['batch']['queries']} queries, {result['index']['documents']} documents, "
@@ -297,20 +276,17 @@ def web_command(
 
     Example: embedkit rag web runs/scifact-index --port 8080   then open http://127.0.0.1:8080/?q=vitamin+D
     """
-    try:
-        from embedkit.rag.index import RagIndex, load_index_encoder
-        from embedkit.rag.web import serve_web
+    from embedkit.rag.index import RagIndex, load_index_encoder
+    from embedkit.rag.web import serve_web
 
-        index = RagIndex.load(index_path)
-        encoder = load_index_encoder(index, model)
-        answerer = None if no_generator else _answerer(index, generator, max_new_tokens)
-        typer.echo(f"serving {len(index)} documents at http://{host}:{port}/ "
-                   f"({'answers from ' + answerer.source if answerer else 'no generated answers'}); Ctrl-C stops",
-                   err=True)
-        serve_web(index, encoder, host=host, port=port, answerer=answerer, default_k=k, hybrid=hybrid,
-                  hybrid_weight=hybrid_weight, answer_passages=answer_passages)
-    except EmbedkitError as exc:
-        raise _fail(exc) from None
+    index = RagIndex.load(index_path)
+    encoder = load_index_encoder(index, model)
+    answerer = None if no_generator else _answerer(index, generator, max_new_tokens)
+    typer.echo(f"serving {len(index)} documents at http://{host}:{port}/ "
+               f"({'answers from ' + answerer.source if answerer else 'no generated answers'}); Ctrl-C stops",
+               err=True)
+    serve_web(index, encoder, host=host, port=port, answerer=answerer, default_k=k, hybrid=hybrid,
+              hybrid_weight=hybrid_weight, answer_passages=answer_passages)
 
 
 class _GeneratorAnswerer:
