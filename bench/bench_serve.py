@@ -11,7 +11,7 @@ production) at concurrency 1 and 8, and infinity-emb (the peer) serving the same
         "infinity-emb[server,torch]==0.0.78"
 
 and pass `--infinity-venv bench/.venv-infinity` (the default; without it the peer is reported as not run).
-Prints texts/s and the ratios: server / in-process, embedkit / infinity, int8 / torch.
+Prints texts/s (median of --repeats passes) and the ratios: server / in-process, embedkit / infinity, int8 / torch.
 """
 
 from __future__ import annotations
@@ -44,11 +44,24 @@ def load_texts(n: int) -> list[str]:
     return [texts[i % len(texts)] for i in range(n)]
 
 
-def in_process(encoder, texts: list[str], batch: int) -> float:
+def in_process(encoder, texts: list[str], batch: int, repeats: int) -> float:
+    """Median texts/s of `repeats` full passes (length-sorted batches, as `encode` does)."""
+    import statistics
+
     encoder.encode(texts[:64], batch_size=batch)  # warm-up
-    began = time.perf_counter()
-    encoder.encode(texts, batch_size=batch)
-    return len(texts) / (time.perf_counter() - began)
+    rates = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        encoder.encode(texts, batch_size=batch)
+        rates.append(len(texts) / (time.perf_counter() - began))
+    return statistics.median(rates)
+
+
+def drive_median(url: str, texts: list[str], batch: int, concurrency: int, repeats: int, **kwargs) -> tuple[float, int]:
+    import statistics
+
+    runs = [asyncio.run(drive(url, texts, batch, concurrency, **kwargs)) for _ in range(repeats)]
+    return statistics.median(rate for rate, _ in runs), sum(errors for _, errors in runs)
 
 
 async def drive(url: str, texts: list[str], batch: int, concurrency: int, *, route: str = "/v1/embeddings",
@@ -115,6 +128,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--onnx-dir", type=Path, help="An existing minilm int8 export (else exported to a temp dir).")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per measurement; the median is reported")
     parser.add_argument("--infinity-venv", type=Path, default=REPO / "bench" / ".venv-infinity",
                         help="venv with infinity-emb installed (see the docstring)")
     args = parser.parse_args()
@@ -129,8 +143,8 @@ def main() -> None:
         print(f"exporting minilm to {onnx_dir} (int8) ...", file=sys.stderr)
         export_onnx("minilm", onnx_dir, quantize="int8", log=lambda m: print(m, file=sys.stderr))
     results: dict[str, float] = {}
-    results["inprocess_torch"] = in_process(load_model("minilm"), texts, args.batch)
-    results["inprocess_onnx_int8"] = in_process(OnnxEncoder(onnx_dir), texts, args.batch)
+    results["inprocess_torch"] = in_process(load_model("minilm"), texts, args.batch, args.repeats)
+    results["inprocess_onnx_int8"] = in_process(OnnxEncoder(onnx_dir), texts, args.batch, args.repeats)
     print(f"in-process: torch {results['inprocess_torch']:.0f} texts/s, onnx int8 "
           f"{results['inprocess_onnx_int8']:.0f} texts/s", flush=True)
     for backend, model in (("onnx", str(onnx_dir)), ("torch", "minilm")):
@@ -139,7 +153,7 @@ def main() -> None:
         try:
             wait_up(url, process)
             for concurrency in (1, 8):
-                rate, errors = asyncio.run(drive(url, texts, args.batch, concurrency))
+                rate, errors = drive_median(url, texts, args.batch, concurrency, args.repeats)
                 key = f"serve_{backend}_c{concurrency}"
                 results[key] = rate
                 base = results["inprocess_onnx_int8" if backend == "onnx" else "inprocess_torch"]
@@ -157,8 +171,8 @@ def main() -> None:
         try:
             wait_up(url, process, timeout=600)
             for concurrency in (1, 8):
-                rate, errors = asyncio.run(drive(url, texts, args.batch, concurrency, route="/embeddings",
-                                                 model=str(resolve_model_path("minilm"))))
+                rate, errors = drive_median(url, texts, args.batch, concurrency, args.repeats, route="/embeddings",
+                                            model=str(resolve_model_path("minilm")))
                 results[f"infinity_c{concurrency}"] = rate
                 print(f"infinity-emb concurrency {concurrency}: {rate:.0f} texts/s, errors {errors}", flush=True)
         finally:

@@ -156,7 +156,8 @@ def test_batcher_merges_requests_that_arrive_while_the_model_runs():
         return np.array([[len(ids), ids[0]] for ids in id_lists], dtype=np.float32)
 
     async def drive():
-        batcher = MicroBatcher(model, max_batch_tokens=10_000, max_batch_size=1000)
+        # max_padding=1: no padding-driven splits, so every model call is one merged round
+        batcher = MicroBatcher(model, max_batch_tokens=10_000, max_batch_size=1000, max_padding=1.0)
         await batcher.start()
         semaphore = asyncio.Semaphore(16)
 
@@ -194,6 +195,26 @@ def test_batcher_respects_the_token_budget():
     asyncio.run(drive())
     assert all(rows * width <= 100 or rows == 1 for rows, width in shapes) and all(r <= 8 for r, _ in shapes)
     assert sum(rows for rows, _ in shapes) == 23
+
+
+def test_sub_batches_bound_padding_budget_and_rows():
+    from embedkit.serve.batcher import padding_aware_splits
+
+    lengths = sorted([40, 38, 37, 30, 25, 24, 22, 20, 18, 17, 16, 15, 14, 12, 12, 11, 10, 10, 9, 9, 8, 8, 8, 8] * 2,
+                     reverse=True)
+    splits = padding_aware_splits(lengths, max_tokens=10_000, max_rows=128, min_rows=4, max_padding=0.2)
+    assert splits[0][0] == 0 and splits[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(splits, splits[1:]))  # contiguous, every row once
+    for start, stop in splits:
+        rows = lengths[start:stop]
+        padding = 1 - sum(rows) / (len(rows) * rows[0])
+        assert len(rows) <= 4 or padding <= 0.2, (start, stop, padding)
+    padded = sum((stop - start) * lengths[start] for start, stop in splits)
+    assert padded < 0.85 * len(lengths) * lengths[0]  # far less than one call padded to the longest row
+    # Budget and row caps still bind; equal lengths stay in one call up to the caps.
+    assert padding_aware_splits([10] * 50, max_tokens=10_000, max_rows=32) == [(0, 32), (32, 50)]
+    assert padding_aware_splits([10] * 50, max_tokens=100, max_rows=128) == [(i, i + 10) for i in range(0, 50, 10)]
+    assert padding_aware_splits([500, 2], max_tokens=100, max_rows=8) == [(0, 1), (1, 2)]
 
 
 def test_load_2000_requests_at_concurrency_16(st_bert):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -38,6 +39,7 @@ class ServeSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_tokens: int = 16384  # padded tokens per model call
     max_batch_size: int = 128  # texts per model call
+    max_padding: float = 0.2  # a model call of >= 8 texts is cut before padding would exceed this share
     default_input_type: Literal["query", "document"] = "document"
     max_completion_tokens: int = 1024  # ceiling of a chat request's max_tokens
     extra_info: dict[str, Any] = field(default_factory=dict)
@@ -223,6 +225,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     served = {
         name: _Served(name, backend, MicroBatcher(backend.embed_ids, name=name, max_batch_tokens=settings.max_batch_tokens,
                                                   max_batch_size=settings.max_batch_size,
+                                                  max_padding=settings.max_padding,
                                                   on_batch=metrics.batch_observer(name)), created)
         for name, backend in backends.items()
     }
@@ -321,12 +324,12 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
             as_le = np.ascontiguousarray(vectors, dtype="<f4")
             data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(row.tobytes()).decode()}
                     for i, row in enumerate(as_le)]
-        else:
+        else:  # orjson writes float32 rows as shortest round-trip float32 text: ~5x faster, half the bytes of json
             data = [{"object": "embedding", "index": i, "embedding": row}
-                    for i, row in enumerate(vectors.astype(np.float32).tolist())]
+                    for i, row in enumerate(np.ascontiguousarray(vectors, dtype=np.float32))]
         payload = {"object": "list", "data": data, "model": entry.name,
                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
-        return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
     @app.post("/v1/chat/completions", responses=_ERRORS, dependencies=[Depends(check_key)],
               summary="Create a chat completion (OpenAI-compatible, non-streaming)")
