@@ -1,6 +1,6 @@
 """The LLM path on SmolLM2-135M on CPU, in one run (issue #7's "done when" numbers).
 
-    .venv/bin/python bench/bench_llm.py [--train 64] [--dpo-pairs 32] [--heldout 32] [--docs 120] [--max-length 96]
+    .venv/bin/python bench/bench_llm.py [--train 64] [--dpo-pairs 256] [--heldout 64] [--sft-weight 10] [--docs 120]
 
 Stages (in this order, so the peak RSS printed after stage 2 covers only the base eval and QLoRA training):
   1. base model nDCG@10 on a subset of medquad/test (whole topics, seeded, until --docs documents; printed)
@@ -56,8 +56,8 @@ def subset_beir(source: Path, target: Path, n_docs: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=64, help="training pairs (contrastive, joint, SFT)")
-    parser.add_argument("--dpo-pairs", type=int, default=32)
-    parser.add_argument("--heldout", type=int, default=32, help="held-out examples / preference pairs")
+    parser.add_argument("--dpo-pairs", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=64, help="held-out examples / preference pairs")
     parser.add_argument("--docs", type=int, default=120, help="documents in the medquad/test subset")
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--sft-weight", type=float, default=10.0,
