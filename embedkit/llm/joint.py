@@ -49,7 +49,7 @@ def train_joint(recipe, *, say: Callable[[str], None] | None = None) -> dict[str
     from embedkit.llm.data import encode_sft, encode_sft_many
     from embedkit.llm.loop import run_loop
     from embedkit.llm.model import make_embedder
-    from embedkit.llm.sft import _say, answer_loss, finish, prepare, work_dir
+    from embedkit.llm.sft import _say, finish, heldout_answer_loss, prepare, work_dir
 
     say = say or _say("joint")
     ctx = prepare(recipe, "joint", say)
@@ -74,7 +74,7 @@ def train_joint(recipe, *, say: Callable[[str], None] | None = None) -> dict[str
         if ctx["heldout"] else None
     extra: dict[str, Any] = {"sft_weight": j.sft_weight, "embedding_attention": m.embedding_attention}
     if held and recipe.data.heldout_before:
-        extra["heldout_answer_loss_before"] = answer_loss(model, held, pad, batch_size=t.micro_batch_size or 8)
+        extra["heldout_answer_loss_before"] = heldout_answer_loss(model, held, pad, recipe, say, "before")
 
     def step(rows: list[int]) -> dict[str, float]:
         idx = torch.tensor(rows)
@@ -87,9 +87,8 @@ def train_joint(recipe, *, say: Callable[[str], None] | None = None) -> dict[str
     stats = run_loop(recipe, model, len(examples), step, work=work, say=say, desc="joint")
     stats.update(extra)
     if held:
-        stats["heldout_answer_loss"] = answer_loss(model, held, pad, batch_size=t.micro_batch_size or 8)
+        stats["heldout_answer_loss"] = heldout_answer_loss(model, held, pad, recipe, say, "after")
         stats["heldout_examples"] = len(held)
-        say(f"held-out answer loss: {stats['heldout_answer_loss']:.4f}")
     finish(recipe, "joint", ctx, stats, work, say)
     if recipe.data.dev:
         stats["dev"] = evaluate_retrieval(output, recipe.data.dev, batch_size=recipe.data.dev_batch_size,

@@ -110,6 +110,13 @@ def answer_loss(model, features: Sequence[dict], pad_id: int, *, batch_size: int
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def heldout_answer_loss(model, held: Sequence[dict], pad_id: int, recipe, say, when: str) -> float:
+    """The held-out answer loss as `llm sft` and `llm joint` report it, before or after training."""
+    loss = answer_loss(model, held, pad_id, batch_size=recipe.training.micro_batch_size or 8)
+    say(f"held-out answer loss {when}: {loss:.4f}")
+    return loss
+
+
 def _say(mode: str) -> Callable[[str], None]:
     return lambda msg: print(f"embedkit llm {mode}: {msg}", file=sys.stderr, flush=True)
 
@@ -206,8 +213,7 @@ def train_sft(recipe, *, say: Callable[[str], None] | None = None) -> dict[str, 
     pad = tok.pad_token_id
     extra: dict[str, Any] = {"dropped_examples": dropped}
     if held and recipe.data.heldout_before:
-        extra["heldout_answer_loss_before"] = answer_loss(model, held, pad, batch_size=t.micro_batch_size or 8)
-        say(f"held-out answer loss before: {extra['heldout_answer_loss_before']:.4f}")
+        extra["heldout_answer_loss_before"] = heldout_answer_loss(model, held, pad, recipe, say, "before")
 
     def step(rows: list[int]) -> dict[str, float]:
         loss = sft_backward(model, [features[i] for i in rows], pad, micro_batch=t.micro_batch_size)
@@ -218,8 +224,7 @@ def train_sft(recipe, *, say: Callable[[str], None] | None = None) -> dict[str, 
     stats = run_loop(recipe, model, len(features), step, work=work, say=say, desc="sft")
     stats.update(extra)
     if held:
-        stats["heldout_answer_loss"] = answer_loss(model, held, pad, batch_size=t.micro_batch_size or 8)
+        stats["heldout_answer_loss"] = heldout_answer_loss(model, held, pad, recipe, say, "after")
         stats["heldout_examples"] = len(held)
-        say(f"held-out answer loss after: {stats['heldout_answer_loss']:.4f}")
     finish(recipe, "sft", ctx, stats, work, say)
     return {"output_dir": str(output), **stats}
