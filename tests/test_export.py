@@ -19,6 +19,9 @@ TEXTS = ["what causes high blood pressure", "fever", "a man is playing a guitar 
          "insulin lowers the level of glucose in the blood", "", "the court ruled"]
 
 
+TINY_MAX_NDCG_DROP = 0.03
+
+
 def _quiet(_message: str) -> None:
     pass
 
@@ -35,7 +38,10 @@ def st_llama(tmp_path_factory, tiny_llama_dir):
 @pytest.fixture(scope="module")
 def bert_export(tmp_path_factory, st_bert):
     out = tmp_path_factory.mktemp("exports") / "bert_onnx"
-    manifest = export_onnx(st_bert, out, quantize="int8", log=_quiet)
+    # The 0.005 nDCG bound is for real models (test_minilm_int8_export holds it). This 2-layer random-weight BERT
+    # scores ~0.42 on the check set, where one swapped rank moves nDCG by ~0.005, and int8 kernels round differently
+    # across CPUs (AVX2 vs VNNI), so its drop is bounded loosely here.
+    manifest = export_onnx(st_bert, out, quantize="int8", max_ndcg_drop=TINY_MAX_NDCG_DROP, log=_quiet)
     return out, manifest
 
 
@@ -76,7 +82,8 @@ def test_int8_export_meets_bounds(bert_export):
     assert (out / INT8_GRAPH).is_file() and (out / FP32_GRAPH).is_file()
     assert json.loads((out / ONNX_CONFIG_NAME).read_text())["default_variant"] == "int8"
     assert parity["int8_mean_cosine"] >= 0.99
-    assert parity["ndcg_at_10_fp32"] - parity["ndcg_at_10_int8"] <= 0.005
+    assert parity["ndcg_at_10_max_drop"] == TINY_MAX_NDCG_DROP
+    assert parity["ndcg_at_10_fp32"] - parity["ndcg_at_10_int8"] <= TINY_MAX_NDCG_DROP
     # recompute the cosine independently of the exporter
     fp32, int8 = OnnxEncoder(out, variant="fp32"), OnnxEncoder(out)
     a, b = fp32.encode(TEXTS * 3), int8.encode(TEXTS * 3)
