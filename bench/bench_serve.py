@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,6 @@ def load_texts(n: int) -> list[str]:
 
 def in_process(encoder, texts: list[str], batch: int, repeats: int) -> float:
     """Median texts/s of `repeats` full passes (length-sorted batches, as `encode` does)."""
-    import statistics
-
     encoder.encode(texts[:64], batch_size=batch)  # warm-up
     rates = []
     for _ in range(repeats):
@@ -58,8 +57,6 @@ def in_process(encoder, texts: list[str], batch: int, repeats: int) -> float:
 
 
 def drive_median(url: str, texts: list[str], batch: int, concurrency: int, repeats: int, **kwargs) -> tuple[float, int]:
-    import statistics
-
     runs = [asyncio.run(drive(url, texts, batch, concurrency, **kwargs)) for _ in range(repeats)]
     return statistics.median(rate for rate, _ in runs), sum(errors for _, errors in runs)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -369,7 +368,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                       "total_tokens": result.prompt_tokens + result.completion_tokens},
         }
-        return Response(json.dumps(payload), media_type="application/json")
+        return Response(orjson.dumps(payload), media_type="application/json")
 
     @app.get("/v1/models", dependencies=[Depends(check_key)], responses={401: _ERRORS[401]},
              summary="List the served models")
