@@ -187,9 +187,11 @@ def test_rag_eval_ndcg_equals_embedkit_eval(encoder, tmp_path, shared_data):
     result = evaluate_index(index, encoder, data.queries, data.qrels, latency_queries=5)
     report = evaluate(encoder, [f"beir:{beir}:test"], use_cache=False, cache_dir=tmp_path / "cache")
     (task,) = report["results"].values()
-    assert result["metrics"]["ndcg_at_10"] == pytest.approx(task["metrics"]["ndcg_at_10"], abs=1e-12)
-    for name in ("recall_at_10", "recall_at_100", "mrr_at_10", "map_at_100"):
-        assert result["metrics"][name] == pytest.approx(task["metrics"][name], abs=1e-12), name
+    # FAISS and the eval runner sum the dot products in different orders (AVX-512 kernels differ from AVX2 ones), and
+    # the random tiny BERT scores many documents within 1e-7 of each other, so a near-tie deep in a ranking may swap
+    # (seen: map@100 off by 2.6e-6 on an AVX-512 CPU). An indexing or metric bug moves these numbers by far more.
+    for name in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "map_at_100"):
+        assert result["metrics"][name] == pytest.approx(task["metrics"][name], abs=1e-4), name
     assert result["per_query"].keys() == task["per_query"].keys()
     assert 0 < result["metrics"]["ndcg_at_10"] < 1  # a real, non-degenerate number on this slice
     assert result["metrics"]["recall_at_1"] <= result["metrics"]["recall_at_5"] <= result["metrics"]["recall_at_100"]

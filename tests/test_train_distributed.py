@@ -55,8 +55,16 @@ def test_zero3_two_processes_equal_one_process_and_reload(recipe_file, tmp_path,
                                        f"training.output_dir={tmp_path / 'single'}"])
     train(single, say=lambda m: None)
     a, b = load_model(out), load_model(tmp_path / "single")
+    base = dict(load_model(tiny_bert_dir).named_parameters())
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) < 1e-5
+    # Compared as a norm relative to how far training moved the weights, not element by element: Adam's first step
+    # moves every weight by ~lr whatever its gradient's size, so a gradient that is float noise (~1e-9) can flip
+    # sign between the two reduction orders and move one element by up to 2 x lr (seen: 9e-5 on an AVX-512 CPU).
+    # Measured: 6.5e-5. Real differences, measured with one process: batch 2 without gathering 0.67, lr x 1.1 0.10,
+    # temperature 0.1 -> 0.11 0.05.
+    gap = sum(((pa[k] - pb[k]) ** 2).sum().item() for k in pa) ** 0.5
+    moved = sum(((pb[k] - base[k]) ** 2).sum().item() for k in pa) ** 0.5
+    assert gap / moved < 1e-3, (gap, moved)
     texts = [q for q, _ in PAIRS]
-    assert np.allclose(a.encode(texts), b.encode(texts), atol=1e-5)
+    assert np.allclose(a.encode(texts), b.encode(texts), atol=1e-4)
     assert not np.allclose(a.encode(texts), load_model(tiny_bert_dir).encode(texts), atol=1e-3)  # it trained
