@@ -78,7 +78,7 @@ def main() -> None:
     from embedkit.llm.joint import evaluate_retrieval, train_joint
     from embedkit.llm.sft import train_sft
     from embedkit.models import load_model
-    from embedkit.train.trainer import peak_rss_gb
+    from embedkit.train.contrastive import peak_rss_gb
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def child(variant: str, steps: int, batch: int, max_length: int, data: str, outp
           grad_cache: int | None = None, checkpointing: bool = False) -> dict:
     from embedkit.manifest import MANIFEST_NAME
     from embedkit.train.config import load_recipe
-    from embedkit.train.trainer import train
+    from embedkit.train.contrastive import train
 
     overrides = [f"adapter.type={variant}", "adapter.save=adapter" if variant != "none" else "adapter.save=merged",
                  f"training.max_steps={steps}", f"training.batch_size={batch}",
@@ -43,7 +43,7 @@ def child(variant: str, steps: int, batch: int, max_length: int, data: str, outp
                  f"data.max_examples={steps * batch}", f"training.output_dir={output}", "training.progress=false",
                  "training.checkpoint_every=null"]
     recipe = load_recipe(REPO / "recipes" / "smollm2-qlora.yaml", overrides)
-    result = train(recipe, say=lambda m: None)
+    result = train(recipe)
     from embedkit.models.adapters import trainable_parameters  # noqa: F401  (import cost outside the timing)
 
     memory = json.loads((Path(output) / MANIFEST_NAME).read_text())["training"]["stats"]["memory"]

@@ -340,12 +340,15 @@ def child_train(spec_path: Path) -> None:
     from embedkit.manifest import MANIFEST_NAME
     from embedkit.models import load_model
     from embedkit.train.config import load_recipe
-    from embedkit.train.trainer import train
+    from embedkit.train.contrastive import train
 
     spec = json.loads(spec_path.read_text())
     recipe = load_recipe(REPO / spec["recipe"], spec["overrides"])
     started = time.perf_counter()
-    result = train(recipe, say=lambda m: print(f"  [{spec['variant']}] {m}", flush=True))
+    from embedkit.train.engine import configure_logging
+
+    configure_logging(f"  [{spec['variant']}]")
+    result = train(recipe)
     train_s = time.perf_counter() - started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     manifest = json.loads((result.output_dir / MANIFEST_NAME).read_text())["training"]

@@ -60,7 +60,7 @@ def _recipe(dataset: str, data_root: str, output: Path):
 
 # ---------------------------------------------------------------------------------------------------- children
 def child_embedkit(dataset: str, data_root: str, output: Path) -> dict:
-    from embedkit.train.trainer import train
+    from embedkit.train.contrastive import train
 
     recipe = _recipe(dataset, data_root, output)
     marks = {}
@@ -73,7 +73,7 @@ def child_embedkit(dataset: str, data_root: str, output: Path) -> dict:
         on_step(step, record)
         marks["rss"] = _self_peak_rss_gb()
 
-    result = train(recipe, on_step=on_step_rss, say=lambda m: None)
+    result = train(recipe, on_step=on_step_rss)
     return {"samples": result.samples, "steps": result.steps, "train_s": marks["end"] - started,
             "cpu_s": marks["cpu"] - cpu0, "steps_only_s": result.train_seconds, "final_loss": result.final_loss,
             "train_peak_rss_gb": marks["rss"]}
@@ -88,7 +88,7 @@ def child_st(dataset: str, data_root: str, output: Path) -> dict:
                                        SentenceTransformerTrainingArguments, losses)
 
     from embedkit.models.registry import minilm_path
-    from embedkit.train.trainer import load_examples
+    from embedkit.train.contrastive import load_examples
 
     examples, _ = load_examples(_recipe(dataset, data_root, output))  # the very same pairs as embedkit
     model = SentenceTransformer(str(minilm_path()), device="cpu")

@@ -26,10 +26,12 @@ from typing import Optional
 import typer
 
 from embedkit import __version__
+from embedkit.device import DEVICE_HELP
 from embedkit.data.cli import check_command
 from embedkit.errors import EmbedkitError
 from embedkit.eval.cli import compare_command, eval_command
 from embedkit.export.cli import export_command
+from embedkit.launch import NPROC_HELP
 from embedkit.mine.cli import mine_command
 from embedkit.llm.cli import llm_app
 from embedkit.rag.cli import rag_app
@@ -144,6 +146,7 @@ def _read_texts(path: Path, field: str) -> list[str]:
 
 @app.command("encode")
 def encode_command(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
     input_path: Path = typer.Option(..., "--input", "-i",
                                     help="Texts: .txt (one per line) or .jsonl (one object per line)."),
@@ -154,26 +157,36 @@ def encode_command(
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise the vectors."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (bf16 for LLM encoders on capable CPUs/GPUs)."),
     max_length: int | None = typer.Option(None, "--max-length", help="Truncate inputs to this many tokens."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Embed texts with a model and save the vectors as .npy (row i = line i of the input).
+
+    --nproc N runs N processes (torch.distributed: gloo on the CPU, nccl with one GPU each); each encodes a share
+    of the texts and the first writes the file, identical to a one-process run.
 
     Example: embedkit encode --model minilm --input questions.txt --kind query --output q.npy
     """
     import numpy as np
 
     from embedkit.atomic import atomic_path
+    from embedkit.launch import processes
     from embedkit.models import load_model
 
     if kind not in ("query", "document"):
         raise EmbedkitError(f"--kind must be 'query' or 'document', not {kind!r}", field="kind")
     texts = _read_texts(input_path, field)
-    encoder = load_model(model, dtype=dtype, max_length=max_length)
-    vectors = encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=normalize)
-    with atomic_path(output) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, vectors)
-    typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {output} "
-               f"(model {encoder.name}, pooling {encoder.pooling}, fingerprint {encoder.fingerprint[:12]})")
+    with processes(nproc, device, ctx=ctx) as procs:
+        encoder = load_model(model, dtype=dtype, max_length=max_length, device=procs.device)
+        with procs.shard(encoder):
+            vectors = encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=normalize)
+        if procs.is_main:
+            with atomic_path(output) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, vectors)
+            typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {output} (model {encoder.name}, "
+                       f"pooling {encoder.pooling}, fingerprint {encoder.fingerprint[:12]}, on {procs.device}"
+                       + (f" x {procs.world} processes)" if procs.world > 1 else ")"))
 
 
 @app.command("demo")
@@ -203,8 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except EmbedkitError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
+        from embedkit.launch import report_error
+
+        report_error(f"error: {exc.one_line()}")  # stderr; under --nproc once, from the process that failed first
         sys.exit(exc.exit_code)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """A launched process (--nproc) leaves its process group cleanly, whatever command created it."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

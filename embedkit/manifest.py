@@ -87,6 +87,21 @@ def command_line() -> list[str]:
     return argv
 
 
+def device_fields(device: Any = None) -> dict[str, Any]:
+    """{"device": "cuda:0 (NVIDIA H200, 139 GiB)", "processes": N} for a manifest: where the model ran, and over
+    how many processes (torch.distributed) it was spread; {"device": None} when unknown (e.g. no torch model)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(device, torch.device):
+        return {"device": None}
+    from embedkit.device import describe_device
+
+    fields: dict[str, Any] = {"device": describe_device(device)}
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        fields["processes"] = dist.get_world_size()
+    return fields
+
+
 def base_manifest(kind: str, **fields: Any) -> dict[str, Any]:
     """The fields every manifest carries; callers add their own (model, data, seed, ...)."""
     return {

@@ -135,7 +135,7 @@ def evaluate_to(encoder, path: Path) -> dict[str, Any]:
 
 def train_model(settings: DemoSettings, mined: Path, output: Path):
     from embedkit.train.config import Recipe
-    from embedkit.train.trainer import train
+    from embedkit.train.contrastive import train
 
     recipe = Recipe.model_validate({
         "model": {"name": settings.model, "max_length": settings.max_length, "attention_dropout": 0.0},
@@ -146,7 +146,10 @@ def train_model(settings: DemoSettings, mined: Path, output: Path):
                      "lr": settings.lr, "seed": settings.seed, "threads": settings.threads,
                      "group_by_length": True, "eval_at_end": False},
     })
-    return train(recipe, say=lambda m: _say(f"train: {m}"))
+    from embedkit.train.engine import configure_logging
+
+    configure_logging("[demo] train")  # the engine logs through stdlib logging ("embedkit.train")
+    return train(recipe)
 
 
 def significance(base: dict[str, Any], tuned: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -113,15 +113,16 @@ def test_loss_ignores_prompt_and_padding_logits(tiny_lm):
 
 
 def test_micro_batches_do_not_change_the_sft_gradient(tiny_llama_dir, tiny_lm):
-    from embedkit.llm.model import load_causal_lm
+    from embedkit.llm.model import TwoHeads, load_causal_lm
     from embedkit.llm.sft import sft_backward
+    from embedkit.train.gradcache import DirectRunner
 
     _, tok = tiny_lm
     features = [encode_sft(tok, r["query"], r["positive"], max_length=96) for r in _qa_rows()[:5]]
     grads = []
     for micro in (None, 2):
         model, _, _, _ = load_causal_lm(tiny_llama_dir)
-        loss = sft_backward(model, features, tok.pad_token_id, micro_batch=micro)
+        loss = sft_backward(DirectRunner(TwoHeads(model)), features, tok.pad_token_id, micro_batch=micro)
         grads.append((loss, model.lm_head.weight.grad.clone()))
     assert math.isclose(grads[0][0], grads[1][0], rel_tol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
@@ -142,27 +143,31 @@ def test_dpo_loss_equals_hand_computed_value():
     assert torch.allclose(chosen, torch.tensor([0.1, -0.1])) and torch.allclose(rejected, torch.tensor([-0.1, 0.0]))
 
 
-def test_dpo_reference_is_the_model_with_its_adapter_disabled(tiny_llama_dir, tiny_lm):
-    from embedkit.llm.config import LLMAdapterSection
-    from embedkit.llm.dpo import pair_logprobs, reference_mode
-    from embedkit.llm.model import attach_adapter, load_causal_lm
+def test_dpo_reference_scores_are_the_starting_models(tmp_path, qa_file, sft_folder):
+    """The reference log-probs DPO trains against are the model's own before its first update (an adapter starts at
+    zero, so they equal the adapter-disabled model's), and training moves the policy away from them."""
+    from embedkit.llm.dpo import DPOStep, score_pairs
+    from embedkit.llm.model import load_causal_lm
+    from embedkit.llm.training import run_llm
 
-    _, tok = tiny_lm
-    pairs = [(encode_sft(tok, "what is gout?", "gout hurts", max_length=96),
-              encode_sft(tok, "what is gout?", "the flu spreads", max_length=96))]
-    plain, _, _, _ = load_causal_lm(tiny_llama_dir)
-    with torch.no_grad():
-        expected = pair_logprobs(plain, pairs, tok.pad_token_id)
-    model = attach_adapter(load_causal_lm(tiny_llama_dir)[0], LLMAdapterSection(type="lora", r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.5)  # the adapter now changes the model
-        changed = pair_logprobs(model, pairs, tok.pad_token_id)
-        with reference_mode(model) as ref:
-            reference = pair_logprobs(ref, pairs, tok.pad_token_id)
-    assert torch.allclose(reference[0], expected[0], atol=1e-5) and torch.allclose(reference[1], expected[1], atol=1e-5)
-    assert not torch.allclose(changed[0], expected[0], atol=1e-3)
+    folder, _ = sft_folder
+    seen = {}
+
+    class Spy(DPOStep):
+        def start(self, engine, resumed):
+            super().start(engine, resumed)
+            seen["reference"] = self.reference
+            seen["pairs"] = self.encoded
+            seen["pad"] = self.ctx.pad_id
+
+    run_llm(_recipe(tmp_path, qa_file, folder, "dpo"), "dpo", Spy)
+    start, tok, _, _ = load_causal_lm(folder)
+    expected = score_pairs(start, seen["pairs"], seen["pad"])
+    assert torch.allclose(seen["reference"]["chosen"], expected["chosen"], atol=1e-4)
+    assert torch.allclose(seen["reference"]["rejected"], expected["rejected"], atol=1e-4)
+    trained, _, _, _ = load_causal_lm(tmp_path / "dpo")
+    after = score_pairs(trained, seen["pairs"], seen["pad"])
+    assert not torch.allclose(after["chosen"], expected["chosen"], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- pairs
@@ -184,9 +189,10 @@ def test_preference_pairs_take_rejected_from_the_same_topic_never_the_own_answer
 def test_joint_step_is_contrastive_plus_weighted_sft_exactly(tiny_llama_dir, tiny_lm):
     from embedkit.llm.config import LLMAdapterSection, LLMModelSection
     from embedkit.llm.joint import joint_step
-    from embedkit.llm.model import attach_adapter, embedding_settings, load_causal_lm, make_embedder
+    from embedkit.llm.model import TwoHeads, attach_adapter, embedding_settings, load_causal_lm, make_embedder
     from embedkit.llm.sft import collate_sft, sft_loss_from_logits
-    from embedkit.train.loss import ContrastiveLoss
+    from embedkit.train.gradcache import DirectRunner
+    from embedkit.train.losses import InfoNCE
 
     _, tok = tiny_lm
     rows = _qa_rows()[:4]
@@ -202,8 +208,9 @@ def test_joint_step_is_contrastive_plus_weighted_sft_exactly(tiny_llama_dir, tin
     model, emb = fresh()
     q_ids = emb._token_ids([r["query"] for r in rows], "query")
     d_ids = emb._token_ids([r["positive"] for r in rows], "document")
-    loss_fn = ContrastiveLoss(temperature=0.05)
-    out = joint_step(emb, model, loss_fn, q_ids, d_ids, features, pad_id=tok.pad_token_id, weight=weight)
+    loss_fn = InfoNCE(temperature=0.05)
+    out = joint_step(emb, DirectRunner(TwoHeads(model, emb)), loss_fn, q_ids, d_ids, features, pad_id=tok.pad_token_id,
+                     weight=weight)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     model2, emb2 = fresh()
@@ -220,7 +227,8 @@ def test_joint_step_is_contrastive_plus_weighted_sft_exactly(tiny_llama_dir, tin
             assert torch.allclose(got[name], p.grad, atol=1e-5), name
     # weight 0 is the embedding-only run: no answer-loss gradient at all
     model3, emb3 = fresh()
-    out0 = joint_step(emb3, model3, loss_fn, q_ids, d_ids, features, pad_id=tok.pad_token_id, weight=0.0)
+    out0 = joint_step(emb3, DirectRunner(TwoHeads(model3, emb3)), loss_fn, q_ids, d_ids, features,
+                      pad_id=tok.pad_token_id, weight=0.0)
     assert out0["sft"] == 0.0 and out0["loss"] == out0["contrastive"]
 
 
@@ -260,7 +268,7 @@ def sft_folder(tmp_path_factory, qa_file, tiny_llama_dir):
     from embedkit.llm.sft import train_sft
 
     tmp = tmp_path_factory.mktemp("sft")
-    result = train_sft(_recipe(tmp, qa_file, tiny_llama_dir, "sft"), say=lambda m: None)
+    result = train_sft(_recipe(tmp, qa_file, tiny_llama_dir, "sft"))
     return Path(result["output_dir"]), result
 
 
@@ -305,7 +313,7 @@ def test_dpo_and_joint_train_and_save(tmp_path, qa_file, sft_folder, tiny_llama6
     from embedkit.models import load_model
 
     folder, _ = sft_folder
-    dpo = train_dpo(_recipe(tmp_path, qa_file, folder, "dpo"), say=lambda m: None)
+    dpo = train_dpo(_recipe(tmp_path, qa_file, folder, "dpo"))
     assert dpo["steps"] == 2
     assert 0.0 <= dpo["heldout_preference_accuracy"] <= 1.0 and dpo["heldout_preference"]["pairs"] > 0
     assert load_model(dpo["output_dir"]).pooling == "lasttoken"
@@ -322,7 +330,7 @@ def test_dpo_and_joint_train_and_save(tmp_path, qa_file, sft_folder, tiny_llama6
     recipe = _recipe(tmp_path, qa_file, tiny_llama64_dir, "joint", adapter={"type": "qlora"},
                      model={"embedding_attention": "bidirectional"}, joint={"sft_weight": 0.5},
                      data={"dev": f"beir:{dev}:test"})
-    joint = train_joint(recipe, say=lambda m: None)
+    joint = train_joint(recipe)
     assert joint["steps"] == 2 and 0.0 <= joint["dev"]["score"] <= 1.0
     encoder = load_model(joint["output_dir"])
     assert encoder.attention == "bidirectional"

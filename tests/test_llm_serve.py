@@ -29,7 +29,7 @@ def chat_folder(tmp_path_factory, tiny_llama_dir) -> Path:
                                       "data": {"train": str(data)},
                                       "training": {"output_dir": str(tmp / "model"), "batch_size": 4, "max_steps": 1,
                                                    "progress": False}}))
-    return Path(train_sft(load_llm_recipe(recipe, mode="sft"), say=lambda m: None)["output_dir"])
+    return Path(train_sft(load_llm_recipe(recipe, mode="sft"))["output_dir"])
 
 
 @pytest.fixture(scope="module")

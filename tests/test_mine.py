@@ -490,3 +490,20 @@ def test_remine_uses_the_current_model_and_the_same_filters():
     assert [e.scores for e in first] != [e.scores for e in second]
     again = remine(FakeEncoder(), RemineState.from_examples(examples, settings, corpus=corpus))
     assert [(e.negatives, e.scores) for e in again] == [(e.negatives, e.scores) for e in first]  # reproducible
+
+
+def test_write_false_mines_the_same_rows_and_writes_nothing(tmp_path):
+    """The processes other than rank 0 of `embedkit mine --nproc N` make the same encode calls, write nothing."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs_rows())
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS_ROWS)
+    settings = MiningSettings(range_min=1, range_max=10, num_negatives=2, seed=3)
+    main, other = FakeEncoder(), FakeEncoder()
+    out = tmp_path / "main" / "mined.jsonl"
+    written = mine_to_file(main, load_task(pairs, corpus=corpus), out, settings, cache_dir=tmp_path / "cache")
+    silent = mine_to_file(other, load_task(pairs, corpus=corpus), tmp_path / "other" / "mined.jsonl", settings,
+                          cache_dir=tmp_path / "cache2", write=False)
+    assert silent["rows_written"] == written["rows_written"] == 4 and silent["stats"] == written["stats"]
+    assert other.calls == main.calls  # the same encode calls: each is a collective under sharded encoding
+    assert not (tmp_path / "other").exists() and not (tmp_path / "cache2").exists()
+    manifest = json.loads(out.with_name("mined.manifest.json").read_text())
+    assert "device" in manifest  # None for this torch-free fake; "cpu (2 threads)" etc. for a real encoder

@@ -129,12 +129,12 @@ def test_bad_recipe_fails_in_the_cli_before_any_model_loads(pairs_file, tmp_path
     path = _write(tmp_path, _good(pairs_file, tmp_path) + "  epochz: 2\n")
     kwargs = dict(set_=[], resume=False, deepspeed=None, output=None, nproc=1, check=False, json_output=False)
     with pytest.raises(ConfigError, match="epochz"):
-        train_command(path, **kwargs)
+        train_command(None, path, **kwargs)
     path = _write(tmp_path, _good(tmp_path / "missing.jsonl", tmp_path))
     with pytest.raises(ConfigError, match="missing.jsonl"):
-        train_command(path, **kwargs)
+        train_command(None, path, **kwargs)
     with pytest.raises(ConfigError, match="deepspeed.stage"):
-        train_command(_write(tmp_path, _good(pairs_file, tmp_path)), **{**kwargs, "deepspeed": "zero9"})
+        train_command(None, _write(tmp_path, _good(pairs_file, tmp_path)), **{**kwargs, "deepspeed": "zero9"})
 
 
 def test_cli_check_validates_without_training(pairs_file, tmp_path, capsys, monkeypatch):
@@ -145,7 +145,10 @@ def test_cli_check_validates_without_training(pairs_file, tmp_path, capsys, monk
     path = _write(tmp_path, _good(pairs_file, tmp_path))
     kwargs = dict(set_=["training.lr=3e-5"], resume=False, deepspeed=None, output=tmp_path / "o2", nproc=1,
                   check=True, json_output=False)
-    train_command(path, **kwargs)
+    train_command(None, path, **kwargs)
     assert "ok" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="--nproc"):
-        train_command(path, **{**kwargs, "check": False, "nproc": 2})
+    # --check validates the recipe, not this machine: a GPU recipe checks here; running it is a one-line error.
+    train_command(None, path, **{**kwargs, "set_": ["model.device=cuda"]})
+    assert "on cuda" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train_command(None, path, **{**kwargs, "check": False, "set_": ["model.device=cuda"]})

@@ -7,7 +7,7 @@ import torch
 
 from embedkit.models.encoder import load_model
 from embedkit.train.gradcache import cached_step, plain_step
-from embedkit.train.loss import ContrastiveLoss, text_keys
+from embedkit.train.losses import InfoNCE, text_keys
 
 QUERIES = ["what causes fever", "how is asthma treated", "insulin and blood sugar", "the guitar on stage",
            "court ruled contract void", "interest rates rose", "the quick brown fox", "symptoms of flu"]
@@ -35,7 +35,7 @@ def _run(encoder, step, *, seed=0, **kwargs):
     encoder.zero_grad(set_to_none=True)
     q_ids = encoder._token_ids(QUERIES, "query")
     d_ids = encoder._token_ids(DOCS + NEGATIVES, "document")
-    loss = ContrastiveLoss(temperature=0.05, symmetric=True)
+    loss = InfoNCE(temperature=0.05, symmetric=True)
     torch.manual_seed(seed)
     out = step(encoder, loss, q_ids, d_ids, query_keys=text_keys(QUERIES),
                document_keys=text_keys(DOCS + NEGATIVES), **kwargs)

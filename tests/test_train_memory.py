@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embedkit.models.encoder import load_model
-from embedkit.train.trainer import parameter_memory
+from embedkit.train.contrastive import parameter_memory
 
 
 def _mapped(path: Path) -> bool:
@@ -44,7 +44,7 @@ def test_nf4_load_releases_the_fp32_checkpoint_and_weighs_less(tiny_llama64_dir)
 def test_training_manifest_records_weight_memory(tiny_bert_dir, tmp_path):
     from embedkit.manifest import MANIFEST_NAME
     from embedkit.train.config import parse_recipe
-    from embedkit.train.trainer import train
+    from embedkit.train.contrastive import train
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": f"query {i}", "positive": f"document {i}"}) + "\n"
@@ -53,7 +53,7 @@ def test_training_manifest_records_weight_memory(tiny_bert_dir, tmp_path):
                            "adapter": {"type": "lora", "r": 2, "alpha": 4},
                            "training": {"output_dir": str(tmp_path / "m"), "batch_size": 2, "progress": False,
                                         "threads": 1}})
-    train(recipe, say=lambda m: None)
+    train(recipe)
     memory = json.loads((tmp_path / "m" / MANIFEST_NAME).read_text())["training"]["stats"]["memory"]
     weights = memory["parameters"]
     assert 0 < weights["trainable_bytes"] < weights["total_bytes"] / 2  # LoRA: a small trainable share

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from embedkit.errors import ConfigError
 from embedkit.models.encoder import load_model
 from embedkit.train.config import parse_recipe
 from embedkit.train.gradcache import cached_step, plain_step
-from embedkit.train.loss import ContrastiveLoss, text_keys
-from embedkit.train.trainer import load_examples, prepare_data, train
+from embedkit.train.losses import Distillation, InfoNCE, text_keys
+from embedkit.train.contrastive import load_examples, prepare_data, train
 
-QUIET = {"say": lambda msg: None}
+QUIET: dict = {}
 
 
 @pytest.fixture(autouse=True)
@@ -55,27 +56,27 @@ def test_short_rows_give_the_loss_without_the_missing_negatives():
     q, d, valid = _batch()
     d_garbage = d.clone()
     d_garbage[~valid] = 1e3  # whatever sits in a padded slot must not matter
-    out = ContrastiveLoss(temperature=0.5, mask_false_negatives=False)(q, d_garbage, document_valid=valid)
+    out = InfoNCE(temperature=0.5, mask_false_negatives=False)(q, d_garbage, document_valid=valid)
     assert out.loss.item() == pytest.approx(_by_hand(q, d, valid, 2.0), abs=1e-5)
     assert out.padded == 3 and out.masked == 0
     # Without the mask the padded slots would count (the test above is not vacuous).
-    plain = ContrastiveLoss(temperature=0.5, mask_false_negatives=False)(q, d_garbage)
+    plain = InfoNCE(temperature=0.5, mask_false_negatives=False)(q, d_garbage)
     assert plain.loss.item() != pytest.approx(out.loss.item(), abs=1e-3)
     # All slots real: the mask changes nothing.
     full = torch.ones_like(valid)
-    a = ContrastiveLoss(temperature=0.5)(q, d, document_valid=full).loss.item()
-    assert a == pytest.approx(ContrastiveLoss(temperature=0.5)(q, d).loss.item(), abs=1e-7)
+    a = InfoNCE(temperature=0.5)(q, d, document_valid=full).loss.item()
+    assert a == pytest.approx(InfoNCE(temperature=0.5)(q, d).loss.item(), abs=1e-7)
 
 
 def test_padded_slots_get_no_gradient_and_positives_cannot_be_padding():
     q, d, valid = _batch(1)
     d = d.clone().requires_grad_(True)
-    ContrastiveLoss(temperature=0.1, symmetric=True)(q, d, document_valid=valid).loss.backward()
+    InfoNCE(temperature=0.1, symmetric=True)(q, d, document_valid=valid).loss.backward()
     assert torch.all(d.grad[~valid] == 0) and torch.all(d.grad[valid].abs().sum(-1) > 0)
     bad = valid.clone()
     bad[0] = False
     with pytest.raises(ValueError, match="positive"):
-        ContrastiveLoss()(q, d.detach(), document_valid=bad)
+        InfoNCE()(q, d.detach(), document_valid=bad)
 
 
 def test_distillation_ignores_padded_negatives():
@@ -89,13 +90,13 @@ def test_distillation_ignores_padded_negatives():
         return torch.stack([qn[i] @ dn[c] for c in cols])
 
     real_teacher = [teacher[i, :len(student(i))] for i in range(b)]
-    margin = ContrastiveLoss(distillation="margin_mse", contrastive_weight=0.0)
+    margin = Distillation(InfoNCE(), kind="margin_mse", contrastive_weight=0.0)
     out = margin(q, d, teacher_scores=teacher, document_valid=valid)
     errors = [((s[0] - s[1:]) - (t[0] - t[1:])) ** 2 for s, t in zip(map(student, range(b)), real_teacher)]
     expected = torch.cat(errors).mean()
     assert out.distillation == pytest.approx(float(expected), abs=1e-6)
 
-    kl = ContrastiveLoss(temperature=0.5, distillation="kl", contrastive_weight=0.0, distillation_temperature=0.2)
+    kl = Distillation(InfoNCE(temperature=0.5), kind="kl", contrastive_weight=0.0, temperature=0.2)
     out = kl(q, d, teacher_scores=teacher, document_valid=valid)
     expected = sum(float(F.kl_div(F.log_softmax(student(i) * 2.0, -1), F.log_softmax(real_teacher[i] / 0.2, -1),
                                   log_target=True, reduction="sum")) for i in range(b)) / b
@@ -126,7 +127,7 @@ def test_gradcache_agrees_with_the_plain_step_on_short_rows(tiny_bert_dir, symme
 
     def run(step, **extra):
         encoder.zero_grad(set_to_none=True)
-        out = step(encoder, ContrastiveLoss(temperature=0.05, symmetric=symmetric), q_ids, d_ids, **kwargs, **extra)
+        out = step(encoder, InfoNCE(temperature=0.05, symmetric=symmetric), q_ids, d_ids, **kwargs, **extra)
         return out.loss.item(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
 
     plain, cached = run(plain_step), run(cached_step, mini_batch=3)
@@ -160,14 +161,13 @@ def _recipe(model_dir, train_spec, out, **sections):
     return parse_recipe(raw)
 
 
-def test_trainer_accepts_short_rows_and_reports_them(tiny_bert_dir, tmp_path):
+def test_trainer_accepts_short_rows_and_reports_them(tiny_bert_dir, tmp_path, caplog):
     rows = [{"query": q, "positive": p, "negatives": n, "scores": [1.0] + [0.5] * len(n)}
             for q, p, n in zip(QUERIES, POSITIVES, NEGATIVES)]
     data = _pairs_file(tmp_path, rows)
-    messages = []
-    result = train(_recipe(tiny_bert_dir, data, tmp_path / "m", loss={"hard_negatives": 2}),
-                   say=messages.append)
-    assert any("2 rows have fewer than 2 negatives (3 slots padded" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="embedkit.train"):
+        result = train(_recipe(tiny_bert_dir, data, tmp_path / "m", loss={"hard_negatives": 2}))
+    assert "2 rows have fewer than 2 negatives (3 slots padded" in caplog.text
     log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
     assert sum(r.get("padded", 0) for r in log if r["event"] == "train") == 3 * 2  # 3 padded slots, 2 epochs
     assert math.isfinite(result.final_loss)
@@ -256,7 +256,7 @@ def test_online_mining_never_picks_a_known_positive_and_is_seeded(tiny_bert_dir,
         miner = OnlineMiner(recipe, examples)
         seen = []
         for step in range(3):
-            miner.refresh(encoder, data, step=step, epoch=0, say=lambda m: None)
+            miner.refresh(encoder, data, step=step, epoch=0)
             seen.append([list(ex.negatives) for ex in data.examples])
             for ex in data.examples:
                 assert len(ex.negatives) == 2 and not positives[ex.query] & set(ex.negatives)

@@ -12,7 +12,7 @@ import torch
 from embedkit.models.encoder import load_model
 from embedkit.train.config import parse_recipe
 from embedkit.export.probes import PROBES_NAME as PROBE_FILE, check_probes
-from embedkit.train.trainer import epoch_batches, load_examples, prepare_data, train, work_dir
+from embedkit.train.contrastive import epoch_batches, load_examples, prepare_data, train, work_dir
 
 PAIRS = [
     ("what causes a fever and a cough", "the patient has a fever and a cough"),
@@ -77,7 +77,7 @@ def _assert_weights_close(a: Path, b: Path, atol: float) -> None:
         assert torch.allclose(wa[key], wb[key], atol=atol, rtol=0), key
 
 
-QUIET = {"say": lambda msg: None}
+QUIET: dict = {}
 
 
 def test_train_writes_a_complete_model_folder(tiny_bert_dir, pairs_file, dev_dir, tmp_path):
@@ -133,8 +133,10 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_bert_dir, pairs_fil
     with pytest.raises(Killed):
         train(recipe, on_step=kill, **QUIET)
     assert not out.exists()  # nothing half-written where the model goes
-    checkpoint = work_dir(out) / "checkpoints" / "step-4" / "state.pt"
-    payload = torch.load(checkpoint, weights_only=True)  # plain tensors and dicts only
+    checkpoint = work_dir(out) / "checkpoints" / "step-4"
+    for name in ("state.pt", "engine.pt", "rng-0.pt"):
+        torch.load(checkpoint / name, weights_only=True)  # plain tensors and dicts only
+    payload = torch.load(checkpoint / "engine.pt", weights_only=True)
     assert payload["position"]["step"] == 4 and payload["position"]["epoch"] == 1
     result = train(recipe, resume=True, **QUIET)
     assert result.steps == 6
@@ -237,3 +239,29 @@ def test_qlora_trains_a_4bit_causal_encoder(tiny_llama64_dir, pairs_file, tmp_pa
     merged = load_model(out)
     assert merged.pooling == "lasttoken" and merged.quantization is None
     assert check_probes(lambda texts, kind: merged.encode(texts, kind=kind), out, atol=1e-4).ok
+
+
+def test_tensorboard_events_hold_loss_lr_temperature_and_dev_metrics(tiny_bert_dir, pairs_file, dev_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(_recipe(tiny_bert_dir, pairs_file, out, data={"dev": f"beir:{dev_dir}:test"},
+                  loss={"learn_temperature": True}, training={"eval_every": 3}))
+    assert list((out / "tensorboard" / "train").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    acc = EventAccumulator(str(out / "tensorboard" / "train"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/temperature", "train/grad_norm", "eval/score",
+            "final_eval/score"} <= tags, tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Scalars("eval/score")] == [3, 6]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if r["event"] == "train"]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    # A learned temperature moves, and the logged temperature is 1 / scale of the loss.
+    temperatures = [e.value for e in acc.Scalars("train/temperature")]
+    assert temperatures[0] != temperatures[-1]
+    assert temperatures[0] == pytest.approx(1 / [r["scale"] for r in log if r["event"] == "train"][0], rel=1e-5)
+    # report_to: [] switches trackers off.
+    train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "quiet", training={"report_to": []}))
+    assert not (tmp_path / "quiet" / "tensorboard").exists()

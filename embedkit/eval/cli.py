@@ -12,7 +12,9 @@ from typing import List, Optional
 
 import typer
 
+from embedkit.device import DEVICE_HELP
 from embedkit.errors import EmbedkitError
+from embedkit.launch import NPROC_HELP
 
 TASK_HELP = (
     "Task to evaluate; repeat for several. Forms: 'beir:DIR[:SPLIT]' (BEIR folder, split defaults to test, e.g. "
@@ -24,11 +26,14 @@ TASK_HELP = (
 
 
 def _fail(exc: EmbedkitError) -> typer.Exit:
-    typer.echo(f"error: {exc.one_line()}", err=True)
+    from embedkit.launch import report_error
+
+    report_error(f"error: {exc.one_line()}")  # stderr; under --nproc once, from the process that failed first
     return typer.Exit(exc.exit_code)
 
 
 def eval_command(
+    ctx: typer.Context,
     model: str = typer.Option(
         "minilm", "--model", "-m",
         help="Model to evaluate: an embedded default ('minilm', 'smollm2-135m'), a model folder saved by "
@@ -56,8 +61,13 @@ def eval_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: $EMBEDKIT_HOME "
                                                                         "or ~/.cache/embedkit)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary table."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Evaluate a model on retrieval and STS tasks and write a JSON + Markdown report.
+
+    --nproc N runs N processes (torch.distributed: gloo on the CPU, nccl with one GPU each) that share every
+    encoding; the first writes the report and the embedding cache. Metrics equal a one-process run.
 
     Examples (the first runs the embedded default tasks stsb and stsb-paraphrase):
 
@@ -69,19 +79,26 @@ def eval_command(
         from embedkit.eval.report import summary_rows, write_report
         from embedkit.eval.runner import evaluate
         from embedkit.eval.tasks import parse_task_specs
+        from embedkit.launch import processes
 
         specs = parse_task_specs(task)  # fail on a bad spec before the model loads
-        progress = None if quiet else (lambda message: print(f"[eval] {message}", file=sys.stderr, flush=True))
-        if progress:
-            progress(f"loading model {model}")
-        from embedkit.models import load_model
+        with processes(nproc, device, ctx=ctx) as procs:
+            say = None if quiet or not procs.is_main else (
+                lambda message: print(f"[eval] {message}", file=sys.stderr, flush=True))
+            if say:
+                say(f"loading model {model}" + (f" ({procs.world} processes)" if procs.world > 1 else ""))
+            from embedkit.models import load_model
 
-        encoder = load_model(model)
-        report = evaluate(encoder, specs, batch_size=batch_size, seed=seed, top_k=top_k, search=search,
-                          cache_dir=cache_dir, use_cache=not no_cache, progress=progress)
-        json_path, md_path = write_report(report, output)
+            encoder = load_model(model, device=procs.device)
+            with procs.shard(encoder):
+                report = evaluate(encoder, specs, batch_size=batch_size, seed=seed, top_k=top_k, search=search,
+                                  cache_dir=cache_dir, use_cache=not no_cache, progress=say)
+            if procs.is_main:
+                json_path, md_path = write_report(report, output)
     except EmbedkitError as exc:
         raise _fail(exc) from None
+    if not procs.is_main:
+        return
     for name, metric, value in summary_rows(report):
         typer.echo(f"{name:<28} {metric:<16} {value:.4f}")
     typer.echo(f"report: {json_path} (summary: {md_path})")

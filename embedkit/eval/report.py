@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from embedkit.atomic import atomic_path, write_json, write_text
-from embedkit.manifest import base_manifest
+from embedkit.manifest import base_manifest, device_fields
 
 REPORT_FORMAT = "embedkit.eval.report/1"
 
@@ -41,6 +41,7 @@ def build_report(
                   "prompts": model.get("prompts"), "pooling": model.get("pooling"), "max_length": model.get("max_length"),
                   "sts_encoding": "both sentences with kind='query'", "normalize": True},
     )
+    manifest.update(device_fields(getattr(encoder, "device", None)))
     manifest["wall_time_s"] = round(wall_time_s, 3)
     return {
         "format": REPORT_FORMAT,
@@ -75,7 +76,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"max_length {model.get('max_length')}, dim {model.get('dim')}",
         f"- prompts: `{model.get('prompts')}`",
         f"- seed {manifest.get('seed')}, created {manifest.get('created')}, "
-        f"wall time {report.get('timings', {}).get('wall_time_s')} s",
+        f"wall time {report.get('timings', {}).get('wall_time_s')} s"
+        + (f", device {manifest['device']}" if manifest.get("device") else "")
+        + (f" x {manifest['processes']} processes" if manifest.get("processes") else ""),
         "",
         "| task | type | main metric | value | other metrics | data hash |",
         "|---|---|---|---|---|---|",

@@ -80,22 +80,45 @@ def encode_cached(
     """Embeddings of `texts`, from the cache when present; returns (embeddings, was_cached).
 
     The cache holds plain .npy (loaded with allow_pickle=False), written atomically; a file of the wrong
-    shape (e.g. cut short by a full disk) is ignored and rewritten.
+    shape (e.g. cut short by a full disk) is ignored and rewritten. Under sharded encoding (several processes)
+    the cache is used only when every process finds it (else all encode together), and only rank 0 writes it.
     """
     path = embedding_cache_path(cache_dir, encoder, ids, texts, kind) if (use_cache and cache_dir) else None
+    cached = None
     if path is not None and path.is_file():
         try:
             cached = np.load(path, allow_pickle=False)
-            if cached.ndim == 2 and cached.shape[0] == len(texts) and cached.dtype == np.float32:
-                return cached, True
+            if not (cached.ndim == 2 and cached.shape[0] == len(texts) and cached.dtype == np.float32):
+                cached = None
         except (ValueError, OSError):
-            pass
+            cached = None
+    if ranks_agree(encoder, cached is not None):
+        return cached, True
     embeddings = np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
                                       dtype=np.float32)
-    if path is not None:
+    if path is not None and _is_main_process():
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
             np.save(f, embeddings, allow_pickle=False)
     return embeddings, False
+
+
+def ranks_agree(encoder: Encoder, flag: bool) -> bool:
+    """`flag` on every process when `encoder` encodes sharded (each encode is then a collective: the processes
+    must take the same branch); `flag` itself otherwise."""
+    if getattr(encoder, "_embedkit_shard_group", None) is None:
+        return flag
+    from embedkit.models.distributed import all_agree, sharding_group
+
+    active, group = sharding_group(encoder)
+    return all_agree(flag, group) if active else flag
+
+
+def _is_main_process() -> bool:
+    if "torch" not in sys.modules:  # no torch, no process group (and no need to import it to find out)
+        return True
+    from embedkit.models.distributed import is_main_process
+
+    return is_main_process()
 
 
 def _tie_ranks(doc_ids: list[str]) -> np.ndarray:
@@ -233,7 +256,13 @@ def evaluate(
         else:
             from embedkit.eval.mteb_adapter import run_mteb_task
 
-            metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=cache / "mteb-results")
+            if _is_main_process():
+                metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=cache / "mteb-results")
+            else:  # the other processes encode their shares too; their copy of mteb's results goes nowhere
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="embedkit-mteb-") as scratch:
+                    metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=scratch)
             result, task_timings = {"metrics": metrics}, {}
         task_timings["total_s"] = time.perf_counter() - t0
         timings[spec.name] = task_timings

@@ -53,13 +53,26 @@ class ExportError(ModelError):
 
 
 # ---------------------------------------------------------------------------------------------------------- encoder
+def onnx_providers(device: Any = "cpu") -> list:
+    """onnxruntime providers for a device: the CPU provider, with the CUDA provider first when `device` is a GPU
+    (cuda, cuda:N, or a torch.device) and this onnxruntime build reports it (onnxruntime-gpu); else the CPU."""
+    import onnxruntime as ort
+
+    text = str(device)
+    if text.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        index = int(text.split(":")[1]) if ":" in text else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxEncoder:
     """Encode with an exported ONNX graph: tokenizer + onnxruntime session, length-sorted batches.
 
     `variant` picks the graph: None (the folder's default), "fp32" or "int8".
     """
 
-    def __init__(self, folder: str | Path, *, variant: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path, *, variant: str | None = None, threads: int | None = None,
+                 device: Any = "cpu") -> None:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -94,14 +107,15 @@ class OnnxEncoder:
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.graph_path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.graph_path), options, providers=onnx_providers(device))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelError(f"onnxruntime cannot load the graph: {exc}".splitlines()[0], path=self.graph_path) from exc
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.folder), "backend": "onnx", "variant": self.variant,
                 "pooling": self.pooling, "prompts": self.prompts, "max_length": self.max_length,
-                "normalize": self.normalize, "dim": self.dim, "fingerprint": self.fingerprint}
+                "normalize": self.normalize, "dim": self.dim, "fingerprint": self.fingerprint,
+                "providers": self.session.get_providers()}
 
     def token_ids(self, texts: Sequence[str], kind: str, *, truncate: bool = True) -> list[list[int]]:
         from embedkit.models.prompts import apply_prompt

@@ -18,22 +18,46 @@ llm_app = typer.Typer(
 _SET_HELP = "Override a recipe value: --set training.lr=1e-4 (YAML value). Repeatable."
 
 
-def _run(mode: str, recipe: Path, set_: list[str], output: Optional[Path], check: bool, json_output: bool) -> None:
+_RESUME_HELP = "Continue from the latest checkpoint of this output (training.checkpoint_every)."
+_NPROC_HELP = ("Processes to train with (torchrun; one GPU each, or gloo on the CPU): DDP unless the recipe names "
+               "deepspeed or fsdp. training.batch_size is per process.")
+
+
+def _run(ctx: typer.Context, mode: str, recipe: Path, set_: list[str], output: Optional[Path], check: bool,
+         json_output: bool, resume: bool = False, nproc: int = 1) -> None:
     from embedkit.llm.config import load_llm_recipe
 
     overrides = list(set_) + ([f"training.output_dir={output}"] if output is not None else [])
     parsed = load_llm_recipe(recipe, overrides, mode=mode)
     if check:
-        typer.echo(f"{recipe}: ok ({mode}; model {parsed.model.name}, data {parsed.data.train}, "
-                   f"output {parsed.training.output_dir})")
+        typer.echo(f"{recipe}: ok ({mode}; model {parsed.model.name} on {parsed.model.device}, data "
+                   f"{parsed.data.train}, output {parsed.training.output_dir})")
         return
+    from embedkit.launch import command_argv, launched, relaunch
+
+    if nproc > 1 and not launched():
+        from embedkit.device import resolve_device
+
+        device = resolve_device(parsed.model.device, field="model.device")
+        code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu")
+        if code:
+            raise typer.Exit(code)
+        typer.echo(f"{mode}: trained with {nproc} processes -> {parsed.training.output_dir}")
+        return
+    from embedkit.train.engine import configure_logging
+
+    configure_logging(f"embedkit llm {mode}")
     if mode == "sft":
         from embedkit.llm.sft import train_sft as run
     elif mode == "dpo":
         from embedkit.llm.dpo import train_dpo as run
     else:
         from embedkit.llm.joint import train_joint as run
-    result = run(parsed)
+    result = run(parsed, resume=resume)
+    from embedkit.models.distributed import is_main_process
+
+    if not is_main_process():
+        return
     if json_output:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -43,17 +67,20 @@ def _run(mode: str, recipe: Path, set_: list[str], output: Optional[Path], check
         if key in result:
             parts.append(f"{key} {result[key]:.4f}")
     if result.get("dev"):
-        parts.append(f"dev {result['dev']['main_metric']} {result['dev']['score']:.4f}")
+        parts.append(f"dev {result['dev']['metric']} {result['dev']['score']:.4f}")
     typer.echo("; ".join(parts))
 
 
 @llm_app.command("sft")
 def sft_command(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="An LLM recipe YAML (e.g. recipes/llm/smollm2-sft.yaml)."),
     set_: List[str] = typer.Option([], "--set", help=_SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides training.output_dir)."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (no model)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=_NPROC_HELP),
 ) -> None:
     """Supervised fine-tuning: question -> answer in the model's chat template, loss on the answer tokens only.
 
@@ -62,16 +89,19 @@ def sft_command(
 
     Example: embedkit llm sft recipes/llm/smollm2-sft.yaml --set data.max_examples=200
     """
-    _run("sft", recipe, set_, output, check, json_output)
+    _run(ctx, "sft", recipe, set_, output, check, json_output, resume, nproc)
 
 
 @llm_app.command("dpo")
 def dpo_command(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="An LLM recipe YAML (e.g. recipes/llm/smollm2-dpo.yaml)."),
     set_: List[str] = typer.Option([], "--set", help=_SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides training.output_dir)."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (no model)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=_NPROC_HELP),
 ) -> None:
     """DPO on preference pairs built from the QA data: chosen = the question's answer, rejected = the answer of
     another question on the same topic (data.columns.topic, default 'focus').
@@ -81,16 +111,19 @@ def dpo_command(
 
     Example: embedkit llm dpo recipes/llm/smollm2-dpo.yaml --set model.name=runs/smollm2-sft
     """
-    _run("dpo", recipe, set_, output, check, json_output)
+    _run(ctx, "dpo", recipe, set_, output, check, json_output, resume, nproc)
 
 
 @llm_app.command("joint")
 def joint_command(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="An LLM recipe YAML (e.g. recipes/llm/smollm2-joint.yaml)."),
     set_: List[str] = typer.Option([], "--set", help=_SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides training.output_dir)."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (no model)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=_NPROC_HELP),
 ) -> None:
     """Joint training (GritLM-style): loss = contrastive (InfoNCE, in-batch negatives) + joint.sft_weight x answer
     loss, one run, one adapter. model.embedding_attention: causal (default) or bidirectional for the embedding
@@ -100,7 +133,7 @@ def joint_command(
 
     Example: embedkit llm joint recipes/llm/smollm2-joint.yaml --set joint.sft_weight=0.5
     """
-    _run("joint", recipe, set_, output, check, json_output)
+    _run(ctx, "joint", recipe, set_, output, check, json_output, resume, nproc)
 
 
 @llm_app.command("pairs")

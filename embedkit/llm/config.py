@@ -1,16 +1,20 @@
 """Recipes for the generative path (`embedkit llm sft|dpo|joint`): typed YAML like embedkit/train/config.py.
 
-    model:    {name: smollm2-135m, max_length: 256, dtype: fp32, system_prompt: null,
+    model:    {name: smollm2-135m, max_length: 256, dtype: fp32, system_prompt: null, device: auto,
                pooling: lasttoken, prompts: instruct, padding_side: left, embedding_attention: causal}
-    adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}
+    adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear, dora, rslora}
     data:     {train: pairs.jsonl | beir:DIR:SPLIT, columns: {question: query, answer: positive, topic: focus},
                max_examples: 256, sample: random, heldout: beir:DIR:SPLIT, heldout_examples: 64, dev: beir:DIR:SPLIT}
     dpo:      {beta: 0.1}                                  (embedkit llm dpo)
-    joint:    {sft_weight: 1.0, temperature: 0.02, ...}    (embedkit llm joint)
-    training: {output_dir: runs/x, epochs: 1, batch_size: 16, micro_batch_size: 8, lr: 2e-4, seed: 42, ...}
+    joint:    {sft_weight: 1.0}                            (embedkit llm joint)
+    loss:     {temperature: 0.02, symmetric: false, ...}   (llm joint's contrastive term: embedkit.train.losses)
+    training: {output_dir: runs/x, epochs: 1, batch_size: 16, micro_batch_size: 8, lr: 2e-4, seed: 42,
+               eval_every, checkpoint_every, gradient_accumulation, mixed_precision, report_to, ...}
+    deepspeed / fsdp: as in `embedkit train` recipes (several processes: --nproc N)
 
-Errors are one ConfigError naming the file, line and field, as for `embedkit train` recipes (the YAML helpers are
-shared). Relative paths are relative to the current directory.
+The training settings are the engine's (embedkit/train/engine.py), shared with `embedkit train` recipes. Errors are
+one ConfigError naming the file, line and field (the YAML helpers are shared). Relative paths are relative to the
+current directory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from embedkit.errors import ConfigError
-from embedkit.train.config import _first_error, _key_lines, apply_overrides, parse_train_source
+from embedkit.train.config import (DeepSpeedSection, DeviceSpec, EngineTrainingSection, FSDPSection, LossSection,
+                                   _first_error, _key_lines, apply_overrides, check_engine_environment,
+                                   check_engine_settings, parse_train_source)
 
 MODES = ("sft", "dpo", "joint")
 
@@ -42,6 +48,7 @@ class LLMModelSection(_Section):
     padding_side: Literal["left", "right"] | None = None
     embedding_attention: Literal["causal", "bidirectional"] = "causal"
     gradient_checkpointing: bool = False
+    device: DeviceSpec = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this process's GPU if any)")
 
 
 class LLMAdapterSection(_Section):
@@ -50,6 +57,8 @@ class LLMAdapterSection(_Section):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: str | list[str] = "all-linear"
+    dora: bool = False  # PEFT's LoRA variants, as in embedding recipes
+    rslora: bool = False
 
 
 class QAColumns(_Section):
@@ -66,7 +75,9 @@ class LLMDataSection(_Section):
     heldout: str | None = None  # held-out QA data: answer loss (sft, joint), preference accuracy (dpo)
     heldout_examples: int | None = Field(64, gt=0)
     heldout_before: bool = True  # also measure the held-out metric before training (the starting model)
-    dev: str | None = None  # joint: a retrieval task spec (beir:DIR:SPLIT) evaluated at the end
+    # joint: a retrieval task (beir:DIR:SPLIT), the dev metric (every training.eval_every steps, and at the end).
+    # sft / dpo: the dev metric is the held-out answer loss / preference accuracy of data.heldout.
+    dev: str | None = None
     dev_batch_size: int = Field(32, gt=0)
 
 
@@ -76,26 +87,19 @@ class DPOSection(_Section):
 
 class JointSection(_Section):
     sft_weight: float = Field(1.0, ge=0.0, description="loss = contrastive + sft_weight * answer loss (0: embedding only)")
-    temperature: float = Field(0.02, gt=0.0)
-    symmetric: bool = False
-    mask_false_negatives: bool = True
 
 
-class LLMTrainingSection(_Section):
-    output_dir: str
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
+class LLMTrainingSection(EngineTrainingSection):
     batch_size: int = Field(16, gt=0, description="examples (sft), pairs (dpo) or query/answer pairs (joint) per step")
     micro_batch_size: int | None = Field(None, gt=0, description="split each step's forward into chunks of this size")
     lr: float = Field(2e-4, gt=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, gt=0)
     log_every: int = Field(1, gt=0)
-    progress: bool = True
+
+
+def _joint_loss() -> LossSection:
+    # An LLM embedder's last-token cosines spread less than an encoder's: a sharper temperature than 0.05.
+    return LossSection(temperature=0.02)
 
 
 class LLMRecipe(_Section):
@@ -104,12 +108,17 @@ class LLMRecipe(_Section):
     data: LLMDataSection
     dpo: DPOSection = DPOSection()
     joint: JointSection = JointSection()
+    loss: LossSection = Field(default_factory=_joint_loss)
     training: LLMTrainingSection
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    fsdp: FSDPSection = FSDPSection()
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.adapter.type == "qlora" and self.model.dtype == "fp16":
-            raise ValueError("qlora computes in fp32 or bf16, not fp16")
+        check_engine_settings(self)
+        if self.loss.hard_negatives or self.loss.distillation != "none":
+            raise ValueError("llm joint trains on question/answer pairs: in-batch negatives only (no "
+                             "loss.hard_negatives, no distillation)")
         return self
 
 
@@ -170,6 +179,12 @@ def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
         spec = parse_task_spec(recipe.data.dev)
         if spec.path is not None and not Path(spec.path).exists():
             raise ConfigError(f"dev data not found: {spec.path}", path=source, field="data.dev")
+    if "loss" in recipe.model_fields_set and mode != "joint":
+        raise ConfigError("the loss section sets llm joint's contrastive term; sft and dpo have their own losses",
+                          path=source, field="loss")
+    if recipe.training.eval_every and not (recipe.data.dev if mode == "joint" else recipe.data.heldout):
+        raise ConfigError("training.eval_every needs a dev set: data.dev (joint) or data.heldout (sft, dpo)",
+                          path=source, field="training.eval_every")
     if mode == "dpo" and not recipe.data.columns.topic and not recipe.data.train.startswith("beir:"):
         raise ConfigError("dpo builds rejected answers from the same topic: set data.columns.topic", path=source,
                           field="data.columns.topic")
@@ -186,8 +201,7 @@ def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
     if name == "minilm":
         raise ConfigError("minilm is an encoder without a generative head; use smollm2-135m or a causal LM",
                           path=source, field="model.name")
-    if recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
+    check_engine_environment(recipe, source=source)
     output = Path(recipe.training.output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output_dir exists and is not a folder: {output}", path=source, field="training.output_dir")

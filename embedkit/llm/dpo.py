@@ -3,21 +3,22 @@
 loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
 
 with log-probs summed over the answer tokens (TRL's `loss_type="sigmoid"`, no label smoothing). The reference is
-the starting model (normally the SFT model): with an adapter it is the same weights with the adapter disabled (no
-second copy in memory); with full training, a frozen copy. Reference log-probs are computed once, before training.
+the starting model (normally the SFT model): its log-probs are computed once, before the first update (see DPOStep).
 """
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
-from pathlib import Path
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from embedkit.llm.sft import collate_sft, sequence_logprobs
+from embedkit.llm.training import LLMContext, LLMStep, run_llm
+from embedkit.train.gradcache import chunks
+
+log = logging.getLogger("embedkit.train")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -29,23 +30,17 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
 
 
-@contextmanager
-def reference_mode(model, reference=None):
-    """Run the block as the reference model: the adapter disabled, or nothing to do with a separate copy."""
-    if reference is not None:
-        yield reference
-    elif hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        raise ValueError("full-parameter DPO needs a frozen reference copy")
-
-
-def pair_logprobs(model, pairs: Sequence[tuple[dict, dict]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor, torch.Tensor]:
-    """(chosen sums, rejected sums, chosen counts, rejected counts); chosen and rejected go in one batch."""
+def pair_logprobs(model, pairs: Sequence[tuple[dict, dict]], pad_id: int, *, runner=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen sums, rejected sums, chosen counts, rejected counts); chosen and rejected go in one batch.
+    With `runner` (the training engine) the forward goes through its wrapped model."""
     batch = collate_sft([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
-    sums, counts = sequence_logprobs(model, batch)
+    if runner is not None:
+        with runner.autocast():
+            outputs = runner.model(batch, head="answer")
+        sums, counts = sequence_logprobs(None, batch, outputs=outputs)
+    else:
+        sums, counts = sequence_logprobs(model, batch)
     n = len(pairs)
     return sums[:n], sums[n:], counts[:n], counts[n:]
 
@@ -53,8 +48,6 @@ def pair_logprobs(model, pairs: Sequence[tuple[dict, dict]], pad_id: int) -> tup
 @torch.no_grad()
 def score_pairs(model, pairs: Sequence[tuple[dict, dict]], pad_id: int, *, batch_size: int = 4
                 ) -> dict[str, torch.Tensor]:
-    from embedkit.llm.loop import chunks
-
     was_training = model.training
     model.eval()
     parts = [pair_logprobs(model, part, pad_id) for part in chunks(list(pairs), batch_size)]
@@ -84,64 +77,91 @@ def preference_accuracy(scores: dict[str, torch.Tensor], reference: dict[str, to
     return out
 
 
-def train_dpo(recipe, *, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """DPO from `model.name` (normally an `llm sft` output); returns stats incl. held-out preference accuracy."""
-    from embedkit.llm.data import encode_pairs, preference_pairs, subsample
-    from embedkit.llm.loop import chunks, run_loop
-    from embedkit.llm.sft import _say, finish, prepare, work_dir
+class DPOStep(LLMStep):
+    """DPO against the starting model. The reference log-probs are those of the model before its first update
+    (scored once at the start, kept in checkpoints): the same numbers a frozen copy or the adapter-disabled model
+    would give, without a second model in memory and under every engine backend."""
 
-    say = say or _say("dpo")
-    ctx = prepare(recipe, "dpo", say)
-    m, t, d = recipe.model, recipe.training, recipe.data
-    tok, model = ctx["tokenizer"], ctx["model"]
-    pad, beta = tok.pad_token_id, recipe.dpo.beta
-    pairs, skipped = preference_pairs(ctx["train"], seed=t.seed)
-    pairs = subsample(pairs, d.max_examples, d.sample, t.seed)
-    encoded, dropped = encode_pairs(tok, pairs, max_length=m.max_length, system=m.system_prompt)
-    ctx["source"].update(pairs=len(encoded), skipped_without_same_topic_answer=skipped, dropped_too_long=dropped)
-    say(f"{len(encoded)} preference pairs ({skipped} questions had no other answer on their topic)")
-    held = None
-    if ctx["heldout"]:
-        held_pairs, _ = preference_pairs(ctx["heldout"], seed=t.seed + 1)
-        held_pairs = subsample(held_pairs, d.heldout_examples, "random", t.seed)
-        held = encode_pairs(tok, held_pairs, max_length=m.max_length, system=m.system_prompt)[0]
+    name = "dpo"
 
-    reference = None
-    if recipe.adapter.type == "none":
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    micro = t.micro_batch_size or t.batch_size
-    with reference_mode(model, reference) as ref:
-        ref_train = score_pairs(ref, encoded, pad, batch_size=micro)
-        ref_held = score_pairs(ref, held, pad, batch_size=micro) if held else None
-    stats_before = preference_accuracy(ref_held) if ref_held is not None else None
-    if stats_before:
-        say(f"held-out preference accuracy of the starting model: {stats_before['accuracy_logprob']:.4f}")
+    def __init__(self, ctx: LLMContext) -> None:
+        from embedkit.llm.data import encode_pairs, preference_pairs, subsample
 
-    def step(rows: list[int]) -> dict[str, float]:
+        recipe = ctx.recipe
+        m, t, d = recipe.model, recipe.training, recipe.data
+        pairs, skipped = preference_pairs(ctx.train, seed=t.seed)
+        pairs = subsample(pairs, d.max_examples, d.sample, t.seed)
+        self.encoded, dropped = encode_pairs(ctx.tokenizer, pairs, max_length=m.max_length, system=m.system_prompt)
+        ctx.source.update(pairs=len(self.encoded), skipped_without_same_topic_answer=skipped, dropped_too_long=dropped)
+        log.info("%d preference pairs (%d questions had no other answer on their topic)", len(self.encoded), skipped)
+        self.held = None
+        if ctx.heldout:
+            held_pairs, _ = preference_pairs(ctx.heldout, seed=t.seed + 1)
+            held_pairs = subsample(held_pairs, d.heldout_examples, "random", t.seed)
+            self.held = encode_pairs(ctx.tokenizer, held_pairs, max_length=m.max_length, system=m.system_prompt)[0]
+        self.beta = recipe.dpo.beta
+        self.micro = ctx.micro_batch or t.batch_size
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.reference_held: dict[str, torch.Tensor] | None = None
+        super().__init__(ctx, len(self.encoded))
+
+    def start(self, engine, resumed: bool) -> None:
+        if resumed:
+            return  # the reference scores came back with the checkpoint
+        lm = self.ctx.heads.lm
+        self.reference = score_pairs(lm, self.encoded, self.ctx.pad_id, batch_size=self.micro)
+        if self.held:
+            self.reference_held = score_pairs(lm, self.held, self.ctx.pad_id, batch_size=self.micro)
+            log.info("held-out preference accuracy of the starting model: %.4f",
+                     preference_accuracy(self.reference_held)["accuracy_logprob"])
+        self.ctx.heads.train()
+
+    def run(self, rows: list[int], engine, weight: float) -> dict[str, float]:
         total, chosen_r, rejected_r = 0.0, [], []
-        for part in chunks(rows, micro):
-            pc, pr, _, _ = pair_logprobs(model, [encoded[i] for i in part], pad)
-            idx = torch.tensor(part)
-            rc, rr = ref_train["chosen"][idx].to(pc.device), ref_train["rejected"][idx].to(pc.device)
-            loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta)
-            (loss * (len(part) / len(rows))).backward()
+        parts = chunks(rows, self.micro)
+        for i, part in enumerate(parts):
+            with engine.sync(last=i == len(parts) - 1):
+                pc, pr, _, _ = pair_logprobs(None, [self.encoded[j] for j in part], self.ctx.pad_id, runner=engine)
+                idx = torch.tensor(part)
+                rc = self.reference["chosen"][idx].to(pc.device)
+                rr = self.reference["rejected"][idx].to(pc.device)
+                loss, cr, rj = dpo_loss(pc, pr, rc, rr, self.beta)
+                engine.backward(loss * (len(part) / len(rows)) * weight)
             total += float(loss.detach()) * len(part) / len(rows)
             chosen_r.append(cr)
             rejected_r.append(rj)
         cr, rj = torch.cat(chosen_r), torch.cat(rejected_r)
-        return {"loss": total, "reward_accuracy": float((cr > rj).float().mean()), "reward_margin": float((cr - rj).mean())}
+        return {"loss": total, "reward_accuracy": float((cr > rj).float().mean()),
+                "reward_margin": float((cr - rj).mean())}
 
-    output = Path(t.output_dir)
-    work = work_dir(output)
-    stats = run_loop(recipe, model, len(encoded), step, work=work, say=say, desc="dpo")
-    if held:
-        after = preference_accuracy(score_pairs(model, held, pad, batch_size=micro), ref_held, beta)
-        stats["heldout_preference_before"] = stats_before
-        stats["heldout_preference"] = after
-        stats["heldout_preference_accuracy_before"] = stats_before["accuracy_logprob"]
-        stats["heldout_preference_accuracy"] = after["accuracy_logprob"]
-        say(f"held-out preference accuracy after: {after['accuracy_logprob']:.4f} "
-            f"(per-token {after['accuracy_mean_logprob']:.4f}, reward {after['accuracy_reward']:.4f})")
-    finish(recipe, "dpo", ctx, stats, work, say)
-    return {"output_dir": str(output), **stats}
+    def evaluate(self, engine) -> dict[str, Any] | None:
+        if not self.held:
+            return None
+        after = preference_accuracy(score_pairs(self.ctx.heads.lm, self.held, self.ctx.pad_id, batch_size=self.micro),
+                                    self.reference_held, self.beta)
+        self.ctx.heads.train()
+        return {"task": "heldout", "metric": "preference_accuracy", "score": after["accuracy_logprob"],
+                "metrics": after}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "reference_held": self.reference_held}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference, self.reference_held = state["reference"], state["reference_held"]
+
+    def summary(self, engine) -> dict[str, Any]:
+        if not self.held:
+            return {}
+        before = preference_accuracy(self.reference_held)
+        after = preference_accuracy(score_pairs(self.ctx.heads.lm, self.held, self.ctx.pad_id, batch_size=self.micro),
+                                    self.reference_held, self.beta)
+        log.info("held-out preference accuracy after: %.4f (per-token %.4f, reward %.4f)", after["accuracy_logprob"],
+                 after["accuracy_mean_logprob"], after["accuracy_reward"])
+        return {"heldout_preference_before": before, "heldout_preference": after,
+                "heldout_preference_accuracy_before": before["accuracy_logprob"],
+                "heldout_preference_accuracy": after["accuracy_logprob"]}
+
+
+def train_dpo(recipe, *, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """DPO from `model.name` (normally an `llm sft` output); returns stats incl. held-out preference accuracy."""
+    return run_llm(recipe, "dpo", DPOStep, resume=resume, on_step=on_step)

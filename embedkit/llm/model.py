@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from embedkit.errors import ModelError
 
@@ -23,11 +24,11 @@ LLM_DEFAULTS = {"pooling": "lasttoken", "prompts": "instruct", "padding_side": "
 
 
 def pick_device(setting: str = "auto") -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelError("training.device is cuda but no CUDA device is available")
-    return setting
+    """'cpu' or 'cuda:N' for `training.device` (embedkit.device.resolve_device: auto takes cuda:LOCAL_RANK when
+    there is a GPU; asking for CUDA without one is a one-line ConfigError naming training.device)."""
+    from embedkit.device import resolve_device
+
+    return str(resolve_device(setting, field="training.device"))
 
 
 def transformer_dir(name_or_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -41,30 +42,27 @@ def transformer_dir(name_or_path: str | Path) -> tuple[Path, Path, dict[str, Any
 
 
 def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantization: str | None = None,
-                   device: str = "cpu", adapter: str | Path | None = None):
+                   device: str = "cpu", adapter: str | Path | None = None, sharded_storage: bool = False):
     """(model, tokenizer, folder, st info). Raises ModelError when the folder has no generative head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from embedkit.llm.generate import has_generative_head
-    from embedkit.models.encoder import _parse_dtype, _quantization_config
+    from embedkit.device import resolve_device
+    from embedkit.models.encoder import _backbone_load_kwargs, _parse_dtype
 
     path, weights, st = transformer_dir(name_or_path)
     if not has_generative_head(path):
         raise ModelError("this folder has no generative head (it was saved as an embedding-only model); train from "
                          "the causal LM it came from, e.g. smollm2-135m", path=path)
-    torch_dtype = _parse_dtype(dtype)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if quantization:
-        kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
-        if device == "cuda":
-            kwargs["device_map"] = {"": 0}
+    target = resolve_device(device, field="device")
+    kwargs = _backbone_load_kwargs(_parse_dtype(dtype), quantization, target, sharded_storage=sharded_storage)
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    if device != "cpu" and not quantization:
-        model = model.to(device)
+    if target.type != "cpu" and not quantization:
+        model = model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(weights)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -75,7 +73,8 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
 
 
 def attach_adapter(model, adapter, *, gradient_checkpointing: bool = False):
-    """LoRA or QLoRA (the model must then be loaded 4-bit) on every linear layer but lm_head; or full training."""
+    """LoRA or QLoRA (the model must then be loaded 4-bit) on every linear layer but lm_head; or full training.
+    `adapter.dora` / `adapter.rslora` pick PEFT's LoRA variants."""
     if adapter.type == "none":
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -91,8 +90,33 @@ def attach_adapter(model, adapter, *, gradient_checkpointing: bool = False):
         model.enable_input_require_grads()
     # PEFT's "all-linear" leaves the output layer (lm_head) out, so a tied embedding matrix stays frozen and shared.
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                        target_modules=adapter.targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=adapter.targets, bias="none", task_type="CAUSAL_LM",
+                        use_dora=getattr(adapter, "dora", False), use_rslora=getattr(adapter, "rslora", False))
     return get_peft_model(model, config)
+
+
+class TwoHeads(nn.Module):
+    """The causal LM as the one module the training engine wraps: `forward(batch, head=...)` runs either head, so
+    DDP / DeepSpeed / FSDP see every forward (a call into a submodule would bypass their gradient hooks).
+
+    head "embed": the embedding of `batch` (input_ids, attention_mask) through `embedder` (an Encoder over the same
+    decoder); head "answer": (logits, targets, row) of the answer tokens (`embedkit.llm.sft.answer_logits`).
+    The embedder shares the LM's parameters and is kept out of the module tree, so they are registered once.
+    """
+
+    def __init__(self, lm, embedder=None) -> None:
+        super().__init__()
+        self.lm = lm
+        object.__setattr__(self, "embedder", embedder)
+
+    def forward(self, batch: dict[str, torch.Tensor], head: str = "embed"):
+        if head == "answer":
+            from embedkit.llm.sft import answer_logits
+
+            return answer_logits(self.lm, batch)
+        if self.embedder is None:
+            raise ModelError("this model has no embedding head attached")
+        return self.embedder(batch)
 
 
 def base_lm(model):
@@ -152,7 +176,8 @@ def merged_lm(model, *, adapter_type: str, source: str | Path, dtype: str, work:
 
 
 def save_llm_folder(lm, tokenizer, output: str | Path, *, settings: dict[str, Any], name: str,
-                    base_model: dict | None, manifest: dict[str, Any], card: str | None = None) -> Path:
+                    base_model: dict | None, manifest: dict[str, Any], card: str | None = None,
+                    extra_files=None) -> Path:
     """Write one folder holding both heads; returns it. Probe vectors are computed from the folder as re-loaded."""
     from embedkit.atomic import atomic_dir, write_json, write_text
     from embedkit.export.probes import write_probes
@@ -179,4 +204,6 @@ def save_llm_folder(lm, tokenizer, output: str | Path, *, settings: dict[str, An
         write_json(tmp / MANIFEST_NAME, record)
         if card:
             write_text(tmp / "README.md", card)
+        if extra_files is not None:  # e.g. the training log and TensorBoard events, inside the same atomic write
+            extra_files(tmp)
     return output

@@ -8,14 +8,17 @@ by their token counts, so splitting a step does not change it). Only answer posi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from embedkit.llm.data import IGNORE_INDEX
+from embedkit.llm.training import LLMContext, LLMStep, run_llm
+from embedkit.train.gradcache import chunks
+
+log = logging.getLogger("embedkit.train")
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -65,11 +68,12 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
-def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: (sum of answer-token log-probs [B], answer-token count [B])."""
+def sequence_logprobs(model, batch: dict[str, torch.Tensor], *, outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: (sum of answer-token log-probs [B], answer-token count [B]). `outputs`: answer_logits'
+    result when the forward already ran (through the training engine)."""
     from trl.trainer.utils import selective_log_softmax  # TRL's memory-light log_softmax + gather
 
-    logits, targets, rows = answer_logits(model, batch)
+    logits, targets, rows = outputs if outputs is not None else answer_logits(model, batch)
     token_logps = selective_log_softmax(logits, targets)
     b = batch["input_ids"].shape[0]
     sums = torch.zeros(b, device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
@@ -77,18 +81,23 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return sums, counts
 
 
-def sft_backward(model, features: Sequence[dict], pad_id: int, *, micro_batch: int | None, weight: float = 1.0
-                 ) -> float:
-    """Backward of `weight` x (token-mean answer loss over `features`), micro-batched; returns the loss."""
-    from embedkit.llm.loop import chunks
+def sft_backward(runner, features: Sequence[dict], pad_id: int, *, micro_batch: int | None, weight: float = 1.0,
+                 last: bool = True) -> float:
+    """Backward of `weight` x (token-mean answer loss over `features`), micro-batched; returns the loss.
 
+    `runner`: the training engine, or `DirectRunner(TwoHeads(lm))`; `runner.model(batch, head="answer")` gives the
+    answer logits. Gradients are synchronised on the last micro-batch when `last`."""
     total_tokens = sum(sum(1 for x in f["labels"][1:] if x != IGNORE_INDEX) for f in features)
     if total_tokens == 0:
         return 0.0
     total = 0.0
-    for part in chunks(list(features), micro_batch):
-        loss_sum, _ = sft_loss_sum(model, collate_sft(part, pad_id))
-        (loss_sum * (weight / total_tokens)).backward()
+    parts = chunks(list(features), micro_batch)
+    for i, part in enumerate(parts):
+        with runner.sync(last=last and i == len(parts) - 1):
+            with runner.autocast():
+                logits, targets, _ = runner.model(collate_sft(part, pad_id), head="answer")
+            loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            runner.backward(loss_sum * (weight / total_tokens))
         total += float(loss_sum.detach())
     return total / total_tokens
 
@@ -96,8 +105,6 @@ def sft_backward(model, features: Sequence[dict], pad_id: int, *, micro_batch: i
 @torch.no_grad()
 def answer_loss(model, features: Sequence[dict], pad_id: int, *, batch_size: int = 8) -> float:
     """Held-out token-mean answer loss (nats per answer token)."""
-    from embedkit.llm.loop import chunks
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -110,121 +117,60 @@ def answer_loss(model, features: Sequence[dict], pad_id: int, *, batch_size: int
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def heldout_answer_loss(model, held: Sequence[dict], pad_id: int, recipe, say, when: str) -> float:
+def heldout_answer_loss(ctx: LLMContext, held: Sequence[dict], when: str) -> float:
     """The held-out answer loss as `llm sft` and `llm joint` report it, before or after training."""
-    loss = answer_loss(model, held, pad_id, batch_size=recipe.training.micro_batch_size or 8)
-    say(f"held-out answer loss {when}: {loss:.4f}")
+    loss = answer_loss(ctx.heads.lm, held, ctx.pad_id, batch_size=ctx.micro_batch or 8)
+    log.info("held-out answer loss %s: %.4f", when, loss)
     return loss
 
 
-def _say(mode: str) -> Callable[[str], None]:
-    return lambda msg: print(f"embedkit llm {mode}: {msg}", file=sys.stderr, flush=True)
+class SFTStep(LLMStep):
+    name = "sft"
 
+    def __init__(self, ctx: LLMContext) -> None:
+        from embedkit.llm.data import encode_sft_many
 
-def prepare(recipe, mode: str, say):
-    """Seeded start, data read, model loaded with its adapter. Returns a dict of what the modes share."""
-    from embedkit.llm.data import read_qa
-    from embedkit.llm.model import attach_adapter, embedding_settings, load_causal_lm, pick_device
-    from embedkit.train.trainer import seed_everything
+        m = ctx.recipe.model
+        self.features, self.dropped = encode_sft_many(ctx.tokenizer, ctx.train, max_length=m.max_length,
+                                                      system=m.system_prompt)
+        self.held = encode_sft_many(ctx.tokenizer, ctx.heldout, max_length=m.max_length, system=m.system_prompt)[0] \
+            if ctx.heldout else None
+        self.before: float | None = None
+        super().__init__(ctx, len(self.features))
 
-    t, m, d = recipe.training, recipe.model, recipe.data
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(t.seed)
-    cols = d.columns
-    load = dict(question=cols.question, answer=cols.answer, topic=cols.topic, seed=t.seed)
-    # DPO draws rejected answers from the same topic, so it reads every row and subsamples the pairs instead.
-    train, source = read_qa(d.train, max_examples=None if mode == "dpo" else d.max_examples, sample=d.sample, **load)
-    heldout = None
-    if d.heldout:
-        heldout, _ = read_qa(d.heldout, max_examples=None if mode == "dpo" else d.heldout_examples, sample="random",
-                             **load)
-    device = pick_device(t.device)
-    quant = "nf4" if recipe.adapter.type == "qlora" else None
-    model, tokenizer, path, st = load_causal_lm(m.name, dtype=m.dtype, quantization=quant, device=device)
-    seed_everything(t.seed)  # adapter initialisation draws from the RNG: same seed, same adapter
-    model = attach_adapter(model, recipe.adapter, gradient_checkpointing=m.gradient_checkpointing)
-    say(f"{len(train)} training examples from {d.train}; model {m.name} ({recipe.adapter.type}, {device})")
-    return {"train": train, "source": source, "heldout": heldout, "model": model, "tokenizer": tokenizer,
-            "path": path, "settings": embedding_settings(m, st), "device": device}
+    def start(self, engine, resumed: bool) -> None:
+        if self.held and self.ctx.recipe.data.heldout_before and not resumed:
+            self.before = heldout_answer_loss(self.ctx, self.held, "before")
 
-
-def work_dir(output: Path) -> Path:
-    return output.parent / f".{output.name}.llm"
-
-
-def finish(recipe, mode: str, ctx: dict, stats: dict[str, Any], work: Path, say, extra: dict | None = None) -> Path:
-    """Merge adapters, save the one folder (both heads), write the card; returns the output folder."""
-    import shutil
-
-    from embedkit.llm.model import merged_lm, save_llm_folder
-    from embedkit.manifest import command_line
-
-    output = Path(recipe.training.output_dir)
-    lm = merged_lm(ctx["model"], adapter_type=recipe.adapter.type, source=recipe.model.name, dtype=recipe.model.dtype,
-                   work=work)
-    manifest = {"llm": {"mode": mode, "recipe": recipe.model_dump(mode="json"), "data": ctx["source"],
-                        "stats": stats, **(extra or {})}}
-    card = model_card(recipe, mode, ctx["source"], stats, command_line())
-    save_llm_folder(lm, ctx["tokenizer"], output, settings=ctx["settings"], name=output.name,
-                    base_model={"name": recipe.model.name, "path": str(ctx["path"])}, manifest=manifest, card=card)
-    if (work / "train_log.jsonl").is_file():
-        shutil.copyfile(work / "train_log.jsonl", output / "train_log.jsonl")
-    say(f"saved {output} (embedding side: load_model; generative side: load_generator)")
-    return output
-
-
-def model_card(recipe, mode: str, source: dict, stats: dict, argv: list[str]) -> str:
-    m, a, t = recipe.model, recipe.adapter, recipe.training
-    what = {"sft": "supervised fine-tuning (loss on answer tokens only)",
-            "dpo": f"DPO on preference pairs (beta {recipe.dpo.beta}, reference = the starting model)",
-            "joint": f"joint contrastive + {recipe.joint.sft_weight} x SFT (GritLM-style), embedding attention "
-                     f"{m.embedding_attention}"}[mode]
-    lines = [f"# {Path(t.output_dir).name}", "",
-             f"One model with two heads, trained by embedkit from `{m.name}`: {what}.", "",
-             f"- data: {source.get('used')} examples from `{source.get('spec')}`",
-             f"- adapter: {a.type}" + (f" (r={a.r}, alpha={a.alpha}), merged" if a.type != "none" else ""),
-             f"- {stats.get('steps')} steps, batch {t.batch_size}, lr {t.lr}, max length {m.max_length}, seed {t.seed}",
-             f"- peak RSS {stats.get('peak_rss_gb')} GB",
-             f"- command: `{' '.join(argv)}`", ""]
-    for key, value in stats.items():
-        if key.startswith("heldout") and isinstance(value, (int, float)):
-            lines.append(f"- {key}: {value:.4f}")
-    lines += ["", "## Use", "", "```python", "from embedkit.models import load_model",
-              "from embedkit.llm.generate import load_generator",
-              f"vectors = load_model('{t.output_dir}').encode(['what causes asthma?'], kind='query')",
-              f"print(load_generator('{t.output_dir}').answer('what causes asthma?', ['passage ...']))", "```",
-              "", f"Serve both: `embedkit serve --model {t.output_dir}` (/v1/embeddings and /v1/chat/completions).", ""]
-    return "\n".join(lines)
-
-
-def train_sft(recipe, *, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fine-tune on question -> answer chat examples; returns stats (held-out answer loss before/after)."""
-    from embedkit.llm.data import encode_sft_many
-    from embedkit.llm.loop import run_loop
-
-    say = say or _say("sft")
-    ctx = prepare(recipe, "sft", say)
-    m, t = recipe.model, recipe.training
-    tok, model = ctx["tokenizer"], ctx["model"]
-    features, dropped = encode_sft_many(tok, ctx["train"], max_length=m.max_length, system=m.system_prompt)
-    held = encode_sft_many(tok, ctx["heldout"], max_length=m.max_length, system=m.system_prompt)[0] \
-        if ctx["heldout"] else None
-    pad = tok.pad_token_id
-    extra: dict[str, Any] = {"dropped_examples": dropped}
-    if held and recipe.data.heldout_before:
-        extra["heldout_answer_loss_before"] = heldout_answer_loss(model, held, pad, recipe, say, "before")
-
-    def step(rows: list[int]) -> dict[str, float]:
-        loss = sft_backward(model, [features[i] for i in rows], pad, micro_batch=t.micro_batch_size)
+    def run(self, rows: list[int], engine, weight: float) -> dict[str, float]:
+        loss = sft_backward(engine, [self.features[i] for i in rows], self.ctx.pad_id, micro_batch=self.ctx.micro_batch,
+                            weight=weight)
         return {"loss": loss, "sft": loss}
 
-    output = Path(t.output_dir)
-    work = work_dir(output)
-    stats = run_loop(recipe, model, len(features), step, work=work, say=say, desc="sft")
-    stats.update(extra)
-    if held:
-        stats["heldout_answer_loss"] = heldout_answer_loss(model, held, pad, recipe, say, "after")
-        stats["heldout_examples"] = len(held)
-    finish(recipe, "sft", ctx, stats, work, say)
-    return {"output_dir": str(output), **stats}
+    def evaluate(self, engine) -> dict[str, Any] | None:
+        if not self.held:
+            return None
+        loss = answer_loss(self.ctx.heads.lm, self.held, self.ctx.pad_id, batch_size=self.ctx.micro_batch or 8)
+        self.ctx.heads.train()
+        return {"task": "heldout", "metric": "answer_loss", "score": loss, "greater_is_better": False,
+                "metrics": {"answer_loss": loss}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = state.get("before")
+
+    def summary(self, engine) -> dict[str, Any]:
+        out: dict[str, Any] = {"dropped_examples": self.dropped}
+        if self.before is not None:
+            out["heldout_answer_loss_before"] = self.before
+        if self.held:
+            out["heldout_answer_loss"] = heldout_answer_loss(self.ctx, self.held, "after")
+            out["heldout_examples"] = len(self.held)
+        return out
+
+
+def train_sft(recipe, *, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Fine-tune on question -> answer chat examples; returns stats (held-out answer loss before/after)."""
+    return run_llm(recipe, "sft", SFTStep, resume=resume, on_step=on_step)

@@ -46,13 +46,16 @@ def encode_to_npy(encoder, texts: list[str], target: Path, *, kind: str, batch_s
 @contextlib.contextmanager
 def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int = 32,
                    cache_dir: str | Path | None = None, use_cache: bool = True,
-                   progress: Callable[[str], None] | None = None) -> Iterator[tuple[NpyFileSource, dict]]:
+                   progress: Callable[[str], None] | None = None,
+                   write_cache: bool = True) -> Iterator[tuple[NpyFileSource, dict]]:
     """Yield (vector source, info) for the corpus; info = {"cached": bool, "path": str | None}.
 
     With the cache on, a hit is read from disk (streamed) and a miss is encoded into the cache. With it off, the
-    vectors go to a temporary file that is removed afterwards.
+    vectors go to a temporary file that is removed afterwards. Under sharded encoding (several processes) a hit
+    counts only when every process has it (else all encode together); write_cache=False (the processes other
+    than rank 0) reads the cache but encodes a miss into a temporary file.
     """
-    from embedkit.eval.runner import default_cache_dir, embedding_cache_path
+    from embedkit.eval.runner import default_cache_dir, embedding_cache_path, ranks_agree
 
     if use_cache:
         path = embedding_cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), encoder, ids, texts,
@@ -63,12 +66,13 @@ def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int
                 hit = NpyFileSource(path)
             except Exception:  # a damaged cache entry (truncated, wrong dtype) is re-encoded below
                 hit = None
-        if hit is not None and hit.n == len(texts):
+        if ranks_agree(encoder, hit is not None and hit.n == len(texts)):
             yield hit, {"cached": True, "path": str(path)}
             return
-        encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)
-        yield NpyFileSource(path), {"cached": False, "path": str(path)}
-        return
+        if write_cache:
+            encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)
+            yield NpyFileSource(path), {"cached": False, "path": str(path)}
+            return
     with tempfile.TemporaryDirectory(prefix="embedkit-mine-") as tmp:
         path = Path(tmp) / "corpus.npy"
         encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import typer
 
+from embedkit.device import DEVICE_HELP
+from embedkit.launch import NPROC_HELP
+
 
 def mine_command(
+    ctx: typer.Context,
     model: str = typer.Option(
         ..., "--model", "-m",
         help="Embedding model that ranks the pool: 'minilm', 'smollm2-135m', a local folder, or a Hugging Face id. "
@@ -86,12 +90,17 @@ def mine_command(
                                   help="Do not read or write the corpus-embedding cache (under EMBEDKIT_HOME)."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default: EMBEDKIT_HOME)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    device: str = typer.Option("auto", "--device", help=f"Where the model (and --cross-encoder) runs: {DEVICE_HELP}"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Mine hard negatives for (query, positive) pairs, keeping out likely false negatives.
 
     For each query the model ranks the whole pool; candidates come from the --range window, minus every known
     positive, near duplicates of a positive, and anything scored too close to the positive (--relative-margin,
     --absolute-margin). Then --num-negatives are drawn. Queries left short are reported, never silently dropped.
+
+    --nproc N runs N processes (torch.distributed: gloo on the CPU, nccl with one GPU each) that share the encoding
+    of the pool and the queries; each mines the same rows, the first writes the files (identical to one process).
 
     Examples:
 
@@ -101,6 +110,7 @@ def mine_command(
 
       embedkit mine -m minilm -d beir/ --corpus-embeddings emb.npy --corpus-ids ids.txt -o mined.jsonl
     """
+    from embedkit.launch import processes
     from embedkit.mine.mining import load_task
     from embedkit.mine.report import format_summary
     from embedkit.mine.run import mine_to_file
@@ -115,13 +125,19 @@ def mine_command(
         duplicate_threshold=None if no_duplicate_filter else duplicate_threshold, on_short=on_short,
         search=search, corpus_chunk=corpus_chunk, batch_size=batch_size,
     )
-    say = (lambda message: print(f"embedkit mine: {message}", file=sys.stderr, flush=True))
     task = load_task(data, split=split, corpus=corpus, query=query_column, positive=positive_column)
-    say(f"{task.n_queries:,} queries, {int(task.pos_idx.size):,} pairs, pool of {len(task.corpus_ids):,} documents")
-    encoder = load_model(model)
-    summary = mine_to_file(encoder, task, output, settings, corpus_embeddings=corpus_embeddings,
-                           corpus_ids=corpus_ids, cross_encoder=cross_encoder, cache_dir=cache_dir,
-                           use_cache=not no_cache, progress=say)
+    with processes(nproc, device, ctx=ctx) as procs:
+        say = ((lambda message: print(f"embedkit mine: {message}", file=sys.stderr, flush=True)) if procs.is_main
+               else (lambda message: None))
+        say(f"{task.n_queries:,} queries, {int(task.pos_idx.size):,} pairs, pool of {len(task.corpus_ids):,} "
+            f"documents" + (f"; {procs.world} processes" if procs.world > 1 else ""))
+        encoder = load_model(model, device=procs.device)
+        with procs.shard(encoder):
+            summary = mine_to_file(encoder, task, output, settings, corpus_embeddings=corpus_embeddings,
+                                   corpus_ids=corpus_ids, cross_encoder=cross_encoder, cache_dir=cache_dir,
+                                   use_cache=not no_cache, progress=say, device=procs.device, write=procs.is_main)
+    if not procs.is_main:
+        return
     if json_output:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     else:

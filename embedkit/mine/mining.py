@@ -199,16 +199,19 @@ def align_precomputed(task: MiningTask, embeddings: str | Path, ids_path: str | 
 class CrossEncoderRescorer:
     """Rescore window candidates and positives with a sentence-transformers CrossEncoder loaded from a folder."""
 
-    def __init__(self, path: str | Path, task: MiningTask, *, batch_size: int = 32) -> None:
+    def __init__(self, path: str | Path, task: MiningTask, *, batch_size: int = 32, device: Any = "cpu") -> None:
         path = Path(path)
         if not path.is_dir():
             raise ConfigError("cross-encoder folder not found (no pretrained cross-encoder ships with embedkit; "
                               "give a local sentence-transformers CrossEncoder folder)", path=path,
                               field="cross_encoder")
+        from embedkit.device import resolve_device
+
+        self.device = resolve_device(device, field="--device")
         try:
             from sentence_transformers import CrossEncoder
 
-            self.model = CrossEncoder(str(path), device="cpu")
+            self.model = CrossEncoder(str(path), device=str(self.device))
         except Exception as exc:  # transformers raises many types for a bad folder
             raise ModelError(f"cannot load a cross-encoder ({type(exc).__name__}: {exc})".splitlines()[0],
                              path=path) from None

@@ -46,10 +46,17 @@ def mine_to_file(
     use_cache: bool = True,
     histogram: bool = True,
     progress: Callable[[str], None] | None = None,
+    device: Any = None,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Mine `task` with `encoder`; write the output files; return the summary (also written as JSON)."""
+    """Mine `task` with `encoder`; write the output files; return the summary (also written as JSON).
+
+    device: where the cross-encoder runs (default: the encoder's device). write=False mines the same rows and
+    writes nothing (no output, no cache): the other processes of a sharded run (`embedkit mine --nproc`), which
+    must make the same encode calls as the one that writes.
+    """
     from embedkit.atomic import atomic_path, write_json
-    from embedkit.manifest import base_manifest, sha256_file
+    from embedkit.manifest import base_manifest, device_fields, sha256_file
     from embedkit.mine.cache import corpus_vectors
     from embedkit.mine.report import write_histogram
 
@@ -61,7 +68,9 @@ def mine_to_file(
                           field="corpus_ids" if corpus_ids is None else "corpus_embeddings")
     say = progress or (lambda message: None)
     started = time.perf_counter()
-    rescorer = CrossEncoderRescorer(cross_encoder, task, batch_size=settings.batch_size) if cross_encoder else None
+    device = device if device is not None else getattr(encoder, "device", "cpu")
+    rescorer = (CrossEncoderRescorer(cross_encoder, task, batch_size=settings.batch_size, device=device)
+                if cross_encoder else None)
     stats = MiningStats()
     rows_written = 0
     with contextlib.ExitStack() as stack:
@@ -72,16 +81,19 @@ def mine_to_file(
             say(f"encoding {len(task.corpus_texts):,} documents")
             source, corpus_info = stack.enter_context(corpus_vectors(
                 encoder, task.corpus_ids, task.corpus_texts, batch_size=settings.batch_size, cache_dir=cache_dir,
-                use_cache=use_cache, progress=progress))
+                use_cache=use_cache, progress=progress, write_cache=write))
             if corpus_info["cached"]:
                 say(f"corpus embeddings from cache {corpus_info['path']}")
         encode_started = time.perf_counter()
         queries = query_encoder(encoder, task, settings.batch_size)
-        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for row in iter_rows(task, queries, source, settings, stats, rescorer=rescorer, progress=progress):
-                line = json.dumps(row, ensure_ascii=False) + "\n"
-                f.write(line)
-                rows_written += 1
+        rows = iter_rows(task, queries, source, settings, stats, rescorer=rescorer, progress=progress)
+        if write:
+            with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    rows_written += 1
+        else:
+            rows_written = sum(1 for _ in rows)
     finished = time.perf_counter()
     summary: dict[str, Any] = {
         "output": str(output),
@@ -94,6 +106,8 @@ def mine_to_file(
         "cross_encoder": str(cross_encoder) if cross_encoder else None,
         "seconds": {"total": round(finished - started, 3), "mining": round(finished - encode_started, 3)},
     }
+    if not write:
+        return summary
     summary_path = sidecar(output, ".summary.json")
     write_json(summary_path, summary)
     files = {"output": str(output), "summary": str(summary_path)}
@@ -106,6 +120,7 @@ def mine_to_file(
     manifest = base_manifest(
         "mining",
         model=encoder.describe(),
+        **device_fields(getattr(encoder, "device", None)),
         data=task.description,
         settings=settings.to_dict(),
         seed=settings.seed,

@@ -13,13 +13,19 @@ def attach_lora(
     alpha: int = 32,
     dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
+    dora: bool = False,
+    rslora: bool = False,
 ) -> Encoder:
-    """Wrap the backbone with LoRA adapters, in place; afterwards only adapter weights are trainable."""
+    """Wrap the backbone with LoRA adapters, in place; afterwards only adapter weights are trainable.
+
+    `dora`: weight-decomposed LoRA (a learned magnitude per output); `rslora`: scale alpha / sqrt(r) instead of
+    alpha / r, so larger ranks keep learning. Both are PEFT's own implementations."""
     from peft import LoraConfig, get_peft_model
 
     if encoder.has_adapter:
         raise ModelError("the encoder already has an adapter")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
+                        use_dora=dora, use_rslora=rslora)
     encoder.backbone = get_peft_model(encoder.backbone, config)
     encoder.invalidate_fingerprint()
     return encoder
@@ -53,3 +59,19 @@ def trainable_parameters(encoder: Encoder) -> tuple[int, int]:
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     total = sum(p.numel() for p in encoder.parameters())
     return trainable, total
+
+
+def keep_4bit_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; returns the layers touched.
+
+    On CPUs with AVX-512 bf16, bitsandbytes (0.50) repacks a Linear4bit's weight in place on its first no-grad
+    forward in eval mode. Under ZeRO-3 the next all-gather brings back the original bytes while the layer still
+    believes they are repacked: every later forward is silently wrong. Even in one process the repacked kernel gives
+    outputs ~1e-2 away from the training kernel, so dev evaluation would score another model than the one trained.
+    A model being trained keeps one layout."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count

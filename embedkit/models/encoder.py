@@ -104,11 +104,17 @@ class Encoder(nn.Module):
         padding_side: str | None = None,
         adapter: str | Path | None = None,
         quantization: str | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
+        sharded_storage: bool = False,
     ) -> "Encoder":
+        """`device`: cpu, cuda, cuda:N, auto or a torch.device (see embedkit.device.resolve_device). A 4-bit model
+        (quantization="nf4") is quantised straight onto a GPU device; on the CPU it stays on the CPU."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+        from embedkit.device import resolve_device
         from embedkit.models.registry import resolve_model_path
+
+        target = resolve_device(device, field="device")
 
         path = resolve_model_path(name_or_path)
         st = _read_st_folder(path)
@@ -118,11 +124,9 @@ class Encoder(nn.Module):
         except (OSError, ValueError) as exc:
             raise ModelError(f"not a model folder: {exc}".splitlines()[0], path=transformer_dir) from exc
         torch_dtype = _parse_dtype(dtype)
-        load_kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if quantization:
-            load_kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype)
+        load_kwargs = _backbone_load_kwargs(torch_dtype, quantization, target, sharded_storage=sharded_storage)
         backbone = AutoModel.from_pretrained(transformer_dir, **load_kwargs)
-        if quantization:
+        if quantization and target.type == "cpu":
             _release_checkpoint_mapping(backbone)
         tokenizer = AutoTokenizer.from_pretrained(transformer_dir)
         if adapter is not None:
@@ -150,7 +154,8 @@ class Encoder(nn.Module):
             quantization=quantization,
             attention=st.get("attention") or "causal",
         )
-        return encoder.to(device) if device != "cpu" and not quantization else encoder
+        # A 4-bit model is already where device_map put it (bitsandbytes' weights cannot be moved with .to()).
+        return encoder.to(target) if target.type != "cpu" and not quantization else encoder
 
     # ------------------------------------------------------------------ properties
     @property
@@ -177,6 +182,8 @@ class Encoder(nn.Module):
             h = hashlib.sha256()
             for key, tensor in sorted(self.backbone.state_dict().items()):
                 h.update(key.encode())
+                if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP): every rank gathers the same whole
+                    tensor = tensor.full_tensor()
                 data = tensor.detach().cpu().contiguous()
                 h.update(str(data.dtype).encode())
                 h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -299,7 +306,14 @@ class Encoder(nn.Module):
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
 
-    @torch.inference_mode()
+    def sharded(self, group=None):
+        """`with encoder.sharded(): encoder.encode(...)`: spread encoding over the ranks of a torch.distributed
+        process group (every rank gets the full result). Explicit on purpose: every rank must make the same encode
+        calls. See embedkit.models.distributed."""
+        from embedkit.models.distributed import sharded_encoding
+
+        return sharded_encoding(self, group)
+
     def encode(
         self,
         texts: Sequence[str] | str,
@@ -308,10 +322,34 @@ class Encoder(nn.Module):
         normalize: bool | None = None,
         show_progress: bool | None = None,
     ) -> np.ndarray:
-        """Embed texts as float32 [n, dim]; batches are length-sorted so little compute goes to padding."""
+        """Embed texts as float32 [n, dim]; batches are length-sorted so little compute goes to padding.
+
+        Inside `with encoder.sharded():` under a multi-process group, the batches are spread over the ranks and
+        every rank returns the full result (embedkit.models.distributed).
+        """
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
+        if getattr(self, "_embedkit_shard_group", None) is not None:
+            from embedkit.models.distributed import encode_sharded, sharding_group
+
+            shard, group = sharding_group(self)
+            if shard:
+                was_training = self.training
+                self.eval()
+                # no_grad, not inference_mode: under DeepSpeed ZeRO-3 (the sharded caller is often a trainer's dev
+                # evaluation) inference tensors made while parameters are gathered break the next backward.
+                try:
+                    with torch.no_grad():
+                        return encode_sharded(self, texts, kind=kind, batch_size=batch_size, normalize=normalize,
+                                              show_progress=show_progress, group=group, sort_chunk=_SORT_CHUNK)
+                finally:
+                    self.train(was_training)
+        with torch.inference_mode():
+            return self._encode_local(texts, kind, batch_size, normalize, show_progress)
+
+    def _encode_local(self, texts: list[str], kind: str, batch_size: int, normalize: bool | None,
+                      show_progress: bool | None) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
@@ -326,7 +364,8 @@ class Encoder(nn.Module):
                 chunk = texts[start : start + _SORT_CHUNK]
                 ids = self._token_ids(chunk, kind)
                 for rows in length_sorted_batches(ids, batch_size):
-                    vectors = self.forward(self.collate([ids[i] for i in rows]), normalize=normalize)
+                    # self(...), not self.forward: a wrapper (FSDP) hooks the call
+                    vectors = self(self.collate([ids[i] for i in rows]), normalize=normalize)
                     out[[start + i for i in rows]] = vectors.cpu().numpy()
                     progress.update(len(rows))
         finally:
@@ -455,7 +494,24 @@ def _release_checkpoint_mapping(backbone) -> None:
     gc.collect()
 
 
-def _quantization_config(kind: str, compute_dtype: torch.dtype):
+def _backbone_load_kwargs(torch_dtype: torch.dtype, quantization: str | None,
+                          device: torch.device, *, sharded_storage: bool = False) -> dict[str, Any]:
+    """from_pretrained arguments: the dtype, and for 4-bit the quantisation config, placed on the GPU when `device`
+    is one (device_map {"": index}: bitsandbytes quantises while loading onto it); on the CPU as before.
+
+    `sharded_storage`: the 4-bit weights will be partitioned by DeepSpeed ZeRO-3, which flattens every parameter of
+    a partition group into one buffer of the compute dtype: store the packed 4-bit bytes in that dtype
+    (bnb_4bit_quant_storage), as PEFT's DeepSpeed guide prescribes."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization:
+        kwargs["quantization_config"] = _quantization_config(quantization, torch_dtype,
+                                                              storage=torch_dtype if sharded_storage else None)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return kwargs
+
+
+def _quantization_config(kind: str, compute_dtype: torch.dtype, storage: torch.dtype | None = None):
     if kind != "nf4":
         raise ModelError(f"unknown quantization {kind!r}; only 'nf4' (4-bit, bitsandbytes) is supported")
     try:
@@ -463,8 +519,9 @@ def _quantization_config(kind: str, compute_dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise ModelError("4-bit loading needs bitsandbytes: pip install 'embedkit[qlora]'") from exc
+    extra = {"bnb_4bit_quant_storage": storage} if storage is not None else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=False)
+                              bnb_4bit_use_double_quant=False, **extra)
 
 
 def load_model(name_or_path: str | Path, **kwargs) -> Encoder:

@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import typer
 
+from embedkit.device import DEVICE_HELP
+from embedkit.launch import NPROC_HELP
 
 rag_app = typer.Typer(
     help="Retrieval-augmented generation: a FAISS index over your corpus, searched, evaluated and served as a web "
@@ -26,6 +28,7 @@ _MODEL_HELP = ("Model to embed the queries with. Default: the model the index wa
 _HYBRID_HELP = ("Hybrid retrieval: fuse the dense ranking with BM25 (reciprocal rank fusion over the top 100 of each; "
                 "needs bm25s: the rag extra of embedkit).")
 _WEIGHT_HELP = "Hybrid only: BM25's share of the fusion, 0 (dense only) to 1 (BM25 first, dense breaks ties)."
+_DEVICE_OPTION = typer.Option("auto", "--device", help=f"Where the embedding model runs: {DEVICE_HELP}")
 
 
 def _say(quiet: bool):
@@ -34,6 +37,7 @@ def _say(quiet: bool):
 
 @rag_app.command("index")
 def index_command(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
     corpus: Path = typer.Option(
         ..., "--corpus", "-c",
@@ -51,27 +55,38 @@ def index_command(
     bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Also build the BM25 part for --hybrid (when bm25s is "
                                                              "installed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    device: str = _DEVICE_OPTION,
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Embed a corpus and write a RAG index folder: FAISS index, document store (SQLite), BM25, manifest.
 
     The manifest records the model fingerprint (queries with another model are refused), the corpus hash, the index
     type and the counts. Documents can be added and deleted later without a rebuild (embedkit rag add / delete).
+    --nproc N encodes the corpus in N processes (torch.distributed: gloo on the CPU, nccl with one GPU each); the
+    first builds and writes the index, identical to a one-process build.
 
     Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
     """
+    from embedkit.launch import processes
     from embedkit.models import load_model
     from embedkit.rag.bm25 import bm25_available
     from embedkit.rag.corpus import load_documents
     from embedkit.rag.index import build_index, choose_index_type
 
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
-    say = _say(quiet)
     docs = load_documents(corpus)
-    if say:
-        say(f"read {len(docs)} documents; loading model {model}")
-    encoder = load_model(model)
-    index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
-                        batch_size=batch_size, bm25=bm25 and bm25_available(), progress=say, source=corpus)
+    with processes(nproc, device, ctx=ctx) as procs:
+        say = _say(quiet or not procs.is_main)
+        if say:
+            say(f"read {len(docs)} documents; loading model {model}"
+                + (f" ({procs.world} processes)" if procs.world > 1 else ""))
+        encoder = load_model(model, device=procs.device)
+        with procs.shard(encoder):
+            index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
+                                batch_size=batch_size, bm25=bm25 and bm25_available(), progress=say, source=corpus,
+                                write=procs.is_main)
+    if index is None:
+        return
     info = index.describe()
     build = index.manifest.get("build", {})
     typer.echo(f"indexed {info['documents']} documents into {output} ({info['type']} index, {info['dim']}-d, "
@@ -136,15 +151,18 @@ def query_command(
     hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", min=0.0, max=1.0, help=_WEIGHT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     width: int = typer.Option(160, "--width", min=20, help="Characters of each passage to print."),
+    device: str = _DEVICE_OPTION,
 ) -> None:
     """Search an index and print the top-k documents with their scores.
 
     Example: embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
     """
+    from embedkit.device import resolve_device
     from embedkit.rag.index import RagIndex, load_index_encoder
 
+    target = resolve_device(device)
     index = RagIndex.load(index_path)
-    encoder = load_index_encoder(index, model)
+    encoder = load_index_encoder(index, model, device=target)
     hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight)
     if json_output:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
@@ -176,6 +194,7 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full result (per-query "
                                                                        "metrics included) as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
+    device: str = _DEVICE_OPTION,
 ) -> None:
     """Evaluate retrieval through the index: Recall@k, nDCG@10, MRR@10, MAP@100, and latency per query.
 
@@ -188,6 +207,7 @@ def eval_command(
 
       embedkit rag eval runs/my-index --queries queries.jsonl --qrels qrels.tsv --hybrid
     """
+    from embedkit.device import resolve_device
     from embedkit.errors import ConfigError
     from embedkit.rag.evaluate import evaluate_index
     from embedkit.rag.index import RagIndex, load_index_encoder
@@ -197,12 +217,13 @@ def eval_command(
     except ValueError:
         raise ConfigError(f"--k-values must be integers separated by commas, not {k_values!r}",
                           field="k-values") from None
+    target = resolve_device(device)
     index = RagIndex.load(index_path)
     query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
     say = _say(quiet)
     if say:
         say("loading the index's model")
-    encoder = load_index_encoder(index, model)
+    encoder = load_index_encoder(index, model, device=target)
     result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
                             hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
                             progress=say)
@@ -210,7 +231,9 @@ def eval_command(
         from embedkit.atomic import write_json
         from embedkit.manifest import base_manifest
 
-        write_json(output, base_manifest("rag_eval", **result))
+        from embedkit.manifest import device_fields
+
+        write_json(output, base_manifest("rag_eval", **device_fields(target), **result))
     m, lat = result["metrics"], result["latency"]
     mode = f"hybrid (BM25 weight {hybrid_weight})" if hybrid else "dense"
     typer.echo(f"{result['batch']['queries']} queries, {result['index']['documents']} documents, "
@@ -267,6 +290,8 @@ def web_command(
     no_generator: bool = typer.Option(False, "--no-generator", help="Never generate answers."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Length limit of a generated answer."),
     answer_passages: int = typer.Option(3, "--answer-passages", min=1, help="Top passages given to the generator."),
+    device: str = typer.Option("auto", "--device",
+                               help=f"Where the embedding model and the generator run: {DEVICE_HELP}"),
 ) -> None:
     """Serve a search page over an index on 127.0.0.1: search box, ranked highlighted passages, generated answers.
 
@@ -276,12 +301,14 @@ def web_command(
 
     Example: embedkit rag web runs/scifact-index --port 8080   then open http://127.0.0.1:8080/?q=vitamin+D
     """
+    from embedkit.device import resolve_device
     from embedkit.rag.index import RagIndex, load_index_encoder
     from embedkit.rag.web import serve_web
 
+    target = resolve_device(device)
     index = RagIndex.load(index_path)
-    encoder = load_index_encoder(index, model)
-    answerer = None if no_generator else _answerer(index, generator, max_new_tokens)
+    encoder = load_index_encoder(index, model, device=target)
+    answerer = None if no_generator else _answerer(index, generator, max_new_tokens, str(target))
     typer.echo(f"serving {len(index)} documents at http://{host}:{port}/ "
                f"({'answers from ' + answerer.source if answerer else 'no generated answers'}); Ctrl-C stops",
                err=True)
@@ -299,7 +326,8 @@ class _GeneratorAnswerer:
         return self.generator.answer(question, passages, max_new_tokens=self.max_new_tokens)
 
 
-def _answerer(index, generator: str | Path | None, max_new_tokens: int) -> _GeneratorAnswerer | None:
+def _answerer(index, generator: str | Path | None, max_new_tokens: int,
+              device: str = "cpu") -> _GeneratorAnswerer | None:
     from embedkit.errors import ConfigError
 
     try:
@@ -312,8 +340,8 @@ def _answerer(index, generator: str | Path | None, max_new_tokens: int) -> _Gene
         if Path(generator).is_dir() and not has_generative_head(generator):
             raise ConfigError("this model folder has no generative head (an embedding-only save?)", path=generator,
                               field="generator")
-        return _GeneratorAnswerer(load_generator(generator), str(generator), max_new_tokens)  # names too
+        return _GeneratorAnswerer(load_generator(generator, device=device), str(generator), max_new_tokens)  # names too
     model_path = index.manifest["model"].get("path")
     if model_path and Path(model_path).is_dir() and has_generative_head(model_path):
-        return _GeneratorAnswerer(load_generator(model_path), model_path, max_new_tokens)
+        return _GeneratorAnswerer(load_generator(model_path, device=device), model_path, max_new_tokens)
     return None

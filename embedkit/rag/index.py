@@ -30,7 +30,7 @@ import numpy as np
 
 from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ConfigError, DataError, ModelError
-from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_texts
+from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
 from embedkit.rag.corpus import load_documents
 from embedkit.rag.store import STORE_NAME, DocumentStore
@@ -418,12 +418,15 @@ def build_index(
     bm25: bool | None = None,
     progress: Callable[[str], None] | None = None,
     source: str | Path | None = None,
-) -> RagIndex:
+    write: bool = True,
+) -> RagIndex | None:
     """Encode a corpus and write a RAG index folder at `output` (replacing an older RAG index there).
 
     corpus: a BeirDataset, a dict id -> {"title", "text"}, or a path (BEIR folder, corpus.jsonl, .txt).
     bm25: build the BM25 part for hybrid search; None = when bm25s is installed.
     source: where the corpus came from, for the manifest (default: the path, when `corpus` is one).
+    write=False: only encode (same calls), write nothing, return None: the processes other than rank 0 of a
+    sharded build (`embedkit rag index --nproc`).
     """
     say = progress or (lambda message: None)
     output = Path(output)
@@ -440,6 +443,8 @@ def build_index(
     t0 = time.perf_counter()
     vectors = _encode(encoder, [d.embed_text for d in docs], "document", batch_size)
     encode_s = time.perf_counter() - t0
+    if not write:
+        return None
     say(f"building a {kind} index")
     t1 = time.perf_counter()
     index, params = _new_faiss_index(kind, vectors)
@@ -453,7 +458,8 @@ def build_index(
         corpus={"source": str(Path(source).resolve()) if source is not None else None},
         index={"type": kind, "requested_type": index_type, "metric": "inner_product (cosine, normalised vectors)",
                "dim": int(vectors.shape[1]), "params": params, "file": INDEX_FILE, "store": STORE_NAME},
-        build={"encode_s": round(encode_s, 3), "batch_size": batch_size},
+        build={"encode_s": round(encode_s, 3), "batch_size": batch_size,
+               **device_fields(getattr(encoder, "device", None))},
     )
     with _write_lock(output), atomic_dir(output) as tmp:
         store = DocumentStore(tmp / STORE_NAME)
@@ -467,8 +473,8 @@ def build_index(
     return RagIndex.load(output)
 
 
-def load_index_encoder(index: RagIndex, model: str | Path | None = None):
-    """The encoder to query `index` with: `model` if given, else the one recorded in its manifest.
+def load_index_encoder(index: RagIndex, model: str | Path | None = None, *, device: Any = "cpu"):
+    """The encoder to query `index` with: `model` if given, else the one recorded in its manifest, on `device`.
 
     The recorded model is reloaded with its recorded settings (pooling, prompts, max length, dtype) so that its
     fingerprint matches; any other model is refused by `check_encoder`.
@@ -478,7 +484,7 @@ def load_index_encoder(index: RagIndex, model: str | Path | None = None):
 
     info = index.manifest["model"]
     if model is not None:
-        encoder = load_model(model)
+        encoder = load_model(model, device=device)
     else:
         name, path = info.get("name"), info.get("path")
         target = name if name in EMBEDDED_MODELS or (name and Path(name).exists()) else path
@@ -486,6 +492,6 @@ def load_index_encoder(index: RagIndex, model: str | Path | None = None):
             raise ModelError("the index manifest names no model: pass --model", path=index.path)
         encoder = load_model(target, pooling=info.get("pooling"), prompts=info.get("prompts") or {},
                              max_length=info.get("max_length"), normalize=info.get("normalize"),
-                             dtype=info.get("dtype"))
+                             dtype=info.get("dtype"), device=device)
     index.check_encoder(encoder)
     return encoder

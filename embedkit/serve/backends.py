@@ -70,7 +70,7 @@ class TorchBackend(_EncodeMixin):
             return self.encoder.forward(self.encoder.collate(id_lists)).cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {**self.encoder.describe(), "backend": "torch"}
+        return {**self.encoder.describe(), "backend": "torch", "device": str(self.encoder.device)}
 
 
 class OnnxBackend(_EncodeMixin):
@@ -121,8 +121,10 @@ def is_onnx_folder(path: str | Path) -> bool:
     return (Path(path) / ONNX_CONFIG_NAME).is_file()
 
 
-def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None = None):
-    """`auto` -> onnx for an ONNX export folder, torch otherwise."""
+def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None = None, device: Any = "cpu"):
+    """`auto` -> onnx for an ONNX export folder, torch otherwise. `device` (cpu, cuda:N, a torch.device): where the
+    torch backend runs; ONNX uses onnxruntime's CUDA provider there only when the installed onnxruntime has one,
+    else the CPU."""
     if backend not in ("auto", "onnx", "torch"):
         raise ModelError(f"unknown backend {backend!r}; choose auto, onnx or torch")
     onnx_folder = Path(spec.path).is_dir() and is_onnx_folder(spec.path)
@@ -132,7 +134,7 @@ def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None 
                              f"`embedkit export --model {spec.path} --format onnx --output DIR`", path=spec.path)
         from embedkit.export.onnx import OnnxEncoder
 
-        return OnnxBackend(OnnxEncoder(spec.path, threads=threads), name=spec.name)
+        return OnnxBackend(OnnxEncoder(spec.path, threads=threads, device=device), name=spec.name)
     if onnx_folder:
         raise ModelError("this is an ONNX export folder: serve it with --backend onnx (or auto)", path=spec.path)
     from embedkit.models import load_model
@@ -141,7 +143,7 @@ def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None 
         import torch
 
         torch.set_num_threads(int(threads))
-    return TorchBackend(load_model(spec.path), name=spec.name)
+    return TorchBackend(load_model(spec.path, device=device), name=spec.name)
 
 
 def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = False, log=None) -> dict | None:

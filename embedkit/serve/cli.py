@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from embedkit.device import DEVICE_HELP
+
 
 def serve_command(
     model: List[str] = typer.Option(..., "--model", "-m",
@@ -54,6 +56,9 @@ def serve_command(
     chat: bool = typer.Option(True, "--chat/--no-chat",
                               help="Also serve POST /v1/chat/completions for model folders with a generative head "
                                    "(`embedkit llm sft|dpo|joint` outputs; torch backend). Non-streaming."),
+    device: str = typer.Option("auto", "--device",
+                               help=f"Where the torch backend (and chat) runs: {DEVICE_HELP} ONNX runs on the CPU "
+                                    "unless the installed onnxruntime has the CUDA provider (onnxruntime-gpu)."),
 ) -> None:
     """Serve embeddings over HTTP: OpenAI-compatible POST /v1/embeddings, GET /v1/models, /health, /metrics.
 
@@ -93,11 +98,14 @@ def serve_command(
         raise ConfigError(f"unknown engine {engine!r}; choose 'embedkit' or 'vllm'")
     if dry_run:
         raise ConfigError("--dry-run applies to --engine vllm only")
+    from embedkit.device import resolve_device
     from embedkit.serve.app import ServeSettings
     from embedkit.serve.server import run_server
+
+    target = resolve_device(device)
 
     settings = ServeSettings(api_keys=keys, max_inputs=max_inputs, max_tokens_per_input=max_tokens, truncate=truncate,
                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch_tokens=max_batch_tokens,
                              max_batch_size=max_batch_size, default_input_type=input_type)  # type: ignore[arg-type]
     run_server(model, backend=backend, host=host, port=port, settings=settings, threads=threads,
-               probe_atol=probe_atol, allow_mismatch=allow_mismatch, log_level=log_level, chat=chat)
+               probe_atol=probe_atol, allow_mismatch=allow_mismatch, log_level=log_level, chat=chat, device=target)

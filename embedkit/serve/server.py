@@ -13,8 +13,10 @@ def _log(message: str) -> None:
 
 
 def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int | None = None,
-                  probe_atol: float | None = None, allow_mismatch: bool = False, log=_log) -> dict[str, Any]:
-    """{served name: backend} for `--model` arguments, each checked against its probe vectors."""
+                  probe_atol: float | None = None, allow_mismatch: bool = False, log=_log,
+                  device: Any = "cpu") -> dict[str, Any]:
+    """{served name: backend} for `--model` arguments, each checked against its probe vectors. `device`: where
+    torch backends run (ONNX: the GPU only with an onnxruntime that has the CUDA provider)."""
     from embedkit.serve.backends import ModelSpec, load_backend, verify_probes
 
     if not models:
@@ -25,13 +27,16 @@ def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int 
         if spec.name in loaded:
             raise ConfigError(f"two models would be served as {spec.name!r}: name them with --model NAME=PATH")
         log(f"loading {spec.name} from {spec.path} ({backend} backend) ...")
-        instance = load_backend(spec, backend, threads=threads)
+        instance = load_backend(spec, backend, threads=threads, device=device)
+        where = instance.describe().get("device") or ", ".join(instance.describe().get("providers") or [])
+        log(f"[{spec.name}] {instance.kind} backend on {where}")
         verify_probes(instance, atol=probe_atol, allow_mismatch=allow_mismatch, log=log)
         loaded[spec.name] = instance
     return loaded
 
 
-def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log) -> dict[str, Any]:
+def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log,
+                    device: Any = "cpu") -> dict[str, Any]:
     """{served name: Generator} for the served model folders that have a generative head (`embedkit llm`)."""
     from embedkit.llm.generate import has_generative_head, load_generator
     from embedkit.serve.backends import ModelSpec
@@ -43,7 +48,7 @@ def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log
         folder = getattr(backend, "folder", None)
         if getattr(backend, "kind", None) == "torch" and folder is not None and has_generative_head(folder):
             log(f"[{spec.name}] generative head found: serving /v1/chat/completions too")
-            generators[spec.name] = load_generator(folder, name=spec.name)
+            generators[spec.name] = load_generator(folder, name=spec.name, device=str(device))
     return generators
 
 
@@ -60,6 +65,7 @@ def run_server(
     graceful_timeout: float = 30.0,
     log_level: str = "info",
     chat: bool = True,
+    device: Any = "cpu",
 ) -> None:
     import uvicorn
 
@@ -68,8 +74,8 @@ def run_server(
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range", field="port")
     backends = load_backends(models, backend=backend, threads=threads, probe_atol=probe_atol,
-                             allow_mismatch=allow_mismatch)
-    generators = load_generators(models, backends) if chat else {}
+                             allow_mismatch=allow_mismatch, device=device)
+    generators = load_generators(models, backends, device=device) if chat else {}
     app = create_app(backends, settings, generators)
     keys = "API key required" if settings is not None and settings.api_keys else "no API key"
     _log(f"serving {', '.join(backends)} at http://{host}:{port}/v1/embeddings ({keys}; docs at /docs, "

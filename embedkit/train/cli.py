@@ -1,4 +1,4 @@
-"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--deepspeed zero3] [--output DIR]`."""
+"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--nproc N] [--deepspeed zero3] [--output DIR]`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 
 def train_command(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(..., help="A recipe YAML file (see recipes/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set training.lr=1e-5 (YAML value)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of this output."),
@@ -17,16 +18,23 @@ def train_command(
                                             help="DeepSpeed ZeRO stage: zero2 or zero3 (overrides deepspeed.stage)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides training.output_dir)."),
     nproc: int = typer.Option(1, "--nproc", min=1,
-                              help="Processes for a DeepSpeed run (launched with torchrun; gloo on CPU)."),
+                              help="Processes to train with (torchrun; one GPU each, or gloo on the CPU). Data "
+                                   "parallel (DDP) unless the recipe names deepspeed or fsdp; training.batch_size "
+                                   "is per process and the contrastive loss sees the whole gathered batch."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fine-tune an embedding model with a contrastive loss, as a recipe describes.
 
-    The recipe is validated (unknown keys, types, data files, model name) before any model loads. The output
-    folder is a sentence-transformers model with a manifest, a model card, probe vectors and the training log.
+    The recipe is validated (unknown keys, types, data files, model name) before any model loads. Every run goes
+    through one engine: one process or several (--nproc), DDP, DeepSpeed ZeRO-2/3 or FSDP, checkpoints
+    (training.checkpoint_every) and --resume, dev evaluation (data.dev, training.eval_every) with the best step
+    kept, a JSONL log and TensorBoard events. The output folder is a sentence-transformers model with a manifest, a
+    model card, probe vectors and the training log.
     """
+    from embedkit.launch import command_argv, launched, relaunch
     from embedkit.train.config import load_recipe
+    from embedkit.train.engine import configure_logging
 
     overrides = list(set_)
     if deepspeed is not None:
@@ -35,25 +43,26 @@ def train_command(
         overrides.append(f"training.output_dir={output}")
     parsed = load_recipe(recipe, overrides)
     if check:
-        typer.echo(f"{recipe}: ok (model {parsed.model.name}, data {parsed.data.train}, "
+        typer.echo(f"{recipe}: ok (model {parsed.model.name} on {parsed.model.device}, data {parsed.data.train}, "
                    f"output {parsed.training.output_dir})")
         return
-    if nproc > 1:
-        if parsed.deepspeed.stage == "none":
-            from embedkit.errors import ConfigError
+    if nproc > 1 and not launched():
+        from embedkit.device import resolve_device
 
-            raise ConfigError("--nproc > 1 needs DeepSpeed: add --deepspeed zero2|zero3", field="--nproc")
-        from embedkit.train.distributed import launch
-
-        argv = [str(recipe), *[a for s in overrides for a in ("--set", s)]]
-        code = launch(argv, nproc)
+        device = resolve_device(parsed.model.device, field="model.device")  # a one-line error before launching
+        code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu")
         if code:
             raise typer.Exit(code)
         typer.echo(f"trained with {nproc} processes -> {parsed.training.output_dir}")
         return
-    from embedkit.train.trainer import train
+    configure_logging("embedkit train")
+    from embedkit.train.contrastive import train
 
     result = train(parsed, resume=resume)
+    from embedkit.models.distributed import is_main_process
+
+    if not is_main_process():
+        return
     summary = {"output_dir": str(result.output_dir), "steps": result.steps, "samples": result.samples,
                "samples_per_second": result.samples_per_second, "peak_rss_gb": result.peak_rss_gb,
                "final_loss": result.final_loss, "best_step": result.best_step,

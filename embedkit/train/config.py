@@ -1,11 +1,13 @@
 """Training recipes: typed YAML (pydantic v2), `--set a.b=value` overrides, validation before any model loads.
 
-    model:    {name: minilm, pooling: mean, prompts: none, max_length: 256, attention_dropout: 0.0}
-    adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear}
+    model:    {name: minilm, pooling: mean, prompts: none, max_length: 256, attention_dropout: 0.0, device: auto}
+    adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear, dora: false, rslora: false}
     data:     {train: pairs.jsonl | beir:DIR:SPLIT, columns: {query: q, positive: p}, max_examples: 1000, dev: beir:DIR:SPLIT}
-    loss:     {temperature: 0.05, learn_temperature: false, symmetric: false, hard_negatives: 0, margin: null, ...}
-    training: {output_dir: runs/x, epochs: 1, batch_size: 32, lr: 2e-5, seed: 42, grad_cache: null, ...}
+    loss:     {type: infonce, temperature: 0.05, learn_temperature: false, symmetric: false, hard_negatives: 0, ...}
+    training: {output_dir: runs/x, epochs: 1, batch_size: 32, lr: 2e-5, seed: 42, grad_cache: null,
+               gradient_accumulation: 1, mixed_precision: no | bf16 | fp16, report_to: [tensorboard], ...}
     deepspeed: {stage: none | zero2 | zero3, offload_optimizer: false, offload_params: false}
+    fsdp:     {enabled: false, offload_params: false, reshard_after_forward: true}   (torch FSDP2, several processes)
     mining:   {online: false, every: epoch | N (steps), range: "10:100", num_negatives: null (= loss.hard_negatives),
                sampling: random, relative_margin: 0.05, corpus: null, ...}   (online hard-negative re-mining)
 
@@ -17,16 +19,28 @@ Relative paths are relative to the current directory (run recipes from the proje
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embedkit.errors import ConfigError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _valid_device(spec: str) -> str:
+    from embedkit.device import validate_device
+
+    try:
+        return validate_device(spec)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+
+
+DeviceSpec = Annotated[str, AfterValidator(_valid_device)]
 
 
 class ModelSection(_Section):
@@ -41,6 +55,7 @@ class ModelSection(_Section):
     attention_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     hidden_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     gradient_checkpointing: bool = False
+    device: DeviceSpec = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this process's GPU if any)")
 
 
 class AdapterSection(_Section):
@@ -49,6 +64,10 @@ class AdapterSection(_Section):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: str | list[str] = "all-linear"
+    # PEFT's LoRA variants: DoRA (weight-decomposed, Liu et al. 2024) and rsLoRA (scaling alpha / sqrt(r), which
+    # keeps larger ranks learning; Kalajdzievski 2023).
+    dora: bool = False
+    rslora: bool = False
     save: Literal["merged", "adapter", "both"] = "merged"  # what the output folder holds
 
 
@@ -69,6 +88,10 @@ class DataSection(_Section):
 
 
 class LossSection(_Section):
+    """Built by embedkit.train.losses.build_loss: the base loss `type`, wrapped in Matryoshka when
+    `matryoshka_dims` is set and in distillation when `distillation` is set."""
+
+    type: Literal["infonce"] = "infonce"
     temperature: float = Field(0.05, gt=0.0)
     learn_temperature: bool = False
     symmetric: bool = False
@@ -79,7 +102,7 @@ class LossSection(_Section):
     distillation: Literal["none", "kl", "margin_mse"] = "none"
     distillation_weight: float = Field(1.0, ge=0.0)
     distillation_temperature: float = Field(1.0, gt=0.0)
-    contrastive_weight: float = Field(1.0, ge=0.0)
+    contrastive_weight: float = Field(1.0, ge=0.0)  # with distillation: weight of the contrastive term
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -89,23 +112,26 @@ class LossSection(_Section):
         return dims
 
 
-class TrainingSection(_Section):
+class EngineTrainingSection(_Section):
+    """What the training engine (embedkit/train/engine.py) honours for every kind of run."""
+
     output_dir: str
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)  # stop early (counts optimizer steps)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="examples per optimizer step and process")
     lr: float = Field(2e-5, gt=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 42
-    grad_cache: int | None = Field(None, gt=0, description="GradCache sub-batch size; null = plain step")
-    group_by_length: bool = False
-    # Forward a batch in length-sorted chunks of this many texts (each padded to its own longest) when that removes
-    # at least 20% and 2,048 of its padded tokens: same loss, less compute on mixed lengths. null = one forward.
-    # Ignored with grad_cache.
-    length_chunk: int | None = Field(8, gt=0)
-    drop_last: bool = False
+    # Optimizer steps cover this many batches. A contrastive batch's negatives stay within its own batch: to grow
+    # the negatives use grad_cache (one big batch, small memory), not accumulation.
+    gradient_accumulation: int = Field(1, gt=0)
+    # Autocast with fp32 master weights (bf16 on CPUs and Ampere+ GPUs; fp16 needs a GPU and a loss scaler).
+    # model.dtype instead sets the dtype the weights are stored in.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Experiment trackers. null: TensorBoard where it is installed; []: none; or any of tensorboard, wandb, mlflow.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = None
     checkpoint_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     eval_every: int | None = Field(None, gt=0)
@@ -113,6 +139,16 @@ class TrainingSection(_Section):
     log_every: int = Field(10, gt=0)
     threads: int | None = Field(None, gt=0)  # torch intra-op threads; null = torch's default
     progress: bool = True
+
+
+class TrainingSection(EngineTrainingSection):
+    grad_cache: int | None = Field(None, gt=0, description="GradCache sub-batch size; null = plain step")
+    group_by_length: bool = False
+    # Forward a batch in length-sorted chunks of this many texts (each padded to its own longest) when that removes
+    # at least 20% and 2,048 of its padded tokens: same loss, less compute on mixed lengths. null = one forward.
+    # Ignored with grad_cache.
+    length_chunk: int | None = Field(8, gt=0)
+    drop_last: bool = False
 
 
 class DeepSpeedSection(_Section):
@@ -125,6 +161,15 @@ class DeepSpeedSection(_Section):
         if self.offload_params and self.stage != "zero3":
             raise ValueError("offload_params needs stage: zero3")
         return self
+
+
+class FSDPSection(_Section):
+    """torch FSDP2 (fully_shard per transformer layer): parameters, gradients and optimizer state sharded across
+    processes. Launch with several processes (`embedkit train RECIPE --nproc N`)."""
+
+    enabled: bool = False
+    offload_params: bool = False  # keep the shards in CPU memory between uses
+    reshard_after_forward: bool = True  # ZeRO-3-like; false keeps gathered weights until backward (ZeRO-2-like)
 
 
 class MiningSection(_Section):
@@ -172,23 +217,24 @@ class Recipe(_Section):
     loss: LossSection = LossSection()
     training: TrainingSection
     deepspeed: DeepSpeedSection = DeepSpeedSection()
+    fsdp: FSDPSection = FSDPSection()
     mining: MiningSection = MiningSection()
 
     @model_validator(mode="after")
     def _consistent(self):
+        check_engine_settings(self)
         if self.mining.online:
             if self.loss.hard_negatives == 0:
                 raise ValueError("mining.online needs loss.hard_negatives > 0 (how many mined negatives to train on)")
             if self.loss.distillation != "none":
                 raise ValueError("mining.online replaces the negatives and their scores during training: use it "
                                  "without loss.distillation (teacher scores must come from a fixed teacher)")
-            if self.deepspeed.stage != "none":
-                raise ValueError("mining.online is not supported with deepspeed yet")
+            if self.deepspeed.stage != "none" or self.fsdp.enabled:
+                raise ValueError("mining.online runs in one process (DDP's --nproc is refused too): not with "
+                                 "deepspeed or fsdp yet")
             self.mining_settings()  # the mining filters' own checks (window size, margins)
         if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
             raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
-        if self.adapter.type == "qlora" and self.model.dtype == "fp16":
-            raise ValueError("qlora computes in fp32 or bf16, not fp16")
         return self
 
 
@@ -206,6 +252,30 @@ class Recipe(_Section):
                                   seed=self.training.seed if m.seed is None else m.seed, batch_size=m.batch_size)
         except ConfigError as exc:
             raise ValueError(f"mining: {exc.message}") from None
+
+
+def check_engine_settings(recipe) -> None:
+    """Combinations the training engine cannot honour, for every recipe kind (embedding and LLM). ValueError."""
+    if recipe.adapter.type == "qlora" and recipe.model.dtype == "fp16":
+        raise ValueError("qlora computes in fp32 or bf16, not fp16")
+    if (recipe.adapter.dora or recipe.adapter.rslora) and recipe.adapter.type == "none":
+        raise ValueError("adapter.dora / adapter.rslora are LoRA variants: set adapter.type lora or qlora")
+    if recipe.deepspeed.stage != "none" and recipe.fsdp.enabled:
+        raise ValueError("choose one sharding engine: deepspeed.stage or fsdp.enabled, not both")
+    if recipe.fsdp.enabled and recipe.adapter.type == "qlora":
+        raise ValueError("fsdp with qlora is not supported (bitsandbytes' 4-bit weights cannot be sharded by "
+                         "FSDP2 here); use deepspeed.stage: zero3 for QLoRA across processes")
+    if recipe.training.mixed_precision != "no" and recipe.model.dtype != "fp32":
+        raise ValueError("training.mixed_precision keeps fp32 master weights: use it with model.dtype fp32 "
+                         "(or set model.dtype and leave mixed_precision: no)")
+    if recipe.adapter.type == "qlora" and recipe.deepspeed.stage != "none" and recipe.training.mixed_precision != "no":
+        # DeepSpeed casts every float parameter to its precision, the 4-bit weights' packed storage included
+        # (stored in the compute dtype for ZeRO-3): they must already be in it.
+        raise ValueError("qlora under deepspeed computes in model.dtype: set model.dtype: bf16 instead of "
+                         "training.mixed_precision")
+    if recipe.deepspeed.stage != "none" and recipe.training.mixed_precision == "fp16" and getattr(
+            recipe.training, "grad_cache", None):
+        raise ValueError("grad_cache with deepspeed needs bf16 or fp32 (fp16 loss scaling would apply twice)")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -312,6 +382,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validat
 
 
 # ---------------------------------------------------------------------------------------------------- validation
+def check_engine_environment(recipe, *, source=None, check_environment: bool = True) -> None:
+    """Packages the engine needs for what the recipe asks (skipped with check_environment=False)."""
+    import importlib.util
+
+    if not check_environment:
+        return
+    needs = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
+    for tracker in recipe.training.report_to or []:
+        if importlib.util.find_spec(needs[tracker]) is None:
+            raise ConfigError(f"training.report_to names {tracker}, which is not installed: pip install {tracker}",
+                              path=source, field="training.report_to")
+    if recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
+    if recipe.deepspeed.stage != "none" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("deepspeed is not installed: pip install 'embedkit[deepspeed]'", path=source,
+                          field="deepspeed.stage")
+
+
+
 def parse_train_source(spec: str) -> tuple[str, Path, str | None]:
     """("beir", DIR, SPLIT) or ("file", PATH, None)."""
     if spec.startswith("beir:"):
@@ -365,11 +454,7 @@ def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_e
         if recipe.model.prompts not in PROMPT_PRESETS:
             raise ConfigError(f"unknown prompt preset {recipe.model.prompts!r} (use {', '.join(PROMPT_PRESETS)})",
                               path=source, field="model.prompts")
-    if check_environment and recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
-    if check_environment and recipe.deepspeed.stage != "none" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("deepspeed is not installed: pip install 'embedkit[deepspeed]'", path=source,
-                          field="deepspeed.stage")
+    check_engine_environment(recipe, source=source, check_environment=check_environment)
     if recipe.mining.corpus is not None and not Path(recipe.mining.corpus).exists():
         raise ConfigError(f"mining corpus not found: {recipe.mining.corpus}", path=source, field="mining.corpus")
     if recipe.training.eval_every and not recipe.data.dev:

@@ -11,16 +11,20 @@ a second forward pass.
 Padded negative slots (rows short of hard negatives): pass `document_valid` (bool, one per slot of the loss layout)
 and only the real documents in `document_ids`; they are embedded alone (no compute spent on padding) and scattered
 into the full layout with zero rows in the padded slots, which the loss then leaves out.
+
+Both steps take a `runner`: the training engine (embedkit/train/engine.py), which calls the wrapped model (DDP,
+DeepSpeed, FSDP) under autocast, synchronises gradients only on a step's last backward and applies loss scaling;
+without one (tests, a quick script) the encoder is called directly with plain autograd.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from embedkit.train.loss import LossOutput
+from embedkit.train.losses import LossOutput
 
 
 class RngState:
@@ -40,19 +44,50 @@ class RngState:
             yield
 
 
-def chunks(items: Sequence, size: int) -> list[Sequence]:
+class DirectRunner:
+    """The engine's step interface for a bare encoder: one process, plain autograd."""
+
+    sync_gradients = True
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def autocast(self):
+        return nullcontext()
+
+    def sync(self, last: bool = True):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def backward_detached(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def backward_from(self, outputs: torch.Tensor, grads: torch.Tensor) -> None:
+        outputs.backward(grads)
+
+
+def chunks(items: Sequence, size: int | None) -> list[Sequence]:
+    size = size or len(items) or 1
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _forward(runner, encoder, id_lists) -> torch.Tensor:
+    with runner.autocast():
+        return runner.model(encoder.collate(id_lists)).float()
+
+
 def embed_chunks(encoder, id_lists: Sequence[Sequence[int]], size: int, *, grad: bool,
-                 states: list[RngState] | None = None) -> torch.Tensor:
+                 states: list[RngState] | None = None, runner=None) -> torch.Tensor:
     """Embed token-id lists sub-batch by sub-batch; records an RngState per sub-batch into `states`."""
+    runner = runner or DirectRunner(encoder)
     out = []
     for part in chunks(id_lists, size):
         if states is not None:
             states.append(RngState())
         with torch.set_grad_enabled(grad):
-            out.append(encoder(encoder.collate(part)))
+            out.append(_forward(runner, encoder, part))
     return torch.cat(out)
 
 
@@ -66,7 +101,7 @@ def expand_documents(embeddings: torch.Tensor, valid: torch.Tensor | None) -> to
     return full.index_put((valid.nonzero().squeeze(1),), embeddings)  # differentiable w.r.t. embeddings
 
 
-def embed_length_sorted(encoder, id_lists: Sequence[Sequence[int]], size: int) -> torch.Tensor:
+def embed_length_sorted(encoder, id_lists: Sequence[Sequence[int]], size: int, *, runner=None) -> torch.Tensor:
     """Embed with autograd in chunks of `size` texts of similar length, rows returned in the original order.
 
     Each chunk is padded only to its own longest text, so a batch of mixed lengths (short answers beside
@@ -76,11 +111,12 @@ def embed_length_sorted(encoder, id_lists: Sequence[Sequence[int]], size: int) -
     """
     from embedkit.models.batching import length_sorted_batches
 
+    runner = runner or DirectRunner(encoder)
     order: list[int] = []
     parts = []
     for rows in length_sorted_batches(id_lists, size):
         order.extend(rows)
-        parts.append(encoder(encoder.collate([id_lists[i] for i in rows])))
+        parts.append(_forward(runner, encoder, [id_lists[i] for i in rows]))
     embeddings = torch.cat(parts)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
@@ -103,48 +139,53 @@ def chunking_saves(id_lists: Sequence[Sequence[int]], size: int) -> bool:
     return saved >= CHUNK_MIN_SAVED_TOKENS and saved >= CHUNK_MIN_SAVED_FRACTION * whole
 
 
-def _embed_with_grad(encoder, id_lists, mini_batch: int | None, length_chunk: int | None) -> torch.Tensor:
+def _embed_with_grad(encoder, id_lists, mini_batch: int | None, length_chunk: int | None, runner) -> torch.Tensor:
     if length_chunk and not mini_batch and chunking_saves(id_lists, length_chunk):
         with torch.enable_grad():
-            return embed_length_sorted(encoder, id_lists, length_chunk)
-    return embed_chunks(encoder, id_lists, mini_batch or len(id_lists), grad=True)
+            return embed_length_sorted(encoder, id_lists, length_chunk, runner=runner)
+    return embed_chunks(encoder, id_lists, mini_batch or len(id_lists), grad=True, runner=runner)
 
 
 def plain_step(encoder, loss_fn: Callable[..., LossOutput], query_ids, document_ids, *, mini_batch: int | None = None,
-               length_chunk: int | None = None, loss_scale: float = 1.0, **loss_kwargs: Any) -> LossOutput:
+               length_chunk: int | None = None, loss_scale: float = 1.0, runner=None, last: bool = True,
+               **loss_kwargs: Any) -> LossOutput:
     """Forward with autograd (queries, then documents), loss, backward.
 
     `mini_batch` splits the forward in input order; `length_chunk` instead forwards length-sorted chunks of that
     many texts when that removes enough padding (`chunking_saves`). Either changes only how the forward is cut:
-    the loss is the same up to dropout masks.
+    the loss is the same up to dropout masks. `last` False: more backwards follow before the optimizer step (the
+    engine synchronises gradients on the last one only).
     """
-    q = _embed_with_grad(encoder, query_ids, mini_batch, length_chunk)
-    d = _embed_with_grad(encoder, document_ids, mini_batch, length_chunk)
-    out = loss_fn(q, expand_documents(d, loss_kwargs.get("document_valid")), **loss_kwargs)
-    (out.loss * loss_scale).backward()
+    runner = runner or DirectRunner(encoder)
+    with runner.sync(last=last):
+        q = _embed_with_grad(encoder, query_ids, mini_batch, length_chunk, runner)
+        d = _embed_with_grad(encoder, document_ids, mini_batch, length_chunk, runner)
+        out = loss_fn(q, expand_documents(d, loss_kwargs.get("document_valid")), **loss_kwargs)
+        runner.backward(out.loss * loss_scale)
     out.loss = out.loss.detach()
     return out
 
 
 def cached_step(encoder, loss_fn: Callable[..., LossOutput], query_ids, document_ids, *, mini_batch: int,
-                loss_scale: float = 1.0, replay_rng: bool = True, **loss_kwargs: Any) -> LossOutput:
+                loss_scale: float = 1.0, replay_rng: bool = True, runner=None, last: bool = True,
+                **loss_kwargs: Any) -> LossOutput:
     """One GradCache step: accumulates exactly the plain (sub-batched) gradients into the parameters."""
+    runner = runner or DirectRunner(encoder)
     q_states: list[RngState] = []
     d_states: list[RngState] = []
     with torch.no_grad():
-        q = embed_chunks(encoder, query_ids, mini_batch, grad=False, states=q_states)
-        d = embed_chunks(encoder, document_ids, mini_batch, grad=False, states=d_states)
+        q = embed_chunks(encoder, query_ids, mini_batch, grad=False, states=q_states, runner=runner)
+        d = embed_chunks(encoder, document_ids, mini_batch, grad=False, states=d_states, runner=runner)
     q = q.detach().requires_grad_(True)
     d = d.detach().requires_grad_(True)
     out = loss_fn(q, expand_documents(d, loss_kwargs.get("document_valid")), **loss_kwargs)
-    (out.loss * loss_scale).backward()  # grads of the embeddings (and of a learned temperature)
-    for id_lists, states, cached in ((query_ids, q_states, q.grad), (document_ids, d_states, d.grad)):
-        for part, state, grad in zip(chunks(id_lists, mini_batch), states, cached.split(mini_batch)):
-            if replay_rng:
-                with state.replay():
-                    emb = encoder(encoder.collate(part))
-            else:
-                emb = encoder(encoder.collate(part))
-            emb.backward(grad)
+    runner.backward_detached(out.loss * loss_scale)  # grads of the embeddings (and of a learned temperature)
+    jobs = [(part, state, grad)
+            for id_lists, states, cached in ((query_ids, q_states, q.grad), (document_ids, d_states, d.grad))
+            for part, state, grad in zip(chunks(id_lists, mini_batch), states, cached.split(mini_batch))]
+    for i, (part, state, grad) in enumerate(jobs):
+        with runner.sync(last=last and i == len(jobs) - 1), (state.replay() if replay_rng else nullcontext()):
+            emb = _forward(runner, encoder, part)
+            runner.backward_from(emb, grad)
     out.loss = out.loss.detach()
     return out

@@ -13,14 +13,17 @@ manifest under training.online_mining.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from embedkit.train.config import Recipe, parse_train_source
+
+log = logging.getLogger("embedkit.train")
 
 
 class OnlineMiner:
@@ -57,10 +60,10 @@ class OnlineMiner:
         every = self.recipe.mining.every
         return every != "epoch" and step % every == 0 and step < total_steps
 
-    def refresh(self, encoder, data, *, step: int, epoch: int, say: Callable[[str], None]) -> dict[str, Any]:
+    def refresh(self, encoder, data, *, step: int, epoch: int | None) -> dict[str, Any]:
         """Re-mine with `encoder`, swap the negatives of `data` (re-tokenizing only new texts); return the record."""
         from embedkit.mine.online import remine
-        from embedkit.train.trainer import set_documents
+        from embedkit.train.contrastive import set_documents
 
         k = self.recipe.loss.hard_negatives
         started = time.perf_counter()
@@ -95,8 +98,8 @@ class OnlineMiner:
                   "rows_short": short_rows, "negative_score_median": stats["negative_scores"].get("median"),
                   "positive_score_median": stats["positive_scores"].get("median")}
         self.refreshes.append(record)
-        say(f"re-mined negatives at step {step} (round {round_}, {record['seconds']:.1f} s): "
-            f"{changed_slots} negatives changed in {changed_rows} rows, {short_rows} rows short")
+        log.info("re-mined negatives at step %d (round %d, %.1f s): %d negatives changed in %d rows, %d rows short",
+                 step, round_, record["seconds"], changed_slots, changed_rows, short_rows)
         return record
 
     def manifest(self) -> dict[str, Any]:
@@ -110,7 +113,7 @@ class OnlineMiner:
                 "refreshes": [dict(r, removed=dict(r["removed"])) for r in self.refreshes]}
 
     def restore(self, payload: dict[str, Any], encoder, data) -> None:
-        from embedkit.train.trainer import set_documents
+        from embedkit.train.contrastive import set_documents
 
         self.state.rounds = int(payload["rounds"])
         self.refreshes = [dict(r) for r in payload["refreshes"]]

@@ -1,0 +1,239 @@
+"""Run a command in several processes: `--nproc N` re-launches it under torch.distributed.run.
+
+    code = relaunch(["eval", "-m", "minilm", "-t", "stsb"], nproc=2)
+    # runs: python -m torch.distributed.run --nproc_per_node=2 --master_port=<free> -m embedkit.cli eval -m minilm ...
+    # (through `python -m embedkit.launch`, which is torch.distributed.run without its failure traceback)
+
+A command supports `--nproc` with `processes(nproc, device)`:
+
+    with processes(nproc, device, ctx=ctx) as procs:  # in the parent with nproc > 1: relaunches, then exits
+        encoder = load_model(model, device=procs.device)
+        with procs.shard(encoder):                   # encode spreads over the processes (every rank: full result)
+            vectors = encoder.encode(texts)
+        if procs.is_main:                            # rank 0 alone writes files and prints
+            ...
+
+Inside a launched process the process group is initialised (nccl on GPUs, gloo on the CPU) and torn down at the
+end; each process resolves its own `--device` (auto: its own GPU, cuda:LOCAL_RANK). On the CPU each process gets
+cores / N threads (OMP_NUM_THREADS, unless set): N processes help only when one process leaves cores idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+ERRORS_ENV = "EMBEDKIT_LAUNCH_ERRORS"  # a folder where launched processes leave their one-line error
+NPROC_HELP = ("Processes to spread the encoding over (torch.distributed; one GPU each with --device auto). On the "
+              "CPU it mostly helps when the machine has more cores than one process keeps busy.")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launched() -> bool:
+    """True inside a process started by torch.distributed.run (or torchrun) with more than one process."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def relaunch(argv: Sequence[str], nproc: int, *, module: str = "embedkit.cli", cpu: bool | None = None,
+             env: dict[str, str] | None = None) -> int:
+    """Run `python -m MODULE ARGV` in `nproc` processes under torch.distributed.run; return its exit code.
+
+    `cpu`: the processes run on the CPU (default: when CUDA is unavailable): DeepSpeed is pointed at its CPU
+    accelerator and each process gets cores / nproc threads unless OMP_NUM_THREADS is set.
+    """
+    import torch
+
+    environment = dict(os.environ if env is None else env)
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        environment.setdefault("DS_ACCELERATOR", "cpu")
+    # torchrun would set 1 thread per process; cores / nproc keeps the machine busy without oversubscribing it.
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # `python -m embedkit.launch` is torch.distributed.run (same arguments) with a short failure report: the
+    # one-line error of the process that failed first (see report_error), not the launcher's traceback.
+    cmd = [sys.executable, "-m", "embedkit.launch", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", module, *argv]
+    with tempfile.TemporaryDirectory(prefix="embedkit-launch-") as errors:
+        environment[ERRORS_ENV] = errors
+        return subprocess.call(cmd, env=environment)
+
+
+def report_error(line: str) -> None:
+    """Say a one-line error: on stderr, or, in a process started by `relaunch`, to the launcher, which prints the
+    line of the process that failed first (all N processes usually meet the same error: it is said once)."""
+    folder = os.environ.get(ERRORS_ENV)
+    if folder and "RANK" in os.environ and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        return
+    print(line, file=sys.stderr, flush=True)
+
+
+def _torchrun(args: Sequence[str]) -> int:
+    """torch.distributed.run with ARGS; returns the exit code of the first process that failed (0: none did)
+    after printing its one-line error, instead of the launcher's traceback and failure table."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(args)))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        said = os.path.join(os.environ.get(ERRORS_ENV, ""), f"rank{rank}.txt")
+        if os.environ.get(ERRORS_ENV) and os.path.isfile(said):
+            with open(said, encoding="utf-8") as handle:
+                sys.stderr.write(handle.read())
+        elif code < 0:
+            print(f"error: process {rank} was killed by signal {-code}", file=sys.stderr)
+        # (otherwise the process printed its own traceback)
+        return 128 - code if code < 0 else code or 1
+    return 0
+
+
+def init_process_group(device) -> bool:
+    """Initialise the default process group for `device` (nccl for a GPU, gloo otherwise) from torchrun's
+    environment; False when one already exists (then it is left alone)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
+    return True
+
+
+def command_argv(ctx: Any, *, leave_out: Sequence[str] = ("nproc",)) -> list[str]:
+    """The running typer/click command as arguments of `python -m embedkit.cli` (`rag index --model m ...`),
+    rebuilt from `ctx` (the command's `typer.Context`): the options given on the command line, with their parsed
+    values, and the positional arguments. Defaults and environment values are left out (the relaunched processes
+    see the same ones), and so are the parameters named in `leave_out`: `--nproc` (a launched process knows from
+    its environment; torch.distributed.run would also reject it as an ambiguous abbreviation of its own
+    --nproc-per-node)."""
+    import enum
+
+    names = []
+    node = ctx
+    while node.parent is not None:
+        names.append(node.info_name)
+        node = node.parent
+    argv = list(reversed(names))
+
+    def text(value: Any) -> str:
+        return str(value.value if isinstance(value, enum.Enum) else value)
+
+    positional: list[str] = []
+    for param in ctx.command.params:
+        if param.name in leave_out:
+            continue
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            if value is not None:
+                positional.extend(text(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if param.param_type_name != "option" or source is None or source.name in (
+                "DEFAULT", "DEFAULT_MAP", "ENVIRONMENT"):
+            continue  # the relaunched processes get the same defaults and environment
+        name = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if param.is_flag and param.secondary_opts:
+            argv.append(name if value else next((o for o in param.secondary_opts if o.startswith("--")),
+                                                param.secondary_opts[0]))
+        elif param.is_flag:
+            if value:
+                argv.append(name)
+        elif param.multiple:
+            for item in value or ():
+                argv += [name, *(map(text, item) if isinstance(item, tuple) else [text(item)])]
+        elif isinstance(value, tuple):
+            argv += [name, *map(text, value)]
+        elif value is not None:
+            argv += [name, text(value)]
+    if positional:
+        argv += ["--", *positional]
+    return argv
+
+
+@dataclass
+class Processes:
+    """Where this process stands: its rank, the number of processes, and its device."""
+
+    rank: int
+    world: int
+    device: Any  # torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, encoder: Any):
+        """Sharded encoding for `encoder` when there are several processes; nothing otherwise (any encoder)."""
+        if self.world == 1:
+            return contextlib.nullcontext(encoder)
+        return encoder.sharded()
+
+
+@contextlib.contextmanager
+def processes(nproc: int, device: str = "auto", *, ctx: Any = None, argv: Sequence[str] | None = None,
+              module: str = "embedkit.cli") -> Iterator[Processes]:
+    """See the module docstring. The device is checked first (a one-line error before anything starts); with
+    nproc > 1 outside a launched process the command is re-run under torch.distributed.run and this process exits
+    with its exit code (SystemExit). What is re-run: `argv`, else the command of `ctx` (its typer.Context) as
+    typed."""
+    import torch
+
+    from embedkit.device import resolve_device, validate_device
+    from embedkit.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, not {nproc}", field="--nproc")
+    spec = validate_device(device)
+    resolved = resolve_device(spec, field="--device")
+    many = nproc > 1 or launched()
+    if many and ":" in spec:
+        raise ConfigError(f"--device {spec} names one GPU for several processes; use --device auto (or cuda) to "
+                          "give each process its own", field="--device")
+    if nproc > 1 and resolved.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible; use fewer "
+                          "processes or --device cpu", field="--nproc")
+    if nproc > 1 and not launched():
+        if argv is None and ctx is None:
+            raise ValueError("processes(nproc > 1) needs the command's context (ctx) or its argv")
+        code = relaunch(list(argv) if argv is not None else command_argv(ctx), nproc, module=module,
+                        cpu=resolved.type == "cpu")
+        raise SystemExit(code)
+    if not launched():
+        yield Processes(0, 1, resolved)
+        return
+    import torch.distributed as dist
+
+    created = init_process_group(resolved)
+    try:
+        yield Processes(dist.get_rank(), dist.get_world_size(), resolved)
+        dist.barrier()  # rank 0 may still be writing; nobody tears the group down under it
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(_torchrun(sys.argv[1:]))

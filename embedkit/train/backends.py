@@ -1,0 +1,485 @@
+"""How the training engine holds a model across processes: one process / DDP, DeepSpeed ZeRO-2/3, torch FSDP2.
+
+Each backend wraps the model and its optimizer and owns the few things that differ between them: the module to call
+for trainable forwards, gradient synchronisation (`sync`), `backward`, the optimizer step (clipping included),
+the full trainable weights on rank 0, and the model + optimizer part of a checkpoint. The loop itself, the
+schedule, logging, evaluation and the rest of a checkpoint live in embedkit/train/engine.py.
+
+Why not all through Accelerate: Accelerate (1.15) sets up the processes, devices, mixed precision and DDP here, and
+its trackers log the runs, but it runs DeepSpeed and FSDP only on accelerators (`PartialState` turns a CPU
+DeepSpeed launch into one process per rank, and FSDP needs a GPU distributed type), which would leave both untested
+on the CPU machines this project is built on. So DeepSpeed is driven through `deepspeed.initialize` and FSDP through
+torch's `fully_shard`, the same code on CPU (gloo) and GPU (nccl).
+
+Loss parameters (a learned temperature) stay outside the wrapped module: every rank computes the full gathered
+batch's loss, so their gradient is already the full-batch gradient on every rank, times the world size the loss was
+multiplied by (embedkit/train/losses/batch.py); the engine divides it back (`fix_extra_grads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger("embedkit.train")
+
+STATE_FILE = "state.pt"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Biases and norm weights are not decayed (the usual BERT/HF rule).
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1) if warmup else 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_adamw(groups: list[dict], lr: float):
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+class Backend:
+    """One process, or DDP across processes (Accelerate's `prepare`)."""
+
+    name = "single"
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.model: nn.Module | None = None  # what trainable forwards call
+        self.unwrapped: nn.Module | None = None
+        self.optimizer = None
+        self.scheduler = None
+        self.extra: list[nn.Parameter] = []
+
+    # ------------------------------------------------------------------ set-up
+    def model_init(self) -> contextlib.AbstractContextManager:
+        """Context to build the model in (ZeRO-3 partitions it while loading)."""
+        return contextlib.nullcontext()
+
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter], total_steps: int, warmup: int) -> None:
+        t = self.engine.training
+        self.unwrapped, self.extra = model, extra
+        groups = param_groups(model, t.weight_decay)
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+        if not groups:
+            raise RuntimeError("the model has no trainable parameters")
+        accelerator = self.engine.accelerator
+        if self.engine.world > 1:
+            self.name = "ddp"
+        optimizer = make_adamw(groups, t.lr)
+        # The scheduler is not given to `prepare`: Accelerate would step it once per process per step.
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = linear_schedule(self.optimizer.optimizer, warmup, total_steps)
+
+    # ------------------------------------------------------------------ a step
+    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Wrap forward + backward of a micro-batch: `enabled` False accumulates without all-reducing."""
+        if enabled or self.name != "ddp":
+            return contextlib.nullcontext()
+        return self.engine.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.accelerator.backward(loss)
+
+    def backward_from(self, outputs: torch.Tensor, grads: torch.Tensor) -> None:
+        """Backpropagate known output gradients (GradCache's replay); with fp16 they are already loss-scaled."""
+        outputs.backward(grads)
+
+    def optimizer_step(self) -> float | None:
+        t = self.engine.training
+        grad_norm = None
+        if t.max_grad_norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(self.engine.accelerator.clip_grad_norm_(params, t.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------------ weights
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights (model + extra), on the CPU; complete on rank 0 (others may return {})."""
+        state = {f"model.{n}": p.detach().cpu().clone() for n, p in self.unwrapped.named_parameters()
+                 if p.requires_grad}
+        state.update({f"extra.{i}": p.detach().cpu().clone() for i, p in enumerate(self.extra)})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = {f"model.{n}": p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        params.update({f"extra.{i}": p for i, p in enumerate(self.extra)})
+        _check_names(params, state)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: Path) -> None:
+        """Model + optimizer + scheduler into `folder` (rank 0 writes; DDP replicas are equal)."""
+        if self.engine.rank == 0:
+            torch.save({"model": self.trainable_state(), "optimizer": self.optimizer.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, folder / STATE_FILE)
+
+    def load(self, folder: Path) -> None:
+        payload = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+        self.load_trainable_state(payload["model"])
+        self.optimizer.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+
+    def full_model(self) -> nn.Module | None:
+        """The trained model, whole, on rank 0 (None elsewhere): what the output folder is written from."""
+        return self.unwrapped if self.engine.rank == 0 else None
+
+    # ------------------------------------------------------------------ loss parameters beside a sharded model
+    # Sharding engines optimise only the parameters of the module they wrap; the loss parameters (see the module
+    # doc) get a small AdamW of their own with the same settings and schedule.
+    extra_optimizer = None
+    extra_scheduler = None
+
+    def _make_extra_optimizer(self, total_steps: int, warmup: int) -> None:
+        if self.extra:
+            self.extra_optimizer = make_adamw([{"params": self.extra, "weight_decay": 0.0}], self.engine.training.lr)
+            self.extra_scheduler = linear_schedule(self.extra_optimizer, warmup, total_steps)
+
+    def _step_extra(self) -> None:
+        if self.extra_optimizer is not None:
+            if self.engine.training.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.extra, self.engine.training.max_grad_norm)
+            self.extra_optimizer.step()
+            self.extra_scheduler.step()
+            self.extra_optimizer.zero_grad(set_to_none=True)
+
+    def _save_extra(self, folder: Path) -> None:
+        if self.engine.rank == 0 and self.extra_optimizer is not None:
+            torch.save({"extra": [p.detach().cpu() for p in self.extra],
+                        "optimizer": self.extra_optimizer.state_dict(),
+                        "scheduler": self.extra_scheduler.state_dict()}, folder / "extra.pt")
+
+    def _load_extra(self, folder: Path) -> None:
+        if self.extra_optimizer is not None:
+            payload = torch.load(folder / "extra.pt", weights_only=True, map_location="cpu")
+            with torch.no_grad():
+                for p, value in zip(self.extra, payload["extra"]):
+                    p.copy_(value)
+            self.extra_optimizer.load_state_dict(payload["optimizer"])
+            self.extra_scheduler.load_state_dict(payload["scheduler"])
+
+
+def _check_names(params: dict, state: dict) -> None:
+    if set(params) != set(state):
+        from embedkit.errors import ConfigError
+
+        missing = sorted(set(params) - set(state))[:3]
+        unexpected = sorted(set(state) - set(params))[:3]
+        raise ConfigError("the checkpoint does not match this model (different trainable parameters: "
+                          f"missing {missing}, unexpected {unexpected})")
+
+
+# ---------------------------------------------------------------------------------------------------- DeepSpeed
+def deepspeed_config(engine) -> dict:
+    t, ds = engine.training, engine.recipe.deepspeed
+    zero: dict[str, Any] = {"stage": 3 if ds.stage == "zero3" else 2}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if ds.stage == "zero3":
+        # Gathering 16-bit weights on save is what `save_16bit_model` needs; embedkit gathers itself, so keep off.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        # embedkit marks the accumulation boundary itself (GradCache runs several backwards per step).
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": t.batch_size * engine.world,
+        # torch_adam: DeepSpeed's own CPU Adam would be compiled first; torch's is exact and ready.
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.max_grad_norm:
+        config["gradient_clipping"] = t.max_grad_norm
+    precision = t.mixed_precision if t.mixed_precision != "no" else engine.recipe.model.dtype
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+class DeepSpeedBackend(Backend):
+    """ZeRO-2 or ZeRO-3 (optionally offloading optimizer state and parameters to CPU memory)."""
+
+    def __init__(self, engine) -> None:
+        import deepspeed
+
+        super().__init__(engine)
+        self.name = f"deepspeed-{engine.recipe.deepspeed.stage}"
+        # DeepSpeed's communication layer over the process group the engine set up (it does not look by itself).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        self.config = deepspeed_config(engine)
+        self.ds_engine = None
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine.recipe.deepspeed.stage == "zero3"
+
+    def model_init(self) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3, `from_pretrained` partitions every weight as it loads (transformers reads the live
+        HfDeepSpeedConfig), so no process ever holds the whole model. Released afterwards: a later load (the final
+        save on rank 0) must not be partitioned."""
+
+        @contextlib.contextmanager
+        def scope() -> Iterator[None]:
+            if not self.zero3:
+                yield
+                return
+            from transformers.integrations import HfDeepSpeedConfig
+
+            holder = HfDeepSpeedConfig(self.config)  # transformers keeps a weak reference to it
+            try:
+                yield
+            finally:
+                del holder
+
+        return scope()
+
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter], total_steps: int, warmup: int) -> None:
+        import deepspeed
+
+        t = self.engine.training
+        self.unwrapped, self.extra = model, extra
+        self.ds_engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, t.weight_decay), config=self.config,
+            lr_scheduler=lambda opt: linear_schedule(opt, warmup, total_steps))
+        self.model = self.ds_engine
+        self.optimizer = self.ds_engine.optimizer
+        self._make_extra_optimizer(total_steps, warmup)
+
+    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        self.ds_engine.set_gradient_accumulation_boundary(enabled)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds_engine.backward(loss, scale_wrt_gas=False)
+
+    def backward_from(self, outputs: torch.Tensor, grads: torch.Tensor) -> None:
+        self.ds_engine.backward((outputs * grads).sum(), scale_wrt_gas=False)
+
+    def optimizer_step(self) -> float | None:
+        self.ds_engine.set_gradient_accumulation_boundary(True)
+        self.ds_engine.step()  # clips (config gradient_clipping), steps, zeroes, steps the scheduler
+        self._step_extra()
+        norm = self.ds_engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights (DeepSpeed's optimizer holds them, partitioned under ZeRO); collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state: dict[str, torch.Tensor] = {}
+        for name, p in self.unwrapped.named_parameters():
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)  # every rank takes part (an all-reduce under ZeRO-3)
+                if self.engine.rank == 0:
+                    state[f"model.{name}"] = full.detach().cpu().clone()
+        if self.engine.rank == 0:
+            state.update({f"extra.{i}": p.detach().cpu().clone() for i, p in enumerate(self.extra)})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the master weights and the module's weights from a full state every rank has read; collective."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        named = {f"model.{n}": p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        extra = {f"extra.{i}": p for i, p in enumerate(self.extra)}
+        _check_names({**named, **extra}, state)
+        for name, p in named.items():
+            safe_set_full_fp32_param(p, state[name].to(device=self.engine.device, dtype=torch.float32))
+        gathered = (deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0) if self.zero3
+                    else contextlib.nullcontext())
+        with gathered, torch.no_grad():
+            if self.engine.rank == 0 or not self.zero3:  # ZeRO-3 re-partitions rank 0's values on exit
+                for name, p in named.items():
+                    p.data.copy_(state[name].to(device=p.device, dtype=p.dtype))
+            for name, p in extra.items():
+                p.copy_(state[name].to(p.device))
+
+    def save(self, folder: Path) -> None:
+        self.ds_engine.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=True)
+        self._save_extra(folder)
+
+    def load(self, folder: Path) -> None:
+        self.ds_engine.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        self._load_extra(folder)
+
+    def full_model(self) -> nn.Module | None:
+        """Rank 0 rebuilds the model unpartitioned (the step's `build_model`) and loads the gathered trainables."""
+        state = self.trainable_state()
+        if self.engine.rank != 0:
+            return None
+        fresh = self.engine.build_model_for_saving()
+        named = {f"model.{n}": p for n, p in fresh.named_parameters() if p.requires_grad}
+        _check_names(named, {k: v for k, v in state.items() if k.startswith("model.")})
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(state[name].to(dtype=p.dtype))
+        return fresh
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+class FSDPBackend(Backend):
+    """torch FSDP2: every transformer layer (and the root) sharded with `fully_shard` across the processes."""
+
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter], total_steps: int, warmup: int) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        t, f = self.engine.training, self.engine.recipe.fsdp
+        self.unwrapped, self.extra = model, extra
+        kwargs: dict[str, Any] = {"reshard_after_forward": f.reshard_after_forward}
+        if f.offload_params:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        if t.mixed_precision != "no":
+            dtype = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in _transformer_layers(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)  # no fused DTensor kernel
+        self.scheduler = linear_schedule(self.optimizer, warmup, total_steps)
+        self._make_extra_optimizer(total_steps, warmup)
+
+    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> float | None:
+        t = self.engine.training
+        grad_norm = None
+        if t.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                  t.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step_extra()
+        return grad_norm
+
+    def _options(self, **kwargs):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        names = set(trainable_names(self.unwrapped))
+        full = get_model_state_dict(self.model, options=self._options())
+        state = {f"model.{n}": v for n, v in full.items() if n in names} if self.engine.rank == 0 else {}
+        if self.engine.rank == 0:
+            state.update({f"extra.{i}": p.detach().cpu().clone() for i, p in enumerate(self.extra)})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        set_model_state_dict(self.model, model_state, options=self._options(strict=False))
+        with torch.no_grad():
+            for i, p in enumerate(self.extra):
+                p.copy_(state[f"extra.{i}"].to(p.device))
+
+    def save(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        model = self.trainable_state()
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        if self.engine.rank == 0:
+            torch.save({"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()},
+                       folder / STATE_FILE)
+        self._save_extra(folder)
+
+    def load(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        payload = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+        self.load_trainable_state(payload["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, payload["optimizer"], options=self._options())
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self._load_extra(folder)
+
+    def full_model(self) -> nn.Module | None:
+        state = self.trainable_state()
+        if self.engine.rank != 0:
+            return None
+        fresh = self.engine.build_model_for_saving()
+        named = {f"model.{n}": p for n, p in fresh.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(state[name].to(dtype=p.dtype))
+        return fresh
+
+
+def _transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer (BERT's encoder.layer, a decoder's layers): FSDP's sharding units."""
+    for module in model.modules():
+        for name in ("layer", "layers", "h"):
+            blocks = getattr(module, name, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                return list(blocks)
+    return []
+
+
+def make_backend(engine) -> Backend:
+    recipe = engine.recipe
+    if recipe.deepspeed.stage != "none":
+        return DeepSpeedBackend(engine)
+    if recipe.fsdp.enabled:
+        return FSDPBackend(engine)
+    return Backend(engine)
+
+
+def count_steps(n_batches: int, accumulation: int, epochs: int, max_steps: int | None) -> int:
+    total = math.ceil(n_batches / accumulation) * epochs
+    return min(total, max_steps) if max_steps else total
+

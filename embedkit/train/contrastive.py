@@ -1,0 +1,533 @@
+"""Contrastive training of an embedding model: the `Step` that `embedkit train` plugs into the training engine.
+
+The step owns the data (tokenized once, before the loop), the batch layout the loss expects, the forward (plain,
+length-chunked or GradCache), dev evaluation, online re-mining, and the output folder; the engine
+(embedkit/train/engine.py) owns devices, processes, the optimizer, checkpoints and logging.
+
+Why attention dropout 0 in the recipes: attention dropout > 0 forces PyTorch's "math" attention on CPU, which
+materialises [B, heads, L, L] probabilities (+ dropout masks) per layer; with attention dropout 0 the fused flash
+kernel runs instead (several times faster, far less memory). Hidden dropout stays.
+
+The output folder is written atomically: a sentence-transformers model with the manifest, a model card (README.md)
+with the loss actually used and the dev results, probe vectors, the training log and the TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from embedkit.data.tuples import TrainingExample
+from embedkit.errors import ConfigError, DataError
+from embedkit.train.config import Recipe, parse_train_source
+from embedkit.train.engine import (LOG_FILE, Engine, StepBase, copy_run_logs, peak_rss_gb, recipe_hash, rss_gb,
+                                   seed_everything, work_dir)
+from embedkit.train.gradcache import cached_step, plain_step
+from embedkit.train.losses import ContrastiveObjective, build_loss, text_keys
+
+log = logging.getLogger("embedkit.train")
+
+_LENGTH_GROUP_BATCHES = 50  # length-grouped batching sorts within windows of this many batches
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    examples: list[TrainingExample]
+    source: dict[str, Any]  # what was read: spec, path, hash, count
+    query_ids: list[list[int]] = field(default_factory=list)
+    doc_ids: list[list[list[int]]] = field(default_factory=list)  # per example: [positive, negatives...]
+    query_keys: torch.Tensor | None = None
+    doc_keys: torch.Tensor | None = None  # [n, 1+k], -1 in padded slots
+    doc_valid: torch.Tensor | None = None  # [n, 1+k] bool: False where a row is short of negatives
+    teacher: torch.Tensor | None = None  # [n, 1+k]
+
+
+def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]]:
+    """The training examples a recipe names (subset and hard negatives applied) plus their provenance."""
+    data, loss = recipe.data, recipe.loss
+    kind, path, split = parse_train_source(data.train)
+    if kind == "beir":
+        from embedkit.data.beir import load_beir
+        from embedkit.data.tuples import pairs_from_beir
+
+        ds = load_beir(path, split)
+        examples = pairs_from_beir(ds)
+        source = {"spec": data.train, "path": str(path), "split": split, "data_hash": ds.data_hash()}
+    else:
+        from embedkit.data.tuples import read_examples
+        from embedkit.manifest import sha256_file
+
+        cols = data.columns
+        reader = read_examples(path, query=cols.query, positive=cols.positive, negatives=cols.negatives,
+                               scores=cols.scores)
+        if data.max_examples and data.sample == "first":
+            examples = [ex for _, ex in zip(range(data.max_examples), reader)]
+        else:
+            examples = list(reader)
+        source = {"spec": data.train, "path": str(path), "sha256": sha256_file(path)}
+    source["available"] = len(examples)
+    if data.max_examples and len(examples) > data.max_examples:
+        if data.sample == "random":
+            chosen = sorted(random.Random(recipe.training.seed).sample(range(len(examples)), data.max_examples))
+            examples = [examples[i] for i in chosen]
+        else:
+            examples = examples[: data.max_examples]
+    source.update(sample=data.sample, max_examples=data.max_examples, used=len(examples))
+    k = loss.hard_negatives
+    # Rows short of negatives (mining keeps queries with fewer survivors) are padded and masked out of the loss.
+    short = [len(ex.negatives) for ex in examples if len(ex.negatives) < k]
+    source["hard_negatives"] = {"wanted": k, "short_rows": len(short), "missing": sum(k - n for n in short)}
+    for i, ex in enumerate(examples):
+        if loss.distillation != "none" and ex.scores is None:
+            raise DataError(f"example {i + 1} has no teacher scores; loss.distillation needs them", path=path,
+                            field=data.columns.scores or "scores")
+    return examples, source
+
+
+def prepare_data(encoder, examples: list[TrainingExample], source: dict, recipe: Recipe) -> TrainData:
+    """Tokenize once (never inside the loop) and compute the text keys used for false-negative masking."""
+    data = TrainData(examples, source)
+    data.query_ids = encoder._token_ids([ex.query for ex in examples], "query")
+    data.query_keys = text_keys([ex.query for ex in examples])
+    set_documents(data, encoder, recipe)
+    return data
+
+
+def set_documents(data: TrainData, encoder, recipe: Recipe, token_cache: dict[str, list[int]] | None = None) -> None:
+    """(Re)build the per-example documents [positive, negatives...] from data.examples: token ids, text keys, the
+    validity of each negative slot (rows short of negatives are padded) and teacher scores.
+
+    `token_cache` (text -> ids) lets online re-mining tokenize only the texts it has not seen yet.
+    """
+    k = recipe.loss.hard_negatives
+    examples = data.examples
+    docs = [[ex.positive, *ex.negatives[:k]] for ex in examples]
+    texts = [t for row in docs for t in row]
+    if token_cache is None:
+        flat = encoder._token_ids(texts, "document")
+    else:
+        new = list(dict.fromkeys(t for t in texts if t not in token_cache))
+        if new:
+            token_cache.update(zip(new, encoder._token_ids(new, "document")))
+        flat = [token_cache[t] for t in texts]
+    data.doc_ids, start = [], 0
+    for row in docs:
+        data.doc_ids.append(flat[start:start + len(row)])
+        start += len(row)
+    n = len(examples)
+    valid = torch.zeros(n, 1 + k, dtype=torch.bool)
+    keys = torch.full((n, 1 + k), -1, dtype=torch.long)  # -1: a padded slot (real keys are >= 0)
+    all_keys = text_keys(texts) if texts else torch.zeros(0, dtype=torch.long)
+    start = 0
+    for i, row in enumerate(docs):
+        valid[i, :len(row)] = True
+        keys[i, :len(row)] = all_keys[start:start + len(row)]
+        start += len(row)
+    data.doc_keys, data.doc_valid = keys, valid
+    if recipe.loss.distillation != "none":
+        teacher = torch.zeros(n, 1 + k, dtype=torch.float32)  # padded slots stay 0 (masked in the loss)
+        for i, ex in enumerate(examples):
+            row = [ex.scores[0], *ex.scores[1:1 + min(k, len(ex.negatives))]]
+            teacher[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        data.teacher = teacher
+
+
+def batch_inputs(data: TrainData, rows: list[int], k: int) -> tuple[list, list, dict[str, Any]]:
+    """(query ids, real document ids, loss kwargs) of a batch in the loss layout: all positives, then each query's
+    k negative slots in order. Padded slots have no ids; `document_valid` tells the loss which slots are real."""
+    query_ids = [data.query_ids[i] for i in rows]
+    doc_ids = [data.doc_ids[i][0] for i in rows] + [ids for i in rows for ids in data.doc_ids[i][1:1 + k]]
+    idx = torch.tensor(rows)
+    doc_keys = torch.cat([data.doc_keys[idx, 0], data.doc_keys[idx, 1:].reshape(-1)])
+    kwargs: dict[str, Any] = {"query_keys": data.query_keys[idx], "document_keys": doc_keys}
+    valid = torch.cat([data.doc_valid[idx, 0], data.doc_valid[idx, 1:].reshape(-1)])
+    if not valid.all():
+        kwargs["document_valid"] = valid
+    if data.teacher is not None:
+        kwargs["teacher_scores"] = data.teacher[idx]
+    return query_ids, doc_ids, kwargs
+
+
+def epoch_batches(data: TrainData, recipe: Recipe, epoch: int, batch_size: int | None = None) -> list[list[int]]:
+    """A deterministic batch order for `epoch` (seed + epoch), optionally grouped by length to cut padding.
+
+    `batch_size` is the global batch (per process x processes; default the recipe's): several processes draw the
+    single-process order of that batch size and split each batch between them."""
+    t = recipe.training
+    generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+    order = torch.randperm(len(data.examples), generator=generator).tolist()
+    size = batch_size or t.batch_size
+    if t.group_by_length:
+        window = size * _LENGTH_GROUP_BATCHES
+        grouped = []
+        for start in range(0, len(order), window):
+            part = order[start:start + window]
+            part.sort(key=lambda i: -(len(data.query_ids[i]) + len(data.doc_ids[i][0])))
+            grouped.extend(part)
+        batches = [grouped[i:i + size] for i in range(0, len(grouped), size)]
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in shuffle]
+    else:
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+    if t.drop_last and batches and len(batches[-1]) < size:
+        batches.pop()
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
+    """The recipe's encoder, ready to train: dropout set, adapters attached, unused weights frozen."""
+    from embedkit.models.encoder import load_model
+
+    m, a = recipe.model, recipe.adapter
+    encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
+                         padding_side=m.padding_side, quantization="nf4" if a.type == "qlora" else None,
+                         device=str(device), sharded_storage=recipe.deepspeed.stage == "zero3")
+    if a.type == "qlora":
+        from embedkit.models.adapters import keep_4bit_layout
+
+        keep_4bit_layout(encoder.backbone)
+    set_dropout(encoder, attention=m.attention_dropout, hidden=m.hidden_dropout)
+    freeze_unused(encoder)
+    if a.type != "none":
+        from embedkit.models.adapters import attach_lora, prepare_kbit
+
+        if a.type == "qlora":
+            prepare_kbit(encoder, gradient_checkpointing=m.gradient_checkpointing)
+        attach_lora(encoder, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.targets, dora=a.dora,
+                    rslora=a.rslora)
+    if m.gradient_checkpointing and a.type != "qlora":
+        backbone = encoder.backbone
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if a.type != "none":
+            backbone.enable_input_require_grads()
+    return encoder
+
+
+def freeze_unused(encoder) -> int:
+    """Freeze weights the embedding never uses (BERT's pooler: embedkit pools the hidden states itself).
+
+    They would get no gradient, which DDP reports as an error and DeepSpeed's AdamW still decays. The saved model
+    keeps them unchanged. Returns how many tensors were frozen."""
+    frozen = 0
+    for name, p in encoder.backbone.named_parameters():
+        if name.startswith("pooler.") or ".pooler." in name:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def set_dropout(encoder, *, attention: float | None, hidden: float | None) -> dict[str, int]:
+    """Set attention / hidden dropout in the modules (the saved config is untouched: inference has no dropout)."""
+    changed = {"attention": 0, "hidden": 0}
+    for module in encoder.backbone.modules():
+        is_attention = "Attention" in type(module).__name__
+        if attention is not None and is_attention:
+            if isinstance(getattr(module, "dropout", None), torch.nn.Dropout):  # BERT-style: .dropout.p is read
+                module.dropout.p = attention
+                changed["attention"] += 1
+            elif isinstance(getattr(module, "attention_dropout", None), float):  # Llama / Qwen style
+                module.attention_dropout = attention
+                changed["attention"] += 1
+        elif hidden is not None and isinstance(module, torch.nn.Dropout):
+            module.p = hidden
+            changed["hidden"] += 1
+    return changed
+
+
+def parameter_memory(encoder) -> dict[str, Any]:
+    """Bytes held by the weights: all of them, the trainable ones, and per storage type.
+
+    A 4-bit (bitsandbytes Params4bit) weight counts its packed uint8 storage plus its quantisation constants, so this
+    is what the weights really occupy: it shows the saving of QLoRA that peak RSS (dominated by activations) hides.
+    """
+    total = trainable = 0
+    by_kind: dict[str, int] = {}
+    for p in encoder.parameters():
+        size = p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for part in (getattr(state, "absmax", None), getattr(state, "code", None)):
+                if isinstance(part, torch.Tensor):
+                    size += part.numel() * part.element_size()
+            kind = "nf4 (packed uint8 + absmax)"
+        else:
+            kind = str(p.dtype).replace("torch.", "")
+        total += size
+        trainable += size if p.requires_grad else 0
+        by_kind[kind] = by_kind.get(kind, 0) + size
+    for b in encoder.buffers():
+        total += b.numel() * b.element_size()
+    return {"total_bytes": total, "trainable_bytes": trainable, "by_kind_bytes": by_kind}
+
+
+# ---------------------------------------------------------------------------------------------------- the step
+class ContrastiveStep(StepBase):
+    name = "train"
+
+    def __init__(self, recipe: Recipe, encoder, loss_fn: ContrastiveObjective, data: TrainData,
+                 dev_task=None, miner=None) -> None:
+        self.recipe, self.encoder, self.loss_fn, self.data = recipe, encoder, loss_fn, data
+        self.dev_task, self.miner = dev_task, miner
+
+    def batches(self, epoch: int, batch_size: int) -> list[list[int]]:
+        return epoch_batches(self.data, self.recipe, epoch, batch_size)
+
+    def run(self, rows: list[int], engine: Engine, weight: float) -> dict[str, float]:
+        t, k = self.recipe.training, self.recipe.loss.hard_negatives
+        query_ids, doc_ids, kwargs = batch_inputs(self.data, rows, k)
+        if engine.world > 1:
+            # Every rank must pass the same arguments to the gathering loss: always send the validity mask.
+            kwargs.setdefault("document_valid", torch.ones(len(rows) * (1 + k), dtype=torch.bool))
+        scale = self.loss_fn.grad_scale * weight
+        if t.grad_cache:
+            out = cached_step(self.encoder, self.loss_fn, query_ids, doc_ids, mini_batch=t.grad_cache,
+                              loss_scale=scale, runner=engine, **kwargs)
+        else:
+            out = plain_step(self.encoder, self.loss_fn, query_ids, doc_ids, length_chunk=t.length_chunk,
+                             loss_scale=scale, runner=engine, **kwargs)
+        record = {"loss": float(out.loss), "contrastive": out.contrastive, "scale": out.scale, "masked": out.masked,
+                  "padded": out.padded}
+        if out.distillation:
+            record["distillation"] = out.distillation
+        return record
+
+    def evaluate(self, engine: Engine) -> dict[str, Any] | None:
+        if self.dev_task is None:
+            return None
+        return evaluate_dev(self.encoder, self.dev_task, self.recipe, sharded=engine.world > 1)
+
+    def before_epoch(self, engine: Engine, step: int, epoch: int) -> dict | None:
+        if self.miner is not None and self.miner.due_before_epoch(step, epoch):
+            return self._remine(engine, step, epoch)
+        return None
+
+    def after_step(self, engine: Engine, step: int, total: int) -> dict | None:
+        if self.miner is not None and self.miner.due_after_step(step, total):
+            return self._remine(engine, step, engine.position.get("epoch"))
+        return None
+
+    def _remine(self, engine: Engine, step: int, epoch: int | None) -> dict:
+        with sharded_encoding(self.encoder, engine.world > 1):
+            record = self.miner.refresh(self.encoder, self.data, step=step, epoch=epoch)
+        self.encoder.train()
+        return {"event": "remine", **record}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mining": self.miner.checkpoint_state(self.data)} if self.miner is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.miner is not None:
+            self.miner.restore(state["mining"], self.encoder, self.data)
+
+
+def sharded_encoding(encoder, enabled: bool):
+    """Encoding spread over the processes of the run (every one takes part); a no-op for one process."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from embedkit.models.distributed import sharded_encoding as shard
+
+    return shard(encoder)
+
+
+def evaluate_dev(encoder, task, recipe, *, sharded: bool = False) -> dict[str, Any]:
+    """The dev task's metrics with the encoder as it is now; the training RNG stream is left untouched."""
+    from embedkit.eval.runner import evaluate
+
+    encoder.invalidate_fingerprint()
+    with torch.random.fork_rng(), sharded_encoding(encoder, sharded):
+        report = evaluate(encoder, [task.spec], batch_size=recipe.data.dev_batch_size, seed=recipe.training.seed,
+                          use_cache=False)
+    encoder.train()
+    result = report["results"][task.spec.name]
+    main = task.spec.main_metric
+    return {"task": task.spec.name, "metric": main, "main_metric": main, "score": result["metrics"][main],
+            "metrics": result["metrics"]}
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    samples: int
+    train_seconds: float
+    samples_per_second: float
+    peak_rss_gb: float
+    final_loss: float | None
+    dev: dict[str, Any] | None
+    best_step: int | None
+    log_path: Path
+
+
+def train(recipe: Recipe, *, resume: bool = False, output_dir: str | Path | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train the recipe's model through the engine; returns where the model went and what was measured.
+
+    `on_step(step, record)` is called after every optimizer step (tests use it to simulate a killed run).
+    """
+    if output_dir is not None:
+        recipe = recipe.model_copy(deep=True)
+        recipe.training.output_dir = str(output_dir)
+    t = recipe.training
+    threads_before = torch.get_num_threads()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    try:
+        return _train(recipe, resume=resume, on_step=on_step)
+    finally:
+        torch.set_num_threads(threads_before)  # the setting is process-wide: give it back
+
+
+def _train(recipe: Recipe, *, resume: bool, on_step) -> TrainResult:
+    t = recipe.training
+    output = Path(t.output_dir)
+    engine = Engine(recipe, output, kind="train")
+    if recipe.mining.online and engine.world > 1:
+        raise ConfigError("mining.online is not supported with several processes yet: train it with --nproc 1",
+                          field="mining.online")
+    seed_everything(t.seed)  # before the model: LoRA initialisation draws from the RNG
+    examples, source = load_examples(recipe)
+    log.info("%d training examples from %s", len(examples), recipe.data.train)
+    short = source["hard_negatives"]
+    if short["short_rows"] and not (recipe.mining.online and recipe.mining.at_start):  # else mining fills them
+        log.info("%d rows have fewer than %d negatives (%d slots padded and left out of the loss)",
+                 short["short_rows"], short["wanted"], short["missing"])
+    with engine.model_init():
+        encoder = build_encoder(recipe, engine.device)
+    engine.set_model_builder(lambda: build_encoder(recipe, "cpu"))
+    memory = {"parameters": parameter_memory(encoder), "rss_after_load_gb": round(rss_gb(), 3),
+              "peak_rss_after_load_gb": round(peak_rss_gb(), 3)}
+    data = prepare_data(encoder, examples, source, recipe)
+    miner = None
+    if recipe.mining.online:
+        from embedkit.train.remining import OnlineMiner
+
+        miner = OnlineMiner(recipe, examples)
+        log.info("online mining: pool of %d documents, every %s%s", len(miner.state.task.corpus_ids),
+                 recipe.mining.every, " step(s)" if recipe.mining.every != "epoch" else "")
+    loss_fn = build_loss(recipe.loss).to(engine.device)
+    dev_task = None
+    if recipe.data.dev:
+        from embedkit.eval.tasks import load_task, parse_task_spec
+
+        dev_task = load_task(parse_task_spec(recipe.data.dev))
+    step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
+    fit = engine.fit(step, encoder, extra=[p for p in loss_fn.parameters() if p.requires_grad],
+                     n_examples=len(data.examples), resume=resume, on_step=on_step)
+    stats = {**fit.stats(), "memory": memory, "processes": engine.world, "backend": engine.backend.name,
+             "device": str(engine.device), "loss": loss_fn.describe()}
+    if engine.world > 1 or recipe.deepspeed.stage != "none":
+        stats["deepspeed"] = recipe.deepspeed.model_dump()
+    model = engine.full_model()
+    if engine.is_main:
+        save_output(model, recipe, output, data.source, stats, fit.dev, engine.work,
+                    online_mining=miner.manifest() if miner is not None else None)
+        log.info("saved %s (%s samples/s, peak RSS %s GB)", output, stats["samples_per_second"], stats["peak_rss_gb"])
+    engine.finish()
+    return TrainResult(output, fit.steps, fit.samples, stats["train_seconds"], stats["samples_per_second"],
+                       stats["peak_rss_gb"], fit.final_loss, fit.dev, fit.best_step, output / LOG_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict, dev: dict | None, work: Path,
+                online_mining: dict | None = None) -> Path:
+    """One atomic folder: model (ST layout) + manifest + README.md + probe vectors + training log."""
+    from embedkit.atomic import atomic_dir, write_json, write_text
+    from embedkit.manifest import MANIFEST_NAME, command_line
+    from embedkit.export.probes import write_probes
+
+    a = recipe.adapter
+    base = encoder.base_model
+    manifest = {
+        "training": {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe_hash(recipe),
+                     "data": source, "seed": recipe.training.seed, "stats": {k: v for k, v in stats.items()},
+                     "online_mining": online_mining},
+        "dev_eval": dev,
+    }
+    # The adapter goes to the work folder first: Encoder.save replaces the folder it writes and merges in place.
+    adapter_dir = None
+    if a.type != "none" and (a.save in ("adapter", "both") or a.type == "qlora"):
+        adapter_dir = encoder.save_adapter(work / "adapter")
+    with atomic_dir(output) as tmp:
+        if a.type == "none" or a.save in ("merged", "both"):
+            merged = _merged_from_4bit(encoder, recipe, adapter_dir) if a.type == "qlora" else encoder
+            merged.save(tmp, manifest=manifest)
+            merged.invalidate_fingerprint()
+            write_probes(merged, tmp, created_by="train")
+            # Encoder.save records the path it wrote to (the temporary folder): record the final one.
+            record = json.loads((tmp / MANIFEST_NAME).read_text())
+            record["model"]["path"] = str(output)
+            record["model"]["fingerprint"] = merged.fingerprint
+            write_json(tmp / MANIFEST_NAME, record)
+        else:
+            from embedkit.manifest import base_manifest
+
+            write_json(tmp / MANIFEST_NAME, base_manifest("adapter", base_model=base, model=encoder.describe(),
+                                                          **manifest))
+            write_probes(encoder, tmp, created_by="train")
+        if adapter_dir is not None and a.save in ("adapter", "both"):
+            shutil.copytree(adapter_dir, tmp / "adapter")
+        copy_run_logs(work, tmp)
+        write_text(tmp / "README.md", model_card(recipe, source, stats, dev, base, command_line()))
+    return output
+
+
+def _merged_from_4bit(encoder, recipe: Recipe, adapter_dir: Path):
+    """QLoRA: merging into a 4-bit base is lossy, so reload the base in full precision with the adapter, then merge."""
+    from embedkit.models.adapters import merge_adapter
+    from embedkit.models.encoder import load_model
+
+    m = recipe.model
+    full = load_model(m.name, pooling=encoder.pooling, prompts=encoder.prompts, max_length=encoder.max_length,
+                      dtype="fp32", padding_side=encoder.padding_side, adapter=adapter_dir)
+    return merge_adapter(full)
+
+
+def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None, base: dict | None, argv: list[str]) -> str:
+    m, a, lc, t = recipe.model, recipe.adapter, recipe.loss, recipe.training
+    lines = [
+        f"# {Path(t.output_dir).name}",
+        "",
+        f"A sentence-embedding model fine-tuned with embedkit from `{m.name}` on `{recipe.data.train}`.",
+        "",
+        "## Training",
+        "",
+        f"- base model: `{m.name}`" + (f" (fingerprint `{base.get('fingerprint', '')[:16]}`)" if base else ""),
+        f"- data: {source.get('used')} examples from `{source.get('spec')}`"
+        + (f" (sha256 `{source['sha256'][:16]}`)" if source.get("sha256") else "")
+        + (f" (data hash `{source['data_hash'][:16]}`)" if source.get("data_hash") else ""),
+        f"- adapter: {a.type}" + (f" (r={a.r}, alpha={a.alpha})" if a.type != "none" else ""),
+        f"- loss: {stats.get('loss') or build_loss(lc).describe()}; {lc.hard_negatives} hard negatives per query",
+        *([f"- online hard-negative mining every {recipe.mining.every}"
+           + (" steps" if recipe.mining.every != "epoch" else "")
+           + f", window {recipe.mining.range}, {recipe.mining.sampling} sampling"] if recipe.mining.online else []),
+        f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}, seed {t.seed}, "
+        f"max length {m.max_length or 'model default'}",
+        f"- throughput {stats['samples_per_second']} samples/s, peak RSS {stats['peak_rss_gb']} GB"
+        + (f", {stats.get('processes', 1)} processes ({stats.get('backend')})" if stats.get("processes", 1) > 1 else "")
+        + (f", device {stats['device']}" if stats.get("device") else ""),
+        f"- command: `{' '.join(argv)}`",
+        "",
+    ]
+    if dev:
+        lines += ["## Evaluation", "", f"Task `{dev['task']}` (main metric {dev['main_metric']}):", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in dev["metrics"].items() if isinstance(v, (int, float))]
+        lines.append("")
+    lines += ["## Use", "", "```python", "from sentence_transformers import SentenceTransformer",
+              f"model = SentenceTransformer('{t.output_dir}')", "```", "",
+              "`probe_vectors.json` holds reference vectors of fixed texts: an exported or served copy must "
+              "reproduce them.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,614 @@
+"""The one training engine: every `embedkit train` and `embedkit llm sft|dpo|joint` run goes through `Engine.fit`.
+
+A kind of training plugs in as a `Step` (contrastive: embedkit/train/contrastive.py; SFT, DPO, joint:
+embedkit/llm/). The step owns its data, its forward and its loss; the engine owns everything around them:
+
+- processes and devices: one process, or several under torchrun (`embedkit train RECIPE --nproc N`), each on its
+  own GPU or on the CPU (gloo); `model.device` resolved by embedkit.device;
+- how the model is held (embedkit/train/backends.py): DDP, DeepSpeed ZeRO-2/3 with optimizer / parameter offload,
+  or FSDP2; mixed precision (bf16 / fp16 autocast with fp32 master weights); gradient accumulation;
+- the schedule (AdamW, warmup + linear decay), clipping, the seeded batch order split across processes;
+- checkpoints and exact resume (weights, optimizer, scheduler, every process's RNG, the data position and the
+  step's own state), written atomically into `.<output>.train/checkpoints/step-N/`;
+- dev evaluation every `eval_every` steps on every process (encoding shared between them), the dev-best weights
+  kept and restored at the end;
+- logging: stdlib `logging` ("embedkit.train"), a JSONL log, a tqdm bar, and experiment trackers through
+  Accelerate (TensorBoard by default where installed; W&B / MLflow with `training.report_to`).
+
+The loop stays lean on purpose (measured against sentence-transformers' trainer in bench/bench_train.py): texts
+are tokenized once before it, batches are index lists, gradients are set to None between steps, and only floats
+are kept from the graph for logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedkit.errors import ConfigError
+
+log = logging.getLogger("embedkit.train")
+
+ENGINE_FILE = "engine.pt"
+LOG_FILE = "train_log.jsonl"
+TRACKING_DIR = "tensorboard"
+
+
+# ---------------------------------------------------------------------------------------------------- the step API
+class Step(Protocol):
+    """What a kind of training supplies. Every method runs on every process."""
+
+    name: str
+
+    def batches(self, epoch: int, batch_size: int) -> list[list[int]]:
+        """The epoch's batches of example indices, `batch_size` (global: per process x processes) each, seeded."""
+
+    def run(self, rows: list[int], engine: "Engine", weight: float) -> dict[str, float]:
+        """Forward and backward of this process's `rows` through `engine` (loss multiplied by `weight`)."""
+
+    def evaluate(self, engine: "Engine") -> dict[str, Any] | None:
+        """Dev evaluation: {"task", "metric", "score", "metrics"[, "greater_is_better": False]} or None when there
+        is no dev set. The best step is the one with the best score."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold beyond weights and position (e.g. the mined negatives in use)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def start(self, engine: "Engine", resumed: bool) -> None:
+        """Once the model is wrapped (and a checkpoint loaded), before the first step of this run."""
+
+    def before_epoch(self, engine: "Engine", step: int, epoch: int) -> dict | None:
+        """A hook at the start of every epoch (before its batches are drawn); a record to log, or None."""
+
+    def after_step(self, engine: "Engine", step: int, total: int) -> dict | None:
+        """A hook after every optimizer step; a record to log, or None."""
+
+
+class StepBase:
+    """Defaults for the optional parts of `Step`."""
+
+    name = "train"
+
+    def evaluate(self, engine: "Engine") -> dict[str, Any] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def start(self, engine: "Engine", resumed: bool) -> None:
+        pass
+
+    def before_epoch(self, engine: "Engine", step: int, epoch: int) -> dict | None:
+        return None
+
+    def after_step(self, engine: "Engine", step: int, total: int) -> dict | None:
+        return None
+
+
+@dataclass
+class FitResult:
+    steps: int
+    samples: int
+    train_seconds: float
+    samples_per_second: float
+    peak_rss_gb: float
+    final_loss: float | None
+    first_loss: float | None
+    best_step: int | None
+    dev: dict[str, Any] | None
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self.steps, "samples": self.samples, "train_seconds": round(self.train_seconds, 3),
+                "samples_per_second": round(self.samples_per_second, 4), "peak_rss_gb": round(self.peak_rss_gb, 3),
+                "final_loss": self.final_loss, "first_loss": self.first_loss, "best_step": self.best_step,
+                "history": self.history}
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def rss_gb() -> float:
+    """Resident memory now (GB), from /proc (0.0 where there is none)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng() -> dict[str, Any]:
+    """This process's RNG states as plain tensors and lists (loadable with weights_only=True)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def recipe_hash(recipe) -> str:
+    """What must not change between a run and its resume (progress, logging and device settings may)."""
+    dump = recipe.model_dump(mode="json")
+    for volatile in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "threads", "report_to"):
+        dump["training"].pop(volatile, None)
+    dump["model"].pop("device", None)
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def work_dir(output_dir: Path) -> Path:
+    """The hidden sibling where checkpoints, the log and the trackers live while a run is going."""
+    return output_dir.parent / f".{output_dir.name}.train"
+
+
+def ensure_process_group(backend: str) -> None:
+    """A process group for DeepSpeed / FSDP: torchrun's when launched, else a one-process group."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group(backend=backend)
+
+
+class _JsonlLog:
+    def __init__(self, path: Path, append: bool, enabled: bool) -> None:
+        self.file = open(path, "a" if append else "w", encoding="utf-8") if enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _trackers(report_to: list[str] | None) -> list[str]:
+    """What to log to: the recipe's list, or TensorBoard where it is installed."""
+    import importlib.util
+
+    if report_to is not None:
+        return list(report_to)
+    has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    return ["tensorboard"] if has_tb else []
+
+
+def _flat_config(recipe) -> dict[str, Any]:
+    """The recipe as flat scalars, for trackers' hyper-parameter tables."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        elif isinstance(node, (int, float, str, bool)):
+            flat[prefix] = node
+        elif node is not None:
+            flat[prefix] = json.dumps(node)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------------- the engine
+class Engine:
+    """Set up once per run: `Engine(recipe, output)`, build the model inside `engine.model_init()`, then `fit`."""
+
+    def __init__(self, recipe, output_dir: str | Path, *, kind: str = "train") -> None:
+        from embedkit.device import resolve_device
+
+        self.recipe = recipe
+        self.training = recipe.training
+        self.kind = kind
+        self.output_dir = Path(output_dir)
+        self.work = work_dir(self.output_dir)
+        t = self.training
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = resolve_device(recipe.model.device, field="model.device")
+        if t.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("training.mixed_precision fp16 needs a CUDA device (use bf16 on the CPU)",
+                              field="training.mixed_precision")
+        if (recipe.deepspeed.stage != "none" or recipe.fsdp.enabled or launched) and not torch.distributed.is_initialized():
+            if recipe.deepspeed.stage != "none" and self.device.type == "cpu":
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            ensure_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if recipe.fsdp.enabled and self.world == 1:
+            raise ConfigError("fsdp shards a model across processes: launch with --nproc 2 or more",
+                              field="fsdp.enabled")
+        self.accelerator = self._make_accelerator()
+        from embedkit.train.backends import make_backend
+
+        self.backend = make_backend(self)
+        self.sync_gradients = True  # False while accumulating the micro-batches before the last of a step
+        self._build_for_saving: Callable[[], nn.Module] | None = None
+        self._model: nn.Module | None = None
+        self._extra: list[nn.Parameter] = []
+        self.position: dict[str, Any] = {}  # step, epoch, batch, ... of the run in progress (steps may read it)
+
+    # ------------------------------------------------------------------ set-up
+    def _make_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        # One Accelerator per run; a process may train several times (tests, `embedkit tune`): reset its state.
+        AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+        t = self.training
+        sharded = self.recipe.deepspeed.stage != "none" or self.recipe.fsdp.enabled
+        mixed = "no" if sharded else t.mixed_precision  # DeepSpeed / FSDP apply precision themselves
+        trackers = _trackers(t.report_to) if self.rank == 0 else []
+        self.trackers = trackers
+        return Accelerator(cpu=self.device.type == "cpu", mixed_precision=mixed, log_with=trackers or None,
+                           project_dir=str(self.work / TRACKING_DIR))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def model_init(self) -> contextlib.AbstractContextManager:
+        """Build the model inside this (ZeRO-3 partitions it while it loads)."""
+        return self.backend.model_init()
+
+    def set_model_builder(self, build: Callable[[], nn.Module]) -> None:
+        """How rank 0 rebuilds the model unsharded for the final save (DeepSpeed / FSDP)."""
+        self._build_for_saving = build
+
+    def build_model_for_saving(self) -> nn.Module:
+        if self._build_for_saving is None:
+            raise RuntimeError("the step did not register a model builder (Engine.set_model_builder)")
+        return self._build_for_saving()
+
+    # ------------------------------------------------------------------ what steps call
+    @property
+    def model(self) -> nn.Module:
+        """The module to call for trainable forwards (DDP / DeepSpeed / FSDP wrapper, or the model itself)."""
+        return self.backend.model
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.backend.unwrapped
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def sync(self, last: bool = True) -> contextlib.AbstractContextManager:
+        """Wrap each forward + backward of a micro-batch: gradients are all-reduced only on the step's last one
+        (`last` and this is the last micro-batch of the optimizer step)."""
+        return self.backend.sync(last and self.sync_gradients)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss computed through `engine.model`'s forward."""
+        self.backend.backward(loss)
+
+    def backward_detached(self, loss: torch.Tensor) -> None:
+        """Backward of a loss over detached embeddings (GradCache's first pass): no model weights in its graph."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def backward_from(self, outputs: torch.Tensor, grads: torch.Tensor) -> None:
+        """Backpropagate known gradients of `outputs` (GradCache's replay) into the model."""
+        self.backend.backward_from(outputs, grads)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, step: Step, model: nn.Module, *, extra: list[nn.Parameter] | None = None, n_examples: int,
+            resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> FitResult:
+        """Train `model` (and `extra` loss parameters) with `step`; returns what was measured, on every rank."""
+        t = self.training
+        from embedkit.train.backends import count_steps
+
+        self._model, self._extra = model, list(extra or [])
+        global_batch = t.batch_size * self.world
+        n_batches = len(self._epoch_batches(step, 0, global_batch))
+        if n_batches == 0:
+            from embedkit.errors import DataError
+
+            raise DataError(f"no complete batch: {n_examples} examples for a batch of {global_batch}"
+                            + (" with drop_last" if getattr(t, "drop_last", False) else ""),
+                            field="training.batch_size")
+        total = count_steps(n_batches, t.gradient_accumulation, t.epochs, t.max_steps)
+        warmup = int(np.ceil(total * t.warmup_ratio))
+        self.backend.wrap(model, self._extra, total, warmup)
+        self.total_steps = total
+
+        state = {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_step": None, "samples": 0,
+                 "train_seconds": 0.0, "history": [], "first_loss": None}
+        self.position = state
+        checkpoint = self._latest_checkpoint() if resume else None
+        if resume and checkpoint is None:
+            log.info("no checkpoint in %s; starting from the beginning", self.work)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint, state, step)
+            log.info("resumed from %s (step %d)", checkpoint.name, state["step"])
+        elif self.is_main:
+            shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
+            shutil.rmtree(self.work / TRACKING_DIR, ignore_errors=True)
+        self._barrier()
+        resumed_from = state["step"] if checkpoint is not None else None
+        if self.is_main:
+            self.work.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        jsonl = _JsonlLog(self.work / LOG_FILE, append=checkpoint is not None, enabled=self.is_main)
+        if self.trackers:
+            self.accelerator.init_trackers(self.kind, config=_flat_config(self.recipe))
+        log.info("%s: %d steps on %s (%s, %d process%s), %d examples", step.name, total, self.device,
+                 self.backend.name, self.world, "es" if self.world > 1 else "", n_examples)
+
+        step.start(self, resumed=checkpoint is not None)
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, initial=state["step"], desc=step.name, unit="step", file=sys.stderr,
+                        disable=not (t.progress and self.is_main), dynamic_ncols=True)
+        model.train()
+        last_loss = None
+        try:
+            while state["step"] < total:
+                if state["batch"] == 0:
+                    record = step.before_epoch(self, state["step"], state["epoch"])
+                    if record:
+                        self._log(jsonl, record)
+                batches = self._epoch_batches(step, state["epoch"], global_batch)
+                while state["batch"] < len(batches) and state["step"] < total:
+                    group = batches[state["batch"]:state["batch"] + t.gradient_accumulation]
+                    started = time.perf_counter()
+                    outs = []
+                    for i, rows in enumerate(group):
+                        self.sync_gradients = i == len(group) - 1
+                        local = self._local_rows(rows)
+                        outs.append(step.run(local, self, 1.0 / len(group)))
+                    self.sync_gradients = True
+                    self._fix_extra_grads()
+                    grad_norm = self.backend.optimizer_step()
+                    elapsed = time.perf_counter() - started
+                    state["step"] += 1
+                    state["batch"] += len(group)
+                    state["samples"] += sum(len(rows) for rows in group)
+                    state["train_seconds"] += elapsed
+                    record = _merge_records(outs)
+                    last_loss = record.get("loss")
+                    if state["first_loss"] is None:
+                        state["first_loss"] = last_loss
+                    record = {"event": "train", "step": state["step"], "epoch": state["epoch"], **record,
+                              "lr": self.backend.lr(), "grad_norm": grad_norm,
+                              "samples_per_s": sum(len(r) for r in group) / elapsed}
+                    progress.update(1)
+                    if last_loss is not None:
+                        progress.set_postfix(loss=f"{last_loss:.4f}",
+                                             sps=f"{state['samples'] / max(state['train_seconds'], 1e-9):.2f}")
+                    if state["step"] % t.log_every == 0 or state["step"] == total:
+                        self._log(jsonl, record)
+                    hooked = step.after_step(self, state["step"], total)
+                    if hooked:
+                        self._log(jsonl, hooked)
+                    if t.eval_every and state["step"] % t.eval_every == 0:
+                        self._dev_eval(step, state, jsonl)
+                    if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total:
+                        self._save_checkpoint(state, step)
+                    if on_step is not None:
+                        on_step(state["step"], record)
+                if state["batch"] >= len(batches):
+                    state["epoch"] += 1
+                    state["batch"] = 0
+        finally:
+            progress.close()
+
+        dev = None
+        if t.eval_every and state["best_step"] is not None:
+            if state["step"] % t.eval_every:  # the final weights were not evaluated yet
+                self._dev_eval(step, state, jsonl)
+            if state["best_step"] != state["step"]:
+                best = torch.load(self.work / "best.pt", weights_only=True, map_location="cpu")
+                self.backend.load_trainable_state(best)
+                log.info("using the dev-best weights of step %d", state["best_step"])
+        if t.eval_at_end or t.eval_every:
+            dev = step.evaluate(self)
+            if dev is not None:
+                self._log(jsonl, {"event": "final_eval", "step": state["step"], "task": dev["task"],
+                                  "metric": dev["metric"], "score": dev["score"]})
+        result = FitResult(state["step"], state["samples"], state["train_seconds"],
+                           state["samples"] / max(state["train_seconds"], 1e-9), peak_rss_gb(), last_loss,
+                           state["first_loss"], state["best_step"], dev, state["history"], resumed_from)
+        self._log(jsonl, {"event": "done", **{k: v for k, v in result.stats().items() if k != "history"}})
+        jsonl.close()
+        for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
+            tracker.finish()
+        model.eval()
+        return result
+
+    def _epoch_batches(self, step: Step, epoch: int, global_batch: int) -> list[list[int]]:
+        """The step's batches, cut so that every process gets the same number of rows (collectives need equal
+        shapes): a batch smaller than the number of processes is skipped, the remainder of others dropped."""
+        batches = step.batches(epoch, global_batch)
+        if self.world == 1:
+            return batches
+        return [b[: len(b) // self.world * self.world] for b in batches if len(b) >= self.world]
+
+    def _local_rows(self, rows: list[int]) -> list[int]:
+        per = len(rows) // self.world
+        return rows[self.rank * per:(self.rank + 1) * per]
+
+    def _fix_extra_grads(self) -> None:
+        """Loss parameters got the full-batch gradient times the world size on every rank (see backends.py)."""
+        if self.world > 1:
+            for p in self._extra:
+                if p.grad is not None:
+                    p.grad.div_(self.world)
+
+    def _log(self, jsonl: _JsonlLog, record: dict[str, Any]) -> None:
+        jsonl.write(record)
+        if self.trackers and "step" in record:
+            event = record.get("event", "train")
+            values = {f"{event}/{k}": v for k, v in record.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
+            if event == "train" and "scale" in record and record["scale"]:
+                values["train/temperature"] = 1.0 / record["scale"]
+            if values:
+                self.accelerator.log(values, step=record["step"])
+        if record.get("event") in ("eval", "final_eval"):
+            log.info("step %d: dev %s = %.4f", record["step"], record["metric"], record["score"])
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ dev evaluation
+    def _dev_eval(self, step: Step, state: dict, jsonl: _JsonlLog) -> None:
+        result = step.evaluate(self)
+        if result is None:
+            return
+        state["history"].append({"step": state["step"], "score": result["score"]})
+        self._log(jsonl, {"event": "eval", "step": state["step"], "task": result["task"], "metric": result["metric"],
+                          "score": result["score"]})
+        higher = result.get("greater_is_better", True)
+        best = state["best_score"]
+        if best is None or (result["score"] > best if higher else result["score"] < best):
+            state["best_score"], state["best_step"] = result["score"], state["step"]
+            weights = self.backend.trainable_state()
+            if self.is_main:
+                from embedkit.atomic import atomic_path
+
+                with atomic_path(self.work / "best.pt") as tmp:
+                    torch.save(weights, tmp)
+            self._barrier()
+        self._model.train()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _latest_checkpoint(self) -> Path | None:
+        folder = self.work / "checkpoints"
+        if not folder.is_dir():
+            return None
+        done = [p for p in folder.glob("step-*") if (p / ENGINE_FILE).is_file() and p.name[5:].isdigit()]
+        return max(done, key=lambda p: int(p.name[5:])) if done else None
+
+    def _save_checkpoint(self, state: dict, step: Step) -> Path:
+        """Every process writes its part into step-N.tmp; rank 0 renames it once all are done (atomic)."""
+        target = self.work / "checkpoints" / f"step-{state['step']}"
+        tmp = target.with_name(target.name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        self.backend.save(tmp)
+        torch.save(get_rng(), tmp / f"rng-{self.rank}.pt")
+        if self.is_main:
+            torch.save({"position": dict(state), "recipe_hash": recipe_hash(self.recipe), "world": self.world,
+                        "step_state": step.state_dict()}, tmp / ENGINE_FILE)
+        self._barrier()
+        if self.is_main:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            from embedkit.atomic import _fsync_dir
+
+            _fsync_dir(target.parent)
+            old = sorted((p for p in target.parent.glob("step-*") if p.name[5:].isdigit()),
+                         key=lambda p: int(p.name[5:]))
+            for stale in old[: -self.training.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+        return target
+
+    def _load_checkpoint(self, folder: Path, state: dict, step: Step) -> None:
+        payload = torch.load(folder / ENGINE_FILE, weights_only=True, map_location="cpu")
+        if payload["recipe_hash"] != recipe_hash(self.recipe):
+            raise ConfigError("the recipe changed since the checkpoint was written; resume needs the same recipe "
+                              f"(or delete {self.work} to start again)", path=folder)
+        if payload["world"] != self.world:
+            raise ConfigError(f"the checkpoint was written by {payload['world']} process(es), this run has "
+                              f"{self.world}; resume with the same --nproc", path=folder)
+        step.load_state_dict(payload["step_state"])  # before the weights: it may re-tokenize with the model
+        self.backend.load(folder)
+        set_rng(torch.load(folder / f"rng-{self.rank}.pt", weights_only=True))
+        state.update(payload["position"])
+
+    # ------------------------------------------------------------------ the result
+    def full_model(self) -> nn.Module | None:
+        """The trained model, whole and unwrapped, on rank 0 (None on the others). Collective."""
+        return self.backend.full_model()
+
+    def finish(self) -> None:
+        """After the output is written: copy logs into it (rank 0), drop checkpoints, wait for everyone."""
+        if self.is_main:
+            shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
+        self._barrier()
+
+
+def _merge_records(outs: list[dict[str, float]]) -> dict[str, float]:
+    """Micro-batch records of one optimizer step: losses averaged, counts summed."""
+    if len(outs) == 1:
+        return dict(outs[0])
+    merged: dict[str, float] = {}
+    for key in outs[0]:
+        values = [o[key] for o in outs if isinstance(o.get(key), (int, float))]
+        if not values:
+            continue
+        merged[key] = sum(values) if key in ("masked", "padded") else sum(values) / len(values)
+    return merged
+
+
+def copy_run_logs(work: Path, target: Path) -> None:
+    """The JSONL log and the tracker files of a run, into its output folder."""
+    if (work / LOG_FILE).is_file():
+        shutil.copyfile(work / LOG_FILE, target / LOG_FILE)
+    if (work / TRACKING_DIR).is_dir():
+        shutil.copytree(work / TRACKING_DIR, target / TRACKING_DIR, dirs_exist_ok=True)
+
+
+def configure_logging(prefix: str, *, rank: int | None = None, level: int = logging.INFO) -> None:
+    """stderr lines `embedkit train: ...` (with the rank under several processes), for the CLI."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    root = logging.getLogger("embedkit")
+    tag = f"{prefix} [rank {rank}]" if world > 1 else prefix
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
+    root.handlers = [handler]
+    root.setLevel(level if rank == 0 or world == 1 else logging.WARNING)
+    root.propagate = False
