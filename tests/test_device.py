@@ -54,15 +54,6 @@ def test_malformed_device_is_an_error(spec):
         resolve_device(spec)
 
 
-@no_cuda
-def test_llm_pick_device_delegates():
-    from embedkit.llm.model import pick_device
-
-    assert pick_device("auto") == "cpu" and pick_device("cpu") == "cpu"
-    with pytest.raises(ConfigError, match="training.device"):
-        pick_device("cuda")
-
-
 def test_nf4_loads_onto_the_gpu_it_is_asked_for():
     pytest.importorskip("bitsandbytes")
     from embedkit.models.encoder import _backbone_load_kwargs

@@ -93,7 +93,9 @@ def test_train_writes_a_complete_model_folder(tiny_bert_dir, pairs_file, dev_dir
     assert manifest["base_model"]["fingerprint"] and manifest["library_versions"]["torch"]
     assert manifest["model"]["path"] == str(out) and manifest["command_line"]
     assert manifest["dev_eval"]["metrics"]["ndcg_at_10"] == pytest.approx(result.dev["metrics"]["ndcg_at_10"])
-    assert "ndcg_at_10" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "ndcg_at_10" in card
+    assert "- loss: InfoNCE (temperature 0.1, false negatives masked); 0 hard negatives per query" in card
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) for r in log if r["event"] == "train")
@@ -214,12 +216,15 @@ def test_rows_short_of_negatives_are_padded_not_refused(tiny_bert_dir, pairs_fil
     assert np.isfinite(result.final_loss)
 
 
-def test_lora_saves_adapter_and_merged_model(tiny_bert_dir, pairs_file, tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"dora": True, "rslora": True}], ids=["lora", "dora+rslora"])
+def test_lora_saves_adapter_and_merged_model(tiny_bert_dir, pairs_file, tmp_path, variant):
     out = tmp_path / "m"
-    recipe = _recipe(tiny_bert_dir, pairs_file, out, adapter={"type": "lora", "r": 4, "alpha": 8, "save": "both"},
+    recipe = _recipe(tiny_bert_dir, pairs_file, out, adapter={"type": "lora", "r": 4, "alpha": 8, "save": "both",
+                                                              **variant},
                      training={"lr": 1e-2})
     train(recipe, **QUIET)
-    assert (out / "adapter" / "adapter_config.json").is_file()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] == variant.get("dora", False) and config["use_rslora"] == variant.get("rslora", False)
     merged = load_model(out)
     with_adapter = load_model(tiny_bert_dir, adapter=out / "adapter", max_length=32)
     texts = [q for q, _ in PAIRS]

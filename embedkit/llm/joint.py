@@ -120,17 +120,11 @@ class JointStep(LLMStep):
         self.before = state.get("before")
 
     def summary(self, engine) -> dict[str, Any]:
-        from embedkit.llm.sft import heldout_answer_loss
+        from embedkit.llm.sft import answer_loss_summary
 
-        out: dict[str, Any] = {"sft_weight": self.ctx.recipe.joint.sft_weight,
-                               "embedding_attention": self.ctx.recipe.model.embedding_attention,
-                               "loss": self.loss_fn.describe()}
-        if self.before is not None:
-            out["heldout_answer_loss_before"] = self.before
-        if self.held:
-            out["heldout_answer_loss"] = heldout_answer_loss(self.ctx, self.held, "after")
-            out["heldout_examples"] = len(self.held)
-        return out
+        return {"sft_weight": self.ctx.recipe.joint.sft_weight,
+                "embedding_attention": self.ctx.recipe.model.embedding_attention, "loss": self.loss_fn.describe(),
+                **answer_loss_summary(self.ctx, self.held, self.before)}
 
 
 def train_joint(recipe, *, resume: bool = False, on_step: Callable[[int, dict], None] | None = None

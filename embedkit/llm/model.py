@@ -23,14 +23,6 @@ from embedkit.errors import ModelError
 LLM_DEFAULTS = {"pooling": "lasttoken", "prompts": "instruct", "padding_side": "left"}
 
 
-def pick_device(setting: str = "auto") -> str:
-    """'cpu' or 'cuda:N' for `training.device` (embedkit.device.resolve_device: auto takes cuda:LOCAL_RANK when
-    there is a GPU; asking for CUDA without one is a one-line ConfigError naming training.device)."""
-    from embedkit.device import resolve_device
-
-    return str(resolve_device(setting, field="training.device"))
-
-
 def transformer_dir(name_or_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     """(model folder, folder holding the transformer weights, what its sentence-transformers files say)."""
     from embedkit.models.encoder import _read_st_folder

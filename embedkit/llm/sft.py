@@ -124,6 +124,17 @@ def heldout_answer_loss(ctx: LLMContext, held: Sequence[dict], when: str) -> flo
     return loss
 
 
+def answer_loss_summary(ctx: LLMContext, held: Sequence[dict] | None, before: float | None) -> dict[str, Any]:
+    """The held-out answer loss before and after training, as the stats of `llm sft` and `llm joint` report it."""
+    out: dict[str, Any] = {}
+    if before is not None:
+        out["heldout_answer_loss_before"] = before
+    if held:
+        out["heldout_answer_loss"] = heldout_answer_loss(ctx, held, "after")
+        out["heldout_examples"] = len(held)
+    return out
+
+
 class SFTStep(LLMStep):
     name = "sft"
 
@@ -162,13 +173,7 @@ class SFTStep(LLMStep):
         self.before = state.get("before")
 
     def summary(self, engine) -> dict[str, Any]:
-        out: dict[str, Any] = {"dropped_examples": self.dropped}
-        if self.before is not None:
-            out["heldout_answer_loss_before"] = self.before
-        if self.held:
-            out["heldout_answer_loss"] = heldout_answer_loss(self.ctx, self.held, "after")
-            out["heldout_examples"] = len(self.held)
-        return out
+        return {"dropped_examples": self.dropped, **answer_loss_summary(self.ctx, self.held, self.before)}
 
 
 def train_sft(recipe, *, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:

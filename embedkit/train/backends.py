@@ -193,6 +193,23 @@ class Backend:
             self.extra_scheduler.load_state_dict(payload["scheduler"])
 
 
+class ShardedBackend(Backend):
+    """What DeepSpeed and FSDP share: loss parameters beside the sharded model, and the final model rebuilt
+    unsharded on rank 0 (the step's builder) with the gathered trainable weights loaded into it."""
+
+    def full_model(self) -> nn.Module | None:
+        state = self.trainable_state()  # collective: every rank takes part
+        if self.engine.rank != 0:
+            return None
+        fresh = self.engine.build_model_for_saving()
+        named = {f"model.{n}": p for n, p in fresh.named_parameters() if p.requires_grad}
+        _check_names(named, {k: v for k, v in state.items() if k.startswith("model.")})
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(state[name].to(dtype=p.dtype))
+        return fresh
+
+
 def _check_names(params: dict, state: dict) -> None:
     if set(params) != set(state):
         from embedkit.errors import ConfigError
@@ -235,7 +252,7 @@ def deepspeed_config(engine) -> dict:
     return config
 
 
-class DeepSpeedBackend(Backend):
+class DeepSpeedBackend(ShardedBackend):
     """ZeRO-2 or ZeRO-3 (optionally offloading optimizer state and parameters to CPU memory)."""
 
     def __init__(self, engine) -> None:
@@ -346,22 +363,10 @@ class DeepSpeedBackend(Backend):
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
         self._load_extra(folder)
 
-    def full_model(self) -> nn.Module | None:
-        """Rank 0 rebuilds the model unpartitioned (the step's `build_model`) and loads the gathered trainables."""
-        state = self.trainable_state()
-        if self.engine.rank != 0:
-            return None
-        fresh = self.engine.build_model_for_saving()
-        named = {f"model.{n}": p for n, p in fresh.named_parameters() if p.requires_grad}
-        _check_names(named, {k: v for k, v in state.items() if k.startswith("model.")})
-        with torch.no_grad():
-            for name, p in named.items():
-                p.copy_(state[name].to(dtype=p.dtype))
-        return fresh
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
-class FSDPBackend(Backend):
+class FSDPBackend(ShardedBackend):
     """torch FSDP2: every transformer layer (and the root) sharded with `fully_shard` across the processes."""
 
     name = "fsdp"
@@ -448,16 +453,6 @@ class FSDPBackend(Backend):
         self.scheduler.load_state_dict(payload["scheduler"])
         self._load_extra(folder)
 
-    def full_model(self) -> nn.Module | None:
-        state = self.trainable_state()
-        if self.engine.rank != 0:
-            return None
-        fresh = self.engine.build_model_for_saving()
-        named = {f"model.{n}": p for n, p in fresh.named_parameters() if p.requires_grad}
-        with torch.no_grad():
-            for name, p in named.items():
-                p.copy_(state[name].to(dtype=p.dtype))
-        return fresh
 
 
 def _transformer_layers(model: nn.Module) -> list[nn.Module]:

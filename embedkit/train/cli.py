@@ -26,11 +26,16 @@ def train_command(
 ) -> None:
     """Fine-tune an embedding model with a contrastive loss, as a recipe describes.
 
-    The recipe is validated (unknown keys, types, data files, model name) before any model loads. Every run goes
-    through one engine: one process or several (--nproc), DDP, DeepSpeed ZeRO-2/3 or FSDP, checkpoints
-    (training.checkpoint_every) and --resume, dev evaluation (data.dev, training.eval_every) with the best step
-    kept, a JSONL log and TensorBoard events. The output folder is a sentence-transformers model with a manifest, a
-    model card, probe vectors and the training log.
+    The recipe is validated (unknown keys, types, data files, model name) before any model loads.
+
+    One engine runs it: one process or several (--nproc; DDP, DeepSpeed ZeRO-2/3 or FSDP), on model.device
+    (auto: a GPU when there is one), checkpoints every training.checkpoint_every steps and --resume, dev evaluation
+    every training.eval_every steps on data.dev with the best step kept, a JSONL log and TensorBoard events.
+
+    The output folder is a sentence-transformers model with a manifest, a model card, probe vectors and the logs.
+
+    Examples: embedkit train recipes/minilm-scifact.yaml --set training.lr=1e-5 -o runs/lr1e-5 ;
+    embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume
     """
     from embedkit.launch import command_argv, launched, relaunch
     from embedkit.train.config import load_recipe

@@ -28,8 +28,8 @@ import torch
 from embedkit.data.tuples import TrainingExample
 from embedkit.errors import ConfigError, DataError
 from embedkit.train.config import Recipe, parse_train_source
-from embedkit.train.engine import (LOG_FILE, Engine, StepBase, copy_run_logs, peak_rss_gb, recipe_hash, rss_gb,
-                                   seed_everything, work_dir)
+from embedkit.train.engine import (LOG_FILE, Engine, FitResult, StepBase, copy_run_logs, peak_rss_gb, recipe_hash,
+                                   rss_gb, seed_everything, work_dir)
 from embedkit.train.gradcache import cached_step, plain_step
 from embedkit.train.losses import ContrastiveObjective, build_loss, text_keys
 
@@ -357,17 +357,11 @@ def evaluate_dev(encoder, task, recipe, *, sharded: bool = False) -> dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------------- training
-@dataclass
-class TrainResult:
+@dataclass(kw_only=True)
+class TrainResult(FitResult):
+    """What the engine measured, and where the model and its log went."""
+
     output_dir: Path
-    steps: int
-    samples: int
-    train_seconds: float
-    samples_per_second: float
-    peak_rss_gb: float
-    final_loss: float | None
-    dev: dict[str, Any] | None
-    best_step: int | None
     log_path: Path
 
 
@@ -436,8 +430,7 @@ def _train(recipe: Recipe, *, resume: bool, on_step) -> TrainResult:
                     online_mining=miner.manifest() if miner is not None else None)
         log.info("saved %s (%s samples/s, peak RSS %s GB)", output, stats["samples_per_second"], stats["peak_rss_gb"])
     engine.finish()
-    return TrainResult(output, fit.steps, fit.samples, stats["train_seconds"], stats["samples_per_second"],
-                       stats["peak_rss_gb"], fit.final_loss, fit.dev, fit.best_step, output / LOG_FILE)
+    return TrainResult(**vars(fit), output_dir=output, log_path=output / LOG_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------- output

@@ -264,6 +264,9 @@ class Engine:
         if recipe.fsdp.enabled and self.world == 1:
             raise ConfigError("fsdp shards a model across processes: launch with --nproc 2 or more",
                               field="fsdp.enabled")
+        if recipe.fsdp.offload_params and self.device.type != "cuda":
+            raise ConfigError("fsdp.offload_params keeps GPU shards in CPU memory between uses: it needs GPUs",
+                              field="fsdp.offload_params")
         self.accelerator = self._make_accelerator()
         from embedkit.train.backends import make_backend
 
