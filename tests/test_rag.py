@@ -135,6 +135,79 @@ def test_add_then_delete_without_rebuild(encoder, docs, tmp_path, index_type):
         index.delete(["d02"])
 
 
+def test_empty_query_is_refused(encoder, docs, tmp_path):
+    """An empty query embeds to the special tokens alone: it would return arbitrary documents, so it is an error."""
+    from embedkit.errors import ConfigError
+
+    index = _build(encoder, docs, tmp_path / "idx")
+    for query in ("", "   ", "\t\n"):
+        with pytest.raises(ConfigError, match="the query is empty") as err:
+            index.search(encoder, query, k=3)
+        assert err.value.field == "query"
+    with pytest.raises(ConfigError, match=r"query is empty \(query 2 of 3\)"):
+        index.search(encoder, ["fever", " ", "court"], k=3)
+    assert len(index.search(encoder, " fever ", k=3)) == 3
+
+
+def test_index_swaps_are_noticed_by_other_handles(encoder, docs, tmp_path):
+    """A long-lived reader (rag web) learns from two stat calls that a writer swapped in a new folder."""
+    from embedkit.rag import RagIndex, build_index
+
+    path = tmp_path / "idx"
+    reader = _build(encoder, docs, path)
+    assert not reader.changed_on_disk()
+    writer = RagIndex.load(path)
+    writer.delete(["d00"])  # through another handle, as another process would
+    assert reader.changed_on_disk() and not writer.changed_on_disk()  # a handle's own writes keep it current
+    # A rebuild at the same path restarts the generation count, yet it is another folder.
+    build_index(encoder, docs, path)
+    assert writer.changed_on_disk() and not RagIndex.load(path).changed_on_disk()
+
+
+def test_stale_temp_folders_of_killed_writers_are_removed_under_the_lock(encoder, docs, tmp_path, st_bert):
+    """`rag add` killed mid-write (SIGKILL) leaves .idx.XXXXXXXX.tmp; the next writer removes it, holding the lock,
+    and touches nothing else: not the live index, not another index's temporary folder."""
+    import fcntl
+    import signal
+    import threading
+    import time
+
+    from embedkit.rag import RagIndex
+
+    path = tmp_path / "idx"
+    _build(encoder, docs, path)
+    _build(encoder, docs, tmp_path / "idx2")
+    more = tmp_path / "more.jsonl"
+    more.write_text('{"_id": "m1", "title": "", "text": "a new passage about coughs"}\n')
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "import embedkit.rag.index as index\n"
+        "index._write_folder = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from embedkit.cli import main\n"
+        "main(['rag', 'add', sys.argv[1], '--corpus', sys.argv[2], '--model', sys.argv[3]])\n"),
+        str(path), str(more), str(st_bert)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".idx.") and p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].is_dir() and (stale[0] / "documents.sqlite").exists()
+    other = tmp_path / ".idx2.abcd1234.tmp"  # another index's temporary folder: not ours to remove
+    other.mkdir()
+
+    index = RagIndex.load(path)
+    assert len(index) == len(docs)  # the killed run changed nothing
+    with open(tmp_path / ".idx.lock", "w") as lock:  # a writer holds the lock: nothing may be removed yet
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        writer = threading.Thread(target=index.delete, args=(["d00"],))
+        writer.start()
+        time.sleep(0.5)
+        assert writer.is_alive() and stale[0].exists()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    writer.join(timeout=60)
+    assert not writer.is_alive() and len(index) == len(docs) - 1
+    assert not stale[0].exists()
+    assert other.exists() and RagIndex.load(tmp_path / "idx2") and len(RagIndex.load(path)) == len(docs) - 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx.") and p.name.endswith(".tmp")]
+
+
 def test_a_different_model_is_refused(encoder, docs, tmp_path, tiny_bert_dir):
     from embedkit.errors import ModelError
     from embedkit.models import load_model
@@ -323,3 +396,7 @@ def test_cli_add_and_delete(st_bert, tmp_path):
     assert result.returncode == 0 and "now holds 9" in result.stdout
     result = run_cli("delete", str(out), "m1")
     assert result.returncode == 2 and "not in the index" in result.stderr
+    result = run_cli("query", str(out), "   ")  # an empty query: one line, exit 2, no hits
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: field 'query': the query is empty: give some words to "
+                                                  "search for"]

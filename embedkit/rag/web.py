@@ -1,19 +1,24 @@
 """`rag web`: a small search page over a RAG index (FastAPI, rendered on the server; no JavaScript needed).
 
     GET /?q=...&k=5[&mode=hybrid] the page: search box, ranked passages with scores and <mark>ed query terms, and,
-                                 when an answerer is given, a generated answer citing the passages as [1], [2]
-    GET /api/search?q=...&k=5    the same results as JSON
+                                 when an answerer is given, a generated answer citing the passages as [1], [2];
+                                 an empty q shows a message, not results
+    GET /api/search?q=...&k=5    the same results as JSON; an empty or missing q is a 400 with {"error": ...}
     GET /health                  index and model summary
 
 Everything taken from the corpus, the query or the answer is HTML-escaped before it is marked up.
+The app follows the index folder: `rag add` / `rag delete` (other processes) swap in a new folder, and the next
+request sees the swap (two stat calls) and loads it, so deleted documents are never served.
 """
 
 from __future__ import annotations
 
 import html
 import re
+import threading
 from typing import Any, Callable, Sequence
 
+from embedkit.errors import DataError
 from embedkit.rag.index import Hit, RagIndex
 
 Answerer = Callable[[str, list[str]], str]
@@ -24,6 +29,37 @@ _STOPWORDS = frozenset(
     "was were what when where which who why will with".split())
 _WORD = re.compile(r"\w+", re.UNICODE)
 _CITATION = re.compile(r"\[(\d{1,2})\]")
+EMPTY_QUERY = "Type a question or a few words to search for."
+
+
+class IndexUnavailable(DataError):
+    """The index folder was replaced on disk and the new one cannot be loaded (HTTP 503)."""
+
+
+class LiveIndex:
+    """The index a long-lived server searches: reloaded when a writer swaps in a new folder at its path.
+
+    `current()` costs two stat calls when nothing changed. Requests already running keep the index they started
+    with (its files stay open after the swap); the old one is closed when the last of them lets go of it.
+    """
+
+    def __init__(self, index: RagIndex) -> None:
+        self._index = index
+        self._lock = threading.Lock()
+
+    def current(self) -> RagIndex:
+        index = self._index
+        if not index.changed_on_disk():
+            return index
+        with self._lock:  # one reload at a time; the others wait for it and take its result
+            if self._index is not index and not self._index.changed_on_disk():
+                return self._index
+            try:
+                fresh = RagIndex.load(self._index.path)
+            except DataError as exc:
+                raise IndexUnavailable(f"the index changed on disk and cannot be loaded: {exc.one_line()}") from None
+            self._index = fresh
+            return fresh
 
 
 def query_terms(query: str) -> list[str]:
@@ -95,7 +131,8 @@ mark{background:#ffe58a;padding:0 .1em;border-radius:2px}.empty,.error{color:#8a
 
 
 def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hits: list[Hit] | None,
-                answer: str | None, error: str | None, info: dict[str, Any], elapsed_ms: float | None) -> str:
+                answer: str | None, error: str | None, info: dict[str, Any], elapsed_ms: float | None,
+                notice: str | None = None) -> str:
     e = html.escape
     terms = query_terms(query)
     parts = [
@@ -118,6 +155,8 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
                      f"<option value='hybrid'{' selected' if hybrid else ''}>hybrid (dense + BM25)</option>"
                      "</select></label>")
     parts.append("<button type='submit'>Search</button></form>")
+    if notice:
+        parts.append(f"<p class='empty' id='notice'>{e(notice)}</p>")
     if error:
         parts.append(f"<p class='error' id='error'>{e(error)}</p>")
     if answer is not None:
@@ -158,12 +197,12 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
     from embedkit.errors import EmbedkitError
 
     index.check_encoder(encoder)  # fail at start-up, not on the first query
-    hybrid_available = index.has_bm25
+    live = LiveIndex(index)
     app = FastAPI(title="embedkit RAG search", docs_url=None, redoc_url=None)
 
-    def run(q: str, k: int, use_hybrid: bool) -> tuple[list[Hit], float]:
+    def run(current: RagIndex, q: str, k: int, use_hybrid: bool) -> tuple[list[Hit], float]:
         t0 = time.perf_counter()
-        hits = index.search(encoder, q, k=k, hybrid=use_hybrid and hybrid_available, hybrid_weight=hybrid_weight)
+        hits = current.search(encoder, q, k=k, hybrid=use_hybrid and current.has_bm25, hybrid_weight=hybrid_weight)
         return hits, (time.perf_counter() - t0) * 1000
 
     def passages(hits: list[Hit]) -> list[str]:
@@ -172,40 +211,57 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
 
     # Sync handlers: FastAPI runs them in its thread pool, so a slow encode or answer does not block the loop.
     @app.get("/", response_class=HTMLResponse)
-    def page(q: str = "", k: int = default_k, mode: str = "") -> HTMLResponse:
+    def page(q: str | None = None, k: int = default_k, mode: str = "") -> HTMLResponse:
         k = max(1, min(k, MAX_K))
         use_hybrid = hybrid if mode not in ("dense", "hybrid") else mode == "hybrid"
-        hits = answer = error = elapsed = None
-        if q.strip():
-            try:
-                hits, elapsed = run(q, k, use_hybrid)
+        hits = answer = error = elapsed = notice = None
+        current, status = index, 200
+        try:
+            current = live.current()
+            if q is not None and not q.strip():  # submitted empty: say so (no q at all is the start page)
+                notice = EMPTY_QUERY
+            elif q is not None:
+                hits, elapsed = run(current, q, k, use_hybrid)
                 if answerer is not None and hits:
                     try:
                         answer = answerer(q, passages(hits))
                     except Exception as exc:  # a failing generator must not take the results page down with it
                         error = f"no answer: {type(exc).__name__}: {exc}"
-            except EmbedkitError as exc:
-                error = exc.one_line()
-        body = render_page(query=q, k=k, hybrid=use_hybrid and hybrid_available, hybrid_available=hybrid_available,
-                           hits=hits, answer=answer, error=error, info=index.describe(), elapsed_ms=elapsed)
-        return HTMLResponse(body)
+        except IndexUnavailable as exc:
+            error, status = exc.one_line(), 503
+        except EmbedkitError as exc:
+            error = exc.one_line()
+        body = render_page(query=q or "", k=k, hybrid=use_hybrid and current.has_bm25,
+                           hybrid_available=current.has_bm25, hits=hits, answer=answer, error=error,
+                           info=current.describe(), elapsed_ms=elapsed, notice=notice)
+        return HTMLResponse(body, status_code=status)
 
     @app.get("/api/search")
-    def api_search(q: str, k: int = Query(default_k, ge=1, le=MAX_K), hybrid_param: bool = Query(hybrid, alias="hybrid"),
-                   answer: bool = False) -> JSONResponse:
+    def api_search(q: str | None = None, k: int = Query(default_k, ge=1, le=MAX_K),
+                   hybrid_param: bool = Query(hybrid, alias="hybrid"), answer: bool = False) -> JSONResponse:
+        if q is None or not q.strip():
+            return JSONResponse({"error": "field 'q': the query is empty: give some words to search for"},
+                                status_code=400)
         try:
-            hits, elapsed = run(q, k, hybrid_param)
+            current = live.current()
+            hits, elapsed = run(current, q, k, hybrid_param)
+        except IndexUnavailable as exc:
+            return JSONResponse({"error": exc.one_line()}, status_code=503)
         except EmbedkitError as exc:
             return JSONResponse({"error": exc.one_line()}, status_code=400)
-        body: dict[str, Any] = {"query": q, "k": k, "hybrid": hybrid_param and hybrid_available,
+        body: dict[str, Any] = {"query": q, "k": k, "hybrid": hybrid_param and current.has_bm25,
                                 "elapsed_ms": elapsed, "results": [h.to_dict() for h in hits]}
         if answer and answerer is not None and hits:
             body["answer"] = answerer(q, passages(hits))
         return JSONResponse(body)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "index": index.describe(), "answers": answerer is not None}
+    def health() -> JSONResponse:
+        try:
+            current = live.current()
+        except IndexUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "error": exc.one_line()}, status_code=503)
+        return JSONResponse({"status": "ok", "index": current.describe(), "answers": answerer is not None})
 
     return app
 
