@@ -270,3 +270,20 @@ def test_tensorboard_events_hold_loss_lr_temperature_and_dev_metrics(tiny_bert_d
     # report_to: [] switches trackers off.
     train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "quiet", training={"report_to": []}))
     assert not (tmp_path / "quiet" / "tensorboard").exists()
+
+
+def test_bf16_mixed_precision_trains_and_saves_full_precision_probes(tiny_bert_dir, pairs_file, dev_dir, tmp_path):
+    """Autocast during training only: the saved model's probe vectors (fp32) must be what it computes when reloaded,
+    and the final dev evaluation is of that fp32 model (it equals `embedkit eval` of the saved folder)."""
+    from embedkit.eval.runner import evaluate
+
+    out = tmp_path / "bf16"
+    result = train(_recipe(tiny_bert_dir, pairs_file, out, data={"dev": f"beir:{dev_dir}:test"},
+                           training={"mixed_precision": "bf16"}))
+    reloaded = load_model(out)
+    assert check_probes(lambda texts, kind: reloaded.encode(texts, kind=kind), out).ok
+    report = evaluate(reloaded, [f"beir:{dev_dir}:test"], use_cache=False)
+    name = next(iter(report["results"]))
+    assert result.dev["score"] == pytest.approx(report["results"][name]["metrics"]["ndcg_at_10"], abs=1e-6)
+    fp32 = train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "fp32"))
+    assert fp32.final_loss != pytest.approx(result.final_loss, abs=1e-7)  # bf16 autocast really ran

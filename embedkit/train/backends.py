@@ -125,6 +125,13 @@ class Backend:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def end_training(self) -> None:
+        """After the last step: the model computes in full precision again. Accelerate's mixed precision patches the
+        model's forward with autocast; left on, the final evaluation and the saved probe vectors would be bf16 numbers
+        of an fp32 model (measured: probes 1.1e-3 off, which `embedkit serve` refuses)."""
+        if self.engine.training.mixed_precision != "no":
+            self.engine.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
     # ------------------------------------------------------------------ weights
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Full trainable weights (model + extra), on the CPU; complete on rank 0 (others may return {})."""
@@ -196,6 +203,9 @@ class Backend:
 class ShardedBackend(Backend):
     """What DeepSpeed and FSDP share: loss parameters beside the sharded model, and the final model rebuilt
     unsharded on rank 0 (the step's builder) with the gathered trainable weights loaded into it."""
+
+    def end_training(self) -> None:
+        pass  # they apply precision themselves; the saved model is rebuilt in full precision
 
     def full_model(self) -> nn.Module | None:
         state = self.trainable_state()  # collective: every rank takes part

@@ -442,6 +442,7 @@ class Engine:
         finally:
             progress.close()
 
+        self.backend.end_training()
         dev = None
         if t.eval_every and state["best_step"] is not None:
             if state["step"] % t.eval_every:  # the final weights were not evaluated yet

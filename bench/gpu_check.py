@@ -1,0 +1,998 @@
+"""GPU check: the GPU-specific paths of embedkit, run once on one GPU, one table out (<= 10 minutes on an H200).
+
+    bash scripts/gpu-check.sh                          # all rows on cuda, report in runs/gpu-check/
+    bash scripts/gpu-check.sh --rows 1,2,5 --out DIR   # some rows (e.g. a batch whose wheels fit one transfer)
+    bash scripts/gpu-check.sh --device cpu --quick     # the CPU smoke test of every path but the CUDA calls
+
+Rows (each: result numbers, pass / fail / skipped, seconds):
+  1  encode parity CPU vs GPU: MiniLM, 200 built-in texts, fp32; min / mean cosine; pass: min cosine >= 0.9999
+  2  MiniLM on SciFact train, 1 epoch, bf16, vs sentence-transformers' SentenceTransformerTrainer + MNRL on the same
+     device and settings (batch 32, lr 2e-5, warmup 0.1, weight decay 0.01, clipping 1.0, max length 256, seed 42,
+     attention dropout 0 on both sides): nDCG@10 on SciFact test and train samples/s of both, and the ratios.
+     Pass: embedkit's nDCG@10 >= ST's - 0.005 (one seeded run each; the speed ratio is reported, not gated)
+  3  SmolLM2-135M QLoRA contrastive, recipes/smollm2-qlora.yaml with training.max_steps=20, bf16 autocast: steps,
+     samples/s, peak GPU memory (torch.cuda.max_memory_allocated), loss first -> last; pass: all steps, finite loss
+  4  DeepSpeed ZeRO-3 + QLoRA (one process): SmolLM2 for 6 steps, checkpoints every 2; a run SIGKILLed after step 5
+     and resumed with --resume must end with the uninterrupted run's LoRA weights (max |diff| <= --resume-atol)
+  5  `embedkit serve --model <row 2's model> --device cuda`: /v1/embeddings vectors vs in-process `encode` on the
+     same device; pass: max |diff| <= 1e-5 (fp32)
+  6  vLLM (only where `import vllm` works): row 2's model through `embedkit export --format hf` and
+     `embedkit serve --engine vllm` (run_vllm): vLLM's probe vectors vs the stored ones (atol 1e-3)
+
+Rows 3 and 4 train on SciFact's train pairs (the recipe's MedQuAD file is 20 MB more to carry to an offline GPU box);
+rows 5 and 6 serve base MiniLM when row 2's model is not in --out (e.g. rows run in separate batches).
+
+Each row runs in its own process (a crash, an OOM or a hung collective stays in its row); its log goes to
+OUT/gpu_check.log, never to the console. A failing row is reported with its one-line error and the next row runs.
+An overall deadline (--budget, default 570 s) is kept: a row that cannot start in the time left says
+"skipped: time budget"; one still running at the deadline is stopped and fails. The table is printed and written as
+OUT/gpu_check.json and OUT/gpu_check.md. Exit code: 0 when no row failed, 1 when one did, 2 on a usage error
+(e.g. --device cuda without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from embedkit.errors import EmbedkitError  # noqa: E402  (light: no torch)
+
+DEFAULT_BUDGET_S = 570.0  # 10 minutes on one GPU, with room for start-up and the report
+QUICK_BUDGET_S = 2400.0  # --device cpu --quick: ~10 min on 2 idle cores, far more on a shared machine
+REPORT_NAME = "gpu_check"
+
+ROW_NAMES = {
+    1: "encode parity CPU vs GPU (MiniLM, fp32)",
+    2: "MiniLM SciFact 1 epoch bf16 vs ST trainer",
+    3: "SmolLM2 QLoRA 20 steps bf16",
+    4: "ZeRO-3 + QLoRA kill / resume",
+    5: "embedkit serve vs encode",
+    6: "vLLM serve (HF export) probes",
+}
+# Seconds a row needs at least; with less left before the deadline it is skipped rather than started.
+ROW_MIN_S = {1: 20, 2: 90, 3: 60, 4: 120, 5: 30, 6: 120}
+ALL_ROWS = tuple(ROW_NAMES)
+
+PARITY_MIN_COSINE = 0.9999
+NDCG_TOLERANCE = 0.005
+SERVE_MAX_ABS_DIFF = 1e-5
+RESUME_ATOL = 1e-5
+
+# The settings both trainers of row 2 share (bench/bench_train.py's, on the chosen device, bf16).
+SHARED = {"batch_size": 32, "lr": 2e-5, "epochs": 1, "max_length": 256, "seed": 42, "warmup_ratio": 0.1,
+          "weight_decay": 0.01, "max_grad_norm": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass
+class RowResult:
+    row: int
+    name: str
+    status: str  # pass | fail | skipped
+    result: str = ""  # the numbers in words (or the one-line reason)
+    seconds: float = 0.0
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CheckError(EmbedkitError):
+    """A check that could not be carried out (one line)."""
+
+
+class Skip(Exception):
+    """Raised by a row that does not apply here (its message is the reason)."""
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception as one line: embedkit's own message, else `Type: first line`."""
+    if isinstance(exc, EmbedkitError):
+        text = exc.one_line()
+    else:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def parse_rows(text: str | None) -> list[int]:
+    """'1,2,5' -> [1, 2, 5]; 'all' or empty -> every row; ranges '2-4' too. CheckError (one line) otherwise."""
+    if text is None or not text.strip() or text.strip().lower() == "all":
+        return list(ALL_ROWS)
+    rows: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
+        except ValueError:
+            raise CheckError(f"--rows: {part!r} is not a row number (use e.g. 1,2,5 or 2-4 or all)",
+                             field="rows") from None
+        if first > last or first not in ROW_NAMES or last not in ROW_NAMES:
+            raise CheckError(f"--rows: no row {part!r} (rows are {min(ALL_ROWS)}-{max(ALL_ROWS)})", field="rows")
+        rows.update(range(first, last + 1))
+    if not rows:
+        raise CheckError("--rows: no row given", field="rows")
+    return sorted(rows)
+
+
+def cuda_status() -> tuple[bool, int, str]:
+    """(available, device count, what torch is) -- imports torch."""
+    import torch
+
+    build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    available = torch.cuda.is_available()
+    return available, torch.cuda.device_count() if available else 0, f"torch {torch.__version__}, {build}"
+
+
+def device_error(device: str, status: Callable[[], tuple[bool, int, str]] | None = None) -> str | None:
+    """The one-line error for a device this machine cannot give, else None."""
+    from embedkit.device import validate_device
+
+    try:
+        spec = validate_device(device)
+    except EmbedkitError as exc:
+        return f"error: --device: {exc.message}"
+    if spec in ("cpu", "auto"):
+        return None
+    available, count, what = (status or cuda_status)()
+    if not available:
+        return (f"error: --device {spec}: CUDA is not available on this machine ({what}); this check needs a GPU "
+                "(run `--device cpu --quick` for the CPU smoke test)")
+    index = int(spec.split(":")[1]) if ":" in spec else 0
+    if index >= count:
+        return f"error: --device {spec}: only {count} GPU(s) are visible"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+COLUMNS = ("#", "check", "status", "seconds", "result")
+
+
+def _cells(r: RowResult) -> tuple[str, ...]:
+    return (str(r.row), r.name, r.status, f"{r.seconds:.1f}", r.result)
+
+
+def format_table(results: Sequence[RowResult], *, title: str | None = None, total_s: float | None = None) -> str:
+    """A fixed-width text table, one line per row (the result column is last and not cut)."""
+    rows = [COLUMNS] + [_cells(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = [title] if title else []
+    for n, row in enumerate(rows):
+        head = "  ".join(cell.rjust(w) if i in (0, 3) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        lines.append(f"{head}  {row[-1]}".rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    if total_s is not None:
+        counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skipped")}
+        lines.append(f"total {total_s:.1f} s: {counts['pass']} pass, {counts['fail']} fail, "
+                     f"{counts['skipped']} skipped")
+    return "\n".join(lines)
+
+
+def format_markdown(results: Sequence[RowResult], *, title: str | None = None, total_s: float | None = None) -> str:
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|---|---|---|---:|---|"]
+    lines += ["| " + " | ".join(esc(c) for c in _cells(r)) + " |" for r in results]
+    if total_s is not None:
+        lines += ["", f"Total {total_s:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, results: Sequence[RowResult], meta: dict[str, Any]) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    title = meta.get("title")
+    paths = {"json": folder / f"{REPORT_NAME}.json", "md": folder / f"{REPORT_NAME}.md"}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
+    paths["md"].write_text(format_markdown(results, title=title, total_s=meta.get("total_s")))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------- the runner
+def run_rows(rows: Sequence[int], runner: Callable[[int, float], RowResult], *, budget_s: float,
+             clock: Callable[[], float] = time.monotonic, min_s: dict[int, float] | None = None,
+             say: Callable[[str], None] = lambda line: None) -> list[RowResult]:
+    """Run `runner(row, seconds_left)` for each row in order, within one deadline.
+
+    A row that cannot get its minimum time (ROW_MIN_S) is skipped with "time budget"; a runner that raises is a
+    failed row with its one-line error, and the next row runs."""
+    min_s = ROW_MIN_S if min_s is None else min_s
+    deadline = clock() + budget_s
+    results = []
+    for row in rows:
+        left = deadline - clock()
+        if left < min_s.get(row, 0):
+            result = RowResult(row, ROW_NAMES[row], "skipped",
+                               f"skipped: time budget ({max(left, 0):.0f} s left, needs >= {min_s.get(row, 0):.0f} s)")
+        else:
+            started = clock()
+            try:
+                result = runner(row, left)
+            except Exception as exc:  # the runner's own failure: reported in the row, never a traceback
+                result = RowResult(row, ROW_NAMES[row], "fail", one_line(exc))
+            if not result.seconds:
+                result.seconds = clock() - started
+        results.append(result)
+        say(f"[gpu-check] row {row} ({result.name}): {result.status} in {result.seconds:.1f} s"
+            + (f" -- {result.result}" if result.status != "pass" else ""))
+    return results
+
+
+@dataclass
+class Settings:
+    device: str
+    quick: bool
+    out: Path
+    data: Path
+    deadline: float  # time.time() by which the row must be done
+    resume_atol: float = RESUME_ATOL
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def child_args(self) -> list[str]:
+        return ["--device", self.device, "--out", str(self.out), "--data", str(self.data), "--deadline",
+                f"{self.deadline:.3f}", "--resume-atol", str(self.resume_atol), *(["--quick"] if self.quick else [])]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every process this check starts: the repository importable (embedkit may not be
+    installed), offline, unbuffered."""
+    env = dict(os.environ)
+    parts = [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_row_process(row: int, settings: Settings, log: Path, left: float) -> RowResult:
+    """Run one row in a child process (its own session, so the deadline stops everything it started)."""
+    result_file = settings.out / "rows" / f"row-{row}.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(row), *settings.child_args()]
+    started = time.monotonic()
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write(f"\n===== row {row}: {ROW_NAMES[row]} ({time.strftime('%H:%M:%S')}) =====\n")
+        handle.flush()
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=child_env(),
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(left, 1.0))
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            return RowResult(row, ROW_NAMES[row], "fail",
+                             f"stopped at the time budget after {time.monotonic() - started:.0f} s (see the log)",
+                             time.monotonic() - started)
+        finally:
+            if proc.poll() is None:
+                _stop_group(proc)
+    seconds = time.monotonic() - started
+    if result_file.is_file():
+        data = json.loads(result_file.read_text())
+        data["seconds"] = seconds
+        return RowResult(**data)
+    how = f"signal {-code}" if code < 0 else f"code {code}"
+    return RowResult(row, ROW_NAMES[row], "fail", f"the row's process exited with {how} and no result "
+                                                  f"(last log line: {_last_line(log)})", seconds)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "none"
+    return " ".join(lines[-1].split())[:160] if lines else "none"
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def run_step(cmd: Sequence[str], settings: Settings, what: str) -> str:
+    """Run a command (output into this row's log) within the deadline; CheckError with its one-line error."""
+    left = settings.left()
+    if left < 5:
+        raise CheckError(f"{what}: no time left in the budget")
+    print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                              env=child_env(), timeout=left)
+    except subprocess.TimeoutExpired as exc:
+        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        sys.stderr.write(partial)
+        raise CheckError(f"{what}: stopped at the time budget") from None
+    sys.stderr.write(proc.stdout)
+    sys.stderr.flush()
+    if proc.returncode != 0:
+        raise CheckError(f"{what} failed ({_exit_text(proc.returncode)}): {error_line(proc.stdout)}")
+    return proc.stdout
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def error_line(output: str) -> str:
+    """The one-line error of a command's output: its last `error: ...` line, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    line = (errors or lines or ["no output"])[-1]
+    return " ".join(line.split())[:240]
+
+
+def builtin_texts(n: int = 200) -> list[str]:
+    """`n` fixed texts: short and long (past 256 tokens), questions and statements, digits and punctuation."""
+    base = [
+        "what are the symptoms of diabetes?", "Insulin lowers the level of glucose in the blood.",
+        "how do interest rates affect inflation", "The court ruled that the contract was void.",
+        "A man is playing a guitar on the stage.", "COVID-19 vaccines reduced hospitalisation by 90% (n=12,000).",
+        "How is asthma treated in children?", "The quick brown fox jumps over the lazy dog.",
+        "Mitochondria produce most of the cell's supply of ATP.", "what causes high blood pressure in adults",
+        "The central bank raised rates by 0.25 percentage points.", "Photosynthesis converts light into energy.",
+        "a", "Gout is caused by uric acid crystals in the joints.", "Is coffee bad for your heart?",
+        "The patient presented with fever, cough and fatigue for 3 days.", "Neural networks learn representations.",
+        "Aspirin inhibits cyclooxygenase enzymes (COX-1 and COX-2).", "who wrote the origin of species",
+        "Rain is expected across the north-west on Tuesday.", "BRCA1 mutations raise the risk of breast cancer.",
+        "The stock fell 12% after the earnings report.", "Vitamin D deficiency is common in winter.",
+        "How many moons does Jupiter have?", "The enzyme was purified by affinity chromatography.",
+        "Children under 5 should not take this medicine.", "Antibiotics do not work against viruses.",
+        "The bridge was closed for repairs until further notice.", "What is the half-life of caffeine?",
+        "T cells recognise antigens presented by MHC molecules.", "She ordered a coffee and sat by the window.",
+        "The protein folds into a beta-barrel structure.", "Smoking is the leading cause of lung cancer.",
+        "Where is the nearest pharmacy?", "Statins lower LDL cholesterol by 30-50%.",
+        "The experiment was repeated three times with similar results.", "Migraines often run in families.",
+        "The algorithm runs in O(n log n) time.", "Exercise improves insulin sensitivity.",
+        "Which vaccine is recommended for adults over 65?",
+    ]
+    texts: list[str] = []
+    for i in range(n):
+        s = base[i % len(base)]
+        variant = (i // len(base)) % 5
+        if variant == 0:
+            texts.append(s)
+        elif variant == 1:
+            texts.append(f"question {i}: {s.lower().rstrip('.?')}?")
+        elif variant == 2:
+            texts.append(" ".join(base[(i + k) % len(base)] for k in range(3)))
+        elif variant == 3:
+            texts.append(f"{s} ({i} of {n}; ref. #{1000 + 7 * i}, p<0.0{i % 9 + 1})")
+        else:
+            texts.append(" ".join(base[(i + k) % len(base)] for k in range(40)))  # > 256 tokens: truncated
+    return texts
+
+
+def scifact_subset(source: Path, target: Path, *, n_queries: int = 20, n_docs: int = 300,
+                   split: str = "test") -> Path:
+    """A small BEIR folder (the first `n_queries` judged queries, their documents and other documents up to
+    `n_docs`) for --quick, so evaluation takes seconds on a CPU."""
+    qrels = [line.rstrip("\n").split("\t") for line in (source / "qrels" / f"{split}.tsv").read_text().splitlines()]
+    header, rows = qrels[0], [r for r in qrels[1:] if len(r) >= 3]
+    chosen: list[str] = []
+    for qid, _doc, _score in rows:
+        if qid not in chosen:
+            chosen.append(qid)
+        if len(chosen) == n_queries:
+            break
+    keep = [r for r in rows if r[0] in chosen]
+    wanted = {r[1] for r in keep}
+    corpus = []
+    with open(source / "corpus.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            if doc["_id"] in wanted or len(corpus) < n_docs - len(wanted):
+                corpus.append(line if line.endswith("\n") else line + "\n")
+    queries = [line for line in (source / "queries.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+               if json.loads(line)["_id"] in chosen]
+    (target / "qrels").mkdir(parents=True, exist_ok=True)
+    (target / "corpus.jsonl").write_text("".join(corpus), encoding="utf-8")
+    (target / "queries.jsonl").write_text("".join(q if q.endswith("\n") else q + "\n" for q in queries),
+                                          encoding="utf-8")
+    (target / "qrels" / f"{split}.tsv").write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in keep))
+    return target
+
+
+def _require_scifact(settings: Settings) -> Path:
+    folder = settings.data / "scifact"
+    if not (folder / "corpus.jsonl").is_file() or not (folder / "qrels" / "train.tsv").is_file():
+        raise CheckError(f"SciFact not found in {folder} (a BEIR folder with qrels/train.tsv and test.tsv): "
+                         "pass --data DIR")
+    return folder
+
+
+def _eval_task(settings: Settings) -> str:
+    scifact = _require_scifact(settings)
+    if settings.quick:
+        target = settings.work / "scifact-quick"
+        if not (target / "qrels" / "test.tsv").is_file():
+            scifact_subset(scifact, target)
+        return f"beir:{target}:test"
+    return f"beir:{scifact}:test"
+
+
+def _ndcg(model: str | Path, task: str, device: str) -> float:
+    from embedkit.eval.runner import evaluate
+    from embedkit.models.encoder import load_model
+
+    encoder = load_model(model, max_length=SHARED["max_length"], device=device)
+    # No embedding cache: its key (the model's fingerprint) does not include the device.
+    report = evaluate(encoder, [task], batch_size=64, search="exact", use_cache=False)
+    (name,) = report["results"]
+    return float(report["results"][name]["metrics"]["ndcg_at_10"])
+
+
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def _row2_model(settings: Settings) -> tuple[str, str]:
+    """(model, note) for rows 5 and 6: row 2's embedkit model when it is in --out, else base MiniLM."""
+    folder = settings.work / "row2-embedkit"
+    if (folder / "modules.json").is_file():
+        return str(folder), "row 2's model"
+    return "minilm", "base MiniLM (row 2's model not in --out)"
+
+
+def _clean(path: Path) -> Path:
+    import shutil
+
+    from embedkit.train.engine import work_dir
+
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(work_dir(path), ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- row 1
+def row_encode_parity(settings: Settings) -> RowResult:
+    import numpy as np
+    import torch
+
+    from embedkit.models.encoder import load_model
+
+    texts = builtin_texts(24 if settings.quick else 200)
+    cpu = load_model("minilm", device="cpu").encode(texts, batch_size=32)
+    other = load_model("minilm", device=settings.device)
+    assert other.dtype == torch.float32
+    dev = other.encode(texts, batch_size=32)
+    cos = (cpu * dev).sum(1) / np.maximum(np.linalg.norm(cpu, axis=1) * np.linalg.norm(dev, axis=1), 1e-12)
+    numbers = {"texts": len(texts), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+               "max_abs_diff": float(np.abs(cpu - dev).max()), "device": str(other.device),
+               "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    ok = bool(np.isfinite(dev).all()) and numbers["min_cosine"] >= PARITY_MIN_COSINE
+    text = (f"{len(texts)} texts on {other.device}: cosine min {cos.min():.7f} mean {cos.mean():.7f}, max |diff| "
+            f"{numbers['max_abs_diff']:.1e} (pass: min >= {PARITY_MIN_COSINE})")
+    return RowResult(1, ROW_NAMES[1], "pass" if ok else "fail", text, numbers=numbers)
+
+
+# ---------------------------------------------------------------------------------------------------- row 2
+def _row2_recipe(settings: Settings, output: Path):
+    from embedkit.train.config import load_recipe
+
+    s = SHARED
+    overrides = [f"data.train=beir:{_require_scifact(settings)}:train", "data.dev=null",
+                 f"training.output_dir={output}", "training.progress=false", f"training.batch_size={s['batch_size']}",
+                 f"training.lr={s['lr']}", f"training.epochs={s['epochs']}", f"model.max_length={s['max_length']}",
+                 f"training.seed={s['seed']}", f"training.warmup_ratio={s['warmup_ratio']}",
+                 f"training.weight_decay={s['weight_decay']}", f"training.max_grad_norm={s['max_grad_norm']}",
+                 "training.mixed_precision=bf16", "model.attention_dropout=0.0", f"model.device={settings.device}"]
+    if settings.quick:
+        overrides.append("data.max_examples=64")
+    return load_recipe(REPO / "recipes" / "minilm-scifact.yaml", overrides)
+
+
+def child_row2_embedkit(settings: Settings) -> dict[str, Any]:
+    from embedkit.train.contrastive import train
+
+    output = _clean(settings.work / "row2-embedkit")
+    recipe = _row2_recipe(settings, output)
+    marks: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def on_step(step: int, record: dict) -> None:
+        marks["end"] = time.perf_counter()
+
+    result = train(recipe, on_step=on_step)
+    out = {"samples": result.samples, "steps": result.steps, "train_s": marks["end"] - started,
+           "steps_only_samples_per_s": result.samples_per_second, "final_loss": result.final_loss,
+           "model": str(output)}
+    out["samples_per_s"] = out["samples"] / out["train_s"]
+    out["ndcg_at_10"] = _ndcg(output, _eval_task(settings), settings.device)
+    return out
+
+
+def child_row2_st(settings: Settings) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+
+    from embedkit.models.registry import minilm_path
+    from embedkit.train.contrastive import load_examples, set_dropout
+
+    output = _clean(settings.work / "row2-st")
+    examples, _ = load_examples(_row2_recipe(settings, output))  # the very same pairs as embedkit's
+    model = SentenceTransformer(str(minilm_path()), device=settings.device)
+    model.max_seq_length = SHARED["max_length"]
+    changed = set_dropout(SimpleNamespace(backbone=model[0].auto_model), attention=0.0, hidden=None)
+    if not changed["attention"]:
+        raise CheckError("could not set attention dropout 0 in sentence-transformers' model")
+    data = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
+    cpu = not _is_cuda(settings.device)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output) + ".st-work", num_train_epochs=SHARED["epochs"],
+        per_device_train_batch_size=SHARED["batch_size"], learning_rate=SHARED["lr"], seed=SHARED["seed"],
+        warmup_ratio=SHARED["warmup_ratio"], weight_decay=SHARED["weight_decay"],
+        max_grad_norm=SHARED["max_grad_norm"], bf16=True, use_cpu=cpu, report_to=[], save_strategy="no",
+        logging_steps=10, disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=losses.MultipleNegativesRankingLoss(model))
+    started = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - started
+    model.save(str(output))
+    samples = min(len(examples), result.global_step * SHARED["batch_size"] * SHARED["epochs"])
+    out = {"samples": samples, "steps": result.global_step, "train_s": wall, "samples_per_s": samples / wall,
+           "final_loss": result.training_loss, "attention_dropout_layers": changed["attention"]}
+    out["ndcg_at_10"] = _ndcg(output, _eval_task(settings), settings.device)
+    return out
+
+
+def row_train_vs_st(settings: Settings) -> RowResult:
+    numbers: dict[str, Any] = {"settings": {**SHARED, "bf16": True, "attention_dropout": 0.0,
+                                            "device": settings.device}}
+    for kind in ("st", "embedkit"):  # each in its own process, as bench/bench_train.py does
+        result_file = settings.out / "rows" / f"row-2-{kind}.json"
+        result_file.unlink(missing_ok=True)
+        run_step([sys.executable, str(Path(__file__).resolve()), "--child", f"2-{kind}", *settings.child_args()],
+                 settings, f"{'sentence-transformers' if kind == 'st' else 'embedkit'} training")
+        numbers[kind] = json.loads(result_file.read_text())
+    st, ek = numbers["st"], numbers["embedkit"]
+    numbers["ndcg_delta"] = ek["ndcg_at_10"] - st["ndcg_at_10"]
+    numbers["speed_ratio"] = ek["samples_per_s"] / st["samples_per_s"]
+    ok = numbers["ndcg_delta"] >= -NDCG_TOLERANCE
+    text = (f"nDCG@10 embedkit {ek['ndcg_at_10']:.4f} / ST {st['ndcg_at_10']:.4f} ({numbers['ndcg_delta']:+.4f}); "
+            f"samples/s embedkit {ek['samples_per_s']:.3g} / ST {st['samples_per_s']:.3g} "
+            f"(x{numbers['speed_ratio']:.2f}; embedkit steps only {ek['steps_only_samples_per_s']:.3g}); "
+            f"{ek['samples']} pairs, {ek['steps']} / {st['steps']} steps "
+            f"(pass: nDCG@10 >= ST - {NDCG_TOLERANCE})")
+    return RowResult(2, ROW_NAMES[2], "pass" if ok else "fail", text, numbers=numbers)
+
+
+# ---------------------------------------------------------------------------------------------------- rows 3, 4
+def _smollm2_overrides(settings: Settings, output: Path) -> list[str]:
+    overrides = [f"data.train=beir:{_require_scifact(settings)}:train", "data.dev=null",
+                 f"training.output_dir={output}", "training.progress=false", "training.report_to=[]",
+                 f"model.device={settings.device}"]
+    if settings.quick:
+        overrides += ["training.batch_size=4", "training.grad_cache=2", "model.max_length=64"]
+    return overrides
+
+
+def row_smollm2_qlora(settings: Settings) -> RowResult:
+    import math
+
+    import torch
+
+    from embedkit.models.registry import smollm2_path
+    from embedkit.train.config import load_recipe
+    from embedkit.train.contrastive import train
+    from embedkit.train.engine import peak_rss_gb
+
+    t0 = time.perf_counter()
+    smollm2_path()  # converted from its GGUF package on first use: timed apart from training
+    convert_s = time.perf_counter() - t0
+    steps = 3 if settings.quick else 20
+    output = _clean(settings.work / "row3-smollm2-qlora")
+    recipe = load_recipe(REPO / "recipes" / "smollm2-qlora.yaml",
+                         [*_smollm2_overrides(settings, output), f"training.max_steps={steps}",
+                          "training.mixed_precision=bf16"])
+    cuda = _is_cuda(settings.device)
+    losses: list[float] = []
+    peak: dict[str, float] = {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_step(step: int, record: dict) -> None:
+        losses.append(float(record.get("loss", float("nan"))))
+        if cuda:
+            peak["gpu"] = torch.cuda.max_memory_allocated() / 2**30  # at the last step: training alone
+
+    result = train(recipe, on_step=on_step)
+    numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
+               "samples_per_s": result.samples_per_second, "loss_first": losses[0] if losses else None,
+               "loss_last": losses[-1] if losses else None, "convert_s": convert_s,
+               "peak_gpu_gib": peak.get("gpu"), "peak_rss_gb": peak_rss_gb(),
+               "batch_size": recipe.training.batch_size, "grad_cache": recipe.training.grad_cache,
+               "max_length": recipe.model.max_length}
+    finite = bool(losses) and all(math.isfinite(x) for x in losses)
+    ok = result.steps == steps and finite
+    memory = (f"peak GPU {numbers['peak_gpu_gib']:.2f} GiB" if cuda else
+              f"peak RSS {numbers['peak_rss_gb']:.2f} GB (no GPU memory on {settings.device})")
+    text = (f"{result.steps}/{steps} steps, {result.samples_per_second:.3g} samples/s, {memory}, loss "
+            f"{numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f} (batch {recipe.training.batch_size}, "
+            f"max length {recipe.model.max_length})") if losses else f"{result.steps}/{steps} steps, no loss logged"
+    return RowResult(3, ROW_NAMES[3], "pass" if ok else "fail", text, numbers=numbers)
+
+
+def _row4_plan(settings: Settings) -> dict[str, int]:
+    return {"steps": 3, "kill_at": 3, "every": 2} if settings.quick else {"steps": 6, "kill_at": 5, "every": 2}
+
+
+def _row4_argv(settings: Settings, output: Path) -> list[str]:
+    plan = _row4_plan(settings)
+    sets = [*_smollm2_overrides(settings, output), f"training.max_steps={plan['steps']}",
+            f"training.checkpoint_every={plan['every']}", "deepspeed.stage=zero3", "model.dtype=bf16",
+            "training.log_every=1"]
+    return [str(REPO / "recipes" / "smollm2-qlora.yaml"), *[a for s in sets for a in ("--set", s)]]
+
+
+def child_row4_killed(settings: Settings) -> None:
+    """The driver that SIGKILLs itself after step `kill_at` (tests/test_train_distributed.py's pattern)."""
+    from embedkit.train.config import load_recipe
+    from embedkit.train.contrastive import train
+
+    argv = _row4_argv(settings, settings.work / "row4-killed")
+    kill_at = _row4_plan(settings)["kill_at"]
+
+    def kill(step: int, record: dict) -> None:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(load_recipe(argv[0], argv[2::2]), on_step=kill)
+    raise CheckError(f"the run was not killed at step {kill_at}")
+
+
+def _adapter_weights(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    files = sorted((folder / "adapter").glob("*.safetensors"))
+    if not files:
+        raise CheckError(f"no adapter weights in {folder / 'adapter'}")
+    return load_file(str(files[0]))
+
+
+def row_zero3_resume(settings: Settings) -> RowResult:
+    from embedkit.models.registry import smollm2_path
+    from embedkit.train.engine import work_dir
+
+    smollm2_path()
+    plan = _row4_plan(settings)
+    cli = [sys.executable, "-m", "embedkit.cli", "train"]
+    full, killed = _clean(settings.work / "row4-full"), _clean(settings.work / "row4-killed")
+    t0 = time.perf_counter()
+    run_step([*cli, *_row4_argv(settings, full)], settings, "the uninterrupted ZeRO-3 run")
+    full_s = time.perf_counter() - t0
+    left = settings.left()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "4-kill", *settings.child_args()],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=child_env(),
+                          timeout=max(left, 1))
+    sys.stderr.write(proc.stdout)
+    if proc.returncode != -signal.SIGKILL:
+        raise CheckError(f"the killed run ended with {_exit_text(proc.returncode)}, not SIGKILL: "
+                         f"{error_line(proc.stdout)}")
+    if killed.exists():
+        raise CheckError(f"the killed run left an output folder {killed}")
+    checkpoints = sorted(p.name for p in (work_dir(killed) / "checkpoints").glob("step-*"))
+    run_step([*cli, *_row4_argv(settings, killed), "--resume"], settings, "the resumed ZeRO-3 run")
+    a, b = _adapter_weights(full), _adapter_weights(killed)
+    if a.keys() != b.keys():
+        raise CheckError("the resumed and uninterrupted adapters have different tensors")
+    max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    gap = sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a) ** 0.5
+    norm = sum(float((a[k].float() ** 2).sum()) for k in a) ** 0.5
+    log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in log if r.get("event") == "train"]
+    stats = json.loads((full / "embedkit_manifest.json").read_text())["training"]["stats"]
+    numbers = {"steps": plan["steps"], "killed_after_step": plan["kill_at"], "checkpoints_at_kill": checkpoints,
+               "resumed_steps": train_steps, "max_abs_diff": max_diff, "relative_gap": gap / max(norm, 1e-12),
+               "atol": settings.resume_atol, "backend": stats.get("backend"), "full_run_s": full_s,
+               "adapter_tensors": len(a), "dtype": str(next(iter(a.values())).dtype).replace("torch.", "")}
+    ok = max_diff <= settings.resume_atol and stats.get("backend") == "deepspeed-zero3"
+    text = (f"{stats.get('backend')}, {plan['steps']} steps, SIGKILL after step {plan['kill_at']} "
+            f"(checkpoints {', '.join(checkpoints) or 'none'}), resumed: LoRA max |diff| {max_diff:.2e}, "
+            f"relative gap {numbers['relative_gap']:.1e} (pass: <= {settings.resume_atol:.0e})")
+    return RowResult(4, ROW_NAMES[4], "pass" if ok else "fail", text, numbers=numbers)
+
+
+# ---------------------------------------------------------------------------------------------------- row 5
+def row_serve(settings: Settings) -> RowResult:
+    """The served vectors against in-process `encode` on the same device. The folder's probe vectors (written by the
+    trainer) are checked here too and reported apart; the server runs with --allow-mismatch so that a probe mismatch
+    (a training-side problem) does not hide the serving comparison."""
+    import numpy as np
+
+    from embedkit.export.probes import check_probes, has_probes
+    from embedkit.launch import free_port
+    from embedkit.models.encoder import load_model
+    from embedkit.serve.engines import remote_vectors_fn, stop_process, wait_healthy
+
+    model, note = _row2_model(settings)
+    texts = builtin_texts(16 if settings.quick else 64)
+    encoder = load_model(model, device=settings.device)
+    probes = None
+    if Path(model).is_dir() and has_probes(model):
+        probes = check_probes(lambda t, kind: encoder.encode(list(t), kind=kind), model)
+        print(f"{model}: {probes.summary()}", file=sys.stderr, flush=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "embedkit.cli", "serve", "--model", f"checked={model}", "--backend", "torch",
+           "--device", settings.device, "--port", str(port), "--log-level", "warning", "--no-chat",
+           "--allow-mismatch"]
+    print(f"$ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    server_log = settings.work / "row5-serve.log"
+    server_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(server_log, "w", encoding="utf-8") as handle:
+        server = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=child_env(),
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(base, timeout=min(180.0, max(settings.left() - 20, 5)), process=server, interval=0.5)
+        except EmbedkitError as exc:
+            output = server_log.read_text(errors="replace")
+            raise CheckError(f"embedkit serve did not start: {error_line(output)}" if server.poll() is not None
+                             else exc.one_line()) from None
+        embed = remote_vectors_fn(base, "checked")
+        t0 = time.perf_counter()
+        served = np.concatenate([embed(texts[i:i + 16], "document") for i in range(0, len(texts), 16)])
+        request_s = time.perf_counter() - t0
+    finally:
+        stop_process(server)
+        sys.stderr.write(server_log.read_text(errors="replace"))
+    local = encoder.encode(texts, batch_size=32)
+    diff = float(np.abs(served - local).max())
+    cos = (served * local).sum(1) / np.maximum(np.linalg.norm(served, axis=1) * np.linalg.norm(local, axis=1), 1e-12)
+    numbers = {"model": model, "texts": len(texts), "max_abs_diff": diff, "min_cosine": float(cos.min()),
+               "request_s": request_s, "device": settings.device,
+               "probes": probes.to_dict() if probes is not None else None}
+    ok = diff <= SERVE_MAX_ABS_DIFF and (probes is None or probes.ok)
+    if probes is None:
+        probe_text = "no probe vectors"
+    elif probes.ok:
+        probe_text = f"probes match ({probes.max_abs_diff:.1e})"
+    else:
+        probe_text = (f"PROBES MISMATCH: the folder's probe_vectors.json differs from its model by "
+                      f"{probes.max_abs_diff:.1e} > {probes.atol:.0e} (serve refuses it without --allow-mismatch)")
+    text = (f"{note} on {settings.device}: {len(texts)} texts over /v1/embeddings vs encode: max |diff| {diff:.1e}, "
+            f"min cosine {cos.min():.7f} (pass: <= {SERVE_MAX_ABS_DIFF:.0e}); {probe_text}")
+    return RowResult(5, ROW_NAMES[5], "pass" if ok else "fail", text, numbers=numbers)
+
+
+# ---------------------------------------------------------------------------------------------------- row 6
+def vllm_skip_reason(device: str, find_spec: Callable[[str], Any] | None = None) -> str | None:
+    """Why row 6 cannot run here (None: try it). Cheap: no import of vllm."""
+    import importlib.util
+
+    if device == "cpu":
+        return "skipped: vLLM needs CUDA (--device cpu)"
+    if (find_spec or importlib.util.find_spec)("vllm") is None:
+        return "skipped: vllm not importable"
+    return None
+
+
+def row_vllm(settings: Settings) -> RowResult:
+    import shutil
+
+    reason = vllm_skip_reason(settings.device)
+    if reason:
+        raise Skip(reason)
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # a broken install counts as not importable
+        raise Skip(f"skipped: vllm not importable ({one_line(exc, 120)})") from None
+    from embedkit.export.hf import export_hf
+    from embedkit.launch import free_port
+    from embedkit.serve.engines import REMOTE_PROBE_ATOL, run_vllm, stop_process
+
+    binary = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
+    if not Path(binary).exists():
+        raise CheckError("vllm imports but there is no `vllm` executable on PATH or beside python")
+    model, note = _row2_model(settings)
+    folder = settings.work / "row6-hf"
+    shutil.rmtree(folder, ignore_errors=True)
+    # The export checks the source's probes first; row 5 reports them, this row checks vLLM against the export's.
+    export_hf(model, folder, allow_probe_mismatch=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    outcome = run_vllm(folder, port=free_port(), vllm_bin=binary, extra=["--enforce-eager"], foreground=False,
+                       startup_timeout=max(settings.left() - 30, 10), atol=REMOTE_PROBE_ATOL, allow_mismatch=True,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    startup_s = time.perf_counter() - started
+    stop_process(outcome["process"])
+    check = outcome["check"]
+    if check is None:
+        raise CheckError(f"no probe vectors in {folder}")
+    numbers = {"model": model, **check.to_dict(), "startup_s": startup_s}
+    text = (f"{note}, HF export via vLLM {getattr(sys.modules.get('vllm'), '__version__', '?')}: {check.n} probes, "
+            f"max |diff| {check.max_abs_diff:.1e}, min cosine {check.min_cosine:.6f} (pass: <= {check.atol:.0e}); "
+            f"start-up {startup_s:.0f} s")
+    return RowResult(6, ROW_NAMES[6], "pass" if check.ok else "fail", text, numbers=numbers)
+
+
+ROW_FUNCTIONS: dict[int, Callable[[Settings], RowResult]] = {
+    1: row_encode_parity, 2: row_train_vs_st, 3: row_smollm2_qlora, 4: row_zero3_resume, 5: row_serve, 6: row_vllm}
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def child_main(which: str, settings: Settings) -> int:
+    """A row (or a part of one) in its own process: the result goes to OUT/rows/row-<which>.json."""
+
+    def interrupted(signum, frame):  # the deadline: unwind, so servers started by this row are stopped
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    import logging
+
+    from embedkit.train.engine import configure_logging
+
+    configure_logging("gpu-check", level=logging.INFO)
+    result_file = settings.out / "rows" / f"row-{which}.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if which == "2-st":
+            payload: dict[str, Any] = child_row2_st(settings)
+        elif which == "2-embedkit":
+            payload = child_row2_embedkit(settings)
+        elif which == "4-kill":
+            child_row4_killed(settings)
+            return 1
+        else:
+            row = int(which)
+            try:
+                payload = ROW_FUNCTIONS[row](settings).to_dict()
+            except Skip as why:
+                payload = RowResult(row, ROW_NAMES[row], "skipped", str(why)).to_dict()
+    except Exception as exc:
+        traceback.print_exc()  # into the row's log, not onto the console
+        if "-" in which:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 1
+        payload = RowResult(int(which), ROW_NAMES[int(which)], "fail", one_line(exc)).to_dict()
+    result_file.write_text(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+def environment_summary(device: str) -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {"python": platform.python_version(), "device": device}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available() and device != "cpu":
+            props = torch.cuda.get_device_properties(0 if ":" not in device else int(device.split(":")[1]))
+            info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        else:
+            info["cpu_threads"] = torch.get_num_threads()
+    except Exception as exc:  # the report still gets written
+        info["torch"] = one_line(exc)
+    for name in ("transformers", "sentence-transformers", "peft", "bitsandbytes", "deepspeed", "vllm"):
+        try:
+            import importlib.metadata
+
+            info[name] = importlib.metadata.version(name)
+        except Exception:
+            info[name] = None
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (24 texts, 64 SciFact pairs evaluated on a 20-query subset, 3 QLoRA steps)")
+    parser.add_argument("--rows", default="all", help="rows to run: 1,2,5 or 2-4 or all (default)")
+    parser.add_argument("--out", default=str(REPO / "runs" / "gpu-check"),
+                        help="folder for the models, the log and the report (default runs/gpu-check)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
+                        help="folder holding scifact/ (a BEIR folder); default ../shared/data")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for all rows (default {DEFAULT_BUDGET_S:.0f}; {QUICK_BUDGET_S:.0f} with "
+                             "--quick)")
+    parser.add_argument("--resume-atol", type=float, default=RESUME_ATOL,
+                        help="row 4: the largest LoRA weight difference resumed vs uninterrupted that passes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.child:
+        settings = Settings(args.device, args.quick, out, Path(args.data).resolve(), args.deadline or time.time() + 600,
+                        args.resume_atol)
+        return child_main(args.child, settings)
+    try:
+        rows = parse_rows(args.rows)
+    except EmbedkitError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    problem = device_error(args.device)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if args.device.strip().lower() == "auto":
+        args.device = "cuda" if cuda_status()[0] else "cpu"
+    shown_device = args.device
+    if args.device.startswith("cuda:"):
+        # One GPU per row process: cuda:N becomes that process's only (and default) GPU, so that libraries that pick
+        # the default GPU themselves (sentence-transformers' trainer, vLLM) use the same one.
+        index = int(args.device.split(":")[1])
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+        args.device = "cuda"
+    budget = args.budget if args.budget is not None else (QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{REPORT_NAME}.log"
+    log.write_text("")
+    started, wall0 = time.monotonic(), time.time()
+    data = Path(args.data).resolve()
+
+    def runner(row: int, left: float) -> RowResult:
+        if row == 6:
+            reason = vllm_skip_reason(args.device)
+            if reason:
+                return RowResult(6, ROW_NAMES[6], "skipped", reason)
+        settings = Settings(args.device, args.quick, out, data, time.time() + left, args.resume_atol)
+        return run_row_process(row, settings, log, left)
+
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"[gpu-check] rows {','.join(map(str, rows))} on {shown_device}{' (quick)' if args.quick else ''}, budget "
+        f"{budget:.0f} s; log {log}")
+    results = run_rows(rows, runner, budget_s=budget, say=say)
+    total = time.monotonic() - started
+    env = environment_summary(shown_device)  # this process saw every GPU (torch read the variable before the remap)
+    where = env.get("gpu") or f"cpu, {env.get('cpu_threads')} threads"
+    title = (f"embedkit GPU check on {shown_device} ({where}; torch {env.get('torch')})"
+             + (" -- quick" if args.quick else ""))
+    meta = {"title": title, "device": shown_device, "quick": args.quick, "rows": rows, "budget_s": budget,
+            "total_s": round(total, 1), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall0)),
+            "environment": env, "command": [sys.executable, *sys.argv]}
+    paths = write_report(out, results, meta)
+    print(format_table(results, title=title, total_s=total))
+    say(f"[gpu-check] report: {paths['json']}, {paths['md']}; log: {log}")
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
