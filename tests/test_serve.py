@@ -197,24 +197,25 @@ def test_batcher_respects_the_token_budget():
     assert sum(rows for rows, _ in shapes) == 23
 
 
-def test_sub_batches_bound_padding_budget_and_rows():
-    from embedkit.serve.batcher import padding_aware_splits
+def test_fill_call_bounds_budget_rows_and_padding_in_priority_order():
+    from embedkit.serve.batcher import fill_call
 
-    lengths = sorted([40, 38, 37, 30, 25, 24, 22, 20, 18, 17, 16, 15, 14, 12, 12, 11, 10, 10, 9, 9, 8, 8, 8, 8] * 2,
+    # The first request's first text always goes in, whatever its size: every call makes progress.
+    assert fill_call([[500, 2]], max_tokens=100, max_rows=8) == [1]
+    # Budget (rows x longest row) and row caps bind; equal lengths fill the call up to them.
+    assert fill_call([[10] * 50], max_tokens=10_000, max_rows=32) == [32]
+    assert fill_call([[10] * 50], max_tokens=100, max_rows=128) == [10]
+    assert fill_call([[10] * 5, [10] * 5, [10] * 5], max_tokens=120, max_rows=128) == [5, 5, 2]
+    # Priority order: a one-text request first rides along with the big one's longest texts.
+    assert fill_call([[7], [60] * 100], max_tokens=600, max_rows=128) == [1, 9]
+    # Once a call has min_rows rows, a text that would make it more than max_padding padding waits; the request
+    # stops giving there (its later texts are shorter) and the next request is tried.
+    lengths = sorted([40, 38, 37, 30, 25, 24, 22, 20, 18, 17, 16, 15, 14, 12, 12, 11, 10, 10, 9, 9, 8, 8] * 2,
                      reverse=True)
-    splits = padding_aware_splits(lengths, max_tokens=10_000, max_rows=128, min_rows=4, max_padding=0.2)
-    assert splits[0][0] == 0 and splits[-1][1] == len(lengths)
-    assert all(a[1] == b[0] for a, b in zip(splits, splits[1:]))  # contiguous, every row once
-    for start, stop in splits:
-        rows = lengths[start:stop]
-        padding = 1 - sum(rows) / (len(rows) * rows[0])
-        assert len(rows) <= 4 or padding <= 0.2, (start, stop, padding)
-    padded = sum((stop - start) * lengths[start] for start, stop in splits)
-    assert padded < 0.85 * len(lengths) * lengths[0]  # far less than one call padded to the longest row
-    # Budget and row caps still bind; equal lengths stay in one call up to the caps.
-    assert padding_aware_splits([10] * 50, max_tokens=10_000, max_rows=32) == [(0, 32), (32, 50)]
-    assert padding_aware_splits([10] * 50, max_tokens=100, max_rows=128) == [(i, i + 10) for i in range(0, 50, 10)]
-    assert padding_aware_splits([500, 2], max_tokens=100, max_rows=8) == [(0, 1), (1, 2)]
+    counts = fill_call([lengths, [39] * 4], max_tokens=10_000, max_rows=128, min_rows=4, max_padding=0.2)
+    taken = lengths[: counts[0]] + [39] * counts[1]
+    assert counts[0] < len(lengths) and counts[1] == 4
+    assert 1 - sum(taken) / (len(taken) * max(taken)) <= 0.2
 
 
 def test_load_2000_requests_at_concurrency_16(st_bert):

@@ -2,14 +2,24 @@
 /v1/chat/completions for models whose folder has a generative head (`embedkit llm`).
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 4xx for everything a client
-can get wrong (400 bad input, 401 key, 404 model, 413 body size, 422 schema); a 5xx means a bug in the server.
+can get wrong (400 bad input, 401 key, 404 model, 408 read timeout, 413 body size, 422 schema) and 503 (with
+Retry-After) for work the server's shutdown cut off; any other 5xx means a bug in the server.
+
+A request's texts are checked by characters and tokenised off the event loop (a 7 MB body does not stall other
+clients), then embedded by the model's MicroBatcher, which interleaves requests fairly.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hmac
+import os
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -29,16 +39,22 @@ from embedkit.serve.metrics import ServerMetrics
 
 @dataclass
 class ServeSettings:
-    """Limits and behaviour of one server; every limit answers with a clear 4xx."""
+    """Limits and behaviour of one server; every limit answers with a clear JSON error (4xx; 503 with Retry-After
+    beyond the connection limit)."""
 
     api_keys: tuple[str, ...] = ()
     max_inputs: int = 2048  # texts per request (OpenAI's limit)
     max_tokens_per_input: Optional[int] = None  # None: the model's max_length
-    truncate: bool = False  # True: cut long inputs to the limit instead of answering 400
+    # None: CHARS_PER_TOKEN x the token limit. Checked before tokenising, so a huge text costs nothing.
+    max_chars_per_input: Optional[int] = None
+    truncate: bool = False  # True: cut long inputs to the limit instead of answering 400 (a request may override)
     max_body_bytes: int = 8 * 1024 * 1024
-    max_batch_tokens: int = 16384  # padded tokens per model call
+    max_batch_tokens: int = 16384  # padded tokens per model call, at most
     max_batch_size: int = 128  # texts per model call
-    max_padding: float = 0.2  # a model call of >= 8 texts is cut before padding would exceed this share
+    max_padding: float = 0.2  # a model call of >= 8 texts takes no text that would make padding exceed this share
+    call_seconds: float = 0.1  # model calls are sized to take about this long: what a new request waits for at most
+    read_timeout: float = 30.0  # seconds for a request's headers and body to arrive (408 after; slow clients)
+    max_connections: int = 512  # open connections; one more is answered 503 and closed
     default_input_type: Literal["query", "document"] = "document"
     max_completion_tokens: int = 1024  # ceiling of a chat request's max_tokens
     extra_info: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +74,9 @@ class EmbeddingRequest(BaseModel):
                                                                "model normalises).")
     input_type: Optional[Literal["query", "document"]] = Field(
         None, description="embedkit extension: 'query' or 'document' picks the model's prompt. Default: document.")
+    truncate: Optional[bool] = Field(
+        None, description="Extension (TEI's name): true cuts inputs over the token limit to it (usage counts the "
+                          "tokens embedded), false answers 400 input_too_long. Default: the server's --truncate.")
     user: Optional[str] = Field(None, description="Ignored; accepted for OpenAI compatibility.")
 
 
@@ -115,13 +134,21 @@ class ErrorResponse(BaseModel):
 
 
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "Invalid input (token arrays, too many inputs, input too long, bad dimensions, model missing).",
+    400: "Invalid input (token arrays, too many inputs, input too long, text that is not Unicode, bad dimensions, "
+         "model missing).",
     401: "Missing or wrong API key.",
     404: "Unknown model.",
+    408: "The request's headers and body did not arrive within the read timeout.",
     413: "Request body too large.",
     422: "The body does not match the schema.",
-    503: "The server is shutting down.",
+    503: "The server is shutting down, or has too many connections (see Retry-After).",
 }.items()}
+
+CHARS_PER_TOKEN = 20  # the default character limit per input: far above any real text's characters per token
+INLINE_TOKENIZE_CHARS = 4096  # requests up to this many characters are tokenised on the event loop (< 1 ms)
+TOKENIZE_THREADS = 2  # bigger requests are tokenised by this many threads, at a lower CPU priority
+RETRY_AFTER_SECONDS = 5  # what a 503 (shutting down, too many connections) tells the client to wait
+SHUTDOWN_MARGIN_SECONDS = 2.0  # waiting work gets its 503 this long before the grace ends (the call in progress ends)
 
 
 class APIError(StarletteHTTPException):
@@ -133,9 +160,23 @@ class APIError(StarletteHTTPException):
 
 def _error_json(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                 code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    message = " ".join(str(message).split())
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type=type, param=param, code=code), status_code=status, headers=headers)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, one line. Text a client sent (a model name, a JSON key) may hold lone UTF-16
+    surrogates, which UTF-8 cannot encode: they are written as escapes (\\ud800) so that the error can be sent."""
+    def printable(text: str) -> str:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    message = printable(" ".join(str(message).split()))
+    return {"error": {"message": message, "type": type, "param": printable(param) if param else param, "code": code}}
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: retry (another replica, or this one once it is back)",
+                    type="server_error", code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 # ---------------------------------------------------------------------------------------------------------- middleware
@@ -144,10 +185,12 @@ _ROUTES = {"/v1/embeddings", "/v1/chat/completions", "/v1/models", "/health", "/
 
 
 class _BodyLimitMiddleware:
-    """413 for bodies over the limit: by Content-Length up front, or while streaming (chunked)."""
+    """413 for bodies over the limit: by Content-Length up front, or while streaming (chunked). 408 for a body that
+    has not fully arrived `read_timeout` seconds after its headers (a slow or stalled client holds no slot for long;
+    the headers have the same bound, in embedkit.serve.server)."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, read_timeout: float) -> None:
+        self.app, self.limit, self.read_timeout = app, limit, read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -155,18 +198,29 @@ class _BodyLimitMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             response = _error_json(413, f"request body of {int(length)} bytes is over the limit of {self.limit}",
-                                   code="body_too_large")
+                                   code="body_too_large", headers={"Connection": "close"})
             return await response(scope, receive, send)
         seen = 0
-        limit = self.limit
+        limit, timeout = self.limit, self.read_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        body_read = False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_read
+            if body_read:  # what can still come is the client disconnecting: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="read_timeout",
+                               headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+                    raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large",
+                                   headers={"Connection": "close"})
+                body_read = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -197,6 +251,33 @@ class _MetricsMiddleware:
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
 
+class _CancelledMiddleware:
+    """A request still running when the server's shutdown grace ends is cancelled by uvicorn: answer it 503 JSON
+    with Retry-After (uvicorn would send a text/plain 500), and end it there."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            error = shutting_down()
+            await _error_json(error.status_code, error.detail, type=error.type, code=error.code,
+                              headers=error.headers)(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------------------- app
 @dataclass
 class _Served:
@@ -224,10 +305,23 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     served = {
         name: _Served(name, backend, MicroBatcher(backend.embed_ids, name=name, max_batch_tokens=settings.max_batch_tokens,
                                                   max_batch_size=settings.max_batch_size,
-                                                  max_padding=settings.max_padding,
+                                                  max_padding=settings.max_padding, call_seconds=settings.call_seconds,
                                                   on_batch=metrics.batch_observer(name)), created)
         for name, backend in backends.items()
     }
+    shutdown_deadline = asyncio.Event()  # set when waiting work must give up (shortly before the grace ends)
+    tokenizing = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize", initializer=_yield_cpu)
+
+    def begin_shutdown(grace_seconds: float) -> None:
+        """The server has stopped accepting and gives in-flight requests `grace_seconds` (call on the event loop).
+
+        Work still waiting SHUTDOWN_MARGIN_SECONDS before the grace ends is answered 503 with Retry-After; the model
+        call in progress finishes within the margin, so nothing is cut off and the process exits within the grace.
+        """
+        margin = min(SHUTDOWN_MARGIN_SECONDS, grace_seconds / 2)
+        for entry in served.values():
+            entry.batcher.expire_in(grace_seconds - margin)
+        asyncio.get_running_loop().call_later(max(0.0, grace_seconds - margin), shutdown_deadline.set)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -238,6 +332,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         finally:  # uvicorn has finished the in-flight requests by now; drain whatever is still queued
             for entry in served.values():
                 await entry.batcher.stop()
+            tokenizing.shutdown(wait=False)
 
     app = FastAPI(
         title="embedkit embedding server",
@@ -247,6 +342,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         lifespan=lifespan,
     )
     app.state.served = served
+    app.state.begin_shutdown = begin_shutdown
     app.state.generators = generators
     app.state.settings = settings
     app.state.metrics = metrics
@@ -286,32 +382,25 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     # ---- routes
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, dependencies=[Depends(check_key)],
               summary="Create embeddings (OpenAI-compatible)")
-    async def embeddings(body: EmbeddingRequest) -> Response:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         entry = _pick_model(served, body.model)
         texts = _texts(body.input, settings.max_inputs)
-        kind = body.input_type or settings.default_input_type
         backend = entry.backend
-        limit = min(settings.max_tokens_per_input or backend.max_length, backend.max_length)
-        if settings.truncate:
-            ids = backend.token_ids(texts, kind, truncate=True)
-            ids = [x[:limit] for x in ids] if limit < backend.max_length else ids
-        else:
-            ids = backend.token_ids(texts, kind, truncate=False)
-            too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) > limit]
-            if too_long:
-                i, n = too_long[0]
-                raise APIError(400, f"input[{i}] has {n} tokens; {entry.name} takes at most {limit} per input "
-                                    f"({len(too_long)} inputs too long): shorten or split it",
-                               param="input", code="input_too_long")
         if body.dimensions is not None and body.dimensions > backend.dim:
             raise APIError(400, f"dimensions={body.dimensions} is more than {entry.name}'s {backend.dim}",
                            param="dimensions", code="invalid_dimensions")
-        queue_gauge = metrics.queue_depth.labels(entry.name)
-        queue_gauge.set(entry.batcher.queue_depth)
-        try:
-            vectors = await entry.batcher.embed(ids)
-        except BatcherClosed:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+        kind = body.input_type or settings.default_input_type
+        truncate = settings.truncate if body.truncate is None else body.truncate
+        token_limit = min(settings.max_tokens_per_input or backend.max_length, backend.max_length)
+        char_limit = settings.max_chars_per_input or CHARS_PER_TOKEN * token_limit
+        args = (entry.name, backend, texts, kind, token_limit, char_limit, truncate)
+        if sum(len(text) for text in texts) <= INLINE_TOKENIZE_CHARS:
+            ids = _checked_token_ids(*args)
+        else:  # a big request is tokenised in a thread: the event loop keeps answering everyone else
+            ids = await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(_checked_token_ids,
+                                                                                                 *args))
+        metrics.queue_depth.labels(entry.name).set(entry.batcher.queue_depth)
+        vectors = await _embed_while_connected(entry.batcher, ids, request)
         if body.dimensions is not None and body.dimensions < backend.dim:
             vectors = vectors[:, : body.dimensions]
             if backend.normalize:
@@ -333,7 +422,6 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     @app.post("/v1/chat/completions", responses=_ERRORS, dependencies=[Depends(check_key)],
               summary="Create a chat completion (OpenAI-compatible, non-streaming)")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
-        import asyncio
         import uuid
 
         entry = _pick_model(served, body.model)
@@ -352,12 +440,23 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
                            param="max_tokens", code="max_tokens_too_large")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        _check_unicode([m["content"] for m in messages], "messages")
+        _check_unicode(stop, "stop")
         from embedkit.errors import EmbedkitError
 
-        try:  # generation blocks for seconds: keep the event loop (and the embedding batcher) responsive
-            result = await asyncio.to_thread(generator.chat, messages, max_new_tokens=limit,
-                                             temperature=body.temperature, top_p=body.top_p, stop=stop,
-                                             seed=body.seed)
+        # Generation blocks for seconds: it runs in a thread, keeping the event loop (and the embedding batcher)
+        # responsive. A daemon thread: a generation the shutdown gives up on must not hold the process open.
+        generation = _in_daemon_thread(generator.chat, messages, max_new_tokens=limit, temperature=body.temperature,
+                                       top_p=body.top_p, stop=stop, seed=body.seed)
+        deadline = asyncio.ensure_future(shutdown_deadline.wait())
+        try:
+            await asyncio.wait({generation, deadline}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            deadline.cancel()
+        if not generation.done():
+            raise shutting_down()
+        try:
+            result = generation.result()
         except EmbedkitError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_messages") from None
         payload = {
@@ -388,8 +487,9 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
 
-    # Outermost first: metrics see every response, 413s included.
-    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # Added innermost first: metrics see every response, 413s and shutdown 503s included.
+    app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_bytes, read_timeout=settings.read_timeout)
+    app.add_middleware(_CancelledMiddleware)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
 
@@ -427,6 +527,105 @@ def _texts(value: Any, max_inputs: int) -> list[str]:
         raise APIError(400, f"{len(value)} inputs in one request; the limit is {max_inputs}: split the request",
                        param="input", code="too_many_inputs")
     return list(value)
+
+
+def _checked_token_ids(name: str, backend: Any, texts: list[str], kind: str, token_limit: int, char_limit: int,
+                       truncate: bool) -> list[list[int]]:
+    """Token ids of a request's texts, or the 400 that explains why there are none. Runs on any thread.
+
+    Characters are checked first: a text over `char_limit` would be over the token limit anyway (in practice), so it
+    is refused (or, with `truncate`, cut to `char_limit`) without spending time tokenising it.
+    """
+    _check_unicode(texts, "input")
+    too_long = [i for i, text in enumerate(texts) if len(text) > char_limit]
+    if too_long and not truncate:
+        i = too_long[0]
+        raise APIError(400, f"input[{i}] has {len(texts[i])} characters; {name} takes at most {token_limit} tokens "
+                            f"(and {char_limit} characters) per input ({len(too_long)} inputs too long): shorten or "
+                            "split it, or send truncate=true", param="input", code="input_too_long")
+    if too_long:
+        texts = [text[:char_limit] for text in texts]
+    if truncate:
+        return backend.token_ids(texts, kind, max_length=token_limit)
+    ids = backend.token_ids(texts, kind, max_length=None)
+    too_long = [i for i, x in enumerate(ids) if len(x) > token_limit]
+    if too_long:
+        i = too_long[0]
+        raise APIError(400, f"input[{i}] has {len(ids[i])} tokens; {name} takes at most {token_limit} per input "
+                            f"({len(too_long)} inputs too long): shorten or split it, or send truncate=true",
+                       param="input", code="input_too_long")
+    return ids
+
+
+def _yield_cpu() -> None:
+    """A tokenising thread gives way to the model's threads: a 7 MB body then slows down the model calls that other
+    requests wait for as little as possible (the body's own answer comes later). Linux: a thread's nice value is its
+    own; elsewhere threads keep the process's priority."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
+
+
+def _check_unicode(texts: list[str], param: str) -> None:
+    """400 for text that is not Unicode: JSON may carry a lone UTF-16 surrogate (\\ud800), which no tokenizer takes."""
+    for i, text in enumerate(texts):
+        if text.isascii():
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"{param}[{i}] is not valid Unicode text: a lone UTF-16 surrogate "
+                                f"(\\u{ord(text[exc.start]):04x}) at character {exc.start}", param=param,
+                           code="invalid_text") from None
+
+
+async def _embed_while_connected(batcher: MicroBatcher, ids: list[list[int]], request: Request) -> np.ndarray:
+    """The batcher's vectors; 503 when the shutdown cut the work off. A client that disconnects first takes its
+    texts out of the batcher (nobody would read them) and gets no answer."""
+    embedding = asyncio.ensure_future(batcher.embed(ids))
+    disconnect = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({embedding, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (embedding, disconnect):
+            task.cancel()
+    if not embedding.done() or embedding.cancelled():
+        raise APIError(499, "the client closed the request", code="client_closed_request")
+    try:
+        return embedding.result()
+    except BatcherClosed:
+        raise shutting_down() from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: all that can arrive now is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _in_daemon_thread(fn, *args, **kwargs) -> asyncio.Future:
+    """fn(*args, **kwargs) in a new daemon thread, as a future of this event loop."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(setter, value) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome = (future.set_result, fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting request
+            outcome = (future.set_exception, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: the server has exited and nobody waits
+            pass
+
+    threading.Thread(target=run, name="embedkit-chat", daemon=True).start()
+    return future
 
 
 def _version() -> str:

@@ -1,14 +1,18 @@
-"""What the server runs: a model behind two calls, `token_ids` (cheap, in the request) and `embed_ids` (the batch).
+"""What the server runs: a model behind two calls, `token_ids` (per request, any thread) and `embed_ids` (the batch).
 
 `TorchBackend` wraps an `Encoder` (any model folder or embedded name); `OnnxBackend` wraps an `OnnxEncoder` (an
 `embedkit export --format onnx` folder). Both compute exactly what `encode` computes, so the server's vectors equal
-the in-process ones.
+the in-process ones. `verify_probes` is the start-up check: the recorded fingerprint of the weights (exact) and the
+probe vectors (within a tolerance).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -23,11 +27,67 @@ class Backend(Protocol):
     max_length: int
     normalize: bool
 
-    def token_ids(self, texts: Sequence[str], kind: str, *, truncate: bool) -> list[list[int]]: ...
+    def token_ids(self, texts: Sequence[str], kind: str, *, max_length: int | None = None) -> list[list[int]]: ...
 
     def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def fingerprint_check(self) -> "FingerprintCheck | None": ...
+
+
+class ThreadSafeTokenizer:
+    """Prompt + tokenise, callable from several threads at once (the server tokenises off its event loop).
+
+    A Hugging Face fast tokenizer stores its truncation setting and changes it on every call that asks for another
+    one; a change while another thread is tokenising fails ("Already borrowed") or applies the other call's limit. So
+    each truncation length gets its own copy, set once when it is made and only read afterwards.
+    """
+
+    def __init__(self, tokenizer, prompts: dict[str, str]) -> None:
+        self._tokenizer = tokenizer
+        self._prompts = prompts
+        self._copies: dict[int | None, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: Sequence[str], kind: str, max_length: int | None) -> list[list[int]]:
+        """Token ids of the prompted texts; cut to `max_length` tokens (special tokens kept) unless it is None."""
+        from embedkit.models.prompts import apply_prompt
+
+        tokenizer = self._copies.get(max_length)
+        if tokenizer is None:
+            with self._lock:
+                tokenizer = self._copies.get(max_length)
+                if tokenizer is None:
+                    tokenizer = copy.deepcopy(self._tokenizer)
+                    self._encode(tokenizer, ["a"], max_length)  # sets this copy's truncation, once
+                    self._copies[max_length] = tokenizer
+        return self._encode(tokenizer, apply_prompt(list(texts), self._prompts, kind), max_length)
+
+    @staticmethod
+    def _encode(tokenizer, texts: list[str], max_length: int | None) -> list[list[int]]:
+        kwargs = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
+        return tokenizer(texts, padding=False, return_attention_mask=False, return_token_type_ids=False,
+                         verbose=False, **kwargs)["input_ids"]
+
+
+@dataclass
+class FingerprintCheck:
+    """The model's identity now against the one recorded when it was trained or exported."""
+
+    ok: bool
+    what: str  # "weights fingerprint" (torch: Encoder.fingerprint) or "<graph> sha256" (ONNX)
+    recorded: str
+    actual: str
+    source: str  # the file the recorded value comes from
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.what} {self.actual[:12]} matches {Path(self.source).name}"
+        return f"{self.what} {self.actual[:12]} differs from {self.recorded[:12]} recorded in {Path(self.source).name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class _EncodeMixin:
@@ -35,7 +95,7 @@ class _EncodeMixin:
         """Length-sorted batched encode through the same two calls the server uses."""
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        ids = self.token_ids(texts, kind, truncate=True)
+        ids = self.token_ids(texts, kind, max_length=self.max_length)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -53,15 +113,10 @@ class TorchBackend(_EncodeMixin):
         self.max_length = encoder.max_length
         self.normalize = bool(encoder.normalize)
         self.folder = Path(encoder.source_path) if encoder.source_path else None
+        self._tokenize = ThreadSafeTokenizer(encoder.tokenizer, encoder.prompts)
 
-    def token_ids(self, texts: Sequence[str], kind: str, *, truncate: bool = True) -> list[list[int]]:
-        from embedkit.models.prompts import apply_prompt
-
-        enc = self.encoder
-        kwargs = {"truncation": True, "max_length": enc.max_length} if truncate else {"truncation": False}
-        return enc.tokenizer(apply_prompt(list(texts), enc.prompts, kind), padding=False,
-                             return_attention_mask=False, return_token_type_ids=False, verbose=False,
-                             **kwargs)["input_ids"]
+    def token_ids(self, texts: Sequence[str], kind: str, *, max_length: int | None = None) -> list[list[int]]:
+        return self._tokenize(texts, kind, max_length)
 
     def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
         import torch
@@ -71,6 +126,22 @@ class TorchBackend(_EncodeMixin):
 
     def describe(self) -> dict[str, Any]:
         return {**self.encoder.describe(), "backend": "torch", "device": str(self.encoder.device)}
+
+    def fingerprint_check(self) -> FingerprintCheck | None:
+        """Encoder.fingerprint (sha256 over every weight, the tokenizer and the embedding settings) against the one
+        recorded beside the probe vectors (else in the folder's manifest) when the model was trained or exported."""
+        from embedkit.export.probes import probes_path
+        from embedkit.manifest import MANIFEST_NAME
+
+        if self.folder is None:
+            return None
+        for source, read in ((probes_path(self.folder), lambda data: data.get("model_fingerprint")),
+                             (self.folder / MANIFEST_NAME, lambda data: (data.get("model") or {}).get("fingerprint"))):
+            recorded = read(_json_object(source))
+            if isinstance(recorded, str) and recorded:
+                actual = self.encoder.fingerprint
+                return FingerprintCheck(actual == recorded, "weights fingerprint", recorded, actual, str(source))
+        return None
 
 
 class OnnxBackend(_EncodeMixin):
@@ -83,15 +154,39 @@ class OnnxBackend(_EncodeMixin):
         self.max_length = onnx_encoder.max_length
         self.normalize = onnx_encoder.normalize
         self.folder = onnx_encoder.folder
+        self._tokenize = ThreadSafeTokenizer(onnx_encoder.tokenizer, onnx_encoder.prompts)
 
-    def token_ids(self, texts: Sequence[str], kind: str, *, truncate: bool = True) -> list[list[int]]:
-        return self.encoder.token_ids(texts, kind, truncate=truncate)
+    def token_ids(self, texts: Sequence[str], kind: str, *, max_length: int | None = None) -> list[list[int]]:
+        return self._tokenize(texts, kind, max_length)
 
     def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
         return self.encoder.embed_ids(id_lists)
 
     def describe(self) -> dict[str, Any]:
         return self.encoder.describe()
+
+    def fingerprint_check(self) -> FingerprintCheck | None:
+        """The sha256 of the served graph file against the one the export recorded in its manifest. (The tokenizer
+        files are not hashed by the export; the probe vectors cover them.)"""
+        from embedkit.manifest import MANIFEST_NAME, sha256_file
+
+        source = self.folder / MANIFEST_NAME
+        graphs = ((_json_object(source).get("export") or {}).get("graphs") or {})
+        recorded = (graphs.get(self.encoder.variant) or {}).get("sha256")
+        if not isinstance(recorded, str) or not recorded:
+            return None
+        actual = sha256_file(self.encoder.graph_path)
+        return FingerprintCheck(actual == recorded, f"{self.encoder.graph_path.name} sha256", recorded, actual,
+                                str(source))
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when it is missing or unreadable (then nothing was recorded there)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -147,25 +242,37 @@ def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None 
 
 
 def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = False, log=None) -> dict | None:
-    """Check the model folder's probe_vectors.json (if any) against what this backend computes now.
+    """Start-up check of a model folder: its fingerprint recorded at training/export time (exact: every weight,
+    `FingerprintCheck`) and its probe_vectors.json re-embedded now (within a tolerance).
 
-    Raises ModelError on a mismatch unless `allow_mismatch`, which only prints a loud warning.
+    Raises ModelError (one line) on a mismatch of either unless `allow_mismatch`, which only prints a loud warning.
+    Returns the probe check as a dict (with the fingerprint check under "fingerprint"), or None without probes.
     """
     from embedkit.export.probes import check_probes, has_probes
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = getattr(backend, "folder", None)
+    identity = backend.fingerprint_check() if hasattr(backend, "fingerprint_check") else None
+    if identity is None:
+        log(f"[{backend.name}] no recorded fingerprint: serving without an exact weights check")
+    result = None
     if folder is None or not has_probes(folder):
         log(f"[{backend.name}] no probe_vectors.json: serving without a parity check")
+    else:
+        result = check_probes(lambda texts, kind: backend.encode(texts, kind), folder, atol=atol)
+    problems = [check.summary() for check in (identity, result) if check is not None and not check.ok]
+    if problems and not allow_mismatch:
+        also = f"; {result.summary()}" if result is not None and result.ok else ""
+        raise ModelError(f"refusing to serve {backend.name}: {'; '.join(problems)}{also}; the model differs from the "
+                         "one it was trained or exported as (pass --allow-mismatch to serve it anyway)",
+                         path=(result.path if result is not None and not result.ok else identity.source))
+    for check in (identity, result):
+        if check is not None and check.ok:
+            log(f"[{backend.name}] {check.summary()}")
+    if problems:
+        banner = "!" * 100
+        log(f"{banner}\nWARNING [{backend.name}]: {'; '.join(problems)}\nWARNING: serving anyway because of "
+            f"--allow-mismatch: its vectors differ from the model the probes were written for.\n{banner}")
+    if result is None:
         return None
-    result = check_probes(lambda texts, kind: backend.encode(texts, kind), folder, atol=atol)
-    if result.ok:
-        log(f"[{backend.name}] {result.summary()}")
-        return result.to_dict()
-    if not allow_mismatch:
-        raise ModelError(f"refusing to serve {backend.name}: {result.summary()}; the model differs from the one its "
-                         "probes were written for (pass --allow-mismatch to serve it anyway)", path=result.path)
-    banner = "!" * 100
-    log(f"{banner}\nWARNING [{backend.name}]: {result.summary()}\nWARNING: serving anyway because of "
-        f"--allow-mismatch: its vectors differ from the model the probes were written for.\n{banner}")
-    return result.to_dict()
+    return {**result.to_dict(), "fingerprint": identity.to_dict() if identity is not None else None}

@@ -34,13 +34,28 @@ def serve_command(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens-per-input", min=1,
                                              help="Tokens per text, prompt included (400 above). Default and "
                                                   "ceiling: the model's max length."),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars-per-input", min=1,
+                                            help="Characters per text, checked before tokenising (400 above, or cut "
+                                                 "with --truncate). Default: 20 x the token limit."),
     truncate: bool = typer.Option(False, "--truncate/--no-truncate",
-                                  help="Cut over-long texts to the limit instead of answering 400."),
+                                  help="Cut over-long texts to the limit instead of answering 400 (a request's "
+                                       "`truncate` field overrides it)."),
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", min=0.001, help="Request body size limit (413 above)."),
     max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", min=1,
                                          help="Micro-batching token budget: padded tokens per model call, summed "
                                               "over the concurrent requests merged into it."),
     max_batch_size: int = typer.Option(128, "--max-batch-size", min=1, help="Texts per model call."),
+    call_seconds: float = typer.Option(0.1, "--call-seconds", min=0.01,
+                                       help="Model calls are sized (from the measured speed) to take about this "
+                                            "long: a new request waits for at most the call in progress."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", min=0.1,
+                                       help="Seconds for a request's headers, and then its body, to arrive (408 "
+                                            "and the connection closed after)."),
+    max_connections: int = typer.Option(512, "--max-connections", min=1,
+                                        help="Open connections; more get 503 (Retry-After) and are closed."),
+    graceful_timeout: float = typer.Option(30.0, "--graceful-timeout", min=0.0,
+                                           help="SIGTERM/SIGINT: seconds in-flight requests get to finish; work "
+                                                "that cannot is answered 503 (Retry-After) before they end."),
     input_type: str = typer.Option("document", "--default-input-type",
                                    help="Prompt used when a request has no `input_type`: 'document' or 'query'."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per model call (onnxruntime intra-op / torch). Default: all cores; on a busy machine fewer threads avoid stalls."),
@@ -49,6 +64,7 @@ def serve_command(
                                                     "in probe_vectors.json; 1e-3 for --engine vllm)."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch",
                                         help="Serve even if the model does not reproduce its probe_vectors.json "
+                                             "or its weights differ from the fingerprint recorded at training/export "
                                              "(prints a loud warning). Without it the server refuses to start."),
     vllm_bin: str = typer.Option("vllm", "--vllm-bin", help="--engine vllm: the vllm executable (its own venv)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="--engine vllm: print the command, launch nothing."),
@@ -64,7 +80,8 @@ def serve_command(
 
     Concurrent requests are merged into token-budgeted batches (one worker thread per model), so throughput under
     load approaches in-process batched encoding. At start-up each model's probe_vectors.json (if present) is
-    re-embedded; a mismatch refuses to start. SIGINT/SIGTERM finish in-flight requests before exiting.
+    re-embedded and the recorded weights fingerprint compared; a mismatch refuses to start. SIGINT/SIGTERM finish
+    in-flight requests (or answer them 503) within --graceful-timeout, then exit (0 after SIGTERM).
 
     Examples:
 
@@ -98,14 +115,19 @@ def serve_command(
         raise ConfigError(f"unknown engine {engine!r}; choose 'embedkit' or 'vllm'")
     if dry_run:
         raise ConfigError("--dry-run applies to --engine vllm only")
+    from embedkit.serve.server import run_server, serving_environment
+
+    serving_environment()  # before anything imports torch
     from embedkit.device import resolve_device
     from embedkit.serve.app import ServeSettings
-    from embedkit.serve.server import run_server
 
     target = resolve_device(device)
 
-    settings = ServeSettings(api_keys=keys, max_inputs=max_inputs, max_tokens_per_input=max_tokens, truncate=truncate,
+    settings = ServeSettings(api_keys=keys, max_inputs=max_inputs, max_tokens_per_input=max_tokens,
+                             max_chars_per_input=max_chars, truncate=truncate,
                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_batch_tokens=max_batch_tokens,
-                             max_batch_size=max_batch_size, default_input_type=input_type)  # type: ignore[arg-type]
+                             max_batch_size=max_batch_size, call_seconds=call_seconds, read_timeout=read_timeout,
+                             max_connections=max_connections, default_input_type=input_type)  # type: ignore[arg-type]
     run_server(model, backend=backend, host=host, port=port, settings=settings, threads=threads,
-               probe_atol=probe_atol, allow_mismatch=allow_mismatch, log_level=log_level, chat=chat, device=target)
+               probe_atol=probe_atol, allow_mismatch=allow_mismatch, graceful_timeout=graceful_timeout,
+               log_level=log_level, chat=chat, device=target)
