@@ -33,6 +33,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "medquad" / "test" / "queries.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpuinfo import describe, int8_instructions  # noqa: E402  (int8 speed depends on AVX2 / AVX-512 / VNNI)
 
 
 def load_texts(n: int) -> list[str]:
@@ -133,6 +136,8 @@ def main() -> None:
     from embedkit.export.onnx import OnnxEncoder, export_onnx
     from embedkit.models import load_model
 
+    cpu = int8_instructions()
+    print(describe(cpu), flush=True)
     texts = load_texts(args.texts)
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     onnx_dir = args.onnx_dir or Path(tmp.name) / "minilm_int8"
@@ -181,7 +186,7 @@ def main() -> None:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    report = {"texts": len(texts), "batch": args.batch, "cpus": os.cpu_count(), "load_avg_1m": load,
+    report = {"texts": len(texts), "batch": args.batch, "cpus": os.cpu_count(), "load_avg_1m": load, "cpu": cpu,
               "texts_per_second": results,
               "ratios": {"onnx_int8_vs_torch_inprocess": results["inprocess_onnx_int8"] / results["inprocess_torch"],
                          "serve_onnx_c8_vs_inprocess": results["serve_onnx_c8"] / results["inprocess_onnx_int8"],

@@ -14,6 +14,8 @@ _EXPORTS = {
     "export_hf": "embedkit.export.hf",
     "write_probes": "embedkit.export.probes",
     "check_probes": "embedkit.export.probes",
+    "batch_invariance": "embedkit.export.probes",
+    "load_check_set": "embedkit.export.checkset",
     "read_probes": "embedkit.export.probes",
 }
 

