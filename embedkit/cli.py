@@ -264,24 +264,43 @@ def demo_command(
 
 
 def main(argv: list[str] | None = None) -> None:
+    code: int | str | None = 0
     try:
         app(args=argv, standalone_mode=True)
     except EmbedkitError as exc:
         from embedkit.launch import report_error
 
         report_error(f"error: {exc.one_line()}")  # stderr; under --nproc once, from the process that failed first
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    except SystemExit as exc:  # typer's standalone mode always ends here
+        code = exc.code
     finally:
-        _close_process_group()
+        launched = _close_process_group()
+    if launched:
+        # A process started by --nproc ends without running C++ static destructors: DeepSpeed's CPU communication
+        # op can abort the interpreter's teardown ("terminate called without an active exception", seen after a
+        # resumed ZeRO-3 run that had finished and saved), which torchrun would report as a failed run.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+    sys.exit(code)
 
 
-def _close_process_group() -> None:
-    """A launched process (--nproc) leaves its process group cleanly, whatever command created it."""
-    if "torch" in sys.modules:
-        import torch.distributed as dist
+def _close_process_group() -> bool:
+    """A launched process (--nproc) leaves its process group cleanly, whatever command created it. Returns whether
+    this process was one of several."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        several = dist.get_world_size() > 1
+        dist.destroy_process_group()
+        return several
+    return False
 
 
 if __name__ == "__main__":

@@ -502,7 +502,9 @@ def test_write_false_mines_the_same_rows_and_writes_nothing(tmp_path):
     written = mine_to_file(main, load_task(pairs, corpus=corpus), out, settings, cache_dir=tmp_path / "cache")
     silent = mine_to_file(other, load_task(pairs, corpus=corpus), tmp_path / "other" / "mined.jsonl", settings,
                           cache_dir=tmp_path / "cache2", write=False)
-    assert silent["rows_written"] == written["rows_written"] == 4 and silent["stats"] == written["stats"]
+    without_timings = lambda stats: {k: v for k, v in stats.items() if k != "seconds"}  # noqa: E731 (wall clock)
+    assert silent["rows_written"] == written["rows_written"] == 4
+    assert without_timings(silent["stats"]) == without_timings(written["stats"])
     assert other.calls == main.calls  # the same encode calls: each is a collective under sharded encoding
     assert not (tmp_path / "other").exists() and not (tmp_path / "cache2").exists()
     manifest = json.loads(out.with_name("mined.manifest.json").read_text())

@@ -239,7 +239,8 @@ def served_backend(request, st_bert, tmp_path_factory, one_torch_thread):
     from embedkit.serve.backends import OnnxBackend
 
     out = tmp_path_factory.mktemp("onnx") / "onnx"
-    export_onnx(st_bert, out, quantize="int8", log=_quiet)
+    # The random tiny BERT ties many documents: its int8 nDCG moves by noise (see test_export.TINY_MAX_NDCG_DROP).
+    export_onnx(st_bert, out, quantize="int8", max_ndcg_drop=0.03, log=_quiet)
     return OnnxBackend(OnnxEncoder(out), name="bert"), 1e-4, 160
 
 

@@ -126,10 +126,13 @@ def _exit_cleanly(signum, frame) -> None:
 
 
 def uvicorn_server(app, *, host: str, port: int, graceful_timeout: float, log_level: str = "info"):
-    """A DrainingServer for `app` with the read timeout and connection limit of its ServeSettings."""
+    """A DrainingServer for `app` with the read timeout and connection limit of its ServeSettings (the defaults
+    for an app without them, such as `rag web`'s page)."""
     import uvicorn
 
-    settings = app.state.settings
+    from embedkit.serve.app import ServeSettings
+
+    settings = getattr(app.state, "settings", None) or ServeSettings()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout,
                             http=guarded_protocol(settings.read_timeout, settings.max_connections))
