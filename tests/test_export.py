@@ -193,8 +193,9 @@ def test_export_cli_takes_a_beir_check_set(st_bert, tmp_path):
 
     from embedkit.data.defaults import stsb_paraphrase_retrieval
 
-    # a real retrieval set (STS-B paraphrases, 1,379 documents) written as a BEIR folder with a "dev" split: on tiny
-    # synthetic sets the random-weight model's near-ties reorder under any rounding and nDCG@10 moves by > 0.005
+    # a real retrieval set (STS-B paraphrases, 1,379 documents) written as a BEIR folder with a "dev" split; the
+    # random-weight model's near-ties still reorder under another CPU's int8 kernels (CI saw a 0.0057 drop at
+    # cosine 1.0000), so it is held to the tiny-model bound through --max-ndcg-drop
     data = stsb_paraphrase_retrieval("test")
     pairs = [(data.queries[q], data.corpus[d]["text"]) for q in data.qrels for d in list(data.qrels[q])[:1]]
     beir = _write_beir(tmp_path / "mydata", pairs, split="dev",
@@ -203,13 +204,14 @@ def test_export_cli_takes_a_beir_check_set(st_bert, tmp_path):
     app.command()(export_command)
     out = tmp_path / "onnx"
     result = CliRunner().invoke(app, ["--model", str(st_bert), "--output", str(out), "--quantize", "int8",
-                                      "--check-set", f"beir:{beir}:dev"])
+                                      "--check-set", f"beir:{beir}:dev", "--max-ndcg-drop", str(TINY_MAX_NDCG_DROP)])
     assert result.exit_code == 0, result.output
     assert "nDCG@10 on mydata-dev" in result.output and "batch vs alone" in result.output
     parity = json.loads((out / MANIFEST_NAME).read_text())["parity"]
     assert parity["check_set"] == "mydata-dev" and parity["check_set_queries"] == 300
     assert parity["check_set_documents"] == 1000
     assert parity["check_set_source"] == f"--check-set beir:{beir}:dev"
+    assert parity["ndcg_at_10_max_drop"] == TINY_MAX_NDCG_DROP
 
 
 def _negate_embedding_row(token):
