@@ -5,6 +5,7 @@
     embedkit encode --model M --input F  texts -> vectors (.npy)
     embedkit mine                        hard negatives with FAISS, false negatives filtered out
     embedkit train RECIPE.yaml           contrastive fine-tuning (full, LoRA, QLoRA; GradCache; DeepSpeed)
+    embedkit tune RECIPE.yaml --budget   search the recipe's parameters on a dev split, train the best, report
     embedkit eval / compare              evaluate, and gate a candidate against a baseline
     embedkit export / serve              ONNX (fp32, int8) with parity; OpenAI-compatible /v1/embeddings
     embedkit llm sft|dpo|joint RECIPE    the generative head: SFT, DPO, joint embedding + answer training
@@ -37,6 +38,7 @@ from embedkit.llm.cli import llm_app
 from embedkit.rag.cli import rag_app
 from embedkit.serve.cli import serve_command
 from embedkit.train.cli import train_command
+from embedkit.tune.cli import tune_command
 
 app = typer.Typer(
     name="embedkit",
@@ -55,6 +57,7 @@ app.add_typer(data_app, name="data")
 # The pipeline, in order: data -> mine -> train -> eval -> export -> serve.
 app.command("mine")(mine_command)
 app.command("train")(train_command)
+app.command("tune")(tune_command)
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 app.command("export")(export_command)

@@ -98,6 +98,17 @@ def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: extra threads only spin-wait on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-d BERT with a 200-token WordPiece vocabulary (plain HF folder, no pooling config)."""

@@ -21,12 +21,7 @@ from embedkit.train.contrastive import load_examples, prepare_data, train
 QUIET: dict = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only spin-wait on a busy machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------- the loss

@@ -40,6 +40,7 @@ class TrainingExample:
     positive: str
     negatives: list[str] = field(default_factory=list)
     scores: list[float] | None = None  # teacher scores: positive first, then each negative (for distillation)
+    grade: int | None = None  # relevance grade of the positive (BEIR qrels score); mining reads it, training not
 
 
 def infer_format(path: str | Path) -> str:
@@ -92,7 +93,7 @@ def read_examples(
 
 
 def pairs_from_beir(ds: BeirDataset) -> list[TrainingExample]:
-    """One (query, relevant document) pair per judgment with score > 0 of `ds.split`.
+    """One (query, relevant document) pair per judgment with score > 0 of `ds.split` (its score as `.grade`).
 
     Order is deterministic: queries in queries-file order, documents in qrels-file order. The document text is
     joined the way the evaluation encodes it (title + " " + text), so training and evaluation see the same string.
@@ -100,9 +101,10 @@ def pairs_from_beir(ds: BeirDataset) -> list[TrainingExample]:
     from embedkit.data.beir import mteb_document_text
 
     examples = []
-    for qid, doc_id, _score in ds.relevant_pairs():
+    for qid, doc_id, score in ds.relevant_pairs():
         row = ds.corpus[doc_id]
-        examples.append(TrainingExample(query=ds.queries[qid], positive=mteb_document_text(row["title"], row["text"])))
+        examples.append(TrainingExample(query=ds.queries[qid], positive=mteb_document_text(row["title"], row["text"]),
+                                        grade=score))
     return examples
 
 

@@ -54,6 +54,20 @@ def mine_command(
         "only negatives scored at least 5% below the positive (NV-Retriever TopK-PercPos). "
         "--no-relative-margin turns it off."),
     no_relative_margin: bool = typer.Option(False, "--no-relative-margin", help="Turn the relative margin off."),
+    margin_from: str = typer.Option(
+        "weakest", "--margin-from",
+        help="Which positive the margins are measured from when a query has several (of the grade --margin-grade "
+        "picks): 'weakest' (default: a negative must score clearly below every such positive; the safe side "
+        "against unlabelled positives) or 'strongest' (only candidates close to the query's best match are "
+        "removed; for binary labels with many weak positives, when the miner warns that the margin removed most "
+        "candidates)."),
+    margin_grade: str = typer.Option(
+        "top", "--margin-grade",
+        help="Graded qrels (BEIR score 1, 2, 3, ...): which positives set the margin. 'top' (default): the query's "
+        "highest-graded ones, so weakly relevant documents (grade 1 beside grade 2-3 ones), which often score "
+        "below plenty of unrelated documents, do not drag the threshold down and remove most candidates; they are "
+        "still never chosen as negatives. 'all': every positive. K: positives graded >= K (all of them when a "
+        "query has none). Binary labels and pairs files: every choice means all positives."),
     max_score: float | None = typer.Option(None, "--max-score", help="Drop candidates scored above this value."),
     min_score: float | None = typer.Option(None, "--min-score", help="Drop candidates scored below this value."),
     duplicate_threshold: float | None = typer.Option(
@@ -99,6 +113,13 @@ def mine_command(
     positive, near duplicates of a positive, and anything scored too close to the positive (--relative-margin,
     --absolute-margin). Then --num-negatives are drawn. Queries left short are reported, never silently dropped.
 
+    Weak positives: the margin follows the positive's score, so low-scored positives lower the threshold and can
+    remove most candidates. With graded qrels only the query's highest-graded positives set it (--margin-grade
+    top: a grade-1 "partially relevant" document is a real positive but says little about which unjudged
+    documents are false negatives); every judged positive is still excluded as a negative. When the margins
+    remove most candidates and leave most rows short of negatives, one warning line says so (also in the
+    summary's "warnings"); then try --margin-from strongest or a smaller margin, or let `embedkit tune` search it.
+
     --nproc N runs N processes (torch.distributed: gloo on the CPU, nccl with one GPU each) that share the encoding
     of the pool and the queries; each mines the same rows, the first writes the files (identical to one process).
 
@@ -112,7 +133,7 @@ def mine_command(
     """
     from embedkit.launch import processes
     from embedkit.mine.mining import load_task
-    from embedkit.mine.report import format_summary
+    from embedkit.mine.report import format_summary, warning_lines
     from embedkit.mine.run import mine_to_file
     from embedkit.mine.settings import MiningSettings, parse_range
     from embedkit.models import load_model
@@ -121,6 +142,7 @@ def mine_command(
     settings = MiningSettings(
         range_min=lo, range_max=hi, num_negatives=num_negatives, sampling=sampling, seed=seed,
         absolute_margin=absolute_margin, relative_margin=None if no_relative_margin else relative_margin,
+        margin_from=margin_from, margin_grade=margin_grade,
         max_score=max_score, min_score=min_score,
         duplicate_threshold=None if no_duplicate_filter else duplicate_threshold, on_short=on_short,
         search=search, corpus_chunk=corpus_chunk, batch_size=batch_size,
@@ -143,3 +165,5 @@ def mine_command(
     else:
         typer.echo(format_summary(summary))
         typer.echo("wrote " + ", ".join(summary["files"].values()))
+    for line in warning_lines(summary):
+        print(f"embedkit mine: {line}", file=sys.stderr, flush=True)

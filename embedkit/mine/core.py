@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
-from embedkit.mine.filters import FilterOutcome, apply_filters, positive_mask, sample_negatives
+from embedkit.mine.filters import FilterOutcome, apply_filters, margin_reference, positive_mask, sample_negatives
 from embedkit.mine.search import HnswIndex, choose_search, exact_topk, gather_rows, max_similarity_to_groups
 from embedkit.mine.settings import FILTERS, MiningSettings
 from embedkit.mine.vectors import VectorSource
@@ -57,6 +57,8 @@ class MiningStats:
     survivors: int = 0
     negatives: int = 0
     short: list[dict[str, Any]] = field(default_factory=list)  # {"query": position, "found": n}
+    rows_short: int = 0  # (query, positive) rows whose query found fewer than num_negatives
+    rows_without_negative: int = 0  # ... and none at all
     positive_above_window: int = 0  # queries with a positive ranked before range_min (the skipped head)
     positive_in_window: int = 0  # queries with a positive inside the window (the filter removed it)
     positive_not_retrieved: int = 0  # queries with no positive in the top range_max at all
@@ -88,6 +90,8 @@ class MiningStats:
             "survivors": self.survivors,
             "negatives_written": self.negatives,
             "queries_short": len(self.short),
+            "rows_short": self.rows_short,
+            "rows_without_negative": self.rows_without_negative,
             "positive_ranked_before_window": self.positive_above_window,
             "positive_ranked_in_window": self.positive_in_window,
             "positive_not_in_top_range_max": self.positive_not_retrieved,
@@ -95,6 +99,37 @@ class MiningStats:
             "negative_scores": distribution(self.all_negative_scores()),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+
+
+MARGIN_WARNING_SHARE = 0.5  # the margins removed at least this share of the candidates, and ...
+SHORT_WARNING_SHARE = 0.5  # ... at least this share of the rows are short of negatives
+
+
+def margin_warning(stats: dict[str, Any], settings: dict[str, Any], *, names: str = "cli") -> dict[str, Any] | None:
+    """The one-line warning when the margin filters removed most candidates and left most rows short of
+    negatives (a sign of weak positives: the threshold follows the positive's score), else None.
+
+    `stats` is MiningStats.to_dict(), `settings` MiningSettings.to_dict(); `names` "cli" or "recipe" picks how the
+    advice names the settings (--margin-from / mining.margin_from)."""
+    candidates = stats.get("candidates_in_window") or 0
+    pairs = stats.get("pairs") or 0
+    removed = stats.get("removed", {})
+    margin = int(removed.get("relative_margin", 0)) + int(removed.get("absolute_margin", 0))
+    short = int(stats.get("rows_short", 0))
+    if not candidates or not pairs or margin < MARGIN_WARNING_SHARE * candidates or short < SHORT_WARNING_SHARE * pairs:
+        return None
+    none = int(stats.get("rows_without_negative", 0))
+    advice = ("--margin-from strongest, a smaller --relative-margin, or `embedkit tune` (which then searches the "
+              "margin)") if names == "cli" else ("mining.margin_from: strongest, a smaller mining.relative_margin, "
+                                                 "or `embedkit tune` (which then searches the margin)")
+    which = " + ".join(name.replace("_", " ") for name in ("relative_margin", "absolute_margin")
+                       if settings.get(name) is not None) or "margin"
+    message = (f"the {which} filter removed {margin:,} of {candidates:,} candidates ({margin / candidates:.0%}) and "
+               f"left {short:,} of {pairs:,} rows ({short / pairs:.0%}; {none:,} with no negative at all) short of "
+               f"negatives: the margin is measured from the query's {settings.get('margin_from', 'weakest')} "
+               f"positive and many positives score low (weak or graded positives?); try {advice}")
+    return {"code": "margin_removes_most", "margin_removed": margin, "candidates": candidates,
+            "rows_short": short, "rows_without_negative": none, "rows": pairs, "message": message}
 
 
 def distribution(values: np.ndarray) -> dict[str, float | int]:
@@ -118,6 +153,7 @@ def mine_embeddings(
     pos_idx: np.ndarray,
     settings: MiningSettings,
     *,
+    pos_grade: np.ndarray | None = None,
     stats: MiningStats | None = None,
     rescorer: Rescorer | None = None,
     progress: Callable[[str], None] | None = None,
@@ -126,7 +162,8 @@ def mine_embeddings(
 
     queries: a [n_queries, dim] array, or a function (start, end) -> vectors of those queries (so a text pipeline
     can encode one block at a time). Positives of query q: pos_idx[pos_ptr[q]:pos_ptr[q+1]] (corpus indices; every
-    query needs at least one). Vectors should be L2-normalised: scores are inner products.
+    query needs at least one). `pos_grade` (aligned with pos_idx) holds their relevance grades, which decide the
+    margin reference (`settings.margin_grade`). Vectors should be L2-normalised: scores are inner products.
     """
     settings.validate()
     stats = stats if stats is not None else MiningStats()
@@ -139,6 +176,10 @@ def mine_embeddings(
         raise ValueError("every query needs at least one positive")
     if pos_idx.size and (pos_idx.min() < 0 or pos_idx.max() >= corpus.n):
         raise ValueError("positive index outside the corpus")
+    if pos_grade is not None:
+        pos_grade = np.asarray(pos_grade, dtype=np.int64)
+        if pos_grade.shape != pos_idx.shape:
+            raise ValueError("pos_grade must have one grade per entry of pos_idx")
     method = choose_search(settings.search, n_queries, corpus.n)
     stats.search_method = method
     k = settings.range_max
@@ -197,7 +238,8 @@ def mine_embeddings(
                 dup = np.take_along_axis(dup, order, axis=1)
             pos_scores = np.asarray(rescorer.score_positives(positions[owner], pidx), dtype=np.float32)
         t4 = time.perf_counter()
-        pos_ref = np.minimum.reduceat(pos_scores, ptr[:-1]) if m else np.empty(0, np.float32)
+        grades = pos_grade[pos_ptr[a]:pos_ptr[b]] if pos_grade is not None else None
+        pos_ref = margin_reference(pos_scores, ptr, grades, settings)
         outcome = apply_filters(cand_i, cand_s, pos_ref, is_pos, settings, dup)
         chosen = sample_negatives(outcome.alive, settings, np.arange(a, b))
         negatives = [cand_i[r, c] for r, c in enumerate(chosen)]
@@ -211,6 +253,8 @@ def mine_embeddings(
         for r, neg_s in enumerate(negative_scores):
             if neg_s.size < settings.num_negatives:
                 stats.short.append({"query": a + r, "found": int(neg_s.size)})
+                stats.rows_short += int(counts[r])
+                stats.rows_without_negative += int(counts[r]) if neg_s.size == 0 else 0
             if neg_s.size and (settings.on_short == "keep" or neg_s.size == settings.num_negatives):
                 stats.negatives += int(neg_s.size) * int(counts[r])
                 stats.negative_scores.append(np.repeat(neg_s, counts[r]))

@@ -2,7 +2,7 @@
 
 Inputs are per query block: `cand_idx` / `cand_scores` [n_queries, window] hold the ranks range_min..range_max-1
 of each query's ranking (index -1 where the pool ran out); `pos_ref` [n_queries] is the score the margins are
-measured from (the query's lowest positive score).
+measured from (see `margin_reference`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,38 @@ def positive_mask(cand_idx: np.ndarray, pos_ptr: np.ndarray, pos_idx: np.ndarray
     pos_keys = owners * (n_docs + 1) + pos_idx
     keys = np.arange(nq, dtype=np.int64)[:, None] * (n_docs + 1) + cand_idx
     return np.isin(keys, pos_keys) & (cand_idx >= 0)
+
+
+def margin_reference(pos_scores: np.ndarray, pos_ptr: np.ndarray, pos_grade: np.ndarray | None,
+                     settings: MiningSettings) -> np.ndarray:
+    """float [n_queries]: the score each query's margins are measured from.
+
+    The reference set is the query's positives graded `settings.margin_grade` ("top": its highest grade; "all"; K:
+    grade >= K, falling back to all of its positives when none is); the reference is the weakest or the strongest
+    score in that set (`settings.margin_from`). Without grades every positive is in the set.
+    """
+    scores = np.asarray(pos_scores, dtype=np.float64)
+    ptr = np.asarray(pos_ptr, dtype=np.int64)
+    nq = ptr.size - 1
+    if nq == 0:
+        return np.empty(0, np.float32)
+    sizes = np.diff(ptr)
+    starts = ptr[:-1]
+    in_set = np.ones(scores.size, dtype=bool)
+    grade = settings.margin_grade
+    if pos_grade is not None and grade != "all":
+        grades = np.asarray(pos_grade, dtype=np.int64)
+        if grade == "top":
+            in_set = grades == np.repeat(np.maximum.reduceat(grades, starts), sizes)
+        else:
+            in_set = grades >= int(grade)
+            none = np.add.reduceat(in_set.astype(np.int64), starts) == 0
+            in_set |= np.repeat(none, sizes)
+    if settings.margin_from == "strongest":
+        ref = np.maximum.reduceat(np.where(in_set, scores, -np.inf), starts)
+    else:
+        ref = np.minimum.reduceat(np.where(in_set, scores, np.inf), starts)
+    return ref.astype(np.float32)
 
 
 def relative_threshold(pos_ref: np.ndarray, relative_margin: float) -> np.ndarray:

@@ -31,6 +31,7 @@ class MiningTask:
     pos_ptr: np.ndarray  # positives of query q: pos_idx[pos_ptr[q]:pos_ptr[q + 1]]
     pos_idx: np.ndarray
     description: dict[str, Any] = field(default_factory=dict)  # where the data came from (for the manifest)
+    pos_grade: np.ndarray | None = None  # relevance grade of each pos_idx entry (BEIR qrels score); None: ungraded
 
     @property
     def n_queries(self) -> int:
@@ -47,23 +48,25 @@ class _Groups:
         self.index: dict[str, int] = {}
         self.ids: list[str] = []
         self.texts: list[str] = []
-        self.positives: list[dict[int, None]] = []
+        self.positives: list[dict[int, int]] = []  # doc -> grade (the highest seen for that query)
 
-    def add(self, query_id: str, text: str, doc: int) -> None:
+    def add(self, query_id: str, text: str, doc: int, grade: int = 1) -> None:
         q = self.index.get(text)
         if q is None:
             q = self.index[text] = len(self.texts)
             self.ids.append(query_id)
             self.texts.append(text)
             self.positives.append({})
-        self.positives[q][doc] = None
+        self.positives[q][doc] = max(grade, self.positives[q].get(doc, grade))
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pos_ptr, pos_idx, pos_grade)."""
         sizes = [len(p) for p in self.positives]
         ptr = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=ptr[1:])
         flat = np.fromiter((d for p in self.positives for d in p), dtype=np.int64, count=int(ptr[-1]))
-        return ptr, flat
+        grades = np.fromiter((g for p in self.positives for g in p.values()), dtype=np.int64, count=int(ptr[-1]))
+        return ptr, flat, grades
 
 
 def task_from_pairs(examples: Iterable, corpus: dict[str, dict] | None = None,
@@ -71,7 +74,8 @@ def task_from_pairs(examples: Iterable, corpus: dict[str, dict] | None = None,
     """Pairs (objects with .query and .positive) + an optional corpus {id: {"title", "text"}}.
 
     Without a corpus the pool is the set of distinct positives. A positive missing from the corpus is added to it
-    (id "positive:N"); a positive whose text equals a corpus document *is* that document.
+    (id "positive:N"); a positive whose text equals a corpus document *is* that document. Pairs that all carry a
+    relevance grade (`.grade`, as `pairs_from_beir` gives them) make a graded task (see MiningSettings.margin_grade).
     """
     from embedkit.data.beir import mteb_document_text
 
@@ -85,6 +89,7 @@ def task_from_pairs(examples: Iterable, corpus: dict[str, dict] | None = None,
         by_text.setdefault(text, len(texts) - 1)
     groups = _Groups()
     added = 0
+    graded = True
     for row_number, example in enumerate(examples, start=1):
         doc = by_text.get(example.positive)
         if doc is None:
@@ -92,14 +97,16 @@ def task_from_pairs(examples: Iterable, corpus: dict[str, dict] | None = None,
             doc = by_text[example.positive] = len(texts)
             ids.append(f"positive:{added}")
             texts.append(example.positive)
-        groups.add(f"row:{row_number}", example.query, doc)
+        grade = getattr(example, "grade", None)
+        graded = graded and grade is not None
+        groups.add(f"row:{row_number}", example.query, doc, int(grade) if grade is not None else 1)
     if not groups.texts:
         raise DataError("no pairs to mine")
-    ptr, flat = groups.arrays()
+    ptr, flat, grades = groups.arrays()
     info = dict(description or {})
     info.update(pool="corpus + positives" if corpus else "positives", pool_size=len(texts), positives_added=added,
-                queries=len(groups.texts))
-    return MiningTask(ids, texts, groups.ids, groups.texts, ptr, flat, info)
+                queries=len(groups.texts), graded=graded)
+    return MiningTask(ids, texts, groups.ids, groups.texts, ptr, flat, info, grades if graded else None)
 
 
 def task_from_beir(ds, description: dict | None = None) -> MiningTask:
@@ -107,14 +114,15 @@ def task_from_beir(ds, description: dict | None = None) -> MiningTask:
     ids = list(ds.corpus)
     position = {doc_id: i for i, doc_id in enumerate(ids)}
     groups = _Groups()
-    for qid, doc_id, _score in ds.relevant_pairs():
-        groups.add(qid, ds.queries[qid], position[doc_id])
+    for qid, doc_id, score in ds.relevant_pairs():
+        groups.add(qid, ds.queries[qid], position[doc_id], score)
     if not groups.texts:
         raise DataError(f"no judgments with score > 0 in split '{ds.split}'", path=ds.path)
-    ptr, flat = groups.arrays()
+    ptr, flat, grades = groups.arrays()
     info = dict(description or {})
-    info.update(pool="corpus", pool_size=len(ids), queries=len(groups.texts), split=ds.split)
-    return MiningTask(ids, ds.document_texts(ids), groups.ids, groups.texts, ptr, flat, info)
+    info.update(pool="corpus", pool_size=len(ids), queries=len(groups.texts), split=ds.split, graded=True,
+                grades=sorted({int(g) for g in grades}))
+    return MiningTask(ids, ds.document_texts(ids), groups.ids, groups.texts, ptr, flat, info, grades)
 
 
 def load_task(data: str | Path, *, split: str = "train", corpus: str | Path | None = None,
@@ -245,7 +253,7 @@ def iter_rows(task: MiningTask, query_vectors: Callable[[int, int], np.ndarray] 
     """Output rows, one per (query, positive), block by block. Short queries follow settings.on_short."""
     n = settings.num_negatives
     for block in mine_embeddings(query_vectors, task.n_queries, corpus, task.pos_ptr, task.pos_idx, settings,
-                                 stats=stats, rescorer=rescorer, progress=progress):
+                                 pos_grade=task.pos_grade, stats=stats, rescorer=rescorer, progress=progress):
         offset = 0
         for r, (negs, neg_scores) in enumerate(zip(block.negatives, block.negative_scores)):
             q = block.start + r

@@ -28,6 +28,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  removed by {name:<16} {n:>10,}  ({n / total:6.2%})  {_rule(name, settings)}")
     lines.append(f"  survivors                   {s['survivors']:>10,}  ({s['survivors'] / total:6.2%})")
     lines.append(f"negatives written: {s['negatives_written']:,}; rows written: {summary['rows_written']:,}")
+    if s.get("rows_short"):
+        lines.append(f"rows short of negatives: {s['rows_short']:,} of {s['pairs']:,} "
+                     f"({s['rows_short'] / max(s['pairs'], 1):.0%}), {s.get('rows_without_negative', 0):,} with none")
     lines.append(
         f"positive ranked before the window (rank < {settings['range_min']}): {s['positive_ranked_before_window']:,}"
         f" queries; inside it: {s['positive_ranked_in_window']:,}; not in the top {settings['range_max']}: "
@@ -54,6 +57,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def warning_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary's warnings, one line each (`embedkit mine` prints them last, on stderr)."""
+    return [f"warning: {w['message']}" for w in summary.get("warnings", [])]
+
+
 def _enabled(name: str, settings: dict[str, Any]) -> bool:
     key = {"known_positive": None, "near_duplicate": "duplicate_threshold"}.get(name, name)
     return key is None or settings.get(key) is not None
@@ -63,11 +71,18 @@ def _rule(name: str, settings: dict[str, Any]) -> str:
     return {
         "known_positive": "(a judged / paired positive of the query)",
         "near_duplicate": f"(cosine >= {settings['duplicate_threshold']} to a positive)",
-        "absolute_margin": f"(score > pos - {settings['absolute_margin']})",
-        "relative_margin": f"(score > pos - |pos| x {settings['relative_margin']})",
+        "absolute_margin": f"(score > pos - {settings['absolute_margin']}; {_reference(settings)})",
+        "relative_margin": f"(score > pos - |pos| x {settings['relative_margin']}; {_reference(settings)})",
         "max_score": f"(score > {settings['max_score']})",
         "min_score": f"(score < {settings['min_score']})",
     }[name]
+
+
+def _reference(settings: dict[str, Any]) -> str:
+    """Which positive the margins are measured from, in words."""
+    grade = settings.get("margin_grade", "all")
+    among = {"top": "top-graded positives", "all": "positives"}.get(grade, f"positives graded >= {grade}")
+    return f"pos = the {settings.get('margin_from', 'weakest')} of the query's {among}"
 
 
 def write_histogram(path: str | Path, positive: np.ndarray, negative: np.ndarray, title: str) -> Path:

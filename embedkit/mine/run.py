@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embedkit.errors import ConfigError
-from embedkit.mine.core import MiningStats
+from embedkit.mine.core import MiningStats, margin_warning
 from embedkit.mine.mining import (
     CrossEncoderRescorer,
     MiningTask,
@@ -95,12 +95,15 @@ def mine_to_file(
         else:
             rows_written = sum(1 for _ in rows)
     finished = time.perf_counter()
+    stats_dict = stats.to_dict()
+    warning = margin_warning(stats_dict, settings.to_dict())  # the CLI prints it after the summary
     summary: dict[str, Any] = {
         "output": str(output),
         "rows_written": rows_written,
         "pool_size": len(task.corpus_ids),
         "settings": settings.to_dict(),
-        "stats": stats.to_dict(),
+        "stats": stats_dict,
+        "warnings": [warning] if warning is not None else [],
         "short_queries": short_report(task, stats, settings),
         "corpus_embeddings": corpus_info,
         "cross_encoder": str(cross_encoder) if cross_encoder else None,
@@ -126,7 +129,7 @@ def mine_to_file(
         seed=settings.seed,
         cross_encoder=str(cross_encoder) if cross_encoder else None,
         outputs={**files, "rows": rows_written, "sha256": sha256_file(output)},
-        summary={k: summary[k] for k in ("rows_written", "pool_size", "stats")},
+        summary={k: summary[k] for k in ("rows_written", "pool_size", "stats", "warnings")},
     )
     write_json(sidecar(output, ".manifest.json"), manifest)
     files["manifest"] = str(sidecar(output, ".manifest.json"))

@@ -9,6 +9,8 @@ from typing import Any
 from embedkit.errors import ConfigError
 
 SAMPLING = ("random", "top")
+MARGIN_FROM = ("weakest", "strongest")
+MARGIN_GRADES = ("top", "all")
 SEARCH = ("auto", "exact", "hnsw")
 ON_SHORT = ("keep", "drop")
 
@@ -30,7 +32,16 @@ class MiningSettings:
     absolute_margin        remove a candidate if  score > pos - absolute_margin.
     relative_margin        remove a candidate if  score > pos - |pos| * relative_margin   (= pos * (1 - perc) for a
                            positive pos; the |pos| form keeps the threshold below pos when pos < 0).
-                           `pos` is the query's lowest-scored positive when it has several (the safe side).
+                           `pos` is the query's margin reference, see margin_from / margin_grade.
+    margin_from            which positive of the reference set the margins are measured from: "weakest" (the
+                           lowest-scored: a negative must score clearly below every reference positive, the safe
+                           side against unlabelled positives) or "strongest" (the best-scored: only candidates close
+                           to the query's best match are removed; for data with many weak positives).
+    margin_grade           which positives form the reference set, by their relevance grade (BEIR qrels score):
+                           "top" (default) the query's highest-graded positives, "all" every positive, or an integer
+                           K: positives graded >= K (all of the query's positives when none is). Positives outside
+                           the set are still never chosen as negatives; they only do not lower the threshold. With
+                           binary labels (all grades equal, or no grades: pairs files) every choice is "all".
     max_score, min_score   remove candidates scored above / below an absolute value.
     duplicate_threshold    remove a candidate whose embedding has cosine >= this with any positive of the query
                            (exact and near duplicates of a positive under another id). None disables it.
@@ -51,6 +62,8 @@ class MiningSettings:
     sampling: str = "random"
     absolute_margin: float | None = None
     relative_margin: float | None = 0.05
+    margin_from: str = "weakest"
+    margin_grade: str | int = "top"
     max_score: float | None = None
     min_score: float | None = None
     duplicate_threshold: float | None = 0.98
@@ -77,6 +90,8 @@ class MiningSettings:
                               f"{self.range_max - self.range_min} ranks; widen --range or lower --num-negatives",
                               field="num_negatives")
         _choice(self.sampling, "sampling", SAMPLING)
+        _choice(self.margin_from, "margin_from", MARGIN_FROM)
+        self.margin_grade = parse_margin_grade(self.margin_grade)
         _choice(self.on_short, "on_short", ON_SHORT)
         _choice(self.search, "search", SEARCH)
         for name in ("absolute_margin", "relative_margin", "max_score", "min_score", "duplicate_threshold"):
@@ -98,6 +113,17 @@ class MiningSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def parse_margin_grade(value: Any) -> str | int:
+    """'top' | 'all' | a grade >= 1 (int, or its text as the CLI gives it)."""
+    if value in MARGIN_GRADES:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"expected 'top', 'all' or a relevance grade >= 1, got {value!r}", field="margin_grade")
+    return value
 
 
 def parse_range(text: str) -> tuple[int, int]:

@@ -184,6 +184,11 @@ class MiningSection(_Section):
     sampling: Literal["random", "top"] = "random"
     absolute_margin: float | None = Field(None, ge=0.0)
     relative_margin: float | None = Field(0.05, ge=0.0, lt=1.0)
+    # Which positive the margins are measured from (see `embedkit mine --help`): the weakest / strongest of the
+    # query's positives graded margin_grade ("top": its highest grade; "all"; K: grade >= K). Grades come with a
+    # beir: training set; pairs files are ungraded (every choice = all positives).
+    margin_from: Literal["weakest", "strongest"] = "weakest"
+    margin_grade: str | int = "top"  # "top" | "all" | a grade K >= 1
     max_score: float | None = None
     min_score: float | None = None
     duplicate_threshold: float | None = 0.98
@@ -197,6 +202,16 @@ class MiningSection(_Section):
         if isinstance(every, int) and every <= 0:
             raise ValueError("every must be 'epoch' or a positive number of steps")
         return every
+
+    @field_validator("margin_grade", mode="before")
+    @classmethod
+    def _margin_grade(cls, value):
+        from embedkit.mine.settings import parse_margin_grade
+
+        try:
+            return parse_margin_grade(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("range")
     @classmethod
@@ -247,7 +262,8 @@ class Recipe(_Section):
         try:
             return MiningSettings(range_min=lo, range_max=hi, num_negatives=m.num_negatives or self.loss.hard_negatives,
                                   sampling=m.sampling, absolute_margin=m.absolute_margin,
-                                  relative_margin=m.relative_margin, max_score=m.max_score, min_score=m.min_score,
+                                  relative_margin=m.relative_margin, margin_from=m.margin_from,
+                                  margin_grade=m.margin_grade, max_score=m.max_score, min_score=m.min_score,
                                   duplicate_threshold=m.duplicate_threshold,
                                   seed=self.training.seed if m.seed is None else m.seed, batch_size=m.batch_size)
         except ConfigError as exc:

@@ -51,6 +51,15 @@ class TrainData:
     teacher: torch.Tensor | None = None  # [n, 1+k]
 
 
+def subset_indices(available: int, data, seed: int) -> list[int] | None:
+    """Which of `available` examples `data.max_examples` / `data.sample` keep (None: all of them)."""
+    if not data.max_examples or available <= data.max_examples:
+        return None
+    if data.sample == "random":
+        return sorted(random.Random(seed).sample(range(available), data.max_examples))
+    return list(range(data.max_examples))
+
+
 def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]]:
     """The training examples a recipe names (subset and hard negatives applied) plus their provenance."""
     data, loss = recipe.data, recipe.loss
@@ -75,12 +84,9 @@ def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]
             examples = list(reader)
         source = {"spec": data.train, "path": str(path), "sha256": sha256_file(path)}
     source["available"] = len(examples)
-    if data.max_examples and len(examples) > data.max_examples:
-        if data.sample == "random":
-            chosen = sorted(random.Random(recipe.training.seed).sample(range(len(examples)), data.max_examples))
-            examples = [examples[i] for i in chosen]
-        else:
-            examples = examples[: data.max_examples]
+    chosen = subset_indices(len(examples), data, recipe.training.seed)
+    if chosen is not None:
+        examples = [examples[i] for i in chosen]
     source.update(sample=data.sample, max_examples=data.max_examples, used=len(examples))
     k = loss.hard_negatives
     # Rows short of negatives (mining keeps queries with fewer survivors) are padded and masked out of the loss.
@@ -366,10 +372,12 @@ class TrainResult(FitResult):
 
 
 def train(recipe: Recipe, *, resume: bool = False, output_dir: str | Path | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None,
+          on_eval: Callable[[int, dict, int], None] | None = None) -> TrainResult:
     """Train the recipe's model through the engine; returns where the model went and what was measured.
 
-    `on_step(step, record)` is called after every optimizer step (tests use it to simulate a killed run).
+    `on_step(step, record)` is called after every optimizer step (tests use it to simulate a killed run);
+    `on_eval(step, dev_result, total_steps)` after every dev evaluation (`embedkit tune` feeds its pruner with it).
     """
     if output_dir is not None:
         recipe = recipe.model_copy(deep=True)
@@ -379,12 +387,12 @@ def train(recipe: Recipe, *, resume: bool = False, output_dir: str | Path | None
     if t.threads:
         torch.set_num_threads(t.threads)
     try:
-        return _train(recipe, resume=resume, on_step=on_step)
+        return _train(recipe, resume=resume, on_step=on_step, on_eval=on_eval)
     finally:
         torch.set_num_threads(threads_before)  # the setting is process-wide: give it back
 
 
-def _train(recipe: Recipe, *, resume: bool, on_step) -> TrainResult:
+def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResult:
     t = recipe.training
     output = Path(t.output_dir)
     engine = Engine(recipe, output, kind="train")
@@ -419,7 +427,7 @@ def _train(recipe: Recipe, *, resume: bool, on_step) -> TrainResult:
         dev_task = load_task(parse_task_spec(recipe.data.dev))
     step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
     fit = engine.fit(step, encoder, extra=[p for p in loss_fn.parameters() if p.requires_grad],
-                     n_examples=len(data.examples), resume=resume, on_step=on_step)
+                     n_examples=len(data.examples), resume=resume, on_step=on_step, on_eval=on_eval)
     stats = {**fit.stats(), "memory": memory, "processes": engine.world, "backend": engine.backend.name,
              "device": str(engine.device), "loss": loss_fn.describe()}
     if engine.world > 1 or recipe.deepspeed.stage != "none":

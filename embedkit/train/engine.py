@@ -342,9 +342,16 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, step: Step, model: nn.Module, *, extra: list[nn.Parameter] | None = None, n_examples: int,
-            resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> FitResult:
-        """Train `model` (and `extra` loss parameters) with `step`; returns what was measured, on every rank."""
+            resume: bool = False, on_step: Callable[[int, dict], None] | None = None,
+            on_eval: Callable[[int, dict, int], None] | None = None) -> FitResult:
+        """Train `model` (and `extra` loss parameters) with `step`; returns what was measured, on every rank.
+
+        `on_step(step, record)` runs after every optimizer step; `on_eval(step, result, total_steps)` after every
+        dev evaluation (`embedkit tune` reports it to its pruner). An exception raised by either ends the run: the
+        log is closed and nothing is saved (checkpoints stay, as after a crash).
+        """
         t = self.training
+        self._on_eval = on_eval
         from embedkit.train.backends import count_steps
 
         self._model, self._extra = model, list(extra or [])
@@ -390,60 +397,15 @@ class Engine:
         progress = tqdm(total=total, initial=state["step"], desc=step.name, unit="step", file=sys.stderr,
                         disable=not (t.progress and self.is_main), dynamic_ncols=True)
         model.train()
-        last_loss = None
         try:
-            while state["step"] < total:
-                if state["batch"] == 0:
-                    record = step.before_epoch(self, state["step"], state["epoch"])
-                    if record:
-                        self._log(jsonl, record)
-                batches = self._epoch_batches(step, state["epoch"], global_batch)
-                while state["batch"] < len(batches) and state["step"] < total:
-                    group = batches[state["batch"]:state["batch"] + t.gradient_accumulation]
-                    started = time.perf_counter()
-                    outs = []
-                    for i, rows in enumerate(group):
-                        self.sync_gradients = i == len(group) - 1
-                        local = self._local_rows(rows)
-                        outs.append(step.run(local, self, 1.0 / len(group)))
-                    self.sync_gradients = True
-                    self._fix_extra_grads()
-                    grad_norm = self.backend.optimizer_step()
-                    elapsed = time.perf_counter() - started
-                    state["step"] += 1
-                    state["batch"] += len(group)
-                    state["samples"] += sum(len(rows) for rows in group)
-                    state["train_seconds"] += elapsed
-                    record = _merge_records(outs)
-                    last_loss = record.get("loss")
-                    if state["first_loss"] is None:
-                        state["first_loss"] = last_loss
-                    record = {"event": "train", "step": state["step"], "epoch": state["epoch"], **record,
-                              "lr": self.backend.lr(), "grad_norm": grad_norm,
-                              "samples_per_s": sum(len(r) for r in group) / elapsed}
-                    progress.update(1)
-                    if last_loss is not None:
-                        progress.set_postfix(loss=f"{last_loss:.4f}",
-                                             sps=f"{state['samples'] / max(state['train_seconds'], 1e-9):.2f}")
-                    if state["step"] % t.log_every == 0 or state["step"] == total:
-                        self._log(jsonl, record)
-                    hooked = step.after_step(self, state["step"], total)
-                    if hooked:
-                        self._log(jsonl, hooked)
-                    if t.eval_every and state["step"] % t.eval_every == 0:
-                        self._dev_eval(step, state, jsonl)
-                    if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total:
-                        self._save_checkpoint(state, step)
-                    if on_step is not None:
-                        on_step(state["step"], record)
-                if state["batch"] >= len(batches):
-                    state["epoch"] += 1
-                    state["batch"] = 0
+            last_loss = self._loop(step, state, total, global_batch, jsonl, progress, on_step)
+        except BaseException:
+            jsonl.close()
+            raise
         finally:
             progress.close()
 
         self.backend.end_training()
-        dev = None
         if t.eval_every and state["best_step"] is not None:
             if state["step"] % t.eval_every:  # the final weights were not evaluated yet
                 self._dev_eval(step, state, jsonl)
@@ -451,11 +413,12 @@ class Engine:
                 best = torch.load(self.work / "best.pt", weights_only=True, map_location="cpu")
                 self.backend.load_trainable_state(best)
                 log.info("using the dev-best weights of step %d", state["best_step"])
-        if t.eval_at_end or t.eval_every:
-            dev = step.evaluate(self)
-            if dev is not None:
-                self._log(jsonl, {"event": "final_eval", "step": state["step"], "task": dev["task"],
-                                  "metric": dev["metric"], "score": dev["score"]})
+        # Evaluated again after training (not the result seen mid-training): mixed precision has ended by now, so the
+        # recorded dev score is the fp32 model's, as the saved model will be served.
+        dev = step.evaluate(self) if (t.eval_at_end or t.eval_every) else None
+        if dev is not None:
+            self._log(jsonl, {"event": "final_eval", "step": state["step"], "task": dev["task"],
+                              "metric": dev["metric"], "score": dev["score"]})
         result = FitResult(state["step"], state["samples"], state["train_seconds"],
                            state["samples"] / max(state["train_seconds"], 1e-9), peak_rss_gb(), last_loss,
                            state["first_loss"], state["best_step"], dev, state["history"], resumed_from)
@@ -465,6 +428,60 @@ class Engine:
             tracker.finish()
         model.eval()
         return result
+
+    def _loop(self, step: Step, state: dict, total: int, global_batch: int, jsonl: "_JsonlLog", progress,
+              on_step) -> float | None:
+        """The optimizer steps from state["step"] to `total`; returns the last step's loss."""
+        t = self.training
+        last_loss = None
+        while state["step"] < total:
+            if state["batch"] == 0:
+                record = step.before_epoch(self, state["step"], state["epoch"])
+                if record:
+                    self._log(jsonl, record)
+            batches = self._epoch_batches(step, state["epoch"], global_batch)
+            while state["batch"] < len(batches) and state["step"] < total:
+                group = batches[state["batch"]:state["batch"] + t.gradient_accumulation]
+                started = time.perf_counter()
+                outs = []
+                for i, rows in enumerate(group):
+                    self.sync_gradients = i == len(group) - 1
+                    local = self._local_rows(rows)
+                    outs.append(step.run(local, self, 1.0 / len(group)))
+                self.sync_gradients = True
+                self._fix_extra_grads()
+                grad_norm = self.backend.optimizer_step()
+                elapsed = time.perf_counter() - started
+                state["step"] += 1
+                state["batch"] += len(group)
+                state["samples"] += sum(len(rows) for rows in group)
+                state["train_seconds"] += elapsed
+                record = _merge_records(outs)
+                last_loss = record.get("loss")
+                if state["first_loss"] is None:
+                    state["first_loss"] = last_loss
+                record = {"event": "train", "step": state["step"], "epoch": state["epoch"], **record,
+                          "lr": self.backend.lr(), "grad_norm": grad_norm,
+                          "samples_per_s": sum(len(r) for r in group) / elapsed}
+                progress.update(1)
+                if last_loss is not None:
+                    progress.set_postfix(loss=f"{last_loss:.4f}",
+                                         sps=f"{state['samples'] / max(state['train_seconds'], 1e-9):.2f}")
+                if state["step"] % t.log_every == 0 or state["step"] == total:
+                    self._log(jsonl, record)
+                hooked = step.after_step(self, state["step"], total)
+                if hooked:
+                    self._log(jsonl, hooked)
+                if t.eval_every and state["step"] % t.eval_every == 0:
+                    self._dev_eval(step, state, jsonl)
+                if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total:
+                    self._save_checkpoint(state, step)
+                if on_step is not None:
+                    on_step(state["step"], record)
+            if state["batch"] >= len(batches):
+                state["epoch"] += 1
+                state["batch"] = 0
+        return last_loss
 
     def _epoch_batches(self, step: Step, epoch: int, global_batch: int) -> list[list[int]]:
         """The step's batches, cut so that every process gets the same number of rows (collectives need equal
@@ -522,6 +539,8 @@ class Engine:
                     torch.save(weights, tmp)
             self._barrier()
         self._model.train()
+        if getattr(self, "_on_eval", None) is not None:
+            self._on_eval(state["step"], result, self.total_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def _latest_checkpoint(self) -> Path | None:

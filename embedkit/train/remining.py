@@ -97,9 +97,16 @@ class OnlineMiner:
                   "survivors": stats["survivors"], "negatives_changed": changed_slots, "rows_changed": changed_rows,
                   "rows_short": short_rows, "negative_score_median": stats["negative_scores"].get("median"),
                   "positive_score_median": stats["positive_scores"].get("median")}
+        from embedkit.mine.core import margin_warning
+
+        warning = margin_warning(stats, self.settings.to_dict(), names="recipe")
+        if warning is not None:
+            record["warning"] = warning["message"]
         self.refreshes.append(record)
         log.info("re-mined negatives at step %d (round %d, %.1f s): %d negatives changed in %d rows, %d rows short",
                  step, round_, record["seconds"], changed_slots, changed_rows, short_rows)
+        if warning is not None:
+            log.warning("online mining: %s", warning["message"])
         return record
 
     def manifest(self) -> dict[str, Any]:

@@ -1,0 +1,315 @@
+"""Benchmark: `embedkit tune` against the default recipe and sentence-transformers' default trainer.
+
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+    .venv/bin/python bench/bench_tune.py --datasets scifact,medquad --budget 60m --json /tmp/bench_tune.json
+    BENCH_SMOKE=1 BENCH_MAX_STEPS=2 .venv/bin/python bench/bench_tune.py --budget 2 --seeds 1   # smoke test
+
+Per data set (MiniLM, recipes/minilm-<dataset>.yaml, 2 threads):
+1. tune: `embedkit tune` on the *train* split only (its `data.dev` is removed, so the dev split is carved from the
+   training queries; the test split is never seen), `--budget` (default 60m) of search, `--no-final`: it writes
+   tuned_recipe.yaml. The budget bounds the search; the trials use the recipe's seed.
+2. the final trainings, each in its own child process, once per seed of `--seeds` (default 42,43,44):
+   - tuned: tuned_recipe.yaml with training.seed = the seed;
+   - default: the recipe as written (the same data: SciFact's 919 train pairs, MedQuAD's seeded 1,000-pair sample);
+   - st: sentence-transformers' SentenceTransformerTrainer + MultipleNegativesRankingLoss with its default training
+     arguments (lr 5e-5, 3 epochs, no warmup, no weight decay), except the batch size (the recipe's 32: in-batch
+     negatives are the loss's whole point, and ST's default of 8 leaves 7) and the NO_DUPLICATES batch sampler ST's
+     documentation recommends for that loss; same pairs, same max length (256), same threads;
+3. every model (and the base model) is evaluated on the *test* split by embedkit's evaluation runner (what
+   `embedkit eval` runs); nDCG@10 is the mean +- sd over the seeds, and each verdict is `embedkit compare` on the
+   per-query nDCG@10 averaged over the seeds (difference, 95% interval, p(improvement), the default gate at a 0.01
+   margin): tuned vs default, tuned vs ST, tuned vs base.
+
+Environment: BENCH_MAX_STEPS=N caps the optimizer steps of every training (the trials, the final runs, ST's);
+BENCH_SMOKE=1 also shrinks the data (48 training pairs, a 100-document dev corpus, a 30-query / 300-document cut of
+the test split) so the whole script runs in minutes: a check of the script, not a measurement.
+
+Expected duration on 2 cores with nothing else running: tune 60 min per data set; the final runs ~2.5 h (SciFact)
+and ~2 h (MedQuAD), most of it ST's 3 epochs; evaluation ~70 min (SciFact: 10 encodings of its 5,183 abstracts) and
+~20 min (MedQuAD). About 7-8 h for both data sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATASETS = {
+    "scifact": {"recipe": "recipes/minilm-scifact.yaml", "train": "beir:{data}/scifact:train",
+                "test": ("{data}/scifact", "test")},
+    "medquad": {"recipe": "recipes/minilm-medquad.yaml", "train": "{data}/medquad/train_pairs.jsonl",
+                "test": ("{data}/medquad/test", "test")},
+}
+ARMS = ("default", "tuned", "st")
+LABELS = {"base": "base model", "default": "default recipe", "tuned": "tuned recipe", "st": "ST default trainer"}
+THREADS = 2
+MAX_LENGTH = 256
+SMOKE = os.environ.get("BENCH_SMOKE") == "1"
+MAX_STEPS = os.environ.get("BENCH_MAX_STEPS")
+SMOKE_SIZES = {"train_pairs": 48, "dev_docs": 100, "test_queries": 30, "test_docs": 300}
+
+
+def recipe_overrides(dataset: str, data_root: str) -> list[str]:
+    """The recipe's own settings, on the train split only (no dev: tune carves one from the training queries)."""
+    overrides = [f"data.train={DATASETS[dataset]['train'].format(data=data_root)}", "data.dev=null",
+                 "training.progress=false", f"training.threads={THREADS}"]
+    if SMOKE:
+        overrides += [f"data.max_examples={SMOKE_SIZES['train_pairs']}", "data.sample=random"]
+    if MAX_STEPS:
+        overrides.append(f"training.max_steps={MAX_STEPS}")
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------------- children
+def child_embedkit(recipe: str, overrides: list[str], output: Path, seed: int) -> dict:
+    from embedkit.train.config import load_recipe
+    from embedkit.train.contrastive import train
+
+    parsed = load_recipe(recipe, [*overrides, f"training.seed={seed}", f"training.output_dir={output}"])
+    started = time.perf_counter()
+    result = train(parsed)
+    return {"steps": result.steps, "samples": result.samples, "train_s": time.perf_counter() - started,
+            "recipe": parsed.model_dump(mode="json")}
+
+
+def child_st(recipe: str, overrides: list[str], output: Path, seed: int) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+    from sentence_transformers.training_args import BatchSamplers
+
+    from embedkit.models.registry import minilm_path
+    from embedkit.train.config import load_recipe
+    from embedkit.train.contrastive import load_examples
+
+    parsed = load_recipe(recipe, [*overrides, f"training.seed={seed}"])
+    examples, _ = load_examples(parsed)  # the very pairs the embedkit arms train on
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model.max_seq_length = MAX_LENGTH
+    data = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
+    args = SentenceTransformerTrainingArguments(  # ST's defaults otherwise: lr 5e-5, 3 epochs, no warmup, no decay
+        output_dir=str(output) + ".st-work", per_device_train_batch_size=parsed.training.batch_size, seed=seed,
+        data_seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True, report_to=[], save_strategy="no",
+        disable_tqdm=True, max_steps=int(MAX_STEPS or -1))
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=losses.MultipleNegativesRankingLoss(model))
+    started = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - started
+    model.save(str(output))
+    shutil.rmtree(str(output) + ".st-work", ignore_errors=True)
+    return {"steps": out.global_step, "train_s": wall,
+            "settings": {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
+                         "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
+                         "batch_size": args.per_device_train_batch_size, "batch_sampler": "no_duplicates"}}
+
+
+def run_child(kind: str, recipe: str, overrides: list[str], output: Path, seed: int) -> dict:
+    result_file = output.with_suffix(".result.json")
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", kind, "--recipe", recipe, "--output", str(output), "--seed",
+           str(seed), "--result", str(result_file), *[f"--set={o}" for o in overrides]]
+    started = time.perf_counter()
+    code = subprocess.run(cmd, cwd=REPO).returncode
+    if code != 0:
+        raise SystemExit(f"{kind} training (seed {seed}) failed with exit code {code}")
+    result = json.loads(result_file.read_text())
+    result["child_wall_s"] = time.perf_counter() - started
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+def test_task(dataset: str, data_root: str, work: Path) -> str:
+    """The test split as an eval task spec; under BENCH_SMOKE a seeded cut of it (queries and documents)."""
+    folder, split = DATASETS[dataset]["test"]
+    folder = folder.format(data=data_root)
+    if not SMOKE:
+        return f"beir:{folder}:{split}"
+    from embedkit.data.beir import load_beir
+
+    ds = load_beir(folder, split)
+    rng = random.Random(0)
+    qids = sorted(rng.sample(ds.judged_query_ids(), min(SMOKE_SIZES["test_queries"], len(ds.judged_query_ids()))))
+    keep = {d for q in qids for d, s in ds.qrels[q].items() if s > 0}
+    others = [d for d in ds.corpus if d not in keep]
+    keep |= set(rng.sample(others, max(0, min(len(others), SMOKE_SIZES["test_docs"] - len(keep)))))
+    cut = work / f"{dataset}-test-cut"
+    shutil.rmtree(cut, ignore_errors=True)
+    (cut / "qrels").mkdir(parents=True)
+    (cut / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, **ds.corpus[d]}) + "\n"
+                                              for d in ds.corpus if d in keep))
+    (cut / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": ds.queries[q]}) + "\n" for q in qids))
+    (cut / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{s}\n" for q in qids for d, s in ds.qrels[q].items() if d in keep))
+    return f"beir:{cut}:{split}"
+
+
+def evaluate(model: str | Path, task: str, cache: Path) -> dict:
+    import torch
+
+    from embedkit.eval.runner import evaluate as run
+    from embedkit.models.encoder import load_model
+
+    torch.set_num_threads(THREADS)
+    return run(load_model(model, max_length=MAX_LENGTH), [task], batch_size=64, cache_dir=cache)
+
+
+def ndcg(report: dict) -> float:
+    (task,) = report["results"].values()
+    return task["metrics"]["ndcg_at_10"]
+
+
+def seed_mean_report(reports: list[dict]) -> dict:
+    from bench_train import seed_mean_report as mean_report  # stdlib-only imports at its top
+
+    return mean_report(reports)
+
+
+def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str) -> dict:
+    from bench_train import verdict_between
+
+    return verdict_between(baseline, candidate, name_b, name_c, seed=0)
+
+
+def tune_dataset(dataset: str, data_root: str, work: Path, budget: str) -> dict:
+    """`embedkit tune` as a user runs it, on the train split only; returns its JSON summary and its wall time."""
+    out = work / f"{dataset}-tune"
+    cmd = [sys.executable, "-m", "embedkit.cli", "tune", DATASETS[dataset]["recipe"], "--budget", budget, "-o",
+           str(out), "--no-final", "--json", *[f"--set={o}" for o in recipe_overrides(dataset, data_root)]]
+    if SMOKE:
+        cmd += ["--dev-docs", str(SMOKE_SIZES["dev_docs"])]
+    print(f"[{dataset}] {' '.join(cmd[2:])}", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"embedkit tune on {dataset} failed with exit code {proc.returncode}")
+    summary = json.loads(proc.stdout)
+    summary["wall_s"] = time.perf_counter() - started
+    report = json.loads((out / "tune_report.json").read_text())
+    summary["trial_states"] = [t["state"] for t in report["trials"]]
+    summary["changes"] = report["changes"]
+    summary["search_seconds"] = report["search_seconds"]
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="scifact,medquad")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--budget", default="60m", help="embedkit tune --budget per data set (default 60m)")
+    parser.add_argument("--seeds", default="42,43,44", help="seeds of the final trainings (every arm)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated from default, tuned, st")
+    parser.add_argument("--out", default="/tmp/embedkit-bench-tune", help="work folder (models, caches)")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--child", choices=["embedkit", "st"], help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        fn = child_st if args.child == "st" else child_embedkit
+        Path(args.result).write_text(json.dumps(fn(args.recipe, args.set, Path(args.output), args.seed)))
+        return
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms) or "tuned" not in arms:
+        parser.error(f"--arms: choose from {', '.join(ARMS)}, tuned included")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds: not a comma-separated list of integers: {args.seeds!r}")
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"budget": args.budget, "seeds": seeds, "arms": arms, "smoke": SMOKE, "max_steps": MAX_STEPS,
+                     "command": " ".join(sys.argv), "datasets": {}}
+
+    def write_json() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    for dataset in args.datasets.split(","):
+        task = test_task(dataset, args.data, work)
+        row: dict = {"task": task}
+        row["tune"] = tune_dataset(dataset, args.data, work, args.budget)
+        t = row["tune"]
+        print(f"[{dataset}] tune: {len(t['trial_states'])} trials ({t['trial_states'].count('pruned')} pruned) in "
+              f"{t['search_seconds']:.0f} s; best trial {t['best_trial']}, dev {t['metric']} {t['dev']:.4f}; "
+              f"changed: {'; '.join(t['changes']) or 'nothing'}", flush=True)
+        base = evaluate("minilm", task, work / "cache")
+        row["base"] = {"ndcg_at_10": ndcg(base)}
+        print(f"[{dataset}] base model nDCG@10 {row['base']['ndcg_at_10']:.4f}", flush=True)
+        overrides = recipe_overrides(dataset, args.data)
+        recipes = {"default": (DATASETS[dataset]["recipe"], overrides),
+                   "tuned": (t["tuned_recipe"], []),
+                   "st": (DATASETS[dataset]["recipe"], overrides)}
+        reports: dict[str, list[dict]] = {arm: [] for arm in arms}
+        for arm in arms:
+            runs = []
+            for seed in seeds:
+                output = work / f"{dataset}-{arm}-s{seed}"
+                recipe, extra = recipes[arm]
+                run = run_child("st" if arm == "st" else "embedkit", recipe, extra, output, seed)
+                report = evaluate(output, task, work / "cache")
+                reports[arm].append(report)
+                run["ndcg_at_10"] = ndcg(report)
+                runs.append(run)
+                print(f"[{dataset}] {arm:8s} seed {seed}: {run['steps']} steps in {run['train_s']:.0f} s, "
+                      f"nDCG@10 {run['ndcg_at_10']:.4f}", flush=True)
+            scores = [r["ndcg_at_10"] for r in runs]
+            row[arm] = {"runs": runs, "ndcg_at_10": statistics.fmean(scores),
+                        "ndcg_at_10_sd": statistics.stdev(scores) if len(scores) > 1 else 0.0}
+            write_json()
+        means = {arm: seed_mean_report(reports[arm]) for arm in arms}
+        means["base"] = base
+        row["verdicts"] = {}
+        for other in [a for a in ("default", "st", "base") if a in means and a != "tuned"]:
+            row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned")
+        results["datasets"][dataset] = row
+        write_json()
+    summary(results)
+    write_json()
+
+
+def summary(results: dict) -> None:
+    arms = results["arms"]
+    print(f"\nembedkit tune, budget {results['budget']} per data set; final trainings over seeds {results['seeds']}"
+          + (" (SMOKE: shrunken data, not a measurement)" if results["smoke"] else ""))
+    head = "| data | tune (trials, pruned) | base | " + " | ".join(f"{LABELS[a]} (mean +- sd)" for a in arms)
+    others = [a for a in ("default", "st", "base") if a in arms or a == "base"]
+    head += " | " + " | ".join(f"tuned vs {LABELS[o]}: diff [95% CI], p(improve), gate" for o in others) + " |"
+    print(head)
+    print("|---" * (3 + len(arms) + len(others)) + "|")
+    for dataset, row in results["datasets"].items():
+        t = row["tune"]
+        cells = [dataset, f"{len(t['trial_states'])}, {t['trial_states'].count('pruned')}",
+                 f"{row['base']['ndcg_at_10']:.4f}"]
+        cells += [f"{row[a]['ndcg_at_10']:.4f} +- {row[a]['ndcg_at_10_sd']:.4f}" for a in arms]
+        for o in others:
+            v = row["verdicts"].get(f"tuned_vs_{o}")
+            cells.append("-" if v is None else f"{v['difference']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}], "
+                                               f"p {v['p_improvement']:.3f}, {v['verdict']}")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

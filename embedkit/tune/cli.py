@@ -1,0 +1,117 @@
+"""`embedkit tune RECIPE --budget 30m|N [--test TASK] ...` (registered by embedkit/cli.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from embedkit.device import DEVICE_HELP
+from embedkit.tune.budget import BUDGET_HELP
+
+
+def tune_command(
+    recipe: Path = typer.Argument(..., help="The recipe to tune (see recipes/). Trial 0 is this recipe as written; "
+                                            "the search is centred on its values."),
+    budget: str = typer.Option(
+        ..., "--budget", "-b",
+        help=f"How much searching: {BUDGET_HELP}. A time budget starts a trial only when it is expected to end in "
+             "time (the median length of the finished trials); the final training and --test come after it."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o",
+        help="Output folder (default: the recipe's training.output_dir + '-tune'): tuned_recipe.yaml, model/ (the "
+             "final model), tune_report.md / .json, dev_curve.png, split/ (the dev split), test/ (with --test)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value first, as in `embedkit train`: "
+                                                     "--set training.batch_size=64 (YAML value)."),
+    test: Optional[str] = typer.Option(
+        None, "--test",
+        help="A task the search never sees, e.g. beir:../shared/data/scifact:test. After the final model: the base "
+             "model, the default recipe's model (one more training run) and the tuned model are evaluated on it and "
+             "compared with `embedkit compare` (difference, 95% CI, p(improvement))."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the dev split and of the sampler (default: the "
+                                                            "recipe's training.seed). Same seed, same trials."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"Overrides model.device for every run: {DEVICE_HELP}"),
+    dev_fraction: float = typer.Option(0.2, "--dev-fraction",
+                                       help="Share of the training queries carved out as dev (no data.dev in the "
+                                            "recipe). The final model trains on all of them."),
+    max_dev_queries: int = typer.Option(500, "--max-dev-queries", help="At most this many dev queries."),
+    dev_docs: int = typer.Option(
+        1000, "--dev-docs",
+        help="Dev corpus: the dev queries' positives plus seeded random documents up to this many (0: the whole "
+             "pool). Dev is evaluated several times per trial; a sample keeps that cheap and still ranks trials."),
+    evals_per_epoch: int = typer.Option(2, "--evals-per-epoch",
+                                        help="Dev evaluations per epoch of a trial: what the pruner sees."),
+    params: Optional[str] = typer.Option(
+        None, "--params",
+        help="Search only these (comma-separated): lr, epochs, temperature, hard_negatives, mining_range, "
+             "relative_margin, margin_from, lora_r. Default: every one the recipe can use."),
+    no_final: bool = typer.Option(False, "--no-final", help="Search and write the recipe; do not train the final "
+                                                           "model (no --test then)."),
+    keep_trials: bool = typer.Option(False, "--keep-trials", help="Keep every trial's model folder under trials/."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the trials' own training lines."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Find the recipe that suits your data: a budgeted search on a dev split, then the final model.
+
+    1. Dev split: carved from the training queries (query-disjoint, seeded), or the recipe's data.dev.
+    2. Search (Optuna TPE, seeded, one trial at a time: a fixed seed gives the same trials) over lr, epochs,
+    temperature, and where the recipe can use them the hard negatives, the mining window and margin (mining.online)
+    and the LoRA rank (adapter lora / qlora). Trial 0 is your recipe. Bad trials stop early: the engine's dev
+    evaluations feed a median pruner.
+    3. The best values go into OUTPUT/tuned_recipe.yaml (your recipe otherwise unchanged), which trains the final
+    model on all the training data into OUTPUT/model: `embedkit train OUTPUT/tuned_recipe.yaml` reproduces it, same
+    weights.
+    4. Report: tune_report.md / .json (trials: params, dev score, pruned / complete, seconds; the search space and
+    why its bounds hold on other corpora), dev_curve.png, and with --test the comparisons.
+
+    Works for every recipe the engine trains: full fine-tuning, LoRA / QLoRA, LLM encoders, on the CPU or a GPU
+    (model.device or --device). The search space and its reasons: embedkit/tune/space.py.
+
+    Examples:
+
+      embedkit tune recipes/minilm-scifact.yaml --budget 2h --set data.dev=null --test beir:../shared/data/scifact:test
+
+      embedkit tune recipes/minilm-medquad.yaml --budget 20 -o runs/medquad-tune
+
+      embedkit tune my-recipe.yaml --budget 30m --params lr,epochs --device cuda
+
+      embedkit train runs/medquad-tune/tuned_recipe.yaml      # the same model again
+    """
+    from embedkit.train.engine import configure_logging
+    from embedkit.tune.budget import parse_budget
+    from embedkit.tune.run import tune
+
+    parsed_budget = parse_budget(budget)  # a bad budget fails before anything loads
+    wanted = [p.strip() for p in params.split(",") if p.strip()] if params else None
+    configure_logging("embedkit tune")
+    # stdout carries the result only: what libraries print while the runs go (DeepSpeed's accelerator line, ...)
+    # goes to stderr with the progress lines, so `--json` stays parseable.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = tune(recipe, budget=parsed_budget, output=output, overrides=list(set_), seed=seed, device=device,
+                      test=test, dev_fraction=dev_fraction, max_dev_queries=max_dev_queries, dev_docs=dev_docs,
+                      evals_per_epoch=evals_per_epoch, params=wanted, final=not no_final, keep_trials=keep_trials,
+                      verbose=verbose)
+    report = result.report
+    summary = {"output": str(result.output), "tuned_recipe": str(result.recipe_path),
+               "model": str(result.model_dir) if result.model_dir else None, "best_trial": result.best.number,
+               "dev": result.best.value, "metric": report["metric"], "chosen": result.best.params,
+               "trials": len(result.trials), "test": report.get("test") and {
+                   k: {"difference": v["difference"], "ci_low": v["ci_low"], "ci_high": v["ci_high"],
+                       "p_improvement": v["p_improvement"]} for k, v in report["test"]["comparisons"].items()}}
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(f"best trial {result.best.number} of {len(result.trials)}: dev {report['metric']} "
+               f"{result.best.value:.4f} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in result.best.params.items())})")
+    if report.get("test"):
+        test_report = report["test"]
+        for name, c in test_report["comparisons"].items():
+            ci = "" if c["ci_low"] is None else f" [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+            p = "" if c["p_improvement"] is None else f", p(improvement) {c['p_improvement']:.4f}"
+            typer.echo(f"test {test_report['task']}: tuned vs {c['baseline']} {c['difference']:+.4f}{ci}{p}")
+    typer.echo(f"recipe: {result.recipe_path}" + (f"; model: {result.model_dir}" if result.model_dir else "")
+               + f"; report: {result.output / 'tune_report.md'}")

@@ -1,0 +1,81 @@
+"""`embedkit tune --test TASK`: the tuned model against the base model and the default recipe's model, on a test
+split the search never saw, with `embedkit compare` (difference, 95% interval, p(improvement), the default gate).
+
+The default recipe's model is the recipe as written, trained on the same training data as the tuned one (one more
+training run; when the search kept every value of the recipe, the tuned model *is* that model and is reused).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("embedkit.tune")
+
+GATE_MARGIN = 0.01  # the regression gate's margin in the verdict (as `embedkit compare`'s default)
+
+
+def _evaluate(encoder, spec, batch_size: int, path: Path) -> dict[str, Any]:
+    from embedkit.eval.report import write_report
+    from embedkit.eval.runner import evaluate
+
+    report = evaluate(encoder, [spec], batch_size=batch_size)
+    write_report(report, path)
+    return report
+
+
+def compare_on_test(spec, *, recipe, raw: dict, tuned_dir: Path, output: Path, same_as_default: bool,
+                    device: str) -> dict[str, Any]:
+    from embedkit.eval.compare import compare
+    from embedkit.models import load_model
+    from embedkit.train.config import parse_recipe
+    from embedkit.train.contrastive import train
+    from embedkit.tune.run import DEFAULT_MODEL_DIR, TEST_DIR, _free_memory, _set
+
+    folder = output / TEST_DIR
+    batch = recipe.data.dev_batch_size
+    m = recipe.model
+    started = time.perf_counter()
+    log.info("test %s: evaluating the base model %s", spec.name, m.name)
+    base = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
+                      padding_side=m.padding_side, device=device)
+    reports = {"base": _evaluate(base, spec, batch, folder / "base.json")}
+    del base
+    _free_memory()
+    if same_as_default:
+        default_dir = tuned_dir
+        log.info("the tuned recipe is the recipe as written: its model is the default recipe's model")
+    else:
+        default_raw = copy.deepcopy(raw)
+        default_dir = output / DEFAULT_MODEL_DIR
+        _set(default_raw, "training.output_dir", str(default_dir))
+        log.info("training the default recipe (as written) on the same data -> %s", default_dir)
+        train(parse_recipe(default_raw))
+        _free_memory()
+    for name, folder_of_model in (("default", default_dir), ("tuned", tuned_dir)):
+        log.info("test %s: evaluating the %s model", spec.name, name)
+        encoder = load_model(folder_of_model, device=device)
+        reports[name] = _evaluate(encoder, spec, batch, folder / f"{name}.json")
+        del encoder
+        _free_memory()
+    out: dict[str, Any] = {"task": spec.name, "spec": spec.spec, "metric": spec.main_metric,
+                           "scores": {k: r["results"][spec.name]["metrics"][spec.main_metric]
+                                      for k, r in reports.items()},
+                           "reports": {k: str(folder / f"{k}.json") for k in reports},
+                           "default_model": str(default_dir), "comparisons": {}}
+    for baseline in ("base", "default"):
+        result = compare(reports[baseline], reports["tuned"], max_drop=GATE_MARGIN, seed=0)
+        (task,) = result.tasks
+        out["comparisons"][f"tuned_vs_{baseline}"] = {
+            "baseline": baseline, "difference": task.difference, "ci_low": task.ci_low, "ci_high": task.ci_high,
+            "p_improvement": task.p_improvement, "p_drop_beyond_margin": task.p_value, "verdict": task.verdict,
+            "reason": task.reason, "exit_code": result.exit_code, "lines": result.summary_lines()}
+        log.info("tuned vs %s on %s: %+.4f [%+.4f, %+.4f], p(improvement) %.4f", baseline, spec.name,
+                 task.difference, task.ci_low if task.ci_low is not None else float("nan"),
+                 task.ci_high if task.ci_high is not None else float("nan"),
+                 task.p_improvement if task.p_improvement is not None else float("nan"))
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out

@@ -1,0 +1,565 @@
+"""`embedkit tune`: search a recipe's parameters on a dev split, train the final model, write the recipe and a report.
+
+    from embedkit.tune import tune
+    result = tune("recipes/minilm-scifact.yaml", budget="30m", output="runs/scifact-tune",
+                  test="beir:../shared/data/scifact:test")
+
+The steps:
+
+1. the recipe is read (with `--set` overrides) and checked as `embedkit train --check` would;
+2. the dev split (embedkit/tune/split.py): carved from the training queries (query-disjoint, seeded), or the recipe's
+   `data.dev`;
+3. when the recipe mines (`mining.online`), the base model mines the training queries once with the recipe's
+   settings; when the margin leaves most rows without a negative, the margin joins the search;
+4. the search (Optuna): a seeded TPE sampler proposes parameters (embedkit/tune/space.py), one trial at a time, so a
+   fixed seed gives the same trials. Trial 0 is the recipe as written. Every trial trains through the training engine
+   (`embedkit.train.contrastive.train`) on the training part; the engine's dev evaluations (every half epoch by
+   default) feed a median pruner, which stops a trial whose dev score falls below the median of the finished
+   trials at the same step (never at the first evaluation, never at the last). A trial's score is the dev score of
+   the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
+   brings its own data.dev and eval_every, the dev-best step's (the engine restores it);
+5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time
+   (expected: the median length of the trials that ran to the end);
+6. the best trial's parameters go into the recipe (everything else as the user wrote it, `training.output_dir` =
+   OUTPUT/model), written to OUTPUT/tuned_recipe.yaml, which is then trained as `embedkit train` would train it, on
+   all the training data (the carved dev queries included): `embedkit train OUTPUT/tuned_recipe.yaml` gives the same
+   weights;
+7. with a test task: the base model, the default recipe's model (trained on the same data) and the tuned model are
+   evaluated on it and compared with `embedkit compare` (difference, 95% interval, p(improvement));
+8. the report: tune_report.md / .json (trials, the search space, the dev split, the choice) and dev_curve.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from embedkit.errors import ConfigError, EmbedkitError
+from embedkit.tune.budget import Budget, parse_budget
+from embedkit.tune.space import Param, build_space, defaults, in_space, recipe_overrides
+from embedkit.tune.split import DevSplit, carve_dev_split, given_dev_split
+
+log = logging.getLogger("embedkit.tune")
+
+RECIPE_NAME = "tuned_recipe.yaml"
+MODEL_DIR = "model"
+DEFAULT_MODEL_DIR = "default-model"
+TRIALS_DIR = "trials"
+SPLIT_DIR = "split"
+TEST_DIR = "test"
+TPE_STARTUP_TRIALS = 4  # random proposals (trial 0 = the recipe included) before TPE models the results
+PRUNER_STARTUP_TRIALS = 2  # finished trials needed before any pruning
+MAX_REPEATS = 20  # consecutive proposals already tried: the space is exhausted
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    params: dict[str, Any]
+    state: str  # "complete" | "pruned" | "failed" | "repeat"
+    value: float | None  # the dev score the trial is judged by (complete and repeat trials)
+    seconds: float
+    steps: int | None = None  # optimizer steps run
+    total_steps: int | None = None
+    history: list[dict] = field(default_factory=list)  # [{"step", "score"}] of the dev evaluations
+    pruned_at: int | None = None
+    best_so_far: float | None = None
+    note: str = ""
+
+    def last_score(self) -> float | None:
+        return self.history[-1]["score"] if self.history else self.value
+
+
+@dataclass
+class TuneResult:
+    output: Path
+    recipe_path: Path
+    model_dir: Path | None
+    best: TrialRecord
+    trials: list[TrialRecord]
+    split: DevSplit
+    space: list[Param]
+    report: dict[str, Any]
+
+
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _get(raw: dict, dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def read_raw(path: Path, overrides: list[str]) -> dict:
+    """The recipe as a plain dict with the overrides applied (what the tuned recipe is written from)."""
+    from embedkit.train.config import apply_overrides
+
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return apply_overrides(raw, list(overrides))
+
+
+def steps_per_epoch(n_examples: int, recipe) -> int:
+    t = recipe.training
+    batches = n_examples // t.batch_size if t.drop_last else -(-n_examples // t.batch_size)
+    return max(1, -(-max(batches, 1) // t.gradient_accumulation))
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _quiet_training(verbose: bool):
+    """The trials' own engine lines (step counts, dev scores) only with --verbose; warnings always."""
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("embedkit.train")
+    before, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of every trial
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def mining_probe(recipe, device) -> dict[str, Any]:
+    """Mine the training queries once with the base model and the recipe's settings (what a trial's first round
+    of online mining does; the corpus embeddings go to the cache that round reads). Returns the statistics and the
+    margin warning, if any."""
+    import torch
+
+    from embedkit.mine.core import margin_warning
+    from embedkit.mine.online import remine
+    from embedkit.train.contrastive import build_encoder, load_examples
+    from embedkit.train.remining import OnlineMiner
+
+    from embedkit.device import resolve_device
+
+    device = resolve_device(device, field="model.device")
+    threads = torch.get_num_threads()
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+    try:
+        started = time.perf_counter()
+        examples, _ = load_examples(recipe)
+        miner = OnlineMiner(recipe, examples)
+        encoder = build_encoder(recipe, device)
+        with torch.random.fork_rng():
+            remine(encoder, miner.state, use_cache=True)
+        stats = miner.state.last_stats.to_dict()
+        warning = margin_warning(stats, miner.settings.to_dict(), names="recipe")
+        several = bool((miner.state.task.pos_ptr[1:] - miner.state.task.pos_ptr[:-1]).max() > 1)
+        del encoder
+        return {"stats": {k: stats[k] for k in ("queries", "pairs", "candidates_in_window", "removed", "survivors",
+                                                 "rows_short", "rows_without_negative", "positive_scores")},
+                "settings": miner.settings.to_dict(), "warning": warning, "several_positives": several,
+                "seconds": round(time.perf_counter() - started, 1)}
+    finally:
+        torch.set_num_threads(threads)
+        _free_memory()
+
+
+class Search:
+    """The trials: ask the sampler, train, report to the pruner, tell the result; the budget decides when to stop."""
+
+    def __init__(self, base_raw: dict, space: list[Param], *, output: Path, seed: int, budget: Budget,
+                 objective_is_best: bool, verbose: bool, clock: Callable[[], float] = time.monotonic,
+                 trial_hook: Callable[[int], None] | None = None, keep_trials: bool = False) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        self.base_raw, self.space, self.output, self.seed, self.budget = base_raw, space, output, seed, budget
+        self.objective_is_best, self.verbose, self.clock, self.trial_hook = objective_is_best, verbose, clock, trial_hook
+        self.keep_trials = keep_trials
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
+        eval_every = _get(base_raw, "training.eval_every")
+        self.pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
+                                                  n_warmup_steps=int(eval_every) + 1)
+        self.study = optuna.create_study(direction="maximize", sampler=sampler, pruner=self.pruner)
+        self.records: list[TrialRecord] = []
+        self.seen: dict[tuple, TrialRecord] = {}
+        self.stop_reason = ""
+        self.seconds = 0.0
+        first = defaults(space)
+        if in_space(space, first):
+            self.study.enqueue_trial(first)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> list[TrialRecord]:
+        started = self.clock()
+        repeats = 0
+        while True:
+            elapsed = self.clock() - started
+            reason = self._stop(elapsed)
+            if reason:
+                self.stop_reason = reason
+                break
+            trial = self.study.ask()
+            params = {p.name: p.suggest(trial) for p in self.space}
+            key = tuple(sorted((k, repr(v)) for k, v in params.items()))
+            if key in self.seen:  # training is deterministic: the same parameters give the same score
+                repeats += 1
+                record = self._repeat(trial, params, self.seen[key])
+                if repeats >= MAX_REPEATS:
+                    self.stop_reason = f"the search space is exhausted ({repeats} proposals in a row already tried)"
+                    self.records.append(record)
+                    break
+            else:
+                repeats = 0
+                record = self._train(trial, params)
+                if record.state in ("complete", "pruned"):
+                    self.seen[key] = record
+            self.records.append(record)
+            self._log(record, self.clock() - started)
+        self.seconds = self.clock() - started
+        log.info("search ended after %d trial(s) in %s: %s", len(self.records), _duration(self.seconds),
+                 self.stop_reason)
+        return self.records
+
+    def _stop(self, elapsed: float) -> str:
+        n = len(self.records)
+        if self.budget.trials is not None:
+            return f"the budget of {self.budget.describe()} is spent" if n >= self.budget.trials else ""
+        if n == 0:
+            return ""
+        if elapsed >= self.budget.seconds:
+            return f"the {self.budget.describe()} budget is spent ({_duration(elapsed)} used)"
+        ran = [r.seconds for r in self.records if r.state == "complete"] or \
+              [r.seconds for r in self.records if r.state != "repeat"]
+        expected = statistics.median(ran) if ran else 0.0
+        if elapsed + expected > self.budget.seconds:
+            return (f"a next trial (~{_duration(expected)}) would end after the {self.budget.describe()} budget "
+                    f"({_duration(elapsed)} used)")
+        return ""
+
+    def _repeat(self, trial, params: dict, earlier: TrialRecord) -> TrialRecord:
+        TrialState = self.optuna.trial.TrialState
+        if earlier.state == "complete":
+            self.study.tell(trial, earlier.value)
+        else:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        return TrialRecord(trial.number, params, "repeat", earlier.value if earlier.state == "complete" else None,
+                           0.0, note=f"same parameters as trial {earlier.number} (deterministic: not trained again)")
+
+    def _train(self, trial, params: dict) -> TrialRecord:
+        from embedkit.train.config import parse_recipe
+        from embedkit.train.contrastive import train
+        from embedkit.train.engine import work_dir
+
+        TrialState = self.optuna.trial.TrialState
+        raw = copy.deepcopy(self.base_raw)
+        for key, value in recipe_overrides(self.space, params).items():
+            _set(raw, key, value)
+        out = self.output / TRIALS_DIR / f"trial-{trial.number:03d}"
+        _set(raw, "training.output_dir", str(out))
+        t0 = self.clock()
+        record = TrialRecord(trial.number, params, "failed", None, 0.0)
+        try:
+            recipe = parse_recipe(raw, source=f"trial {trial.number}")
+        except ConfigError as exc:  # e.g. a mining window too small for the negatives: not this recipe's fault
+            self.study.tell(trial, state=TrialState.FAIL)
+            record.note = exc.one_line()
+            return record
+        history: list[dict] = []
+
+        def on_eval(step: int, result: dict, total: int) -> None:
+            history.append({"step": step, "score": result["score"]})
+            record.total_steps = total
+            trial.report(result["score"], step)
+            if step < total and trial.should_prune():
+                record.pruned_at = step
+                raise self.optuna.TrialPruned(f"pruned at step {step}")
+
+        try:
+            if self.trial_hook is not None:
+                self.trial_hook(trial.number)
+            with _quiet_training(self.verbose):
+                result = train(recipe, on_eval=on_eval)
+            value = result.dev["score"] if self.objective_is_best and result.dev else history[-1]["score"]
+            record.state, record.value, record.steps = "complete", float(value), result.steps
+            self.study.tell(trial, record.value)
+        except self.optuna.TrialPruned:
+            record.state, record.steps = "pruned", record.pruned_at
+            self.study.tell(trial, state=TrialState.PRUNED)
+        except Exception as exc:
+            import torch
+
+            if not isinstance(exc, torch.cuda.OutOfMemoryError):
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+            record.note = "out of GPU memory"
+            self.study.tell(trial, state=TrialState.FAIL)
+        finally:
+            record.history = history
+            record.seconds = self.clock() - t0
+            if not self.keep_trials:
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(work_dir(out), ignore_errors=True)
+            _free_memory()
+        return record
+
+    def _log(self, record: TrialRecord, elapsed: float) -> None:
+        best = self.best()
+        record.best_so_far = best.value if best is not None else None
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.params.items())
+        used = (f"; {_duration(elapsed)} of {self.budget.describe()}" if self.budget.seconds is not None
+                else f"; {len(self.records)} of {self.budget.describe()}")
+        tag = " (your recipe)" if record.number == 0 else ""
+        if record.state in ("complete", "repeat") and record.value is not None and best is not None:
+            log.info("trial %d%s [%s]: dev %.4f (best %.4f, trial %d) in %s%s%s", record.number, tag, shown,
+                     record.value, best.value, best.number, _duration(record.seconds), used,
+                     f"; {record.note}" if record.note else "")
+        elif record.state == "repeat":
+            log.info("trial %d [%s]: %s (pruned then)%s", record.number, shown, record.note, used)
+        elif record.state == "pruned":
+            log.info("trial %d%s [%s]: pruned at step %d of %d (dev %.4f, below the median at that step) in %s%s",
+                     record.number, tag, shown, record.pruned_at, record.total_steps or 0,
+                     record.history[-1]["score"], _duration(record.seconds), used)
+        else:
+            log.info("trial %d [%s]: failed (%s)%s", record.number, shown, record.note, used)
+
+    def best(self) -> TrialRecord | None:
+        done = [r for r in self.records if r.state == "complete"]
+        return max(done, key=lambda r: (r.value, -r.number)) if done else None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+# ---------------------------------------------------------------------------------------------------- tune
+def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | None = None,
+         overrides: list[str] | None = None, seed: int | None = None, device: str | None = None,
+         test: str | None = None, dev_fraction: float = 0.2, max_dev_queries: int = 500, dev_docs: int = 1000,
+         evals_per_epoch: int = 2, params: list[str] | None = None, final: bool = True, keep_trials: bool = False,
+         verbose: bool = False, clock: Callable[[], float] = time.monotonic,
+         trial_hook: Callable[[int], None] | None = None) -> TuneResult:
+    """Tune `recipe_path` within `budget`; see the module docstring. Returns where everything went."""
+    from embedkit.train.config import load_recipe, parse_recipe
+
+    budget = parse_budget(budget) if isinstance(budget, str) else budget
+    if evals_per_epoch < 1:
+        raise ConfigError("evals per epoch must be at least 1", field="--evals-per-epoch")
+    if max_dev_queries < 1:
+        raise ConfigError("at least one dev query is needed", field="--max-dev-queries")
+    if dev_docs < 0:
+        raise ConfigError("the dev corpus size must be >= 0 (0: the whole pool)", field="--dev-docs")
+    recipe_path = Path(recipe_path)
+    overrides = list(overrides or [])
+    if device is not None:
+        overrides.append(f"model.device={device}")
+    recipe = load_recipe(recipe_path, overrides)  # every mistake in the recipe fails here, naming file and field
+    raw = read_raw(recipe_path, overrides)
+    if recipe.fsdp.enabled:
+        raise ConfigError("tune runs its trials in one process; fsdp needs several (train the tuned recipe with "
+                          "--nproc afterwards)", path=recipe_path, field="fsdp.enabled")
+    if params:  # names this recipe can never search fail now, before the split and the search
+        build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=1 << 20, only=params)
+    output = Path(output) if output is not None else Path(f"{recipe.training.output_dir}-tune")
+    if output.resolve() == Path(recipe.training.output_dir).resolve():
+        raise ConfigError("the tune output folder must differ from the recipe's training.output_dir",
+                          field="--output")
+    test_spec = None
+    if test is not None:
+        from embedkit.eval.tasks import load_task, parse_task_spec
+
+        test_spec = parse_task_spec(test)
+        load_task(test_spec)  # a bad test set fails now, not after the search
+    seed = recipe.training.seed if seed is None else seed
+    output.mkdir(parents=True, exist_ok=True)
+    log.info("tuning %s (model %s on %s) within %s -> %s", recipe_path, recipe.model.name, recipe.model.device,
+             budget.describe(), output)
+
+    # 1. the dev split
+    if recipe.data.dev:
+        split = given_dev_split(recipe)
+    else:
+        split = carve_dev_split(recipe, output / SPLIT_DIR, fraction=dev_fraction, max_queries=max_dev_queries,
+                                dev_docs=dev_docs, seed=seed)
+    log.info("dev split: %s", split.describe())
+
+    # 2. the trials' recipe: the user's, on the training part, scored on dev, without checkpoints or trackers
+    base_raw = copy.deepcopy(raw)
+    _set(base_raw, "data.train", split.train_spec)
+    _set(base_raw, "data.dev", split.dev_spec)
+    if split.carved:
+        data = base_raw["data"]
+        for key in ("max_examples", "sample"):  # the split holds the chosen examples already
+            data.pop(key, None)
+        if split.pairs_file:
+            data.pop("columns", None)  # written with the default column names
+        if split.mining_corpus is not None:
+            _set(base_raw, "mining.corpus", split.mining_corpus)
+    _set(base_raw, "training.checkpoint_every", None)
+    _set(base_raw, "training.report_to", [])
+    _set(base_raw, "training.progress", False)
+    user_eval = recipe.data.dev is not None and recipe.training.eval_every
+    trial_recipe = parse_recipe(copy.deepcopy(base_raw), source=recipe_path)
+    from embedkit.train.contrastive import load_examples
+
+    examples, source = load_examples(trial_recipe)
+    per_epoch = steps_per_epoch(len(examples), trial_recipe)
+    if not user_eval:
+        _set(base_raw, "training.eval_every", max(1, -(-per_epoch // evals_per_epoch)))
+    eval_every = _get(base_raw, "training.eval_every")
+    trial_recipe = parse_recipe(copy.deepcopy(base_raw), source=recipe_path)
+
+    # 3. what the data and the base model's mining say about the search space
+    probe = None
+    if recipe.mining.online:
+        log.info("mining the %d training queries once with the base model (the recipe's mining settings)",
+                 len({ex.query for ex in examples}))
+        probe = mining_probe(trial_recipe, trial_recipe.model.device)
+        if probe["warning"]:
+            log.warning("%s", probe["warning"]["message"])
+            log.info("the margin joins the search")
+    negatives_in_data = max((len(ex.negatives) for ex in examples), default=0)
+    rows_without = sum(1 for ex in examples if not ex.negatives)
+    space = build_space(recipe, margin_flagged=bool(probe and probe["warning"]), negatives_in_data=negatives_in_data,
+                        several_positives=bool(probe and probe["several_positives"]), only=params)
+    log.info("search space: %s", "; ".join(f"{p.name} {p.bounds()}" for p in space))
+    log.info("%d optimizer steps per epoch on the training part; dev evaluation every %d steps%s", per_epoch,
+             eval_every, " (the recipe's)" if user_eval else "")
+
+    # 4. the search
+    search = Search(base_raw, space, output=output, seed=seed, budget=budget, objective_is_best=bool(user_eval),
+                    verbose=verbose, clock=clock, trial_hook=trial_hook, keep_trials=keep_trials)
+    records = search.run()
+    if not keep_trials:
+        shutil.rmtree(output / TRIALS_DIR, ignore_errors=True)
+    best = search.best()
+    if best is None:
+        raise EmbedkitError("no trial finished (" + "; ".join(sorted({r.note for r in records if r.note})) + ")",
+                            exit_code=1)
+    chosen = best.params
+    log.info("best: trial %d (%s), dev %s %.4f%s", best.number,
+             ", ".join(f"{k}={_fmt(v)}" for k, v in chosen.items()), _dev_metric(trial_recipe), best.value,
+             _versus_recipe(records, best))
+
+    # 5. the tuned recipe (the user's, with the chosen values), written beside the model it trains
+    final_raw = copy.deepcopy(raw)
+    changes = []
+    for key, value in recipe_overrides(space, chosen).items():
+        before = _get(final_raw, key)
+        if before != value:
+            changes.append(f"{key} {before!r} -> {value!r}")
+        _set(final_raw, key, value)
+    model_dir = output / MODEL_DIR
+    _set(final_raw, "training.output_dir", str(model_dir))
+    recipe_file = output / RECIPE_NAME
+    write_recipe(recipe_file, final_raw, source=recipe_path, best=best, records=records, changes=changes,
+                 metric=_dev_metric(trial_recipe), budget=budget)
+    load_recipe(recipe_file)  # the written recipe is a valid recipe
+
+    from embedkit.tune.report import build_report, write_reports
+
+    state = {"recipe": str(recipe_path), "overrides": overrides, "output": str(output), "seed": seed,
+             "budget": {**budget.to_dict(), "described": budget.describe()}, "split": split.to_dict(), "space": [p.to_dict() for p in space],
+             "probe": probe, "static_negatives": {"max_per_row": negatives_in_data, "rows_without": rows_without,
+                                                  "rows": len(examples)} if not recipe.mining.online else None,
+             "eval_every": eval_every, "steps_per_epoch": per_epoch, "metric": _dev_metric(trial_recipe),
+             "objective": "dev-best step (the recipe's eval_every)" if user_eval else "last step",
+             "search_seconds": round(search.seconds, 1), "stop_reason": search.stop_reason,
+             "trials": [asdict(r) for r in records], "best_trial": best.number, "chosen": chosen,
+             "changes": changes, "recipe_file": str(recipe_file), "model_dir": None, "final": None, "test": None}
+    write_reports(output, build_report(state, recipe_file.read_text(encoding="utf-8")))
+
+    # 6. the final model, from the written recipe, exactly as `embedkit train` trains it
+    trained_dir = None
+    if final:
+        from embedkit.train.contrastive import train
+
+        final_recipe = load_recipe(recipe_file)
+        log.info("training the final model on all the training data (%s) -> %s", final_recipe.data.train, model_dir)
+        started = time.perf_counter()
+        result = train(final_recipe)
+        trained_dir = result.output_dir
+        state["model_dir"] = str(trained_dir)
+        state["final"] = {"steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
+                          "samples_per_second": round(result.samples_per_second, 3),
+                          "dev": result.dev["metrics"] if result.dev else None}
+        _free_memory()
+
+        # 7. the test comparison: base, default recipe, tuned
+        if test_spec is not None:
+            from embedkit.tune.compare import compare_on_test
+
+            state["test"] = compare_on_test(test_spec, recipe=recipe, raw=raw, tuned_dir=trained_dir, output=output,
+                                            same_as_default=not changes, device=trial_recipe.model.device)
+    elif test_spec is not None:
+        log.warning("--test needs the final model: skipped with --no-final")
+    report = build_report(state, recipe_file.read_text(encoding="utf-8"))
+    write_reports(output, report)
+    log.info("wrote %s (reproduce the model: embedkit train %s) and %s", recipe_file, recipe_file,
+             output / "tune_report.md")
+    return TuneResult(output, recipe_file, trained_dir, best, records, split, space, report)
+
+
+def _dev_metric(recipe) -> str:
+    from embedkit.eval.tasks import parse_task_spec
+
+    return parse_task_spec(recipe.data.dev).main_metric if recipe.data.dev else "score"
+
+
+def _versus_recipe(records: list[TrialRecord], best: TrialRecord) -> str:
+    first = next((r for r in records if r.number == 0 and r.state == "complete"), None)
+    if first is None or best.number == 0:
+        return " (your recipe as written was best)" if best.number == 0 else ""
+    return f" (your recipe: {first.value:.4f}, {best.value - first.value:+.4f})"
+
+
+def write_recipe(path: Path, raw: dict, *, source: Path, best: TrialRecord, records: list[TrialRecord],
+                 changes: list[str], metric: str, budget: Budget) -> Path:
+    """The tuned recipe: the user's YAML with the chosen values, and a header saying where it came from."""
+    from embedkit.atomic import write_text
+
+    first = next((r for r in records if r.number == 0 and r.state == "complete"), None)
+    header = [
+        f"# Tuned by `embedkit tune {source} --budget {budget.text}`: trial {best.number} of {len(records)}, "
+        f"dev {metric} {best.value:.4f}" + (f" (the recipe as written: {first.value:.4f})" if first else "") + ".",
+        "# Changed from the recipe: " + ("; ".join(changes) if changes else "nothing (the recipe was best)") + ".",
+        f"# Reproduce the model beside this file: embedkit train {path}",
+    ]
+    body = yaml.safe_dump(raw, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return write_text(path, "\n".join(header) + "\n" + body)

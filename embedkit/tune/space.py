@@ -1,0 +1,204 @@
+"""What `embedkit tune` searches, within which bounds, and why those bounds should hold on other corpora.
+
+Every bound is set around the recipe (its own value is always inside, and trial 0 is the recipe as written), and
+each parameter is searched only where the recipe can use it:
+
+| name | recipe keys | searched | bounds |
+|---|---|---|---|
+| lr | training.lr | always | log-uniform, recipe lr / 4 .. x 4 |
+| epochs | training.epochs | unless training.max_steps is set | 1 .. max(3, recipe) |
+| temperature | loss.temperature | always | log-uniform, 0.01 .. 0.1 |
+| hard_negatives | loss.hard_negatives | the recipe mines (mining.online), or its data carries negatives | 1 .. 3 mining; 0 .. min(3, in the data) |
+| mining_range | mining.range | the recipe mines | 0:30, 3:50, 10:100, 30:100, 30:200 (+ the recipe's) |
+| relative_margin | mining.relative_margin | the recipe mines and the base model's mining left most rows without negatives (or named in --params) | 0 .. 0.1 |
+| margin_from | mining.margin_from | as relative_margin | weakest, strongest |
+| lora_r | adapter.r (+ adapter.alpha, ratio kept) | adapter lora / qlora | 4, 8, 16, 32, 64 (+ the recipe's) |
+
+Why the bounds hold beyond SciFact and MedQuAD:
+
+- lr: the right step size is set by the model and the adapter far more than by the corpus (full fine-tuning of
+  pretrained sentence encoders lands at 1e-5..5e-5, LoRA at 1e-4..1e-3); the recipe's lr is the family's value, and
+  a 16x band around it covers those ranges while leaving room for small, noisy corpora that want less.
+- epochs: a pretrained encoder adapts within a few passes; beyond 3 small corpora overfit (the dev score falls) and
+  big ones cost more than they return. The dev-scored search finds the point for this corpus.
+- temperature: InfoNCE on cosine scores works between 0.01 and 0.1 in every current recipe (E5 0.01, BGE 0.02,
+  sentence-transformers' MNRL 0.05, SimCSE 0.05); it is tied to the cosine scale, not to the corpus.
+- hard_negatives: 1-3 mined negatives per query give most of their gain (NV-Retriever, and bench_mine here: +0.01
+  at 3 negatives, 4.3x the training time); more multiplies the cost of every trial.
+- mining_range: the top ranks of the model's own ranking hold the unlabelled positives (more of them when labels
+  are sparse, fewer when every relevant document is judged), the tail holds easy negatives. How densely a corpus is
+  labelled is exactly what differs between corpora, so the window is searched, within the top 200 where all common
+  miners work (NV-Retriever, sentence-transformers' mine_hard_negatives).
+- relative_margin / margin_from: the margin is relative to the positive's score, and how a model scores this
+  corpus's positives (weak, graded, many per query) is corpus-specific; 0..0.1 spans "off" to twice NV-Retriever's
+  5%. Searched when the base model's mining shows the margin leaving most rows without a negative.
+- lora_r: the adapter's capacity; retrieval fine-tuning on 1e2..1e5 pairs saturates between r 8 and 32, and alpha
+  moves with r (alpha / r as in the recipe) so the update scale, and with it the lr, keeps its meaning.
+
+Not searched: batch size (the number of in-batch negatives and the memory: larger is better up to what fits, not a
+corpus property; set it to what fits), max length (a property of the texts: set it from their lengths), warmup and
+weight decay (small effects), the loss type and pooling (the model's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedkit.errors import ConfigError
+
+MINING_WINDOWS = ("0:30", "3:50", "10:100", "30:100", "30:200")
+LORA_RANKS = (4, 8, 16, 32, 64)
+TEMPERATURE_BOUNDS = (0.01, 0.1)
+MARGIN_BOUNDS = (0.0, 0.1)
+MAX_HARD_NEGATIVES = 3
+MAX_EPOCHS = 3
+LR_FACTOR = 4.0
+
+WHY = {
+    "lr": "set by the model and adapter more than the corpus; a 16x band around the recipe's value covers full "
+          "fine-tuning (1e-5..5e-5) and LoRA (1e-4..1e-3) optima",
+    "epochs": "a pretrained encoder adapts within a few passes; small corpora overfit beyond 3",
+    "temperature": "InfoNCE on cosine scores works in 0.01..0.1 in every current recipe (E5, BGE, MNRL, SimCSE); "
+                   "tied to the cosine scale, not the corpus",
+    "hard_negatives": "1-3 mined negatives give most of the gain; each one adds a forward pass per row",
+    "mining_range": "how many unlabelled positives sit at the top of the ranking depends on how densely the corpus "
+                    "is labelled; all common miners work within the top 200",
+    "relative_margin": "relative to the positive's score, whose size (weak, graded, many positives) is "
+                       "corpus-specific; 0..0.1 spans off to twice NV-Retriever's 5%",
+    "margin_from": "with many weak positives the weakest one sets too low a threshold",
+    "lora_r": "adapter capacity; retrieval fine-tuning saturates between r 8 and 32; alpha/r kept so the lr keeps "
+              "its meaning",
+}
+
+
+def _round(value: float, digits: int = 3) -> float:
+    """Three significant digits: readable recipes, and the value trained is the value written."""
+    if value == 0:
+        return 0.0
+    return float(f"{value:.{digits - 1}e}")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    keys: tuple[str, ...]
+    kind: str  # "log" | "float" | "int" | "choice"
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    why: str = ""
+    scale: dict[str, float] = field(default_factory=dict)  # lora_r: {"alpha_per_r": ...}
+
+    def suggest(self, trial) -> Any:
+        if self.kind in ("log", "float"):
+            value = trial.suggest_float(self.name, self.low, self.high, log=self.kind == "log")
+            return value if value == self.default else _round(value)  # the recipe's own value stays as written
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high))
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def bounds(self) -> str:
+        if self.kind == "log":
+            return f"{self.low:.3g} .. {self.high:.3g} (log)"
+        if self.kind in ("float", "int"):
+            return f"{self.low:g} .. {self.high:g}"
+        return ", ".join(str(c) for c in self.choices)
+
+    def overrides(self, value: Any) -> dict[str, Any]:
+        """Recipe keys (dotted) -> values for this parameter's value."""
+        if self.name == "lora_r":
+            return {"adapter.r": int(value), "adapter.alpha": max(1, round(value * self.scale["alpha_per_r"]))}
+        return {key: value for key in self.keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "keys": list(self.keys), "kind": self.kind, "default": self.default,
+                "low": self.low, "high": self.high, "choices": list(self.choices), "bounds": self.bounds(),
+                "why": self.why}
+
+
+ALL_PARAMS = ("lr", "epochs", "temperature", "hard_negatives", "mining_range", "relative_margin", "margin_from",
+              "lora_r")
+
+
+def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int = 0, several_positives: bool = False,
+                only: list[str] | None = None) -> list[Param]:
+    """The parameters this recipe can use (see the module docstring), restricted to `only` when given.
+
+    `margin_flagged`: the base model's mining left most rows short because of the margin (search the margin);
+    `negatives_in_data`: the most negatives a training row carries (static negatives, when the recipe does not
+    mine); `several_positives`: some query has more than one positive (margin_from matters).
+    """
+    t, loss, m, a = recipe.training, recipe.loss, recipe.mining, recipe.adapter
+    wanted = set(only) if only else None
+    if wanted is not None:
+        unknown = sorted(wanted - set(ALL_PARAMS))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; choose from {', '.join(ALL_PARAMS)}",
+                              field="--params")
+    space: list[Param] = [
+        Param("lr", ("training.lr",), "log", t.lr, low=t.lr / LR_FACTOR, high=t.lr * LR_FACTOR, why=WHY["lr"]),
+    ]
+    if t.max_steps is None:
+        space.append(Param("epochs", ("training.epochs",), "int", t.epochs, low=1, high=max(MAX_EPOCHS, t.epochs),
+                           why=WHY["epochs"]))
+    lo, hi = TEMPERATURE_BOUNDS
+    space.append(Param("temperature", ("loss.temperature",), "log", loss.temperature,
+                       low=min(lo, loss.temperature), high=max(hi, loss.temperature), why=WHY["temperature"]))
+    if m.online:
+        keys = ("loss.hard_negatives",) + (("mining.num_negatives",) if m.num_negatives is not None else ())
+        space.append(Param("hard_negatives", keys, "int", loss.hard_negatives, low=1,
+                           high=max(MAX_HARD_NEGATIVES, loss.hard_negatives), why=WHY["hard_negatives"]))
+        windows = tuple(dict.fromkeys((*MINING_WINDOWS, m.range)))
+        space.append(Param("mining_range", ("mining.range",), "choice", m.range, choices=windows,
+                           why=WHY["mining_range"]))
+        margin_wanted = margin_flagged or (wanted is not None and "relative_margin" in wanted)
+        if margin_wanted and m.relative_margin is not None:
+            lo, hi = MARGIN_BOUNDS
+            space.append(Param("relative_margin", ("mining.relative_margin",), "float", m.relative_margin,
+                               low=min(lo, m.relative_margin), high=max(hi, m.relative_margin),
+                               why=WHY["relative_margin"]))
+        if (margin_flagged and several_positives) or (wanted is not None and "margin_from" in wanted):
+            space.append(Param("margin_from", ("mining.margin_from",), "choice", m.margin_from,
+                               choices=tuple(dict.fromkeys((m.margin_from, "weakest", "strongest"))),
+                               why=WHY["margin_from"]))
+    elif negatives_in_data > 0 and loss.distillation == "none":
+        space.append(Param("hard_negatives", ("loss.hard_negatives",), "int", loss.hard_negatives, low=0,
+                           high=max(min(MAX_HARD_NEGATIVES, negatives_in_data), loss.hard_negatives),
+                           why=WHY["hard_negatives"]))
+    if a.type in ("lora", "qlora"):
+        ranks = tuple(sorted(set(LORA_RANKS) | {a.r}))
+        space.append(Param("lora_r", ("adapter.r", "adapter.alpha"), "choice", a.r, choices=ranks,
+                           why=WHY["lora_r"], scale={"alpha_per_r": a.alpha / a.r}))
+    if wanted is not None:
+        missing = sorted(wanted - {p.name for p in space})
+        if missing:
+            raise ConfigError(f"this recipe cannot search {', '.join(missing)} (hard_negatives and the mining "
+                              "parameters need mining.online or negatives in the data; lora_r an adapter; epochs "
+                              "no training.max_steps)", field="--params")
+        space = [p for p in space if p.name in wanted]
+    return space
+
+
+def defaults(space: list[Param]) -> dict[str, Any]:
+    """The recipe's own values: trial 0."""
+    return {p.name: p.default for p in space}
+
+
+def in_space(space: list[Param], params: dict[str, Any]) -> bool:
+    for p in space:
+        value = params[p.name]
+        if p.kind == "choice" and value not in p.choices:
+            return False
+        if p.kind != "choice" and not (p.low - 1e-12 <= value <= p.high + 1e-12 or math.isclose(value, p.low)):
+            return False
+    return True
+
+
+def recipe_overrides(space: list[Param], params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in space:
+        out.update(p.overrides(params[p.name]))
+    return out

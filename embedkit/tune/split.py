@@ -1,0 +1,200 @@
+"""The dev split `embedkit tune` scores its trials on: carved from the training queries, or the recipe's data.dev.
+
+Carving (when the recipe has no `data.dev`): the distinct query *texts* of the training examples the recipe uses
+(after `data.max_examples` / `data.sample`) are drawn with a seeded generator; a drawn query goes to dev with every
+one of its pairs, so no query text is on both sides (a BEIR query repeated under another id follows its text).
+`--dev-fraction` of the queries (at least 1, at most `--max-dev-queries`) go to dev, the rest train the trials.
+
+What is written (folder `split/` of the tune output, atomically):
+
+- a `beir:` training set: `split/train/` with the original corpus.jsonl and queries.jsonl (symbolic links) and
+  `qrels/tune-train.tsv` holding the training queries' judgments, graded as they were, so a trial reads exactly
+  the pairs (and, for online mining, the pool and the grades) the final run reads minus the dev queries;
+- a pairs file: `split/train.jsonl` with the training queries' rows (query, positive, negatives[, scores]), and,
+  when the recipe mines online from its positives, `split/pool.jsonl`: every positive of the used data, so the
+  trials mine from the same pool as the final run;
+- `split/dev/`: a BEIR folder with the dev queries, their judgments (graded for a BEIR source, 1 otherwise) and a
+  corpus of their positives (and, for pairs files, their negatives) plus seeded random other documents up to
+  `--dev-docs` (0: the whole pool). Scoring every trial against a sample of the corpus keeps dev evaluation cheap
+  (it runs several times per trial); the sample's nDCG@10 is higher than on the full corpus, and serves only to
+  rank trials against each other.
+
+The final model trains on all of it again (training + dev queries): the recipe's own `data.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedkit.errors import ConfigError
+
+TRAIN_SPLIT = "tune-train"
+DEV_SPLIT = "dev"
+
+
+@dataclass
+class DevSplit:
+    """Where the trials train and are scored (recipe values), and what went where."""
+
+    carved: bool
+    train_spec: str  # data.train of the trials
+    dev_spec: str  # data.dev of the trials
+    mining_corpus: str | None = None  # mining.corpus of the trials (None: the recipe's)
+    pairs_file: bool = False  # train_spec is a JSONL written here (columns reset to their defaults)
+    seed: int | None = None
+    train_queries: int | None = None
+    dev_queries: int | None = None
+    train_pairs: int | None = None
+    dev_pairs: int | None = None
+    dev_documents: int | None = None
+    pool_documents: int | None = None
+    dev_query_texts: list[str] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("dev_query_texts")
+        return out
+
+    def describe(self) -> str:
+        if not self.carved:
+            return f"dev = the recipe's data.dev ({self.dev_spec}); the trials train on all of data.train"
+        return (f"{self.train_queries:,} training queries ({self.train_pairs:,} pairs) train the trials; "
+                f"{self.dev_queries:,} dev queries ({self.dev_pairs:,} pairs) score them against "
+                f"{self.dev_documents:,} of {self.pool_documents:,} documents (seed {self.seed}; query-disjoint)")
+
+
+def choose_dev_queries(query_texts: list[str], *, fraction: float, max_queries: int, seed: int) -> set[str]:
+    """The dev query texts: a seeded sample of the distinct texts (first-appearance order drawn from)."""
+    distinct = list(dict.fromkeys(query_texts))
+    n = len(distinct)
+    if n < 2:
+        raise ConfigError(f"the training data has {n} distinct quer{'y' if n == 1 else 'ies'}: too few to carve a "
+                          "dev split; give the recipe a data.dev", field="data.train")
+    n_dev = min(max_queries, max(1, round(fraction * n)), n - 1)
+    return set(random.Random(seed).sample(distinct, n_dev))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.symlink(source.resolve(), target)
+    except OSError:  # a file system without symbolic links
+        shutil.copyfile(source, target)
+
+
+def _write_jsonl(path: Path, rows) -> int:
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def _write_qrels(path: Path, judgments) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for qid, doc_id, score in judgments:
+            f.write(f"{qid}\t{doc_id}\t{score}\n")
+
+
+def _sample_documents(all_ids: list[str], keep: set[str], limit: int, seed: int) -> list[str]:
+    """`keep` plus seeded random others, `limit` in all (0: everything), in `all_ids` order."""
+    if not limit or limit >= len(all_ids):
+        return list(all_ids)
+    others = [d for d in all_ids if d not in keep]
+    extra = set(random.Random(seed).sample(others, max(0, min(len(others), limit - len(keep)))))
+    return [d for d in all_ids if d in keep or d in extra]
+
+
+def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries: int = 500, dev_docs: int = 1000,
+                    seed: int = 42) -> DevSplit:
+    """Carve a query-disjoint dev split from `recipe`'s training data into `folder` (replaced atomically)."""
+    from embedkit.atomic import atomic_dir
+    from embedkit.train.config import parse_train_source
+    from embedkit.train.contrastive import load_examples, subset_indices
+
+    if not 0 < fraction < 1:
+        raise ConfigError(f"the dev fraction must be between 0 and 1 (exclusive), got {fraction}",
+                          field="--dev-fraction")
+    kind, path, split = parse_train_source(recipe.data.train)
+    folder = Path(folder)
+    if kind == "beir":
+        from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir
+
+        ds = load_beir(path, split)
+        judgments = list(ds.relevant_pairs())  # the order pairs_from_beir (and so load_examples) uses
+        chosen = subset_indices(len(judgments), recipe.data, recipe.training.seed)
+        if chosen is not None:
+            judgments = [judgments[i] for i in chosen]
+        dev_texts = choose_dev_queries([ds.queries[q] for q, _, _ in judgments], fraction=fraction,
+                                       max_queries=max_queries, seed=seed)
+        train_j = [j for j in judgments if ds.queries[j[0]] not in dev_texts]
+        dev_j = [j for j in judgments if ds.queries[j[0]] in dev_texts]
+        dev_qids = list(dict.fromkeys(q for q, _, _ in dev_j))
+        docs = _sample_documents(list(ds.corpus), {d for _, d, _ in dev_j}, dev_docs, seed)
+        with atomic_dir(folder) as tmp:
+            train_dir, dev_dir = tmp / "train", tmp / "dev"
+            train_dir.mkdir()
+            _link_or_copy(path / CORPUS_FILE, train_dir / CORPUS_FILE)
+            _link_or_copy(path / QUERIES_FILE, train_dir / QUERIES_FILE)
+            _write_qrels(train_dir / "qrels" / f"{TRAIN_SPLIT}.tsv", train_j)
+            dev_dir.mkdir()
+            if len(docs) == len(ds.corpus):
+                _link_or_copy(path / CORPUS_FILE, dev_dir / CORPUS_FILE)
+            else:
+                _write_jsonl(dev_dir / CORPUS_FILE, ({"_id": d, "title": ds.corpus[d]["title"],
+                                                       "text": ds.corpus[d]["text"]} for d in docs))
+            _write_jsonl(dev_dir / QUERIES_FILE, ({"_id": q, "text": ds.queries[q]} for q in dev_qids))
+            _write_qrels(dev_dir / "qrels" / f"{DEV_SPLIT}.tsv", dev_j)
+        train_texts = {ds.queries[q] for q, _, _ in train_j}
+        return DevSplit(carved=True, train_spec=f"beir:{folder / 'train'}:{TRAIN_SPLIT}",
+                        dev_spec=f"beir:{folder / 'dev'}:{DEV_SPLIT}", seed=seed, train_queries=len(train_texts),
+                        dev_queries=len(dev_texts), train_pairs=len(train_j), dev_pairs=len(dev_j),
+                        dev_documents=len(docs), pool_documents=len(ds.corpus),
+                        dev_query_texts=sorted(dev_texts))
+
+    examples, _source = load_examples(recipe)
+    dev_texts = choose_dev_queries([ex.query for ex in examples], fraction=fraction, max_queries=max_queries,
+                                   seed=seed)
+    train_ex = [ex for ex in examples if ex.query not in dev_texts]
+    dev_ex = [ex for ex in examples if ex.query in dev_texts]
+    # The pool: every distinct positive and negative text of the used data, positives first.
+    doc_id: dict[str, str] = {}
+    for text in [ex.positive for ex in examples] + [n for ex in examples for n in ex.negatives]:
+        doc_id.setdefault(text, f"d{len(doc_id)}")
+    keep = {doc_id[ex.positive] for ex in dev_ex} | {doc_id[n] for ex in dev_ex for n in ex.negatives}
+    docs = _sample_documents(list(doc_id.values()), keep, dev_docs, seed)
+    text_of = {v: k for k, v in doc_id.items()}
+    query_id = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(ex.query for ex in dev_ex))}
+    with_scores = all(ex.scores is not None for ex in train_ex)
+    mines_positives = recipe.mining.online and recipe.mining.corpus is None
+    with atomic_dir(folder) as tmp:
+        _write_jsonl(tmp / "train.jsonl", (
+            {"query": ex.query, "positive": ex.positive, "negatives": list(ex.negatives),
+             **({"scores": list(ex.scores)} if with_scores else {})} for ex in train_ex))
+        if mines_positives:
+            positives = list(dict.fromkeys(ex.positive for ex in examples))
+            _write_jsonl(tmp / "pool.jsonl", ({"_id": doc_id[t], "title": "", "text": t} for t in positives))
+        dev_dir = tmp / "dev"
+        dev_dir.mkdir()
+        _write_jsonl(dev_dir / "corpus.jsonl", ({"_id": d, "title": "", "text": text_of[d]} for d in docs))
+        _write_jsonl(dev_dir / "queries.jsonl", ({"_id": q, "text": t} for t, q in query_id.items()))
+        judged = dict.fromkeys((query_id[ex.query], doc_id[ex.positive]) for ex in dev_ex)
+        _write_qrels(dev_dir / "qrels" / f"{DEV_SPLIT}.tsv", ((q, d, 1) for q, d in judged))
+    return DevSplit(carved=True, train_spec=str(folder / "train.jsonl"), dev_spec=f"beir:{folder / 'dev'}:{DEV_SPLIT}",
+                    mining_corpus=str(folder / "pool.jsonl") if mines_positives else None, pairs_file=True,
+                    seed=seed, train_queries=len({ex.query for ex in train_ex}), dev_queries=len(dev_texts),
+                    train_pairs=len(train_ex), dev_pairs=len(dev_ex), dev_documents=len(docs),
+                    pool_documents=len(doc_id), dev_query_texts=sorted(dev_texts))
+
+
+def given_dev_split(recipe) -> DevSplit:
+    """The recipe names its own dev set: the trials train on all of data.train and are scored on data.dev."""
+    return DevSplit(carved=False, train_spec=recipe.data.train, dev_spec=recipe.data.dev)

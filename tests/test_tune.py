@@ -1,0 +1,387 @@
+"""`embedkit tune` on tiny models: the dev split, seeded trials, the budget, the written recipe, mining that adapts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from embedkit.errors import ConfigError
+from embedkit.train.config import load_recipe
+from embedkit.tune.budget import parse_budget
+from embedkit.tune.run import tune
+from embedkit.tune.split import carve_dev_split
+
+# 14 query texts (one of them with two positives) over the tiny models' vocabulary.
+PAIRS = [
+    ("what causes a fever and a cough", "the patient has a fever and a cough"),
+    ("what is diabetes", "diabetes is a disease of high blood sugar"),
+    ("what is diabetes", "insulin lowers the level of glucose in the blood"),
+    ("what does insulin do", "insulin lowers the level of glucose in the blood"),
+    ("who is playing a guitar", "a man is playing a guitar on the stage"),
+    ("what did the court rule", "the court ruled that the contract was void"),
+    ("did interest rates rise", "interest rates rose by half a percent this quarter"),
+    ("high blood pressure causes", "what causes high blood pressure in adults"),
+    ("asthma in children", "how is asthma treated in children"),
+    ("the fox and the dog", "the quick brown fox jumps over the lazy dog"),
+    ("flu symptoms", "symptoms of flu include fever, aches and fatigue"),
+    ("fever and aches", "symptoms of flu include fever, aches and fatigue"),
+    ("a void contract", "the court ruled that the contract was void"),
+    ("glucose in the blood", "insulin lowers the level of glucose in the blood"),
+    ("a man on the stage", "a man is playing a guitar on the stage"),
+]
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write_pairs(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"q": q, "p": p}) + "\n" for q, p in PAIRS))
+    return path
+
+
+def write_beir(folder: Path, split: str = "train", graded: bool = True) -> Path:
+    """A BEIR folder: the pairs' documents as the corpus, one query id per pair row, and a repeated query text
+    under a second id; graded qrels (3 for the first positive of a query, 1 for later ones)."""
+    docs = list(dict.fromkeys(p for _, p in PAIRS))
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                                 for i, t in enumerate(docs)))
+    texts = list(dict.fromkeys(q for q, _ in PAIRS)) + ["what is diabetes"]  # q14 repeats q1's text
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
+                                                  for i, t in enumerate(texts)))
+    rows, seen = [], set()
+    for q, p in PAIRS:
+        qid = texts.index(q)
+        rows.append(f"q{qid}\td{docs.index(p)}\t{1 if (qid in seen or not graded) else 3}\n")
+        seen.add(qid)
+    rows.append(f"q14\td{docs.index(PAIRS[3][1])}\t2\n")
+    (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
+    return folder
+
+
+def write_recipe(path: Path, model_dir: Path, train: str, out: Path, **sections) -> Path:
+    raw = {"model": {"name": str(model_dir), "max_length": 32},
+           "data": {"train": train, "columns": {"query": "q", "positive": "p"}},
+           "loss": {"temperature": 0.05},
+           "training": {"output_dir": str(out), "batch_size": 4, "lr": 1e-3, "epochs": 1, "seed": 7,
+                        "progress": False, "threads": 1}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedkit.cli", *args], capture_output=True, text=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the budget
+def test_budget_forms_and_errors():
+    assert parse_budget("30m").seconds == 1800 and parse_budget("2h").seconds == 7200
+    assert parse_budget("90s").seconds == 90 and parse_budget("1.5h").seconds == 5400
+    assert parse_budget("20").trials == 20 and parse_budget("20").seconds is None
+    for bad in ("", "0", "30x", "-5", "1.5", "m", "0m", "ten"):
+        with pytest.raises(ConfigError) as info:
+            parse_budget(bad)
+        assert info.value.field == "--budget" and "\n" not in str(info.value)
+
+
+def test_bad_budget_is_a_one_line_error_with_exit_code_2(tmp_path):
+    result = run_cli("tune", str(tmp_path / "missing.yaml"), "--budget", "30x")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: field '--budget': expected a time such as 30m, 2h or 90s, or a number of trials such as 20; "
+        "got '30x'"]
+    # a good budget, then a missing recipe: named, one line
+    result = run_cli("tune", str(tmp_path / "missing.yaml"), "--budget", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.yaml'}: recipe file not found"]
+
+
+def test_help_teaches_with_examples():
+    out = run_cli("tune", "--help").stdout
+    assert "Examples" in out and "--budget 2h" in out and "tuned_recipe.yaml" in out
+    assert "margin-grade" in run_cli("mine", "--help").stdout
+
+
+# ---------------------------------------------------------------------------------------------------- the dev split
+def test_dev_split_of_a_pairs_file_never_shares_a_query(tmp_path, tiny_bert_dir):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                                      tmp_path / "out"))
+    split = carve_dev_split(recipe, tmp_path / "split", fraction=0.3, seed=3)
+    train_q = {json.loads(line)["query"] for line in (tmp_path / "split" / "train.jsonl").read_text().splitlines()}
+    dev_q = {json.loads(line)["text"] for line in
+             (tmp_path / "split" / "dev" / "queries.jsonl").read_text().splitlines()}
+    assert train_q and dev_q and not train_q & dev_q
+    assert train_q | dev_q == {q for q, _ in PAIRS}
+    assert split.dev_queries == len(dev_q) == 4 and split.train_pairs + split.dev_pairs == len(PAIRS)
+    # every dev judgment points at a document of the dev corpus; same seed, same split; another seed, another one
+    doc_ids = {json.loads(line)["_id"] for line in (tmp_path / "split" / "dev" / "corpus.jsonl").read_text().splitlines()}
+    qrels = (tmp_path / "split" / "dev" / "qrels" / "dev.tsv").read_text().splitlines()[1:]
+    assert qrels and all(line.split("\t")[1] in doc_ids for line in qrels)
+    again = carve_dev_split(recipe, tmp_path / "split2", fraction=0.3, seed=3)
+    assert again.dev_query_texts == split.dev_query_texts
+    assert carve_dev_split(recipe, tmp_path / "split3", fraction=0.3, seed=4).dev_query_texts != split.dev_query_texts
+
+
+def test_dev_split_of_a_beir_set_keeps_repeated_query_texts_together_and_grades(tmp_path, tiny_bert_dir):
+    beir = write_beir(tmp_path / "beir")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out"))
+    for seed in range(6):
+        folder = tmp_path / f"split{seed}"
+        split = carve_dev_split(recipe, folder, fraction=0.3, dev_docs=8, seed=seed)
+        queries = {json.loads(line)["_id"]: json.loads(line)["text"]
+                   for line in (beir / "queries.jsonl").read_text().splitlines()}
+        train_rows = [line.split("\t") for line in
+                      (folder / "train" / "qrels" / "tune-train.tsv").read_text().splitlines()[1:]]
+        dev_rows = [line.split("\t") for line in (folder / "dev" / "qrels" / "dev.tsv").read_text().splitlines()[1:]]
+        train_texts = {queries[q] for q, _, _ in train_rows}
+        dev_texts = {queries[q] for q, _, _ in dev_rows}
+        assert not train_texts & dev_texts and dev_texts == set(split.dev_query_texts)
+        assert len(train_rows) + len(dev_rows) == len(PAIRS) + 1  # every judgment on exactly one side
+        original = {tuple(line.split("\t")[:2]): line.split("\t")[2]
+                    for line in (beir / "qrels" / "train.tsv").read_text().splitlines()[1:]}
+        assert all(original[(q, d)] == g for q, d, g in train_rows + dev_rows)  # grades kept
+        dev_docs = {json.loads(line)["_id"] for line in (folder / "dev" / "corpus.jsonl").read_text().splitlines()}
+        assert {d for _, d, _ in dev_rows} <= dev_docs and len(dev_docs) <= max(8, len({d for _, d, _ in dev_rows}))
+
+
+# ---------------------------------------------------------------------------------------------------- the search
+def test_a_fixed_seed_gives_the_same_trials(tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    a = tune(recipe, budget="3", output=tmp_path / "a", seed=5, final=False)
+    b = tune(recipe, budget="3", output=tmp_path / "b", seed=5, final=False)
+    assert len(a.trials) == len(b.trials) == 3  # the trial budget, exactly
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    assert [t.value for t in a.trials] == [t.value for t in b.trials]
+    assert a.trials[0].params == {"lr": 1e-3, "epochs": 1, "temperature": 0.05}  # trial 0: the recipe as written
+    assert len({json.dumps(t.params, sort_keys=True) for t in a.trials}) == 3
+    report = json.loads((tmp_path / "a" / "tune_report.json").read_text())
+    assert [t["params"] for t in report["trials"]] == [t.params for t in a.trials]
+    assert (tmp_path / "a" / "dev_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "a" / "trials").exists()  # trial models are removed
+
+
+def test_a_time_budget_stops_starting_new_trials(tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    now = [0.0]
+    started_at = []
+
+    def trial_hook(number):  # every trial "takes" 10 s on this clock
+        started_at.append(now[0])
+        now[0] += 10.0
+
+    result = tune(recipe, budget="25s", output=tmp_path / "t", final=False, clock=lambda: now[0],
+                  trial_hook=trial_hook)
+    # after 2 trials (20 s used) a third (expected 10 s) would end after the 25 s budget: not started
+    assert len(result.trials) == 2 and started_at == [0.0, 10.0]
+    assert "budget" in result.report["stop_reason"]
+
+
+def test_bad_trials_are_pruned_from_the_engines_dev_evaluations(tmp_path, tiny_bert_dir, monkeypatch):
+    """The pruner sees every dev evaluation: a trial below the median of the finished ones at the same step stops
+    there (a stand-in for the engine reports the evaluations, so the scores are known in advance)."""
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+
+    calls: dict[float, list[int]] = {}
+
+    def fake_train(recipe, on_eval=None, **_):
+        good = recipe.training.lr >= 1e-3  # trial 0 (the recipe) and half of the others
+        steps = calls.setdefault(recipe.training.lr, [])
+        for step in (2, 4, 6, 8):
+            steps.append(step)
+            on_eval(step, {"score": 0.8 if good else 0.2}, 8)
+        return SimpleNamespace(dev=None, steps=8)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="8", output=tmp_path / "t", final=False, params=["lr"])
+    states = {t.number: t for t in result.trials}
+    pruned = [t for t in result.trials if t.state == "pruned"]
+    assert pruned, [(t.params, t.state) for t in result.trials]
+    for t in pruned:
+        assert t.params["lr"] < 1e-3 and t.pruned_at == 4  # never at the first evaluation (step 2), then at once
+        assert calls[t.params["lr"]] == [2, 4] and t.history == [{"step": 2, "score": 0.2}, {"step": 4, "score": 0.2}]
+    assert states[0].state == "complete" and result.best.params["lr"] >= 1e-3
+    markdown = (tmp_path / "t" / "tune_report.md").read_text()
+    assert "pruned at step 4" in markdown
+
+
+def test_the_engine_reports_every_dev_evaluation_and_stops_when_told(tmp_path, tiny_bert_dir):
+    from embedkit.train.contrastive import train
+    from embedkit.train.engine import work_dir
+
+    dev = write_beir(tmp_path / "dev", split="dev")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                                      tmp_path / "out", data={"dev": f"beir:{dev}:dev"},
+                                      training={"eval_every": 2, "epochs": 2}))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_eval(step, result, total):
+        seen.append((step, total))
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(recipe, on_eval=on_eval)
+    assert seen == [(2, 8), (4, 8)] and not (tmp_path / "out").exists()  # nothing saved
+    log = (work_dir(tmp_path / "out") / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log if json.loads(line)["event"] == "eval"] == [2, 4]
+    seen.clear()
+    result = train(recipe, on_eval=lambda step, r, total: seen.append(step))
+    assert seen == [2, 4, 6, 8] and result.steps == 8  # the next run is unaffected
+    assert result.dev["score"] == max(h["score"] for h in result.history)  # the best step's result, not re-encoded
+
+
+def test_tune_writes_a_recipe_that_reproduces_the_model_and_compares_on_test(tmp_path, tiny_bert_dir):
+    from safetensors.torch import load_file
+
+    from embedkit.train.contrastive import train
+
+    beir = write_beir(tmp_path / "beir", graded=False)
+    write_beir(tmp_path / "test", split="test")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out")
+    out = tmp_path / "tuned"
+    result = run_cli("tune", str(recipe), "--budget", "2", "-o", str(out), "--seed", "1", "--test",
+                     f"beir:{tmp_path / 'test'}:test", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["trials"] == 2 and set(summary["test"]) == {"tuned_vs_base", "tuned_vs_default"}
+    assert "embedkit tune: trial 0 (your recipe)" in result.stderr and "dev split" in result.stderr
+    for name in ("tuned_recipe.yaml", "tune_report.md", "tune_report.json", "dev_curve.png",
+                 "model/model.safetensors", "test/base.json", "test/tuned.json", "test/default.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "tune_report.json").read_text())
+    trial_rows = [t for t in report["trials"]]
+    assert all(t["state"] in ("complete", "pruned") and t["seconds"] >= 0 for t in trial_rows)
+    markdown = (out / "tune_report.md").read_text()
+    for text in ("## Trials", "## Dev curve", "## Search space", "## Test:", "tuned vs base", "p(improvement)"):
+        assert text in markdown, text
+    # The recipe: the user's with the chosen values, output beside it; training it again gives the same weights.
+    tuned = yaml.safe_load((out / "tuned_recipe.yaml").read_text())
+    assert tuned["data"]["train"] == f"beir:{beir}:train" and "dev" not in tuned["data"]
+    assert tuned["training"]["output_dir"] == str(out / "model")
+    chosen = report["chosen"]
+    assert tuned["training"]["lr"] == chosen["lr"] and tuned["loss"]["temperature"] == chosen["temperature"]
+    again = train(load_recipe(out / "tuned_recipe.yaml", [f"training.output_dir={tmp_path / 'again'}"]))
+    first, second = load_file(str(out / "model" / "model.safetensors")), load_file(str(again.output_dir / "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_recipe_with_its_own_dev_set_is_scored_on_it(tmp_path, tiny_bert_dir):
+    dev = write_beir(tmp_path / "dev", split="dev")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out", data={"dev": f"beir:{dev}:dev"}, training={"eval_every": 2})
+    result = tune(recipe, budget="1", output=tmp_path / "t", final=False)
+    assert not result.split.carved and not (tmp_path / "t" / "split").exists()
+    assert result.report["objective"].startswith("dev-best") and result.report["eval_every"] == 2
+    tuned = yaml.safe_load(result.recipe_path.read_text())
+    assert tuned["data"]["dev"] == f"beir:{dev}:dev" and tuned["training"]["eval_every"] == 2
+
+
+def test_online_mining_recipe_searches_mining_and_the_margin_when_it_removes_most(tmp_path, tiny_bert_dir):
+    beir = write_beir(tmp_path / "beir")
+    # A margin this large (95% of the positive's score) removes nearly every candidate: the probe must say so.
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out",
+                          loss={"hard_negatives": 1},
+                          mining={"online": True, "range": "0:10", "relative_margin": 0.95})
+    result = tune(recipe, budget="1", output=tmp_path / "t", final=False)
+    report = result.report
+    assert report["probe"]["warning"]["code"] == "margin_removes_most"
+    names = [p["name"] for p in report["space"]]
+    assert {"hard_negatives", "mining_range", "relative_margin", "margin_from"} <= set(names)
+    assert "Mining with the base model" in (tmp_path / "t" / "tune_report.md").read_text()
+
+
+def test_lora_rank_is_searched_and_trained(tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out", adapter={"type": "lora", "r": 4, "alpha": 8})
+    result = tune(recipe, budget="2", output=tmp_path / "t", final=False, params=["lora_r"])
+    assert [t.state for t in result.trials] == ["complete", "complete"]
+    assert result.trials[0].params == {"lora_r": 4} and result.trials[1].params["lora_r"] != 4
+    tuned = yaml.safe_load(result.recipe_path.read_text())
+    assert tuned["adapter"]["alpha"] == 2 * tuned["adapter"]["r"]  # alpha / r kept
+    with pytest.raises(ConfigError, match="cannot search") as info:
+        tune(recipe, budget="1", output=tmp_path / "u", final=False, params=["mining_range"])
+    assert info.value.field == "--params"
+
+
+# ---------------------------------------------------------------------------------------------------- mining
+def test_margin_from_the_top_grade_and_the_warning():
+    from embedkit.mine.core import MiningStats, margin_warning, mine_embeddings
+    from embedkit.mine.filters import margin_reference
+    from embedkit.mine.settings import MiningSettings
+    from embedkit.mine.vectors import ArraySource
+
+    scores = np.array([0.9, 0.3, 0.2, 0.8], dtype=np.float32)  # query 0: 3 positives, query 1: 1
+    ptr, grades = np.array([0, 3, 4]), np.array([2, 1, 1, 1])
+    ref = lambda **kw: margin_reference(scores, ptr, grades, MiningSettings(**kw)).tolist()  # noqa: E731
+    assert ref() == pytest.approx([0.9, 0.8])  # top grade: the grade-2 positive only
+    assert ref(margin_grade="all") == pytest.approx([0.2, 0.8])  # the weakest of all
+    assert ref(margin_grade="all", margin_from="strongest") == pytest.approx([0.9, 0.8])
+    assert ref(margin_grade=3) == pytest.approx([0.2, 0.8])  # nobody has grade 3: all positives
+    assert margin_reference(scores, ptr, None, MiningSettings()).tolist() == pytest.approx([0.2, 0.8])
+    with pytest.raises(ConfigError, match="margin_grade"):
+        MiningSettings(margin_grade="best")
+
+    # 20 queries, each with one strong positive and 6 weak ones scored below most of the pool.
+    rng = np.random.default_rng(0)
+    dim, n_docs, nq = 16, 200, 20
+    docs = rng.normal(size=(n_docs, dim)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = docs[:nq] + 0.05 * rng.normal(size=(nq, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    weak = [np.argsort(docs @ q)[:6] for q in queries]  # the 6 least similar documents: "weak positives"
+    pos = [np.concatenate([[i], w]) for i, w in enumerate(weak)]
+    ptr = np.concatenate([[0], np.cumsum([len(p) for p in pos])])
+    idx = np.concatenate(pos)
+    grades = np.concatenate([[3] + [1] * 6 for _ in pos])
+
+    def mine(grade_arg, **kw):
+        settings = MiningSettings(range_min=0, range_max=40, num_negatives=1, duplicate_threshold=None, **kw)
+        stats = MiningStats()
+        for _ in mine_embeddings(queries, nq, ArraySource(docs), ptr, idx, settings, pos_grade=grade_arg, stats=stats):
+            pass
+        return stats.to_dict(), settings.to_dict()
+
+    stats, settings = mine(None)  # ungraded: the weakest positive sets the margin, it removes almost everything
+    warning = margin_warning(stats, settings)
+    assert warning is not None and stats["rows_short"] > 0.5 * stats["pairs"]
+    assert warning["message"].count("\n") == 0 and "--margin-from strongest" in warning["message"]
+    assert margin_warning(*mine(grades)) is None  # graded: the grade-3 positive sets it
+    assert margin_warning(*mine(None, margin_from="strongest")) is None
+
+
+
+def test_mine_says_so_in_one_line_when_the_margin_removes_most(tmp_path, st_bert):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    beir = write_beir(tmp_path / "beir")
+    out = tmp_path / "mined.jsonl"
+    result = CliRunner().invoke(app, ["mine", "-m", str(st_bert), "-d", str(beir), "-o", str(out), "--range", "0:10",
+                                      "-n", "1", "--relative-margin", "0.95", "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = result.output + (getattr(result, "stderr", "") or "")  # click >= 8.2 also mixes stderr into output
+    warnings = sorted({line for line in text.splitlines() if "warning:" in line})
+    assert len(warnings) == 1 and "margin" in warnings[0] and "short of negatives" in warnings[0]
+    summary = json.loads((tmp_path / "mined.summary.json").read_text())
+    assert summary["warnings"][0]["code"] == "margin_removes_most"
+    assert summary["stats"]["rows_short"] > summary["stats"]["pairs"] / 2
+    assert summary["settings"]["margin_grade"] == "top" and summary["settings"]["margin_from"] == "weakest"
