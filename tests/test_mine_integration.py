@@ -93,8 +93,9 @@ def test_cross_encoder_rescoring_sets_scores_and_margins(tmp_path, tiny_cross_en
 
     data = make_beir(tmp_path / "beir")
     out = tmp_path / "ce.jsonl"
+    # margin_grade "all": every positive (q2 has grades 1 and 2) is in the margin's reference set
     settings = MiningSettings(range_min=0, range_max=12, num_negatives=4, sampling="top", relative_margin=None,
-                              absolute_margin=0.0)
+                              absolute_margin=0.0, margin_grade="all")
     summary = mine_to_file(FakeEncoder(), load_task(data, split="train"), out, settings,
                            cross_encoder=tiny_cross_encoder, use_cache=False)
     assert summary["cross_encoder"] == str(tiny_cross_encoder)
