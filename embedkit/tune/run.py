@@ -490,7 +490,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     recipe_file = output / RECIPE_NAME
     write_recipe(recipe_file, final_raw, source=recipe_path, best=best, records=records, changes=changes,
                  metric=_dev_metric(trial_recipe), budget=budget)
-    load_recipe(recipe_file)  # the written recipe is a valid recipe
+    final_recipe = load_recipe(recipe_file)  # the written recipe is a valid recipe, and the one trained below
 
     from embedkit.tune.report import build_report, write_reports
 
@@ -510,7 +510,6 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     if final:
         from embedkit.train.contrastive import train
 
-        final_recipe = load_recipe(recipe_file)
         log.info("training the final model on all the training data (%s) -> %s", final_recipe.data.train, model_dir)
         started = time.perf_counter()
         result = train(final_recipe)
