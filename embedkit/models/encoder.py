@@ -76,6 +76,9 @@ class Encoder(nn.Module):
         self.source_path = source_path
         self.quantization = quantization
         self.is_causal = _is_causal(self._base_config)
+        if self.attention == "bidirectional" and not self.is_causal:
+            raise ModelError("attention 'bidirectional' is for causal LLM encoders; this model already attends both "
+                             "ways", path=source_path)
         # Encoders pad on the right (RoBERTa-style position ids would break on the left); causal models may use
         # either side because position ids are derived from the attention mask below.
         self.padding_side = padding_side or "right"
@@ -106,9 +109,11 @@ class Encoder(nn.Module):
         quantization: str | None = None,
         device: str | torch.device = "cpu",
         sharded_storage: bool = False,
+        attention: str | None = None,
     ) -> "Encoder":
         """`device`: cpu, cuda, cuda:N, auto or a torch.device (see embedkit.device.resolve_device). A 4-bit model
-        (quantization="nf4") is quantised straight onto a GPU device; on the CPU it stays on the CPU."""
+        (quantization="nf4") is quantised straight onto a GPU device; on the CPU it stays on the CPU.
+        `attention`: causal | bidirectional for a causal LM (None: the folder's setting, else causal)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from embedkit.device import resolve_device
@@ -152,7 +157,7 @@ class Encoder(nn.Module):
             padding_side=padding_side or st.get("padding_side"),
             base_model=manifest.get("base_model"),
             quantization=quantization,
-            attention=st.get("attention") or "causal",
+            attention=attention or st.get("attention") or "causal",
         )
         # A 4-bit model is already where device_map put it (bitsandbytes' weights cannot be moved with .to()).
         return encoder.to(target) if target.type != "cpu" and not quantization else encoder
@@ -281,7 +286,10 @@ class Encoder(nn.Module):
         return self.collate(self._token_ids(texts, kind))
 
     # ------------------------------------------------------------------ forward / encode
-    def forward(self, features: dict[str, torch.Tensor], normalize: bool | None = None) -> torch.Tensor:
+    def forward(self, features: dict[str, torch.Tensor], normalize: bool | None = None, *,
+                hidden_states: bool = False) -> torch.Tensor:
+        """The pooled (and normalised) embeddings [B, D]; `hidden_states`: the last layer's states [B, L, H] instead
+        (the MNTP warm-up predicts tokens from them), computed with the same attention and positions."""
         device = self.device
         input_ids = features["input_ids"].to(device)
         attention_mask = features["attention_mask"].to(device)
@@ -301,6 +309,8 @@ class Encoder(nn.Module):
                     config=self._base_config, inputs_embeds=embeds, attention_mask=attention_mask,
                     allow_is_bidirectional_skip=False)
         hidden = self.backbone(**kwargs).last_hidden_state
+        if hidden_states:
+            return hidden
         pooled = pool(hidden, attention_mask, self.pooling).float()
         if self.normalize if normalize is None else normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)

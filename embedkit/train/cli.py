@@ -34,6 +34,10 @@ def train_command(
 
     The output folder is a sentence-transformers model with a manifest, a model card, probe vectors and the logs.
 
+    Causal LLM encoders (SmolLM2, Qwen3, Mistral): model.attention bidirectional embeds with full attention
+    (LLM2Vec / GritLM) and is kept by the saved model; mntp.steps > 0 first runs LLM2Vec's masked next-token
+    warm-up on the training documents with the same adapter (its log: mntp_log.jsonl in the output).
+
     Examples: embedkit train recipes/minilm-scifact.yaml --set training.lr=1e-5 -o runs/lr1e-5 ;
     embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume
     """

@@ -1,6 +1,7 @@
 """Training recipes: typed YAML (pydantic v2), `--set a.b=value` overrides, validation before any model loads.
 
-    model:    {name: minilm, pooling: mean, prompts: none, max_length: 256, attention_dropout: 0.0, device: auto}
+    model:    {name: minilm, pooling: mean, prompts: none, max_length: 256, attention_dropout: 0.0, device: auto,
+               attention: null | causal | bidirectional (causal LLMs)}
     adapter:  {type: none | lora | qlora, r: 16, alpha: 32, dropout: 0.0, targets: all-linear, dora: false, rslora: false}
     data:     {train: pairs.jsonl | beir:DIR:SPLIT, columns: {query: q, positive: p}, max_examples: 1000, dev: beir:DIR:SPLIT}
     loss:     {type: infonce, temperature: 0.05, learn_temperature: false, symmetric: false, hard_negatives: 0, ...}
@@ -10,6 +11,7 @@
     fsdp:     {enabled: false, offload_params: false, reshard_after_forward: true}   (torch FSDP2, several processes)
     mining:   {online: false, every: epoch | N (steps), range: "10:100", num_negatives: null (= loss.hard_negatives),
                sampling: random, relative_margin: 0.05, corpus: null, ...}   (online hard-negative re-mining)
+    mntp:     {steps: 0, batch_size: 8, lr: 1e-4, mask_ratio: 0.2, max_length: 128}   (LLM2Vec warm-up, causal LLMs)
 
 Every mistake is one ConfigError naming the recipe file, the line when known, and the field path
 (`training.batch_size`): unknown keys (extra="forbid"), wrong types, missing data files, unknown models.
@@ -56,6 +58,9 @@ class ModelSection(_Section):
     hidden_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     gradient_checkpointing: bool = False
     device: DeviceSpec = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this process's GPU if any)")
+    # Causal LLM encoders only. bidirectional: every token attends to every other while embedding (LLM2Vec,
+    # GritLM); the saved model keeps it, so eval, export and serving embed the same way. null: the model's own.
+    attention: Literal["causal", "bidirectional"] | None = None
 
 
 class AdapterSection(_Section):
@@ -151,6 +156,19 @@ class TrainingSection(EngineTrainingSection):
     drop_last: bool = False
 
 
+class MNTPSection(_Section):
+    """Masked next-token prediction warm-up (LLM2Vec, BehnamGhader et al. 2024) for causal LLM encoders: before the
+    contrastive stage, the same adapter learns to predict masked tokens of the training documents from the hidden
+    state of the token before them, with the recipe's attention. It teaches a decoder to use the tokens to its
+    right once attention is made bidirectional. Runs through the training engine with its own work folder."""
+
+    steps: int = Field(0, ge=0, description="optimizer steps of the warm-up; 0 = none")
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0.0)
+    mask_ratio: float = Field(0.2, gt=0.0, lt=1.0)  # LLM2Vec's 0.2 for Llama / Mistral
+    max_length: int = Field(128, gt=1)
+
+
 class DeepSpeedSection(_Section):
     stage: Literal["none", "zero2", "zero3"] = "none"
     offload_optimizer: bool = False
@@ -234,6 +252,7 @@ class Recipe(_Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     fsdp: FSDPSection = FSDPSection()
     mining: MiningSection = MiningSection()
+    mntp: MNTPSection = MNTPSection()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -250,6 +269,9 @@ class Recipe(_Section):
             self.mining_settings()  # the mining filters' own checks (window size, margins)
         if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
             raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
+        if self.mntp.steps and (self.deepspeed.stage != "none" or self.fsdp.enabled):
+            raise ValueError("mntp.steps: the warm-up runs with DDP or in one process, not with deepspeed or fsdp "
+                             "yet (warm up once without them, then train from the saved model)")
         return self
 
 

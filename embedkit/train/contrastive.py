@@ -197,7 +197,7 @@ def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
     m, a = recipe.model, recipe.adapter
     encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
                          padding_side=m.padding_side, quantization="nf4" if a.type == "qlora" else None,
-                         device=str(device), sharded_storage=recipe.deepspeed.stage == "zero3")
+                         device=str(device), sharded_storage=recipe.deepspeed.stage == "zero3", attention=m.attention)
     if a.type == "qlora":
         from embedkit.models.adapters import keep_4bit_layout
 
@@ -425,6 +425,11 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResul
         from embedkit.eval.tasks import load_task, parse_task_spec
 
         dev_task = load_task(parse_task_spec(recipe.data.dev))
+    if recipe.mntp.steps and not (resume and engine.has_checkpoint()):  # a checkpoint holds the warmed-up weights
+        from embedkit.train.mntp import warm_up
+
+        memory["mntp"] = warm_up(recipe, encoder, mntp_documents(examples), output, resume=resume)
+        engine.accelerator = engine._make_accelerator()  # the warm-up's engine reset the shared Accelerate state
     step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
     fit = engine.fit(step, encoder, extra=[p for p in loss_fn.parameters() if p.requires_grad],
                      n_examples=len(data.examples), resume=resume, on_step=on_step, on_eval=on_eval)
@@ -439,6 +444,11 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResul
         log.info("saved %s (%s samples/s, peak RSS %s GB)", output, stats["samples_per_second"], stats["peak_rss_gb"])
     engine.finish()
     return TrainResult(**vars(fit), output_dir=output, log_path=output / LOG_FILE)
+
+
+def mntp_documents(examples: list[TrainingExample]) -> list[str]:
+    """The distinct documents of the training rows (positives first, then negatives), in a fixed order."""
+    return list(dict.fromkeys([e.positive for e in examples] + [n for e in examples for n in e.negatives]))
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -492,7 +502,7 @@ def _merged_from_4bit(encoder, recipe: Recipe, adapter_dir: Path):
 
     m = recipe.model
     full = load_model(m.name, pooling=encoder.pooling, prompts=encoder.prompts, max_length=encoder.max_length,
-                      dtype="fp32", padding_side=encoder.padding_side, adapter=adapter_dir)
+                      dtype="fp32", padding_side=encoder.padding_side, adapter=adapter_dir, attention=encoder.attention)
     return merge_adapter(full)
 
 

@@ -47,6 +47,7 @@ log = logging.getLogger("embedkit.train")
 
 ENGINE_FILE = "engine.pt"
 LOG_FILE = "train_log.jsonl"
+MNTP_LOG_FILE = "mntp_log.jsonl"  # the MNTP warm-up's log (embedkit/train/mntp.py), beside the main one
 TRACKING_DIR = "tensorboard"
 
 
@@ -543,6 +544,9 @@ class Engine:
             self._on_eval(state["step"], result, self.total_steps)
 
     # ------------------------------------------------------------------ checkpoints
+    def has_checkpoint(self) -> bool:
+        return self._latest_checkpoint() is not None
+
     def _latest_checkpoint(self) -> Path | None:
         folder = self.work / "checkpoints"
         if not folder.is_dir():
@@ -619,6 +623,8 @@ def copy_run_logs(work: Path, target: Path) -> None:
     """The JSONL log and the tracker files of a run, into its output folder."""
     if (work / LOG_FILE).is_file():
         shutil.copyfile(work / LOG_FILE, target / LOG_FILE)
+    if (work / MNTP_LOG_FILE).is_file():
+        shutil.copyfile(work / MNTP_LOG_FILE, target / MNTP_LOG_FILE)
     if (work / TRACKING_DIR).is_dir():
         shutil.copytree(work / TRACKING_DIR, target / TRACKING_DIR, dirs_exist_ok=True)
 

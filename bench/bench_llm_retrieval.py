@@ -1,0 +1,183 @@
+"""SmolLM2-135M as a retriever on medquad/test, against BM25 and MiniLM in the same run (issue #17).
+
+    .venv/bin/python bench/bench_llm_retrieval.py                       # the attention x pooling x MNTP grid
+    .venv/bin/python bench/bench_llm_retrieval.py --arms bidirectional/mean/mntp --pairs 4000 --eval-docs 0
+
+Rows, all scored by embedkit's evaluator (embedkit.eval.runner.evaluate: pytrec_eval nDCG@10) on the same task:
+- BM25 (bm25s, Lucene scoring, English stopwords, no stemmer: embedkit/rag/bm25.py's tokenizer);
+- all-MiniLM-L6-v2 as shipped (the embedded `minilm`);
+- SmolLM2-135M-Instruct untrained: causal last-token (the LLM default) and mean pooling;
+- one trained model per arm ATTENTION/POOLING/MNTP (causal|bidirectional, lasttoken|mean, mntp|none): `embedkit
+  train recipes/smollm2-qlora.yaml` with the arm's settings and this run's size overrides, as a subprocess (its peak
+  RSS is the process's own), then evaluated from the saved folder as `embedkit eval` would load it.
+
+Task: the full medquad/test (1,498 questions over 1,555 answers) with --eval-docs 0; a smaller number takes whole
+test topics in seeded order until that many documents (bench_llm.subset_beir), for a pilot. Training data:
+--pairs seeded random pairs of medquad/train_pairs.jsonl (topics disjoint from the test set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_llm import DATA, subset_beir  # noqa: E402
+
+RECIPE = REPO / "recipes" / "smollm2-qlora.yaml"
+ATTENTIONS, POOLINGS, WARMUPS = ("causal", "bidirectional"), ("lasttoken", "mean"), ("none", "mntp")
+
+
+def parse_arms(text: str) -> list[tuple[str, str, str]]:
+    if text == "grid":
+        return list(itertools.product(ATTENTIONS, POOLINGS, WARMUPS))
+    arms = []
+    for item in text.split(","):
+        parts = tuple(item.strip().split("/"))
+        if len(parts) != 3 or parts[0] not in ATTENTIONS or parts[1] not in POOLINGS or parts[2] not in WARMUPS:
+            raise SystemExit(f"--arms: {item!r} is not ATTENTION/POOLING/MNTP ({'|'.join(ATTENTIONS)} / "
+                             f"{'|'.join(POOLINGS)} / {'|'.join(WARMUPS)})")
+        arms.append(parts)
+    return arms
+
+
+def bm25_ndcg(task_dir: Path, split: str) -> dict:
+    """BM25 through the same metrics core as the models (top 100 per query)."""
+    import numpy as np
+
+    from embedkit.data.beir import load_beir
+    from embedkit.eval.metrics import retrieval_metrics
+    from embedkit.rag.bm25 import Bm25Index
+
+    ds = load_beir(task_dir, split)
+    doc_ids = list(ds.corpus)
+    index = Bm25Index.build(enumerate(ds.document_texts(doc_ids)))  # the text the models encode
+    judged = [qid for qid in ds.queries if qid in ds.qrels]
+    run = {}
+    for qid, (ids, scores) in zip(judged, index.search([ds.queries[q] for q in judged], 100)):
+        run[qid] = {doc_ids[int(i)]: float(s) for i, s in zip(np.asarray(ids), np.asarray(scores))}
+    return retrieval_metrics(ds.qrels, run).metrics
+
+
+def evaluate_encoder(encoder, spec: str, seed: int) -> dict:
+    from embedkit.eval.runner import evaluate
+
+    report = evaluate(encoder, [spec], batch_size=32, seed=seed, use_cache=False)
+    result = next(iter(report["results"].values()))
+    return {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+
+
+def train_arm(arm: tuple[str, str, str], args, out: Path) -> dict:
+    attention, pooling, warmup = arm
+    sets = [f"model.attention={attention}", f"model.pooling={pooling}",
+            f"model.padding_side={'left' if pooling == 'lasttoken' else 'right'}",
+            f"model.max_length={args.max_length}", f"adapter.type={args.adapter}", f"adapter.r={args.rank}",
+            f"adapter.alpha={2 * args.rank}", f"data.max_examples={args.pairs}", "data.dev=null",
+            f"training.output_dir={out}", f"training.batch_size={args.batch_size}", "training.grad_cache=null",
+            f"training.lr={args.lr}", f"training.seed={args.seed}", f"training.threads={args.threads}",
+            "training.progress=false", "training.checkpoint_every=null",
+            f"mntp.steps={args.mntp_steps if warmup == 'mntp' else 0}", f"mntp.max_length={args.max_length}",
+            f"mntp.batch_size={args.mntp_batch_size}", f"mntp.lr={args.mntp_lr}"]
+    command = [str(REPO / ".venv" / "bin" / "embedkit"), "train", str(RECIPE)] + [x for s in sets for x in ("--set", s)]
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M"] + command, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"training {arm} failed:\n{proc.stderr[-3000:]}")
+    peak_kb = int(proc.stderr.strip().splitlines()[-1])
+    manifest = json.loads((out / "embedkit_manifest.json").read_text())
+    stats = manifest["training"]["stats"]
+    mntp = stats.get("memory", {}).get("mntp") or {}
+    return {"wall_seconds": round(wall, 1), "train_seconds": stats["train_seconds"], "steps": stats["steps"],
+            "samples": stats["samples"], "mntp_seconds": mntp.get("train_seconds", 0.0),
+            "mntp_final_loss": mntp.get("final_loss"), "peak_rss_gb": round(peak_kb / 1024 ** 2, 2),
+            "command": " ".join(["embedkit", "train", "recipes/smollm2-qlora.yaml"]
+                                + [x for s in sets for x in ("--set", s)])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="grid", help="'grid' (all 8) or ATTENTION/POOLING/MNTP,... ")
+    parser.add_argument("--pairs", type=int, default=256, help="training pairs (seeded random sample)")
+    parser.add_argument("--eval-docs", type=int, default=300, help="0 = the full medquad/test")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--adapter", choices=("lora", "qlora"), default="lora")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mntp-steps", type=int, default=30)
+    parser.add_argument("--mntp-batch-size", type=int, default=8)
+    parser.add_argument("--mntp-lr", type=float, default=1e-4)
+    parser.add_argument("--no-baselines", action="store_true", help="skip BM25, MiniLM and the untrained SmolLM2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-llm-retrieval")
+    args = parser.parse_args()
+    arms = parse_arms(args.arms)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from cpuinfo import describe as cpu_description  # the CPU and its int8 instructions, as every bench prints
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.eval_docs:
+        task_dir = out / f"medquad-test-{args.eval_docs}"
+        sizes = subset_beir(DATA / "test", task_dir, args.eval_docs, args.seed)
+    else:
+        task_dir = DATA / "test"
+        sizes = {"documents": sum(1 for _ in open(task_dir / "corpus.jsonl")),
+                 "queries": sum(1 for _ in open(task_dir / "queries.jsonl"))}
+    spec = f"beir:{task_dir}:test"
+    print(cpu_description(), flush=True)
+    print(f"task: medquad/test{'' if not args.eval_docs else ' subset'} ({sizes['documents']} documents, "
+          f"{sizes['queries']} queries); train: {args.pairs} pairs, max length {args.max_length}, {args.adapter} "
+          f"r{args.rank}, lr {args.lr}, batch {args.batch_size}, seed {args.seed}; MNTP arms: {args.mntp_steps} steps "
+          f"of {args.mntp_batch_size} documents at lr {args.mntp_lr}", flush=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results.update({"task": spec, "sizes": sizes, "args": {k: str(v) for k, v in vars(args).items()}})
+    rows = results.setdefault("rows", {})
+
+    def record(name: str, row: dict) -> None:
+        rows[name] = row
+        results_path.write_text(json.dumps(results, indent=2))
+        print(f"{name:40s} nDCG@10 {row['ndcg_at_10']:.4f}" + (f"  train {row['train_seconds']:.0f} s, "
+              f"{row['samples']} pairs, peak RSS {row['peak_rss_gb']:.2f} GB" if "train_seconds" in row else ""),
+              flush=True)
+
+    if not args.no_baselines:
+        from embedkit.models import load_model
+
+        record("BM25 (bm25s, English stopwords)", bm25_ndcg(task_dir, "test"))
+        record("all-MiniLM-L6-v2", evaluate_encoder(load_model("minilm"), spec, args.seed))
+        for pooling in ("lasttoken", "mean"):
+            model = load_model("smollm2-135m", pooling=pooling, max_length=args.max_length,
+                               padding_side="left" if pooling == "lasttoken" else "right")
+            record(f"SmolLM2-135M untrained, causal/{pooling}", evaluate_encoder(model, spec, args.seed))
+    from embedkit.models import load_model
+
+    for arm in arms:
+        name = "SmolLM2 " + "/".join(arm)
+        folder = out / "models" / "-".join(arm)
+        trained = train_arm(arm, args, folder)
+        metrics = evaluate_encoder(load_model(folder), spec, args.seed)
+        record(name, {**metrics, **trained})
+    print("\n| model | nDCG@10 | train s | pairs | peak RSS GB |\n|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['ndcg_at_10']:.4f} | {row.get('train_seconds', '')} | {row.get('samples', '')} | "
+              f"{row.get('peak_rss_gb', '')} |")
+    print(f"wrote {results_path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

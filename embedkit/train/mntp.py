@@ -1,0 +1,157 @@
+"""Masked next-token prediction (MNTP): the LLM2Vec warm-up that turns a decoder towards an encoder.
+
+LLM2Vec (BehnamGhader et al., 2024) makes a decoder's attention bidirectional, then trains it briefly to predict
+masked tokens: the token at position i is masked in the input and predicted from the hidden state at position
+i - 1, through the model's own LM head, so the objective stays the next-token one the model was pre-trained for
+while the hidden states learn to use the tokens on their right. The contrastive stage then starts from weights
+that already "read" both ways.
+
+Here the warm-up is a `Step` of the one training engine (`recipe.mntp`, run by `embedkit train` before the
+contrastive step, on the same encoder and adapter): the data are the training documents (positives, then hard
+negatives), masked BERT-style (of the chosen positions 80% become the mask token, 10% a random token, 10% stay),
+with a seeded mask per step so a resumed run masks the same tokens. LLM2Vec trains a separate adapter for MNTP
+and merges it before the contrastive one; one adapter trained in two stages keeps the saved model one adapter
+(the ablation in the README measures the warm-up as built here).
+
+The LM head is the input embedding when the model ties them (SmolLM2, Qwen3-0.6B), else `lm_head.weight` read
+from the model folder's safetensors; it stays frozen. Logits are computed for the masked positions only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from embedkit.errors import ConfigError, ModelError
+from embedkit.train.engine import LOG_FILE, MNTP_LOG_FILE, Engine, StepBase, work_dir
+
+log = logging.getLogger("embedkit.train")
+
+# LLM2Vec's choice for Llama-style tokenizers, which have no mask token.
+_FALLBACK_MASK_TEXT = "_"
+
+
+def mask_token_id(tokenizer) -> int:
+    if tokenizer.mask_token_id is not None:
+        return int(tokenizer.mask_token_id)
+    ids = tokenizer(_FALLBACK_MASK_TEXT, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return int(ids[0])
+    if tokenizer.unk_token_id is not None:
+        return int(tokenizer.unk_token_id)
+    return int(tokenizer.eos_token_id)
+
+
+def lm_head_weight(encoder) -> torch.Tensor:
+    """The [vocab, hidden] output projection, frozen: the tied input embedding, else lm_head.weight from disk."""
+    config = encoder._base_config
+    embeddings = encoder.backbone.get_input_embeddings().weight
+    if getattr(config, "tie_word_embeddings", False):
+        return embeddings.detach()
+    from safetensors import safe_open
+
+    source = Path(encoder.source_path or "")
+    for file in sorted(source.rglob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in ("lm_head.weight", "model.lm_head.weight"):
+                if key in handle.keys():
+                    return handle.get_tensor(key).to(embeddings.device, embeddings.dtype)
+    raise ModelError("mntp needs the model's LM head: its embeddings are not tied and no lm_head.weight was found",
+                     path=str(source))
+
+
+def mask_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ratio: float, mask_id: int,
+               vocab_size: int, special_ids: set[int], generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked input ids, bool [B, L] of the positions to predict). A position can be predicted only when the one
+    before it is a real token (its hidden state predicts it); special tokens are never masked."""
+    real = attention_mask.bool()
+    candidates = real.clone()
+    candidates[:, 0] = False
+    candidates[:, 1:] &= real[:, :-1]
+    for token in special_ids:
+        candidates &= input_ids != token
+    draw = torch.rand(input_ids.shape, generator=generator)
+    chosen = candidates & (draw < ratio)
+    # Every row with candidates predicts at least one token (short texts would otherwise often get none).
+    for row in torch.nonzero(candidates.any(1) & ~chosen.any(1)).flatten().tolist():
+        options = torch.nonzero(candidates[row]).flatten()
+        chosen[row, options[torch.randint(len(options), (1,), generator=generator)]] = True
+    how = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (how < 0.8)] = mask_id
+    randomised = chosen & (how >= 0.8) & (how < 0.9)
+    masked[randomised] = torch.randint(vocab_size, (int(randomised.sum()),), generator=generator)
+    return masked, chosen
+
+
+class MNTPStep(StepBase):
+    name = "mntp"
+
+    def __init__(self, recipe, encoder, documents: list[str]) -> None:
+        self.recipe, self.encoder = recipe, encoder
+        tokenizer = encoder.tokenizer
+        m = recipe.mntp
+        self.ids = [ids for ids in tokenizer(documents, add_special_tokens=True, truncation=True,
+                                             max_length=m.max_length, return_attention_mask=False)["input_ids"]
+                    if len(ids) >= 2]
+        if not self.ids:
+            raise ConfigError("mntp: no training document has two tokens to learn from", field="mntp.steps")
+        self.mask_id = mask_token_id(tokenizer)
+        self.vocab = int(encoder._base_config.vocab_size)
+        self.special = {int(t) for t in tokenizer.all_special_ids}
+        self.head = lm_head_weight(encoder)
+
+    def batches(self, epoch: int, batch_size: int) -> list[list[int]]:
+        order = list(range(len(self.ids)))
+        random.Random(self.recipe.training.seed * 1_000_003 + epoch).shuffle(order)
+        return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
+
+    def run(self, rows: list[int], engine: Engine, weight: float) -> dict[str, float]:
+        features = self.encoder.collate([self.ids[i] for i in rows])
+        generator = torch.Generator().manual_seed(self.recipe.training.seed * 7919 + engine.position.get("step", 0)
+                                                  + 104_729 * engine.rank)
+        masked, predict = mask_batch(features["input_ids"], features["attention_mask"], ratio=self.recipe.mntp.mask_ratio,
+                                     mask_id=self.mask_id, vocab_size=self.vocab, special_ids=self.special,
+                                     generator=generator)
+        targets = features["input_ids"][predict]
+        before = torch.zeros_like(predict)
+        before[:, :-1] = predict[:, 1:]  # the hidden state one position earlier predicts the masked token
+        with engine.sync(last=True):
+            with engine.autocast():
+                hidden = engine.model({"input_ids": masked, "attention_mask": features["attention_mask"]},
+                                      hidden_states=True)
+                states = hidden[before.to(hidden.device)]
+                logits = states.float() @ self.head.to(states.device).float().T
+            loss = F.cross_entropy(logits, targets.to(logits.device))
+            engine.backward(loss * weight)
+        correct = float((logits.argmax(-1).cpu() == targets).float().mean())
+        return {"loss": float(loss.detach()), "mntp_accuracy": correct, "masked_tokens": int(targets.numel())}
+
+
+def warm_up(recipe, encoder, documents: list[str], output: Path, *, resume: bool) -> dict[str, Any]:
+    """Run recipe.mntp.steps of MNTP on `encoder` (in place) through its own engine; returns the fit's stats."""
+    m = recipe.mntp
+    if not encoder.is_causal:
+        raise ConfigError("mntp is a warm-up for causal LLM encoders; this model is not one", field="mntp.steps")
+    stage = recipe.model_copy(deep=True)
+    t = stage.training
+    t.output_dir = str(work_dir(output) / "mntp")
+    t.batch_size, t.lr, t.max_steps, t.epochs = m.batch_size, m.lr, m.steps, 10_000
+    t.gradient_accumulation, t.eval_every, t.eval_at_end = 1, None, False
+    engine = Engine(stage, t.output_dir, kind="mntp")
+    step = MNTPStep(stage, encoder, documents)
+    log.info("mntp warm-up: %d steps of %d documents (max %d tokens), mask ratio %.2f", m.steps, m.batch_size,
+             m.max_length, m.mask_ratio)
+    fit = engine.fit(step, encoder, n_examples=len(step.ids), resume=resume)
+    engine.finish()
+    if engine.is_main and (engine.work / LOG_FILE).is_file():  # copied into the model folder with the main log
+        shutil.copyfile(engine.work / LOG_FILE, work_dir(output) / MNTP_LOG_FILE)
+    encoder.train()
+    return {k: v for k, v in fit.stats().items() if k != "history"}
