@@ -93,3 +93,23 @@ def test_mntp_and_attention_are_refused_where_they_do_not_apply(tiny_bert_dir, t
         load_model(tiny_bert_dir, attention="bidirectional")
     assert not (tmp_path / "y").exists()
 
+
+
+def test_a_saved_bidirectional_model_exports_to_onnx_with_its_attention(tiny_llama_dir, tmp_path):
+    import onnxruntime as ort
+
+    from embedkit.export.onnx import torch_to_onnx
+
+    load_model(tiny_llama_dir, pooling="mean", attention="bidirectional").save(tmp_path / "saved")
+    saved = load_model(tmp_path / "saved")
+    assert saved.attention == "bidirectional"
+    torch_to_onnx(saved, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    feats = saved.tokenize(["one two three four", "one"])
+    graph = session.run(None, {"input_ids": feats["input_ids"].numpy(),
+                               "attention_mask": feats["attention_mask"].numpy()})[0]
+    with torch.no_grad():
+        both = saved(feats).numpy()
+        causal = load_model(tiny_llama_dir, pooling="mean")(feats).numpy()
+    assert np.abs(graph - both).max() < 1e-5
+    assert np.abs(graph - causal).max() > 1e-2  # the graph did not fall back to causal attention
