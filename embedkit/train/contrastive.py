@@ -429,7 +429,7 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResul
         from embedkit.train.mntp import warm_up
 
         memory["mntp"] = warm_up(recipe, encoder, mntp_documents(examples), output, resume=resume)
-        engine.accelerator = engine._make_accelerator()  # the warm-up's engine reset the shared Accelerate state
+        engine.reclaim_accelerator()
     step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
     fit = engine.fit(step, encoder, extra=[p for p in loss_fn.parameters() if p.requires_grad],
                      n_examples=len(data.examples), resume=resume, on_step=on_step, on_eval=on_eval)

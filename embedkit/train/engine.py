@@ -293,6 +293,11 @@ class Engine:
         return Accelerator(cpu=self.device.type == "cpu", mixed_precision=mixed, log_with=trackers or None,
                            project_dir=str(self.work / TRACKING_DIR))
 
+    def reclaim_accelerator(self) -> None:
+        """After another engine ran in this process (the MNTP warm-up): Accelerate's state is process-wide and that
+        engine reset it, so make this engine's Accelerator again before fitting."""
+        self.accelerator = self._make_accelerator()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
