@@ -107,7 +107,9 @@ def main() -> None:
 
     joint_recipe = REPO / "recipes" / "llm" / "smollm2-joint.yaml"
     # One plain step per batch (no GradCache): on CPU memory is not the limit here, and GradCache's second forward is.
-    joint_common = common + [f"data.max_examples={args.train}", f"data.dev={dev}", "training.micro_batch_size=null"]
+    joint_common = common + [f"data.max_examples={args.train}", f"data.dev={dev}", "training.micro_batch_size=null",
+                             # the settings of the documented run (the recipe now defaults to bidirectional / mean)
+                             "model.embedding_attention=causal", "model.pooling=lasttoken", "model.padding_side=left"]
 
     stage("2. QLoRA contrastive, embedding only (joint.sft_weight=0)")
     recipe = load_llm_recipe(joint_recipe, joint_common + ["joint.sft_weight=0", f"training.output_dir={out / 'emb'}",

@@ -18,9 +18,17 @@ Rows (each: result numbers, pass / fail / skipped, seconds):
      same device; pass: max |diff| <= 1e-5 (fp32)
   6  vLLM (only where `import vllm` works): row 2's model through `embedkit export --format hf` and
      `embedkit serve --engine vllm` (run_vllm): vLLM's probe vectors vs the stored ones (atol 1e-3)
+  7  Qwen3-0.6B encoder recipe for a few steps: recipes/qwen3-0.6b-encoder.yaml (bidirectional attention, mean
+     pooling, MNTP warm-up, QLoRA, bf16, gradient checkpointing) through row 3's code path on a randomly initialised
+     Qwen3 of the real 0.6B shape (28 layers, hidden 1024, intermediate 3072, 16 heads, 8 KV heads, head_dim 128,
+     Qwen3's 151,936-row tied vocabulary; the box has no hub) saved as a local folder with SmolLM2's tokenizer:
+     4 MNTP steps, then training.max_steps=10 at the recipe's batch 128 / GradCache 32 / max length 512: steps,
+     samples/s, peak GPU memory (beside bench/bench_memory.py's estimate), loss first -> last of both stages;
+     pass: all steps of both stages, finite losses. --quick: a 2-layer, 256-d Qwen3, 2 + 3 steps, batch 4
 
-Rows 3 and 4 train on SciFact's train pairs (the recipe's MedQuAD file is 20 MB more to carry to an offline GPU box);
-rows 5 and 6 serve base MiniLM when row 2's model is not in --out (e.g. rows run in separate batches).
+Rows 3, 4 and 7 train on SciFact's train pairs (the recipe's MedQuAD file is 20 MB more to carry to an offline GPU
+box); rows 5 and 6 serve base MiniLM when row 2's model is not in --out (e.g. rows run in separate batches). Row 7
+needs what rows 3-4 need (bitsandbytes, the SmolLM2 package for its tokenizer): run it in their batch (--rows 3,4,7).
 
 Each row runs in its own process (a crash, an OOM or a hung collective stays in its row); its log goes to
 OUT/gpu_check.log, never to the console. A failing row is reported with its one-line error and the next row runs.
@@ -64,9 +72,10 @@ ROW_NAMES = {
     4: "ZeRO-3 + QLoRA kill / resume",
     5: "embedkit serve vs encode",
     6: "vLLM serve (HF export) probes",
+    7: "Qwen3-0.6B encoder recipe, few steps (random weights)",
 }
 # Seconds a row needs at least; with less left before the deadline it is skipped rather than started.
-ROW_MIN_S = {1: 20, 2: 90, 3: 60, 4: 120, 5: 30, 6: 120}
+ROW_MIN_S = {1: 20, 2: 90, 3: 60, 4: 120, 5: 30, 6: 120, 7: 120}
 ALL_ROWS = tuple(ROW_NAMES)
 
 PARITY_MIN_COSINE = 0.9999
@@ -462,6 +471,26 @@ def _is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
+def _train_recording(recipe, cuda: bool):
+    """`embedkit train`'s code path on `recipe`: (result, the loss of every step, {"gpu": peak GiB} on CUDA, taken
+    at the last step, i.e. from the reset on: the model's loading and the training)."""
+    import torch
+
+    from embedkit.train.contrastive import train
+
+    losses: list[float] = []
+    peak: dict[str, float] = {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_step(step: int, record: dict) -> None:
+        losses.append(float(record.get("loss", float("nan"))))
+        if cuda:
+            peak["gpu"] = torch.cuda.max_memory_allocated() / 2**30
+
+    return train(recipe, on_step=on_step), losses, peak
+
+
 def _row2_model(settings: Settings) -> tuple[str, str]:
     """(model, note) for rows 5 and 6: row 2's embedkit model when it is in --out, else base MiniLM."""
     folder = settings.work / "row2-embedkit"
@@ -601,7 +630,7 @@ def row_train_vs_st(settings: Settings) -> RowResult:
 def _smollm2_overrides(settings: Settings, output: Path) -> list[str]:
     overrides = [f"data.train=beir:{_require_scifact(settings)}:train", "data.dev=null",
                  f"training.output_dir={output}", "training.progress=false", "training.report_to=[]",
-                 f"model.device={settings.device}"]
+                 f"model.device={settings.device}", "mntp.steps=0"]  # MNTP: row 7 (and refused under ZeRO-3)
     if settings.quick:
         overrides += ["training.batch_size=4", "training.grad_cache=2", "model.max_length=64"]
     return overrides
@@ -610,11 +639,8 @@ def _smollm2_overrides(settings: Settings, output: Path) -> list[str]:
 def row_smollm2_qlora(settings: Settings) -> RowResult:
     import math
 
-    import torch
-
     from embedkit.models.registry import smollm2_path
     from embedkit.train.config import load_recipe
-    from embedkit.train.contrastive import train
     from embedkit.train.engine import peak_rss_gb
 
     t0 = time.perf_counter()
@@ -626,17 +652,7 @@ def row_smollm2_qlora(settings: Settings) -> RowResult:
                          [*_smollm2_overrides(settings, output), f"training.max_steps={steps}",
                           "training.mixed_precision=bf16"])
     cuda = _is_cuda(settings.device)
-    losses: list[float] = []
-    peak: dict[str, float] = {}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    def on_step(step: int, record: dict) -> None:
-        losses.append(float(record.get("loss", float("nan"))))
-        if cuda:
-            peak["gpu"] = torch.cuda.max_memory_allocated() / 2**30  # at the last step: training alone
-
-    result = train(recipe, on_step=on_step)
+    result, losses, peak = _train_recording(recipe, cuda)
     numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
                "samples_per_s": result.samples_per_second, "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "convert_s": convert_s,
@@ -846,8 +862,149 @@ def row_vllm(settings: Settings) -> RowResult:
     return RowResult(6, ROW_NAMES[6], "pass" if check.ok else "fail", text, numbers=numbers)
 
 
+# ---------------------------------------------------------------------------------------------------- row 7
+# Qwen3-0.6B's shape (Qwen/Qwen3-0.6B's config.json): the GPU box has no hub, so row 7 trains a randomly
+# initialised model of this shape. The vocabulary stays Qwen3's 151,936 rows (tied input/output embeddings, a quarter
+# of the parameters and the MNTP logits' width) although the tokenizer that can be supplied offline (SmolLM2's, 49,152
+# ids) uses only its first ids: memory and speed are those of the real model, the numbers it learns are not.
+QWEN3_SHAPES: dict[str, dict[str, int]] = {
+    "full": {"num_hidden_layers": 28, "hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
+    # --quick (the CPU smoke test): 2 layers, 256-d (multiples of 64 for bitsandbytes' CPU 4-bit path); vocabulary =
+    # the tokenizer's.
+    "quick": {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 0},
+}
+QWEN3_RECIPE = REPO / "recipes" / "qwen3-0.6b-encoder.yaml"
+ROW7_STEPS = {"full": (10, 4), "quick": (3, 2)}  # (contrastive steps, MNTP steps)
+
+
+def encoder_tokenizer():
+    """The tokenizer row 7's random Qwen3 is given: SmolLM2's (byte-level BPE, 49,152 ids), available offline from
+    the converted SmolLM2 folder (rows 3-4 use it too)."""
+    from transformers import AutoTokenizer
+
+    from embedkit.models.registry import smollm2_path
+
+    return AutoTokenizer.from_pretrained(str(smollm2_path()))
+
+
+def build_random_qwen3(folder: Path, tokenizer, shape: dict[str, int], *, device: str = "cpu", seed: int = 0
+                       ) -> tuple[Path, dict[str, Any]]:
+    """A randomly initialised Qwen3ForCausalLM of `shape` saved (bf16, as Qwen3's checkpoints) with `tokenizer` as a
+    model folder; reused when a folder of the same shape and tokenizer is already there. Returns (folder, config)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    vocab = max(int(shape.get("vocab_size") or 0), len(tokenizer))
+    vocab = -(-vocab // 64) * 64  # whole rows of 64 (Qwen3's own vocabulary is padded the same way)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    settings = {**shape, "vocab_size": vocab, "tie_word_embeddings": True, "max_position_embeddings": 40960,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "rms_norm_eps": 1e-6,
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+    record = {"shape": settings, "tokenizer_size": len(tokenizer), "seed": seed}
+    marker = folder / "gpu_check_random_qwen3.json"
+    if marker.is_file() and json.loads(marker.read_text()) == record and (folder / "config.json").is_file():
+        return folder, settings
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    config = Qwen3Config(**settings)
+    torch.manual_seed(seed)
+    with torch.device(device):  # a GPU initialises the 0.6B weights in a fraction of the CPU's time
+        model = Qwen3ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the row measures training's peak, not this
+    marker.write_text(json.dumps(record, indent=2))
+    return folder, settings
+
+
+def _row7_overrides(settings: Settings, model: Path, output: Path) -> list[str]:
+    steps, mntp_steps = ROW7_STEPS["quick" if settings.quick else "full"]
+    overrides = [f"model.name={model}", f"data.train=beir:{_require_scifact(settings)}:train", "data.dev=null",
+                 "training.eval_every=null", f"training.output_dir={output}", "training.progress=false",
+                 "training.report_to=[]", f"model.device={settings.device}", f"training.max_steps={steps}",
+                 "training.epochs=5",  # SciFact has 919 pairs: several epochs' worth so that max_steps is reached
+                 "training.checkpoint_every=null", f"mntp.steps={mntp_steps}", "training.log_every=1"]
+    if settings.quick:
+        overrides += ["training.batch_size=4", "training.grad_cache=2", "model.max_length=64", "mntp.batch_size=4",
+                      "mntp.max_length=64"]
+    return overrides
+
+
+def _memory_estimate(recipe, config: dict[str, Any]) -> dict[str, Any] | None:
+    """bench/bench_memory.py's estimate for this recipe and model shape (None when it cannot be computed)."""
+    try:
+        if str(REPO / "bench") not in sys.path:
+            sys.path.insert(0, str(REPO / "bench"))
+        from bench_memory import estimate_recipe_memory, shape_from_config
+
+        return estimate_recipe_memory(recipe, shape_from_config(config))
+    except Exception as exc:  # an estimate is context, never a reason to fail the row
+        print(f"memory estimate unavailable: {one_line(exc)}", file=sys.stderr, flush=True)
+        return None
+
+
+def row_qwen3_encoder(settings: Settings) -> RowResult:
+    """recipes/qwen3-0.6b-encoder.yaml (bidirectional attention, mean pooling, MNTP warm-up, QLoRA, bf16, gradient
+    checkpointing) on a random Qwen3 of the real 0.6B shape, through row 3's code path (load_recipe + train)."""
+    import math
+
+    from embedkit.train.config import load_recipe
+    from embedkit.train.engine import MNTP_LOG_FILE, peak_rss_gb
+
+    size = "quick" if settings.quick else "full"
+    steps, mntp_steps = ROW7_STEPS[size]
+    t0 = time.perf_counter()
+    tokenizer = encoder_tokenizer()
+    model, config = build_random_qwen3(settings.work / f"row7-qwen3-random-{size}", tokenizer, QWEN3_SHAPES[size],
+                                       device=settings.device)
+    build_s = time.perf_counter() - t0
+    output = _clean(settings.work / "row7-qwen3-encoder")
+    recipe = load_recipe(QWEN3_RECIPE, _row7_overrides(settings, model, output))
+    cuda = _is_cuda(settings.device)
+    result, losses, peak = _train_recording(recipe, cuda)  # peak GPU: loading + MNTP + the steps
+    mntp_losses = [float(r["loss"]) for r in map(json.loads, (output / MNTP_LOG_FILE).read_text().splitlines())
+                   if r.get("event") == "train"] if (output / MNTP_LOG_FILE).is_file() else []
+    manifest = json.loads((output / "embedkit_manifest.json").read_text())
+    memory = manifest["training"]["stats"]["memory"]
+    estimate = _memory_estimate(recipe, config)
+    numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
+               "samples_per_s": result.samples_per_second, "loss_first": losses[0] if losses else None,
+               "loss_last": losses[-1] if losses else None, "mntp_steps": len(mntp_losses), "mntp_max_steps": mntp_steps,
+               "mntp_loss_first": mntp_losses[0] if mntp_losses else None,
+               "mntp_loss_last": mntp_losses[-1] if mntp_losses else None, "build_s": build_s,
+               "peak_gpu_gib": peak.get("gpu"), "peak_rss_gb": peak_rss_gb(), "shape": config,
+               "batch_size": recipe.training.batch_size, "grad_cache": recipe.training.grad_cache,
+               "max_length": recipe.model.max_length, "attention": recipe.model.attention,
+               "pooling": recipe.model.pooling, "weights_bytes": memory["parameters"]["total_bytes"],
+               "estimate": estimate}
+    finite = bool(losses) and all(math.isfinite(x) for x in losses + mntp_losses)
+    ok = result.steps == steps and len(mntp_losses) == mntp_steps and finite
+    if not losses:
+        return RowResult(7, ROW_NAMES[7], "fail", f"{result.steps}/{steps} steps, no loss logged", numbers=numbers)
+    if cuda:
+        memory_text = f"peak GPU {numbers['peak_gpu_gib']:.2f} GiB"
+        if estimate:
+            memory_text += f" (estimate {estimate['peak_bytes'] / 2**30:.2f} GiB)"
+    else:
+        memory_text = f"peak RSS {numbers['peak_rss_gb']:.2f} GB (no GPU memory on {settings.device})"
+    mntp_text = (f"MNTP {len(mntp_losses)}/{mntp_steps} steps loss {mntp_losses[0]:.3f} -> {mntp_losses[-1]:.3f}"
+                 if mntp_losses else f"MNTP 0/{mntp_steps} steps")
+    text = (f"random Qwen3 {config['num_hidden_layers']} layers x {config['hidden_size']}: {mntp_text}; "
+            f"{result.steps}/{steps} steps, {result.samples_per_second:.3g} samples/s, {memory_text}, loss "
+            f"{numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f} (batch {recipe.training.batch_size}, "
+            f"grad cache {recipe.training.grad_cache}, max length {recipe.model.max_length})")
+    return RowResult(7, ROW_NAMES[7], "pass" if ok else "fail", text, numbers=numbers)
+
+
 ROW_FUNCTIONS: dict[int, Callable[[Settings], RowResult]] = {
-    1: row_encode_parity, 2: row_train_vs_st, 3: row_smollm2_qlora, 4: row_zero3_resume, 5: row_serve, 6: row_vllm}
+    1: row_encode_parity, 2: row_train_vs_st, 3: row_smollm2_qlora, 4: row_zero3_resume, 5: row_serve, 6: row_vllm,
+    7: row_qwen3_encoder}
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -919,7 +1076,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes (24 texts, 64 SciFact pairs evaluated on a 20-query subset, 3 QLoRA steps)")
+                        help="tiny sizes (24 texts, 64 SciFact pairs evaluated on a 20-query subset, 3 QLoRA steps, "
+                             "a 2-layer Qwen3 for row 7)")
     parser.add_argument("--rows", default="all", help="rows to run: 1,2,5 or 2-4 or all (default)")
     parser.add_argument("--out", default=str(REPO / "runs" / "gpu-check"),
                         help="folder for the models, the log and the report (default runs/gpu-check)")

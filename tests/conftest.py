@@ -29,6 +29,20 @@ CORPUS = [
 ] * 3
 
 
+
+def bench_module(name: str):
+    """bench/NAME.py imported as the module NAME (bench/ is scripts, not a package), for a module-scoped fixture:
+    `yield from bench_module("gpu_check")` (the module is dropped from sys.modules afterwards)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_embedkit_home(tmp_path_factory):
     """Caches go to a temp folder, except the converted SmolLM2, which is reused across runs when present."""
@@ -82,7 +96,7 @@ def build_tiny_bert(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0, max_positions: int = 256) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +104,7 @@ def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder)

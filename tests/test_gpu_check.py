@@ -3,24 +3,15 @@ the table. (The check itself runs on a GPU, or with `--device cpu --quick`; neit
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+    from conftest import bench_module
+
+    yield from bench_module("gpu_check")
 
 
 def test_cuda_missing_is_a_one_line_error_and_runs_nothing(gc, monkeypatch, capsys, tmp_path):
@@ -49,14 +40,14 @@ def test_row_selection(gc, capsys):
     assert gc.parse_rows("1,2,5") == [1, 2, 5]
     assert gc.parse_rows(" 5, 1,5 ") == [1, 5]
     assert gc.parse_rows("2-4") == [2, 3, 4]
-    assert gc.parse_rows("all") == gc.parse_rows(None) == [1, 2, 3, 4, 5, 6]
-    for bad, words in (("7", "no row '7'"), ("x", "'x' is not a row number"), ("4-2", "no row '4-2'"), (",", "no row")):
+    assert gc.parse_rows("all") == gc.parse_rows(None) == [1, 2, 3, 4, 5, 6, 7]
+    for bad, words in (("8", "no row '8'"), ("x", "'x' is not a row number"), ("4-2", "no row '4-2'"), (",", "no row")):
         with pytest.raises(gc.CheckError) as info:
             gc.parse_rows(bad)
         assert words in info.value.one_line()
     assert gc.main(["--rows", "9", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: field 'rows': --rows: no row '9' (rows are 1-6)"]
+    assert err == ["error: field 'rows': --rows: no row '9' (rows are 1-7)"]
 
 
 def test_deadline_skips_late_rows_and_a_failing_row_does_not_stop_the_others(gc):
@@ -128,3 +119,35 @@ def test_helpers(gc, tmp_path):
     ids = [json.loads(line)["_id"] for line in (small / "corpus.jsonl").read_text().splitlines()]
     assert len(ids) == 10 and {"d40", "d41", "d42"} <= set(ids)
     assert len((small / "queries.jsonl").read_text().splitlines()) == 3
+
+
+def test_row7_trains_the_qwen3_encoder_recipe_on_a_random_qwen3(gc, monkeypatch, tmp_path, shared_data,
+                                                                 one_torch_thread):
+    """Row 7's logic on the CPU at a tiny shape: the random Qwen3 folder, the recipe's MNTP warm-up and contrastive
+    steps through `train`, the numbers, and the memory estimate (whose weight bytes match what was loaded)."""
+    import time
+
+    from conftest import _bytelevel_tokenizer
+
+    monkeypatch.setattr(gc, "encoder_tokenizer", _bytelevel_tokenizer)  # SmolLM2's needs its 30 s conversion
+    monkeypatch.setitem(gc.QWEN3_SHAPES, "quick", {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                                   "vocab_size": 0})
+    settings = gc.Settings("cpu", True, tmp_path / "out", shared_data, time.time() + 600)
+    result = gc.row_qwen3_encoder(settings)
+    n = result.numbers
+    assert result.status == "pass", result.result
+    assert (n["steps"], n["mntp_steps"]) == (3, 2) == (n["max_steps"], n["mntp_max_steps"])
+    assert n["attention"] == "bidirectional" and n["pooling"] == "mean"
+    assert n["shape"]["num_hidden_layers"] == 2 and n["shape"]["vocab_size"] == 320  # 300 ids, rounded up to 64s
+    assert result.result.startswith("random Qwen3 2 layers x 64: MNTP 2/2 steps loss ")
+    assert "3/3 steps" in result.result and "peak RSS" in result.result
+    estimate = n["estimate"]
+    assert estimate is not None and estimate["peak_bytes"] > estimate["weights_bytes"] > 0
+    assert abs(estimate["weights_bytes"] + estimate["lora_parameters"] * 4 - n["weights_bytes"]) \
+        < 0.05 * n["weights_bytes"]
+    # The folder is reused when the shape and tokenizer are the same.
+    folder = settings.work / "row7-qwen3-random-quick"
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    gc.build_random_qwen3(folder, _bytelevel_tokenizer(), gc.QWEN3_SHAPES["quick"])
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp

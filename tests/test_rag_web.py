@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import struct
 import subprocess
@@ -246,8 +248,12 @@ def test_page_without_query_and_with_a_failing_answerer(web_index):
     def broken(question, passages):
         raise RuntimeError("generator out of memory")
 
-    page = parse(TestClient(create_web_app(index, encoder, answerer=broken)).get("/?q=insulin").text)
+    client = TestClient(create_web_app(index, encoder, answerer=broken))
+    page = parse(client.get("/?q=insulin").text)
     assert len(page.hits) == 5 and "generator out of memory" in page.error
+    body = client.get("/api/search", params={"q": "insulin", "answer": "true"})  # the results stand, as on the page
+    assert body.status_code == 200 and len(body.json()["results"]) == 5 and body.json()["answer"] is None
+    assert body.json()["answer_error"] == "no answer: RuntimeError: generator out of memory"
 
 
 def test_json_api(web_index):
@@ -268,7 +274,8 @@ def test_json_api(web_index):
 
 
 def test_highlight_and_citations_units():
-    from embedkit.rag.web import highlight, query_terms, render_answer, snippet
+    from embedkit.rag.index import Hit
+    from embedkit.rag.web import highlight, query_terms, render_answer, render_page, snippet
 
     assert query_terms("What causes the Fever?") == ["causes", "fever"]
     assert highlight("Fevers <b> fever", ["fever"]) == "<mark>Fevers</mark> &lt;b&gt; <mark>fever</mark>"
@@ -276,6 +283,11 @@ def test_highlight_and_citations_units():
     assert highlight("one fracture, two fractures", ["fractures"]) == \
         "one <mark>fracture</mark>, two <mark>fractures</mark>"
     assert render_answer("x [1] [3] <y>", 2) == 'x <a class="cite" href="#hit-1">[1]</a> [3] &lt;y&gt;'
+    hits = [Hit(rank=n, doc_id=f"d{n}", score=1 / n, title="", text=f"passage {n}") for n in range(1, 6)]
+    page = parse(render_page(query="q", k=5, hybrid=False, hybrid_available=False, hits=hits, answer="[1] [3] [4]",
+                             error=None, info={"documents": 5, "type": "flat", "model": "m"}, elapsed_ms=None,
+                             answer_sources=3))  # the answerer saw 3 of the 5 hits: [4] is not one it was shown
+    assert page.citations == [("#hit-1", "[1]"), ("#hit-3", "[3]")] and "[4]" in page.answer_text
     long = "word " * 300 + "needle here " + "word " * 300
     cut = snippet(long, ["needle"], limit=200)
     assert "needle" in cut and len(cut) < 220 and cut.startswith("... ")
@@ -294,3 +306,118 @@ def test_generator_wiring_of_rag_web(web_index, tiny_llama_dir, st_bert):
     assert isinstance(text, str)
     with pytest.raises(ConfigError, match="no generative head"):
         _answerer(index, st_bert, 8)
+
+
+@pytest.fixture(scope="module")
+def joint_model(tmp_path_factory) -> Path:
+    """A real `embedkit llm joint` folder: the tiny Llama through the joint trainer (contrastive + answer loss, LoRA
+    merged on save), 2 steps, bidirectional embedding attention. One folder that embeds and answers (~3 s). Its
+    context is 512 positions: the RAG prompt (system prompt + 3 passages) is ~300 tokens of this tiny vocabulary."""
+    import yaml
+
+    from conftest import build_tiny_llama
+
+    from embedkit.llm.config import load_llm_recipe
+    from embedkit.llm.joint import train_joint
+
+    root = tmp_path_factory.mktemp("joint")
+    base = build_tiny_llama(root / "base", max_positions=512)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"what about {t.split()[1]}?", "positive": t}) + "\n"
+                             for t in dict.fromkeys(CORPUS)))
+    # The embedding settings of recipes/llm/smollm2-joint.yaml: bidirectional attention, mean pooling, right padding.
+    recipe = {"model": {"name": str(base), "max_length": 96, "embedding_attention": "bidirectional",
+                        "pooling": "mean", "padding_side": "right"},
+              "adapter": {"type": "lora", "r": 4, "alpha": 8}, "data": {"train": str(pairs)},
+              "training": {"output_dir": str(root / "model"), "batch_size": 4, "lr": 1e-3, "max_steps": 2,
+                           "progress": False, "threads": 1}}
+    (root / "joint.yaml").write_text(yaml.safe_dump(recipe))
+    stats = train_joint(load_llm_recipe(root / "joint.yaml", mode="joint"))
+    assert stats["steps"] == 2 and stats["embedding_attention"] == "bidirectional"
+    return Path(stats["output_dir"])
+
+
+def test_rag_web_with_one_joint_model_in_headless_chromium(joint_model, tmp_path, monkeypatch, one_torch_thread):
+    """Issue #17: one `llm joint` folder builds the index (`rag index --model DIR`) and, with no --generator, answers
+    on the page (`rag web`): the hits are the index's ranking with that encoder, the answer comes from the same
+    weights (through `_answerer`'s fall-back to the index's model), and its citations [n] can only link to the
+    passages it was shown as [n]."""
+    import urllib.request
+
+    import torch
+    from typer.testing import CliRunner
+
+    import embedkit.rag.web as web
+    from embedkit.cli import app
+    from embedkit.models import load_model
+    from embedkit.rag import create_web_app
+    from embedkit.serve.server import BackgroundServer
+
+    docs = {f"doc{i}": t for i, t in enumerate(dict.fromkeys(CORPUS))}
+    corpus, index_dir = tmp_path / "corpus.jsonl", tmp_path / "idx"
+    corpus.write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in docs.items()))
+    built = CliRunner().invoke(app, ["rag", "index", "--model", str(joint_model), "--corpus", str(corpus),
+                                     "--output", str(index_dir), "--no-bm25", "--quiet"])
+    assert built.exit_code == 0, built.output
+    served = {}  # `rag web` as typed, up to the server it would start
+    monkeypatch.setattr(web, "serve_web", lambda index, encoder, host, port, **options: served.update(
+        index=index, encoder=encoder, options=options))
+    run = CliRunner().invoke(app, ["rag", "web", str(index_dir), "--max-new-tokens", "6"])
+    assert run.exit_code == 0, run.output
+    index, encoder, options = served["index"], served["encoder"], served["options"]
+    answerer = options["answerer"]
+
+    # One folder: the index's model, the query encoder and the answerer's source are all the joint folder.
+    record = index.manifest["model"]
+    assert record["path"] == str(joint_model) and record["architecture"] == "LlamaForCausalLM"
+    assert record["attention"] == "bidirectional" == encoder.attention  # the joint model's embedding attention
+    assert encoder.fingerprint == index.model_fingerprint and encoder.pooling == "mean"
+    assert answerer is not None and answerer.source == record["path"]
+    assert f"answers from {joint_model}" in run.output
+    decoder = answerer.generator.model.model.state_dict()  # the generative side's decoder: the encoder's weights
+    assert all(torch.equal(tensor, decoder[name]) for name, tensor in encoder.backbone.state_dict().items())
+    # The index holds the bidirectional vectors: a causal read of the same weights embeds differently.
+    texts = list(docs.values())
+    causal = load_model(joint_model, attention="causal")
+    assert causal.fingerprint != index.model_fingerprint
+    assert abs(encoder.encode(texts, kind="document") - causal.encode(texts, kind="document")).max() > 1e-3
+
+    prompts = []  # what the generator is given: recorded, then generated from as usual
+    real_chat = answerer.generator.chat
+    monkeypatch.setattr(answerer.generator, "chat", lambda messages, **kw: prompts.append(messages) or
+                        real_chat(messages, **kw))
+    query = "fever and cough"
+    with BackgroundServer(create_web_app(index, encoder, **options)) as server:
+        dom = chromium(f"{server.url}/?q=fever+and+cough&k=5", tmp_path / "profile", "--dump-dom")
+        with urllib.request.urlopen(f"{server.url}/api/search?q=fever+and+cough&k=5&answer=true") as response:
+            api = json.loads(response.read())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = parse(dom.stdout)
+
+    expected = index.search(encoder, query, k=5)
+    assert [h["doc_id"] for h in page.hits] == [h.doc_id for h in expected] == [r["doc_id"] for r in api["results"]]
+    assert [h["rank"] for h in page.hits] == [1, 2, 3, 4, 5]
+    q = encoder.encode([query], kind="query")[0]  # the scores shown are cosines of this model's own vectors
+    by_id = dict(zip(docs, encoder.encode(texts, kind="document")))
+    assert [h["score"] for h in page.hits] == pytest.approx([float(by_id[h["doc_id"]] @ q) for h in page.hits],
+                                                            abs=1e-4)
+
+    # The generator saw the top --answer-passages (3) hits, numbered [1]..[3] in the page's order, and the question.
+    assert options["answer_passages"] == 3 and len(prompts) == 2  # the page, then the JSON API
+    shown = [docs[h["doc_id"]] for h in page.hits[:3]]
+    assert prompts[0][1]["content"] == "Passages:\n" + "\n\n".join(f"[{n}] {t}" for n, t in enumerate(shown, 1)) \
+        + f"\n\nQuestion: {query}"
+    assert "[1], [2]" in prompts[0][0]["content"]  # the system prompt asks for these citations
+    # The answer on the page is that greedy generation from the joint weights (a few tokens; the same over HTTP).
+    answer = real_chat(prompts[0], max_new_tokens=6).text
+    assert api["answer"] == answer
+    assert page.answer_text.startswith("Answer")  # the answer section's heading, then the answer
+
+    def visible(text: str) -> str:  # as the DOM holds it: control characters dropped, white space collapsed
+        return " ".join(re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", text).split())
+
+    assert visible(page.answer_text[len("Answer"):]) == visible(answer)
+    # Citations: each [n] the model wrote links to listed passage n when it was one of the 3 it saw, else stays text.
+    cited = [n for n in re.findall(r"\[(\d+)\]", answer) if 1 <= int(n) <= 3]
+    assert page.citations == [(f"#hit-{n}", f"[{n}]") for n in cited]
+    assert {href[1:] for href, _ in page.citations} <= {h["id"] for h in page.hits}

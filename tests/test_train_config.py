@@ -18,7 +18,8 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 def test_there_are_recipes():
     names = {p.name for p in RECIPES}
     assert {"minilm-scifact.yaml", "minilm-medquad.yaml", "bge-small-lora.yaml", "smollm2-qlora.yaml",
-            "qwen3-0.6b-qlora-zero3.yaml", "mistral-7b-qlora-zero3.yaml"} <= names
+            "qwen3-0.6b-qlora-zero3.yaml", "mistral-7b-qlora-zero3.yaml", "qwen3-0.6b-encoder.yaml",
+            "mistral-7b-encoder-zero3.yaml"} <= names
 
 
 LLM_RECIPES = sorted((REPO / "recipes" / "llm").glob("*.yaml"))

@@ -58,3 +58,88 @@ def test_training_manifest_records_weight_memory(tiny_bert_dir, tmp_path):
     weights = memory["parameters"]
     assert 0 < weights["trainable_bytes"] < weights["total_bytes"] / 2  # LoRA: a small trainable share
     assert memory["rss_after_load_gb"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------- estimates
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bm():
+    from conftest import bench_module
+
+    yield from bench_module("bench_memory")
+
+
+def test_estimated_shapes_count_the_parameters_transformers_builds(bm):
+    from transformers import MistralConfig, MistralModel, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model
+
+    for name, (config_cls, model_cls) in {"Qwen/Qwen3-0.6B": (Qwen3Config, Qwen3Model),
+                                           "mistralai/Mistral-7B-v0.1": (MistralConfig, MistralModel),
+                                           "Qwen/Qwen2.5-7B": (Qwen2Config, Qwen2Model)}.items():
+        s = bm.KNOWN_SHAPES[name]
+        config = config_cls(num_hidden_layers=s.layers, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                            num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+                            vocab_size=s.vocab, tie_word_embeddings=s.tied)
+        with torch.device("meta"):
+            model = model_cls(config)
+        assert s.parameters == sum(p.numel() for p in model.parameters()), name
+        assert bm.shape_from_config(config.to_dict()) == s, name
+    assert bm.KNOWN_SHAPES["Qwen/Qwen3-0.6B"].parameters == 596_049_920
+
+
+def test_one_layers_saved_activations_match_the_estimate(bm, tmp_path):
+    """The per-layer element count behind the activation estimate, against the tensors autograd really saves in a
+    QLoRA forward of a small Qwen3 (no checkpointing, so every layer's are alive)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from conftest import _bytelevel_tokenizer
+    from embedkit.train.config import parse_recipe
+    from embedkit.train.contrastive import build_encoder
+
+    tokenizer = _bytelevel_tokenizer()
+    config = Qwen3Config(num_hidden_layers=2, hidden_size=256, intermediate_size=768, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, vocab_size=320, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "q")
+    tokenizer.save_pretrained(tmp_path / "q")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    recipe = parse_recipe({"model": {"name": str(tmp_path / "q"), "attention": "bidirectional", "pooling": "mean",
+                                     "dtype": "bf16", "padding_side": "right"},
+                           "adapter": {"type": "qlora", "r": 4, "alpha": 8, "targets": "all-linear"},
+                           "data": {"train": str(pairs)}, "training": {"output_dir": str(tmp_path / "out")}})
+    encoder = build_encoder(recipe, "cpu")
+    encoder.train()
+    texts, length = 4, 64
+    features = {"input_ids": torch.randint(5, 300, (texts, length)),
+                "attention_mask": torch.ones(texts, length, dtype=torch.long)}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and t.dtype != torch.uint8:  # activations, not the 4-bit weights
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        encoder(features)
+    shape = bm.shape_from_config(config.to_dict())
+    # fp32 activations: PEFT's kbit preparation leaves the embeddings (so the residual stream) in fp32
+    estimated = shape.layers * bm._layer_elements_per_token(shape) * texts * length * 4
+    measured = sum(storages.values())
+    assert 0.85 < measured / estimated < 1.15, (measured, estimated)
+
+
+def test_recipe_estimates(bm):
+    from embedkit.train.config import load_recipe
+
+    qwen = bm.estimate_recipe_memory(load_recipe(REPO / "recipes" / "qwen3-0.6b-encoder.yaml", validate=False))
+    assert qwen["lora_parameters"] == 28 * 32 * (1024 + 2048 + 2 * (1024 + 1024) + 2048 + 1024 + 3 * (1024 + 3072))
+    assert qwen["mntp_bytes"] > 0 and 3 < qwen["peak_bytes"] / 2**30 < 12
+    mistral = load_recipe(REPO / "recipes" / "mistral-7b-encoder-zero3.yaml", validate=False)
+    per_gpu = [bm.estimate_recipe_memory(mistral, processes=n) for n in (2, 4, 8)]
+    assert per_gpu[0]["peak_bytes"] > per_gpu[1]["peak_bytes"] > per_gpu[2]["peak_bytes"]
+    assert per_gpu[1]["cpu_optimizer_bytes"] > 0 and per_gpu[1]["mntp_bytes"] == 0
+    table = bm.format_estimate(per_gpu[1])
+    assert "GiB (estimate)" in table and "per GPU, 4 GPUs (ZeRO-3)" in table

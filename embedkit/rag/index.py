@@ -116,7 +116,8 @@ def _model_record(encoder) -> dict[str, Any]:
     d = encoder.describe()
     keep = ("name", "path", "fingerprint", "architecture", "pooling", "prompts", "max_length", "normalize", "dim",
             "dtype")
-    return {k: d.get(k) for k in keep}
+    # A causal LLM's embedding attention (joint models: bidirectional) changes its vectors: recorded when set.
+    return {**{k: d.get(k) for k in keep}, **({"attention": d["attention"]} if d.get("attention") else {})}
 
 
 def _corpus_sha256(store: DocumentStore) -> str:
@@ -523,8 +524,8 @@ def build_index(
 def load_index_encoder(index: RagIndex, model: str | Path | None = None, *, device: Any = "cpu"):
     """The encoder to query `index` with: `model` if given, else the one recorded in its manifest, on `device`.
 
-    The recorded model is reloaded with its recorded settings (pooling, prompts, max length, dtype) so that its
-    fingerprint matches; any other model is refused by `check_encoder`.
+    The recorded model is reloaded with its recorded settings (pooling, prompts, max length, dtype, attention) so
+    that its fingerprint matches; any other model is refused by `check_encoder`.
     """
     from embedkit.models import load_model
     from embedkit.models.registry import EMBEDDED_MODELS
@@ -539,6 +540,6 @@ def load_index_encoder(index: RagIndex, model: str | Path | None = None, *, devi
             raise ModelError("the index manifest names no model: pass --model", path=index.path)
         encoder = load_model(target, pooling=info.get("pooling"), prompts=info.get("prompts") or {},
                              max_length=info.get("max_length"), normalize=info.get("normalize"),
-                             dtype=info.get("dtype"), device=device)
+                             dtype=info.get("dtype"), attention=info.get("attention"), device=device)
     index.check_encoder(encoder)
     return encoder

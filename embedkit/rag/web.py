@@ -132,7 +132,9 @@ mark{background:#ffe58a;padding:0 .1em;border-radius:2px}.empty,.error{color:#8a
 
 def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hits: list[Hit] | None,
                 answer: str | None, error: str | None, info: dict[str, Any], elapsed_ms: float | None,
-                notice: str | None = None) -> str:
+                notice: str | None = None, answer_sources: int | None = None) -> str:
+    """The page. `answer_sources`: how many of the top hits the answer was given (default: all); only citations
+    of those become links, so an answer's [n] always points to the passage it was shown as [n]."""
     e = html.escape
     terms = query_terms(query)
     parts = [
@@ -160,7 +162,8 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
     if error:
         parts.append(f"<p class='error' id='error'>{e(error)}</p>")
     if answer is not None:
-        parts.append(f"<section class='answer' id='answer'><h2>Answer</h2><p>{render_answer(answer, len(hits or []))}"
+        cited = len(hits or []) if answer_sources is None else min(answer_sources, len(hits or []))
+        parts.append(f"<section class='answer' id='answer'><h2>Answer</h2><p>{render_answer(answer, cited)}"
                      "</p></section>")
     if hits is not None:
         if not hits:
@@ -233,7 +236,8 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
             error = exc.one_line()
         body = render_page(query=q or "", k=k, hybrid=use_hybrid and current.has_bm25,
                            hybrid_available=current.has_bm25, hits=hits, answer=answer, error=error,
-                           info=current.describe(), elapsed_ms=elapsed, notice=notice)
+                           info=current.describe(), elapsed_ms=elapsed, notice=notice,
+                           answer_sources=answer_passages)
         return HTMLResponse(body, status_code=status)
 
     @app.get("/api/search")
@@ -252,7 +256,10 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
         body: dict[str, Any] = {"query": q, "k": k, "hybrid": hybrid_param and current.has_bm25,
                                 "elapsed_ms": elapsed, "results": [h.to_dict() for h in hits]}
         if answer and answerer is not None and hits:
-            body["answer"] = answerer(q, passages(hits))
+            try:
+                body["answer"] = answerer(q, passages(hits))
+            except Exception as exc:  # as on the page: the results stand, the failed answer is said in one line
+                body["answer"], body["answer_error"] = None, f"no answer: {type(exc).__name__}: {exc}"
         return JSONResponse(body)
 
     @app.get("/health")
