@@ -116,8 +116,10 @@ def _model_record(encoder) -> dict[str, Any]:
     d = encoder.describe()
     keep = ("name", "path", "fingerprint", "architecture", "pooling", "prompts", "max_length", "normalize", "dim",
             "dtype")
-    # A causal LLM's embedding attention (joint models: bidirectional) changes its vectors: recorded when set.
-    return {**{k: d.get(k) for k in keep}, **({"attention": d["attention"]} if d.get("attention") else {})}
+    record = {k: d.get(k) for k in keep}
+    if d.get("attention"):  # a causal LLM made bidirectional embeds differently: recorded so it reloads as itself
+        record["attention"] = d["attention"]
+    return record
 
 
 def _corpus_sha256(store: DocumentStore) -> str:

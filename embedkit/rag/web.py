@@ -212,6 +212,13 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
         chosen = hits if answer_passages is None else hits[:answer_passages]
         return [f"{h.title}\n{h.text}".strip() for h in chosen]
 
+    def answer_for(q: str, hits: list[Hit]) -> tuple[str | None, str | None]:
+        """(answer, None), or (None, one-line error): a failing generator never takes the results down with it."""
+        try:
+            return answerer(q, passages(hits)), None
+        except Exception as exc:
+            return None, f"no answer: {type(exc).__name__}: {exc}"
+
     # Sync handlers: FastAPI runs them in its thread pool, so a slow encode or answer does not block the loop.
     @app.get("/", response_class=HTMLResponse)
     def page(q: str | None = None, k: int = default_k, mode: str = "") -> HTMLResponse:
@@ -226,10 +233,7 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
             elif q is not None:
                 hits, elapsed = run(current, q, k, use_hybrid)
                 if answerer is not None and hits:
-                    try:
-                        answer = answerer(q, passages(hits))
-                    except Exception as exc:  # a failing generator must not take the results page down with it
-                        error = f"no answer: {type(exc).__name__}: {exc}"
+                    answer, error = answer_for(q, hits)
         except IndexUnavailable as exc:
             error, status = exc.one_line(), 503
         except EmbedkitError as exc:
@@ -256,10 +260,9 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
         body: dict[str, Any] = {"query": q, "k": k, "hybrid": hybrid_param and current.has_bm25,
                                 "elapsed_ms": elapsed, "results": [h.to_dict() for h in hits]}
         if answer and answerer is not None and hits:
-            try:
-                body["answer"] = answerer(q, passages(hits))
-            except Exception as exc:  # as on the page: the results stand, the failed answer is said in one line
-                body["answer"], body["answer_error"] = None, f"no answer: {type(exc).__name__}: {exc}"
+            body["answer"], failure = answer_for(q, hits)
+            if failure:
+                body["answer_error"] = failure
         return JSONResponse(body)
 
     @app.get("/health")
