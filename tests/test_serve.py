@@ -271,31 +271,33 @@ def test_load_2000_requests_at_concurrency_16(st_bert):
 def test_graceful_shutdown_finishes_in_flight_requests(st_bert):
     backend = TorchBackend(load_model(st_bert), name="bert")
     original = backend.embed_ids
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
-    def slow(id_lists):
+    def held(id_lists):  # the first call holds the model until the test lets go: no timing race under CPU load
         started.set()
-        time.sleep(0.5)
+        release.wait(60)
         return original(id_lists)
 
-    backend.embed_ids = slow  # type: ignore[method-assign]
+    backend.embed_ids = held  # type: ignore[method-assign]
     app = create_app({"bert": backend})
     running = BackgroundServer(app).start()
     results: list = []
 
     def client(i):
-        response = httpx.post(f"{running.url}/v1/embeddings", json={"input": [f"text {i}"]}, timeout=30)
+        response = httpx.post(f"{running.url}/v1/embeddings", json={"input": [f"text {i}"]}, timeout=60)
         results.append((response.status_code, len(response.json()["data"])))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-    for t in threads:
+    threads[0].start()
+    assert started.wait(30)  # request 0 is in the model; the other five can only queue behind it
+    for t in threads[1:]:
         t.start()
-    assert started.wait(30)
     batcher = app.state.served["bert"].batcher
     deadline = time.monotonic() + 30
-    while batcher.queue_depth < 5 and time.monotonic() < deadline:  # all six in flight: one in the model, 5 queued
+    while batcher.queue_depth < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batcher.queue_depth == 5
+    threading.Timer(0.5, release.set).start()  # the model lets go only after shutdown has begun
     running.stop()  # what SIGTERM does: stop accepting, finish in-flight, then stop the batcher
     for t in threads:
         t.join(30)
