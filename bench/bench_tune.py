@@ -26,7 +26,9 @@ the test split) so the whole script runs in minutes: a check of the script, not 
 
 Expected duration on 2 cores with nothing else running: tune 60 min per data set; the final runs ~2.5 h (SciFact)
 and ~2 h (MedQuAD), most of it ST's 3 epochs; evaluation ~70 min (SciFact: 10 encodings of its 5,183 abstracts) and
-~20 min (MedQuAD). About 7-8 h for both data sets.
+~20 min (MedQuAD). About 7-8 h for both data sets: run one data set at a time into a kept --out (e.g.
+runs/bench-tune), and `--resume` continues an interrupted run where it stopped (the finished search when --budget
+is the same, every trained model, every evaluation) instead of starting over.
 """
 
 from __future__ import annotations
@@ -161,6 +163,15 @@ def test_task(dataset: str, data_root: str, work: Path) -> str:
     return f"beir:{cut}:{split}"
 
 
+def evaluate_once(model: str | Path, task: str, cache: Path, saved: Path, resume: bool) -> dict:
+    """evaluate(), its report kept in `saved` so that --resume does not encode the corpus again."""
+    if resume and saved.is_file():
+        return json.loads(saved.read_text())
+    report = evaluate(model, task, cache)
+    saved.write_text(json.dumps(report))
+    return report
+
+
 def evaluate(model: str | Path, task: str, cache: Path) -> dict:
     import torch
 
@@ -188,9 +199,17 @@ def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str) -> dict:
     return verdict_between(baseline, candidate, name_b, name_c, seed=0)
 
 
-def tune_dataset(dataset: str, data_root: str, work: Path, budget: str) -> dict:
-    """`embedkit tune` as a user runs it, on the train split only; returns its JSON summary and its wall time."""
+def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: bool = False) -> dict:
+    """`embedkit tune` as a user runs it, on the train split only; returns its JSON summary and its wall time.
+
+    With `resume`, a search that an earlier run with the same --out and --budget finished is reused."""
     out = work / f"{dataset}-tune"
+    saved = work / f"{dataset}-tune.summary.json"
+    if resume and saved.is_file():
+        summary = json.loads(saved.read_text())
+        if summary.get("budget") == budget and Path(summary["tuned_recipe"]).is_file():
+            print(f"[{dataset}] --resume: reusing the search in {out} (budget {budget})", flush=True)
+            return summary
     cmd = [sys.executable, "-m", "embedkit.cli", "tune", DATASETS[dataset]["recipe"], "--budget", budget, "-o",
            str(out), "--no-final", "--json", *[f"--set={o}" for o in recipe_overrides(dataset, data_root)]]
     if SMOKE:
@@ -206,6 +225,8 @@ def tune_dataset(dataset: str, data_root: str, work: Path, budget: str) -> dict:
     summary["trial_states"] = [t["state"] for t in report["trials"]]
     summary["changes"] = report["changes"]
     summary["search_seconds"] = report["search_seconds"]
+    summary["budget"] = budget
+    saved.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -218,6 +239,9 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated from default, tuned, st")
     parser.add_argument("--out", default="/tmp/embedkit-bench-tune", help="work folder (models, caches)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse what an earlier run with the same --out finished (the search when --budget is the "
+                             "same, each trained model and its evaluation): the whole bench is hours on 2 cores")
     parser.add_argument("--child", choices=["embedkit", "st"], help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
@@ -232,8 +256,8 @@ def main() -> None:
         return
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or any(a not in ARMS for a in arms) or "tuned" not in arms:
-        parser.error(f"--arms: choose from {', '.join(ARMS)}, tuned included")
+    if not arms or any(a not in ARMS for a in arms):
+        parser.error(f"--arms: choose from {', '.join(ARMS)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -250,12 +274,14 @@ def main() -> None:
     for dataset in args.datasets.split(","):
         task = test_task(dataset, args.data, work)
         row: dict = {"task": task}
-        row["tune"] = tune_dataset(dataset, args.data, work, args.budget)
-        t = row["tune"]
-        print(f"[{dataset}] tune: {len(t['trial_states'])} trials ({t['trial_states'].count('pruned')} pruned) in "
-              f"{t['search_seconds']:.0f} s; best trial {t['best_trial']}, dev {t['metric']} {t['dev']:.4f}; "
-              f"changed: {'; '.join(t['changes']) or 'nothing'}", flush=True)
-        base = evaluate("minilm", task, work / "cache")
+        if "tuned" not in arms:  # the comparison arms alone (they do not depend on the search): --resume reuses them
+            row["tune"] = t = {"tuned_recipe": None, "trial_states": [], "skipped": True}
+        else:
+            row["tune"] = t = tune_dataset(dataset, args.data, work, args.budget, args.resume)
+            print(f"[{dataset}] tune: {len(t['trial_states'])} trials ({t['trial_states'].count('pruned')} pruned) in "
+                  f"{t['search_seconds']:.0f} s; best trial {t['best_trial']}, dev {t['metric']} {t['dev']:.4f}; "
+                  f"changed: {'; '.join(t['changes']) or 'nothing'}", flush=True)
+        base = evaluate_once("minilm", task, work / "cache", work / f"{dataset}-base.eval.json", args.resume)
         row["base"] = {"ndcg_at_10": ndcg(base)}
         print(f"[{dataset}] base model nDCG@10 {row['base']['ndcg_at_10']:.4f}", flush=True)
         overrides = recipe_overrides(dataset, args.data)
@@ -268,8 +294,14 @@ def main() -> None:
             for seed in seeds:
                 output = work / f"{dataset}-{arm}-s{seed}"
                 recipe, extra = recipes[arm]
-                run = run_child("st" if arm == "st" else "embedkit", recipe, extra, output, seed)
-                report = evaluate(output, task, work / "cache")
+                done = output.with_suffix(".result.json")
+                if args.resume and done.is_file() and (output / "model.safetensors").is_file():
+                    run = json.loads(done.read_text())  # an earlier run with this --out trained it
+                    print(f"[{dataset}] --resume: reusing {output}", flush=True)
+                else:
+                    run = run_child("st" if arm == "st" else "embedkit", recipe, extra, output, seed)
+                    done.write_text(json.dumps(run))
+                report = evaluate_once(output, task, work / "cache", output.with_suffix(".eval.json"), args.resume)
                 reports[arm].append(report)
                 run["ndcg_at_10"] = ndcg(report)
                 runs.append(run)
@@ -282,7 +314,7 @@ def main() -> None:
         means = {arm: seed_mean_report(reports[arm]) for arm in arms}
         means["base"] = base
         row["verdicts"] = {}
-        for other in [a for a in ("default", "st", "base") if a in means and a != "tuned"]:
+        for other in [a for a in ("default", "st", "base") if a in means and "tuned" in means]:
             row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned")
         results["datasets"][dataset] = row
         write_json()

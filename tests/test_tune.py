@@ -162,7 +162,8 @@ def test_a_fixed_seed_gives_the_same_trials(tmp_path, tiny_bert_dir):
     assert len(a.trials) == len(b.trials) == 3  # the trial budget, exactly
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
     assert [t.value for t in a.trials] == [t.value for t in b.trials]
-    assert a.trials[0].params == {"lr": 1e-3, "epochs": 1, "temperature": 0.05}  # trial 0: the recipe as written
+    # trial 0: the recipe as written (no mined negatives, so no mining window either)
+    assert a.trials[0].params == {"lr": 1e-3, "epochs": 1, "temperature": 0.05, "mined_negatives": 0}
     assert len({json.dumps(t.params, sort_keys=True) for t in a.trials}) == 3
     report = json.loads((tmp_path / "a" / "tune_report.json").read_text())
     assert [t["params"] for t in report["trials"]] == [t.params for t in a.trials]
@@ -316,8 +317,10 @@ def test_lora_rank_is_searched_and_trained(tmp_path, tiny_bert_dir):
     assert result.trials[0].params == {"lora_r": 4} and result.trials[1].params["lora_r"] != 4
     tuned = yaml.safe_load(result.recipe_path.read_text())
     assert tuned["adapter"]["alpha"] == 2 * tuned["adapter"]["r"]  # alpha / r kept
-    with pytest.raises(ConfigError, match="cannot search") as info:
-        tune(recipe, budget="1", output=tmp_path / "u", final=False, params=["mining_range"])
+    capped = write_recipe(tmp_path / "c.yaml", tiny_bert_dir, str(tmp_path / "p.jsonl"), tmp_path / "out",
+                          training={"max_steps": 3})
+    with pytest.raises(ConfigError, match="cannot search") as info:  # a step count fixes the length: no epochs
+        tune(capped, budget="1", output=tmp_path / "u", final=False, params=["epochs"])
     assert info.value.field == "--params"
 
 
@@ -385,3 +388,57 @@ def test_mine_says_so_in_one_line_when_the_margin_removes_most(tmp_path, st_bert
     assert summary["warnings"][0]["code"] == "margin_removes_most"
     assert summary["stats"]["rows_short"] > summary["stats"]["pairs"] / 2
     assert summary["settings"]["margin_grade"] == "top" and summary["settings"]["margin_from"] == "weakest"
+
+
+def test_a_recipe_without_negatives_can_turn_mining_on_with_its_window_as_a_dependent_parameter(tiny_bert_dir,
+                                                                                              tmp_path):
+    import optuna
+
+    from embedkit.tune.space import build_space, defaults, in_space, recipe_overrides, suggest
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                                      tmp_path / "out"))
+    space = build_space(recipe)
+    by_name = {p.name: p for p in space}
+    assert by_name["mined_negatives"].bounds() == "0 .. 3" and by_name["mining_range"].needs == "mined_negatives"
+    assert defaults(space) == {"lr": 1e-3, "epochs": 1, "temperature": 0.05, "mined_negatives": 0}  # as written
+    off = suggest(space, optuna.trial.FixedTrial({"lr": 1e-3, "epochs": 2, "temperature": 0.02, "mined_negatives": 0}))
+    assert "mining_range" not in off and in_space(space, off)
+    assert not any(k.startswith("mining.") or k == "loss.hard_negatives" for k in recipe_overrides(space, off))
+    on = suggest(space, optuna.trial.FixedTrial({"lr": 1e-3, "epochs": 1, "temperature": 0.05, "mined_negatives": 2,
+                                                 "mining_range": "3:50"}))
+    assert recipe_overrides(space, on) == {"training.lr": 1e-3, "training.epochs": 1, "loss.temperature": 0.05,
+                                           "loss.hard_negatives": 2, "mining.online": True, "mining.range": "3:50"}
+    # A recipe that already mines, or whose data carries negatives, or that distils, is not offered the switch.
+    mining = load_recipe(write_recipe(tmp_path / "m.yaml", tiny_bert_dir, str(tmp_path / "p.jsonl"), tmp_path / "o",
+                                      loss={"hard_negatives": 1}, mining={"online": True}))
+    assert "mined_negatives" not in {p.name for p in build_space(mining)}
+    assert "mined_negatives" not in {p.name for p in build_space(recipe, negatives_in_data=2)}
+    assert [p.name for p in build_space(recipe, only=["mining_range"])] == ["mining_range"]
+
+
+def test_tune_turns_mining_on_in_trials_and_the_written_recipe_mines(tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out", training={"epochs": 1, "batch_size": 4, "lr": 1e-3, "seed": 7,
+                                                      "progress": False, "threads": 1, "output_dir": str(tmp_path)})
+    result = tune(recipe, budget="4", output=tmp_path / "t", final=False, seed=3,
+                  params=["mined_negatives", "mining_range"])
+    report = result.report
+    assert report["probe"] is not None and report["probe"]["settings"]  # the base model mined once, default settings
+    trials = report["trials"]
+    assert trials[0]["params"] == {"mined_negatives": 0}  # trial 0: the recipe as written, no window
+    mined = [t for t in trials if t["params"]["mined_negatives"] > 0]
+    assert mined and all("mining_range" in t["params"] and t["state"] == "complete" for t in mined)
+    # Force the written recipe through a mined choice: the tuned recipe must be a valid mining recipe.
+    from embedkit.tune.run import read_raw
+    from embedkit.tune.space import build_space, recipe_overrides
+
+    raw = read_raw(recipe, [])
+    space = build_space(load_recipe(recipe), only=["mined_negatives", "mining_range"])
+    overrides = [f"{k}={v}" for k, v in recipe_overrides(space, mined[0]["params"]).items()]
+    parsed = load_recipe(recipe, overrides)
+    assert parsed.mining.online and parsed.loss.hard_negatives == mined[0]["params"]["mined_negatives"]
+    assert raw["loss"] == {"temperature": 0.05}
+    if result.best.params["mined_negatives"]:
+        tuned = load_recipe(result.recipe_path)
+        assert tuned.mining.online and tuned.mining.range == result.best.params["mining_range"]

@@ -60,7 +60,9 @@ def tune_command(
     1. Dev split: carved from the training queries (query-disjoint, seeded), or the recipe's data.dev.
     2. Search (Optuna TPE, seeded, one trial at a time: a fixed seed gives the same trials) over lr, epochs,
     temperature, and where the recipe can use them the hard negatives, the mining window and margin (mining.online)
-    and the LoRA rank (adapter lora / qlora). Trial 0 is your recipe. Bad trials stop early: the engine's dev
+    and the LoRA rank (adapter lora / qlora). A recipe without any negatives can have them mined: mined_negatives
+    0 (as written) .. 3 turns online mining on in a trial, with its window as a dependent parameter. Trial 0 is your
+    recipe. Bad trials stop early: the engine's dev
     evaluations feed a median pruner.
     3. The best values go into OUTPUT/tuned_recipe.yaml (your recipe otherwise unchanged), which trains the final
     model on all the training data into OUTPUT/model: `embedkit train OUTPUT/tuned_recipe.yaml` reproduces it, same

@@ -45,6 +45,8 @@ def _value(x: Any, digits: int = 4) -> str:
 
 
 def _param(x: Any) -> str:
+    if x is None:  # a dependent parameter in a trial where its switch was off
+        return "-"
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
@@ -96,7 +98,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Search space", "", "| parameter | bounds | the recipe | chosen | why these bounds hold elsewhere |",
               "|---|---|---|---|---|"]
     for p in report["space"]:
-        lines.append(f"| {p['name']} | {p['bounds']} | {_param(p['default'])} | "
+        needs = p.get("needs")  # searched only where its switch is on; the recipe as written has it off
+        lines.append(f"| {p['name']} | {p['bounds']}{f' (where {needs} > 0)' if needs else ''} | "
+                     f"{'off' if needs else _param(p['default'])} | "
                      f"{_param(report['chosen'].get(p['name']))} | {p['why']} |")
     names = [p["name"] for p in report["space"]]
     lines += ["", "## Trials", "",

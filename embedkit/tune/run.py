@@ -10,7 +10,9 @@ The steps:
 2. the dev split (embedkit/tune/split.py): carved from the training queries (query-disjoint, seeded), or the recipe's
    `data.dev`;
 3. when the recipe mines (`mining.online`), the base model mines the training queries once with the recipe's
-   settings; when the margin leaves most rows without a negative, the margin joins the search;
+   settings; when the margin leaves most rows without a negative, the margin joins the search. A recipe with no
+   negatives at all gets the same probe with the default mining settings, and `mined_negatives` (0 = as written,
+   1..3 = mine online) joins the search with the window (and the margin when flagged) as dependent parameters;
 4. the search (Optuna): a seeded TPE sampler proposes parameters (embedkit/tune/space.py), one trial at a time, so a
    fixed seed gives the same trials. Trial 0 is the recipe as written. Every trial trains through the training engine
    (`embedkit.train.contrastive.train`) on the training part; the engine's dev evaluations (every half epoch by
@@ -46,7 +48,7 @@ import yaml
 
 from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.tune.budget import Budget, parse_budget
-from embedkit.tune.space import Param, build_space, defaults, in_space, recipe_overrides
+from embedkit.tune.space import Param, build_space, can_turn_on_mining, defaults, in_space, recipe_overrides, suggest
 from embedkit.tune.split import DevSplit, carve_dev_split, given_dev_split
 
 log = logging.getLogger("embedkit.tune")
@@ -226,7 +228,7 @@ class Search:
                 self.stop_reason = reason
                 break
             trial = self.study.ask()
-            params = {p.name: p.suggest(trial) for p in self.space}
+            params = suggest(self.space, trial)
             key = tuple(sorted((k, repr(v)) for k, v in params.items()))
             if key in self.seen:  # training is deterministic: the same parameters give the same score
                 repeats += 1
@@ -394,8 +396,11 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     if recipe.fsdp.enabled:
         raise ConfigError("tune runs its trials in one process; fsdp needs several (train the tuned recipe with "
                           "--nproc afterwards)", path=recipe_path, field="fsdp.enabled")
-    if params:  # names this recipe can never search fail now, before the split and the search
-        build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=1 << 20, only=params)
+    if params:  # names this recipe can never search (with or without negatives in its data) fail now
+        possible = {p.name for n in (0, 1 << 20)
+                    for p in build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=n)}
+        if set(params) - possible:
+            build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=0, only=params)
     output = Path(output) if output is not None else Path(f"{recipe.training.output_dir}-tune")
     if output.resolve() == Path(recipe.training.output_dir).resolve():
         raise ConfigError("the tune output folder must differ from the recipe's training.output_dir",
@@ -447,14 +452,22 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
 
     # 3. what the data and the base model's mining say about the search space
     probe = None
-    if recipe.mining.online:
-        log.info("mining the %d training queries once with the base model (the recipe's mining settings)",
-                 len({ex.query for ex in examples}))
-        probe = mining_probe(trial_recipe, trial_recipe.model.device)
+    negatives_in_data = max((len(ex.negatives) for ex in examples), default=0)
+    turn_on = can_turn_on_mining(recipe, negatives_in_data) and (not params or "mined_negatives" in params)
+    if recipe.mining.online or turn_on:
+        log.info("mining the %d training queries once with the base model (%s)", len({ex.query for ex in examples}),
+                 "the recipe's mining settings" if recipe.mining.online else
+                 "the recipe has no negatives: trials may mine them online, with the default mining settings")
+        probe_recipe = trial_recipe
+        if turn_on:
+            probe_raw = copy.deepcopy(base_raw)
+            for key, value in {"mining.online": True, "loss.hard_negatives": 1}.items():
+                _set(probe_raw, key, value)
+            probe_recipe = parse_recipe(probe_raw, source=recipe_path)
+        probe = mining_probe(probe_recipe, trial_recipe.model.device)
         if probe["warning"]:
             log.warning("%s", probe["warning"]["message"])
             log.info("the margin joins the search")
-    negatives_in_data = max((len(ex.negatives) for ex in examples), default=0)
     rows_without = sum(1 for ex in examples if not ex.negatives)
     space = build_space(recipe, margin_flagged=bool(probe and probe["warning"]), negatives_in_data=negatives_in_data,
                         several_positives=bool(probe and probe["several_positives"]), only=params)

@@ -9,7 +9,8 @@ each parameter is searched only where the recipe can use it:
 | epochs | training.epochs | unless training.max_steps is set | 1 .. max(3, recipe) |
 | temperature | loss.temperature | always | log-uniform, 0.01 .. 0.1 |
 | hard_negatives | loss.hard_negatives | the recipe mines (mining.online), or its data carries negatives | 1 .. 3 mining; 0 .. min(3, in the data) |
-| mining_range | mining.range | the recipe mines | 0:30, 3:50, 10:100, 30:100, 30:200 (+ the recipe's) |
+| mined_negatives | loss.hard_negatives, mining.online | the recipe neither mines nor has negatives (and could mine) | 0 (as written) .. 3: mine online |
+| mining_range | mining.range | the recipe mines, or a trial turns mining on | 0:30, 3:50, 10:100, 30:100, 30:200 (+ the recipe's) |
 | relative_margin | mining.relative_margin | the recipe mines and the base model's mining left most rows without negatives (or named in --params) | 0 .. 0.1 |
 | margin_from | mining.margin_from | as relative_margin | weakest, strongest |
 | lora_r | adapter.r (+ adapter.alpha, ratio kept) | adapter lora / qlora | 4, 8, 16, 32, 64 (+ the recipe's) |
@@ -25,6 +26,12 @@ Why the bounds hold beyond SciFact and MedQuAD:
   sentence-transformers' MNRL 0.05, SimCSE 0.05); it is tied to the cosine scale, not to the corpus.
 - hard_negatives: 1-3 mined negatives per query give most of their gain (NV-Retriever, and bench_mine here: +0.01
   at 3 negatives, 4.3x the training time); more multiplies the cost of every trial.
+- mined_negatives: a recipe written without negatives is the common first recipe (pairs are what teams have), and
+  mined negatives were the largest single gain measured here (bench_mine: +0.013 SciFact, +0.057 MedQuAD) and in the
+  literature (DPR, ANCE, NV-Retriever) on corpora of every kind; whether they help *this* corpus (false negatives
+  when many relevant documents are unlabelled, the extra forward passes) is what the dev score decides, so 0 (the
+  recipe as written) stays a choice. The window (and, when the base model's mining flags it, the margin) is then
+  searched with it, since where the unlabelled positives sit in the ranking is corpus-specific.
 - mining_range: the top ranks of the model's own ranking hold the unlabelled positives (more of them when labels
   are sparse, fewer when every relevant document is judged), the tail holds easy negatives. How densely a corpus is
   labelled is exactly what differs between corpora, so the window is searched, within the top 200 where all common
@@ -43,7 +50,7 @@ weight decay (small effects), the loss type and pooling (the model's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from embedkit.errors import ConfigError
@@ -63,6 +70,8 @@ WHY = {
     "temperature": "InfoNCE on cosine scores works in 0.01..0.1 in every current recipe (E5, BGE, MNRL, SimCSE); "
                    "tied to the cosine scale, not the corpus",
     "hard_negatives": "1-3 mined negatives give most of the gain; each one adds a forward pass per row",
+    "mined_negatives": "mined negatives were the largest single gain measured here and in the literature on corpora "
+                       "of every kind; 0 (the recipe as written) stays a choice, the dev score decides for this corpus",
     "mining_range": "how many unlabelled positives sit at the top of the ranking depends on how densely the corpus "
                     "is labelled; all common miners work within the top 200",
     "relative_margin": "relative to the positive's score, whose size (weak, graded, many positives) is "
@@ -91,6 +100,10 @@ class Param:
     choices: tuple = ()
     why: str = ""
     scale: dict[str, float] = field(default_factory=dict)  # lora_r: {"alpha_per_r": ...}
+    needs: str | None = None  # searched only in trials where this (integer) parameter is > 0
+
+    def active(self, params: dict[str, Any]) -> bool:
+        return self.needs is None or (params.get(self.needs) or 0) > 0
 
     def suggest(self, trial) -> Any:
         if self.kind in ("log", "float"):
@@ -111,16 +124,24 @@ class Param:
         """Recipe keys (dotted) -> values for this parameter's value."""
         if self.name == "lora_r":
             return {"adapter.r": int(value), "adapter.alpha": max(1, round(value * self.scale["alpha_per_r"]))}
+        if self.name == "mined_negatives":  # 0: the recipe as written, without negatives
+            return {"loss.hard_negatives": int(value), "mining.online": True} if value else {}
         return {key: value for key in self.keys}
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "keys": list(self.keys), "kind": self.kind, "default": self.default,
                 "low": self.low, "high": self.high, "choices": list(self.choices), "bounds": self.bounds(),
-                "why": self.why}
+                "why": self.why, "needs": self.needs}
 
 
-ALL_PARAMS = ("lr", "epochs", "temperature", "hard_negatives", "mining_range", "relative_margin", "margin_from",
-              "lora_r")
+ALL_PARAMS = ("lr", "epochs", "temperature", "hard_negatives", "mined_negatives", "mining_range", "relative_margin",
+              "margin_from", "lora_r")
+
+
+def can_turn_on_mining(recipe, negatives_in_data: int) -> bool:
+    """A recipe without negatives that online mining could serve (its engine settings allow mining.online)."""
+    return (not recipe.mining.online and negatives_in_data == 0 and recipe.loss.distillation == "none"
+            and recipe.loss.hard_negatives == 0 and recipe.deepspeed.stage == "none" and not recipe.fsdp.enabled)
 
 
 def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int = 0, several_positives: bool = False,
@@ -147,23 +168,30 @@ def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int 
     lo, hi = TEMPERATURE_BOUNDS
     space.append(Param("temperature", ("loss.temperature",), "log", loss.temperature,
                        low=min(lo, loss.temperature), high=max(hi, loss.temperature), why=WHY["temperature"]))
-    if m.online:
-        keys = ("loss.hard_negatives",) + (("mining.num_negatives",) if m.num_negatives is not None else ())
-        space.append(Param("hard_negatives", keys, "int", loss.hard_negatives, low=1,
-                           high=max(MAX_HARD_NEGATIVES, loss.hard_negatives), why=WHY["hard_negatives"]))
+    turn_on = can_turn_on_mining(recipe, negatives_in_data)
+    if m.online or turn_on:
+        needs = None
+        if m.online:
+            keys = ("loss.hard_negatives",) + (("mining.num_negatives",) if m.num_negatives is not None else ())
+            space.append(Param("hard_negatives", keys, "int", loss.hard_negatives, low=1,
+                               high=max(MAX_HARD_NEGATIVES, loss.hard_negatives), why=WHY["hard_negatives"]))
+        else:
+            needs = "mined_negatives"
+            space.append(Param("mined_negatives", ("loss.hard_negatives", "mining.online"), "int", 0, low=0,
+                               high=MAX_HARD_NEGATIVES, why=WHY["mined_negatives"]))
         windows = tuple(dict.fromkeys((*MINING_WINDOWS, m.range)))
         space.append(Param("mining_range", ("mining.range",), "choice", m.range, choices=windows,
-                           why=WHY["mining_range"]))
+                           why=WHY["mining_range"], needs=needs))
         margin_wanted = margin_flagged or (wanted is not None and "relative_margin" in wanted)
         if margin_wanted and m.relative_margin is not None:
             lo, hi = MARGIN_BOUNDS
             space.append(Param("relative_margin", ("mining.relative_margin",), "float", m.relative_margin,
                                low=min(lo, m.relative_margin), high=max(hi, m.relative_margin),
-                               why=WHY["relative_margin"]))
+                               why=WHY["relative_margin"], needs=needs))
         if (margin_flagged and several_positives) or (wanted is not None and "margin_from" in wanted):
             space.append(Param("margin_from", ("mining.margin_from",), "choice", m.margin_from,
                                choices=tuple(dict.fromkeys((m.margin_from, "weakest", "strongest"))),
-                               why=WHY["margin_from"]))
+                               why=WHY["margin_from"], needs=needs))
     elif negatives_in_data > 0 and loss.distillation == "none":
         space.append(Param("hard_negatives", ("loss.hard_negatives",), "int", loss.hard_negatives, low=0,
                            high=max(min(MAX_HARD_NEGATIVES, negatives_in_data), loss.hard_negatives),
@@ -175,20 +203,37 @@ def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int 
     if wanted is not None:
         missing = sorted(wanted - {p.name for p in space})
         if missing:
-            raise ConfigError(f"this recipe cannot search {', '.join(missing)} (hard_negatives and the mining "
-                              "parameters need mining.online or negatives in the data; lora_r an adapter; epochs "
-                              "no training.max_steps)", field="--params")
+            raise ConfigError(f"this recipe cannot search {', '.join(missing)} (hard_negatives needs mining.online or "
+                              "negatives in the data, mined_negatives a recipe with neither; the mining parameters "
+                              "either; lora_r an adapter; epochs no training.max_steps)", field="--params")
         space = [p for p in space if p.name in wanted]
+        names = {p.name for p in space}
+        space = [p if p.needs is None or p.needs in names else replace(p, needs=None) for p in space]
     return space
+
+
+def suggest(space: list[Param], trial) -> dict[str, Any]:
+    """One trial's parameters: a dependent parameter (`needs`) only where its switch is on (define-by-run)."""
+    params: dict[str, Any] = {}
+    for p in space:
+        if p.active(params):
+            params[p.name] = p.suggest(trial)
+    return params
 
 
 def defaults(space: list[Param]) -> dict[str, Any]:
     """The recipe's own values: trial 0."""
-    return {p.name: p.default for p in space}
+    params: dict[str, Any] = {}
+    for p in space:
+        if p.active(params):
+            params[p.name] = p.default
+    return params
 
 
 def in_space(space: list[Param], params: dict[str, Any]) -> bool:
     for p in space:
+        if p.name not in params:
+            continue
         value = params[p.name]
         if p.kind == "choice" and value not in p.choices:
             return False
@@ -200,5 +245,6 @@ def in_space(space: list[Param], params: dict[str, Any]) -> bool:
 def recipe_overrides(space: list[Param], params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in space:
-        out.update(p.overrides(params[p.name]))
+        if p.name in params:  # a dependent parameter is absent where its switch was off
+            out.update(p.overrides(params[p.name]))
     return out

@@ -174,7 +174,11 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
     text_of = {v: k for k, v in doc_id.items()}
     query_id = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(ex.query for ex in dev_ex))}
     with_scores = all(ex.scores is not None for ex in train_ex)
-    mines_positives = recipe.mining.online and recipe.mining.corpus is None
+    # The trials' mining pool (the recipe mines, or a trial may turn mining on): every positive, as training would use
+    from embedkit.tune.space import can_turn_on_mining
+
+    negatives = max((len(ex.negatives) for ex in examples), default=0)
+    mines_positives = recipe.mining.corpus is None and (recipe.mining.online or can_turn_on_mining(recipe, negatives))
     with atomic_dir(folder) as tmp:
         _write_jsonl(tmp / "train.jsonl", (
             {"query": ex.query, "positive": ex.positive, "negatives": list(ex.negatives),
