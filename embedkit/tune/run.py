@@ -396,11 +396,11 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     if recipe.fsdp.enabled:
         raise ConfigError("tune runs its trials in one process; fsdp needs several (train the tuned recipe with "
                           "--nproc afterwards)", path=recipe_path, field="fsdp.enabled")
-    if params:  # names this recipe can never search (with or without negatives in its data) fail now
-        possible = {p.name for n in (0, 1 << 20)
-                    for p in build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=n)}
-        if set(params) - possible:
+    if params:  # a choice this recipe can never search (with or without negatives in its data) fails now
+        try:
             build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=0, only=params)
+        except ConfigError:
+            build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=1 << 20, only=params)
     output = Path(output) if output is not None else Path(f"{recipe.training.output_dir}-tune")
     if output.resolve() == Path(recipe.training.output_dir).resolve():
         raise ConfigError("the tune output folder must differ from the recipe's training.output_dir",

@@ -50,7 +50,7 @@ weight decay (small effects), the loss type and pooling (the model's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from embedkit.errors import ConfigError
@@ -207,8 +207,10 @@ def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int 
                               "negatives in the data, mined_negatives a recipe with neither; the mining parameters "
                               "either; lora_r an adapter; epochs no training.max_steps)", field="--params")
         space = [p for p in space if p.name in wanted]
-        names = {p.name for p in space}
-        space = [p if p.needs is None or p.needs in names else replace(p, needs=None) for p in space]
+        orphans = sorted(p.name for p in space if p.needs is not None and p.needs not in wanted)
+        if orphans:
+            raise ConfigError(f"{', '.join(orphans)}: this recipe does not mine, so searching it needs "
+                              "mined_negatives in --params too (the switch that turns mining on)", field="--params")
     return space
 
 
