@@ -220,6 +220,33 @@ def test_bad_trials_are_pruned_from_the_engines_dev_evaluations(tmp_path, tiny_b
     assert "pruned at step 4" in markdown
 
 
+def test_a_longer_trial_is_judged_at_the_same_point_of_its_schedule_not_the_same_step(tmp_path, tiny_bert_dir,
+                                                                                       monkeypatch):
+    """A 1-epoch trial scores step / 10 (0.8 at its end, step 8); a 3-epoch trial climbs more slowly per step but is
+    the best at every fraction of its own schedule. Compared at the same step it would look worse (0.26 against 0.4
+    at step 4, its second evaluation) and be pruned; compared at the same fraction it is never below the median."""
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+
+    def fake_train(recipe, on_eval=None, **_):
+        epochs = recipe.training.epochs
+        total = 8 * epochs
+        for step in range(2, total + 1, 2):
+            score = step / 10 if epochs == 1 else 0.1 + 0.8 * step / total + 0.01 * epochs
+            on_eval(step, {"score": score}, total)
+        return SimpleNamespace(dev=None, steps=total)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="8", output=tmp_path / "t", final=False, params=["lr", "epochs"])
+    longest = [t for t in result.trials if t.params["epochs"] == 3]
+    assert any(t.number >= 2 for t in longest), [(t.params, t.state) for t in result.trials]  # pruner was live
+    assert all(t.state == "complete" for t in longest), [(t.params, t.state, t.pruned_at) for t in longest]
+    assert result.best.params["epochs"] == 3
+
+
 def test_the_engine_reports_every_dev_evaluation_and_stops_when_told(tmp_path, tiny_bert_dir):
     from embedkit.train.contrastive import train
     from embedkit.train.engine import work_dir

@@ -17,7 +17,10 @@ The steps:
    fixed seed gives the same trials. Trial 0 is the recipe as written. Every trial trains through the training engine
    (`embedkit.train.contrastive.train`) on the training part; the engine's dev evaluations (every half epoch by
    default) feed a median pruner, which stops a trial whose dev score falls below the median of the finished
-   trials at the same step (never at the first evaluation, never at the last). A trial's score is the dev score of
+   trials at the same point of their schedules (never at the first evaluation, never at the last). The point is
+   the fraction of the trial's own steps, not the step number: a 3-epoch trial one epoch in is still at a high
+   learning rate, and judged against 1-epoch trials that have finished their decay it would be pruned for being
+   longer, not worse (the first search on MedQuAD did exactly that to the lr / epochs that won on test). A trial's score is the dev score of
    the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
    brings its own data.dev and eval_every, the dev-best step's (the engine restores it);
 5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time
@@ -61,6 +64,7 @@ SPLIT_DIR = "split"
 TEST_DIR = "test"
 TPE_STARTUP_TRIALS = 4  # random proposals (trial 0 = the recipe included) before TPE models the results
 PRUNER_STARTUP_TRIALS = 2  # finished trials needed before any pruning
+PROGRESS_SCALE = 1000  # the pruner compares trials at step / total steps, in thousandths
 MAX_REPEATS = 20  # consecutive proposals already tried: the space is exhausted
 
 
@@ -205,9 +209,7 @@ class Search:
         self.objective_is_best, self.verbose, self.clock, self.trial_hook = objective_is_best, verbose, clock, trial_hook
         self.keep_trials = keep_trials
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
-        eval_every = _get(base_raw, "training.eval_every")
-        self.pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
-                                                  n_warmup_steps=int(eval_every) + 1)
+        self.pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS)
         self.study = optuna.create_study(direction="maximize", sampler=sampler, pruner=self.pruner)
         self.records: list[TrialRecord] = []
         self.seen: dict[tuple, TrialRecord] = {}
@@ -298,8 +300,8 @@ class Search:
         def on_eval(step: int, result: dict, total: int) -> None:
             history.append({"step": step, "score": result["score"]})
             record.total_steps = total
-            trial.report(result["score"], step)
-            if step < total and trial.should_prune():
+            trial.report(result["score"], round(PROGRESS_SCALE * step / total))  # same point of the schedule
+            if len(history) > 1 and step < total and trial.should_prune():  # never at the first or the last
                 record.pruned_at = step
                 raise self.optuna.TrialPruned(f"pruned at step {step}")
 
@@ -345,7 +347,7 @@ class Search:
         elif record.state == "repeat":
             log.info("trial %d [%s]: %s (pruned then)%s", record.number, shown, record.note, used)
         elif record.state == "pruned":
-            log.info("trial %d%s [%s]: pruned at step %d of %d (dev %.4f, below the median at that step) in %s%s",
+            log.info("trial %d%s [%s]: pruned at step %d of %d (dev %.4f, below the median at that point of the schedule) in %s%s",
                      record.number, tag, shown, record.pruned_at, record.total_steps or 0,
                      record.history[-1]["score"], _duration(record.seconds), used)
         else:
