@@ -20,8 +20,8 @@ The steps:
    trials at the same point of their schedules (never at the first evaluation, never at the last). The point is
    the fraction of the trial's own steps, not the step number: a 3-epoch trial one epoch in is still at a high
    learning rate, and judged against 1-epoch trials that have finished their decay it would be pruned for being
-   longer, not worse (the first search on MedQuAD did exactly that to the lr / epochs that won on test). A trial's score is the dev score of
-   the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
+   longer, not worse (the first search on MedQuAD did exactly that to the lr / epochs that won on test). A trial's
+   score is the dev score of the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
    brings its own data.dev and eval_every, the dev-best step's (the engine restores it);
 5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time
    (expected: the median length of the trials that ran to the end);
@@ -347,7 +347,8 @@ class Search:
         elif record.state == "repeat":
             log.info("trial %d [%s]: %s (pruned then)%s", record.number, shown, record.note, used)
         elif record.state == "pruned":
-            log.info("trial %d%s [%s]: pruned at step %d of %d (dev %.4f, below the median at that point of the schedule) in %s%s",
+            log.info("trial %d%s [%s]: pruned at step %d of %d (dev %.4f, below the median at that point of the "
+                     "schedule) in %s%s",
                      record.number, tag, shown, record.pruned_at, record.total_steps or 0,
                      record.history[-1]["score"], _duration(record.seconds), used)
         else:
