@@ -153,6 +153,45 @@ def test_dev_split_of_a_beir_set_keeps_repeated_query_texts_together_and_grades(
         assert {d for _, d, _ in dev_rows} <= dev_docs and len(dev_docs) <= max(8, len({d for _, d, _ in dev_rows}))
 
 
+def test_dev_corpus_holds_the_base_models_nearest_documents_from_all_the_rows(tmp_path, tiny_bert_dir):
+    """With a ranker, the dev corpus is the dev positives, then each dev query's nearest non-positive documents
+    (round robin), drawn from every row of the file (also those data.max_examples leaves out), then random ones."""
+    fillers = [(f"filler question {i}", f"filler answer number {i} about the weather") for i in range(30)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"q": q, "p": p}) + "\n" for q, p in PAIRS + fillers))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(path), tmp_path / "out",
+                                      data={"max_examples": 25, "sample": "random"}))
+    seen: dict[str, list] = {}
+
+    def words(text):
+        return set(text.replace(",", "").split())
+
+    def rank(queries, documents, k):  # word overlap, ties by position: a stand-in for the base model
+        seen["documents"] = list(documents)
+        return [sorted(range(len(documents)), key=lambda i: (-len(words(q) & words(documents[i])), i))[:k]
+                for q in queries]
+
+    split = carve_dev_split(recipe, tmp_path / "split", fraction=0.3, dev_docs=20, seed=1, rank=rank)
+    corpus = [json.loads(line)["text"] for line in (tmp_path / "split" / "dev" / "corpus.jsonl").read_text().splitlines()]
+    dev_queries = [json.loads(line)["text"] for line in
+                   (tmp_path / "split" / "dev" / "queries.jsonl").read_text().splitlines()]
+    positives = {p for q, p in PAIRS + fillers if q in dev_queries}
+    assert len(corpus) == split.dev_documents == 20 and positives <= set(corpus)
+    # the ranker saw every document of the file (the 5 left-out rows' too), the dev positives excepted
+    assert set(seen["documents"]) == {p for _, p in PAIRS + fillers} - positives
+    hard_slots = int(0.75 * (20 - len(positives)))
+    assert split.hard_documents == hard_slots
+    # each dev query's nearest non-positive is in (one pass of the round robin fits in the slots here)
+    assert len(dev_queries) <= hard_slots
+    for q in dev_queries:
+        nearest = min((d for d in seen["documents"]), key=lambda d: (-len(words(q) & words(d)),
+                                                                      seen["documents"].index(d)))
+        assert nearest in corpus
+    # without a ranker: the old sample (positives plus random documents of the used rows only)
+    plain = carve_dev_split(recipe, tmp_path / "plain", fraction=0.3, dev_docs=16, seed=1)
+    assert plain.hard_documents == 0 and plain.dev_query_texts == split.dev_query_texts
+
+
 # ---------------------------------------------------------------------------------------------------- the search
 def test_a_fixed_seed_gives_the_same_trials(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
@@ -164,6 +203,9 @@ def test_a_fixed_seed_gives_the_same_trials(tmp_path, tiny_bert_dir):
     assert [t.value for t in a.trials] == [t.value for t in b.trials]
     # trial 0: the recipe as written (no mined negatives, so no mining window either)
     assert a.trials[0].params == {"lr": 1e-3, "epochs": 1, "temperature": 0.05, "mined_negatives": 0}
+    # trial 1: the same recipe trained longer at twice the lr, with one mined negative (its window as written)
+    assert a.trials[1].params == {"lr": 2e-3, "epochs": 3, "temperature": 0.05, "mined_negatives": 1,
+                                  "mining_range": "10:100"}
     assert len({json.dumps(t.params, sort_keys=True) for t in a.trials}) == 3
     report = json.loads((tmp_path / "a" / "tune_report.json").read_text())
     assert [t["params"] for t in report["trials"]] == [t.params for t in a.trials]

@@ -41,8 +41,15 @@ def tune_command(
     max_dev_queries: int = typer.Option(500, "--max-dev-queries", help="At most this many dev queries."),
     dev_docs: int = typer.Option(
         1000, "--dev-docs",
-        help="Dev corpus: the dev queries' positives plus seeded random documents up to this many (0: the whole "
-             "pool). Dev is evaluated several times per trial; a sample keeps that cheap and still ranks trials."),
+        help="Dev corpus size (0: every document): the dev queries' positives, then the documents the base model "
+             "ranks nearest to them (from all the training data's documents), then seeded random ones. Dev is "
+             "evaluated several times per trial; ~1,000 documents keep that cheap."),
+    dev_corpus: str = typer.Option(
+        "nearest", "--dev-corpus",
+        help="'nearest' (default): fill the dev corpus with the base model's nearest documents first (three "
+             "quarters of the free slots), so dev measures what fine-tuning must fix and separates the trials; "
+             "'random': a seeded random sample only (cheaper: no base-model ranking; dev scores near the ceiling "
+             "on a large corpus)."),
     evals_per_epoch: int = typer.Option(2, "--evals-per-epoch",
                                         help="Dev evaluations per epoch of a trial: what the pruner sees."),
     params: Optional[str] = typer.Option(
@@ -57,13 +64,14 @@ def tune_command(
 ) -> None:
     """Find the recipe that suits your data: a budgeted search on a dev split, then the final model.
 
-    1. Dev split: carved from the training queries (query-disjoint, seeded), or the recipe's data.dev.
+    1. Dev split: carved from the training queries (query-disjoint, seeded; its corpus: the dev positives and the
+    documents the base model ranks nearest to them, then random ones), or the recipe's data.dev.
     2. Search (Optuna TPE, seeded, one trial at a time: a fixed seed gives the same trials) over lr, epochs,
     temperature, and where the recipe can use them the hard negatives, the mining window and margin (mining.online)
     and the LoRA rank (adapter lora / qlora). A recipe without any negatives can have them mined: mined_negatives
     0 (as written) .. 3 turns online mining on in a trial, with its window as a dependent parameter. Trial 0 is your
-    recipe. Bad trials stop early: the engine's dev
-    evaluations feed a median pruner.
+    recipe, trial 1 your recipe trained longer (3 epochs, 2x the lr, a mined negative). Bad trials stop early: the
+    engine's dev evaluations feed a median pruner.
     3. The best values go into OUTPUT/tuned_recipe.yaml (your recipe otherwise unchanged), which trains the final
     model on all the training data into OUTPUT/model: `embedkit train OUTPUT/tuned_recipe.yaml` reproduces it, same
     weights.
@@ -88,6 +96,10 @@ def tune_command(
     from embedkit.tune.run import tune
 
     parsed_budget = parse_budget(budget)  # a bad budget fails before anything loads
+    if dev_corpus not in ("nearest", "random"):
+        from embedkit.errors import ConfigError
+
+        raise ConfigError(f"expected 'nearest' or 'random', got {dev_corpus!r}", field="--dev-corpus")
     wanted = [p.strip() for p in params.split(",") if p.strip()] if params else None
     configure_logging("embedkit tune")
     # stdout carries the result only: what libraries print while the runs go (DeepSpeed's accelerator line, ...)
@@ -96,7 +108,7 @@ def tune_command(
         result = tune(recipe, budget=parsed_budget, output=output, overrides=list(set_), seed=seed, device=device,
                       test=test, dev_fraction=dev_fraction, max_dev_queries=max_dev_queries, dev_docs=dev_docs,
                       evals_per_epoch=evals_per_epoch, params=wanted, final=not no_final, keep_trials=keep_trials,
-                      verbose=verbose)
+                      verbose=verbose, nearest_dev=dev_corpus == "nearest")
     report = result.report
     summary = {"output": str(result.output), "tuned_recipe": str(result.recipe_path),
                "model": str(result.model_dir) if result.model_dir else None, "best_trial": result.best.number,

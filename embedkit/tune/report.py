@@ -149,9 +149,16 @@ def _split_text(split: dict[str, Any]) -> str:
     return (f"Carved from the training queries (seed {split['seed']}, query-disjoint): {split['train_queries']:,} "
             f"queries ({split['train_pairs']:,} pairs) train the trials, {split['dev_queries']:,} queries "
             f"({split['dev_pairs']:,} pairs) score them against {split['dev_documents']:,} of the "
-            f"{split['pool_documents']:,} documents (their positives plus a seeded sample; a smaller corpus than the "
-            "real one, so dev scores run higher than test scores: they only rank the trials). The final model trains "
-            "on all of them.")
+            f"{split['pool_documents']:,} documents ({_dev_corpus_text(split)}; a smaller corpus than the real one: "
+            "dev scores only rank the trials). The final model trains on all of them.")
+
+
+def _dev_corpus_text(split: dict[str, Any]) -> str:
+    hard = split.get("hard_documents") or 0
+    if not hard:
+        return "their positives plus a seeded sample"
+    return (f"their positives, the {hard:,} documents the base model ranks nearest to them, and a seeded sample "
+            "of the rest")
 
 
 def plot_curve(report: dict[str, Any], path: Path) -> Path:

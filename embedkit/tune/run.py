@@ -7,15 +7,18 @@
 The steps:
 
 1. the recipe is read (with `--set` overrides) and checked as `embedkit train --check` would;
-2. the dev split (embedkit/tune/split.py): carved from the training queries (query-disjoint, seeded), or the recipe's
+2. the dev split (embedkit/tune/split.py): carved from the training queries (query-disjoint, seeded), its corpus
+   the dev positives, the documents the base model ranks nearest to them and a random rest; or the recipe's
    `data.dev`;
 3. when the recipe mines (`mining.online`), the base model mines the training queries once with the recipe's
    settings; when the margin leaves most rows without a negative, the margin joins the search. A recipe with no
    negatives at all gets the same probe with the default mining settings, and `mined_negatives` (0 = as written,
    1..3 = mine online) joins the search with the window (and the margin when flagged) as dependent parameters;
 4. the search (Optuna): a seeded TPE sampler proposes parameters (embedkit/tune/space.py), one trial at a time, so a
-   fixed seed gives the same trials. Trial 0 is the recipe as written. Every trial trains through the training engine
-   (`embedkit.train.contrastive.train`) on the training part; the engine's dev evaluations (every half epoch by
+   fixed seed gives the same trials. Trial 0 is the recipe as written, trial 1 the recipe trained longer at a
+   larger lr with a mined negative (space.longer_schedule: the two ends of the schedule before TPE's random
+   start). Every trial trains through the training engine (`embedkit.train.contrastive.train`) on the training
+   part; the engine's dev evaluations (every half epoch by
    default) feed a median pruner, which stops a trial whose dev score falls below the median of the finished
    trials at the same point of their schedules (never at the first evaluation, never at the last). The point is
    the fraction of the trial's own steps, not the step number: a 3-epoch trial one epoch in is still at a high
@@ -51,7 +54,8 @@ import yaml
 
 from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.tune.budget import Budget, parse_budget
-from embedkit.tune.space import Param, build_space, can_turn_on_mining, defaults, in_space, recipe_overrides, suggest
+from embedkit.tune.space import (Param, build_space, can_turn_on_mining, defaults, in_space, longer_schedule,
+                                 recipe_overrides, suggest)
 from embedkit.tune.split import DevSplit, carve_dev_split, given_dev_split
 
 log = logging.getLogger("embedkit.tune")
@@ -195,6 +199,46 @@ def mining_probe(recipe, device) -> dict[str, Any]:
         _free_memory()
 
 
+def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], list[list[int]]]:
+    """rank(queries, documents, k) with the recipe's base model (its prompts, pooling and max length, as the dev
+    evaluation encodes them): the dev corpus's nearest documents (embedkit/tune/split.py)."""
+    import numpy as np
+    import torch
+
+    from embedkit.device import resolve_device
+    from embedkit.models.encoder import load_model
+
+    def rank(queries, documents, k):
+        m = recipe.model
+        started = time.perf_counter()
+        threads = torch.get_num_threads()
+        if recipe.training.threads:
+            torch.set_num_threads(recipe.training.threads)
+        try:
+            encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
+                                 padding_side=m.padding_side, device=str(resolve_device(device, field="model.device")),
+                                 attention=m.attention)
+            log.info("ranking %d documents for the %d dev queries with the base model (the dev corpus: their "
+                     "nearest documents)", len(documents), len(queries))
+            batch = recipe.data.dev_batch_size
+            q = encoder.encode(list(queries), kind="query", batch_size=batch, normalize=True)
+            d = encoder.encode(list(documents), kind="document", batch_size=batch, normalize=True)
+            del encoder
+            scores = np.asarray(q, dtype=np.float32) @ np.asarray(d, dtype=np.float32).T
+            k = min(k, scores.shape[1])
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.take_along_axis(scores, top, axis=1)
+            # best first, ties by document position: the same ranking on every machine
+            ranked = [[int(top[i, j]) for j in np.lexsort((top[i], -order[i]))] for i in range(len(queries))]
+            log.info("ranked in %s", _duration(time.perf_counter() - started))
+            return ranked
+        finally:
+            torch.set_num_threads(threads)
+            _free_memory()
+
+    return rank
+
+
 class Search:
     """The trials: ask the sampler, train, report to the pruner, tell the result; the budget decides when to stop."""
 
@@ -218,6 +262,9 @@ class Search:
         first = defaults(space)
         if in_space(space, first):
             self.study.enqueue_trial(first)
+        second = longer_schedule(space)
+        if second is not None and in_space(space, second):
+            self.study.enqueue_trial(second)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[TrialRecord]:
@@ -378,6 +425,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
          overrides: list[str] | None = None, seed: int | None = None, device: str | None = None,
          test: str | None = None, dev_fraction: float = 0.2, max_dev_queries: int = 500, dev_docs: int = 1000,
          evals_per_epoch: int = 2, params: list[str] | None = None, final: bool = True, keep_trials: bool = False,
+         nearest_dev: bool = True,
          verbose: bool = False, clock: Callable[[], float] = time.monotonic,
          trial_hook: Callable[[int], None] | None = None) -> TuneResult:
     """Tune `recipe_path` within `budget`; see the module docstring. Returns where everything went."""
@@ -424,7 +472,8 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
         split = given_dev_split(recipe)
     else:
         split = carve_dev_split(recipe, output / SPLIT_DIR, fraction=dev_fraction, max_queries=max_dev_queries,
-                                dev_docs=dev_docs, seed=seed)
+                                dev_docs=dev_docs, seed=seed,
+                                rank=base_model_ranker(recipe, recipe.model.device) if nearest_dev else None)
     log.info("dev split: %s", split.describe())
 
     # 2. the trials' recipe: the user's, on the training part, scored on dev, without checkpoints or trackers

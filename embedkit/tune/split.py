@@ -14,10 +14,22 @@ What is written (folder `split/` of the tune output, atomically):
   when the recipe mines online from its positives, `split/pool.jsonl`: every positive of the used data, so the
   trials mine from the same pool as the final run;
 - `split/dev/`: a BEIR folder with the dev queries, their judgments (graded for a BEIR source, 1 otherwise) and a
-  corpus of their positives (and, for pairs files, their negatives) plus seeded random other documents up to
-  `--dev-docs` (0: the whole pool). Scoring every trial against a sample of the corpus keeps dev evaluation cheap
-  (it runs several times per trial); the sample's nDCG@10 is higher than on the full corpus, and serves only to
-  rank trials against each other.
+  corpus of `--dev-docs` documents (0: every document): their positives (and, for pairs files, their negatives),
+  then the documents the base model ranks highest for them (`rank`, see below), then seeded random others.
+  Scoring every trial against ~1,000 documents keeps dev evaluation cheap (it runs several times per trial).
+
+Why the base model's neighbours (`hard_dev`, the default) and not a random sample: a random sample of a large corpus
+holds few documents close to a query, so every trial scores near the ceiling and the dev ranks them by noise (the
+first MedQuAD search: 1,000 sampled training pairs of 14,805, every trial between 0.925 and 0.941 on dev, while the
+test set, whose topics come with all their question types, separated the same settings by 0.06). The documents the
+base model confuses with a query's positives are what fine-tuning has to move, on any corpus: near-duplicates and
+siblings (other questions on the same topic, other clauses of the same contract, other tickets of the same product),
+and the same holds for short keyword queries (many near matches) and for queries with many positives (every
+positive is kept, so none of them counts as a confuser). They come from every document of the training data (the
+whole BEIR corpus; every text of a pairs file, also the rows `data.max_examples` leaves out), because the final
+model retrieves over the whole corpus, not the sample it trains on. A quarter of the slots stays random, so that a
+trial that drifts far from the base model still meets documents the base model did not rank. Dev scores are then
+lower than test scores would suggest on a sparse sample and higher than on the full corpus: they rank the trials.
 
 The final model trains on all of it again (training + dev queries): the recipe's own `data.train`.
 """
@@ -30,12 +42,17 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from embedkit.errors import ConfigError
 
 TRAIN_SPLIT = "tune-train"
 DEV_SPLIT = "dev"
+HARD_SHARE = 0.75  # of the dev corpus slots left after the positives: the base model's neighbours; the rest random
+MAX_RANKED_DOCUMENTS = 100_000  # a bigger source is ranked on a seeded sample of this many documents (plus positives)
+
+# rank(queries, documents, k) -> for each query, the indices of its k best documents, best first (the base model)
+Ranker = Callable[[Sequence[str], Sequence[str], int], list[list[int]]]
 
 
 @dataclass
@@ -54,6 +71,7 @@ class DevSplit:
     dev_pairs: int | None = None
     dev_documents: int | None = None
     pool_documents: int | None = None
+    hard_documents: int | None = None  # of dev_documents: the base model's neighbours of the dev queries
     dev_query_texts: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,9 +82,11 @@ class DevSplit:
     def describe(self) -> str:
         if not self.carved:
             return f"dev = the recipe's data.dev ({self.dev_spec}); the trials train on all of data.train"
+        hard = (f", {self.hard_documents:,} of them the base model's nearest to the dev queries"
+                if self.hard_documents else "")
         return (f"{self.train_queries:,} training queries ({self.train_pairs:,} pairs) train the trials; "
                 f"{self.dev_queries:,} dev queries ({self.dev_pairs:,} pairs) score them against "
-                f"{self.dev_documents:,} of {self.pool_documents:,} documents (seed {self.seed}; query-disjoint)")
+                f"{self.dev_documents:,} of {self.pool_documents:,} documents{hard} (seed {self.seed}; query-disjoint)")
 
 
 def choose_dev_queries(query_texts: list[str], *, fraction: float, max_queries: int, seed: int) -> set[str]:
@@ -113,9 +133,47 @@ def _sample_documents(all_ids: list[str], keep: set[str], limit: int, seed: int)
     return [d for d in all_ids if d in keep or d in extra]
 
 
+def nearest_documents(rank: Ranker, queries: list[str], doc_ids: list[str], text_of: dict[str, str],
+                      positives: set[str], slots: int, seed: int) -> list[str]:
+    """Up to `slots` documents the ranker puts highest for the dev `queries`, positives excluded: every query's
+    best one first, then every query's second, ... (round robin, so no query's neighbourhood crowds out the rest).
+    A source of more than MAX_RANKED_DOCUMENTS is ranked on a seeded sample of that many."""
+    if slots <= 0 or not queries:
+        return []
+    candidates = [d for d in doc_ids if d not in positives]
+    if len(candidates) > MAX_RANKED_DOCUMENTS:
+        candidates = random.Random(seed).sample(candidates, MAX_RANKED_DOCUMENTS)
+    depth = min(len(candidates), -(-slots // len(queries)) * 2)  # shared neighbours leave gaps: rank deeper
+    if depth == 0:
+        return []
+    ranked = rank(queries, [text_of[d] for d in candidates], depth)
+    chosen: dict[str, None] = {}
+    for position in range(depth):
+        for row in ranked:
+            if position < len(row):
+                chosen.setdefault(candidates[row[position]])
+                if len(chosen) >= slots:
+                    return list(chosen)
+    return list(chosen)
+
+
+def _dev_documents(all_ids: list[str], keep: set[str], limit: int, seed: int, *, rank: Ranker | None,
+                   queries: list[str], text_of: dict[str, str]) -> tuple[list[str], int]:
+    """The dev corpus (see the module docstring) in `all_ids` order, and how many of it are ranked neighbours."""
+    if not limit or limit >= len(all_ids):
+        return list(all_ids), 0
+    hard: list[str] = []
+    if rank is not None:
+        hard = nearest_documents(rank, queries, all_ids, text_of, keep, int(HARD_SHARE * (limit - len(keep))),
+                                 seed)
+    return _sample_documents(all_ids, keep | set(hard), limit, seed), len(hard)
+
+
 def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries: int = 500, dev_docs: int = 1000,
-                    seed: int = 42) -> DevSplit:
-    """Carve a query-disjoint dev split from `recipe`'s training data into `folder` (replaced atomically)."""
+                    seed: int = 42, rank: Ranker | None = None) -> DevSplit:
+    """Carve a query-disjoint dev split from `recipe`'s training data into `folder` (replaced atomically).
+
+    `rank`: the base model's ranking (see the module docstring); None: the dev corpus is positives plus random."""
     from embedkit.atomic import atomic_dir
     from embedkit.train.config import parse_train_source
     from embedkit.train.contrastive import load_examples, subset_indices
@@ -126,7 +184,7 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
     kind, path, split = parse_train_source(recipe.data.train)
     folder = Path(folder)
     if kind == "beir":
-        from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir
+        from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir, mteb_document_text
 
         ds = load_beir(path, split)
         judgments = list(ds.relevant_pairs())  # the order pairs_from_beir (and so load_examples) uses
@@ -138,7 +196,9 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
         train_j = [j for j in judgments if ds.queries[j[0]] not in dev_texts]
         dev_j = [j for j in judgments if ds.queries[j[0]] in dev_texts]
         dev_qids = list(dict.fromkeys(q for q, _, _ in dev_j))
-        docs = _sample_documents(list(ds.corpus), {d for _, d, _ in dev_j}, dev_docs, seed)
+        text_of = {d: mteb_document_text(row["title"], row["text"]) for d, row in ds.corpus.items()}
+        docs, hard = _dev_documents(list(ds.corpus), {d for _, d, _ in dev_j}, dev_docs, seed, rank=rank,
+                                    queries=[ds.queries[q] for q in dev_qids], text_of=text_of)
         with atomic_dir(folder) as tmp:
             train_dir, dev_dir = tmp / "train", tmp / "dev"
             train_dir.mkdir()
@@ -157,7 +217,7 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
         return DevSplit(carved=True, train_spec=f"beir:{folder / 'train'}:{TRAIN_SPLIT}",
                         dev_spec=f"beir:{folder / 'dev'}:{DEV_SPLIT}", seed=seed, train_queries=len(train_texts),
                         dev_queries=len(dev_texts), train_pairs=len(train_j), dev_pairs=len(dev_j),
-                        dev_documents=len(docs), pool_documents=len(ds.corpus),
+                        dev_documents=len(docs), pool_documents=len(ds.corpus), hard_documents=hard,
                         dev_query_texts=sorted(dev_texts))
 
     examples, _source = load_examples(recipe)
@@ -165,14 +225,19 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
                                    seed=seed)
     train_ex = [ex for ex in examples if ex.query not in dev_texts]
     dev_ex = [ex for ex in examples if ex.query in dev_texts]
-    # The pool: every distinct positive and negative text of the used data, positives first.
+    # The pool: every distinct positive and negative text of the used data, positives first; then, as candidates
+    # for the dev corpus only, the texts of the rows data.max_examples left out.
     doc_id: dict[str, str] = {}
     for text in [ex.positive for ex in examples] + [n for ex in examples for n in ex.negatives]:
         doc_id.setdefault(text, f"d{len(doc_id)}")
+    if rank is not None and recipe.data.max_examples:
+        for text in _all_texts(recipe):
+            doc_id.setdefault(text, f"d{len(doc_id)}")
     keep = {doc_id[ex.positive] for ex in dev_ex} | {doc_id[n] for ex in dev_ex for n in ex.negatives}
-    docs = _sample_documents(list(doc_id.values()), keep, dev_docs, seed)
     text_of = {v: k for k, v in doc_id.items()}
     query_id = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(ex.query for ex in dev_ex))}
+    docs, hard = _dev_documents(list(doc_id.values()), keep, dev_docs, seed, rank=rank, queries=list(query_id),
+                                text_of=text_of)
     with_scores = all(ex.scores is not None for ex in train_ex)
     # The trials' mining pool (the recipe mines, or a trial may turn mining on): every positive, as training would use
     from embedkit.tune.space import can_turn_on_mining
@@ -196,7 +261,20 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
                     mining_corpus=str(folder / "pool.jsonl") if mines_positives else None, pairs_file=True,
                     seed=seed, train_queries=len({ex.query for ex in train_ex}), dev_queries=len(dev_texts),
                     train_pairs=len(train_ex), dev_pairs=len(dev_ex), dev_documents=len(docs),
-                    pool_documents=len(doc_id), dev_query_texts=sorted(dev_texts))
+                    pool_documents=len(doc_id), hard_documents=hard, dev_query_texts=sorted(dev_texts))
+
+
+def _all_texts(recipe):
+    """Every positive and negative text of the recipe's pairs file, all rows (not only the data.max_examples kept)."""
+    from embedkit.data.tuples import read_examples
+    from embedkit.train.config import parse_train_source
+
+    _kind, path, _split = parse_train_source(recipe.data.train)
+    cols = recipe.data.columns
+    for ex in read_examples(path, query=cols.query, positive=cols.positive, negatives=cols.negatives,
+                            scores=cols.scores):
+        yield ex.positive
+        yield from ex.negatives
 
 
 def given_dev_split(recipe) -> DevSplit:
