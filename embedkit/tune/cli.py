@@ -50,8 +50,11 @@ def tune_command(
              "quarters of the free slots), so dev measures what fine-tuning must fix and separates the trials; "
              "'random': a seeded random sample only (cheaper: no base-model ranking; dev scores near the ceiling "
              "on a large corpus)."),
-    evals_per_epoch: int = typer.Option(2, "--evals-per-epoch",
-                                        help="Dev evaluations per epoch of a trial: what the pruner sees."),
+    evals_per_epoch: int = typer.Option(
+        1, "--evals-per-epoch",
+        help="Dev evaluations per epoch of a trial: what the pruner sees. One: on a small corpus on the CPU an "
+             "evaluation of ~1,000 documents costs a fifth of an epoch, and a trial of several epochs is judged "
+             "often enough once per epoch"),
     params: Optional[str] = typer.Option(
         None, "--params",
         help="Search only these (comma-separated): lr, epochs, temperature, hard_negatives, mining_range, "

@@ -18,7 +18,7 @@ The steps:
    fixed seed gives the same trials. Trial 0 is the recipe as written, trial 1 the recipe trained longer at a
    larger lr with a mined negative (space.longer_schedule: the two ends of the schedule before TPE's random
    start). Every trial trains through the training engine (`embedkit.train.contrastive.train`) on the training
-   part; the engine's dev evaluations (every half epoch by
+   part; the engine's dev evaluations (once per epoch by
    default) feed a median pruner, which stops a trial whose dev score falls below the median of the finished
    trials at the same point of their schedules (never at the first evaluation, never at the last). The point is
    the fraction of the trial's own steps, not the step number: a 3-epoch trial one epoch in is still at a high
@@ -424,7 +424,7 @@ def _duration(seconds: float) -> str:
 def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | None = None,
          overrides: list[str] | None = None, seed: int | None = None, device: str | None = None,
          test: str | None = None, dev_fraction: float = 0.2, max_dev_queries: int = 500, dev_docs: int = 1000,
-         evals_per_epoch: int = 2, params: list[str] | None = None, final: bool = True, keep_trials: bool = False,
+         evals_per_epoch: int = 1, params: list[str] | None = None, final: bool = True, keep_trials: bool = False,
          nearest_dev: bool = True,
          verbose: bool = False, clock: Callable[[], float] = time.monotonic,
          trial_hook: Callable[[int], None] | None = None) -> TuneResult:
@@ -522,6 +522,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
             log.info("the margin joins the search")
     rows_without = sum(1 for ex in examples if not ex.negatives)
     space = build_space(recipe, margin_flagged=bool(probe and probe["warning"]), negatives_in_data=negatives_in_data,
+                        steps_per_epoch=per_epoch,
                         several_positives=bool(probe and probe["several_positives"]), only=params)
     log.info("search space: %s", "; ".join(f"{p.name} {p.bounds()}" for p in space))
     log.info("%d optimizer steps per epoch on the training part; dev evaluation every %d steps%s", per_epoch,
