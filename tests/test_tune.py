@@ -226,9 +226,40 @@ def test_a_time_budget_stops_starting_new_trials(tmp_path, tiny_bert_dir):
 
     result = tune(recipe, budget="25s", output=tmp_path / "t", final=False, clock=lambda: now[0],
                   trial_hook=trial_hook)
-    # after 2 trials (20 s used) a third (expected 10 s) would end after the 25 s budget: not started
-    assert len(result.trials) == 2 and started_at == [0.0, 10.0]
-    assert "budget" in result.report["stop_reason"]
+    # trial 0 ran 3 steps (1 epoch) in 10 s; trial 1 (10 epochs, 30 steps, ~100 s) would end after the 25 s budget
+    assert len(result.trials) == 1 and started_at == [0.0]
+    assert "epochs=10" in result.report["stop_reason"]
+    assert "would end after the 25 s budget" in result.report["stop_reason"]
+
+
+def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_dir, monkeypatch):
+    """Each step "takes" 1 s: after trial 0 (1 epoch, 3 steps) and trial 1 (10 epochs, 30 steps), 33 s of 50 are
+    used. A trial starts only when its own steps fit in what is left (at most 5 epochs here); a median trial length
+    (16.5 s) would start a 10-epoch trial and end 13 s late."""
+    import re
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+
+    now = [0.0]
+
+    def fake_train(recipe, on_eval=None, **_):
+        total = recipe.training.epochs * 3  # 11 training pairs at batch 4
+        now[0] += total
+        on_eval(total, {"score": 0.5 + 0.01 * recipe.training.epochs}, total)
+        return SimpleNamespace(dev=None, steps=total)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="50s", output=tmp_path / "t", final=False, clock=lambda: now[0],
+                  params=["lr", "epochs"])
+    assert [t.params["epochs"] for t in result.trials[:2]] == [1, 10]
+    assert sum(t.seconds for t in result.trials) <= 50  # every trial that started ended in time
+    reason = result.report["stop_reason"]
+    refused = re.search(r"epochs=(\d+)\] \(~\d+ s: (\d+) steps", reason)
+    assert refused, reason  # it stopped because the proposed trial's steps did not fit
+    assert int(refused.group(2)) == 3 * int(refused.group(1)) and now[0] + int(refused.group(2)) > 50
 
 
 def test_bad_trials_are_pruned_from_the_engines_dev_evaluations(tmp_path, tiny_bert_dir, monkeypatch):

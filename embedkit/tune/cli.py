@@ -20,7 +20,8 @@ def tune_command(
     budget: str = typer.Option(
         ..., "--budget", "-b",
         help=f"How much searching: {BUDGET_HELP}. A time budget starts a trial only when it is expected to end in "
-             "time (the median length of the finished trials); the final training and --test come after it."),
+             "time (its steps times the median seconds per step so far); the final training and --test come after "
+             "it."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o",
         help="Output folder (default: the recipe's training.output_dir + '-tune'): tuned_recipe.yaml, model/ (the "

@@ -27,7 +27,7 @@ The steps:
    score is the dev score of the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
    brings its own data.dev and eval_every, the dev-best step's (the engine restores it);
 5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time
-   (expected: the median length of the trials that ran to the end);
+   (expected: its optimizer steps times the median seconds per step of the trials so far);
 6. the best trial's parameters go into the recipe (everything else as the user wrote it, `training.output_dir` =
    OUTPUT/model), written to OUTPUT/tuned_recipe.yaml, which is then trained as `embedkit train` would train it, on
    all the training data (the carved dev queries included): `embedkit train OUTPUT/tuned_recipe.yaml` gives the same
@@ -244,14 +244,15 @@ class Search:
 
     def __init__(self, base_raw: dict, space: list[Param], *, output: Path, seed: int, budget: Budget,
                  objective_is_best: bool, verbose: bool, clock: Callable[[], float] = time.monotonic,
-                 trial_hook: Callable[[int], None] | None = None, keep_trials: bool = False) -> None:
+                 trial_hook: Callable[[int], None] | None = None, keep_trials: bool = False,
+                 steps_per_epoch: int | None = None) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
         self.base_raw, self.space, self.output, self.seed, self.budget = base_raw, space, output, seed, budget
         self.objective_is_best, self.verbose, self.clock, self.trial_hook = objective_is_best, verbose, clock, trial_hook
-        self.keep_trials = keep_trials
+        self.keep_trials, self.steps_per_epoch = keep_trials, steps_per_epoch
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
         self.pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS)
         self.study = optuna.create_study(direction="maximize", sampler=sampler, pruner=self.pruner)
@@ -279,6 +280,10 @@ class Search:
             trial = self.study.ask()
             params = suggest(self.space, trial)
             key = tuple(sorted((k, repr(v)) for k, v in params.items()))
+            reason = "" if key in self.seen else self._no_time_for(params, elapsed)
+            if reason:  # proposed, not run: the study is in memory, nothing else sees the open trial
+                self.stop_reason = reason
+                break
             if key in self.seen:  # training is deterministic: the same parameters give the same score
                 repeats += 1
                 record = self._repeat(trial, params, self.seen[key])
@@ -306,13 +311,36 @@ class Search:
             return ""
         if elapsed >= self.budget.seconds:
             return f"the {self.budget.describe()} budget is spent ({_duration(elapsed)} used)"
-        ran = [r.seconds for r in self.records if r.state == "complete"] or \
-              [r.seconds for r in self.records if r.state != "repeat"]
-        expected = statistics.median(ran) if ran else 0.0
-        if elapsed + expected > self.budget.seconds:
-            return (f"a next trial (~{_duration(expected)}) would end after the {self.budget.describe()} budget "
-                    f"({_duration(elapsed)} used)")
         return ""
+
+    def _no_time_for(self, params: dict, elapsed: float) -> str:
+        """A time budget starts a trial only when it is expected to end in time: its optimizer steps times the median
+        seconds per step of the trials run so far (pruned ones included, for the steps they ran). Per step, not per
+        trial: trials of 1 and 6 epochs differ six-fold, and a median trial length let a 5-epoch trial start 17
+        minutes before the end of a 60-minute budget on MedQuAD and run 26."""
+        if self.budget.seconds is None:
+            return ""
+        per_step = [r.seconds / r.steps for r in self.records if r.state in ("complete", "pruned") and r.steps]
+        steps = self._steps(params)
+        if not per_step or steps is None:
+            return ""
+        expected = steps * statistics.median(per_step)
+        if elapsed + expected > self.budget.seconds:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+            return (f"the next trial [{shown}] (~{_duration(expected)}: {steps} steps at the trials' median "
+                    f"{statistics.median(per_step):.1f} s per step) would end after the {self.budget.describe()} "
+                    f"budget ({_duration(elapsed)} used)")
+        return ""
+
+    def _steps(self, params: dict) -> int | None:
+        """A trial's optimizer steps: training.max_steps, or its epochs (searched or the recipe's) x steps per epoch."""
+        max_steps = _get(self.base_raw, "training.max_steps")
+        if max_steps:
+            return int(max_steps)
+        if self.steps_per_epoch is None:
+            return None
+        epochs = params.get("epochs", _get(self.base_raw, "training.epochs") or 1)
+        return int(epochs) * self.steps_per_epoch
 
     def _repeat(self, trial, params: dict, earlier: TrialRecord) -> TrialRecord:
         TrialState = self.optuna.trial.TrialState
@@ -530,7 +558,8 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
 
     # 4. the search
     search = Search(base_raw, space, output=output, seed=seed, budget=budget, objective_is_best=bool(user_eval),
-                    verbose=verbose, clock=clock, trial_hook=trial_hook, keep_trials=keep_trials)
+                    verbose=verbose, clock=clock, trial_hook=trial_hook, keep_trials=keep_trials,
+                    steps_per_epoch=per_epoch)
     records = search.run()
     if not keep_trials:
         shutil.rmtree(output / TRIALS_DIR, ignore_errors=True)
