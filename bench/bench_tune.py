@@ -24,9 +24,11 @@ Environment: BENCH_MAX_STEPS=N caps the optimizer steps of every training (the t
 BENCH_SMOKE=1 also shrinks the data (48 training pairs, a 100-document dev corpus, a 30-query / 300-document cut of
 the test split) so the whole script runs in minutes: a check of the script, not a measurement.
 
-Expected duration on 2 cores with nothing else running: tune 60 min per data set; the final runs ~2.5 h (SciFact)
-and ~2 h (MedQuAD), most of it ST's 3 epochs; evaluation ~70 min (SciFact: 10 encodings of its 5,183 abstracts) and
-~20 min (MedQuAD). About 7-8 h for both data sets: run one data set at a time into a kept --out (e.g.
+Expected duration on 2 cores with nothing else running: tune 60 min of search per data set, plus the base model's
+ranking of the dev candidates (MedQuAD: 14,070 answers, 6 min); the final runs: default ~2.5 min and ST ~11 min per
+seed on MedQuAD, the tuned recipe as long as its schedule (MedQuAD's second search chose 6 epochs with a mined
+negative: ~30 min per seed); evaluation ~70 min (SciFact: 10 encodings of its 5,183 abstracts) and ~20 min
+(MedQuAD). About 8-9 h for both data sets: run one data set at a time into a kept --out (e.g.
 runs/bench-tune), and `--resume` continues an interrupted run where it stopped (the finished search when --budget
 is the same, every trained model, every evaluation) instead of starting over.
 """
