@@ -70,6 +70,7 @@ TPE_STARTUP_TRIALS = 4  # random proposals (trial 0 = the recipe included) befor
 PRUNER_STARTUP_TRIALS = 2  # finished trials needed before any pruning
 PROGRESS_SCALE = 1000  # the pruner compares trials at step / total steps, in thousandths
 MAX_REPEATS = 20  # consecutive proposals already tried: the space is exhausted
+CHUNK_ROWS = 65536  # documents per block of the dev ranking's exact search
 
 
 @dataclass
@@ -206,6 +207,8 @@ def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], l
     import torch
 
     from embedkit.device import resolve_device
+    from embedkit.mine.search import exact_topk
+    from embedkit.mine.vectors import ArraySource
     from embedkit.models.encoder import load_model
 
     def rank(queries, documents, k):
@@ -224,12 +227,10 @@ def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], l
             q = encoder.encode(list(queries), kind="query", batch_size=batch, normalize=True)
             d = encoder.encode(list(documents), kind="document", batch_size=batch, normalize=True)
             del encoder
-            scores = np.asarray(q, dtype=np.float32) @ np.asarray(d, dtype=np.float32).T
-            k = min(k, scores.shape[1])
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            order = np.take_along_axis(scores, top, axis=1)
-            # best first, ties by document position: the same ranking on every machine
-            ranked = [[int(top[i, j]) for j in np.lexsort((top[i], -order[i]))] for i in range(len(queries))]
+            # the miner's exact search: best first, ties by document position (the same ranking on every machine)
+            _, top = exact_topk(q, ArraySource(np.asarray(d, dtype=np.float32)), min(k, len(documents)),
+                                chunk_rows=CHUNK_ROWS)
+            ranked = [[int(i) for i in row if i >= 0] for row in top]
             log.info("ranked in %s", _duration(time.perf_counter() - started))
             return ranked
         finally:
