@@ -7,9 +7,10 @@ error, never a silent fall-back to the CPU (a user who asked for a GPU wants to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from embedkit.errors import ConfigError
 
@@ -64,3 +65,19 @@ def describe_device(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at `threads` (None or 0: leave it), then give the old count
+    back: the setting is process-wide, and a stage (a trial, a ranking, a training) must not change it for the
+    stages after it in the same process."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

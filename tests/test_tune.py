@@ -192,6 +192,38 @@ def test_dev_corpus_holds_the_base_models_nearest_documents_from_all_the_rows(tm
     assert plain.hard_documents == 0 and plain.dev_query_texts == split.dev_query_texts
 
 
+def test_base_model_ranker_ranks_by_the_base_model_and_caches_the_documents(tmp_path, tiny_bert_dir, monkeypatch):
+    """The ranking is the base model's exact top-k (checked against numpy); the documents' embeddings go to the
+    embedding cache, so a second ranking of the same documents encodes only the queries."""
+    from embedkit.models.encoder import Encoder, load_model
+    from embedkit.tune.run import base_model_ranker
+
+    monkeypatch.setenv("EMBEDKIT_HOME", str(tmp_path / "home"))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                                      tmp_path / "out", training={"threads": 2}))
+    queries = list(dict.fromkeys(q for q, _ in PAIRS))[:4]
+    documents = list(dict.fromkeys(p for _, p in PAIRS))
+    model = load_model(str(tiny_bert_dir), max_length=32)
+    scores = model.encode(queries, kind="query", normalize=True) @ model.encode(documents, kind="document",
+                                                                                 normalize=True).T
+    expected = [list(np.argsort(-row, kind="stable")[:3]) for row in scores]
+    kinds: list[str] = []
+    encode = Encoder.encode
+
+    def counting(self, texts, *args, kind="document", **kwargs):
+        kinds.append(kind)
+        return encode(self, texts, *args, kind=kind, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    rank = base_model_ranker(recipe, "cpu")
+    first = rank(queries, documents, 3)
+    assert first == expected and kinds == ["query", "document"]
+    kinds.clear()
+    assert rank(queries, documents, 3) == first and kinds == ["query"]
+    assert list((tmp_path / "home" / "embeddings").glob("*.npy"))
+    assert torch.get_num_threads() == 1  # the recipe's 2 threads were for the ranking only
+
+
 # ---------------------------------------------------------------------------------------------------- the search
 def test_a_fixed_seed_gives_the_same_trials(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from embedkit.device import torch_threads
 from embedkit.train.engine import Engine, StepBase, seed_everything
 
 log = logging.getLogger("embedkit.train")
@@ -84,10 +85,7 @@ def run_llm(recipe, mode: str, make_step: Callable[[LLMContext], LLMStep], *, re
 
     t, d = recipe.training, recipe.data
     output = Path(t.output_dir)
-    threads_before = torch.get_num_threads()
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    try:
+    with torch_threads(t.threads):
         engine = Engine(recipe, output, kind=f"llm-{mode}")
         seed_everything(t.seed)
         cols = d.columns
@@ -119,8 +117,6 @@ def run_llm(recipe, mode: str, make_step: Callable[[LLMContext], LLMStep], *, re
         if engine.is_main:
             save(ctx, full, stats, engine.work)
         engine.finish()
-    finally:
-        torch.set_num_threads(threads_before)
     return {"output_dir": str(output), **stats}
 
 

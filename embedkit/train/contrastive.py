@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from embedkit.data.tuples import TrainingExample
+from embedkit.device import torch_threads
 from embedkit.errors import ConfigError, DataError
 from embedkit.train.config import Recipe, parse_train_source
 from embedkit.train.engine import (LOG_FILE, Engine, FitResult, StepBase, copy_run_logs, peak_rss_gb, recipe_hash,
@@ -382,14 +383,8 @@ def train(recipe: Recipe, *, resume: bool = False, output_dir: str | Path | None
     if output_dir is not None:
         recipe = recipe.model_copy(deep=True)
         recipe.training.output_dir = str(output_dir)
-    t = recipe.training
-    threads_before = torch.get_num_threads()
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    try:
+    with torch_threads(recipe.training.threads):
         return _train(recipe, resume=resume, on_step=on_step, on_eval=on_eval)
-    finally:
-        torch.set_num_threads(threads_before)  # the setting is process-wide: give it back
 
 
 def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResult:
