@@ -294,6 +294,58 @@ def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_di
     assert int(refused.group(2)) == 3 * int(refused.group(1)) and now[0] + int(refused.group(2)) > 50
 
 
+def test_a_time_budget_counts_the_texts_per_example_and_the_rounds_of_mining(tmp_path, tiny_bert_dir, monkeypatch):
+    """Each text of an example "takes" 1 s per step and a round of online mining 20 s (the probe's estimate). Trial 1
+    (10 epochs of 3 steps, a mined negative: 30 x 3 texts + 9 paid rounds x 20 s = 270 s) does not fit in what trial
+    0 (3 steps x 2 texts = 6 s) leaves of 200 s; counted in plain steps (30 x 2 s) it would start and end 76 s late."""
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+    import embedkit.tune.run as run
+
+    now = [0.0]
+
+    def fake_train(recipe, on_eval=None, **_):
+        total = recipe.training.epochs * 3  # 11 training pairs at batch 4
+        rounds = recipe.training.epochs - 1 if recipe.mining.online else 0
+        now[0] += total * (2 + (recipe.loss.hard_negatives or 0)) + 20 * rounds
+        on_eval(total, {"score": 0.5}, total)
+        return SimpleNamespace(dev=None, steps=total)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    monkeypatch.setattr(run, "mining_round_seconds", lambda *a, **k: 20.0)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="200s", output=tmp_path / "t", final=False, clock=lambda: now[0])
+    assert [t.seconds for t in result.trials] == [6.0]
+    assert result.report["probe"]["round_seconds"] == 20.0
+    reason = result.report["stop_reason"]
+    assert "epochs=10" in reason and "mined_negatives=1" in reason, reason
+    assert "(~4.5 min: 30 steps x 3 texts at the trials' median 1.00 s per text, 9 mining rounds of ~20 s)" in reason
+
+
+def test_the_probe_estimates_a_mining_round_from_a_sample(tiny_bert_dir):
+    """A round re-encodes the pool and the queries: the estimate scales a timed sample of each to its full size."""
+    from types import SimpleNamespace
+
+    from embedkit.models.encoder import load_model
+    from embedkit.tune.run import mining_round_seconds
+
+    encoder = load_model(str(tiny_bert_dir), max_length=32)
+    sizes = []
+    encode = encoder.encode
+
+    def counting(texts, *args, **kwargs):
+        sizes.append((len(texts), kwargs["kind"]))
+        return encode(texts, *args, **kwargs)
+
+    encoder.encode = counting
+    task = SimpleNamespace(corpus_texts=[f"document number {i}" for i in range(1000)],
+                           query_texts=[f"query {i}" for i in range(50)])
+    seconds = mining_round_seconds(encoder, task, batch_size=16, sample=100)
+    assert sizes == [(100, "document"), (50, "query")] and seconds > 0
+
+
 def test_bad_trials_are_pruned_from_the_engines_dev_evaluations(tmp_path, tiny_bert_dir, monkeypatch):
     """The pruner sees every dev evaluation: a trial below the median of the finished ones at the same step stops
     there (a stand-in for the engine reports the evaluations, so the scores are known in advance)."""

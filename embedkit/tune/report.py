@@ -85,7 +85,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{s['queries']:,} queries, {s['pairs']:,} rows: {s['candidates_in_window']:,} candidates in the "
                   f"window, removed " + ", ".join(f"{k} {v:,}" for k, v in s["removed"].items() if v) +
                   f"; {s['rows_short']:,} rows short of negatives ({s['rows_without_negative']:,} with none) "
-                  f"({probe['seconds']:.0f} s).", ""]
+                  f"({probe['seconds']:.0f} s). A later round of online mining in a trial (new weights, no cache) "
+                  f"is estimated at {probe.get('round_seconds', 0):.0f} s; the time budget counts it.", ""]
         if probe["warning"]:
             lines += [f"**Warning:** {probe['warning']['message']}. The margin was searched.", ""]
     static = report.get("static_negatives")

@@ -72,6 +72,7 @@ PRUNER_STARTUP_TRIALS = 2  # finished trials needed before any pruning
 PROGRESS_SCALE = 1000  # the pruner compares trials at step / total steps, in thousandths
 MAX_REPEATS = 20  # consecutive proposals already tried: the space is exhausted
 CHUNK_ROWS = 65536  # documents per block of the dev ranking's exact search
+ROUND_SAMPLE = 128  # texts of each kind timed to estimate a mining round (a few seconds on 2 cores)
 
 
 @dataclass
@@ -184,6 +185,7 @@ def mining_probe(recipe, device) -> dict[str, Any]:
             encoder = build_encoder(recipe, device)
             with torch.random.fork_rng():
                 remine(encoder, miner.state, use_cache=True)
+            round_seconds = mining_round_seconds(encoder, miner.state.task, miner.settings.batch_size)
             del encoder
     finally:
         _free_memory()
@@ -193,7 +195,26 @@ def mining_probe(recipe, device) -> dict[str, Any]:
     return {"stats": {k: stats[k] for k in ("queries", "pairs", "candidates_in_window", "removed", "survivors",
                                              "rows_short", "rows_without_negative", "positive_scores")},
             "settings": miner.settings.to_dict(), "warning": warning, "several_positives": several,
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 1), "round_seconds": round(round_seconds, 1)}
+
+
+def mining_round_seconds(encoder, task, batch_size: int, sample: int = ROUND_SAMPLE) -> float:
+    """What one round of online mining will cost a trial: the pool's documents and the training queries encoded
+    again (the search is small beside it), estimated from `sample` of each encoded now, evenly spaced, uncached.
+    The probe's own round may have come from the embedding cache, and a trial's later rounds cannot (the weights
+    have moved): on SciFact a round encodes 5,183 abstracts, minutes on 2 cores, so a trial that re-mines every
+    epoch spends as long mining as training, and the time budget has to know it."""
+    import numpy as np
+
+    seconds = 0.0
+    for texts, kind in ((task.corpus_texts, "document"), (list(task.query_texts), "query")):
+        if not len(texts):
+            continue
+        picks = np.unique(np.linspace(0, len(texts) - 1, min(sample, len(texts))).astype(int))
+        started = time.perf_counter()
+        encoder.encode([texts[i] for i in picks], kind=kind, batch_size=batch_size, normalize=True)
+        seconds += (time.perf_counter() - started) * len(texts) / len(picks)
+    return seconds
 
 
 def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], list[list[int]]]:
@@ -240,7 +261,7 @@ class Search:
     def __init__(self, base_raw: dict, space: list[Param], *, output: Path, seed: int, budget: Budget,
                  objective_is_best: bool, verbose: bool, clock: Callable[[], float] = time.monotonic,
                  trial_hook: Callable[[int], None] | None = None, keep_trials: bool = False,
-                 steps_per_epoch: int | None = None) -> None:
+                 steps_per_epoch: int | None = None, mining_round_seconds: float | None = None) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -248,6 +269,7 @@ class Search:
         self.base_raw, self.space, self.output, self.seed, self.budget = base_raw, space, output, seed, budget
         self.objective_is_best, self.verbose, self.clock, self.trial_hook = objective_is_best, verbose, clock, trial_hook
         self.keep_trials, self.steps_per_epoch = keep_trials, steps_per_epoch
+        self.mining_round_seconds = mining_round_seconds or 0.0
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS)
         self.pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS)
         self.study = optuna.create_study(direction="maximize", sampler=sampler, pruner=self.pruner)
@@ -309,23 +331,75 @@ class Search:
         return ""
 
     def _no_time_for(self, params: dict, elapsed: float) -> str:
-        """A time budget starts a trial only when it is expected to end in time: its optimizer steps times the median
-        seconds per step of the trials run so far (pruned ones included, for the steps they ran). Per step, not per
-        trial: trials of 1 and 6 epochs differ six-fold, and a median trial length let a 5-epoch trial start 17
-        minutes before the end of a 60-minute budget on MedQuAD and run 26."""
+        """A time budget starts a trial only when it is expected to end in time (`expected_seconds`). Per trial, not
+        the median trial: trials of 1 and 6 epochs differ six-fold, and a median trial length let a 5-epoch trial
+        start 17 minutes before the end of a 60-minute budget on MedQuAD and run 26."""
         if self.budget.seconds is None:
             return ""
-        per_step = [r.seconds / r.steps for r in self.records if r.state in ("complete", "pruned") and r.steps]
-        steps = self._steps(params)
-        if not per_step or steps is None:
+        expected = self.expected_seconds(params)
+        if expected is None:
             return ""
-        expected = steps * statistics.median(per_step)
         if elapsed + expected > self.budget.seconds:
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
-            return (f"the next trial [{shown}] (~{_duration(expected)}: {steps} steps at the trials' median "
-                    f"{statistics.median(per_step):.1f} s per step) would end after the {self.budget.describe()} "
-                    f"budget ({_duration(elapsed)} used)")
+            return (f"the next trial [{shown}] (~{_duration(expected)}: {self._steps(params)} steps"
+                    f"{self._cost_detail(params)}) would end after the {self.budget.describe()} budget "
+                    f"({_duration(elapsed)} used)")
         return ""
+
+    def expected_seconds(self, params: dict) -> float | None:
+        """A trial's expected length: optimizer steps x texts per example x the trials' median seconds per text and
+        step, plus its paid rounds of online mining x a round's cost (the probe's estimate). Measured on MedQuAD's
+        search: 6.4 s per step with no negative, 9.3 / 11.0 / 14.4 with 1 / 2 / 3 (about 3.1 s per text), so the
+        cost follows the texts an example carries; a mining round re-encodes the pool, a cost of its own (minutes
+        on SciFact's 5,183 abstracts), which the steps do not show. None before any trial has run."""
+        per_text = [self._seconds_per_text(r) for r in self.records if r.state in ("complete", "pruned") and r.steps]
+        steps = self._steps(params)
+        if not per_text or steps is None:
+            return None
+        shape = self._shape(params)
+        return (steps * shape["texts"] * statistics.median(per_text)
+                + self._paid_rounds(shape, steps) * self.mining_round_seconds)
+
+    def _seconds_per_text(self, record: TrialRecord) -> float:
+        shape = self._shape(record.params)
+        mining = self._paid_rounds(shape, record.steps) * self.mining_round_seconds
+        # never below a tenth of the plain rate: an overestimated round must not make training look free
+        training = max(record.seconds - mining, 0.1 * record.seconds)
+        return training / (record.steps * shape["texts"])
+
+    def _shape(self, params: dict) -> dict[str, Any]:
+        """What a trial's recipe makes each step and epoch carry: texts per example (query, positive, negatives)
+        and whether / how often it re-mines."""
+        raw = self._trial_raw(params)
+        every = _get(raw, "mining.every")
+        return {"texts": 2 + int(_get(raw, "loss.hard_negatives") or 0), "online": bool(_get(raw, "mining.online")),
+                "every": "epoch" if every is None else every}
+
+    def _paid_rounds(self, shape: dict, steps: int) -> int:
+        """Rounds of online mining a trial pays for in `steps` steps: one before every epoch after the first (or
+        every N steps); the round before the first step reads the base model's pool embeddings that the probe
+        cached."""
+        if not shape["online"] or not steps:
+            return 0
+        if shape["every"] == "epoch":
+            return max(0, -(-steps // self.steps_per_epoch) - 1) if self.steps_per_epoch else 0
+        return (steps - 1) // int(shape["every"])
+
+    def _cost_detail(self, params: dict) -> str:
+        shape = self._shape(params)
+        per_text = [self._seconds_per_text(r) for r in self.records if r.state in ("complete", "pruned") and r.steps]
+        detail = f" x {shape['texts']} texts at the trials' median {statistics.median(per_text):.2f} s per text"
+        rounds = self._paid_rounds(shape, self._steps(params) or 0)
+        if rounds:
+            detail += f", {rounds} mining rounds of ~{_duration(self.mining_round_seconds)}"
+        return detail
+
+    def _trial_raw(self, params: dict) -> dict:
+        """The trial's recipe (a plain dict): the base recipe with the parameters' overrides."""
+        raw = copy.deepcopy(self.base_raw)
+        for key, value in recipe_overrides(self.space, params).items():
+            _set(raw, key, value)
+        return raw
 
     def _steps(self, params: dict) -> int | None:
         """A trial's optimizer steps: training.max_steps, or its epochs (searched or the recipe's) x steps per epoch."""
@@ -352,9 +426,7 @@ class Search:
         from embedkit.train.engine import work_dir
 
         TrialState = self.optuna.trial.TrialState
-        raw = copy.deepcopy(self.base_raw)
-        for key, value in recipe_overrides(self.space, params).items():
-            _set(raw, key, value)
+        raw = self._trial_raw(params)
         out = self.output / TRIALS_DIR / f"trial-{trial.number:03d}"
         _set(raw, "training.output_dir", str(out))
         t0 = self.clock()
@@ -554,7 +626,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     # 4. the search
     search = Search(base_raw, space, output=output, seed=seed, budget=budget, objective_is_best=bool(user_eval),
                     verbose=verbose, clock=clock, trial_hook=trial_hook, keep_trials=keep_trials,
-                    steps_per_epoch=per_epoch)
+                    steps_per_epoch=per_epoch, mining_round_seconds=probe["round_seconds"] if probe else None)
     records = search.run()
     if not keep_trials:
         shutil.rmtree(output / TRIALS_DIR, ignore_errors=True)
