@@ -352,13 +352,15 @@ class Search:
         search: 6.4 s per step with no negative, 9.3 / 11.0 / 14.4 with 1 / 2 / 3 (about 3.1 s per text), so the
         cost follows the texts an example carries; a mining round re-encodes the pool, a cost of its own (minutes
         on SciFact's 5,183 abstracts), which the steps do not show. None before any trial has run."""
-        per_text = [self._seconds_per_text(r) for r in self.records if r.state in ("complete", "pruned") and r.steps]
-        steps = self._steps(params)
-        if not per_text or steps is None:
+        per_text, steps = self._median_seconds_per_text(), self._steps(params)
+        if per_text is None or steps is None:
             return None
         shape = self._shape(params)
-        return (steps * shape["texts"] * statistics.median(per_text)
-                + self._paid_rounds(shape, steps) * self.mining_round_seconds)
+        return steps * shape["texts"] * per_text + self._paid_rounds(shape, steps) * self.mining_round_seconds
+
+    def _median_seconds_per_text(self) -> float | None:
+        rates = [self._seconds_per_text(r) for r in self.records if r.state in ("complete", "pruned") and r.steps]
+        return statistics.median(rates) if rates else None
 
     def _seconds_per_text(self, record: TrialRecord) -> float:
         shape = self._shape(record.params)
@@ -387,8 +389,7 @@ class Search:
 
     def _cost_detail(self, params: dict) -> str:
         shape = self._shape(params)
-        per_text = [self._seconds_per_text(r) for r in self.records if r.state in ("complete", "pruned") and r.steps]
-        detail = f" x {shape['texts']} texts at the trials' median {statistics.median(per_text):.2f} s per text"
+        detail = f" x {shape['texts']} texts at the trials' median {self._median_seconds_per_text():.2f} s per text"
         rounds = self._paid_rounds(shape, self._steps(params) or 0)
         if rounds:
             detail += f", {rounds} mining rounds of ~{_duration(self.mining_round_seconds)}"
