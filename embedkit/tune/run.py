@@ -27,7 +27,8 @@ The steps:
    score is the dev score of the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
    brings its own data.dev and eval_every, the dev-best step's (the engine restores it);
 5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time
-   (expected: its optimizer steps times the median seconds per step of the trials so far);
+   (expected: its optimizer steps x the texts per example at the trials' median seconds per text, plus its paid
+   rounds of online mining at the probe's measured cost: `Search.expected_seconds`);
 6. the best trial's parameters go into the recipe (everything else as the user wrote it, `training.output_dir` =
    OUTPUT/model), written to OUTPUT/tuned_recipe.yaml, which is then trained as `embedkit train` would train it, on
    all the training data (the carved dev queries included): `embedkit train OUTPUT/tuned_recipe.yaml` gives the same
