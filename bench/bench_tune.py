@@ -30,7 +30,11 @@ seed on MedQuAD, the tuned recipe as long as its schedule (MedQuAD's second sear
 negative: ~30 min per seed); evaluation ~70 min (SciFact: 10 encodings of its 5,183 abstracts) and ~20 min
 (MedQuAD). About 8-9 h for both data sets: run one data set at a time into a kept --out (e.g.
 runs/bench-tune), and `--resume` continues an interrupted run where it stopped (the finished search when --budget
-is the same, every trained model, every evaluation) instead of starting over.
+is the same, every trained model, every evaluation) instead of starting over. A run that was trained and evaluated
+is reused from its two small files (<out>/<dataset>-<arm>-s<seed>.result.json and .eval.json) even when the model
+folder is gone: bench/records/tune/ keeps those files (and the search's summary, report and tuned recipe) of the
+runs behind the README's table, so a bench longer than one machine's life continues on the next one
+(`cp -r bench/records/tune/. runs/bench-tune/`, then the same command with --resume).
 """
 
 from __future__ import annotations
@@ -297,13 +301,16 @@ def main() -> None:
                 output = work / f"{dataset}-{arm}-s{seed}"
                 recipe, extra = recipes[arm]
                 done = output.with_suffix(".result.json")
-                if args.resume and done.is_file() and (output / "model.safetensors").is_file():
-                    run = json.loads(done.read_text())  # an earlier run with this --out trained it
+                evaluated = output.with_suffix(".eval.json")
+                if args.resume and done.is_file() and ((output / "model.safetensors").is_file()
+                                                       or evaluated.is_file()):
+                    # an earlier run with this --out trained it (and perhaps evaluated it: then the model may be gone)
+                    run = json.loads(done.read_text())
                     print(f"[{dataset}] --resume: reusing {output}", flush=True)
                 else:
                     run = run_child("st" if arm == "st" else "embedkit", recipe, extra, output, seed)
                     done.write_text(json.dumps(run))
-                report = evaluate_once(output, task, work / "cache", output.with_suffix(".eval.json"), args.resume)
+                report = evaluate_once(output, task, work / "cache", evaluated, args.resume)
                 reports[arm].append(report)
                 run["ndcg_at_10"] = ndcg(report)
                 runs.append(run)

@@ -224,6 +224,9 @@ def test_online_mining_refreshes_negatives_and_logs_them(tiny_bert_dir, mine_dat
     online = manifest["training"]["online_mining"]
     steps = [r["step"] for r in online["refreshes"]]
     assert steps == [0, 2, 4, 6] and result.steps == 8  # 4 batches x 2 epochs; at start + every 2 steps, not at 8
+    from embedkit.train.remining import scheduled_rounds
+
+    assert scheduled_rounds(2, True, 8, 4) == len(steps)  # what `tune` counts is what the loop did
     assert online["pool"]["pool_size"] == len(EXTRA_DOCS) + 8  # corpus + the 8 distinct positives
     first, later = online["refreshes"][0], online["refreshes"][1:]
     assert first["negatives_changed"] == 2 * len(MINE_PAIRS)  # from no negatives to 2 per row
@@ -277,6 +280,9 @@ def test_online_mining_training_is_deterministic(tiny_bert_dir, mine_data, tmp_p
     ra, rb = (json.loads((tmp_path / n / MANIFEST_NAME).read_text())["training"]["online_mining"]["refreshes"]
               for n in ("a", "b"))
     assert [r["step"] for r in ra] == [0, 4]  # each epoch
+    from embedkit.train.remining import scheduled_rounds
+
+    assert scheduled_rounds("epoch", True, 8, 4) == 2 and scheduled_rounds("epoch", False, 8, 4) == 1
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
     assert strip(ra) == strip(rb)
 

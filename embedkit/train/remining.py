@@ -26,6 +26,31 @@ from embedkit.train.config import Recipe, parse_train_source
 log = logging.getLogger("embedkit.train")
 
 
+def due_before_epoch(every: int | str, at_start: bool, step: int, epoch: int) -> bool:
+    """At the start of an epoch: every epoch after the first; the first too (step 0) with at_start."""
+    if step == 0 and epoch == 0:
+        return at_start
+    return every == "epoch"
+
+
+def due_after_step(every: int | str, step: int, total_steps: int) -> bool:
+    """After every `every`-th optimizer step, except the last (nothing trains on what it would mine)."""
+    return every != "epoch" and step % int(every) == 0 and step < total_steps
+
+
+def scheduled_rounds(every: int | str, at_start: bool, total_steps: int, steps_per_epoch: int) -> int:
+    """The refreshes a run of `total_steps` optimizer steps (`steps_per_epoch` an epoch) makes: the two rules above
+    walked as the training loop applies them, so that a cost estimate (`embedkit tune`'s budget) cannot drift from
+    the schedule."""
+    rounds = 0
+    for step in range(total_steps):
+        if step % steps_per_epoch == 0 and due_before_epoch(every, at_start, step, step // steps_per_epoch):
+            rounds += 1
+        if due_after_step(every, step + 1, total_steps):
+            rounds += 1
+    return rounds
+
+
 class OnlineMiner:
     def __init__(self, recipe: Recipe, examples: list) -> None:
         from embedkit.mine.online import RemineState
@@ -50,15 +75,10 @@ class OnlineMiner:
         return None  # a pairs file without mining.corpus: the pool is the training positives
 
     def due_before_epoch(self, step: int, epoch: int) -> bool:
-        """At the start of an epoch: every epoch after the first; the first too (step 0) with at_start."""
-        m = self.recipe.mining
-        if step == 0 and epoch == 0:
-            return m.at_start
-        return m.every == "epoch"
+        return due_before_epoch(self.recipe.mining.every, self.recipe.mining.at_start, step, epoch)
 
     def due_after_step(self, step: int, total_steps: int) -> bool:
-        every = self.recipe.mining.every
-        return every != "epoch" and step % every == 0 and step < total_steps
+        return due_after_step(self.recipe.mining.every, step, total_steps)
 
     def refresh(self, encoder, data, *, step: int, epoch: int | None) -> dict[str, Any]:
         """Re-mine with `encoder`, swap the negatives of `data` (re-tokenizing only new texts); return the record."""

@@ -55,6 +55,7 @@ import yaml
 
 from embedkit.device import resolve_device, torch_threads
 from embedkit.errors import ConfigError, EmbedkitError
+from embedkit.train.remining import scheduled_rounds
 from embedkit.tune.budget import Budget, parse_budget
 from embedkit.tune.space import (Param, build_space, can_turn_on_mining, defaults, in_space, longer_schedule,
                                  recipe_overrides, suggest)
@@ -382,11 +383,9 @@ class Search:
         """Rounds of online mining a trial pays for in `steps` steps: one before every epoch after the first (or
         every N steps); the round before the first step reads the base model's pool embeddings that the probe
         cached."""
-        if not shape["online"] or not steps:
+        if not shape["online"] or not steps or (shape["every"] == "epoch" and not self.steps_per_epoch):
             return 0
-        if shape["every"] == "epoch":
-            return max(0, -(-steps // self.steps_per_epoch) - 1) if self.steps_per_epoch else 0
-        return (steps - 1) // int(shape["every"])
+        return scheduled_rounds(shape["every"], False, steps, self.steps_per_epoch or steps)
 
     def _cost_detail(self, params: dict) -> str:
         shape = self._shape(params)
