@@ -280,15 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         launched = _close_process_group()
     if launched:
-        # A process started by --nproc ends without running C++ static destructors: DeepSpeed's CPU communication
-        # op can abort the interpreter's teardown ("terminate called without an active exception", seen after a
-        # resumed ZeRO-3 run that had finished and saved), which torchrun would report as a failed run.
-        import logging
+        from embedkit.launch import end_launched_process
 
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+        end_launched_process(code)
     sys.exit(code)
 
 

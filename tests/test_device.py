@@ -132,7 +132,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.launch import processes
+from embedkit.launch import end_launched_process, processes
 from embedkit.models import load_model
 from embedkit.models.distributed import all_agree, is_main_process
 
@@ -158,6 +158,7 @@ with processes(1, "cpu") as procs:  # launched by torch.distributed.run: joins t
     (Path(out) / f"rank{procs.rank}.json").write_text(json.dumps({
         "forwards": forwards, "world": procs.world, "main": is_main_process(), "mismatch": mismatch,
         "agree_true": all_agree(True), "agree_rank0": all_agree(procs.rank == 0)}))
+end_launched_process(0)  # as the CLI ends a launched process
 '''
 
 
