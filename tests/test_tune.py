@@ -256,12 +256,13 @@ def test_a_time_budget_stops_starting_new_trials(tmp_path, tiny_bert_dir):
         started_at.append(now[0])
         now[0] += 10.0
 
-    result = tune(recipe, budget="25s", output=tmp_path / "t", final=False, clock=lambda: now[0],
+    result = tune(recipe, budget="20s", output=tmp_path / "t", final=False, clock=lambda: now[0],
                   trial_hook=trial_hook)
-    # trial 0 ran 3 steps (1 epoch) in 10 s; trial 1 (10 epochs, 30 steps, ~100 s) would end after the 25 s budget
+    # trial 0 ran 3 steps (1 epoch, 2 texts each) in 10 s; trial 1 (10 epochs of 3 steps, 3 texts each: ~150 s) would
+    # end after the 20 s budget, and so would its shortest form (1 epoch: ~15 s)
     assert len(result.trials) == 1 and started_at == [0.0]
     assert "epochs=10" in result.report["stop_reason"]
-    assert "would end after the 25 s budget" in result.report["stop_reason"]
+    assert "would end after the 20 s budget" in result.report["stop_reason"]
 
 
 def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_dir, monkeypatch):
@@ -294,10 +295,43 @@ def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_di
     assert int(refused.group(2)) == 3 * int(refused.group(1)) and now[0] + int(refused.group(2)) > 50
 
 
+def test_a_proposal_that_does_not_fit_runs_with_the_epochs_that_do(tmp_path, tiny_bert_dir, monkeypatch):
+    """Each step "takes" 1 s. Trial 0 (1 epoch, 3 steps) leaves 17 s of 20; trial 1 as proposed (10 epochs, 30 s)
+    would end late, so it runs with the most epochs that fit (5: 15 s), its other values unchanged; then not even 1
+    epoch fits in the 2 s left and the search stops. Stopping at the first proposal that did not fit left 24 of
+    SciFact's 60 minutes unused."""
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+
+    now = [0.0]
+
+    def fake_train(recipe, on_eval=None, **_):
+        total = recipe.training.epochs * 3  # 11 training pairs at batch 4
+        now[0] += total
+        on_eval(total, {"score": 0.5 + 0.01 * recipe.training.epochs}, total)
+        return SimpleNamespace(dev=None, steps=total)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="20s", output=tmp_path / "t", final=False, clock=lambda: now[0],
+                  params=["lr", "epochs"])
+    assert [t.params for t in result.trials] == [{"lr": 1e-3, "epochs": 1}, {"lr": 2e-3, "epochs": 5}]
+    assert [t.seconds for t in result.trials] == [3.0, 15.0] and now[0] <= 20
+    assert result.trials[1].state == "complete"
+    assert result.trials[1].note == "proposed with epochs=10 (~30 s), shortened to 5 to end within the budget (17 s left)"
+    assert "epochs=" in result.report["stop_reason"] and "would end after the 20 s budget" in result.report["stop_reason"]
+    report = json.loads((tmp_path / "t" / "tune_report.json").read_text())
+    assert "shortened to 5" in report["trials"][1]["note"]
+    assert "shortened to 5" in (tmp_path / "t" / "tune_report.md").read_text()
+
+
 def test_a_time_budget_counts_the_texts_per_example_and_the_rounds_of_mining(tmp_path, tiny_bert_dir, monkeypatch):
     """Each text of an example "takes" 1 s per step and a round of online mining 20 s (the probe's estimate). Trial 1
     (10 epochs of 3 steps, a mined negative: 30 x 3 texts + 9 paid rounds x 20 s = 270 s) does not fit in what trial
-    0 (3 steps x 2 texts = 6 s) leaves of 200 s; counted in plain steps (30 x 2 s) it would start and end 76 s late."""
+    0 (3 steps x 2 texts = 6 s) leaves of 200 s; it runs with 7 epochs (21 x 3 + 6 x 20 = 183 s). Counted in plain
+    steps (30 x 2 s) the 10 epochs would start and end 76 s late."""
     from types import SimpleNamespace
 
     import embedkit.train.contrastive as contrastive
@@ -317,11 +351,12 @@ def test_a_time_budget_counts_the_texts_per_example_and_the_rounds_of_mining(tmp
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out")
     result = tune(recipe, budget="200s", output=tmp_path / "t", final=False, clock=lambda: now[0])
-    assert [t.seconds for t in result.trials] == [6.0]
+    assert [t.seconds for t in result.trials] == [6.0, 183.0]
     assert result.report["probe"]["round_seconds"] == 20.0
-    reason = result.report["stop_reason"]
-    assert "epochs=10" in reason and "mined_negatives=1" in reason, reason
-    assert "(~4.5 min: 30 steps x 3 texts at the trials' median 1.00 s per text, 9 mining rounds of ~20 s)" in reason
+    assert result.trials[1].params["epochs"] == 7 and result.trials[1].params["mined_negatives"] == 1
+    assert result.trials[1].note.startswith("proposed with epochs=10 (~4.5 min), shortened to 7 ")
+    # the next proposal is weighed at the same rate (both trials ran at 1 s per text once the rounds are counted)
+    assert "at the trials' median 1.00 s per text" in result.report["stop_reason"], result.report["stop_reason"]
 
 
 def test_the_probe_estimates_a_mining_round_from_a_sample(tiny_bert_dir):

@@ -21,9 +21,10 @@ def tune_command(
         ..., "--budget", "-b",
         help=f"How much searching: {BUDGET_HELP}. A time budget starts a trial only when it is expected to end in "
              "time (its steps x the texts each example carries at the trials' measured rate, plus its rounds of "
-             "online mining at the cost the base model's probe measured); the final training and --test come after "
-             "it. Size it to the data: each re-mining round encodes the whole pool (SciFact's 5,183 abstracts: "
-             "~3.5 min on 2 cores), so 60 min there gave 2 trials."),
+             "online mining at the cost the base model's probe measured); a proposal that would end late runs with the "
+             "most epochs that fit, and the search stops when not even the fewest do. The final training and --test "
+             "come after it. Size it to the data: each re-mining round encodes the whole pool (SciFact's 5,183 "
+             "abstracts: ~3.5 min on 2 cores), so 60 min there gave 2 long trials."),
     output: Optional[Path] = typer.Option(
         None, "--output", "-o",
         help="Output folder (default: the recipe's training.output_dir + '-tune'): tuned_recipe.yaml, model/ (the "
