@@ -265,34 +265,49 @@ def test_a_time_budget_stops_starting_new_trials(tmp_path, tiny_bert_dir):
     assert "would end after the 20 s budget" in result.report["stop_reason"]
 
 
-def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_dir, monkeypatch):
-    """Each step "takes" 1 s: after trial 0 (1 epoch, 3 steps) and trial 1 (10 epochs, 30 steps), 33 s of 50 are
-    used. A trial starts only when its own steps fit in what is left (at most 5 epochs here); a median trial length
-    (16.5 s) would start a 10-epoch trial and end 13 s late."""
-    import re
+def tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, budget, *, seconds_per_text, round_seconds=None,
+                         **kwargs):
+    """`tune` with its training faked on a clock: a step "takes" seconds_per_text x the texts of an example (query,
+    positive, negatives), a round of online mining round_seconds (also the probe's estimate, when given); the dev
+    score grows with the epochs. Returns the result and the clock at the end."""
     from types import SimpleNamespace
 
     import embedkit.train.contrastive as contrastive
+    import embedkit.tune.run as run
 
     now = [0.0]
 
     def fake_train(recipe, on_eval=None, **_):
         total = recipe.training.epochs * 3  # 11 training pairs at batch 4
-        now[0] += total
+        rounds = recipe.training.epochs - 1 if recipe.mining.online else 0
+        now[0] += total * (2 + (recipe.loss.hard_negatives or 0)) * seconds_per_text + (round_seconds or 0) * rounds
         on_eval(total, {"score": 0.5 + 0.01 * recipe.training.epochs}, total)
         return SimpleNamespace(dev=None, steps=total)
 
     monkeypatch.setattr(contrastive, "train", fake_train)
+    if round_seconds is not None:
+        monkeypatch.setattr(run, "mining_round_seconds", lambda *a, **k: round_seconds)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out")
-    result = tune(recipe, budget="50s", output=tmp_path / "t", final=False, clock=lambda: now[0],
-                  params=["lr", "epochs"])
+    result = tune(recipe, budget=budget, output=tmp_path / "t", final=False, clock=lambda: now[0], **kwargs)
+    return result, now[0]
+
+
+def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_dir, monkeypatch):
+    """Each step "takes" 1 s: after trial 0 (1 epoch, 3 steps) and trial 1 (10 epochs, 30 steps), 33 s of 50 are
+    used. A trial starts only when its own steps fit in what is left (at most 5 epochs here); a median trial length
+    (16.5 s) would start a 10-epoch trial and end 13 s late."""
+    import re
+
+    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "50s", seconds_per_text=0.5,
+                                       params=["lr", "epochs"])
     assert [t.params["epochs"] for t in result.trials[:2]] == [1, 10]
+    assert all(t.params["epochs"] <= 5 for t in result.trials[2:])
     assert sum(t.seconds for t in result.trials) <= 50  # every trial that started ended in time
     reason = result.report["stop_reason"]
     refused = re.search(r"epochs=(\d+)\] \(~\d+ s: (\d+) steps", reason)
     assert refused, reason  # it stopped because the proposed trial's steps did not fit
-    assert int(refused.group(2)) == 3 * int(refused.group(1)) and now[0] + int(refused.group(2)) > 50
+    assert int(refused.group(2)) == 3 * int(refused.group(1)) and end + 3 > 50  # not even 1 epoch fits
 
 
 def test_a_proposal_that_does_not_fit_runs_with_the_epochs_that_do(tmp_path, tiny_bert_dir, monkeypatch):
@@ -300,25 +315,10 @@ def test_a_proposal_that_does_not_fit_runs_with_the_epochs_that_do(tmp_path, tin
     would end late, so it runs with the most epochs that fit (5: 15 s), its other values unchanged; then not even 1
     epoch fits in the 2 s left and the search stops. Stopping at the first proposal that did not fit left 24 of
     SciFact's 60 minutes unused."""
-    from types import SimpleNamespace
-
-    import embedkit.train.contrastive as contrastive
-
-    now = [0.0]
-
-    def fake_train(recipe, on_eval=None, **_):
-        total = recipe.training.epochs * 3  # 11 training pairs at batch 4
-        now[0] += total
-        on_eval(total, {"score": 0.5 + 0.01 * recipe.training.epochs}, total)
-        return SimpleNamespace(dev=None, steps=total)
-
-    monkeypatch.setattr(contrastive, "train", fake_train)
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
-                          tmp_path / "out")
-    result = tune(recipe, budget="20s", output=tmp_path / "t", final=False, clock=lambda: now[0],
-                  params=["lr", "epochs"])
+    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "20s", seconds_per_text=0.5,
+                                       params=["lr", "epochs"])
     assert [t.params for t in result.trials] == [{"lr": 1e-3, "epochs": 1}, {"lr": 2e-3, "epochs": 5}]
-    assert [t.seconds for t in result.trials] == [3.0, 15.0] and now[0] <= 20
+    assert [t.seconds for t in result.trials] == [3.0, 15.0] and end <= 20
     assert result.trials[1].state == "complete"
     assert result.trials[1].note == "proposed with epochs=10 (~30 s), shortened to 5 to end within the budget (17 s left)"
     assert "epochs=" in result.report["stop_reason"] and "would end after the 20 s budget" in result.report["stop_reason"]
@@ -332,25 +332,8 @@ def test_a_time_budget_counts_the_texts_per_example_and_the_rounds_of_mining(tmp
     (10 epochs of 3 steps, a mined negative: 30 x 3 texts + 9 paid rounds x 20 s = 270 s) does not fit in what trial
     0 (3 steps x 2 texts = 6 s) leaves of 200 s; it runs with 7 epochs (21 x 3 + 6 x 20 = 183 s). Counted in plain
     steps (30 x 2 s) the 10 epochs would start and end 76 s late."""
-    from types import SimpleNamespace
-
-    import embedkit.train.contrastive as contrastive
-    import embedkit.tune.run as run
-
-    now = [0.0]
-
-    def fake_train(recipe, on_eval=None, **_):
-        total = recipe.training.epochs * 3  # 11 training pairs at batch 4
-        rounds = recipe.training.epochs - 1 if recipe.mining.online else 0
-        now[0] += total * (2 + (recipe.loss.hard_negatives or 0)) + 20 * rounds
-        on_eval(total, {"score": 0.5}, total)
-        return SimpleNamespace(dev=None, steps=total)
-
-    monkeypatch.setattr(contrastive, "train", fake_train)
-    monkeypatch.setattr(run, "mining_round_seconds", lambda *a, **k: 20.0)
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
-                          tmp_path / "out")
-    result = tune(recipe, budget="200s", output=tmp_path / "t", final=False, clock=lambda: now[0])
+    result, _ = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "200s", seconds_per_text=1.0,
+                                     round_seconds=20.0)
     assert [t.seconds for t in result.trials] == [6.0, 183.0]
     assert result.report["probe"]["round_seconds"] == 20.0
     assert result.trials[1].params["epochs"] == 7 and result.trials[1].params["mined_negatives"] == 1
