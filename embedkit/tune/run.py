@@ -369,8 +369,8 @@ class Search:
         bound), or None: nothing fits, or the epochs are not searched. Stopping at the first proposal that did not
         fit left 24 of SciFact's 60 minutes unused after a 7-epoch proposal (43.7 min expected, 23.7 left); the
         proposal's other values, at fewer epochs, are still a point of the space that the dev score can rank. Why
-        the epochs: a trial's cost is its steps (epochs x steps per epoch) plus its rounds of mining (one per epoch),
-        and every other parameter keeps the cost of a step nearly fixed."""
+        the epochs: they set a trial's length (its steps, and its rounds of mining: one per epoch) without changing
+        what a step is, where the negatives would change the loss the proposal asked for."""
         epochs = next((p for p in self.space if p.name == "epochs"), None)
         if epochs is None or "epochs" not in params or self.budget.seconds is None:
             return None
