@@ -144,6 +144,20 @@ def run_child(kind: str, recipe: str, overrides: list[str], output: Path, seed: 
 
 
 # ---------------------------------------------------------------------------------------------------- parent
+def trained_another_recipe(done: Path, arm: str, recipe: str, overrides: list[str], output: Path, seed: int) -> bool:
+    """Whether the embedkit run recorded in `done` trained other settings than `recipe` would now (ST's arm records
+    its trainer's settings, which do not change)."""
+    if arm == "st":
+        return False
+    from embedkit.train.config import load_recipe
+
+    ran = json.loads(done.read_text()).get("recipe") or {}
+    now = load_recipe(recipe, [*overrides, f"training.seed={seed}"]).model_dump(mode="json")
+    for settings in (ran, now):  # where the model went is not a setting (records move between checkouts)
+        settings.get("training", {}).pop("output_dir", None)
+    return ran != now
+
+
 def test_task(dataset: str, data_root: str, work: Path) -> str:
     """The test split as an eval task spec; under BENCH_SMOKE a seeded cut of it (queries and documents)."""
     folder, split = DATASETS[dataset]["test"]
@@ -302,8 +316,14 @@ def main() -> None:
                 recipe, extra = recipes[arm]
                 done = output.with_suffix(".result.json")
                 evaluated = output.with_suffix(".eval.json")
-                if args.resume and done.is_file() and ((output / "model.safetensors").is_file()
-                                                       or evaluated.is_file()):
+                stale = args.resume and done.is_file() and trained_another_recipe(done, arm, recipe, extra, output,
+                                                                                    seed)
+                if stale:  # e.g. a search run again chose other values: the run it left is not this recipe's
+                    print(f"[{dataset}] --resume: {output.name} trained another recipe than {recipe}; training "
+                          "again", flush=True)
+                    evaluated.unlink(missing_ok=True)
+                if args.resume and not stale and done.is_file() and ((output / "model.safetensors").is_file()
+                                                                     or evaluated.is_file()):
                     # an earlier run with this --out trained it (and perhaps evaluated it: then the model may be gone)
                     run = json.loads(done.read_text())
                     print(f"[{dataset}] --resume: reusing {output}", flush=True)

@@ -266,10 +266,10 @@ def test_a_time_budget_stops_starting_new_trials(tmp_path, tiny_bert_dir):
 
 
 def tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, budget, *, seconds_per_text, round_seconds=None,
-                         **kwargs):
+                         preparation_seconds=0.0, **kwargs):
     """`tune` with its training faked on a clock: a step "takes" seconds_per_text x the texts of an example (query,
-    positive, negatives), a round of online mining round_seconds (also the probe's estimate, when given); the dev
-    score grows with the epochs. Returns the result and the clock at the end."""
+    positive, negatives), a round of online mining round_seconds (also the probe's estimate, when given), carving the
+    dev split preparation_seconds; the dev score grows with the epochs. Returns the result and the clock at the end."""
     from types import SimpleNamespace
 
     import embedkit.train.contrastive as contrastive
@@ -285,6 +285,13 @@ def tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, budget, *, second
         return SimpleNamespace(dev=None, steps=total)
 
     monkeypatch.setattr(contrastive, "train", fake_train)
+    carve = run.carve_dev_split
+
+    def slow_carve(*args, **kw):
+        now[0] += preparation_seconds
+        return carve(*args, **kw)
+
+    monkeypatch.setattr(run, "carve_dev_split", slow_carve)
     if round_seconds is not None:
         monkeypatch.setattr(run, "mining_round_seconds", lambda *a, **k: round_seconds)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
@@ -325,6 +332,19 @@ def test_a_proposal_that_does_not_fit_runs_with_the_epochs_that_do(tmp_path, tin
     report = json.loads((tmp_path / "t" / "tune_report.json").read_text())
     assert "shortened to 5" in report["trials"][1]["note"]
     assert "shortened to 5" in (tmp_path / "t" / "tune_report.md").read_text()
+
+
+def test_a_time_budget_counts_the_preparation(tmp_path, tiny_bert_dir, monkeypatch):
+    """Carving the dev split "takes" 5 s of the 20 s budget (on MedQuAD, ranking the dev corpus took 4 of 60 minutes
+    before the first trial), then each step 1 s: trial 0 (3 steps) leaves 12 s, so trial 1 (proposed with 10
+    epochs) runs with 4 (12 s), not the 5 that would fit if the budget started with the search, and the whole run,
+    preparation included, ends within the 20 s."""
+    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "20s", seconds_per_text=0.5,
+                                       preparation_seconds=5.0, params=["lr", "epochs"])
+    assert [t.params["epochs"] for t in result.trials] == [1, 4] and end == 20.0
+    assert result.report["preparation_seconds"] == 5.0 and result.report["search_seconds"] == 20.0
+    assert "(12 s left)" in result.trials[1].note
+    assert "(5 s of it preparing the dev split" in (tmp_path / "t" / "tune_report.md").read_text()
 
 
 def test_a_time_budget_counts_the_texts_per_example_and_the_rounds_of_mining(tmp_path, tiny_bert_dir, monkeypatch):

@@ -61,7 +61,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- recipe: `{report['recipe']}`" + (f" with `{' '.join('--set ' + o for o in report['overrides'])}`"
                                               if report["overrides"] else ""),
-        f"- budget: {report['budget']['described']}; search {report['search_seconds']:.0f} s, "
+        f"- budget: {report['budget']['described']}; search {report['search_seconds']:.0f} s"
+        + (f" ({report['preparation_seconds']:.0f} s of it preparing the dev split and the mining probe)"
+           if report.get("preparation_seconds", 0) >= 1 else "") + ", "
         f"{len(trials)} trials ({counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed"
         + (f", {counts['repeat']} repeats" if counts["repeat"] else "") + f"); stopped: {report['stop_reason']}",
         f"- best: trial {best['number']}, dev {metric} {best['value']:.4f}"

@@ -26,7 +26,10 @@ The steps:
    longer, not worse (the first search on MedQuAD did exactly that to the lr / epochs that won on test). A trial's
    score is the dev score of the weights the final run will end with: the last step's (no dev set in the final run), or, when the recipe
    brings its own data.dev and eval_every, the dev-best step's (the engine restores it);
-5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time
+5. the budget: a number of trials, or a time within which a trial starts only when it is expected to end in time.
+   A time budget counts from the start of `tune`: carving the dev split (ranking its corpus with the base model)
+   and the mining probe spend it too (minutes on 2 cores), so `--budget 60m` is an hour of wall clock to the chosen
+   recipe; the final training and the test evaluation come after it, their length set by the recipe chosen
    (expected: its optimizer steps x the texts per example at the trials' median seconds per text, plus its paid
    rounds of online mining at the probe's measured cost: `Search.expected_seconds`); a proposal that would end
    late runs with the most epochs that fit (`Search._shortened`), and the search stops when not even the fewest do;
@@ -264,7 +267,8 @@ class Search:
     def __init__(self, base_raw: dict, space: list[Param], *, output: Path, seed: int, budget: Budget,
                  objective_is_best: bool, verbose: bool, clock: Callable[[], float] = time.monotonic,
                  trial_hook: Callable[[int], None] | None = None, keep_trials: bool = False,
-                 steps_per_epoch: int | None = None, mining_round_seconds: float | None = None) -> None:
+                 steps_per_epoch: int | None = None, mining_round_seconds: float | None = None,
+                 started: float | None = None) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -280,6 +284,8 @@ class Search:
         self.seen: dict[tuple, TrialRecord] = {}
         self.stop_reason = ""
         self.seconds = 0.0
+        self.started = started  # when the budget's clock started (tune's start: the preparation counts); None: now
+        self.preparation_seconds = 0.0
         first = defaults(space)
         if in_space(space, first):
             self.study.enqueue_trial(first)
@@ -289,7 +295,8 @@ class Search:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[TrialRecord]:
-        started = self.clock()
+        started = self.clock() if self.started is None else self.started
+        self.preparation_seconds = self.clock() - started
         repeats = 0
         shortened_note = ""  # the trial being asked is a shortened proposal (see _shortened)
         while True:
@@ -334,8 +341,9 @@ class Search:
             self.records.append(record)
             self._log(record, self.clock() - started)
         self.seconds = self.clock() - started
-        log.info("search ended after %d trial(s) in %s: %s", len(self.records), _duration(self.seconds),
-                 self.stop_reason)
+        log.info("search ended after %d trial(s) in %s%s: %s", len(self.records), _duration(self.seconds),
+                 f" ({_duration(self.preparation_seconds)} of it preparing the dev split and the mining probe)"
+                 if self.preparation_seconds >= 1 else "", self.stop_reason)
         return self.records
 
     def _stop(self, elapsed: float) -> str:
@@ -561,6 +569,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     from embedkit.train.config import load_recipe, parse_recipe
 
     budget = parse_budget(budget) if isinstance(budget, str) else budget
+    budget_started = clock()  # the preparation below (ranking the dev corpus, the mining probe) spends the budget too
     if evals_per_epoch < 1:
         raise ConfigError("evals per epoch must be at least 1", field="--evals-per-epoch")
     if max_dev_queries < 1:
@@ -660,7 +669,8 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     # 4. the search
     search = Search(base_raw, space, output=output, seed=seed, budget=budget, objective_is_best=bool(user_eval),
                     verbose=verbose, clock=clock, trial_hook=trial_hook, keep_trials=keep_trials,
-                    steps_per_epoch=per_epoch, mining_round_seconds=probe["round_seconds"] if probe else None)
+                    steps_per_epoch=per_epoch, mining_round_seconds=probe["round_seconds"] if probe else None,
+                    started=budget_started)
     records = search.run()
     if not keep_trials:
         shutil.rmtree(output / TRIALS_DIR, ignore_errors=True)
@@ -696,7 +706,8 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
                                                   "rows": len(examples)} if not recipe.mining.online else None,
              "eval_every": eval_every, "steps_per_epoch": per_epoch, "metric": _dev_metric(trial_recipe),
              "objective": "dev-best step (the recipe's eval_every)" if user_eval else "last step",
-             "search_seconds": round(search.seconds, 1), "stop_reason": search.stop_reason,
+             "search_seconds": round(search.seconds, 1),
+             "preparation_seconds": round(search.preparation_seconds, 1), "stop_reason": search.stop_reason,
              "trials": [asdict(r) for r in records], "best_trial": best.number, "chosen": chosen,
              "changes": changes, "recipe_file": str(recipe_file), "model_dir": None, "final": None, "test": None}
     write_reports(output, build_report(state, recipe_file.read_text(encoding="utf-8")))
