@@ -19,7 +19,8 @@ def tune_command(
                                             "the search is centred on its values."),
     budget: str = typer.Option(
         ..., "--budget", "-b",
-        help=f"How much searching: {BUDGET_HELP}. A time budget starts a trial only when it is expected to end in "
+        help=f"How much searching: {BUDGET_HELP}. A time budget counts from the start (ranking the dev corpus and "
+             "the base model's mining probe spend it too) and starts a trial only when it is expected to end in "
              "time (its steps x the texts each example carries at the trials' measured rate, plus its rounds of "
              "online mining at the cost the base model's probe measured); a proposal that would end late runs with the "
              "most epochs that fit, and the search stops when not even the fewest do. The final training and --test "
