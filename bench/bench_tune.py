@@ -144,7 +144,7 @@ def run_child(kind: str, recipe: str, overrides: list[str], output: Path, seed: 
 
 
 # ---------------------------------------------------------------------------------------------------- parent
-def trained_another_recipe(done: Path, arm: str, recipe: str, overrides: list[str], output: Path, seed: int) -> bool:
+def trained_another_recipe(done: Path, arm: str, recipe: str, overrides: list[str], seed: int) -> bool:
     """Whether the embedkit run recorded in `done` trained other settings than `recipe` would now (ST's arm records
     its trainer's settings, which do not change)."""
     if arm == "st":
@@ -316,15 +316,16 @@ def main() -> None:
                 recipe, extra = recipes[arm]
                 done = output.with_suffix(".result.json")
                 evaluated = output.with_suffix(".eval.json")
-                stale = args.resume and done.is_file() and trained_another_recipe(done, arm, recipe, extra, output,
-                                                                                    seed)
-                if stale:  # e.g. a search run again chose other values: the run it left is not this recipe's
+                # an earlier run with this --out trained it (and perhaps evaluated it: then the model may be gone)
+                reuse = args.resume and done.is_file() and ((output / "model.safetensors").is_file()
+                                                            or evaluated.is_file())
+                if reuse and trained_another_recipe(done, arm, recipe, extra, seed):
+                    # e.g. a search run again chose other values: the run it left is not this recipe's
                     print(f"[{dataset}] --resume: {output.name} trained another recipe than {recipe}; training "
                           "again", flush=True)
                     evaluated.unlink(missing_ok=True)
-                if args.resume and not stale and done.is_file() and ((output / "model.safetensors").is_file()
-                                                                     or evaluated.is_file()):
-                    # an earlier run with this --out trained it (and perhaps evaluated it: then the model may be gone)
+                    reuse = False
+                if reuse:
                     run = json.loads(done.read_text())
                     print(f"[{dataset}] --resume: reusing {output}", flush=True)
                 else:
