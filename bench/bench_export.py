@@ -37,9 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpuinfo import describe, int8_instructions  # noqa: E402
+from cpuinfo import describe, int8_instructions  # noqa: E402  (bench/ is on sys.path: a script)
 
 METHODS = ("fp32", "fp32-opt", "dynamic", "dynamic-opt", "dynamic-b1", "static-minmax", "static-percentile",
            "static-entropy", "static-minmax-ffn2-fp32", "per-token", "per-token-w8", "per-token-opt")

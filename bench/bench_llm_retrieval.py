@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from bench_llm import DATA, subset_beir  # noqa: E402
+from bench_llm import DATA, subset_beir  # noqa: E402  (bench/ is on sys.path: a script)
 
 RECIPE = REPO / "recipes" / "smollm2-qlora.yaml"
 ATTENTIONS, POOLINGS, WARMUPS = ("causal", "bidirectional"), ("lasttoken", "mean"), ("none", "mntp")

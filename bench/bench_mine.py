@@ -76,9 +76,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-from cpuinfo import describe as describe_cpu, int8_instructions  # noqa: E402
+from cpuinfo import describe as describe_cpu, int8_instructions  # noqa: E402  (bench/ is on sys.path: a script)
 
 WINDOW = (10, 50)
 RELATIVE_MARGIN = 0.05

@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def generate(folder: Path, docs: int, queries: int, dim: int, seed: int, chunk: int = 65536) -> None:
     import numpy as np

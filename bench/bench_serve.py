@@ -57,7 +57,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "medquad" / "test" / "queries.jsonl"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpuinfo import describe, int8_instructions  # noqa: E402  (int8 speed depends on AVX2 / AVX-512 / VNNI)
 

@@ -20,8 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_serve  # noqa: E402
+import bench_serve  # noqa: E402  (bench/ is on sys.path: a script)
 
 REPO = Path(__file__).resolve().parents[1]
 

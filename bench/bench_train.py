@@ -56,11 +56,10 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from cpuinfo import describe, int8_instructions  # noqa: E402
-# The embedkit this process imports: this checkout, or (baseline child) the worktree of the baseline ref.
+from cpuinfo import describe, int8_instructions  # noqa: E402  (bench/ is on sys.path: a script, or imported by one)
+# The embedkit this process imports: the installed package (this checkout, editable), or in a baseline child the
+# worktree of the baseline ref, first on sys.path through PYTHONPATH (_check_code verifies which one it got).
 CODE = Path(os.environ.get("BENCH_TRAIN_CODE") or REPO).resolve()
-sys.path.insert(0, str(CODE))
 
 DATASETS = {
     "scifact": {"recipe": "recipes/minilm-scifact.yaml", "test": "beir:{data}/scifact:test"},

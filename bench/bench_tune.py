@@ -13,8 +13,15 @@ Per data set (MiniLM, recipes/minilm-<dataset>.yaml, 2 threads):
    - default: the recipe as written (the same data: SciFact's 919 train pairs, MedQuAD's seeded 1,000-pair sample);
    - st: sentence-transformers' SentenceTransformerTrainer + MultipleNegativesRankingLoss with its default training
      arguments (lr 5e-5, 3 epochs, no warmup, no weight decay), except the batch size (the recipe's 32: in-batch
-     negatives are the loss's whole point, and ST's default of 8 leaves 7) and the NO_DUPLICATES batch sampler ST's
-     documentation recommends for that loss; same pairs, same max length (256), same threads;
+     negatives are the loss's whole point, and ST's default of 8 leaves 7), the NO_DUPLICATES batch sampler ST's
+     documentation recommends for that loss, and the recipe's attention dropout (0; hidden dropout stays 0.1 on both
+     sides, as in bench_train.py); same pairs, same max length (256), same threads;
+   - st-mined: the compute-matched peer. sentence-transformers' own `util.mine_hard_negatives` (FAISS, the base model,
+     the tuned recipe's rank window, negatives count, sampling and relative margin, from the same pool: the BEIR
+     corpus of a `beir:` training set, else the training positives), then the same trainer for the tuned recipe's
+     epochs (ST's other defaults, the matched dropout and sampler as above). ST's miner returns only rows that got
+     all their negatives (output_format n-tuple): the result records how many it kept. What it cannot match is the
+     tuned recipe's online re-mining (ST has none) and its searched lr / temperature: that is what tune adds;
 3. every model (and the base model) is evaluated on the *test* split by embedkit's evaluation runner (what
    `embedkit eval` runs); nDCG@10 is the mean +- sd over the seeds, and each verdict is `embedkit compare` on the
    per-query nDCG@10 averaged over the seeds (difference, 95% interval, p(improvement), the default gate at a 0.01
@@ -62,8 +69,9 @@ DATASETS = {
     "medquad": {"recipe": "recipes/minilm-medquad.yaml", "train": "{data}/medquad/train_pairs.jsonl",
                 "test": ("{data}/medquad/test", "test")},
 }
-ARMS = ("default", "tuned", "st")
-LABELS = {"base": "base model", "default": "default recipe", "tuned": "tuned recipe", "st": "ST default trainer"}
+ARMS = ("default", "tuned", "st", "st-mined")
+LABELS = {"base": "base model", "default": "default recipe", "tuned": "tuned recipe", "st": "ST default trainer",
+          "st-mined": "ST mined + tuned epochs"}
 THREADS = 2
 MAX_LENGTH = 256
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
@@ -94,7 +102,42 @@ def child_embedkit(recipe: str, overrides: list[str], output: Path, seed: int) -
             "recipe": parsed.model_dump(mode="json")}
 
 
-def child_st(recipe: str, overrides: list[str], output: Path, seed: int) -> dict:
+def st_settings(arm: str, recipe: str, overrides: list[str]) -> dict:
+    """What the sentence-transformers arm trains with, from the recipe it is matched to (the default recipe for `st`,
+    the tuned one for `st-mined`): written into the run's result, and compared by --resume."""
+    from embedkit.train.config import load_recipe
+
+    parsed = load_recipe(recipe, overrides)
+    settings = {"learning_rate": 5e-5, "num_train_epochs": 3, "warmup_ratio": 0.0, "weight_decay": 0.0,
+                "batch_size": parsed.training.batch_size, "batch_sampler": "no_duplicates",
+                "attention_dropout": parsed.model.attention_dropout}
+    if arm == "st-mined":
+        settings["num_train_epochs"] = parsed.training.epochs
+        negatives = parsed.loss.hard_negatives or 0
+        if negatives:
+            lo, hi = (int(x) for x in parsed.mining.range.split(":"))
+            settings["mining"] = {"num_negatives": negatives, "range_min": lo, "range_max": hi,
+                                  "sampling_strategy": parsed.mining.sampling,
+                                  "relative_margin": parsed.mining.relative_margin, "output_format": "n-tuple",
+                                  "use_faiss": True}
+    return settings
+
+
+def st_mining_corpus(parsed) -> list[str] | None:
+    """The pool the tuned recipe mines from: a `beir:` training set's whole corpus, else None (ST then mines from the
+    training positives, which is embedkit's pool for a pairs file too)."""
+    spec = parsed.data.train
+    if not str(spec).startswith("beir:"):
+        return None
+    from embedkit.data.beir import load_beir, mteb_document_text
+
+    parts = str(spec)[len("beir:"):].rsplit(":", 1)
+    ds = load_beir(parts[0], parts[1] if len(parts) > 1 else "train")
+    # the positives' own text form (embedkit.data.tuples), so that ST's miner recognises and skips them
+    return [mteb_document_text(d.get("title", ""), d["text"]) for d in ds.corpus.values()]
+
+
+def child_st(arm: str, recipe: str, overrides: list[str], output: Path, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
@@ -102,20 +145,35 @@ def child_st(recipe: str, overrides: list[str], output: Path, seed: int) -> dict
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
     from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.util import mine_hard_negatives
 
     from embedkit.models.registry import minilm_path
     from embedkit.train.config import load_recipe
     from embedkit.train.contrastive import load_examples
 
+    settings = st_settings(arm, recipe, [*overrides, f"training.seed={seed}"])
     parsed = load_recipe(recipe, [*overrides, f"training.seed={seed}"])
     examples, _ = load_examples(parsed)  # the very pairs the embedkit arms train on
-    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    # Matched to embedkit's recipe: its attention dropout (hidden dropout stays 0.1 on both sides).
+    model = SentenceTransformer(str(minilm_path()), device="cpu",
+                                config_kwargs={"attention_probs_dropout_prob": settings["attention_dropout"]})
+    assert model[0].auto_model.config.attention_probs_dropout_prob == settings["attention_dropout"]
     model.max_seq_length = MAX_LENGTH
     data = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
-    args = SentenceTransformerTrainingArguments(  # ST's defaults otherwise: lr 5e-5, 3 epochs, no warmup, no decay
-        output_dir=str(output) + ".st-work", per_device_train_batch_size=parsed.training.batch_size, seed=seed,
+    mined = {}
+    if "mining" in settings:
+        started = time.perf_counter()
+        data = mine_hard_negatives(data, model, corpus=st_mining_corpus(parsed), batch_size=64, verbose=False,
+                                   **settings["mining"])
+        mined = {"rows_in": len(examples), "rows_kept": len(data), "mine_s": time.perf_counter() - started}
+        print(f"[st-mined] ST's miner kept {len(data)} of {len(examples)} rows (all their negatives found)",
+              flush=True)
+    args = SentenceTransformerTrainingArguments(  # ST's defaults otherwise: lr 5e-5, no warmup, no decay
+        output_dir=str(output) + ".st-work", per_device_train_batch_size=settings["batch_size"], seed=seed,
         data_seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True, report_to=[], save_strategy="no",
-        disable_tqdm=True, max_steps=int(MAX_STEPS or -1))
+        num_train_epochs=settings["num_train_epochs"], disable_tqdm=True, max_steps=int(MAX_STEPS or -1))
+    assert (args.learning_rate, args.warmup_ratio or 0.0, args.weight_decay) == (
+        settings["learning_rate"], settings["warmup_ratio"], settings["weight_decay"]), "ST's defaults changed"
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                          loss=losses.MultipleNegativesRankingLoss(model))
     started = time.perf_counter()
@@ -123,13 +181,11 @@ def child_st(recipe: str, overrides: list[str], output: Path, seed: int) -> dict
     wall = time.perf_counter() - started
     model.save(str(output))
     shutil.rmtree(str(output) + ".st-work", ignore_errors=True)
-    return {"steps": out.global_step, "train_s": wall,
-            "settings": {"learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
-                         "warmup_ratio": args.warmup_ratio, "weight_decay": args.weight_decay,
-                         "batch_size": args.per_device_train_batch_size, "batch_sampler": "no_duplicates"}}
+    return {"steps": out.global_step, "train_s": wall, "settings": settings, **({"mined": mined} if mined else {})}
 
 
 def run_child(kind: str, recipe: str, overrides: list[str], output: Path, seed: int) -> dict:
+    """`kind`: embedkit, st or st-mined; trained in a child process (peak memory and state of one run only)."""
     result_file = output.with_suffix(".result.json")
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", kind, "--recipe", recipe, "--output", str(output), "--seed",
@@ -145,13 +201,14 @@ def run_child(kind: str, recipe: str, overrides: list[str], output: Path, seed: 
 
 # ---------------------------------------------------------------------------------------------------- parent
 def trained_another_recipe(done: Path, arm: str, recipe: str, overrides: list[str], seed: int) -> bool:
-    """Whether the embedkit run recorded in `done` trained other settings than `recipe` would now (ST's arm records
-    its trainer's settings, which do not change)."""
-    if arm == "st":
-        return False
+    """Whether the run recorded in `done` trained other settings than `arm` would now (an embedkit arm records its
+    recipe, a sentence-transformers arm its settings: runs from before the dropout was matched are trained again)."""
+    ran_json = json.loads(done.read_text())
+    if arm.startswith("st"):
+        return ran_json.get("settings") != st_settings(arm, recipe, [*overrides, f"training.seed={seed}"])
     from embedkit.train.config import load_recipe
 
-    ran = json.loads(done.read_text()).get("recipe") or {}
+    ran = ran_json.get("recipe") or {}
     now = load_recipe(recipe, [*overrides, f"training.seed={seed}"]).model_dump(mode="json")
     for settings in (ran, now):  # where the model went is not a setting (records move between checkouts)
         settings.get("training", {}).pop("output_dir", None)
@@ -256,13 +313,14 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--budget", default="60m", help="embedkit tune --budget per data set (default 60m)")
     parser.add_argument("--seeds", default="42,43,44", help="seeds of the final trainings (every arm)")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated from default, tuned, st")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated from {', '.join(ARMS)}")
     parser.add_argument("--out", default="/tmp/embedkit-bench-tune", help="work folder (models, caches)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--resume", action="store_true",
                         help="reuse what an earlier run with the same --out finished (the search when --budget is the "
                              "same, each trained model and its evaluation): the whole bench is hours on 2 cores")
-    parser.add_argument("--child", choices=["embedkit", "st"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["embedkit", *[a for a in ARMS if a.startswith("st")]],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -271,8 +329,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        fn = child_st if args.child == "st" else child_embedkit
-        Path(args.result).write_text(json.dumps(fn(args.recipe, args.set, Path(args.output), args.seed)))
+        if args.child == "embedkit":
+            result = child_embedkit(args.recipe, args.set, Path(args.output), args.seed)
+        else:
+            result = child_st(args.child, args.recipe, args.set, Path(args.output), args.seed)
+        Path(args.result).write_text(json.dumps(result))
         return
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -294,7 +355,7 @@ def main() -> None:
     for dataset in args.datasets.split(","):
         task = test_task(dataset, args.data, work)
         row: dict = {"task": task}
-        if "tuned" not in arms:  # the comparison arms alone (they do not depend on the search): --resume reuses them
+        if not {"tuned", "st-mined"} & set(arms):  # arms that do not depend on the search: --resume reuses them
             row["tune"] = t = {"tuned_recipe": None, "trial_states": [], "skipped": True}
         else:
             row["tune"] = t = tune_dataset(dataset, args.data, work, args.budget, args.resume)
@@ -307,7 +368,8 @@ def main() -> None:
         overrides = recipe_overrides(dataset, args.data)
         recipes = {"default": (DATASETS[dataset]["recipe"], overrides),
                    "tuned": (t["tuned_recipe"], []),
-                   "st": (DATASETS[dataset]["recipe"], overrides)}
+                   "st": (DATASETS[dataset]["recipe"], overrides),
+                   "st-mined": (t["tuned_recipe"], [])}  # matched to the tuned recipe's epochs and negatives
         reports: dict[str, list[dict]] = {arm: [] for arm in arms}
         for arm in arms:
             runs = []
@@ -329,7 +391,7 @@ def main() -> None:
                     run = json.loads(done.read_text())
                     print(f"[{dataset}] --resume: reusing {output}", flush=True)
                 else:
-                    run = run_child("st" if arm == "st" else "embedkit", recipe, extra, output, seed)
+                    run = run_child(arm if arm.startswith("st") else "embedkit", recipe, extra, output, seed)
                     done.write_text(json.dumps(run))
                 report = evaluate_once(output, task, work / "cache", evaluated, args.resume)
                 reports[arm].append(report)
@@ -344,7 +406,7 @@ def main() -> None:
         means = {arm: seed_mean_report(reports[arm]) for arm in arms}
         means["base"] = base
         row["verdicts"] = {}
-        for other in [a for a in ("default", "st", "base") if a in means and "tuned" in means]:
+        for other in [a for a in ("default", "st", "st-mined", "base") if a in means and "tuned" in means]:
             row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned")
         results["datasets"][dataset] = row
         write_json()
@@ -357,7 +419,7 @@ def summary(results: dict) -> None:
     print(f"\nembedkit tune, budget {results['budget']} per data set; final trainings over seeds {results['seeds']}"
           + (" (SMOKE: shrunken data, not a measurement)" if results["smoke"] else ""))
     head = "| data | tune (trials, pruned) | base | " + " | ".join(f"{LABELS[a]} (mean +- sd)" for a in arms)
-    others = [a for a in ("default", "st", "base") if a in arms or a == "base"]
+    others = [a for a in ("default", "st", "st-mined", "base") if a in arms or a == "base"]
     head += " | " + " | ".join(f"tuned vs {LABELS[o]}: diff [95% CI], p(improve), gate" for o in others) + " |"
     print(head)
     print("|---" * (3 + len(arms) + len(others)) + "|")

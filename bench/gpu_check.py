@@ -1,17 +1,28 @@
 """GPU check: the GPU-specific paths of embedkit, run once on one GPU, one table out (<= 10 minutes on an H200).
 
-    bash scripts/gpu-check.sh                          # all rows on cuda, report in runs/gpu-check/
-    bash scripts/gpu-check.sh --rows 1,2,5 --out DIR   # some rows (e.g. a batch whose wheels fit one transfer)
-    bash scripts/gpu-check.sh --device cpu --quick     # the CPU smoke test of every path but the CUDA calls
+    bash scripts/gpu-check.sh                  # = pytest -m gpu tests/gpu, then the table of runs/gpu-check/rows.json
+    bash scripts/gpu-check.sh -k "row1 or row2 or row5"       # some rows (pytest's -k; the rows file is appended to)
+    .venv/bin/python bench/gpu_check.py --table runs/gpu-check/rows.json        # the Markdown table of a rows file
+    .venv/bin/python bench/gpu_check.py --device cpu --quick  # the direct runner (no pytest): CPU smoke test
+
+The rows are pytest tests marked `gpu` (tests/gpu/test_gpu_rows.py): each runs its row in its own process (through
+run_row_process below), appends the row to the rows file ($GPU_CHECK_ROWS, default runs/gpu-check/rows.json) and
+asserts what the row must show. The default pytest run deselects them (pyproject: -m "not gpu"); `pytest -m gpu`
+without a CUDA device stops at once with a usage error ("no CUDA device"), never a silent skip. One GPU is visible
+to the rows (CUDA_VISIBLE_DEVICES: the first of the given ones), so no library (HF Trainer: DataParallel) spreads a
+one-GPU row over several.
 
 Rows (each: result numbers, pass / fail / skipped, seconds):
   1  encode parity CPU vs GPU: MiniLM, 200 built-in texts, fp32; min / mean cosine; pass: min cosine >= 0.9999
   2  MiniLM on SciFact train, 1 epoch, bf16, vs sentence-transformers' SentenceTransformerTrainer + MNRL on the same
-     device and settings (batch 32, lr 2e-5, warmup 0.1, weight decay 0.01, clipping 1.0, max length 256, seed 42,
-     attention dropout 0 on both sides): nDCG@10 on SciFact test and train samples/s of both, and the ratios.
-     Pass: embedkit's nDCG@10 >= ST's - 0.005 (one seeded run each; the speed ratio is reported, not gated)
+     GPU with matched settings (batch 32, lr 2e-5, warmup 0.1, weight decay 0.01, clipping 1.0, max length 256, seed
+     42, the recipe's attention dropout 0 (hidden dropout 0.1) on both sides, ST's NO_DUPLICATES batch sampler where
+     embedkit masks in-batch duplicates), each side in its own process: nDCG@10 on SciFact test; and, with the same
+     timer on both sides (StepTimer), samples/s, tokens/s, MFU and peak GPU memory. Pass: embedkit's nDCG@10 >=
+     ST's - 0.005 (one seeded run each; the speed ratio is reported, not gated)
   3  SmolLM2-135M QLoRA contrastive, recipes/smollm2-qlora.yaml with training.max_steps=20, bf16 autocast: steps,
-     samples/s, peak GPU memory (torch.cuda.max_memory_allocated), loss first -> last; pass: all steps, finite loss
+     samples/s, tokens/s, MFU, peak GPU memory (torch.cuda.max_memory_allocated), loss first -> last; pass: all
+     steps, finite loss
   4  DeepSpeed ZeRO-3 + QLoRA (one process): SmolLM2 for 6 steps, checkpoints every 2; a run SIGKILLed after step 5
      and resumed with --resume must end with the uninterrupted run's LoRA weights (max |diff| <= --resume-atol)
   5  `embedkit serve --model <row 2's model> --device cuda`: /v1/embeddings vectors vs in-process `encode` on the
@@ -23,34 +34,47 @@ Rows (each: result numbers, pass / fail / skipped, seconds):
      Qwen3 of the real 0.6B shape (28 layers, hidden 1024, intermediate 3072, 16 heads, 8 KV heads, head_dim 128,
      Qwen3's 151,936-row tied vocabulary; the box has no hub) saved as a local folder with SmolLM2's tokenizer:
      4 MNTP steps, then training.max_steps=10 at the recipe's batch 128 / GradCache 32 / max length 512: steps,
-     samples/s, peak GPU memory (beside bench/bench_memory.py's estimate), loss first -> last of both stages;
-     pass: all steps of both stages, finite losses. --quick: a 2-layer, 256-d Qwen3, 2 + 3 steps, batch 4
+     samples/s, tokens/s, MFU, peak GPU memory (beside embedkit.train.memory's estimate), loss first -> last of both
+     stages; pass: all steps of both stages, finite losses. --quick: a 2-layer, 256-d Qwen3, 2 + 3 steps, batch 4
+
+Throughput (rows 2, 3, 7; StepTimer, throughput): the training loop only, from the end of the first optimizer step
+(a warm-up step: allocator, kernel selection) to the end of the last one -- not model loading, tokenization or
+saving -- on CUDA between two CUDA events recorded after those steps (no synchronisation inside the loop; one
+torch.cuda.synchronize at the end). tokens/s: the non-pad tokens of the forwards with autograd in those steps.
+Model FLOPs per token: 4P + 2T (P: the backbone's non-embedding parameters, T: the trainable ones; 6P when all are
+trained) plus attention 12 L d s (L layers, d = heads x head_dim, s the token's sequence length; half with a causal
+mask); recomputation (GradCache's first pass, gradient checkpointing) is not counted. MFU = model FLOPs / s / the
+GPU's bf16 dense peak (GPU_PEAK_BF16_FLOPS by device name; $GPU_PEAK_FLOPS overrides), printed with the table.
+Peak GPU memory: torch.cuda.max_memory_allocated from the start of the row's process to its last step.
 
 Rows 3, 4 and 7 train on SciFact's train pairs (the recipe's MedQuAD file is 20 MB more to carry to an offline GPU
-box); rows 5 and 6 serve base MiniLM when row 2's model is not in --out (e.g. rows run in separate batches). Row 7
-needs what rows 3-4 need (bitsandbytes, the SmolLM2 package for its tokenizer): run it in their batch (--rows 3,4,7).
+box); rows 5 and 6 serve base MiniLM when row 2's model is not in the output folder (e.g. rows run in separate
+batches). Row 7 needs what rows 3-4 need (bitsandbytes, the SmolLM2 package for its tokenizer): run it in their batch.
 
 Each row runs in its own process (a crash, an OOM or a hung collective stays in its row); its log goes to
-OUT/gpu_check.log, never to the console. A failing row is reported with its one-line error and the next row runs.
-An overall deadline (--budget, default 570 s) is kept: a row that cannot start in the time left says
-"skipped: time budget"; one still running at the deadline is stopped and fails. The table is printed and written as
-OUT/gpu_check.json and OUT/gpu_check.md. Exit code: 0 when no row failed, 1 when one did, 2 on a usage error
-(e.g. --device cuda without CUDA).
+OUT/gpu_check.log, never to the console. An overall deadline is kept ($GPU_CHECK_BUDGET / --budget, default 570 s):
+a row that cannot start in the time left says "skipped: time budget"; one still running at the deadline is stopped
+and fails. The direct runner (main, without pytest) prints the table and writes OUT/gpu_check.json and
+OUT/gpu_check.md; exit code 0 when no row failed, 1 when one did, 2 on a usage error (e.g. --device cuda without
+CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -216,8 +240,280 @@ def write_report(folder: Path, results: Sequence[RowResult], meta: dict[str, Any
     title = meta.get("title")
     paths = {"json": folder / f"{REPORT_NAME}.json", "md": folder / f"{REPORT_NAME}.md"}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": [r.to_dict() for r in results]}, indent=2) + "\n")
-    paths["md"].write_text(format_markdown(results, title=title, total_s=meta.get("total_s")))
+    paths["md"].write_text(render_markdown({"meta": meta, "rows": [r.to_dict() for r in results]}))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------- throughput
+# bf16 dense tensor-core peak (no 2:4 sparsity) in FLOP/s, by torch.cuda.get_device_name(); the first match wins
+# (so the H100 PCIe / NVL lines come before the SXM one). $GPU_PEAK_FLOPS overrides it and covers any other GPU.
+GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 756e12, "H100 PCIe"),
+    (r"\bH100\b.*\bNVL\b", 835e12, "H100 NVL"),
+    (r"\bH100\b", 989e12, "H100 SXM"),
+    (r"\bH200\b", 989e12, "H200"),
+    (r"\bA100\b", 312e12, "A100"),
+    (r"\bL4\b", 121e12, "L4"),
+)
+PEAK_ENV = "GPU_PEAK_FLOPS"
+
+
+def gpu_peak_flops(name: str | None, env: Mapping[str, str] | None = None) -> tuple[float | None, str]:
+    """(the GPU's bf16 dense peak FLOP/s or None, where that number comes from) -- for MFU."""
+    env = os.environ if env is None else env
+    raw = (env.get(PEAK_ENV) or "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise CheckError(f"${PEAK_ENV}={raw!r} is not a number of FLOP/s (e.g. 989e12)", field=PEAK_ENV) from None
+        if not value > 0:
+            raise CheckError(f"${PEAK_ENV}={raw!r} must be > 0", field=PEAK_ENV)
+        return value, f"${PEAK_ENV}"
+    for pattern, flops, label in GPU_PEAK_BF16_FLOPS:
+        if name and re.search(pattern, name, re.IGNORECASE):
+            return flops, f"{label} bf16 dense"
+    return None, f"no bf16 peak known for {name or 'this device'!r}: set ${PEAK_ENV} for MFU"
+
+
+def _param_count(p) -> int:
+    """Elements of a parameter; a bitsandbytes 4-bit weight counts its unpacked shape, not its packed bytes."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(math.prod(shape)) if shape is not None else int(p.numel())
+
+
+def model_flops_config(backbone, *, causal: bool = False) -> dict[str, Any]:
+    """What the model-FLOPs formula needs from a (possibly LoRA-wrapped, 4-bit) transformer: its non-embedding
+    parameters (an embedding lookup is no matmul: counting MiniLM's 11.7M-entry word table would double its FLOPs),
+    the trainable ones among them, layers, attention width (heads x head_dim) and whether attention is causal."""
+    import torch
+
+    embedding = {id(m.weight) for m in backbone.modules() if isinstance(m, torch.nn.Embedding)}
+    params = trainable = 0
+    for _name, p in backbone.named_parameters():  # shared (tied) weights once
+        if id(p) in embedding:
+            continue
+        n = _param_count(p)
+        params += n
+        trainable += n if p.requires_grad else 0
+    config = backbone.config
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"params": params, "trainable": trainable, "layers": int(config.num_hidden_layers),
+            "attention_dim": heads * int(head_dim), "causal": bool(causal)}
+
+
+def flops_per_token(params: int, trainable: int | None = None) -> float:
+    """Dense training FLOPs per token: 2P forward, 2P backward to the activations, 2T backward to the trainable
+    weights (= 6P when every weight trains; 4P + 2T for LoRA, whose frozen base still passes gradients down)."""
+    trainable = params if trainable is None else trainable
+    return 4.0 * params + 2.0 * trainable
+
+
+def attention_flops(layers: int, attention_dim: int, sum_sq_lengths: float, *, causal: bool = False) -> float:
+    """Training FLOPs of the scores (Q K^T) and the weighted sum (A V): 2 matmuls x 2 FLOPs x d x s per token and
+    layer forward, x3 with the backward = 12 L d s per token, i.e. 12 L d sum(s_i^2) over the sequences; half of it
+    under a causal mask."""
+    flops = 12.0 * layers * attention_dim * sum_sq_lengths
+    return flops / 2 if causal else flops
+
+
+def training_flops(config: Mapping[str, Any], tokens: float, sum_sq_lengths: float) -> float:
+    """Model FLOPs of `tokens` non-pad training tokens (their sequences' squared lengths summing to sum_sq)."""
+    return (flops_per_token(config["params"], config["trainable"]) * tokens
+            + attention_flops(config["layers"], config["attention_dim"], sum_sq_lengths, causal=config["causal"]))
+
+
+def mfu(model_flops: float, seconds: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: model FLOPs per second / the GPU's peak (None without a peak or a time)."""
+    if not peak_flops or not seconds or seconds <= 0:
+        return None
+    return model_flops / seconds / peak_flops
+
+
+class StepTimer:
+    """The one timer of every trainer the check measures (both sides of row 2, rows 3 and 7).
+
+    `attach(module)` on the module that receives the tokenized batch as its first argument (embedkit's Encoder,
+    sentence-transformers' Transformer module); `step()` at the end of every optimizer step; `summary()` after
+    training. Timed: from the end of step `warmup` to the end of the last step. On CUDA both ends are CUDA events
+    recorded on the stream after the steps' work, so nothing inside the loop synchronises (which would change what
+    is timed); summary() synchronises once. Elsewhere, `clock` (perf_counter). Tokens: the attention mask of every
+    forward with autograd in training mode (GradCache's no-grad first pass is recomputation, not more tokens), summed
+    on the tensor's device without a sync. `peak_bytes`: torch.cuda.max_memory_allocated at the last step."""
+
+    def __init__(self, device: str, warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.warmup = max(int(warmup), 1)
+        self.clock = clock
+        self.steps = 0
+        self.peak_bytes: int | None = None
+        self._parts: list[tuple[Any, int, int]] = []  # (tensor [non-pad tokens, sum of squared lengths], rows, cells)
+        self._start: Any = None
+        self._end: Any = None
+        self._start_part = self._end_part = 0
+        self.attached = 0
+
+    def attach(self, module) -> Any:
+        import torch
+
+        def count(mod, args, kwargs):
+            if not (mod.training and torch.is_grad_enabled()):
+                return
+            features = args[0] if args else kwargs.get("features")
+            mask = features.get("attention_mask") if isinstance(features, Mapping) else None
+            if mask is None or mask.dim() != 2:
+                return
+            lengths = mask.sum(-1)
+            self._parts.append((torch.stack([lengths.sum(), (lengths * lengths).sum()]), int(mask.shape[0]),
+                                int(mask.numel())))
+
+        self.attached += 1
+        return module.register_forward_pre_hook(count, with_kwargs=True)
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self.clock()
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.cuda:
+            import torch
+
+            self.peak_bytes = int(torch.cuda.max_memory_allocated())
+        if self.steps < self.warmup:
+            return
+        if self.steps == self.warmup:
+            self._start, self._start_part = self._mark(), len(self._parts)
+        else:
+            self._end, self._end_part = self._mark(), len(self._parts)
+
+    def summary(self) -> dict[str, Any]:
+        """steps, timed_steps, seconds, tokens (non-pad), padded_tokens (mask cells), sequences, sum_sq_lengths,
+        peak_gpu_bytes: of steps warmup+1 .. last (seconds None when no step was timed)."""
+        out: dict[str, Any] = {"steps": self.steps, "warmup_steps": self.warmup, "timed_steps": 0, "seconds": None,
+                               "tokens": 0, "padded_tokens": 0, "sequences": 0, "sum_sq_lengths": 0,
+                               "peak_gpu_bytes": self.peak_bytes, "clock": "cuda events" if self.cuda else "perf_counter"}
+        if self._end is None:
+            return out
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            out["seconds"] = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            out["seconds"] = self._end - self._start
+        parts = self._parts[self._start_part:self._end_part]
+        tokens = sum_sq = 0
+        for values, _rows, _cells in parts:
+            a, b = (int(v) for v in values.cpu().tolist())
+            tokens, sum_sq = tokens + a, sum_sq + b
+        out.update(timed_steps=self.steps - self.warmup, tokens=tokens, sum_sq_lengths=sum_sq,
+                   sequences=sum(p[1] for p in parts), padded_tokens=sum(p[2] for p in parts))
+        return out
+
+
+def throughput(summary: Mapping[str, Any], config: Mapping[str, Any] | None, peak_flops: float | None, *,
+               texts_per_example: int = 2) -> dict[str, Any]:
+    """A timer's summary as rates: samples/s (= sequences / texts_per_example: SciFact pairs are 2 texts), tokens/s,
+    padding (share of the mask's cells that are padding), model TFLOP/s and MFU against `peak_flops`."""
+    seconds = summary.get("seconds")
+    out: dict[str, Any] = {"timed_steps": summary.get("timed_steps", 0), "seconds": seconds,
+                           "tokens": summary.get("tokens", 0), "samples_per_s": None, "tokens_per_s": None,
+                           "padding": None, "model_tflops_per_s": None, "mfu": None, "peak_flops": peak_flops,
+                           "flops_per_token": None}
+    peak = summary.get("peak_gpu_bytes")
+    out["peak_gpu_gib"] = peak / 2**30 if peak is not None else None
+    if not seconds or seconds <= 0:
+        return out
+    out["samples_per_s"] = summary["sequences"] / texts_per_example / seconds
+    out["tokens_per_s"] = summary["tokens"] / seconds
+    if summary.get("padded_tokens"):
+        out["padding"] = 1 - summary["tokens"] / summary["padded_tokens"]
+    if config:
+        flops = training_flops(config, summary["tokens"], summary["sum_sq_lengths"])
+        out["flops_per_token"] = flops / summary["tokens"] if summary["tokens"] else None
+        out["model_tflops_per_s"] = flops / seconds / 1e12
+        out["mfu"] = mfu(flops, seconds, peak_flops)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- rows file
+def load_rows(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        return {"meta": {}, "rows": []}
+    data = json.loads(path.read_text())
+    return {"meta": data.get("meta") or {}, "rows": data.get("rows") or []}
+
+
+def record_row(path: str | Path, result: RowResult, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Add (or replace: the same row number) `result` in the rows file, merging `meta`; written atomically."""
+    path = Path(path)
+    data = load_rows(path)
+    data["meta"].update(meta or {})
+    data["rows"] = sorted([r for r in data["rows"] if r.get("row") != result.row] + [result.to_dict()],
+                          key=lambda r: r["row"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return data
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+THROUGHPUT_COLUMNS = ("#", "trainer", "timed steps", "seconds", "samples/s", "tokens/s", "padding", "peak GPU GiB",
+                      "model TFLOP/s", "MFU")
+
+
+def throughput_lines(results: Sequence[RowResult]) -> list[str]:
+    """The Markdown lines of the trainers' throughput (rows whose numbers hold "throughput": [side, ...])."""
+    lines = []
+    for r in results:
+        for side in (r.numbers or {}).get("throughput") or []:
+            mfu_value = side.get("mfu")
+            cells = (str(r.row), side.get("trainer", "?"), str(side.get("timed_steps", 0)),
+                     _num(side.get("seconds"), ".2f"), _num(side.get("samples_per_s"), ".1f"),
+                     _num(side.get("tokens_per_s"), ",.0f"),
+                     "n/a" if side.get("padding") is None else f"{side['padding'] * 100:.0f}%",
+                     _num(side.get("peak_gpu_gib"), ".2f"), _num(side.get("model_tflops_per_s"), ".2f"),
+                     "n/a" if mfu_value is None else f"{mfu_value * 100:.2f}%")
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["| " + " | ".join(THROUGHPUT_COLUMNS) + " |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *lines]
+
+
+def peak_line(meta: Mapping[str, Any]) -> str:
+    peak = meta.get("peak_flops")
+    where = meta.get("gpu") or meta.get("device") or "?"
+    assumed = (f"{peak / 1e12:,.0f} TFLOP/s ({meta.get('peak_source')})" if peak else
+               f"none ({meta.get('peak_source') or 'unknown GPU'}): MFU n/a")
+    return (f"MFU = model FLOPs / s / the bf16 peak assumed for {where}: {assumed}. Model FLOPs per token = 4P + 2T "
+            "(P: non-embedding parameters, T: trainable ones; 6P for full fine-tuning) + attention 12·L·d·s "
+            "(half when causal); tokens: non-pad. Timed: optimizer steps 2..N (after one warm-up step), training "
+            "loop only, the same timer on every trainer. Peak GPU: torch.cuda.max_memory_allocated.")
+
+
+def render_markdown(data: Mapping[str, Any]) -> str:
+    """The rows file as Markdown: the rows table, then the trainers' throughput and the peak MFU assumed."""
+    meta = data.get("meta") or {}
+    results = [RowResult(**r) for r in data.get("rows") or []]
+    total = meta.get("total_s")
+    total = sum(r.seconds for r in results) if total is None else total
+    text = format_markdown(results, title=meta.get("title") or "embedkit GPU check", total_s=total)
+    extra = throughput_lines(results)
+    if extra:
+        text += "\n" + "\n".join(["## Training throughput", "", *extra, "", peak_line(meta)]) + "\n"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------- the runner
@@ -471,24 +767,98 @@ def _is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
+def device_facts(device: str) -> dict[str, Any]:
+    """The device a row's process trains on: how many GPUs it sees, the GPU's name and its bf16 peak (for MFU)."""
+    facts: dict[str, Any] = {"device": device, "visible_gpus": 0, "gpu": None,
+                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if _is_cuda(device):
+        import torch
+
+        facts["visible_gpus"] = torch.cuda.device_count()
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    facts["peak_flops"], facts["peak_source"] = gpu_peak_flops(facts["gpu"])
+    return facts
+
+
+@contextmanager
+def watch_encoder(callback: Callable[[Any], None]):
+    """`embedkit train` builds its encoder inside train(): `callback(encoder)` sees the first one it builds (to
+    attach the timer's token count and read the model's shape). Only this process's module attribute is swapped."""
+    from embedkit.train import contrastive
+
+    original = contrastive.build_encoder
+    seen: list[Any] = []
+
+    def build(recipe, device="cpu"):
+        encoder = original(recipe, device)
+        if not seen:
+            seen.append(encoder)
+            callback(encoder)
+        return encoder
+
+    contrastive.build_encoder = build
+    try:
+        yield seen
+    finally:
+        contrastive.build_encoder = original
+
+
+def _flops_config(backbone, causal: bool) -> dict[str, Any]:
+    try:
+        return model_flops_config(backbone, causal=causal)
+    except Exception as exc:  # a number the row reports, never a reason for it to fail
+        print(f"model FLOPs unavailable: {one_line(exc)}", file=sys.stderr, flush=True)
+        return {}
+
+
+def _causal_attention(encoder) -> bool:
+    """Whether the encoder's attention is masked causally: a decoder (is_causal) not switched to bidirectional."""
+    return bool(getattr(encoder, "is_causal", False)) and getattr(encoder, "attention", "causal") != "bidirectional"
+
+
+def side_numbers(trainer: str, timer: StepTimer, config: Mapping[str, Any], facts: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+    """One trainer's throughput entry (the rows' numbers["throughput"]) from its timer."""
+    summary = timer.summary()
+    return {"trainer": trainer, **throughput(summary, config or None, facts.get("peak_flops")), "timer": summary,
+            "flops_config": dict(config), "visible_gpus": facts.get("visible_gpus"), "gpu": facts.get("gpu")}
+
+
 def _train_recording(recipe, cuda: bool):
     """`embedkit train`'s code path on `recipe`: (result, the loss of every step, {"gpu": peak GiB} on CUDA, taken
-    at the last step, i.e. from the reset on: the model's loading and the training)."""
+    at the last step, i.e. from the reset on: the model's loading and the training; the StepTimer; the model's
+    FLOPs config)."""
     import torch
 
     from embedkit.train.contrastive import train
 
     losses: list[float] = []
     peak: dict[str, float] = {}
+    timer = StepTimer("cuda" if cuda else "cpu")
+    config: dict[str, Any] = {}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
     def on_step(step: int, record: dict) -> None:
         losses.append(float(record.get("loss", float("nan"))))
+        timer.step()
         if cuda:
-            peak["gpu"] = torch.cuda.max_memory_allocated() / 2**30
+            peak["gpu"] = timer.peak_bytes / 2**30
 
-    return train(recipe, on_step=on_step), losses, peak
+    def seen(encoder) -> None:
+        timer.attach(encoder)
+        config.update(_flops_config(encoder.backbone, _causal_attention(encoder)))
+
+    with watch_encoder(seen):
+        result = train(recipe, on_step=on_step)
+    return result, losses, peak, timer, config
+
+
+def _rate_text(side: Mapping[str, Any]) -> str:
+    """'1.23e+04 tokens/s, MFU 4.56%' (n/a where unknown)."""
+    mfu_value = side.get("mfu")
+    return (f"{_num(side.get('tokens_per_s'), '.3g')} tokens/s, MFU "
+            + ("n/a" if mfu_value is None else f"{mfu_value * 100:.2f}%"))
 
 
 def _row2_model(settings: Settings) -> tuple[str, str]:
@@ -548,66 +918,124 @@ def _row2_recipe(settings: Settings, output: Path):
 
 
 def child_row2_embedkit(settings: Settings) -> dict[str, Any]:
+    """embedkit's side of row 2: `embedkit train`'s code path (contrastive.train) on the shared settings."""
+    import torch
+
     from embedkit.train.contrastive import train
 
+    cuda = _is_cuda(settings.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # both sides: from the start of their process (weights included)
+    facts = device_facts(settings.device)
     output = _clean(settings.work / "row2-embedkit")
     recipe = _row2_recipe(settings, output)
-    marks: dict[str, float] = {}
-    started = time.perf_counter()
+    timer = StepTimer(settings.device)
+    config: dict[str, Any] = {}
+    dropout: dict[str, Any] = {}
 
-    def on_step(step: int, record: dict) -> None:
-        marks["end"] = time.perf_counter()
+    def seen(encoder) -> None:
+        timer.attach(encoder)
+        config.update(_flops_config(encoder.backbone, _causal_attention(encoder)))
+        dropout.update(_attention_dropouts(encoder.backbone))
 
-    result = train(recipe, on_step=on_step)
-    out = {"samples": result.samples, "steps": result.steps, "train_s": marks["end"] - started,
-           "steps_only_samples_per_s": result.samples_per_second, "final_loss": result.final_loss,
-           "model": str(output)}
-    out["samples_per_s"] = out["samples"] / out["train_s"]
+    with watch_encoder(seen):
+        result = train(recipe, on_step=lambda step, record: timer.step())
+    side = side_numbers("embedkit", timer, config, facts)
+    out = {"samples": result.samples, "steps": result.steps, "final_loss": result.final_loss, "model": str(output),
+           "side": side, "facts": facts, "attention_dropout": dropout,
+           "processes": 1, "wrapped": "none (one process, one device)"}
     out["ndcg_at_10"] = _ndcg(output, _eval_task(settings), settings.device)
     return out
 
 
+def _attention_dropouts(backbone) -> dict[str, Any]:
+    """{"config": attention_probs_dropout_prob, "modules": the set of p of the self-attention dropouts}."""
+    import torch
+
+    ps = sorted({m.p for n, m in backbone.named_modules() if isinstance(m, torch.nn.Dropout) and "attention.self" in n})
+    return {"config": getattr(backbone.config, "attention_probs_dropout_prob", None), "modules": ps}
+
+
+def _st_batch_samplers():
+    try:
+        from sentence_transformers.training_args import BatchSamplers
+    except ImportError:  # sentence-transformers >= 6 keeps it in base.sampler (the old path is a shim)
+        from sentence_transformers.base.sampler import BatchSamplers
+    return BatchSamplers
+
+
 def child_row2_st(settings: Settings) -> dict[str, Any]:
+    """sentence-transformers' side of row 2: SentenceTransformerTrainer + MNRL on the very same pairs, device and
+    settings -- the recipe's attention dropout, bf16, NO_DUPLICATES (ST's way of keeping a text's copies out of each
+    other's negatives, where embedkit masks them) -- and the same StepTimer, through a TrainerCallback."""
     from types import SimpleNamespace
 
+    import torch
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
+    from transformers import TrainerCallback
 
     from embedkit.models.registry import minilm_path
     from embedkit.train.contrastive import load_examples, set_dropout
 
+    cuda = _is_cuda(settings.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    facts = device_facts(settings.device)
     output = _clean(settings.work / "row2-st")
-    examples, _ = load_examples(_row2_recipe(settings, output))  # the very same pairs as embedkit's
-    model = SentenceTransformer(str(minilm_path()), device=settings.device)
+    recipe = _row2_recipe(settings, output)
+    examples, _ = load_examples(recipe)  # the very same pairs as embedkit's
+    if any(e.negatives for e in examples):
+        raise CheckError("row 2 compares pairs; the data has hard negatives")
+    m = recipe.model
+    # The recipe's attention dropout in the config (what the model is built with) and, as embedkit sets it, in the
+    # modules; hidden dropout: the recipe's (None: the model's 0.1, as on embedkit's side).
+    model = SentenceTransformer(str(minilm_path()), device=settings.device,
+                                config_kwargs={"attention_probs_dropout_prob": m.attention_dropout})
     model.max_seq_length = SHARED["max_length"]
-    changed = set_dropout(SimpleNamespace(backbone=model[0].auto_model), attention=0.0, hidden=None)
-    if not changed["attention"]:
-        raise CheckError("could not set attention dropout 0 in sentence-transformers' model")
+    changed = set_dropout(SimpleNamespace(backbone=model[0].auto_model), attention=m.attention_dropout,
+                          hidden=m.hidden_dropout)
+    dropout = _attention_dropouts(model[0].auto_model)
+    if not changed["attention"] or dropout["modules"] != [m.attention_dropout] \
+            or dropout["config"] != m.attention_dropout:
+        raise CheckError(f"could not set attention dropout {m.attention_dropout} in sentence-transformers' model: "
+                         f"{dropout}")
+    timer = StepTimer(settings.device)
+    timer.attach(model[0])
+    config = _flops_config(model[0].auto_model, causal=False)
+
+    class Timed(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.step()
+
     data = Dataset.from_dict({"anchor": [e.query for e in examples], "positive": [e.positive for e in examples]})
-    cpu = not _is_cuda(settings.device)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output) + ".st-work", num_train_epochs=SHARED["epochs"],
         per_device_train_batch_size=SHARED["batch_size"], learning_rate=SHARED["lr"], seed=SHARED["seed"],
+        data_seed=SHARED["seed"], batch_sampler=_st_batch_samplers().NO_DUPLICATES,
         warmup_ratio=SHARED["warmup_ratio"], weight_decay=SHARED["weight_decay"],
-        max_grad_norm=SHARED["max_grad_norm"], bf16=True, use_cpu=cpu, report_to=[], save_strategy="no",
+        max_grad_norm=SHARED["max_grad_norm"], bf16=True, use_cpu=not cuda, report_to=[], save_strategy="no",
         logging_steps=10, disable_tqdm=True)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                         loss=losses.MultipleNegativesRankingLoss(model))
-    started = time.perf_counter()
+                                         loss=losses.MultipleNegativesRankingLoss(model), callbacks=[Timed()])
     result = trainer.train()
-    wall = time.perf_counter() - started
+    side = side_numbers("sentence-transformers", timer, config, facts)
+    wrapped = type(getattr(trainer, "model_wrapped", model)).__name__
     model.save(str(output))
     samples = min(len(examples), result.global_step * SHARED["batch_size"] * SHARED["epochs"])
-    out = {"samples": samples, "steps": result.global_step, "train_s": wall, "samples_per_s": samples / wall,
-           "final_loss": result.training_loss, "attention_dropout_layers": changed["attention"]}
+    out = {"samples": samples, "steps": result.global_step, "final_loss": result.training_loss, "side": side,
+           "facts": facts, "attention_dropout": dropout, "attention_dropout_layers": changed["attention"],
+           "n_gpu": int(trainer.args.n_gpu), "wrapped": wrapped,
+           "batch_sampler": str(getattr(trainer.args.batch_sampler, "value", trainer.args.batch_sampler)),
+           "bf16": bool(trainer.args.bf16)}
     out["ndcg_at_10"] = _ndcg(output, _eval_task(settings), settings.device)
     return out
 
 
 def row_train_vs_st(settings: Settings) -> RowResult:
     numbers: dict[str, Any] = {"settings": {**SHARED, "bf16": True, "attention_dropout": 0.0,
-                                            "device": settings.device}}
+                                            "st_batch_sampler": "no_duplicates", "device": settings.device}}
     for kind in ("st", "embedkit"):  # each in its own process, as bench/bench_train.py does
         result_file = settings.out / "rows" / f"row-2-{kind}.json"
         result_file.unlink(missing_ok=True)
@@ -615,14 +1043,17 @@ def row_train_vs_st(settings: Settings) -> RowResult:
                  settings, f"{'sentence-transformers' if kind == 'st' else 'embedkit'} training")
         numbers[kind] = json.loads(result_file.read_text())
     st, ek = numbers["st"], numbers["embedkit"]
+    numbers["throughput"] = [ek["side"], st["side"]]
     numbers["ndcg_delta"] = ek["ndcg_at_10"] - st["ndcg_at_10"]
-    numbers["speed_ratio"] = ek["samples_per_s"] / st["samples_per_s"]
+    a, b = ek["side"].get("tokens_per_s"), st["side"].get("tokens_per_s")
+    numbers["speed_ratio"] = a / b if a and b else None
     ok = numbers["ndcg_delta"] >= -NDCG_TOLERANCE
+    memory = (f"peak GPU {_num(ek['side']['peak_gpu_gib'], '.2f')} / {_num(st['side']['peak_gpu_gib'], '.2f')} GiB"
+              if _is_cuda(settings.device) else "no GPU memory on the CPU")
     text = (f"nDCG@10 embedkit {ek['ndcg_at_10']:.4f} / ST {st['ndcg_at_10']:.4f} ({numbers['ndcg_delta']:+.4f}); "
-            f"samples/s embedkit {ek['samples_per_s']:.3g} / ST {st['samples_per_s']:.3g} "
-            f"(x{numbers['speed_ratio']:.2f}; embedkit steps only {ek['steps_only_samples_per_s']:.3g}); "
-            f"{ek['samples']} pairs, {ek['steps']} / {st['steps']} steps "
-            f"(pass: nDCG@10 >= ST - {NDCG_TOLERANCE})")
+            f"embedkit {_rate_text(ek['side'])} / ST {_rate_text(st['side'])} "
+            f"(x{_num(numbers['speed_ratio'], '.2f')} tokens/s), {memory}; {ek['samples']} pairs, "
+            f"{ek['steps']} / {st['steps']} steps, timed from step 2 (pass: nDCG@10 >= ST - {NDCG_TOLERANCE})")
     return RowResult(2, ROW_NAMES[2], "pass" if ok else "fail", text, numbers=numbers)
 
 
@@ -652,9 +1083,11 @@ def row_smollm2_qlora(settings: Settings) -> RowResult:
                          [*_smollm2_overrides(settings, output), f"training.max_steps={steps}",
                           "training.mixed_precision=bf16"])
     cuda = _is_cuda(settings.device)
-    result, losses, peak = _train_recording(recipe, cuda)
+    result, losses, peak, timer, flops_config = _train_recording(recipe, cuda)
+    side = side_numbers("embedkit QLoRA", timer, flops_config, device_facts(settings.device))
     numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
-               "samples_per_s": result.samples_per_second, "loss_first": losses[0] if losses else None,
+               "samples_per_s": side["samples_per_s"], "engine_samples_per_s": result.samples_per_second,
+               "throughput": [side], "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "convert_s": convert_s,
                "peak_gpu_gib": peak.get("gpu"), "peak_rss_gb": peak_rss_gb(),
                "batch_size": recipe.training.batch_size, "grad_cache": recipe.training.grad_cache,
@@ -663,7 +1096,8 @@ def row_smollm2_qlora(settings: Settings) -> RowResult:
     ok = result.steps == steps and finite
     memory = (f"peak GPU {numbers['peak_gpu_gib']:.2f} GiB" if cuda else
               f"peak RSS {numbers['peak_rss_gb']:.2f} GB (no GPU memory on {settings.device})")
-    text = (f"{result.steps}/{steps} steps, {result.samples_per_second:.3g} samples/s, {memory}, loss "
+    text = (f"{result.steps}/{steps} steps, {_num(side['samples_per_s'], '.3g')} samples/s, {_rate_text(side)}, "
+            f"{memory}, loss "
             f"{numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f} (batch {recipe.training.batch_size}, "
             f"max length {recipe.model.max_length})") if losses else f"{result.steps}/{steps} steps, no loss logged"
     return RowResult(3, ROW_NAMES[3], "pass" if ok else "fail", text, numbers=numbers)
@@ -937,11 +1371,9 @@ def _row7_overrides(settings: Settings, model: Path, output: Path) -> list[str]:
 
 
 def _memory_estimate(recipe, config: dict[str, Any]) -> dict[str, Any] | None:
-    """bench/bench_memory.py's estimate for this recipe and model shape (None when it cannot be computed)."""
+    """embedkit.train.memory's estimate for this recipe and model shape (None when it cannot be computed)."""
     try:
-        if str(REPO / "bench") not in sys.path:
-            sys.path.insert(0, str(REPO / "bench"))
-        from bench_memory import estimate_recipe_memory, shape_from_config
+        from embedkit.train.memory import estimate_recipe_memory, shape_from_config
 
         return estimate_recipe_memory(recipe, shape_from_config(config))
     except Exception as exc:  # an estimate is context, never a reason to fail the row
@@ -967,14 +1399,16 @@ def row_qwen3_encoder(settings: Settings) -> RowResult:
     output = _clean(settings.work / "row7-qwen3-encoder")
     recipe = load_recipe(QWEN3_RECIPE, _row7_overrides(settings, model, output))
     cuda = _is_cuda(settings.device)
-    result, losses, peak = _train_recording(recipe, cuda)  # peak GPU: loading + MNTP + the steps
+    result, losses, peak, timer, flops_config = _train_recording(recipe, cuda)  # peak GPU: loading + MNTP + steps
+    side = side_numbers("embedkit QLoRA (random Qwen3)", timer, flops_config, device_facts(settings.device))
     mntp_losses = [float(r["loss"]) for r in map(json.loads, (output / MNTP_LOG_FILE).read_text().splitlines())
                    if r.get("event") == "train"] if (output / MNTP_LOG_FILE).is_file() else []
     manifest = json.loads((output / "embedkit_manifest.json").read_text())
     memory = manifest["training"]["stats"]["memory"]
     estimate = _memory_estimate(recipe, config)
     numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
-               "samples_per_s": result.samples_per_second, "loss_first": losses[0] if losses else None,
+               "samples_per_s": side["samples_per_s"], "engine_samples_per_s": result.samples_per_second,
+               "throughput": [side], "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "mntp_steps": len(mntp_losses), "mntp_max_steps": mntp_steps,
                "mntp_loss_first": mntp_losses[0] if mntp_losses else None,
                "mntp_loss_last": mntp_losses[-1] if mntp_losses else None, "build_s": build_s,
@@ -996,7 +1430,8 @@ def row_qwen3_encoder(settings: Settings) -> RowResult:
     mntp_text = (f"MNTP {len(mntp_losses)}/{mntp_steps} steps loss {mntp_losses[0]:.3f} -> {mntp_losses[-1]:.3f}"
                  if mntp_losses else f"MNTP 0/{mntp_steps} steps")
     text = (f"random Qwen3 {config['num_hidden_layers']} layers x {config['hidden_size']}: {mntp_text}; "
-            f"{result.steps}/{steps} steps, {result.samples_per_second:.3g} samples/s, {memory_text}, loss "
+            f"{result.steps}/{steps} steps, {_num(side['samples_per_s'], '.3g')} samples/s, {_rate_text(side)}, "
+            f"{memory_text}, loss "
             f"{numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f} (batch {recipe.training.batch_size}, "
             f"grad cache {recipe.training.grad_cache}, max length {recipe.model.max_length})")
     return RowResult(7, ROW_NAMES[7], "pass" if ok else "fail", text, numbers=numbers)
@@ -1057,10 +1492,13 @@ def environment_summary(device: str) -> dict[str, Any]:
         if torch.cuda.is_available() and device != "cpu":
             props = torch.cuda.get_device_properties(0 if ":" not in device else int(device.split(":")[1]))
             info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+            info["gpu_name"] = props.name
+            info["cuda"] = torch.version.cuda
         else:
             info["cpu_threads"] = torch.get_num_threads()
     except Exception as exc:  # the report still gets written
         info["torch"] = one_line(exc)
+    info["peak_flops"], info["peak_source"] = gpu_peak_flops(info.get("gpu_name"))
     for name in ("transformers", "sentence-transformers", "peft", "bitsandbytes", "deepspeed", "vllm"):
         try:
             import importlib.metadata
@@ -1088,6 +1526,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--quick)")
     parser.add_argument("--resume-atol", type=float, default=RESUME_ATOL,
                         help="row 4: the largest LoRA weight difference resumed vs uninterrupted that passes")
+    parser.add_argument("--table", metavar="ROWS_JSON",
+                        help="print the Markdown table of a rows file (what `pytest -m gpu tests/gpu` wrote) and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     return parser
@@ -1095,6 +1535,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.table:
+        if not Path(args.table).is_file():
+            print(f"error: --table: no rows file {args.table} (run `pytest -m gpu tests/gpu` first)", file=sys.stderr)
+            return 2
+        print(render_markdown(load_rows(args.table)), end="")
+        return 0
     out = Path(args.out).resolve()
     if args.child:
         settings = Settings(args.device, args.quick, out, Path(args.data).resolve(), args.deadline or time.time() + 600,
@@ -1112,10 +1558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.strip().lower() == "auto":
         args.device = "cuda" if cuda_status()[0] else "cpu"
     shown_device = args.device
-    if args.device.startswith("cuda:"):
-        # One GPU per row process: cuda:N becomes that process's only (and default) GPU, so that libraries that pick
-        # the default GPU themselves (sentence-transformers' trainer, vLLM) use the same one.
-        index = int(args.device.split(":")[1])
+    if args.device.startswith("cuda"):
+        # One GPU per row process: cuda:N (cuda: N = 0) becomes that process's only (and default) GPU, so that
+        # libraries that pick GPUs themselves use the same one and no more (HF Trainer wraps its model in
+        # DataParallel over every GPU it sees; vLLM takes the default one).
+        index = int(args.device.split(":")[1]) if ":" in args.device else 0
         visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
         args.device = "cuda"
@@ -1143,11 +1590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = env.get("gpu") or f"cpu, {env.get('cpu_threads')} threads"
     title = (f"embedkit GPU check on {shown_device} ({where}; torch {env.get('torch')})"
              + (" -- quick" if args.quick else ""))
-    meta = {"title": title, "device": shown_device, "quick": args.quick, "rows": rows, "budget_s": budget,
+    meta = {"title": title, "device": shown_device, "gpu": env.get("gpu_name"), "peak_flops": env.get("peak_flops"),
+            "peak_source": env.get("peak_source"), "quick": args.quick, "rows": rows, "budget_s": budget,
             "total_s": round(total, 1), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall0)),
             "environment": env, "command": [sys.executable, *sys.argv]}
     paths = write_report(out, results, meta)
     print(format_table(results, title=title, total_s=total))
+    speed = throughput_lines(results)
+    if speed:
+        print("\n".join(["", *speed, "", peak_line(meta)]))
     say(f"[gpu-check] report: {paths['json']}, {paths['md']}; log: {log}")
     return 1 if any(r.status == "fail" for r in results) else 0
 

@@ -52,14 +52,23 @@ def _isolated_embedkit_home(tmp_path_factory):
 
 
 def _wordpiece_tokenizer(vocab_size: int = 200):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A tiny BERT WordPiece tokenizer, the same in every process: its vocabulary is built, not trained (the Rust
+    trainer breaks frequency ties in hash order, so a trained vocabulary, and every score of a tiny model, changed
+    from one pytest process to the next). Specials, then the corpus's characters and their ## continuations, then
+    its whole words, sorted; filled up to `vocab_size` with the sorted ##word continuations."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for text in CORPUS for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))})
+    chars = sorted({c for w in words for c in w})
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tokens = specials + chars + [f"##{c}" for c in chars] + [w for w in words if len(w) > 1]
+    tokens += [f"##{w}" for w in words if len(w) > 1][: max(0, vocab_size - len(tokens))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],

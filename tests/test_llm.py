@@ -307,17 +307,77 @@ def test_embedding_only_folder_has_no_generative_head(tmp_path, tiny_llama_dir, 
         load_generator(tmp_path / "emb")
 
 
-def test_dpo_and_joint_train_and_save(tmp_path, qa_file, sft_folder, tiny_llama64_dir):
+def _answer_logprob(model, feature) -> float:
+    """Summed log-prob of the answer tokens of one encoded example, by hand: one unpadded forward, log-softmax,
+    position t scoring token t+1 (independent of collate_sft / sequence_logprobs / score_pairs)."""
+    ids = torch.tensor([feature["input_ids"]])
+    targets = torch.tensor(feature["labels"][1:])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    keep = targets != IGNORE_INDEX
+    return float(logp[keep].gather(1, targets[keep, None]).sum())
+
+
+def _pair_margins(model, encoded) -> list[float]:
+    """log p(chosen) - log p(rejected) per encoded pair."""
+    return [_answer_logprob(model, c) - _answer_logprob(model, r) for c, r in encoded]
+
+
+def test_dpo_trains_towards_chosen_and_reports_heldout_accuracy_of_saved_model(tmp_path, qa_file, sft_folder):
+    """DPO moves the policy towards the chosen answers on its training pairs, and the reported held-out preference
+    accuracy / margin (after and before) equal those computed by hand from the saved and the starting folder.
+
+    Plausible bugs caught: chosen and rejected swapped in training (pair_logprobs returning them the other way round:
+    the margin gain on the training pairs turns negative); the accuracy counting the wrong direction (`<` for `>`)
+    or reporting the starting model's scores as the trained model's."""
+    from embedkit.llm.data import encode_pairs, read_qa, subsample
     from embedkit.llm.dpo import train_dpo
-    from embedkit.llm.joint import train_joint
+    from embedkit.llm.model import load_causal_lm
     from embedkit.models import load_model
 
     folder, _ = sft_folder
-    dpo = train_dpo(_recipe(tmp_path, qa_file, folder, "dpo"))
+    recipe = _recipe(tmp_path, qa_file, folder, "dpo")
+    dpo = train_dpo(recipe)
     assert dpo["steps"] == 2
-    assert 0.0 <= dpo["heldout_preference_accuracy"] <= 1.0 and dpo["heldout_preference"]["pairs"] > 0
     assert load_model(dpo["output_dir"]).pooling == "lasttoken"
-    # joint, QLoRA on the 64-d model (bitsandbytes' CPU 4-bit path), bidirectional embedding attention, dev eval
+    start, tok, _, _ = load_causal_lm(folder)
+    trained, _, _, _ = load_causal_lm(dpo["output_dir"])
+    seed = recipe.training.seed
+    examples, _ = read_qa(str(qa_file))
+
+    # Training pairs (every pair is trained on: 7 pairs, batches of 4 and 3): DPO's objective is the gain of the
+    # policy's margin over the reference's; 2 small steps raise it on average (DPO loss below log 2).
+    train_pairs, _ = encode_pairs(tok, preference_pairs(examples, seed=seed)[0], max_length=recipe.model.max_length)
+    gains = [a - b for a, b in zip(_pair_margins(trained, train_pairs), _pair_margins(start, train_pairs))]
+    assert sum(gains) / len(gains) > 1e-3, gains  # ~ +0.008 nats; the swapped-pairs bug gives ~ -0.008
+
+    # Held-out pairs, drawn as DPOStep draws them (rejected with seed + 1, a seeded random subsample).
+    held = subsample(preference_pairs(examples, seed=seed + 1)[0], recipe.data.heldout_examples, "random", seed)
+    held, _ = encode_pairs(tok, held, max_length=recipe.model.max_length)
+    assert dpo["heldout_preference"]["pairs"] == len(held) == 7
+    assert dpo["heldout_preference_accuracy"] == dpo["heldout_preference"]["accuracy_logprob"]
+    assert dpo["heldout_preference_accuracy_before"] == dpo["heldout_preference_before"]["accuracy_logprob"]
+    for model, key in ((trained, "heldout_preference"), (start, "heldout_preference_before")):
+        margins = _pair_margins(model, held)
+        accuracy = sum(m > 0 for m in margins) / len(margins)
+        assert 0 < accuracy < 1  # both directions occur, so a flipped comparison changes the number
+        assert dpo[key]["accuracy_logprob"] == pytest.approx(accuracy, abs=1e-6), key
+        assert dpo[key]["margin_logprob"] == pytest.approx(sum(margins) / len(margins), abs=1e-4), key
+
+
+def test_joint_trains_and_reports_the_dev_ndcg_of_the_saved_folder(tmp_path, qa_file, tiny_llama64_dir):
+    """Joint training (QLoRA on the 64-d model: bitsandbytes' CPU 4-bit path; bidirectional embedding attention)
+    reports as `dev` the nDCG@10 of the saved folder, which is recomputed here by hand: encode, cosine-rank the
+    8 documents, 1 / log2(1 + rank of the one relevant document), averaged.
+
+    Plausible bugs caught: the dev evaluation of the starting model instead of the saved folder (the starting model
+    scores differently on this set), queries encoded without their instruction / as documents, or another
+    metric reported as the main one (recall@10 is 1.0 here: only 8 documents)."""
+    import numpy as np
+
+    from embedkit.llm.joint import train_joint
+    from embedkit.models import load_model
+
     dev = tmp_path / "beir"
     (dev / "qrels").mkdir(parents=True)
     rows = _qa_rows()
@@ -331,9 +391,24 @@ def test_dpo_and_joint_train_and_save(tmp_path, qa_file, sft_folder, tiny_llama6
                      model={"embedding_attention": "bidirectional"}, joint={"sft_weight": 0.5},
                      data={"dev": f"beir:{dev}:test"})
     joint = train_joint(recipe)
-    assert joint["steps"] == 2 and 0.0 <= joint["dev"]["score"] <= 1.0
+    assert joint["steps"] == 2
     encoder = load_model(joint["output_dir"])
     assert encoder.attention == "bidirectional"
+
+    def ndcg_at_10(enc) -> float:
+        q = enc.encode([r["query"] for r in rows], kind="query")
+        d = enc.encode([f"{r['focus']} {r['positive']}" for r in rows], kind="document")
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        d = d / np.linalg.norm(d, axis=1, keepdims=True)
+        sims = q @ d.T
+        ranks = [1 + int((sims[i] > sims[i, i]).sum()) for i in range(len(rows))]
+        return float(np.mean([1 / math.log2(1 + r) if r <= 10 else 0.0 for r in ranks]))
+
+    expected = ndcg_at_10(encoder)
+    assert joint["dev"]["metric"] == "ndcg_at_10"
+    assert joint["dev"]["score"] == pytest.approx(expected, abs=1e-4)
+    # the starting folder (as a dev evaluation of `model.name` would load it) scores differently: the check can tell
+    assert abs(ndcg_at_10(load_model(tiny_llama64_dir)) - expected) > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------- config / CLI

@@ -44,8 +44,50 @@ def test_summary_rows_come_from_the_two_reports(demo):
     for row in rows:
         assert row["change"] == pytest.approx(row["after"] - row["before"])
     assert {r["task"] for r in rows} == {"stsb", "stsb-paraphrase"}
-    # training changed the model: the tuned scores differ from the base ones
-    assert any(abs(r["change"]) > 1e-6 for r in rows)
+    assert json.loads((demo.workdir / "summary.json").read_text())["rows"] == rows
+
+
+def test_summary_scores_are_those_of_the_base_and_the_saved_tuned_model(demo, tiny_bert_dir, one_torch_thread):
+    """The STS-B row of the summary holds, as `before`, the base model's and, as `after`, the saved tuned model's
+    test Spearman: the per-pair cosines in each report are recomputed here from that model (encode, cosine), the
+    two models' cosines differ (training changed the saved weights), and the row is scipy's Spearman of them.
+
+    Plausible bugs caught: "eval after" run on the base encoder (or the tuned folder saved untrained), so `after`
+    is the base score; `before` and `after` swapped in summary_rows (the old check, that some score changed by more
+    than 1e-6, passed with the swap)."""
+    from scipy.stats import spearmanr
+
+    from embedkit.data.defaults import load_stsb
+    from embedkit.models import load_model
+
+    base = load_model(str(tiny_bert_dir), max_length=64)  # as the demo loads it (DemoSettings.max_length)
+    tuned = load_model(demo.workdir / "model")
+    base_weights, tuned_weights = base.backbone.state_dict(), tuned.backbone.state_dict()
+    assert base_weights.keys() == tuned_weights.keys()
+    assert max(float((base_weights[k].float() - tuned_weights[k].float()).abs().max()) for k in base_weights) > 1e-4
+
+    sts = load_stsb("test")
+    unique = list(dict.fromkeys(sts.sentences1 + sts.sentences2))
+    position = {text: i for i, text in enumerate(unique)}
+
+    def cosines(encoder) -> np.ndarray:
+        vectors = encoder.encode(unique, kind="query").astype(np.float64)
+        a = vectors[[position[t] for t in sts.sentences1]]
+        b = vectors[[position[t] for t in sts.sentences2]]
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+    base_cos, tuned_cos = cosines(base), cosines(tuned)
+    assert np.abs(tuned_cos - base_cos).max() > 1e-3  # the two models are told apart pair by pair
+    summary = json.loads((demo.workdir / "summary.json").read_text())
+    row = next(r for r in summary["rows"] if r["task"] == "stsb")
+    assert row["metric"] == "cosine_spearman"
+    for report, expected, key in ((demo.base_report, base_cos, "before"), (demo.tuned_report, tuned_cos, "after")):
+        pairs = json.loads(report.read_text())["results"]["stsb"]["per_pair"]
+        predicted = np.asarray(pairs["predicted"])
+        assert np.allclose(pairs["gold"], sts.scores)
+        # float32 encoding noise only (~1e-7): an eval of the other model is off by > 1e-3 somewhere
+        assert np.abs(predicted - expected).max() < 1e-5, key
+        assert row[key] == pytest.approx(float(spearmanr(predicted, pairs["gold"])[0]), abs=1e-12), key
 
 
 def test_rag_index_reproduces_the_eval_runner(demo):

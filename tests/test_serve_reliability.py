@@ -134,7 +134,9 @@ def test_over_long_inputs_are_refused_by_characters_before_tokenising(server):
         assert "characters" in response.json()["error"]["message"] and calls == []
         assert time.perf_counter() - began < 5
         cut = httpx.post(f"{server.url}/v1/embeddings", json={"input": huge, "truncate": True}, timeout=30)
-        assert cut.status_code == 200 and calls == [480]  # only what the character limit keeps is tokenised
+        # only what the character limit keeps is tokenised: the text cut at its last space before 480 characters
+        # (truncated, and whole to check that it still holds more tokens than the limit)
+        assert cut.status_code == 200 and calls and max(calls) <= 480, calls
     finally:
         del server.backend.token_ids
 

@@ -143,7 +143,8 @@ def test_bad_recipe_fails_in_the_cli_before_any_model_loads(pairs_file, tmp_path
 
     monkeypatch.setattr(encoder_module.Encoder, "from_pretrained", classmethod(no_model))
     path = _write(tmp_path, _good(pairs_file, tmp_path) + "  epochz: 2\n")
-    kwargs = dict(set_=[], resume=False, deepspeed=None, output=None, nproc=1, check=False, json_output=False)
+    kwargs = dict(set_=[], resume=False, deepspeed=None, output=None, nproc=1, check=False, estimate_memory=False,
+                  json_output=False)
     with pytest.raises(ConfigError, match="epochz"):
         train_command(None, path, **kwargs)
     path = _write(tmp_path, _good(tmp_path / "missing.jsonl", tmp_path))
@@ -160,7 +161,7 @@ def test_cli_check_validates_without_training(pairs_file, tmp_path, capsys, monk
                         classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded"))))
     path = _write(tmp_path, _good(pairs_file, tmp_path))
     kwargs = dict(set_=["training.lr=3e-5"], resume=False, deepspeed=None, output=tmp_path / "o2", nproc=1,
-                  check=True, json_output=False)
+                  check=True, estimate_memory=False, json_output=False)
     train_command(None, path, **kwargs)
     assert "ok" in capsys.readouterr().out
     # --check validates the recipe, not this machine: a GPU recipe checks here; running it is a one-line error.

@@ -1,6 +1,7 @@
 """The training engine with 2 CPU processes (gloo): DDP, DeepSpeed ZeRO-3 and FSDP2, each with GradCache, dev evaluation
-and checkpoints. A 2-process run trains the same model as one process with the global batch; a run killed with SIGKILL
-mid-epoch and resumed ends where the uninterrupted one does.
+and checkpoints, and QLoRA under ZeRO-3. A 2-process run trains the same model as one process with the global batch; a
+run killed with SIGKILL mid-epoch and resumed ends where the uninterrupted one does. ZeRO-3 runs partition every
+parameter (PARTITION_ALL) and a probe in each process checks that they were.
 
 Needs deepspeed (pip install 'embedkit[deepspeed]'); its first run JIT-compiles a small comm op (cached after).
 """
@@ -35,17 +36,118 @@ PAIRS = [("what causes a fever", "the patient has a fever and a cough"),
          ("a guitar on stage", "a man is playing a guitar on the stage tonight"),
          ("glucose and insulin", "insulin lowers the level of glucose")]
 
-KILLER = """
-import os, signal, sys
-from embedkit.train.config import load_recipe
-from embedkit.train.contrastive import train
+# Every 2-process contrastive run goes through this driver: `embedkit train` (embedkit.cli.main) in each process, with
+# what a test asks for through the environment:
+# - EMBEDKIT_TEST_ZERO: JSON merged into DeepSpeed's zero_optimization. DeepSpeed keeps a parameter smaller than
+#   stage3_param_persistence_threshold (default 1e5 elements) whole on every rank, which is every tensor of the tiny
+#   test models: without a threshold of 0 no parameter is ever partitioned, gathered or released.
+# - EMBEDKIT_TEST_PROBE: a folder where each rank writes what ZeRO-3 did to its parameters (probe-RANK.json), seen
+#   from forward pre-hooks registered after DeepSpeed's own (so they run once DeepSpeed has gathered the module).
+# - EMBEDKIT_TEST_KILL_AT: rank 0 kills itself with SIGKILL after that optimizer step.
+DRIVER = """
+import json, os, signal, sys
+import torch
+from embedkit.train import backends, contrastive
 
-def kill(step, record):
-    if step == 5 and os.environ["RANK"] == "0":  # after the step-4 checkpoint, mid-epoch 1
+ZERO = json.loads(os.environ.get("EMBEDKIT_TEST_ZERO") or "{}")
+PROBE = os.environ.get("EMBEDKIT_TEST_PROBE")
+KILL_AT = int(os.environ.get("EMBEDKIT_TEST_KILL_AT") or 0)
+RANK = int(os.environ["RANK"])
+seen = {"shards": {}, "forwards": {"grad": 0, "no_grad": 0}, "gathered_in_use": 0, "not_gathered_in_use": [],
+        "max_others_gathered": 0.0, "whole_after_step": [], "steps": 0}
+
+base_config = backends.deepspeed_config
+def deepspeed_config(engine):
+    config = base_config(engine)
+    config["zero_optimization"].update(ZERO)
+    return config
+backends.deepspeed_config = deepspeed_config
+
+def install_probe(model):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    named = dict(model.named_parameters())
+    seen["shards"] = {n: [p.ds_numel, p.ds_tensor.numel(), bool(p.ds_persist)] for n, p in named.items()}
+    def gathered(p):
+        return p.ds_status == ZeroParamStatus.AVAILABLE and p.data.numel() == p.ds_numel
+    def hook(name):
+        def pre(module, args):
+            own = list(module.parameters(recurse=False))
+            seen["forwards"]["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+            # The module about to run is whole on this rank, while its own shard stays smaller than it.
+            if all(gathered(p) and p.ds_tensor.numel() < p.ds_numel for p in own):
+                seen["gathered_in_use"] += 1
+            else:
+                seen["not_gathered_in_use"].append(name)
+            # The rest of the model: partitioned, not kept whole after its own use.
+            others = [p for p in named.values() if not any(p is q for q in own)]
+            live = sum(p.ds_numel for p in others if gathered(p)) / sum(p.ds_numel for p in others)
+            seen["max_others_gathered"] = max(seen["max_others_gathered"], live)
+        return pre
+    for name, module in model.named_modules():
+        if list(module.parameters(recurse=False)):
+            module.register_forward_pre_hook(hook(name))
+    seen["named"] = named
+
+if ZERO or PROBE:
+    base_wrap = backends.DeepSpeedBackend.wrap
+    def wrap(self, model, *args, **kwargs):
+        base_wrap(self, model, *args, **kwargs)
+        if PROBE:
+            install_probe(model)
+    backends.DeepSpeedBackend.wrap = wrap
+
+def on_step(step, record):
+    if PROBE:
+        seen["steps"] = step
+        seen["whole_after_step"] += [n for n, p in seen["named"].items() if p.data.numel() == p.ds_numel]
+        with open(os.path.join(PROBE, f"probe-{RANK}.json"), "w") as f:
+            json.dump({k: v for k, v in seen.items() if k != "named"}, f)
+    if step == KILL_AT and RANK == 0:
         os.kill(os.getpid(), signal.SIGKILL)
 
-train(load_recipe(sys.argv[1], sys.argv[2:]), on_step=kill)
+base_train = contrastive.train
+contrastive.train = lambda recipe, **kwargs: base_train(recipe, on_step=on_step, **kwargs)
+from embedkit.cli import main
+main(["train", *sys.argv[1:]])
 """
+
+# Small enough that every parameter of the tiny models is partitioned, nothing is fetched ahead of its module and a
+# module's weights are released as soon as it ran (DeepSpeed's defaults would keep all of them whole).
+PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0,
+                 "stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+
+
+def _launch(tmp_path: Path, args: list[str], *, zero: dict | None = None, probe: Path | None = None,
+            kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """`embedkit train ARGS` in 2 CPU processes through DRIVER."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "EMBEDKIT_TEST_ZERO": json.dumps(zero or {}), "EMBEDKIT_TEST_PROBE": str(probe or ""),
+           "EMBEDKIT_TEST_KILL_AT": str(kill_at or 0)}
+    if probe is not None:
+        probe.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(driver), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if kill_at is None:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _assert_partitioned(probe: Path, steps: int) -> dict:
+    """What both ranks saw: every parameter partitioned (its local shard smaller than the tensor), gathered whole
+    for its module's forward and released again, in both GradCache passes (no-grad embedding, replay with grad)."""
+    seen = [json.loads((probe / f"probe-{rank}.json").read_text()) for rank in (0, 1)]
+    for s in seen:
+        assert s["steps"] == steps
+        assert s["shards"] and all(local < full and not persist for full, local, persist in s["shards"].values()), \
+            [n for n, (full, local, persist) in s["shards"].items() if not local < full or persist]
+        assert s["forwards"]["no_grad"] > 0 and s["forwards"]["grad"] > 0, s["forwards"]
+        assert s["not_gathered_in_use"] == [] and s["gathered_in_use"] > 0
+        assert s["max_others_gathered"] < 0.25, s["max_others_gathered"]  # released after use, not kept
+        assert s["whole_after_step"] == []  # between steps nothing stays gathered
+    return seen[0]
 
 
 @pytest.fixture
@@ -79,11 +181,20 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp"])
 def test_two_processes_train_like_one_and_resume_after_sigkill(recipe_file, tmp_path, backend, tiny_bert_dir):
+    """Catches a backend whose 2-process run (GradCache with 4 backward passes per step, dev evaluation, checkpoints)
+    trains another model than one process with the global batch, or whose SIGKILL + --resume does not end where the
+    uninterrupted run does. Under ZeRO-3 every parameter is really partitioned (PARTITION_ALL, checked by the probe):
+    GradCache's no-grad pass and its replays gather and release each layer, and the replays' backwards accumulate
+    into partitioned gradients; with DeepSpeed's default threshold none of that would run."""
     stage = "zero3" if backend == "zero3" else "none"
+    zero = PARTITION_ALL if backend == "zero3" else None
     full = tmp_path / f"{backend}-full"
     sets = [f"deepspeed.stage={stage}", f"fsdp.enabled={'true' if backend == 'fsdp' else 'false'}"]
     argv = lambda out: [str(recipe_file), *[a for s in [*sets, f"training.output_dir={out}"] for a in ("--set", s)]]
-    assert relaunch(["train", *argv(full)], 2) == 0
+    probe = tmp_path / "probe" if backend == "zero3" else None
+    _launch(tmp_path, argv(full), zero=zero, probe=probe)
+    if probe is not None:
+        _assert_partitioned(probe, steps=9)
     manifest = json.loads((full / "embedkit_manifest.json").read_text())
     stats = manifest["training"]["stats"]
     assert stats["processes"] == 2 and stats["backend"] == {"ddp": "ddp", "zero3": "deepspeed-zero3",
@@ -112,17 +223,12 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(recipe_file, tmp_
 
     # Killed by SIGKILL on rank 0 after step 5 (checkpoint at step 4, mid-epoch), then resumed with --resume.
     killed = tmp_path / f"{backend}-killed"
-    driver = tmp_path / "killer.py"
-    driver.write_text(KILLER)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(driver), *argv(killed)[:1],
-                           *argv(killed)[1:][1::2]], env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch(tmp_path, argv(killed), zero=zero, kill_at=5)
     assert proc.returncode != 0
     assert not killed.exists()  # nothing half-written where the model goes
     checkpoints = sorted(p.name for p in (work_dir(killed) / "checkpoints").iterdir())
     assert checkpoints == ["step-2", "step-4"], checkpoints
-    assert relaunch(["train", *argv(killed), "--resume"], 2) == 0
+    _launch(tmp_path, [*argv(killed), "--resume"], zero=zero)
     resumed, uninterrupted = _weights(killed), _weights(full)
     for key in uninterrupted:
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
@@ -176,25 +282,66 @@ def test_sft_under_ddp_resumes_after_sigkill_where_it_would_have_ended(tmp_path,
         assert torch.allclose(resumed[key], uninterrupted[key], atol=1e-6, rtol=0), key
 
 
-def test_qlora_under_zero3_trains_a_tiny_llama_on_two_processes(tmp_path, tiny_llama64_dir):
+def test_qlora_under_zero3_trains_like_one_process_and_resumes_after_sigkill(tmp_path, tiny_llama64_dir):
+    """Catches QLoRA under ZeRO-3 training another model than QLoRA in one process with the global batch (4-bit
+    weights or their LoRA layers gathered or partitioned wrong, LoRA gradients lost or doubled across GradCache's
+    replays into partitioned gradients), and a SIGKILL + --resume that does not end where the uninterrupted run does.
+    Every tensor, the packed 4-bit weights included, is partitioned (PARTITION_ALL, checked by the probe): with
+    DeepSpeed's default threshold none of the tiny model's would be, and the old test only checked that the weights
+    moved."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in PAIRS))
     recipe = tmp_path / "qlora.yaml"
+    # No dropout (LoRA's included): the processes would draw other masks than one process does.
     recipe.write_text(
         f"model: {{name: {tiny_llama64_dir}, max_length: 32, pooling: mean}}\n"
-        "adapter: {type: qlora, r: 4, alpha: 8}\n"
+        "adapter: {type: qlora, r: 4, alpha: 8, dropout: 0.0}\n"
         f"data: {{train: {pairs}}}\n"
         "loss: {temperature: 0.1}\n"
-        f"training: {{output_dir: {tmp_path / 'out'}, batch_size: 2, lr: 1.0e-3, max_steps: 3, threads: 1,"
-        " progress: false, checkpoint_every: 2, grad_cache: 1}\n"
+        f"training: {{output_dir: {tmp_path / 'out'}, batch_size: 2, lr: 1.0e-3, epochs: 2, seed: 3, threads: 1,"
+        " progress: false, log_every: 1, checkpoint_every: 2, grad_cache: 1}\n"
         "deepspeed: {stage: zero3}\n")
-    assert relaunch(["train", str(recipe)], 2) == 0
-    out = tmp_path / "out"
-    manifest = json.loads((out / "embedkit_manifest.json").read_text())
-    assert manifest["training"]["stats"]["backend"] == "deepspeed-zero3" and manifest["training"]["stats"]["steps"] == 3
-    trained, base = load_model(out), load_model(tiny_llama64_dir, pooling="mean")
-    texts = [q for q, _ in PAIRS]
-    assert not np.allclose(trained.encode(texts), base.encode(texts), atol=1e-4)  # the merged adapter changed it
+    argv = lambda out: [str(recipe), "--set", f"training.output_dir={out}"]
+    full, probe = tmp_path / "full", tmp_path / "probe"
+    _launch(tmp_path, argv(full), zero=PARTITION_ALL, probe=probe)
+    shards = _assert_partitioned(probe, steps=6)["shards"]
+    assert any(".base_layer.weight" in name for name in shards)  # the 4-bit weights are among the partitioned
+    manifest = json.loads((full / "embedkit_manifest.json").read_text())
+    stats = manifest["training"]["stats"]
+    assert stats["backend"] == "deepspeed-zero3" and stats["processes"] == 2 and stats["steps"] == 6
     from embedkit.export.probes import check_probes
 
-    assert check_probes(lambda t, kind: trained.encode(t, kind=kind), out).ok
+    trained = load_model(full)
+    assert check_probes(lambda t, kind: trained.encode(t, kind=kind), full).ok
+
+    # One process, QLoRA with the global batch (4), no GradCache, no DeepSpeed: the same adapter. Both dequantise
+    # the same NF4 codes (ZeRO-3 stores the packed bytes as float32, bnb_4bit_quant_storage, and gathers them back
+    # bit for bit), so what is left is float reduction order, as in the test above: the same measure (the merged
+    # weights' distance relative to how far training moved them) at the same tolerance, 1e-3, for the same reason
+    # (a noise-level gradient whose sign flips moves an element by 2 x lr under Adam). Measured 5e-6 (embeddings
+    # 4e-7 apart); lr x 1.1 gives 0.10, batch 2 per process without gathering 1.1.
+    single = load_recipe(recipe, ["training.batch_size=4", "training.grad_cache=null", "deepspeed.stage=none",
+                                  f"training.output_dir={tmp_path / 'single'}"])
+    train(single)
+    a, b = _weights(full), _weights(tmp_path / "single")
+    base = {k.removeprefix("model."): v for k, v in _weights(Path(tiny_llama64_dir)).items()}  # a causal LM
+    assert a.keys() == b.keys()
+    gap = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
+    moved = sum(((b[k] - base[k]) ** 2).sum().item() for k in a if k in base) ** 0.5
+    assert moved > 0 and gap / moved < 1e-3, (gap, moved)
+    texts = [q for q, _ in PAIRS]
+    assert np.allclose(trained.encode(texts), load_model(tmp_path / "single").encode(texts), atol=1e-4)
+
+    # Killed by SIGKILL on rank 0 after step 3, resumed from the step-2 checkpoint (mid-epoch: 3 steps an epoch).
+    killed = tmp_path / "killed"
+    proc = _launch(tmp_path, argv(killed), zero=PARTITION_ALL, kill_at=3)
+    assert proc.returncode != 0 and not killed.exists()
+    assert sorted(p.name for p in (work_dir(killed) / "checkpoints").iterdir()) == ["step-2"]
+    _launch(tmp_path, [*argv(killed), "--resume"], zero=PARTITION_ALL)
+    resumed = _weights(killed)
+    assert resumed.keys() == a.keys()
+    for key in a:
+        assert torch.allclose(resumed[key], a[key], atol=1e-6, rtol=0), key
+    steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps[-4:] == [3, 4, 5, 6]  # the resumed run redid step 3

@@ -33,8 +33,8 @@ def _grads(encoder) -> dict[str, torch.Tensor]:
 
 def _run(encoder, step, *, seed=0, **kwargs):
     encoder.zero_grad(set_to_none=True)
-    q_ids = encoder._token_ids(QUERIES, "query")
-    d_ids = encoder._token_ids(DOCS + NEGATIVES, "document")
+    q_ids = encoder.token_ids(QUERIES, "query")
+    d_ids = encoder.token_ids(DOCS + NEGATIVES, "document")
     loss = InfoNCE(temperature=0.05, symmetric=True)
     torch.manual_seed(seed)
     out = step(encoder, loss, q_ids, d_ids, query_keys=text_keys(QUERIES),
@@ -99,7 +99,7 @@ def test_length_sorted_chunks_keep_row_order(tiny_bert_dir):
 
     encoder = load_model(tiny_bert_dir)
     encoder.eval()
-    ids = encoder._token_ids(DOCS + NEGATIVES, "document")
+    ids = encoder.token_ids(DOCS + NEGATIVES, "document")
     with torch.no_grad():
         expected = encoder(encoder.collate(ids))
         got = embed_length_sorted(encoder, ids, 3)

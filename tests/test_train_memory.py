@@ -66,9 +66,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bm():
-    from conftest import bench_module
+    from embedkit.train import memory
 
-    yield from bench_module("bench_memory")
+    return memory
 
 
 def test_estimated_shapes_count_the_parameters_transformers_builds(bm):
@@ -143,3 +143,44 @@ def test_recipe_estimates(bm):
     assert per_gpu[1]["cpu_optimizer_bytes"] > 0 and per_gpu[1]["mntp_bytes"] == 0
     table = bm.format_estimate(per_gpu[1])
     assert "GiB (estimate)" in table and "per GPU, 4 GPUs (ZeRO-3)" in table
+
+
+def test_cli_estimate_memory_prints_the_functions_peak(bm, monkeypatch, capsys):
+    """`embedkit train RECIPE --estimate-memory [--nproc N]` prints the table of estimate_recipe_memory with the same
+    peak, and exits 0 on this CPU machine: no model, hub, GPU packages or data files. Catches the CLI drifting from the
+    function: --nproc not passed on as the ZeRO-3 process count (the table would show one GPU's or 2 GPUs' peak), --set
+    overrides dropped, or the recipe validated before estimating (a GPU recipe whose data or deepspeed is not on this
+    machine would fail instead of printing); and a non-QLoRA recipe ending in a traceback or a bare SystemExit (what
+    bench_memory.py raised) instead of the usual one-line error."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.train.config import load_recipe
+
+    monkeypatch.chdir(REPO)
+    runner = CliRunner()
+    # data.train missing on purpose: the estimate reads no data, so validating the recipe first would fail here
+    qwen_sets = ["data.train=/nonexistent/train.jsonl", "training.grad_cache=64"]
+    for recipe, nproc, sets in (("recipes/qwen3-0.6b-encoder.yaml", 1, qwen_sets),
+                                ("recipes/mistral-7b-encoder-zero3.yaml", 4, [])):
+        argv = ["train", recipe, "--estimate-memory"] + (["--nproc", str(nproc)] if nproc > 1 else [])
+        result = runner.invoke(app, argv + [x for s in sets for x in ("--set", s)])
+        assert result.exit_code == 0, result.output
+        expected = bm.estimate_recipe_memory(load_recipe(recipe, sets, validate=False), processes=nproc)
+        if sets:  # the override changes the peak, so dropping --set would show
+            plain = bm.estimate_recipe_memory(load_recipe(recipe, validate=False))
+            assert expected["peak_bytes"] != plain["peak_bytes"]
+        peak = [line for line in result.output.splitlines() if "**peak" in line]
+        assert peak == [line for line in bm.format_estimate(expected).splitlines() if "**peak" in line], result.output
+        assert f"**{expected['peak_bytes'] / 2**30:.2f}**" in peak[0]
+        assert ("4 GPUs (ZeRO-3)" if nproc > 1 else "one GPU") in peak[0]
+    mistral = [bm.estimate_recipe_memory(load_recipe("recipes/mistral-7b-encoder-zero3.yaml", validate=False),
+                                         processes=n)["peak_bytes"] for n in (2, 4)]
+    assert mistral[0] != mistral[1]  # so the --nproc 4 check above tells 4 processes from 2 (or 1)
+    from embedkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # a LoRA recipe: the usual one-line error, exit code 2
+        main(["train", "recipes/minilm-scifact.yaml", "--estimate-memory"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0, err
+    assert err.startswith("error: recipes/minilm-scifact.yaml: field 'adapter.type'") and "QLoRA" in err, err

@@ -117,8 +117,8 @@ def test_gradcache_agrees_with_the_plain_step_on_short_rows(tiny_bert_dir, symme
     keys = torch.full((len(valid),), -1, dtype=torch.long)
     keys[valid] = text_keys(real_docs)
     kwargs = {"query_keys": text_keys(QUERIES), "document_keys": keys, "document_valid": valid}
-    q_ids = encoder._token_ids(QUERIES, "query")
-    d_ids = encoder._token_ids(real_docs, "document")
+    q_ids = encoder.token_ids(QUERIES, "query")
+    d_ids = encoder.token_ids(real_docs, "document")
 
     def run(step, **extra):
         encoder.zero_grad(set_to_none=True)
@@ -259,7 +259,7 @@ def test_online_mining_never_picks_a_known_positive_and_is_seeded(tiny_bert_dir,
             for ex in data.examples:
                 assert len(ex.negatives) == 2 and not positives[ex.query] & set(ex.negatives)
             # the token ids follow the new negatives
-            assert data.doc_ids[0][1] == encoder._token_ids([data.examples[0].negatives[0]], "document")[0]
+            assert data.doc_ids[0][1] == encoder.token_ids([data.examples[0].negatives[0]], "document")[0]
         return seen
 
     a, b = rounds(), rounds()

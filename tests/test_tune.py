@@ -66,6 +66,29 @@ def write_beir(folder: Path, split: str = "train", graded: bool = True) -> Path:
     return folder
 
 
+# Questions none of which is a training query (PAIRS), over the same documents: a genuine test split.
+HELD_OUT = [
+    ("why does the patient cough", "the patient has a fever and a cough"),
+    ("what lowers blood sugar", "insulin lowers the level of glucose in the blood"),
+    ("what did the judge decide", "the court ruled that the contract was void"),
+    ("who plays music on the stage", "a man is playing a guitar on the stage"),
+    ("how are children with asthma treated", "how is asthma treated in children"),
+]
+
+
+def write_held_out(folder: Path, split: str = "test", pairs=HELD_OUT, id_prefix: str = "t") -> Path:
+    """A BEIR split of `pairs` (ids `t0`, `t1`, ...) over the training pairs' documents."""
+    docs = list(dict.fromkeys(p for _, p in PAIRS))
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                                 for i, t in enumerate(docs)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"{id_prefix}{i}", "text": q}) + "\n"
+                                                  for i, (q, _) in enumerate(pairs)))
+    (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{id_prefix}{i}\td{docs.index(p)}\t1\n" for i, (_, p) in enumerate(pairs)))
+    return folder
+
+
 def write_recipe(path: Path, model_dir: Path, train: str, out: Path, **sections) -> Path:
     raw = {"model": {"name": str(model_dir), "max_length": 32},
            "data": {"train": train, "columns": {"query": "q", "positive": "p"}},
@@ -479,7 +502,7 @@ def test_tune_writes_a_recipe_that_reproduces_the_model_and_compares_on_test(tmp
     from embedkit.train.contrastive import train
 
     beir = write_beir(tmp_path / "beir", graded=False)
-    write_beir(tmp_path / "test", split="test")
+    write_held_out(tmp_path / "test")  # questions the training data does not hold, ids t0..t4
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out")
     out = tmp_path / "tuned"
     result = run_cli("tune", str(recipe), "--budget", "2", "-o", str(out), "--seed", "1", "--test",
@@ -491,6 +514,16 @@ def test_tune_writes_a_recipe_that_reproduces_the_model_and_compares_on_test(tmp
     for name in ("tuned_recipe.yaml", "tune_report.md", "tune_report.json", "dev_curve.png",
                  "model/model.safetensors", "test/base.json", "test/tuned.json", "test/default.json"):
         assert (out / name).is_file(), name
+    # Bug this catches: the comparison scored on another set than --test (the carved dev split, or the training
+    # split, as this test's old "test" copy of the training pairs could not show): every report holds exactly
+    # the held-out queries, and the compared difference is the mean of their per-query differences.
+    per_query = {}
+    for name in ("base", "default", "tuned"):
+        (task,) = json.loads((out / "test" / f"{name}.json").read_text())["results"].values()
+        per_query[name] = {q: s["ndcg_at_10"] for q, s in task["per_query"].items()}
+        assert set(per_query[name]) == {f"t{i}" for i in range(len(HELD_OUT))}, name
+    difference = np.mean([per_query["tuned"][q] - per_query["base"][q] for q in per_query["base"]])
+    assert summary["test"]["tuned_vs_base"]["difference"] == pytest.approx(difference, abs=1e-6)
     report = json.loads((out / "tune_report.json").read_text())
     trial_rows = [t for t in report["trials"]]
     assert all(t["state"] in ("complete", "pruned") and t["seconds"] >= 0 for t in trial_rows)
@@ -509,7 +542,7 @@ def test_tune_writes_a_recipe_that_reproduces_the_model_and_compares_on_test(tmp
 
 
 def test_a_recipe_with_its_own_dev_set_is_scored_on_it(tmp_path, tiny_bert_dir):
-    dev = write_beir(tmp_path / "dev", split="dev")
+    dev = write_held_out(tmp_path / "dev", split="dev")  # its own queries: a dev of training queries is refused
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out", data={"dev": f"beir:{dev}:dev"}, training={"eval_every": 2})
     result = tune(recipe, budget="1", output=tmp_path / "t", final=False)

@@ -36,8 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embedkit.models.batching import length_sorted_batches
 from embedkit.errors import ModelError
+from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 ONNX_CONFIG_NAME = "embedkit_onnx.json"
 FP32_GRAPH = "model.onnx"
@@ -119,11 +119,8 @@ class OnnxEncoder:
         self.name = self.config.get("name") or self.folder.name
         self.fingerprint = f"{self.config.get('fingerprint', '')}:{self.variant}"
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.pad_id = int(self.tokenizer.pad_token_id)
-        if self.pooling == "lasttoken":
-            _ensure_eos(self.tokenizer, self.folder)
+        # The saved tokenizer already appends EOS for last-token pooling (Encoder did it); this only re-checks.
+        self.pad_id = prepare_tokenizer(self.tokenizer, self.pooling, path=self.folder)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
@@ -140,23 +137,13 @@ class OnnxEncoder:
                 "providers": self.session.get_providers()}
 
     def token_ids(self, texts: Sequence[str], kind: str, *, truncate: bool = True) -> list[list[int]]:
-        from embedkit.models.prompts import apply_prompt
-
-        prompted = apply_prompt(list(texts), self.prompts, kind)
-        kwargs = {"truncation": True, "max_length": self.max_length} if truncate else {"truncation": False}
-        return self.tokenizer(prompted, padding=False, return_attention_mask=False, return_token_type_ids=False,
-                              verbose=False, **kwargs)["input_ids"]
+        """As Encoder.token_ids (embedkit.models.tokenization), with the exported prompts and max_length."""
+        return tokenize(self.tokenizer, texts, kind, prompts=self.prompts,
+                        max_length=self.max_length if truncate else None)
 
     def collate(self, id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(ids) for ids in id_lists)
-        input_ids = np.full((len(id_lists), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(id_lists), width), dtype=np.int64)
-        for row, ids in enumerate(id_lists):
-            n = len(ids)
-            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            input_ids[row, span] = ids
-            mask[row, span] = 1
-        return input_ids, mask
+        batch = collate(id_lists, self.pad_id, self.padding_side, to="numpy")
+        return batch["input_ids"], batch["attention_mask"]
 
     def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Run the graph on one padded batch of token-id lists."""
@@ -177,24 +164,6 @@ class OnnxEncoder:
         for rows in length_sorted_batches(ids, batch_size):
             out[rows] = self.embed_ids([ids[i] for i in rows])
         return out
-
-
-def _ensure_eos(tokenizer, folder: Path) -> None:
-    """Last-token pooling reads the EOS state: make sure the loaded tokenizer appends it (as Encoder does)."""
-    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
-    if eos_id is None:
-        raise ModelError("last-token pooling needs an EOS token, and the tokenizer has none", path=folder)
-    if tokenizer("a")["input_ids"][-1] == eos_id:
-        return
-    from tokenizers import processors
-
-    backend = tokenizer.backend_tokenizer
-    append = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
-                                           special_tokens=[(eos, eos_id)])
-    existing = backend.post_processor
-    backend.post_processor = processors.Sequence([existing, append]) if existing is not None else append
-    if tokenizer("a")["input_ids"][-1] != eos_id:
-        raise ModelError("could not make the tokenizer append EOS", path=folder)
 
 
 # ---------------------------------------------------------------------------------------------------------- export

@@ -142,7 +142,7 @@ def load_generator(model_dir: str | Path, *, device: str = "cpu", dtype: str = "
 
 
 def _strip_eos_append(post_processor: dict | None, eos: str) -> dict | None:
-    """Remove the EOS-appending template embedkit adds for last-token pooling (see Encoder._ensure_eos_appended)."""
+    """Remove the EOS-appending template embedkit adds for last-token pooling (embedkit.models.tokenization.ensure_eos_appended)."""
     def appends_eos(node) -> bool:
         single = (node or {}).get("single") or []
         return (node or {}).get("type") == "TemplateProcessing" and bool(single) and \

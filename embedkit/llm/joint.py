@@ -73,8 +73,8 @@ class JointStep(LLMStep):
             if feature is not None:
                 examples.append(ex)
                 self.sft_features.append(feature)
-        self.query_ids = self.embedder._token_ids([ex.question for ex in examples], "query")
-        self.doc_ids = self.embedder._token_ids([ex.answer for ex in examples], "document")
+        self.query_ids = self.embedder.token_ids([ex.question for ex in examples], "query")
+        self.doc_ids = self.embedder.token_ids([ex.answer for ex in examples], "document")
         self.q_keys = text_keys([ex.question for ex in examples])
         self.d_keys = text_keys([ex.answer for ex in examples])
         self.loss_fn = build_loss(recipe.loss).to(ctx.engine.device)

@@ -41,6 +41,7 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
     from embedkit.llm.generate import has_generative_head
     from embedkit.device import resolve_device
     from embedkit.models.encoder import _backbone_load_kwargs, _parse_dtype
+    from embedkit.models.tokenization import ensure_pad_token
 
     path, weights, st = transformer_dir(name_or_path)
     if not has_generative_head(path):
@@ -56,8 +57,7 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
     if target.type != "cpu" and not quantization:
         model = model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(weights)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, path=weights)
     from embedkit.llm.data import ensure_chat_template
 
     ensure_chat_template(tokenizer)

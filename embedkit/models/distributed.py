@@ -109,7 +109,7 @@ def encode_sharded(encoder: Any, texts: Sequence[str], *, kind: str, batch_size:
                    show_progress: bool | None, group: Any = None, sort_chunk: int = 16384) -> np.ndarray:
     """The sharded body of `Encoder.encode` (called by it inside `sharded_encoding`, under no_grad and eval
     mode)."""
-    from embedkit.models.batching import length_sorted_batches
+    from embedkit.models.tokenization import length_sorted_batches
 
     dist = _dist()
     rank, world = rank_and_world(group)
@@ -125,7 +125,7 @@ def encode_sharded(encoder: Any, texts: Sequence[str], *, kind: str, batch_size:
                     disable=True if rank != 0 else quiet)
     try:
         for start in range(0, len(texts), sort_chunk):
-            ids = encoder._token_ids(texts[start:start + sort_chunk], kind)  # noqa: SLF001 (same module family)
+            ids = encoder.token_ids(texts[start:start + sort_chunk], kind)
             batches = list(length_sorted_batches(ids, batch_size))
             shares = [batches[r::world] for r in range(world)]
             rounds = len(shares[0])  # rank 0 has the most batches (round-robin)

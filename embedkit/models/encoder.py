@@ -20,9 +20,9 @@ from torch import nn
 
 from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest
-from embedkit.models.batching import length_sorted_batches
 from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st_pooling_config
-from embedkit.models.prompts import apply_prompt, resolve_prompts
+from embedkit.models.prompts import resolve_prompts
+from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 # How many texts are tokenized and length-sorted together; bounds memory on huge inputs.
 _SORT_CHUNK = 16384
@@ -84,12 +84,7 @@ class Encoder(nn.Module):
         self.padding_side = padding_side or "right"
         if self.padding_side not in ("left", "right"):
             raise ModelError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token_id is None:
-                raise ModelError("the tokenizer has neither a pad nor an eos token", path=source_path)
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.pooling == "lasttoken":
-            self._ensure_eos_appended()
+        prepare_tokenizer(self.tokenizer, self.pooling, path=source_path)  # pad fallback; EOS for last-token
         self._fingerprint: str | None = None
         self.base_model = base_model or {"name": name, "path": source_path, "fingerprint": self.fingerprint}
 
@@ -242,48 +237,22 @@ class Encoder(nn.Module):
         return hasattr(self.backbone, "peft_config")
 
     # ------------------------------------------------------------------ tokenization
-    def _ensure_eos_appended(self) -> None:
-        """Last-token pooling reads the EOS state, so every input must end with EOS.
-
-        Putting it into the tokenizer's post-processor (rather than appending in Python) means the saved tokenizer
-        does the same in sentence-transformers, vLLM and ONNX pipelines.
-        """
-        eos, eos_id = self.tokenizer.eos_token, self.tokenizer.eos_token_id
-        if eos_id is None:
-            raise ModelError("last-token pooling needs an EOS token, and the tokenizer has none", path=self.source_path)
-        if self.tokenizer("a")["input_ids"][-1] == eos_id:
-            return
-        if not self._is_fast:
-            raise ModelError("last-token pooling needs a fast (tokenizers) tokenizer", path=self.source_path)
-        from tokenizers import processors
-
-        backend = self.tokenizer.backend_tokenizer
-        append = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
-                                               special_tokens=[(eos, eos_id)])
-        existing = backend.post_processor
-        backend.post_processor = processors.Sequence([existing, append]) if existing is not None else append
-        if self.tokenizer("a")["input_ids"][-1] != eos_id:
-            raise ModelError("could not make the tokenizer append EOS", path=self.source_path)
+    # One path for every caller (training, encode, ONNX, the server): embedkit.models.tokenization.
+    def token_ids(self, texts: Sequence[str], kind: str = "document", *, truncate: bool = True) -> list[list[int]]:
+        """Unpadded token ids of the prompted texts, cut to max_length tokens unless `truncate` is False."""
+        return tokenize(self.tokenizer, texts, kind, prompts=self.prompts,
+                        max_length=self.max_length if truncate else None)
 
     def _token_ids(self, texts: Sequence[str], kind: str) -> list[list[int]]:
-        texts = apply_prompt(list(texts), self.prompts, kind)
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        """The old name of `token_ids`, kept because tests/test_llm.py calls it."""
+        return self.token_ids(texts, kind)
 
     def collate(self, id_lists: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Pad token-id lists into a batch on this encoder's padding side."""
-        width = max(len(ids) for ids in id_lists)
-        input_ids = torch.full((len(id_lists), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(id_lists), width), dtype=torch.long)
-        for row, ids in enumerate(id_lists):
-            n = len(ids)
-            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            input_ids[row, span] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[row, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return collate(id_lists, self.tokenizer.pad_token_id, self.padding_side, to="torch")
 
     def tokenize(self, texts: Sequence[str], kind: str = "document") -> dict[str, torch.Tensor]:
-        return self.collate(self._token_ids(texts, kind))
+        return self.collate(self.token_ids(texts, kind))
 
     # ------------------------------------------------------------------ forward / encode
     def forward(self, features: dict[str, torch.Tensor], normalize: bool | None = None, *,
@@ -372,7 +341,7 @@ class Encoder(nn.Module):
         try:
             for start in range(0, len(texts), _SORT_CHUNK):
                 chunk = texts[start : start + _SORT_CHUNK]
-                ids = self._token_ids(chunk, kind)
+                ids = self.token_ids(chunk, kind)
                 for rows in length_sorted_batches(ids, batch_size):
                     # self(...), not self.forward: a wrapper (FSDP) hooks the call
                     vectors = self(self.collate([ids[i] for i in rows]), normalize=normalize)

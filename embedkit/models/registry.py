@@ -112,6 +112,7 @@ def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
 
     from embedkit.atomic import atomic_dir, write_json
     from embedkit.manifest import sha256_file
+    from embedkit.models.tokenization import ensure_pad_token
 
     if verbose:
         print("embedkit: converting SmolLM2-135M from GGUF (once, ~30 s) ...", file=sys.stderr, flush=True)
@@ -126,8 +127,7 @@ def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
     # lm_head is tied to the embeddings in SmolLM2, so it may be absent from the GGUF state dict.
     if unexpected or [m for m in missing if not m.startswith("lm_head")]:
         raise ModelError(f"SmolLM2 conversion: weights do not match (missing {missing}, unexpected {unexpected})")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, path=gguf)
     try:
         with atomic_dir(target) as tmp:
             fresh.save_pretrained(tmp, safe_serialization=True)

@@ -543,10 +543,8 @@ def _checked_token_ids(name: str, backend: Any, texts: list[str], kind: str, tok
         raise APIError(400, f"input[{i}] has {len(texts[i])} characters; {name} takes at most {token_limit} tokens "
                             f"(and {char_limit} characters) per input ({len(too_long)} inputs too long): shorten or "
                             "split it, or send truncate=true", param="input", code="input_too_long")
-    if too_long:
-        texts = [text[:char_limit] for text in texts]
     if truncate:
-        return backend.token_ids(texts, kind, max_length=token_limit)
+        return _truncated_token_ids(backend, texts, kind, token_limit, char_limit)
     ids = backend.token_ids(texts, kind, max_length=None)
     too_long = [i for i, x in enumerate(ids) if len(x) > token_limit]
     if too_long:
@@ -554,6 +552,34 @@ def _checked_token_ids(name: str, backend: Any, texts: list[str], kind: str, tok
         raise APIError(400, f"input[{i}] has {len(ids[i])} tokens; {name} takes at most {token_limit} per input "
                             f"({len(too_long)} inputs too long): shorten or split it, or send truncate=true",
                        param="input", code="input_too_long")
+    return ids
+
+
+def _truncated_token_ids(backend: Any, texts: list[str], kind: str, token_limit: int,
+                         char_limit: int) -> list[list[int]]:
+    """`truncate`: the ids the encoders give the whole text cut to `token_limit`, without tokenising a huge text.
+
+    A text over `char_limit` is cut at its last whitespace before the limit, so no word is split and the cut text's
+    tokens are a prefix of the whole text's (tokenizers pre-split on whitespace). That prefix is the answer only when
+    it still holds more than `token_limit` tokens; otherwise (e.g. a long run of spaces before the words) the whole
+    text is tokenised. A text with no whitespace in its first `char_limit` characters keeps the plain character cut:
+    one giant "word" is not worth tokenising whole (its tokens may then differ from the encoders' at the end)."""
+    cut: dict[int, str] = {}
+    for i, text in enumerate(texts):
+        if len(text) > char_limit:
+            head = text[:char_limit]
+            space = max(head.rfind(c) for c in " \t\n\r\f\v")
+            cut[i] = head[:space] if space > 0 else head
+    if not cut:
+        return backend.token_ids(texts, kind, max_length=token_limit)
+    ids = backend.token_ids([cut.get(i, text) for i, text in enumerate(texts)], kind, max_length=token_limit)
+    heads = [i for i, text in cut.items() if text != texts[i][:char_limit]]  # cut at a word boundary
+    if heads:
+        whole = backend.token_ids([cut[i] for i in heads], kind, max_length=None)
+        short = [i for i, x in zip(heads, whole) if len(x) <= token_limit]  # the cut may have lost kept tokens
+        if short:
+            for i, x in zip(short, backend.token_ids([texts[i] for i in short], kind, max_length=token_limit)):
+                ids[i] = x
     return ids
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from embedkit.errors import ModelError
+from embedkit.models.tokenization import length_sorted_batches, tokenize
 
 
 class Backend(Protocol):
@@ -51,24 +52,17 @@ class ThreadSafeTokenizer:
         self._lock = threading.Lock()
 
     def __call__(self, texts: Sequence[str], kind: str, max_length: int | None) -> list[list[int]]:
-        """Token ids of the prompted texts; cut to `max_length` tokens (special tokens kept) unless it is None."""
-        from embedkit.models.prompts import apply_prompt
-
+        """Token ids of the prompted texts; cut to `max_length` tokens (special tokens kept) unless it is None.
+        The same ids as the encoders' (embedkit.models.tokenization.tokenize)."""
         tokenizer = self._copies.get(max_length)
         if tokenizer is None:
             with self._lock:
                 tokenizer = self._copies.get(max_length)
                 if tokenizer is None:
                     tokenizer = copy.deepcopy(self._tokenizer)
-                    self._encode(tokenizer, ["a"], max_length)  # sets this copy's truncation, once
+                    tokenize(tokenizer, ["a"], max_length=max_length)  # sets this copy's truncation, once
                     self._copies[max_length] = tokenizer
-        return self._encode(tokenizer, apply_prompt(list(texts), self._prompts, kind), max_length)
-
-    @staticmethod
-    def _encode(tokenizer, texts: list[str], max_length: int | None) -> list[list[int]]:
-        kwargs = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
-        return tokenizer(texts, padding=False, return_attention_mask=False, return_token_type_ids=False,
-                         verbose=False, **kwargs)["input_ids"]
+        return tokenize(tokenizer, texts, kind, prompts=self._prompts, max_length=max_length)
 
 
 @dataclass
@@ -96,9 +90,7 @@ class _EncodeMixin:
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         ids = self.token_ids(texts, kind, max_length=self.max_length)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in length_sorted_batches(ids, batch_size):
             out[rows] = self.embed_ids([ids[i] for i in rows])
         return out
 

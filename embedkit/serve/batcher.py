@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from embedkit.models.tokenization import length_order
+
 
 class BatcherClosed(RuntimeError):
     """The server is shutting down and takes no new work."""
@@ -41,7 +43,7 @@ class _Request:
         self.id_lists = id_lists
         self.future = future
         self.seq = seq
-        self.order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))  # longest first
+        self.order = length_order(id_lists)  # longest first
         self.handed = 0  # rows of `order` given to model calls so far
         self.served = 0  # tokens given to model calls so far: the fairness key
         self.total = sum(len(ids) for ids in id_lists)

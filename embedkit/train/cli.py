@@ -1,4 +1,5 @@
-"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--nproc N] [--deepspeed zero3] [--output DIR]`."""
+"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--nproc N] [--deepspeed zero3] [--output DIR]
+[--check | --estimate-memory]`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def train_command(
                                    "parallel (DDP) unless the recipe names deepspeed or fsdp; training.batch_size "
                                    "is per process and the contrastive loss sees the whole gathered batch."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
+    estimate_memory: bool = typer.Option(
+        False, "--estimate-memory",
+        help="Print the GPU memory the recipe should need per GPU (with --nproc N: ZeRO-3 partitioned N ways), "
+             "estimated from the model's shape, then exit: loads no model, needs no GPU, hub or data files. QLoRA "
+             "recipes only; an estimate, not a measurement (embedkit/train/memory.py says what it leaves out)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fine-tune an embedding model with a contrastive loss, as a recipe describes.
@@ -39,10 +45,11 @@ def train_command(
     warm-up on the training documents with the same adapter (its log: mntp_log.jsonl in the output).
 
     Examples: embedkit train recipes/minilm-scifact.yaml --set training.lr=1e-5 -o runs/lr1e-5 ;
-    embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume
+    embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume ;
+    embedkit train recipes/mistral-7b-encoder-zero3.yaml --estimate-memory --nproc 4
     """
     from embedkit.launch import command_argv, launched, relaunch
-    from embedkit.train.config import load_recipe
+    from embedkit.train.config import load_recipe, warn_if_dev_is_test
     from embedkit.train.engine import configure_logging
 
     overrides = list(set_)
@@ -50,7 +57,21 @@ def train_command(
         overrides.append(f"deepspeed.stage={deepspeed}")
     if output is not None:
         overrides.append(f"training.output_dir={output}")
+    if estimate_memory:  # before validation: the data files and the GPU packages need not be on this machine
+        from embedkit.train.memory import ESTIMATE_NOTE, estimate_recipe_memory, format_estimate
+
+        estimate = estimate_recipe_memory(load_recipe(recipe, overrides, validate=False), processes=nproc,
+                                          source=recipe)
+        if json_output:
+            typer.echo(json.dumps(estimate, indent=2))
+        else:
+            typer.echo(format_estimate(estimate))
+            typer.echo(ESTIMATE_NOTE)
+        return
     parsed = load_recipe(recipe, overrides)
+    if not launched():  # once, not once per process
+        configure_logging("embedkit train")
+        warn_if_dev_is_test(parsed, source=recipe)
     if check:
         typer.echo(f"{recipe}: ok (model {parsed.model.name} on {parsed.model.device}, data {parsed.data.train}, "
                    f"output {parsed.training.output_dir})")

@@ -450,6 +450,31 @@ def parse_train_source(spec: str) -> tuple[str, Path, str | None]:
     return "file", Path(spec), None
 
 
+def warn_if_dev_is_test(recipe, *, source: str | Path | None = None) -> bool:
+    """One warning line when data.dev is a split named test (beir:DIR:test; beir:DIR, whose split defaults to
+    test; sts:.../test.jsonl): the dev score steers choices (the dev-best step that eval_every restores, the trial
+    `embedkit tune` keeps), so a test split there stops being held out. Returns whether it warned."""
+    import logging
+
+    if not recipe.data.dev:
+        return False
+    from embedkit.eval.tasks import parse_task_spec
+
+    try:
+        spec = parse_task_spec(recipe.data.dev)
+    except ConfigError:
+        return False  # validation names it
+    name = (spec.split or "") if spec.type == "retrieval" else Path(spec.path or "").stem
+    if spec.path is None or name.lower() != "test":
+        return False
+    where = f"{source}: " if source is not None else ""
+    logging.getLogger("embedkit.train").warning(
+        "%sdata.dev (%s) is a test split: the dev score steers choices (the dev-best step with eval_every, the "
+        "trial embedkit tune keeps), so the test stops being held out; use a dev split or none, and evaluate the "
+        "test once after training (embedkit eval MODEL --task %s)", where, recipe.data.dev, recipe.data.dev)
+    return True
+
+
 def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_environment: bool = True) -> None:
     """Checks that need the file system but no model: data files exist, specs parse, optional packages present
     (`check_environment=False` skips the last, to validate a GPU recipe on a machine without deepspeed)."""

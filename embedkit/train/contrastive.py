@@ -103,7 +103,7 @@ def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]
 def prepare_data(encoder, examples: list[TrainingExample], source: dict, recipe: Recipe) -> TrainData:
     """Tokenize once (never inside the loop) and compute the text keys used for false-negative masking."""
     data = TrainData(examples, source)
-    data.query_ids = encoder._token_ids([ex.query for ex in examples], "query")
+    data.query_ids = encoder.token_ids([ex.query for ex in examples], "query")
     data.query_keys = text_keys([ex.query for ex in examples])
     set_documents(data, encoder, recipe)
     return data
@@ -120,11 +120,11 @@ def set_documents(data: TrainData, encoder, recipe: Recipe, token_cache: dict[st
     docs = [[ex.positive, *ex.negatives[:k]] for ex in examples]
     texts = [t for row in docs for t in row]
     if token_cache is None:
-        flat = encoder._token_ids(texts, "document")
+        flat = encoder.token_ids(texts, "document")
     else:
         new = list(dict.fromkeys(t for t in texts if t not in token_cache))
         if new:
-            token_cache.update(zip(new, encoder._token_ids(new, "document")))
+            token_cache.update(zip(new, encoder.token_ids(new, "document")))
         flat = [token_cache[t] for t in texts]
     data.doc_ids, start = [], 0
     for row in docs:

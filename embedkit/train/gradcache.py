@@ -109,7 +109,7 @@ def embed_length_sorted(encoder, id_lists: Sequence[Sequence[int]], size: int, *
     The embeddings are those of a single forward (attention masks make each row independent of its neighbours),
     only the dropout masks are drawn differently.
     """
-    from embedkit.models.batching import length_sorted_batches
+    from embedkit.models.tokenization import length_sorted_batches
 
     runner = runner or DirectRunner(encoder)
     order: list[int] = []

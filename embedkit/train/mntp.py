@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from embedkit.errors import ConfigError, ModelError
+from embedkit.models.tokenization import tokenize
 from embedkit.train.engine import LOG_FILE, MNTP_LOG_FILE, Engine, StepBase, work_dir
 
 log = logging.getLogger("embedkit.train")
@@ -98,8 +99,8 @@ class MNTPStep(StepBase):
         self.recipe, self.encoder = recipe, encoder
         tokenizer = encoder.tokenizer
         m = recipe.mntp
-        self.ids = [ids for ids in tokenizer(documents, add_special_tokens=True, truncation=True,
-                                             max_length=m.max_length, return_attention_mask=False)["input_ids"]
+        # No prompt: MNTP learns the documents' tokens themselves (the prompts are for embedding).
+        self.ids = [ids for ids in tokenize(tokenizer, documents, "document", max_length=m.max_length)
                     if len(ids) >= 2]
         if not self.ids:
             raise ConfigError("mntp: no training document has two tokens to learn from", field="mntp.steps")

@@ -36,7 +36,14 @@ def tune_command(
         None, "--test",
         help="A task the search never sees, e.g. beir:../shared/data/scifact:test. After the final model: the base "
              "model, the default recipe's model (one more training run) and the tuned model are evaluated on it and "
-             "compared with `embedkit compare` (difference, 95% CI, p(improvement))."),
+             "compared with `embedkit compare` (difference, 95% CI, p(improvement)). Refused when it shares a qrels "
+             "file, a query id or a query text with data.dev or the training data."),
+    allow_train_overlap: bool = typer.Option(
+        False, "--allow-train-overlap",
+        help="Accept --test query texts that are also training queries (public splits repeat a few: 2 of "
+             "SciFact's 300 test claims, 113 of MedQuAD's 1,495 test questions up to case); they train every "
+             "compared model alike and stay out of the dev split. Never a shared qrels file or query id, nor any "
+             "overlap with data.dev."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the dev split and of the sampler (default: the "
                                                             "recipe's training.seed). Same seed, same trials."),
     device: Optional[str] = typer.Option(None, "--device", help=f"Overrides model.device for every run: {DEVICE_HELP}"),
@@ -73,7 +80,8 @@ def tune_command(
     """Find the recipe that suits your data: a budgeted search on a dev split, then the final model.
 
     1. Dev split: carved from the training queries (query-disjoint, seeded; its corpus: the dev positives and the
-    documents the base model ranks nearest to them, then random ones), or the recipe's data.dev.
+    documents the base model ranks nearest to them, then random ones), or the recipe's data.dev (refused when it
+    overlaps --test or the training data: the test is scored only at the end).
     2. Search (Optuna TPE, seeded, one trial at a time: a fixed seed gives the same trials) over lr, epochs,
     temperature, and where the recipe can use them the hard negatives, the mining window and margin (mining.online)
     and the LoRA rank (adapter lora / qlora). A recipe without any negatives can have them mined: mined_negatives
@@ -91,7 +99,7 @@ def tune_command(
 
     Examples:
 
-      embedkit tune recipes/minilm-scifact.yaml --budget 2h --set data.dev=null --test beir:../shared/data/scifact:test
+      embedkit tune recipes/minilm-scifact.yaml --budget 2h --test beir:../shared/data/scifact:test --allow-train-overlap
 
       embedkit tune recipes/minilm-medquad.yaml --budget 20 -o runs/medquad-tune
 
@@ -116,7 +124,8 @@ def tune_command(
         result = tune(recipe, budget=parsed_budget, output=output, overrides=list(set_), seed=seed, device=device,
                       test=test, dev_fraction=dev_fraction, max_dev_queries=max_dev_queries, dev_docs=dev_docs,
                       evals_per_epoch=evals_per_epoch, params=wanted, final=not no_final, keep_trials=keep_trials,
-                      verbose=verbose, nearest_dev=dev_corpus == "nearest")
+                      verbose=verbose, nearest_dev=dev_corpus == "nearest",
+                      allow_train_overlap=allow_train_overlap)
     report = result.report
     summary = {"output": str(result.output), "tuned_recipe": str(result.recipe_path),
                "model": str(result.model_dir) if result.model_dir else None, "best_trial": result.best.number,

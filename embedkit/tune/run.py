@@ -6,7 +6,10 @@
 
 The steps:
 
-1. the recipe is read (with `--set` overrides) and checked as `embedkit train --check` would;
+1. the recipe is read (with `--set` overrides) and checked as `embedkit train --check` would; a `data.dev` or a
+   test task that shares a qrels file, a query id or a query text with the other or with the training data is
+   refused (embedkit/tune/leakage.py): the search and the engine's dev-best step choose on dev, so a dev set that
+   is the test would make the test comparison measure the choice. The test is read then only to be checked;
 2. the dev split (embedkit/tune/split.py): carved from the training queries (query-disjoint, seeded), its corpus
    the dev positives, the documents the base model ranks nearest to them and a random rest; or the recipe's
    `data.dev`;
@@ -38,7 +41,8 @@ The steps:
    all the training data (the carved dev queries included): `embedkit train OUTPUT/tuned_recipe.yaml` gives the same
    weights;
 7. with a test task: the base model, the default recipe's model (trained on the same data) and the tuned model are
-   evaluated on it and compared with `embedkit compare` (difference, 95% interval, p(improvement));
+   evaluated on it (the first time anything scores it) and compared with `embedkit compare` (difference, 95%
+   interval, p(improvement));
 8. the report: tune_report.md / .json (trials, the search space, the dev split, the choice) and dev_curve.png.
 """
 
@@ -562,11 +566,15 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
          overrides: list[str] | None = None, seed: int | None = None, device: str | None = None,
          test: str | None = None, dev_fraction: float = 0.2, max_dev_queries: int = 500, dev_docs: int = 1000,
          evals_per_epoch: int = 1, params: list[str] | None = None, final: bool = True, keep_trials: bool = False,
-         nearest_dev: bool = True,
+         nearest_dev: bool = True, allow_train_overlap: bool = False,
          verbose: bool = False, clock: Callable[[], float] = time.monotonic,
          trial_hook: Callable[[int], None] | None = None) -> TuneResult:
-    """Tune `recipe_path` within `budget`; see the module docstring. Returns where everything went."""
-    from embedkit.train.config import load_recipe, parse_recipe
+    """Tune `recipe_path` within `budget`; see the module docstring. Returns where everything went.
+
+    `allow_train_overlap`: accept `test` query texts that are also training queries (a public split that repeats
+    a few); they stay out of the carved dev split. A dev or test set that otherwise overlaps is refused
+    (embedkit/tune/leakage.py)."""
+    from embedkit.train.config import load_recipe, parse_recipe, warn_if_dev_is_test
 
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     budget_started = clock()  # the preparation below (ranking the dev corpus, the mining probe) spends the budget too
@@ -595,11 +603,23 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
         raise ConfigError("the tune output folder must differ from the recipe's training.output_dir",
                           field="--output")
     test_spec = None
-    if test is not None:
+    keep_out_of_dev: set[str] = set()
+    if test is not None or recipe.data.dev:
+        # The test is read here to be validated and compared with the other sets, never scored before step 7.
         from embedkit.eval.tasks import load_task, parse_task_spec
+        from embedkit.tune.leakage import check_held_out, task_side, training_side
 
-        test_spec = parse_task_spec(test)
-        load_task(test_spec)  # a bad test set fails now, not after the search
+        warn_if_dev_is_test(recipe, source=recipe_path)
+        test_side = None
+        if test is not None:
+            test_spec = parse_task_spec(test)
+            test_side = task_side("--test", load_task(test_spec))  # a bad test set fails now, not after the search
+        dev_side = task_side("data.dev", load_task(parse_task_spec(recipe.data.dev))) if recipe.data.dev else None
+        keep_out_of_dev = check_held_out(training_side(recipe), dev_side, test_side, source=recipe_path,
+                                         allow_train_overlap=allow_train_overlap)
+        if keep_out_of_dev:
+            log.warning("%d query texts of %s are also training queries (--allow-train-overlap): they train every "
+                        "model compared alike, and stay out of the dev split", len(keep_out_of_dev), test)
     seed = recipe.training.seed if seed is None else seed
     output.mkdir(parents=True, exist_ok=True)
     log.info("tuning %s (model %s on %s) within %s -> %s", recipe_path, recipe.model.name, recipe.model.device,
@@ -610,7 +630,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
         split = given_dev_split(recipe)
     else:
         split = carve_dev_split(recipe, output / SPLIT_DIR, fraction=dev_fraction, max_queries=max_dev_queries,
-                                dev_docs=dev_docs, seed=seed,
+                                dev_docs=dev_docs, seed=seed, exclude=keep_out_of_dev,
                                 rank=base_model_ranker(recipe, recipe.model.device) if nearest_dev else None)
     log.info("dev split: %s", split.describe())
 

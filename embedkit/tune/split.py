@@ -89,15 +89,22 @@ class DevSplit:
                 f"{self.dev_documents:,} of {self.pool_documents:,} documents{hard} (seed {self.seed}; query-disjoint)")
 
 
-def choose_dev_queries(query_texts: list[str], *, fraction: float, max_queries: int, seed: int) -> set[str]:
-    """The dev query texts: a seeded sample of the distinct texts (first-appearance order drawn from)."""
+def choose_dev_queries(query_texts: list[str], *, fraction: float, max_queries: int, seed: int,
+                       exclude: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The dev query texts: a seeded sample of the distinct texts (first-appearance order drawn from), none of
+    whose folded form (embedkit.tune.leakage.fold) is in `exclude`: queries --test shares with the training data
+    train the trials but never score them."""
+    from embedkit.tune.leakage import fold
+
     distinct = list(dict.fromkeys(query_texts))
     n = len(distinct)
-    if n < 2:
-        raise ConfigError(f"the training data has {n} distinct quer{'y' if n == 1 else 'ies'}: too few to carve a "
-                          "dev split; give the recipe a data.dev", field="data.train")
-    n_dev = min(max_queries, max(1, round(fraction * n)), n - 1)
-    return set(random.Random(seed).sample(distinct, n_dev))
+    candidates = [t for t in distinct if fold(t) not in exclude] if exclude else distinct
+    if n < 2 or not candidates:
+        raise ConfigError(f"the training data has {n} distinct quer{'y' if n == 1 else 'ies'}"
+                          f"{f' ({n - len(candidates)} of them test queries)' if exclude else ''}: too few to carve "
+                          "a dev split; give the recipe a data.dev", field="data.train")
+    n_dev = min(max_queries, max(1, round(fraction * n)), n - 1, len(candidates))
+    return set(random.Random(seed).sample(candidates, n_dev))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -170,10 +177,12 @@ def _dev_documents(all_ids: list[str], keep: set[str], limit: int, seed: int, *,
 
 
 def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries: int = 500, dev_docs: int = 1000,
-                    seed: int = 42, rank: Ranker | None = None) -> DevSplit:
+                    seed: int = 42, rank: Ranker | None = None,
+                    exclude: set[str] | frozenset[str] = frozenset()) -> DevSplit:
     """Carve a query-disjoint dev split from `recipe`'s training data into `folder` (replaced atomically).
 
-    `rank`: the base model's ranking (see the module docstring); None: the dev corpus is positives plus random."""
+    `rank`: the base model's ranking (see the module docstring); None: the dev corpus is positives plus random.
+    `exclude`: folded query texts never drawn for dev (the test queries the training data repeats)."""
     from embedkit.atomic import atomic_dir
     from embedkit.train.config import parse_train_source
     from embedkit.train.contrastive import load_examples, subset_indices
@@ -192,7 +201,7 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
         if chosen is not None:
             judgments = [judgments[i] for i in chosen]
         dev_texts = choose_dev_queries([ds.queries[q] for q, _, _ in judgments], fraction=fraction,
-                                       max_queries=max_queries, seed=seed)
+                                       max_queries=max_queries, seed=seed, exclude=exclude)
         train_j = [j for j in judgments if ds.queries[j[0]] not in dev_texts]
         dev_j = [j for j in judgments if ds.queries[j[0]] in dev_texts]
         dev_qids = list(dict.fromkeys(q for q, _, _ in dev_j))
@@ -222,7 +231,7 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
 
     examples, _source = load_examples(recipe)
     dev_texts = choose_dev_queries([ex.query for ex in examples], fraction=fraction, max_queries=max_queries,
-                                   seed=seed)
+                                   seed=seed, exclude=exclude)
     train_ex = [ex for ex in examples if ex.query not in dev_texts]
     dev_ex = [ex for ex in examples if ex.query in dev_texts]
     # The pool: every distinct positive and negative text of the used data, positives first; then, as candidates
