@@ -1,6 +1,7 @@
 """Every benchmark figure a README quotes comes from a record under bench/records/, or is marked as unrecorded.
 
-The Markdown files checked (MARKDOWN_FILES) mark their benchmark figures with two kinds of region, each an HTML
+The Markdown files checked (MARKDOWN_FILES: the READMEs and every docs/**/*.md page of the documentation site; the
+site's benchmark pages are generated from the records by docs/gen_bench.py and are not files there) mark their benchmark figures with two kinds of region, each an HTML
 comment alone on its line (invisible when rendered; indent it to the item's text inside a list, so the list stays
 one list), closed by its own end marker:
 
@@ -51,7 +52,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MARKDOWN_FILES = ("README.md", "serve/README.md", "eval/README.md", "bench/README.md")
+MARKDOWN_FILES = ("README.md", "serve/README.md", "eval/README.md", "bench/README.md",
+                  *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("**/*.md")))
 RECORDS_DIR = "bench/records"
 PROVENANCE_KEYS = ("command", "commit", "date", "cpu")
 
@@ -385,6 +387,11 @@ def test_write_record_carries_its_provenance(record_module, tmp_path, repo):
 
 
 # ---------------------------------------------------------------- the real READMEs
+
+
+def test_docs_pages_are_checked():
+    """The glob found the documentation pages (a moved docs/ folder would otherwise leave them unchecked)."""
+    assert {"docs/index.md", "docs/tune.md", "docs/quickstart.md"} <= set(MARKDOWN_FILES)
 
 
 @pytest.mark.parametrize("name", MARKDOWN_FILES)

@@ -11,7 +11,7 @@ contrastive step, on the same encoder and adapter): the data are the training do
 negatives), masked BERT-style (of the chosen positions 80% become the mask token, 10% a random token, 10% stay),
 with a seeded mask per step so a resumed run masks the same tokens. LLM2Vec trains a separate adapter for MNTP
 and merges it before the contrastive one; one adapter trained in two stages keeps the saved model one adapter
-(the ablation in the README measures the warm-up as built here).
+(the ablation in docs/train.md measures the warm-up as built here).
 
 The LM head is the input embedding when the model ties them (SmolLM2, Qwen3-0.6B), else `lm_head.weight` read
 from the model folder's safetensors; it stays frozen. Logits are computed for the masked positions only.
