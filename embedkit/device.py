@@ -81,3 +81,15 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def free_memory() -> None:
+    """Give back what the models a stage dropped still hold: a garbage collection, then CUDA's cached blocks (for
+    stages that load one model after another in one process, as `embedkit tune` does)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

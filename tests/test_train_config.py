@@ -135,6 +135,58 @@ def test_override_syntax_errors(pairs_file, tmp_path):
         apply_overrides({"training": {"lr": 1}}, ["training.lr.x=2"])
 
 
+def test_tune_edits_recipes_through_the_set_path_and_an_unknown_key_raises_as_with_set(pairs_file, tmp_path):
+    """Bug: tune edited raw dicts with its own `_set`/`_get`, a second override path that silently replaced a
+    value that was not a section (where `--set` raised) and read a misspelt key as None. Tune's edits are now
+    `--set` overrides applied to the typed recipe (`with_overrides`, on `apply_overrides`): a key no recipe has is
+    the error `--set` gives, naming the key; the values come back as themselves (4e-05 stays a float, "3:50" a
+    text); the keys the user did not write stay unwritten; the recipe edited is not changed."""
+    from embedkit.tune.run import as_overrides
+
+    path = _write(tmp_path, _good(pairs_file, tmp_path))
+    via_set = _fails(path, ["training.lrr=4e-05"])
+    recipe = load_recipe(path)
+    with pytest.raises(ConfigError) as info:
+        recipe.with_overrides(as_overrides({"training.lrr": 4e-05}), source=path)
+    assert (info.value.field, info.value.message, info.value.path) == (via_set.field, via_set.message, via_set.path)
+    assert via_set.field == "training.lrr" and "unknown key" in via_set.message
+    with pytest.raises(ConfigError, match="not a section"):  # _set replaced batch_size: 2 with {"x": 1}
+        recipe.with_overrides(as_overrides({"training.batch_size.x": 1}))
+    edited = recipe.with_overrides(as_overrides({"training.lr": 4e-05, "mining.range": "3:50", "loss.temperature":
+                                                 0.02, "training.report_to": [], "data.max_examples": None}))
+    assert edited.training.lr == 4e-05 and edited.mining.range == "3:50" and edited.loss.temperature == 0.02
+    assert edited.training.report_to == [] and edited.data.max_examples is None
+    assert edited.training.batch_size == 2 and recipe.training.lr == 2e-5  # the rest kept, the original untouched
+    assert "adapter" not in edited.model_fields_set and "adapter" not in edited.model_dump(exclude_unset=True)
+    assert type(edited) is type(recipe)
+
+
+def test_every_recipe_kind_shares_the_engines_sections():
+    """Bug: embedkit/llm/config.py re-declared the section base and an adapter section that nearly duplicated this
+    one (an option added to one kind's adapter, DoRA / rsLoRA, had to be added to the other by hand, and nothing
+    told when it was not). Every recipe the engine trains derives from BaseRecipe, and its adapter section from
+    the one AdapterSection, re-declaring none of its fields but the LLM default (lora)."""
+    from embedkit.llm.config import LLMRecipe
+    from embedkit.train.config import AdapterSection, BaseRecipe, Recipe, Section
+
+    for kind in (Recipe, LLMRecipe):
+        assert issubclass(kind, BaseRecipe)
+        for name in ("model", "adapter", "data", "loss", "training", "deepspeed", "fsdp"):
+            declared = kind.model_fields[name].annotation
+            assert issubclass(declared, BaseRecipe.model_fields[name].annotation), (kind.__name__, name)
+    encoder_adapter = Recipe.model_fields["adapter"].annotation
+    llm_adapter = LLMRecipe.model_fields["adapter"].annotation
+    assert AdapterSection in encoder_adapter.__mro__ and AdapterSection in llm_adapter.__mro__
+    assert {k for k in vars(llm_adapter).get("__annotations__", {})} == {"type"}  # no field re-declared but type
+    for name, field in AdapterSection.model_fields.items():  # the same LoRA options, same bounds, in both
+        for kind in (encoder_adapter, llm_adapter):
+            if name != "type":
+                assert repr(kind.model_fields[name]) == repr(field), (kind.__name__, name)
+    assert llm_adapter().type == "lora" and encoder_adapter().type == "none"
+    assert set(encoder_adapter.model_fields) - set(AdapterSection.model_fields) == {"save"}
+    assert Section in LLMRecipe.model_fields["dpo"].annotation.__mro__  # one section base: extra keys refused
+
+
 def test_bad_recipe_fails_in_the_cli_before_any_model_loads(pairs_file, tmp_path, monkeypatch):
     import embedkit.models.encoder as encoder_module
 

@@ -688,10 +688,10 @@ def test_tune_turns_mining_on_in_trials_and_the_written_recipe_mines(tmp_path, t
     mined = [t for t in trials if t["params"]["mined_negatives"] > 0]
     assert mined and all("mining_range" in t["params"] and t["state"] == "complete" for t in mined)
     # Force the written recipe through a mined choice: the tuned recipe must be a valid mining recipe.
-    from embedkit.tune.run import read_raw
+    from embedkit.train.config import read_recipe_file
     from embedkit.tune.space import build_space, recipe_overrides
 
-    raw = read_raw(recipe, [])
+    raw, _text = read_recipe_file(recipe)
     space = build_space(load_recipe(recipe), only=["mined_negatives", "mining_range"])
     overrides = [f"{k}={v}" for k, v in recipe_overrides(space, mined[0]["params"]).items()]
     parsed = load_recipe(recipe, overrides)

@@ -12,8 +12,9 @@
                eval_every, checkpoint_every, gradient_accumulation, mixed_precision, report_to, ...}
     deepspeed / fsdp: as in `embedkit train` recipes (several processes: --nproc N)
 
-The training settings are the engine's (embedkit/train/engine.py), shared with `embedkit train` recipes. Errors are
-one ConfigError naming the file, line and field (the YAML helpers are shared). Relative paths are relative to the
+`LLMRecipe` derives from embedkit/train/config.py's `BaseRecipe`, as `embedkit train` recipes do: the sections the
+engine (embedkit/train/engine.py) reads are declared there once and narrowed here by subclasses. Errors are one
+ConfigError naming the file, line and field (the YAML reading and `--set` are shared). Relative paths are relative to the
 current directory.
 """
 
@@ -22,52 +23,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from embedkit.errors import ConfigError
-from embedkit.train.config import (DeepSpeedSection, DeviceSpec, EngineTrainingSection, FSDPSection, LossSection,
-                                   _first_error, _key_lines, apply_overrides, check_engine_environment,
-                                   check_engine_settings, parse_train_source)
+from embedkit.train.config import (AdapterSection, BaseRecipe, EngineDataSection, EngineModelSection,
+                                   EngineTrainingSection, LossSection, Section, check_engine_environment,
+                                   parse_train_source, read_recipe_file)
 
 MODES = ("sft", "dpo", "joint")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LLMModelSection(_Section):
+class LLMModelSection(EngineModelSection):
     name: str = Field(description="smollm2-135m, a local folder with a causal LM, or a Hugging Face id")
     max_length: int = Field(256, gt=8, description="tokens of one chat example (prompt + answer) or embedded text")
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     system_prompt: str | None = None  # None: the chat template's own default
     # The embedding side of the same model. None: the source folder's setting, else the LLM defaults.
     pooling: Literal["lasttoken", "mean"] | None = None
     prompts: dict[str, str] | str | None = None
     padding_side: Literal["left", "right"] | None = None
     embedding_attention: Literal["causal", "bidirectional"] = "causal"
-    gradient_checkpointing: bool = False
-    device: DeviceSpec = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this process's GPU if any)")
 
 
-class LLMAdapterSection(_Section):
+class LLMAdapterSection(AdapterSection):
+    """The engine's adapter section (embedkit/train/config.py), LoRA unless the recipe says otherwise. The output
+    folder always holds the merged model (no `save`)."""
+
     type: Literal["none", "lora", "qlora"] = "lora"
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: str | list[str] = "all-linear"
-    dora: bool = False  # PEFT's LoRA variants, as in embedding recipes
-    rslora: bool = False
 
 
-class QAColumns(_Section):
+class QAColumns(Section):
     question: str = "query"
     answer: str = "positive"
     topic: str | None = "focus"  # preference pairs take the rejected answer from the same topic
 
 
-class LLMDataSection(_Section):
+class LLMDataSection(EngineDataSection):
     train: str = Field(description="question/answer pairs (.jsonl) or beir:DIR[:SPLIT]")
     columns: QAColumns = QAColumns()
     max_examples: int | None = Field(None, gt=0)
@@ -81,11 +71,11 @@ class LLMDataSection(_Section):
     dev_batch_size: int = Field(32, gt=0)
 
 
-class DPOSection(_Section):
+class DPOSection(Section):
     beta: float = Field(0.1, gt=0.0, description="strength of the KL anchor to the reference (the starting model)")
 
 
-class JointSection(_Section):
+class JointSection(Section):
     sft_weight: float = Field(1.0, ge=0.0, description="loss = contrastive + sft_weight * answer loss (0: embedding only)")
 
 
@@ -102,7 +92,7 @@ def _joint_loss() -> LossSection:
     return LossSection(temperature=0.02)
 
 
-class LLMRecipe(_Section):
+class LLMRecipe(BaseRecipe):
     model: LLMModelSection
     adapter: LLMAdapterSection = LLMAdapterSection()
     data: LLMDataSection
@@ -110,12 +100,9 @@ class LLMRecipe(_Section):
     joint: JointSection = JointSection()
     loss: LossSection = Field(default_factory=_joint_loss)
     training: LLMTrainingSection
-    deepspeed: DeepSpeedSection = DeepSpeedSection()
-    fsdp: FSDPSection = FSDPSection()
 
     @model_validator(mode="after")
     def _consistent(self):
-        check_engine_settings(self)
         if self.loss.hard_negatives or self.loss.distillation != "none":
             raise ValueError("llm joint trains on question/answer pairs: in-batch negatives only (no "
                              "loss.hard_negatives, no distillation)")
@@ -128,25 +115,8 @@ def load_llm_recipe(path: str | Path, overrides: list[str] | None = None, *, mod
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("recipe file not found", path=path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or 'invalid YAML'}", path=path,
-                          line=mark.line + 1 if mark else None) from None
-    if not isinstance(raw, dict):
-        raise ConfigError("a recipe must be a YAML mapping with sections model, data, training, ...", path=path)
-    raw = apply_overrides(raw, list(overrides or []))
-    try:
-        recipe = LLMRecipe.model_validate(raw)
-    except ValidationError as exc:
-        loc, message = _first_error(exc)
-        lines = _key_lines(text)
-        line = next((lines[loc[:cut]] for cut in range(len(loc), 0, -1) if loc[:cut] in lines), None)
-        raise ConfigError(message, path=path, line=line, field=".".join(loc) or None) from None
+    raw, text = read_recipe_file(path, overrides)
+    recipe = LLMRecipe.from_raw(raw, source=path, text=text)
     if validate:
         validate_llm_recipe(recipe, mode=mode, source=path)
     return recipe

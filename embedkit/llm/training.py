@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from embedkit.device import torch_threads
+from embedkit.llm.config import LLMRecipe
 from embedkit.train.engine import Engine, StepBase, seed_everything
 
 log = logging.getLogger("embedkit.train")
@@ -24,7 +25,7 @@ log = logging.getLogger("embedkit.train")
 class LLMContext:
     """Everything a mode's step needs, built once per run."""
 
-    recipe: Any
+    recipe: LLMRecipe
     mode: str
     engine: Engine
     heads: Any  # embedkit.llm.model.TwoHeads: what the engine trains
@@ -44,7 +45,7 @@ class LLMContext:
         return self.recipe.training.micro_batch_size
 
 
-def build_heads(recipe, device) -> tuple[Any, Any, Path, dict[str, Any]]:
+def build_heads(recipe: LLMRecipe, device) -> tuple[Any, Any, Path, dict[str, Any]]:
     """(TwoHeads, tokenizer, source folder, embedding settings): the causal LM with its adapter and embedder."""
     from embedkit.llm.model import (TwoHeads, attach_adapter, embedding_settings, load_causal_lm, make_embedder)
     from embedkit.models.adapters import keep_4bit_layout
@@ -78,7 +79,7 @@ class LLMStep(StepBase):
         return {}
 
 
-def run_llm(recipe, mode: str, make_step: Callable[[LLMContext], LLMStep], *, resume: bool = False,
+def run_llm(recipe: LLMRecipe, mode: str, make_step: Callable[[LLMContext], LLMStep], *, resume: bool = False,
             on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train one LLM mode end to end; returns the stats (and `output_dir`) on every rank."""
     from embedkit.llm.data import read_qa

@@ -16,12 +16,18 @@
 Every mistake is one ConfigError naming the recipe file, the line when known, and the field path
 (`training.batch_size`): unknown keys (extra="forbid"), wrong types, missing data files, unknown models.
 Relative paths are relative to the current directory (run recipes from the project root).
+
+Every recipe the training engine trains (this module's `Recipe`, embedkit/llm/config.py's `LLMRecipe`) derives from
+`BaseRecipe`: the sections the engine reads (model, adapter, training, deepspeed, fsdp) are declared once here, and
+a recipe kind narrows them with subclasses where it needs more fields. Recipes are edited in one way, the `--set`
+way: "KEY=VALUE" strings applied by `apply_overrides`, to a file's YAML (`load_recipe`) or to a typed recipe
+(`BaseRecipe.with_overrides`; `format_override` writes the strings), then validated again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,7 +35,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from embedkit.errors import ConfigError
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -45,25 +53,34 @@ def _valid_device(spec: str) -> str:
 DeviceSpec = Annotated[str, AfterValidator(_valid_device)]
 
 
-class ModelSection(_Section):
+class EngineModelSection(Section):
+    """What every recipe's model section holds: the model, how its weights are stored, where it runs."""
+
+    name: str = Field(description="an embedded name, a local folder, or a Hugging Face id")
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    device: DeviceSpec = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this process's GPU if any)")
+
+
+class ModelSection(EngineModelSection):
     name: str = Field(description="embedded name (minilm, smollm2-135m), a local folder, or a Hugging Face id")
     pooling: Literal["mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens"] | None = None
     prompts: dict[str, str] | str | None = None  # a preset name (none, e5, bge, instruct) or {query:, document:}
     max_length: int | None = Field(None, gt=0)
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     padding_side: Literal["left", "right"] | None = None
     # None keeps the model's own dropout. attention_dropout 0 lets CPU attention use the fused (flash) kernel, which
     # does not materialise the [heads, L, L] probabilities: several times faster and far less memory.
     attention_dropout: float | None = Field(None, ge=0.0, lt=1.0)
     hidden_dropout: float | None = Field(None, ge=0.0, lt=1.0)
-    gradient_checkpointing: bool = False
-    device: DeviceSpec = Field("auto", description="auto | cpu | cuda | cuda:N (auto: this process's GPU if any)")
     # Causal LLM encoders only. bidirectional: every token attends to every other while embedding (LLM2Vec,
     # GritLM); the saved model keeps it, so eval, export and serving embed the same way. null: the model's own.
     attention: Literal["causal", "bidirectional"] | None = None
 
 
-class AdapterSection(_Section):
+class AdapterSection(Section):
+    """The engine's adapter (PEFT LoRA / QLoRA), for every recipe kind. embedkit/llm/config.py subclasses it for its
+    default (lora); `EncoderAdapterSection` adds what an embedding run saves."""
+
     type: Literal["none", "lora", "qlora"] = "none"
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -73,17 +90,26 @@ class AdapterSection(_Section):
     # keeps larger ranks learning; Kalajdzievski 2023).
     dora: bool = False
     rslora: bool = False
+
+
+class EncoderAdapterSection(AdapterSection):
     save: Literal["merged", "adapter", "both"] = "merged"  # what the output folder holds
 
 
-class ColumnsSection(_Section):
+class ColumnsSection(Section):
     query: str = "query"
     positive: str = "positive"
     negatives: str | list[str] | None = None
     scores: str | None = None
 
 
-class DataSection(_Section):
+class EngineDataSection(Section):
+    """What every recipe's data section names: the training data."""
+
+    train: str = Field(description="the training data: a file or beir:DIR[:SPLIT]")
+
+
+class DataSection(EngineDataSection):
     train: str = Field(description="a tuples file (.jsonl/.json/.csv/.tsv/.parquet) or beir:DIR[:SPLIT]")
     columns: ColumnsSection = ColumnsSection()
     max_examples: int | None = Field(None, gt=0)
@@ -92,7 +118,7 @@ class DataSection(_Section):
     dev_batch_size: int = Field(64, gt=0)
 
 
-class LossSection(_Section):
+class LossSection(Section):
     """Built by embedkit.train.losses.build_loss: the base loss `type`, wrapped in Matryoshka when
     `matryoshka_dims` is set and in distillation when `distillation` is set."""
 
@@ -117,7 +143,7 @@ class LossSection(_Section):
         return dims
 
 
-class EngineTrainingSection(_Section):
+class EngineTrainingSection(Section):
     """What the training engine (embedkit/train/engine.py) honours for every kind of run."""
 
     output_dir: str
@@ -156,7 +182,7 @@ class TrainingSection(EngineTrainingSection):
     drop_last: bool = False
 
 
-class MNTPSection(_Section):
+class MNTPSection(Section):
     """Masked next-token prediction warm-up (LLM2Vec, BehnamGhader et al. 2024) for causal LLM encoders: before the
     contrastive stage, the same adapter learns to predict masked tokens of the training documents from the hidden
     state of the token before them, with the recipe's attention. It teaches a decoder to use the tokens to its
@@ -169,7 +195,7 @@ class MNTPSection(_Section):
     max_length: int = Field(128, gt=1)
 
 
-class DeepSpeedSection(_Section):
+class DeepSpeedSection(Section):
     stage: Literal["none", "zero2", "zero3"] = "none"
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -181,7 +207,7 @@ class DeepSpeedSection(_Section):
         return self
 
 
-class FSDPSection(_Section):
+class FSDPSection(Section):
     """torch FSDP2 (fully_shard per transformer layer): parameters, gradients and optimizer state sharded across
     processes. Launch with several processes (`embedkit train RECIPE --nproc N`)."""
 
@@ -190,7 +216,7 @@ class FSDPSection(_Section):
     reshard_after_forward: bool = True  # ZeRO-3-like; false keeps gathered weights until backward (ZeRO-2-like)
 
 
-class MiningSection(_Section):
+class MiningSection(Section):
     """Online hard-negative re-mining: the trainer re-encodes the pool with the model being trained and refreshes
     every example's negatives with the same filters as `embedkit mine` (see embedkit/mine/settings.py)."""
 
@@ -243,20 +269,68 @@ class MiningSection(_Section):
         return text
 
 
-class Recipe(_Section):
-    model: ModelSection
+RecipeT = TypeVar("RecipeT", bound="BaseRecipe")
+
+
+class BaseRecipe(Section):
+    """What every recipe the training engine (embedkit/train/engine.py) trains holds; a recipe kind derives from it
+    and narrows the sections with its own subclasses (`Recipe` here, `LLMRecipe` in embedkit/llm/config.py).
+    data and loss are declared here too, in this order, so that every kind reports its first mistake in the same
+    order as the file reads (model, adapter, data, ...)."""
+
+    model: EngineModelSection
     adapter: AdapterSection = AdapterSection()
-    data: DataSection
+    data: EngineDataSection
     loss: LossSection = LossSection()
-    training: TrainingSection
+    training: EngineTrainingSection
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     fsdp: FSDPSection = FSDPSection()
+
+    @model_validator(mode="after")
+    def _engine_settings(self):  # runs before a subclass's own validators
+        check_engine_settings(self)
+        return self
+
+    @classmethod
+    def from_raw(cls: type[RecipeT], raw: Any, *, source: str | Path | None = None,
+                 text: str | None = None) -> RecipeT:
+        """The typed recipe of a YAML mapping, or one ConfigError naming `source`, the line in `text` (the
+        deepest key of the failing field that the text holds) and the field path."""
+        if not isinstance(raw, dict):
+            raise ConfigError("a recipe must be a YAML mapping with sections model, data, training, ...", path=source)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            loc, message = _first_error(exc)
+            line = None
+            if text is not None and loc:
+                lines = _key_lines(text)
+                for cut in range(len(loc), 0, -1):  # the deepest key that exists in the file
+                    if loc[:cut] in lines:
+                        line = lines[loc[:cut]]
+                        break
+            raise ConfigError(message, path=source, line=line, field=".".join(loc) or None) from None
+
+    def with_overrides(self: RecipeT, overrides: list[str], *, source: str | Path | None = None) -> RecipeT:
+        """A new recipe: this one with `--set`-style overrides ("training.lr=4e-05"; `format_override` writes them)
+        applied by `apply_overrides`, as `--set` applies them to the file, and validated again. A key that is not a
+        recipe field is the ConfigError `--set` gives ("unknown key", naming it). The keys written in this recipe
+        stay the ones written (the others keep their defaults): what `model_fields_set` says is unchanged. Checks
+        what the types and validators check, not the file system (`validate_recipe`)."""
+        raw = apply_overrides(self.model_dump(exclude_unset=True), list(overrides))
+        return type(self).from_raw(raw, source=source)
+
+
+class Recipe(BaseRecipe):
+    model: ModelSection
+    adapter: EncoderAdapterSection = EncoderAdapterSection()
+    data: DataSection
+    training: TrainingSection
     mining: MiningSection = MiningSection()
     mntp: MNTPSection = MNTPSection()
 
     @model_validator(mode="after")
     def _consistent(self):
-        check_engine_settings(self)
         if self.mining.online:
             if self.loss.hard_negatives == 0:
                 raise ValueError("mining.online needs loss.hard_negatives > 0 (how many mined negatives to train on)")
@@ -292,7 +366,7 @@ class Recipe(_Section):
             raise ValueError(f"mining: {exc.message}") from None
 
 
-def check_engine_settings(recipe) -> None:
+def check_engine_settings(recipe: BaseRecipe) -> None:
     """Combinations the training engine cannot honour, for every recipe kind (embedding and LLM). ValueError."""
     if recipe.adapter.type == "qlora" and recipe.model.dtype == "fp16":
         raise ValueError("qlora computes in fp32 or bf16, not fp16")
@@ -328,20 +402,50 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+def _section_of(raw: dict, path: list[str], *, create: bool) -> dict | None:
+    """The mapping that holds `path`'s last key (created where absent with `create`, else None); a value on the way
+    that is not a mapping is a ConfigError."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            if not create:
+                return None
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section",
+                              field="--set")
+        node = child
+    return node
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply "KEY=VALUE" overrides (`--set`; the value is YAML) to a recipe's YAML mapping, in place; returns it.
+    The one way recipes are edited: `load_recipe` applies `--set` with it, `BaseRecipe.with_overrides` the edits of
+    a typed recipe (embedkit tune's). A key that is not a recipe field is named when the result is validated."""
     for text in overrides:
         path, value = _parse_override(text)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"cannot set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a section",
-                                  field="--set")
-            node = child
-        node[path[-1]] = value
+        _section_of(raw, path, create=True)[path[-1]] = value
     return raw
+
+
+def format_override(key: str, value: Any) -> str:
+    """The override "KEY=VALUE" that `apply_overrides` reads back as `value` itself (the value in YAML flow style:
+    4e-05 as 4.0e-05, which YAML 1.1 reads as a float, and a text that would read as another type quoted)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True).strip()
+    if text.endswith("\n..."):  # the end-of-document mark after a plain scalar
+        text = text[:-len("\n...")].rstrip()
+    if yaml.safe_load(text) != value or "\n" in text:
+        raise ValueError(f"{key}: {value!r} has no one-line YAML form that reads back as itself")
+    return f"{key}={text}"
+
+
+def override_value(raw: dict, key: str) -> Any:
+    """The value a recipe's YAML mapping holds at the dotted `key` (None where it is not written): what an
+    override of `key` replaces."""
+    path = key.split(".")
+    node = _section_of(raw, path, create=False)
+    return None if node is None else node.get(path[-1])
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -382,25 +486,12 @@ def _first_error(exc: ValidationError) -> tuple[tuple, str]:
 
 
 def parse_recipe(raw: Any, *, source: str | Path | None = None, text: str | None = None) -> Recipe:
-    if not isinstance(raw, dict):
-        raise ConfigError("a recipe must be a YAML mapping with sections model, data, training, ...", path=source)
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        loc, message = _first_error(exc)
-        line = None
-        if text is not None and loc:
-            lines = _key_lines(text)
-            for cut in range(len(loc), 0, -1):  # the deepest key that exists in the file
-                if loc[:cut] in lines:
-                    line = lines[loc[:cut]]
-                    break
-        raise ConfigError(message, path=source, line=line, field=".".join(loc) or None) from None
+    return Recipe.from_raw(raw, source=source, text=text)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True,
-                check_environment: bool = True) -> Recipe:
-    """Read, override, type-check and (by default) validate a recipe; never loads a model."""
+def read_recipe_file(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, str]:
+    """A recipe file's YAML with the overrides applied (when it is a mapping; `BaseRecipe.from_raw` refuses the
+    rest), and its text (for the lines errors name). Any recipe kind."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("recipe file not found", path=path)
@@ -413,6 +504,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validat
         raise ConfigError(f"invalid YAML: {problem}", path=path, line=mark.line + 1 if mark else None) from None
     if isinstance(raw, dict):
         raw = apply_overrides(raw, list(overrides or []))
+    return raw, text
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True,
+                check_environment: bool = True) -> Recipe:
+    """Read, override, type-check and (by default) validate a recipe; never loads a model."""
+    path = Path(path)
+    raw, text = read_recipe_file(path, overrides)
     recipe = parse_recipe(raw, source=path, text=text)
     if validate:
         validate_recipe(recipe, source=path, check_environment=check_environment)
@@ -420,7 +519,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validat
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-def check_engine_environment(recipe, *, source=None, check_environment: bool = True) -> None:
+def check_engine_environment(recipe: BaseRecipe, *, source=None, check_environment: bool = True) -> None:
     """Packages the engine needs for what the recipe asks (skipped with check_environment=False)."""
     import importlib.util
 

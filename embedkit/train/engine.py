@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from embedkit.errors import ConfigError
+from embedkit.train.config import BaseRecipe
 
 log = logging.getLogger("embedkit.train")
 
@@ -169,7 +170,7 @@ def set_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def recipe_hash(recipe) -> str:
+def recipe_hash(recipe: BaseRecipe) -> str:
     """What must not change between a run and its resume (progress, logging and device settings may)."""
     dump = recipe.model_dump(mode="json")
     for volatile in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "threads", "report_to"):
@@ -219,7 +220,7 @@ def _trackers(report_to: list[str] | None) -> list[str]:
     return ["tensorboard"] if has_tb else []
 
 
-def _flat_config(recipe) -> dict[str, Any]:
+def _flat_config(recipe: BaseRecipe) -> dict[str, Any]:
     """The recipe as flat scalars, for trackers' hyper-parameter tables."""
     flat: dict[str, Any] = {}
 
@@ -238,9 +239,12 @@ def _flat_config(recipe) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- the engine
 class Engine:
-    """Set up once per run: `Engine(recipe, output)`, build the model inside `engine.model_init()`, then `fit`."""
+    """Set up once per run: `Engine(recipe, output)`, build the model inside `engine.model_init()`, then `fit`.
 
-    def __init__(self, recipe, output_dir: str | Path, *, kind: str = "train") -> None:
+    `recipe`: any recipe kind (embedkit/train/config.py's `BaseRecipe`); the engine reads its model (device, dtype),
+    adapter, training, deepspeed and fsdp sections, and hashes the whole recipe for resume."""
+
+    def __init__(self, recipe: BaseRecipe, output_dir: str | Path, *, kind: str = "train") -> None:
         from embedkit.device import resolve_device
 
         self.recipe = recipe

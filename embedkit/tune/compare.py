@@ -7,15 +7,19 @@ training run; when the search kept every value of the recipe, the tuned model *i
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from embedkit.device import free_memory
+from embedkit.train.config import Recipe, format_override
+
 log = logging.getLogger("embedkit.tune")
 
 GATE_MARGIN = 0.01  # the regression gate's margin in the verdict (as `embedkit compare`'s default)
+TEST_DIR = "test"  # under the tune output: the three models' reports on the test
+DEFAULT_MODEL_DIR = "default-model"  # under the tune output: the default recipe's model, when it is trained
 
 
 def _evaluate(encoder, spec, batch_size: int, path: Path) -> dict[str, Any]:
@@ -27,13 +31,12 @@ def _evaluate(encoder, spec, batch_size: int, path: Path) -> dict[str, Any]:
     return report
 
 
-def compare_on_test(spec, *, recipe, raw: dict, tuned_dir: Path, output: Path, same_as_default: bool,
+def compare_on_test(spec, *, recipe: Recipe, tuned_dir: Path, output: Path, same_as_default: bool,
                     device: str) -> dict[str, Any]:
+    """`recipe`: the recipe as written (with the user's --set), typed; its model is the default one."""
     from embedkit.eval.compare import compare
     from embedkit.models import load_model
-    from embedkit.train.config import parse_recipe
     from embedkit.train.contrastive import train
-    from embedkit.tune.run import DEFAULT_MODEL_DIR, TEST_DIR, _free_memory, _set
 
     folder = output / TEST_DIR
     batch = recipe.data.dev_batch_size
@@ -44,23 +47,21 @@ def compare_on_test(spec, *, recipe, raw: dict, tuned_dir: Path, output: Path, s
                       padding_side=m.padding_side, device=device)
     reports = {"base": _evaluate(base, spec, batch, folder / "base.json")}
     del base
-    _free_memory()
+    free_memory()
     if same_as_default:
         default_dir = tuned_dir
         log.info("the tuned recipe is the recipe as written: its model is the default recipe's model")
     else:
-        default_raw = copy.deepcopy(raw)
         default_dir = output / DEFAULT_MODEL_DIR
-        _set(default_raw, "training.output_dir", str(default_dir))
         log.info("training the default recipe (as written) on the same data -> %s", default_dir)
-        train(parse_recipe(default_raw))
-        _free_memory()
+        train(recipe.with_overrides([format_override("training.output_dir", str(default_dir))]))
+        free_memory()
     for name, folder_of_model in (("default", default_dir), ("tuned", tuned_dir)):
         log.info("test %s: evaluating the %s model", spec.name, name)
         encoder = load_model(folder_of_model, device=device)
         reports[name] = _evaluate(encoder, spec, batch, folder / f"{name}.json")
         del encoder
-        _free_memory()
+        free_memory()
     out: dict[str, Any] = {"task": spec.name, "spec": spec.spec, "metric": spec.main_metric,
                            "scores": {k: r["results"][spec.name]["metrics"][spec.main_metric]
                                       for k, r in reports.items()},

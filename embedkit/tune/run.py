@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import logging
 import shutil
 import statistics
@@ -61,8 +60,10 @@ from typing import Any, Callable
 
 import yaml
 
-from embedkit.device import resolve_device, torch_threads
+from embedkit.device import free_memory, resolve_device, torch_threads
 from embedkit.errors import ConfigError, EmbedkitError
+from embedkit.train.config import (DataSection, Recipe, apply_overrides, format_override, load_recipe, override_value,
+                                   parse_recipe, read_recipe_file, validate_recipe, warn_if_dev_is_test)
 from embedkit.train.remining import scheduled_rounds
 from embedkit.tune.budget import Budget, parse_budget
 from embedkit.tune.space import (Param, build_space, can_turn_on_mining, defaults, in_space, longer_schedule,
@@ -73,10 +74,8 @@ log = logging.getLogger("embedkit.tune")
 
 RECIPE_NAME = "tuned_recipe.yaml"
 MODEL_DIR = "model"
-DEFAULT_MODEL_DIR = "default-model"
 TRIALS_DIR = "trials"
 SPLIT_DIR = "split"
-TEST_DIR = "test"
 TPE_STARTUP_TRIALS = 4  # random proposals (trial 0 = the recipe included) before TPE models the results
 PRUNER_STARTUP_TRIALS = 2  # finished trials needed before any pruning
 PROGRESS_SCALE = 1000  # the pruner compares trials at step / total steps, in thousandths
@@ -115,46 +114,16 @@ class TuneResult:
     report: dict[str, Any]
 
 
-def _set(raw: dict, dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
-
-
-def _get(raw: dict, dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def read_raw(path: Path, overrides: list[str]) -> dict:
-    """The recipe as a plain dict with the overrides applied (what the tuned recipe is written from)."""
-    from embedkit.train.config import apply_overrides
-
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return apply_overrides(raw, list(overrides))
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """{dotted key: value} as the "KEY=VALUE" overrides `--set` takes (`BaseRecipe.with_overrides`,
+    `apply_overrides`), each reading back as its value."""
+    return [format_override(key, value) for key, value in values.items()]
 
 
 def steps_per_epoch(n_examples: int, recipe) -> int:
     t = recipe.training
     batches = n_examples // t.batch_size if t.drop_last else -(-n_examples // t.batch_size)
     return max(1, -(-max(batches, 1) // t.gradient_accumulation))
-
-
-def _free_memory() -> None:
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -198,7 +167,7 @@ def mining_probe(recipe, device) -> dict[str, Any]:
             round_seconds = mining_round_seconds(encoder, miner.state.task, miner.settings.batch_size)
             del encoder
     finally:
-        _free_memory()
+        free_memory()
     stats = miner.state.last_stats.to_dict()
     warning = margin_warning(stats, miner.settings.to_dict(), names="recipe")
     several = bool((miner.state.task.pos_ptr[1:] - miner.state.task.pos_ptr[:-1]).max() > 1)
@@ -257,7 +226,7 @@ def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], l
                     _, top = exact_topk(q, source, min(k, len(documents)), chunk_rows=CHUNK_ROWS)
                 del encoder
         finally:
-            _free_memory()
+            free_memory()
         ranked = [[int(i) for i in row if i >= 0] for row in top]
         log.info("ranked in %s", _duration(time.perf_counter() - started))
         return ranked
@@ -268,7 +237,7 @@ def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], l
 class Search:
     """The trials: ask the sampler, train, report to the pruner, tell the result; the budget decides when to stop."""
 
-    def __init__(self, base_raw: dict, space: list[Param], *, output: Path, seed: int, budget: Budget,
+    def __init__(self, base: Recipe, space: list[Param], *, output: Path, seed: int, budget: Budget,
                  objective_is_best: bool, verbose: bool, clock: Callable[[], float] = time.monotonic,
                  trial_hook: Callable[[int], None] | None = None, keep_trials: bool = False,
                  steps_per_epoch: int | None = None, mining_round_seconds: float | None = None,
@@ -277,7 +246,7 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
-        self.base_raw, self.space, self.output, self.seed, self.budget = base_raw, space, output, seed, budget
+        self.base, self.space, self.output, self.seed, self.budget = base, space, output, seed, budget
         self.objective_is_best, self.verbose, self.clock, self.trial_hook = objective_is_best, verbose, clock, trial_hook
         self.keep_trials, self.steps_per_epoch = keep_trials, steps_per_epoch
         self.mining_round_seconds = mining_round_seconds or 0.0
@@ -419,10 +388,10 @@ class Search:
     def _shape(self, params: dict) -> dict[str, Any]:
         """What a trial's recipe makes each step and epoch carry: texts per example (query, positive, negatives)
         and whether / how often it re-mines."""
-        raw = self._trial_raw(params)
-        every = _get(raw, "mining.every")
-        return {"texts": 2 + int(_get(raw, "loss.hard_negatives") or 0), "online": bool(_get(raw, "mining.online")),
-                "every": "epoch" if every is None else every}
+        changed = recipe_overrides(self.space, params)  # no recipe validated: a proposal may make an invalid one
+        hard = changed.get("loss.hard_negatives", self.base.loss.hard_negatives)
+        online = changed.get("mining.online", self.base.mining.online)
+        return {"texts": 2 + int(hard), "online": bool(online), "every": self.base.mining.every}
 
     def _paid_rounds(self, shape: dict, steps: int) -> int:
         """Rounds of online mining a trial pays for in `steps` steps: one before every epoch after the first (or
@@ -440,21 +409,19 @@ class Search:
             detail += f", {rounds} mining rounds of ~{_duration(self.mining_round_seconds)}"
         return detail
 
-    def _trial_raw(self, params: dict) -> dict:
-        """The trial's recipe (a plain dict): the base recipe with the parameters' overrides."""
-        raw = copy.deepcopy(self.base_raw)
-        for key, value in recipe_overrides(self.space, params).items():
-            _set(raw, key, value)
-        return raw
+    def _trial_recipe(self, params: dict, output_dir: Path, number: int) -> Recipe:
+        """The trial's recipe: the base recipe with the parameters' overrides (ConfigError when they make an invalid
+        recipe), training into `output_dir`."""
+        overrides = as_overrides({**recipe_overrides(self.space, params), "training.output_dir": str(output_dir)})
+        return self.base.with_overrides(overrides, source=f"trial {number}")
 
     def _steps(self, params: dict) -> int | None:
         """A trial's optimizer steps: training.max_steps, or its epochs (searched or the recipe's) x steps per epoch."""
-        max_steps = _get(self.base_raw, "training.max_steps")
-        if max_steps:
-            return int(max_steps)
+        if self.base.training.max_steps:
+            return int(self.base.training.max_steps)
         if self.steps_per_epoch is None:
             return None
-        epochs = params.get("epochs", _get(self.base_raw, "training.epochs") or 1)
+        epochs = params.get("epochs", self.base.training.epochs)
         return int(epochs) * self.steps_per_epoch
 
     def _repeat(self, trial, params: dict, earlier: TrialRecord) -> TrialRecord:
@@ -467,18 +434,15 @@ class Search:
                            0.0, note=f"same parameters as trial {earlier.number} (deterministic: not trained again)")
 
     def _train(self, trial, params: dict) -> TrialRecord:
-        from embedkit.train.config import parse_recipe
         from embedkit.train.contrastive import train
         from embedkit.train.engine import work_dir
 
         TrialState = self.optuna.trial.TrialState
-        raw = self._trial_raw(params)
         out = self.output / TRIALS_DIR / f"trial-{trial.number:03d}"
-        _set(raw, "training.output_dir", str(out))
         t0 = self.clock()
         record = TrialRecord(trial.number, params, "failed", None, 0.0)
         try:
-            recipe = parse_recipe(raw, source=f"trial {trial.number}")
+            recipe = self._trial_recipe(params, out, trial.number)
         except ConfigError as exc:  # e.g. a mining window too small for the negatives: not this recipe's fault
             self.study.tell(trial, state=TrialState.FAIL)
             record.note = exc.one_line()
@@ -518,7 +482,7 @@ class Search:
             if not self.keep_trials:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(work_dir(out), ignore_errors=True)
-            _free_memory()
+            free_memory()
         return record
 
     def _log(self, record: TrialRecord, elapsed: float) -> None:
@@ -574,8 +538,6 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     `allow_train_overlap`: accept `test` query texts that are also training queries (a public split that repeats
     a few); they stay out of the carved dev split. A dev or test set that otherwise overlaps is refused
     (embedkit/tune/leakage.py)."""
-    from embedkit.train.config import load_recipe, parse_recipe, warn_if_dev_is_test
-
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     budget_started = clock()  # the preparation below (ranking the dev corpus, the mining probe) spends the budget too
     if evals_per_epoch < 1:
@@ -588,8 +550,11 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     overrides = list(overrides or [])
     if device is not None:
         overrides.append(f"model.device={device}")
-    recipe = load_recipe(recipe_path, overrides)  # every mistake in the recipe fails here, naming file and field
-    raw = read_raw(recipe_path, overrides)
+    # Read once: the typed recipe, which the trials, the probe and the default run edit (Recipe.with_overrides), and
+    # its YAML mapping, from which only the tuned recipe is written (the user's keys, in the user's order).
+    raw, text = read_recipe_file(recipe_path, overrides)
+    recipe = parse_recipe(copy.deepcopy(raw), source=recipe_path, text=text)
+    validate_recipe(recipe, source=recipe_path)  # every mistake in the recipe fails here, naming file and field
     if recipe.fsdp.enabled:
         raise ConfigError("tune runs its trials in one process; fsdp needs several (train the tuned recipe with "
                           "--nproc afterwards)", path=recipe_path, field="fsdp.enabled")
@@ -635,30 +600,24 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     log.info("dev split: %s", split.describe())
 
     # 2. the trials' recipe: the user's, on the training part, scored on dev, without checkpoints or trackers
-    base_raw = copy.deepcopy(raw)
-    _set(base_raw, "data.train", split.train_spec)
-    _set(base_raw, "data.dev", split.dev_spec)
+    trial_changes: dict[str, Any] = {"data.train": split.train_spec, "data.dev": split.dev_spec}
     if split.carved:
-        data = base_raw["data"]
-        for key in ("max_examples", "sample"):  # the split holds the chosen examples already
-            data.pop(key, None)
-        if split.pairs_file:
-            data.pop("columns", None)  # written with the default column names
+        # the split holds the chosen examples already, written with the default column names for a pairs file
+        for key in ("max_examples", "sample") + (("columns",) if split.pairs_file else ()):
+            trial_changes[f"data.{key}"] = _default_of(DataSection, key)
         if split.mining_corpus is not None:
-            _set(base_raw, "mining.corpus", split.mining_corpus)
-    _set(base_raw, "training.checkpoint_every", None)
-    _set(base_raw, "training.report_to", [])
-    _set(base_raw, "training.progress", False)
+            trial_changes["mining.corpus"] = split.mining_corpus
+    trial_changes.update({"training.checkpoint_every": None, "training.report_to": [], "training.progress": False})
+    trial_recipe = recipe.with_overrides(as_overrides(trial_changes), source=recipe_path)
     user_eval = recipe.data.dev is not None and recipe.training.eval_every
-    trial_recipe = parse_recipe(copy.deepcopy(base_raw), source=recipe_path)
     from embedkit.train.contrastive import load_examples
 
     examples, source = load_examples(trial_recipe)
     per_epoch = steps_per_epoch(len(examples), trial_recipe)
     if not user_eval:
-        _set(base_raw, "training.eval_every", max(1, -(-per_epoch // evals_per_epoch)))
-    eval_every = _get(base_raw, "training.eval_every")
-    trial_recipe = parse_recipe(copy.deepcopy(base_raw), source=recipe_path)
+        trial_recipe = trial_recipe.with_overrides(
+            as_overrides({"training.eval_every": max(1, -(-per_epoch // evals_per_epoch))}), source=recipe_path)
+    eval_every = trial_recipe.training.eval_every
 
     # 3. what the data and the base model's mining say about the search space
     probe = None
@@ -670,10 +629,8 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
                  "the recipe has no negatives: trials may mine them online, with the default mining settings")
         probe_recipe = trial_recipe
         if turn_on:
-            probe_raw = copy.deepcopy(base_raw)
-            for key, value in {"mining.online": True, "loss.hard_negatives": 1}.items():
-                _set(probe_raw, key, value)
-            probe_recipe = parse_recipe(probe_raw, source=recipe_path)
+            probe_recipe = trial_recipe.with_overrides(
+                as_overrides({"mining.online": True, "loss.hard_negatives": 1}), source=recipe_path)
         probe = mining_probe(probe_recipe, trial_recipe.model.device)
         if probe["warning"]:
             log.warning("%s", probe["warning"]["message"])
@@ -687,7 +644,7 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
              eval_every, " (the recipe's)" if user_eval else "")
 
     # 4. the search
-    search = Search(base_raw, space, output=output, seed=seed, budget=budget, objective_is_best=bool(user_eval),
+    search = Search(trial_recipe, space, output=output, seed=seed, budget=budget, objective_is_best=bool(user_eval),
                     verbose=verbose, clock=clock, trial_hook=trial_hook, keep_trials=keep_trials,
                     steps_per_epoch=per_epoch, mining_round_seconds=probe["round_seconds"] if probe else None,
                     started=budget_started)
@@ -704,15 +661,12 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
              _versus_recipe(records, best))
 
     # 5. the tuned recipe (the user's, with the chosen values), written beside the model it trains
-    final_raw = copy.deepcopy(raw)
-    changes = []
-    for key, value in recipe_overrides(space, chosen).items():
-        before = _get(final_raw, key)
-        if before != value:
-            changes.append(f"{key} {before!r} -> {value!r}")
-        _set(final_raw, key, value)
+    chosen_values = recipe_overrides(space, chosen)
+    changes = [f"{key} {override_value(raw, key)!r} -> {value!r}" for key, value in chosen_values.items()
+               if override_value(raw, key) != value]  # against the file as written (a key not written: None)
     model_dir = output / MODEL_DIR
-    _set(final_raw, "training.output_dir", str(model_dir))
+    final_raw = apply_overrides(copy.deepcopy(raw),
+                                as_overrides({**chosen_values, "training.output_dir": str(model_dir)}))
     recipe_file = output / RECIPE_NAME
     write_recipe(recipe_file, final_raw, source=recipe_path, best=best, records=records, changes=changes,
                  metric=_dev_metric(trial_recipe), budget=budget)
@@ -745,13 +699,13 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
         state["final"] = {"steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
                           "samples_per_second": round(result.samples_per_second, 3),
                           "dev": result.dev["metrics"] if result.dev else None}
-        _free_memory()
+        free_memory()
 
         # 7. the test comparison: base, default recipe, tuned
         if test_spec is not None:
             from embedkit.tune.compare import compare_on_test
 
-            state["test"] = compare_on_test(test_spec, recipe=recipe, raw=raw, tuned_dir=trained_dir, output=output,
+            state["test"] = compare_on_test(test_spec, recipe=recipe, tuned_dir=trained_dir, output=output,
                                             same_as_default=not changes, device=trial_recipe.model.device)
     elif test_spec is not None:
         log.warning("--test needs the final model: skipped with --no-final")
@@ -760,6 +714,12 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     log.info("wrote %s (reproduce the model: embedkit train %s) and %s", recipe_file, recipe_file,
              output / "tune_report.md")
     return TuneResult(output, recipe_file, trained_dir, best, records, split, space, report)
+
+
+def _default_of(section, key: str) -> Any:
+    """A section field's default as a plain value (a sub-section's as a mapping)."""
+    value = section.model_fields[key].get_default(call_default_factory=True)
+    return value.model_dump() if hasattr(value, "model_dump") else value
 
 
 def _dev_metric(recipe) -> str:
