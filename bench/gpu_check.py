@@ -1061,7 +1061,7 @@ def row_train_vs_st(settings: Settings) -> RowResult:
 def _smollm2_overrides(settings: Settings, output: Path) -> list[str]:
     overrides = [f"data.train=beir:{_require_scifact(settings)}:train", "data.dev=null",
                  f"training.output_dir={output}", "training.progress=false", "training.report_to=[]",
-                 f"model.device={settings.device}", "mntp.steps=0"]  # MNTP: row 7 (and refused under ZeRO-3)
+                 f"model.device={settings.device}", "mntp.steps=0"]  # MNTP: row 7
     if settings.quick:
         overrides += ["training.batch_size=4", "training.grad_cache=2", "model.max_length=64"]
     return overrides

@@ -105,7 +105,8 @@ def build_tiny_bert(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0, max_positions: int = 256) -> Path:
+def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0, max_positions: int = 256,
+                     tied: bool = False) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,7 +116,7 @@ def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0, max_posit
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -142,6 +143,12 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-d Llama causal LM with a 300-token byte-level BPE vocabulary."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_dir(tmp_path_factory) -> Path:
+    """Like tiny_llama_dir with the LM head tied to the input embedding (SmolLM2, Qwen3-0.6B style)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_tied"), tied=True)
 
 
 @pytest.fixture(scope="session")

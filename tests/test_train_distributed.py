@@ -43,15 +43,17 @@ PAIRS = [("what causes a fever", "the patient has a fever and a cough"),
 #   test models: without a threshold of 0 no parameter is ever partitioned, gathered or released.
 # - EMBEDKIT_TEST_PROBE: a folder where each rank writes what ZeRO-3 did to its parameters (probe-RANK.json), seen
 #   from forward pre-hooks registered after DeepSpeed's own (so they run once DeepSpeed has gathered the module).
-# - EMBEDKIT_TEST_KILL_AT: rank 0 kills itself with SIGKILL after that optimizer step.
+# - EMBEDKIT_TEST_KILL_AT: rank 0 kills itself with SIGKILL after that optimizer step (of the last phase; of the MNTP
+#   warm-up with EMBEDKIT_TEST_KILL_PHASE=mntp).
 DRIVER = """
 import json, os, signal, sys
 import torch
-from embedkit.train import backends, contrastive
+from embedkit.train import backends, contrastive, mntp
 
 ZERO = json.loads(os.environ.get("EMBEDKIT_TEST_ZERO") or "{}")
 PROBE = os.environ.get("EMBEDKIT_TEST_PROBE")
 KILL_AT = int(os.environ.get("EMBEDKIT_TEST_KILL_AT") or 0)
+KILL_PHASE = os.environ.get("EMBEDKIT_TEST_KILL_PHASE") or "train"
 RANK = int(os.environ["RANK"])
 seen = {"shards": {}, "forwards": {"grad": 0, "no_grad": 0}, "gathered_in_use": 0, "not_gathered_in_use": [],
         "max_others_gathered": 0.0, "whole_after_step": [], "steps": 0}
@@ -102,8 +104,13 @@ def on_step(step, record):
         seen["whole_after_step"] += [n for n, p in seen["named"].items() if p.data.numel() == p.ds_numel]
         with open(os.path.join(PROBE, f"probe-{RANK}.json"), "w") as f:
             json.dump({k: v for k, v in seen.items() if k != "named"}, f)
-    if step == KILL_AT and RANK == 0:
+    if KILL_PHASE == "train" and step == KILL_AT and RANK == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+def mntp_after_step(self, engine, step, total):
+    if KILL_PHASE == "mntp" and step == KILL_AT and RANK == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+mntp.MNTPStep.after_step = mntp_after_step
 
 base_train = contrastive.train
 contrastive.train = lambda recipe, **kwargs: base_train(recipe, on_step=on_step, **kwargs)
@@ -118,13 +125,13 @@ PARTITION_ALL = {"stage3_param_persistence_threshold": 0, "stage3_model_persiste
 
 
 def _launch(tmp_path: Path, args: list[str], *, zero: dict | None = None, probe: Path | None = None,
-            kill_at: int | None = None) -> subprocess.CompletedProcess:
+            kill_at: int | None = None, kill_phase: str = "train") -> subprocess.CompletedProcess:
     """`embedkit train ARGS` in 2 CPU processes through DRIVER."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "EMBEDKIT_TEST_ZERO": json.dumps(zero or {}), "EMBEDKIT_TEST_PROBE": str(probe or ""),
-           "EMBEDKIT_TEST_KILL_AT": str(kill_at or 0)}
+           "EMBEDKIT_TEST_KILL_AT": str(kill_at or 0), "EMBEDKIT_TEST_KILL_PHASE": kill_phase}
     if probe is not None:
         probe.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -345,3 +352,76 @@ def test_qlora_under_zero3_trains_like_one_process_and_resumes_after_sigkill(tmp
     steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps[-4:] == [3, 4, 5, 6]  # the resumed run redid step 3
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp"])
+def test_mntp_then_contrastive_sharded_trains_like_one_process_and_resumes_mid_warm_up(tmp_path, tiny_llama_tied_dir,
+                                                                                       backend):
+    """Catches the MNTP warm-up not running as a phase of the one ZeRO-3 / FSDP engine (it used to be refused under
+    DeepSpeed / FSDP: a second engine on a model ZeRO-3 had already partitioned), a tied LM head that is not gathered
+    for its logits (the embedding is partitioned like every parameter: PARTITION_ALL, checked by the probe; an FSDP
+    shard), masks or a loss that depend on how the batch is split over the processes, and (ZeRO-3) a SIGKILL during
+    the warm-up whose resume does not go on with the warm-up and end where the uninterrupted run does. The 2-process
+    run must train what one process (no DeepSpeed / FSDP) trains with the global batches of both phases, at the
+    tolerance of the tests above."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in PAIRS))
+    recipe = tmp_path / "mntp.yaml"
+    # No dropout: the processes would draw other masks than one process does.
+    recipe.write_text(
+        f"model: {{name: {tiny_llama_tied_dir}, max_length: 32, pooling: mean, attention: bidirectional}}\n"
+        "adapter: {type: lora, r: 4, alpha: 8, dropout: 0.0}\n"
+        f"data: {{train: {pairs}}}\n"
+        "loss: {temperature: 0.1}\n"
+        "mntp: {steps: 4, batch_size: 2, lr: 1.0e-2, max_length: 32}\n"
+        f"training: {{output_dir: {tmp_path / 'out'}, batch_size: 2, lr: 1.0e-3, epochs: 1, seed: 3, threads: 1,"
+        " progress: false, log_every: 1, checkpoint_every: 2, grad_cache: 1}\n"
+        + ("deepspeed: {stage: zero3}\n" if backend == "zero3" else "fsdp: {enabled: true}\n"))
+    argv = lambda out: [str(recipe), "--set", f"training.output_dir={out}"]
+    zero = PARTITION_ALL if backend == "zero3" else None
+    full, probe = tmp_path / "full", tmp_path / "probe" if backend == "zero3" else None
+    _launch(tmp_path, argv(full), zero=zero, probe=probe)
+    if probe is not None:
+        _assert_partitioned(probe, steps=3)  # 12 pairs, global batch 4: the contrastive phase's 3 steps
+    manifest = json.loads((full / "embedkit_manifest.json").read_text())
+    stats = manifest["training"]["stats"]
+    assert stats["backend"] == {"zero3": "deepspeed-zero3", "fsdp": "fsdp"}[backend]
+    assert stats["processes"] == 2 and stats["steps"] == 3
+    assert stats["memory"]["mntp"]["steps"] == 4
+    mntp_log = [json.loads(line) for line in (full / "mntp_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in mntp_log if r["event"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["masked_tokens"] > 0 for r in mntp_log if r["event"] == "train")
+
+    # One process, both phases with the global batch (MNTP 4, contrastive 4), no GradCache, no DeepSpeed.
+    single = load_recipe(recipe, ["training.batch_size=4", "mntp.batch_size=4", "training.grad_cache=null",
+                                  "deepspeed.stage=none", "fsdp.enabled=false",
+                                  f"training.output_dir={tmp_path / 'single'}"])
+    train(single)
+    one_log = [json.loads(line) for line in (tmp_path / "single" / "mntp_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in mntp_log if r["event"] == "train"] == pytest.approx(
+        [r["loss"] for r in one_log if r["event"] == "train"], rel=1e-5)  # measured 3e-8 apart
+    a, b = _weights(full), _weights(tmp_path / "single")
+    base = {k.removeprefix("model."): v for k, v in _weights(Path(tiny_llama_tied_dir)).items()}
+    assert a.keys() == b.keys()
+    gap = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
+    moved = sum(((b[k] - base[k]) ** 2).sum().item() for k in a if k in base) ** 0.5
+    # Measured 1e-6 (ZeRO-3), 5e-7 (FSDP); MNTP masks drawn per process (the old DDP warm-up's) give 0.9.
+    assert moved > 0 and gap / moved < 1e-3, (gap, moved)
+    texts = [q for q, _ in PAIRS]
+    assert np.allclose(load_model(full).encode(texts), load_model(tmp_path / "single").encode(texts), atol=1e-4)
+
+    if backend != "zero3":
+        return
+    # Killed by SIGKILL on rank 0 after MNTP step 3 (checkpoint mntp-step-2), resumed: MNTP goes on from step 2.
+    killed = tmp_path / "killed"
+    proc = _launch(tmp_path, argv(killed), zero=PARTITION_ALL, kill_at=3, kill_phase="mntp")
+    assert proc.returncode != 0 and not killed.exists()
+    assert sorted(p.name for p in (work_dir(killed) / "checkpoints").iterdir()) == ["mntp-step-2"]
+    _launch(tmp_path, [*argv(killed), "--resume"], zero=PARTITION_ALL)
+    resumed = _weights(killed)
+    for key in a:
+        assert torch.allclose(resumed[key], a[key], atol=1e-6, rtol=0), key
+    steps = [json.loads(line)["step"] for line in (killed / "mntp_log.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps[-3:] == [3, 3, 4]  # the resumed run redid MNTP step 3
+

@@ -140,7 +140,7 @@ def test_recipe_estimates(bm):
     mistral = load_recipe(REPO / "recipes" / "mistral-7b-encoder-zero3.yaml", validate=False)
     per_gpu = [bm.estimate_recipe_memory(mistral, processes=n) for n in (2, 4, 8)]
     assert per_gpu[0]["peak_bytes"] > per_gpu[1]["peak_bytes"] > per_gpu[2]["peak_bytes"]
-    assert per_gpu[1]["cpu_optimizer_bytes"] > 0 and per_gpu[1]["mntp_bytes"] == 0
+    assert per_gpu[1]["cpu_optimizer_bytes"] > 0 and 0 < per_gpu[1]["mntp_bytes"] < per_gpu[1]["activations_bytes"]
     table = bm.format_estimate(per_gpu[1])
     assert "GiB (estimate)" in table and "per GPU, 4 GPUs (ZeRO-3)" in table
 

@@ -2,8 +2,10 @@
 
 Each backend wraps the model and its optimizer and owns the few things that differ between them: the module to call
 for trainable forwards, gradient synchronisation (`sync`), `backward`, the optimizer step (clipping included),
-the full trainable weights on rank 0, and the model + optimizer part of a checkpoint. The loop itself, the
-schedule, logging, evaluation and the rest of a checkpoint live in embedkit/train/engine.py.
+the full trainable weights on rank 0, and the model + optimizer part of a checkpoint. The model and optimizer are
+wrapped once per run (`wrap`); each phase of the run (engine.py's `Phase`) then starts with `start_phase`: the
+optimizer's state cleared and a new warmup + linear-decay schedule from the phase's lr (`restart_optimizer`). The
+loop itself, the schedule, logging, evaluation and the rest of a checkpoint live in embedkit/train/engine.py.
 
 Why not all through Accelerate: Accelerate (1.15) sets up the processes, devices, mixed precision and DDP here, and
 its trackers log the runs, but it runs DeepSpeed and FSDP only on accelerators (`PartialState` turns a CPU
@@ -59,6 +61,16 @@ def make_adamw(groups: list[dict], lr: float):
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
+def restart_optimizer(optimizer, lr: float, warmup: int, total: int):
+    """The optimizer as a fresh one would start (AdamW's moments and step counts are made lazily on its next step, as
+    for a new AdamW), at `lr`, under a new warmup + linear-decay schedule over `total` steps; returns the schedule.
+    The parameter groups (and, under DeepSpeed, the partitioned fp32 master weights they hold) stay."""
+    optimizer.state.clear()
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr  # a scheduler only sets initial_lr where it is missing
+    return linear_schedule(optimizer, warmup, total)
+
+
 def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -81,7 +93,8 @@ class Backend:
         """Context to build the model in (ZeRO-3 partitions it while loading)."""
         return contextlib.nullcontext()
 
-    def wrap(self, model: nn.Module, extra: list[nn.Parameter], total_steps: int, warmup: int) -> None:
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
+        """Once per run: the model wrapped (DDP across processes) with its optimizer; `start_phase` follows."""
         t = self.engine.training
         self.unwrapped, self.extra = model, extra
         groups = param_groups(model, t.weight_decay)
@@ -95,7 +108,12 @@ class Backend:
         optimizer = make_adamw(groups, t.lr)
         # The scheduler is not given to `prepare`: Accelerate would step it once per process per step.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.scheduler = linear_schedule(self.optimizer.optimizer, warmup, total_steps)
+
+    def start_phase(self, lr: float, total_steps: int, warmup: int) -> None:
+        """Before a phase's first step (and before a checkpoint of it is loaded): the optimizer as new, at `lr`, and
+        the phase's schedule."""
+        self.scheduler = restart_optimizer(self.optimizer.optimizer, lr, warmup, total_steps)
+        self._restart_extra(lr, total_steps, warmup)
 
     # ------------------------------------------------------------------ a step
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
@@ -171,10 +189,13 @@ class Backend:
     extra_optimizer = None
     extra_scheduler = None
 
-    def _make_extra_optimizer(self, total_steps: int, warmup: int) -> None:
+    def _make_extra_optimizer(self) -> None:
         if self.extra:
             self.extra_optimizer = make_adamw([{"params": self.extra, "weight_decay": 0.0}], self.engine.training.lr)
-            self.extra_scheduler = linear_schedule(self.extra_optimizer, warmup, total_steps)
+
+    def _restart_extra(self, lr: float, total_steps: int, warmup: int) -> None:
+        if self.extra_optimizer is not None:
+            self.extra_scheduler = restart_optimizer(self.extra_optimizer, lr, warmup, total_steps)
 
     def _step_extra(self) -> None:
         if self.extra_optimizer is not None:
@@ -299,17 +320,25 @@ class DeepSpeedBackend(ShardedBackend):
 
         return scope()
 
-    def wrap(self, model: nn.Module, extra: list[nn.Parameter], total_steps: int, warmup: int) -> None:
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
+        """One DeepSpeed engine for the whole run: its ZeRO optimizer holds the partitioned fp32 master weights, so
+        it is made once; each phase clears its AdamW's state and gives the engine the phase's schedule."""
         import deepspeed
 
         t = self.engine.training
         self.unwrapped, self.extra = model, extra
-        self.ds_engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, t.weight_decay), config=self.config,
-            lr_scheduler=lambda opt: linear_schedule(opt, warmup, total_steps))
+        self.ds_engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, t.weight_decay), config=self.config)
         self.model = self.ds_engine
         self.optimizer = self.ds_engine.optimizer
-        self._make_extra_optimizer(total_steps, warmup)
+        self._make_extra_optimizer()
+
+    def start_phase(self, lr: float, total_steps: int, warmup: int) -> None:
+        # The torch AdamW inside ZeRO (its param groups are the flat fp32 partitions); the engine steps the schedule
+        # it holds, and saves / loads it with the checkpoint.
+        self.scheduler = restart_optimizer(self.ds_engine.basic_optimizer, lr, warmup, total_steps)
+        self.ds_engine.lr_scheduler = self.scheduler
+        self._restart_extra(lr, total_steps, warmup)
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         self.ds_engine.set_gradient_accumulation_boundary(enabled)
@@ -381,7 +410,7 @@ class FSDPBackend(ShardedBackend):
 
     name = "fsdp"
 
-    def wrap(self, model: nn.Module, extra: list[nn.Parameter], total_steps: int, warmup: int) -> None:
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         t, f = self.engine.training, self.engine.recipe.fsdp
@@ -397,8 +426,11 @@ class FSDPBackend(ShardedBackend):
         fully_shard(model, **kwargs)
         self.model = model
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)  # no fused DTensor kernel
-        self.scheduler = linear_schedule(self.optimizer, warmup, total_steps)
-        self._make_extra_optimizer(total_steps, warmup)
+        self._make_extra_optimizer()
+
+    def start_phase(self, lr: float, total_steps: int, warmup: int) -> None:
+        self.scheduler = restart_optimizer(self.optimizer, lr, warmup, total_steps)
+        self._restart_extra(lr, total_steps, warmup)
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(enabled)

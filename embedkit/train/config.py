@@ -186,7 +186,7 @@ class MNTPSection(Section):
     """Masked next-token prediction warm-up (LLM2Vec, BehnamGhader et al. 2024) for causal LLM encoders: before the
     contrastive stage, the same adapter learns to predict masked tokens of the training documents from the hidden
     state of the token before them, with the recipe's attention. It teaches a decoder to use the tokens to its
-    right once attention is made bidirectional. Runs through the training engine with its own work folder."""
+    right once attention is made bidirectional. The first phase of the run's one training engine."""
 
     steps: int = Field(0, ge=0, description="optimizer steps of the warm-up; 0 = none")
     batch_size: int = Field(8, gt=0)
@@ -343,9 +343,6 @@ class Recipe(BaseRecipe):
             self.mining_settings()  # the mining filters' own checks (window size, margins)
         if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
             raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
-        if self.mntp.steps and (self.deepspeed.stage != "none" or self.fsdp.enabled):
-            raise ValueError("mntp.steps: the warm-up runs with DDP or in one process, not with deepspeed or fsdp "
-                             "yet (warm up once without them, then train from the saved model)")
         return self
 
 

@@ -29,8 +29,8 @@ from embedkit.data.tuples import TrainingExample
 from embedkit.device import torch_threads
 from embedkit.errors import ConfigError, DataError
 from embedkit.train.config import Recipe, parse_train_source
-from embedkit.train.engine import (LOG_FILE, Engine, FitResult, StepBase, copy_run_logs, peak_rss_gb, recipe_hash,
-                                   rss_gb, seed_everything, work_dir)
+from embedkit.train.engine import (LOG_FILE, Engine, FitResult, Phase, StepBase, copy_run_logs, peak_rss_gb,
+                                   recipe_hash, rss_gb, seed_everything, work_dir)
 from embedkit.train.gradcache import cached_step, plain_step
 from embedkit.train.losses import ContrastiveObjective, build_loss, text_keys
 
@@ -420,14 +420,17 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResul
         from embedkit.eval.tasks import load_task, parse_task_spec
 
         dev_task = load_task(parse_task_spec(recipe.data.dev))
-    if recipe.mntp.steps and not (resume and engine.has_checkpoint()):  # a checkpoint holds the warmed-up weights
-        from embedkit.train.mntp import warm_up
+    phases = []
+    if recipe.mntp.steps:  # the LLM2Vec warm-up: a first phase of the same fit, on the same model and adapter
+        from embedkit.train.mntp import mntp_phase
 
-        memory["mntp"] = warm_up(recipe, encoder, mntp_documents(examples), output, resume=resume)
-        engine.reclaim_accelerator()
+        phases.append(mntp_phase(recipe, encoder, mntp_documents(examples)))
     step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
-    fit = engine.fit(step, encoder, extra=[p for p in loss_fn.parameters() if p.requires_grad],
-                     n_examples=len(data.examples), resume=resume, on_step=on_step, on_eval=on_eval)
+    phases.append(Phase(step.name, step, len(data.examples)))
+    fit = engine.fit(phases, encoder, extra=[p for p in loss_fn.parameters() if p.requires_grad], resume=resume,
+                     on_step=on_step, on_eval=on_eval)
+    if "mntp" in fit.phases:  # absent when resumed from a checkpoint of an earlier run's contrastive phase
+        memory["mntp"] = fit.phases["mntp"]
     stats = {**fit.stats(), "memory": memory, "processes": engine.world, "backend": engine.backend.name,
              "device": str(engine.device), "loss": loss_fn.describe()}
     if engine.world > 1 or recipe.deepspeed.stage != "none":

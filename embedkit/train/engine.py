@@ -8,8 +8,10 @@ embedkit/llm/). The step owns its data, its forward and its loss; the engine own
 - how the model is held (embedkit/train/backends.py): DDP, DeepSpeed ZeRO-2/3 with optimizer / parameter offload,
   or FSDP2; mixed precision (bf16 / fp16 autocast with fp32 master weights); gradient accumulation;
 - the schedule (AdamW, warmup + linear decay), clipping, the seeded batch order split across processes;
-- checkpoints and exact resume (weights, optimizer, scheduler, every process's RNG, the data position and the
-  step's own state), written atomically into `.<output>.train/checkpoints/step-N/`;
+- phases: one `fit` may run several `Phase`s in order on the same wrapped model (the MNTP warm-up, then the
+  contrastive step: embedkit/train/mntp.py), each with its own batch size, learning rate, length, schedule and log;
+- checkpoints and exact resume (weights, optimizer, scheduler, every process's RNG, the phase, the data position and
+  the step's own state), written atomically into `.<output>.train/checkpoints/step-N/`;
 - dev evaluation every `eval_every` steps on every process (encoding shared between them), the dev-best weights
   kept and restored at the end;
 - logging: stdlib `logging` ("embedkit.train"), a JSONL log, a tqdm bar, and experiment trackers through
@@ -50,6 +52,7 @@ ENGINE_FILE = "engine.pt"
 LOG_FILE = "train_log.jsonl"
 MNTP_LOG_FILE = "mntp_log.jsonl"  # the MNTP warm-up's log (embedkit/train/mntp.py), beside the main one
 TRACKING_DIR = "tensorboard"
+_FITTING: list["Engine"] = []  # the engine whose fit is running in this process (at most one)
 
 
 # ---------------------------------------------------------------------------------------------------- the step API
@@ -121,11 +124,57 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
 
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier phases' stats (no history)
+
     def stats(self) -> dict[str, Any]:
         return {"steps": self.steps, "samples": self.samples, "train_seconds": round(self.train_seconds, 3),
                 "samples_per_second": round(self.samples_per_second, 4), "peak_rss_gb": round(self.peak_rss_gb, 3),
                 "final_loss": self.final_loss, "first_loss": self.first_loss, "best_step": self.best_step,
                 "history": self.history}
+
+
+@dataclass
+class Phase:
+    """One stage of a run's `Engine.fit`: a step trained for its own number of optimizer steps.
+
+    Settings left None are the recipe's `training` ones. The phases of one fit share everything the engine holds:
+    the process group, the Accelerator, the wrapped model (DDP / DeepSpeed engine / FSDP shards, built once) and
+    the optimizer object with its parameter groups. What is new per phase is the optimizer's *state* (AdamW's moments
+    and step count are cleared, as a fresh optimizer would start) and the learning-rate schedule (warmup + linear
+    decay over the phase's own steps, from its own lr): a phase starts as if its optimizer were made for it, which
+    keeps a one-process run the same as when the MNTP warm-up had its own engine, while DeepSpeed's engine (whose
+    optimizer owns the partitioned fp32 master weights) is initialised only once.
+
+    Only the last phase evaluates on the dev set (and keeps dev-best weights) and its step numbers are the run's:
+    `on_step` / `on_eval` see it alone, `FitResult` is its result (the earlier phases' stats are in
+    `FitResult.phases`). Every phase logs to its own JSONL file in the work folder (`log_file`); trackers get the
+    earlier phases' values under "<phase>/". Checkpoints record the phase they were written in: a resumed run goes
+    on in that phase (a checkpoint of a later phase means the earlier ones are done and are not run again).
+    """
+
+    name: str
+    step: Step
+    n_examples: int
+    log_file: str = LOG_FILE
+    batch_size: int | None = None  # per process
+    lr: float | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    gradient_accumulation: int | None = None
+    evaluate: bool = True  # dev evaluation per the recipe (eval_every / eval_at_end); the last phase only
+
+
+@dataclass
+class _Plan:
+    """A phase's settings, resolved against the recipe, and its length."""
+
+    batch_size: int
+    lr: float
+    accumulation: int
+    total: int
+    warmup: int
+    eval_every: int | None
+    eval_at_end: bool
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -280,14 +329,25 @@ class Engine:
         self._build_for_saving: Callable[[], nn.Module] | None = None
         self._model: nn.Module | None = None
         self._extra: list[nn.Parameter] = []
-        self.position: dict[str, Any] = {}  # step, epoch, batch, ... of the run in progress (steps may read it)
+        self.position: dict[str, Any] = {}  # step, epoch, batch, ... of the phase in progress (steps may read it)
+        self.phase: Phase | None = None  # the phase in progress
+        self.batch_rows: list[int] = []  # the global rows of the micro-batch in progress (step.run gets its own part)
+        self._phases: list[Phase] = []
+        self._phase_index = 0
+        self._track_prefix = ""  # trackers' key prefix of the phase in progress
+        self._done_phases: dict[str, dict[str, Any]] = {}  # stats of the phases finished, kept in checkpoints
 
     # ------------------------------------------------------------------ set-up
     def _make_accelerator(self):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
-        # One Accelerator per run; a process may train several times (tests, `embedkit tune`): reset its state.
+        # One Engine, hence one Accelerator, per run: the phases of a run (MNTP warm-up, contrastive) share it, and
+        # no engine is made while another one is training (`fit` refuses to start then). Accelerate's state is
+        # process-wide and fixed once made (precision, device), so a process that trains several runs one after the
+        # other (tests, `embedkit tune`'s trials) clears the previous run's before making this one's.
+        if _FITTING:
+            raise RuntimeError("an Engine is training in this process: one engine per run (run stages as its phases)")
         AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
         t = self.training
         sharded = self.recipe.deepspeed.stage != "none" or self.recipe.fsdp.enabled
@@ -296,11 +356,6 @@ class Engine:
         self.trackers = trackers
         return Accelerator(cpu=self.device.type == "cpu", mixed_precision=mixed, log_with=trackers or None,
                            project_dir=str(self.work / TRACKING_DIR))
-
-    def reclaim_accelerator(self) -> None:
-        """After another engine ran in this process (the MNTP warm-up): Accelerate's state is process-wide and that
-        engine reset it, so make this engine's Accelerator again before fitting."""
-        self.accelerator = self._make_accelerator()
 
     @property
     def is_main(self) -> bool:
@@ -351,73 +406,137 @@ class Engine:
         self.backend.backward_from(outputs, grads)
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, step: Step, model: nn.Module, *, extra: list[nn.Parameter] | None = None, n_examples: int,
-            resume: bool = False, on_step: Callable[[int, dict], None] | None = None,
+    def fit(self, phases: Step | list[Phase], model: nn.Module, *, extra: list[nn.Parameter] | None = None,
+            n_examples: int | None = None, resume: bool = False, on_step: Callable[[int, dict], None] | None = None,
             on_eval: Callable[[int, dict, int], None] | None = None) -> FitResult:
-        """Train `model` (and `extra` loss parameters) with `step`; returns what was measured, on every rank.
+        """Train `model` (and `extra` loss parameters) through `phases` in order (a single `step` with `n_examples`
+        is one phase); returns what was measured in the last phase, on every rank (see `Phase`).
 
-        `on_step(step, record)` runs after every optimizer step; `on_eval(step, result, total_steps)` after every
-        dev evaluation (`embedkit tune` reports it to its pruner). An exception raised by either ends the run: the
-        log is closed and nothing is saved (checkpoints stay, as after a crash).
+        `on_step(step, record)` runs after every optimizer step of the last phase; `on_eval(step, result,
+        total_steps)` after every dev evaluation (`embedkit tune` reports it to its pruner). An exception raised by
+        either ends the run: the log is closed and nothing is saved (checkpoints stay, as after a crash).
         """
-        t = self.training
+        if not isinstance(phases, (list, tuple)):
+            if n_examples is None:
+                raise TypeError("fit(step, ...) needs n_examples")
+            phases = [Phase(phases.name, phases, n_examples)]
+        phases = list(phases)
+        if not phases or len({p.name for p in phases}) != len(phases):
+            raise ValueError(f"fit needs phases with distinct names, not {[p.name for p in phases]}")
+        if any(p.evaluate and (self.training.eval_every or self.training.eval_at_end) for p in phases[:-1]):
+            raise ValueError("only the last phase evaluates on the dev set: set evaluate=False on the others")
+        if _FITTING:
+            raise RuntimeError("an Engine is already training in this process")
+        self._phases = phases
         self._on_eval = on_eval
+        self._model, self._extra = model, list(extra or [])
+        plans = [self._plan(p) for p in phases]  # every phase's data checked before anything trains
+        self.backend.wrap(model, self._extra)
+
+        checkpoint = self._latest_checkpoint() if resume else None
+        if resume and checkpoint is None:
+            log.info("no checkpoint in %s; starting from the beginning", self.work)
+        payload = self._read_checkpoint(checkpoint) if checkpoint is not None else None
+        first = 0
+        if payload is not None:
+            phase = payload.get("phase", phases[-1].name)  # a checkpoint from before phases: the only phase
+            names = [p.name for p in phases]
+            if phase not in names:
+                raise ConfigError(f"the checkpoint was written in phase {phase!r}, which this run does not have",
+                                  path=checkpoint)
+            first = names.index(phase)
+        elif self.is_main:
+            shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
+            shutil.rmtree(self.work / TRACKING_DIR, ignore_errors=True)
+            for stale in {LOG_FILE, MNTP_LOG_FILE} - {p.log_file for p in phases}:  # an earlier run's, not this one's
+                (self.work / stale).unlink(missing_ok=True)
+        self._barrier()
+        if self.is_main:
+            self.work.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        if self.trackers:
+            self.accelerator.init_trackers(self.kind, config=_flat_config(self.recipe))
+
+        done: dict[str, dict[str, Any]] = dict(payload.get("phases", {})) if payload is not None else {}
+        _FITTING.append(self)
+        try:
+            for index in range(first, len(phases)):
+                resumed = (checkpoint, payload) if index == first and payload is not None else None
+                result = self._run_phase(index, plans[index], resumed, done,
+                                         on_step if index == len(phases) - 1 else None)
+                if index < len(phases) - 1:
+                    done[phases[index].name] = {k: v for k, v in result.stats().items() if k != "history"}
+        finally:
+            _FITTING.remove(self)
+        for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
+            tracker.finish()
+        model.eval()
+        result.phases = done
+        return result
+
+    def _plan(self, phase: Phase) -> _Plan:
         from embedkit.train.backends import count_steps
 
-        self._model, self._extra = model, list(extra or [])
-        global_batch = t.batch_size * self.world
-        n_batches = len(self._epoch_batches(step, 0, global_batch))
+        t = self.training
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        batch_size = pick(phase.batch_size, t.batch_size)
+        accumulation = pick(phase.gradient_accumulation, t.gradient_accumulation)
+        global_batch = batch_size * self.world
+        n_batches = len(self._epoch_batches(phase.step, 0, global_batch))
         if n_batches == 0:
             from embedkit.errors import DataError
 
-            raise DataError(f"no complete batch: {n_examples} examples for a batch of {global_batch}"
+            raise DataError(f"no complete batch: {phase.n_examples} examples for a batch of {global_batch}"
                             + (" with drop_last" if getattr(t, "drop_last", False) else ""),
                             field="training.batch_size")
-        total = count_steps(n_batches, t.gradient_accumulation, t.epochs, t.max_steps)
-        warmup = int(np.ceil(total * t.warmup_ratio))
-        self.backend.wrap(model, self._extra, total, warmup)
-        self.total_steps = total
+        total = count_steps(n_batches, accumulation, pick(phase.epochs, t.epochs), pick(phase.max_steps, t.max_steps))
+        return _Plan(batch_size=batch_size, lr=pick(phase.lr, t.lr), accumulation=accumulation, total=total,
+                     warmup=int(np.ceil(total * t.warmup_ratio)), eval_every=t.eval_every if phase.evaluate else None,
+                     eval_at_end=bool(t.eval_at_end) and phase.evaluate)
+
+    def _run_phase(self, index: int, plan: _Plan, resumed: tuple[Path, dict] | None, done: dict,
+                   on_step: Callable[[int, dict], None] | None) -> FitResult:
+        """One phase from its start (or from the checkpoint in `resumed`) to its end; its result."""
+        phase = self._phases[index]
+        step = phase.step
+        last = index == len(self._phases) - 1
+        self.phase, self._phase_index = phase, index
+        self._track_prefix = "" if last else f"{phase.name}/"
+        self._done_phases = done
+        self.backend.start_phase(plan.lr, plan.total, plan.warmup)
+        self.total_steps = plan.total
 
         state = {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_step": None, "samples": 0,
                  "train_seconds": 0.0, "history": [], "first_loss": None}
         self.position = state
-        checkpoint = self._latest_checkpoint() if resume else None
-        if resume and checkpoint is None:
-            log.info("no checkpoint in %s; starting from the beginning", self.work)
-        if checkpoint is not None:
-            self._load_checkpoint(checkpoint, state, step)
-            log.info("resumed from %s (step %d)", checkpoint.name, state["step"])
-        elif self.is_main:
-            shutil.rmtree(self.work / "checkpoints", ignore_errors=True)
-            shutil.rmtree(self.work / TRACKING_DIR, ignore_errors=True)
-        self._barrier()
-        resumed_from = state["step"] if checkpoint is not None else None
-        if self.is_main:
-            self.work.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-        jsonl = _JsonlLog(self.work / LOG_FILE, append=checkpoint is not None, enabled=self.is_main)
-        if self.trackers:
-            self.accelerator.init_trackers(self.kind, config=_flat_config(self.recipe))
-        log.info("%s: %d steps on %s (%s, %d process%s), %d examples", step.name, total, self.device,
-                 self.backend.name, self.world, "es" if self.world > 1 else "", n_examples)
+        if resumed is not None:
+            folder, payload = resumed
+            self._load_checkpoint(folder, payload, state, step)
+            log.info("resumed from %s (%s step %d)", folder.name, phase.name, state["step"])
+        resumed_from = state["step"] if resumed is not None else None
+        jsonl = _JsonlLog(self.work / phase.log_file, append=resumed is not None, enabled=self.is_main)
+        global_batch = plan.batch_size * self.world
+        log.info("%s: %d steps on %s (%s, %d process%s), %d examples", step.name, plan.total, self.device,
+                 self.backend.name, self.world, "es" if self.world > 1 else "", phase.n_examples)
 
-        step.start(self, resumed=checkpoint is not None)
+        step.start(self, resumed=resumed is not None)
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total, initial=state["step"], desc=step.name, unit="step", file=sys.stderr,
-                        disable=not (t.progress and self.is_main), dynamic_ncols=True)
-        model.train()
+        progress = tqdm(total=plan.total, initial=state["step"], desc=step.name, unit="step", file=sys.stderr,
+                        disable=not (self.training.progress and self.is_main), dynamic_ncols=True)
+        self._model.train()
         try:
-            last_loss = self._loop(step, state, total, global_batch, jsonl, progress, on_step)
+            last_loss = self._loop(step, state, plan, global_batch, jsonl, progress, on_step)
         except BaseException:
             jsonl.close()
             raise
         finally:
             progress.close()
 
-        self.backend.end_training()
-        if t.eval_every and state["best_step"] is not None:
-            if state["step"] % t.eval_every:  # the final weights were not evaluated yet
+        if last:
+            self.backend.end_training()
+        if plan.eval_every and state["best_step"] is not None:
+            if state["step"] % plan.eval_every:  # the final weights were not evaluated yet
                 self._dev_eval(step, state, jsonl)
             if state["best_step"] != state["step"]:
                 best = torch.load(self.work / "best.pt", weights_only=True, map_location="cpu")
@@ -425,7 +544,7 @@ class Engine:
                 log.info("using the dev-best weights of step %d", state["best_step"])
         # Evaluated again after training (not the result seen mid-training): mixed precision has ended by now, so the
         # recorded dev score is the fp32 model's, as the saved model will be served.
-        dev = step.evaluate(self) if (t.eval_at_end or t.eval_every) else None
+        dev = step.evaluate(self) if (plan.eval_at_end or plan.eval_every) else None
         if dev is not None:
             self._log(jsonl, {"event": "final_eval", "step": state["step"], "task": dev["task"],
                               "metric": dev["metric"], "score": dev["score"]})
@@ -434,15 +553,13 @@ class Engine:
                            state["first_loss"], state["best_step"], dev, state["history"], resumed_from)
         self._log(jsonl, {"event": "done", **{k: v for k, v in result.stats().items() if k != "history"}})
         jsonl.close()
-        for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group
-            tracker.finish()
-        model.eval()
         return result
 
-    def _loop(self, step: Step, state: dict, total: int, global_batch: int, jsonl: "_JsonlLog", progress,
+    def _loop(self, step: Step, state: dict, plan: _Plan, global_batch: int, jsonl: "_JsonlLog", progress,
               on_step) -> float | None:
-        """The optimizer steps from state["step"] to `total`; returns the last step's loss."""
+        """The optimizer steps from state["step"] to the phase's total; returns the last step's loss."""
         t = self.training
+        total, accumulation = plan.total, plan.accumulation
         last_loss = None
         while state["step"] < total:
             if state["batch"] == 0:
@@ -451,11 +568,12 @@ class Engine:
                     self._log(jsonl, record)
             batches = self._epoch_batches(step, state["epoch"], global_batch)
             while state["batch"] < len(batches) and state["step"] < total:
-                group = batches[state["batch"]:state["batch"] + t.gradient_accumulation]
+                group = batches[state["batch"]:state["batch"] + accumulation]
                 started = time.perf_counter()
                 outs = []
                 for i, rows in enumerate(group):
                     self.sync_gradients = i == len(group) - 1
+                    self.batch_rows = rows
                     local = self._local_rows(rows)
                     outs.append(step.run(local, self, 1.0 / len(group)))
                 self.sync_gradients = True
@@ -482,7 +600,7 @@ class Engine:
                 hooked = step.after_step(self, state["step"], total)
                 if hooked:
                     self._log(jsonl, hooked)
-                if t.eval_every and state["step"] % t.eval_every == 0:
+                if plan.eval_every and state["step"] % plan.eval_every == 0:
                     self._dev_eval(step, state, jsonl)
                 if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total:
                     self._save_checkpoint(state, step)
@@ -516,10 +634,11 @@ class Engine:
         jsonl.write(record)
         if self.trackers and "step" in record:
             event = record.get("event", "train")
-            values = {f"{event}/{k}": v for k, v in record.items()
+            prefix = self._track_prefix  # earlier phases (the MNTP warm-up): "mntp/train/loss"
+            values = {f"{prefix}{event}/{k}": v for k, v in record.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
             if event == "train" and "scale" in record and record["scale"]:
-                values["train/temperature"] = 1.0 / record["scale"]
+                values[f"{prefix}train/temperature"] = 1.0 / record["scale"]
             if values:
                 self.accelerator.log(values, step=record["step"])
         if record.get("event") in ("eval", "final_eval"):
@@ -554,18 +673,36 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def has_checkpoint(self) -> bool:
-        return self._latest_checkpoint() is not None
+        return bool(self._checkpoints())
 
-    def _latest_checkpoint(self) -> Path | None:
+    def _checkpoint_name(self, step: int) -> str:
+        """step-N in the last phase (a run's own steps), PHASE-step-N in an earlier one (the MNTP warm-up's)."""
+        last = self._phase_index == len(self._phases) - 1
+        return f"step-{step}" if last else f"{self.phase.name}-step-{step}"
+
+    def _checkpoints(self) -> list[Path]:
+        """The complete checkpoints, oldest first: by phase (in this fit's order), then step."""
         folder = self.work / "checkpoints"
         if not folder.is_dir():
-            return None
-        done = [p for p in folder.glob("step-*") if (p / ENGINE_FILE).is_file() and p.name[5:].isdigit()]
-        return max(done, key=lambda p: int(p.name[5:])) if done else None
+            return []
+        names = [p.name for p in self._phases[:-1]]  # the phases whose checkpoints carry their name
+        found = []
+        for path in folder.iterdir():
+            phase, _, number = path.name.rpartition("step-")
+            phase = phase.removesuffix("-")
+            if not number.isdigit() or not (path / ENGINE_FILE).is_file():
+                continue
+            order = len(names) if not phase else names.index(phase) if phase in names else -1
+            found.append(((order, int(number)), path))
+        return [path for _, path in sorted(found)]
+
+    def _latest_checkpoint(self) -> Path | None:
+        done = self._checkpoints()
+        return done[-1] if done else None
 
     def _save_checkpoint(self, state: dict, step: Step) -> Path:
         """Every process writes its part into step-N.tmp; rank 0 renames it once all are done (atomic)."""
-        target = self.work / "checkpoints" / f"step-{state['step']}"
+        target = self.work / "checkpoints" / self._checkpoint_name(state["step"])
         tmp = target.with_name(target.name + ".tmp")
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -574,7 +711,8 @@ class Engine:
         self.backend.save(tmp)
         torch.save(get_rng(), tmp / f"rng-{self.rank}.pt")
         if self.is_main:
-            torch.save({"position": dict(state), "recipe_hash": recipe_hash(self.recipe), "world": self.world,
+            torch.save({"position": dict(state), "phase": self.phase.name, "phases": self._done_phases,
+                        "recipe_hash": recipe_hash(self.recipe), "world": self.world,
                         "step_state": step.state_dict()}, tmp / ENGINE_FILE)
         self._barrier()
         if self.is_main:
@@ -583,14 +721,12 @@ class Engine:
             from embedkit.atomic import _fsync_dir
 
             _fsync_dir(target.parent)
-            old = sorted((p for p in target.parent.glob("step-*") if p.name[5:].isdigit()),
-                         key=lambda p: int(p.name[5:]))
-            for stale in old[: -self.training.keep_checkpoints]:
+            for stale in self._checkpoints()[: -self.training.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
         self._barrier()
         return target
 
-    def _load_checkpoint(self, folder: Path, state: dict, step: Step) -> None:
+    def _read_checkpoint(self, folder: Path) -> dict[str, Any]:
         payload = torch.load(folder / ENGINE_FILE, weights_only=True, map_location="cpu")
         if payload["recipe_hash"] != recipe_hash(self.recipe):
             raise ConfigError("the recipe changed since the checkpoint was written; resume needs the same recipe "
@@ -598,6 +734,10 @@ class Engine:
         if payload["world"] != self.world:
             raise ConfigError(f"the checkpoint was written by {payload['world']} process(es), this run has "
                               f"{self.world}; resume with the same --nproc", path=folder)
+        return payload
+
+    def _load_checkpoint(self, folder: Path, payload: dict, state: dict, step: Step) -> None:
+        """The phase's step state, then weights + optimizer + schedule (the phase's, already started), RNG, position."""
         step.load_state_dict(payload["step_state"])  # before the weights: it may re-tokenize with the model
         self.backend.load(folder)
         set_rng(torch.load(folder / f"rng-{self.rank}.pt", weights_only=True))

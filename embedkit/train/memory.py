@@ -17,8 +17,9 @@ What it estimates, per GPU (and per process in CPU memory for ZeRO-3's offloaded
   layer keeps its input and backward recomputes one layer at a time (its saved tensors, plus gradient buffers).
   Element size: 4 bytes in one process (PEFT's k-bit preparation leaves the embeddings, hence the residual stream
   and the activations, in fp32; `model.dtype: bf16` is the 4-bit compute dtype), 2 under DeepSpeed bf16;
-- the MNTP warm-up (one process): its batch of documents through the same layers, plus fp32 logits over the
-  vocabulary for the masked positions (the logits, cross-entropy's saved log-probabilities and their gradient).
+- the MNTP warm-up (the phase before the contrastive one): its batch of documents (per process) through the same
+  layers, plus fp32 logits over the vocabulary for the masked positions (the logits, cross-entropy's saved
+  log-probabilities and their gradient).
 
 What it leaves out: the CUDA context and the allocator's cached blocks (~0.5-1 GiB outside
 torch.cuda.max_memory_allocated), DeepSpeed's communication buffers, evaluation, and the merged full-precision copy

@@ -6,31 +6,34 @@ i - 1, through the model's own LM head, so the objective stays the next-token on
 while the hidden states learn to use the tokens on their right. The contrastive stage then starts from weights
 that already "read" both ways.
 
-Here the warm-up is a `Step` of the one training engine (`recipe.mntp`, run by `embedkit train` before the
-contrastive step, on the same encoder and adapter): the data are the training documents (positives, then hard
-negatives), masked BERT-style (of the chosen positions 80% become the mask token, 10% a random token, 10% stay),
-with a seeded mask per step so a resumed run masks the same tokens. LLM2Vec trains a separate adapter for MNTP
-and merges it before the contrastive one; one adapter trained in two stages keeps the saved model one adapter
-(the ablation in docs/train.md measures the warm-up as built here).
+Here the warm-up is the first phase of the one training engine's `fit` (`recipe.mntp`: `embedkit train` runs it
+before the contrastive phase, on the same wrapped model and adapter, so under DDP, DeepSpeed ZeRO-2/3 and FSDP
+alike; engine.py's `Phase` says what the phases share and what each starts afresh): the data are the training
+documents (positives, then hard negatives), masked BERT-style (of the chosen positions 80% become the mask token,
+10% a random token, 10% stay), with a seeded mask per step so a resumed run masks the same tokens. The mask is drawn
+for the step's whole (global) batch on every process, and each process predicts its rows' share of the batch's mean
+loss, so several processes train what one process does with the same global batch. LLM2Vec trains a separate
+adapter for MNTP and merges it before the contrastive one; one adapter trained in two stages keeps the saved model
+one adapter (the ablation in docs/train.md measures the warm-up as built here).
 
 The LM head is the input embedding when the model ties them (SmolLM2, Qwen3-0.6B), else `lm_head.weight` read
-from the model folder's safetensors; it stays frozen. Logits are computed for the masked positions only.
+from the model folder's safetensors (whole on every process: the encoder has no LM head to partition); it stays
+frozen. A tied head under ZeRO-3 or FSDP is a partitioned parameter: it is gathered whole for each step's logits
+(every process takes part), outside the model's forward. Logits are computed for the masked positions only.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from embedkit.errors import ConfigError, ModelError
 from embedkit.models.tokenization import tokenize
-from embedkit.train.engine import LOG_FILE, MNTP_LOG_FILE, Engine, StepBase, work_dir
+from embedkit.train.engine import MNTP_LOG_FILE, Engine, Phase, StepBase
 
 log = logging.getLogger("embedkit.train")
 
@@ -50,7 +53,8 @@ def mask_token_id(tokenizer) -> int:
 
 
 def lm_head_weight(encoder) -> torch.Tensor:
-    """The [vocab, hidden] output projection, frozen: the tied input embedding, else lm_head.weight from disk."""
+    """The [vocab, hidden] output projection, frozen: the tied input embedding (as it is now: under ZeRO-3 / FSDP a
+    shard, see `tied_head`), else lm_head.weight from disk."""
     config = encoder._base_config
     embeddings = encoder.backbone.get_input_embeddings().weight
     if getattr(config, "tie_word_embeddings", False):
@@ -92,6 +96,22 @@ def mask_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ratio: 
     return masked, chosen
 
 
+def tied_head(encoder) -> torch.Tensor:
+    """The input embedding as the LM head, whole and detached. Under ZeRO-3 it is partitioned: gathered (every
+    process takes part) and copied, since it is released again on leaving the gather; under FSDP2 it is a DTensor
+    shard: all-gathered. Looked up at each call: FSDP replaces the parameters when it wraps the model, and a
+    trained embedding (no adapter) changes every step."""
+    weight = encoder.backbone.get_input_embeddings().weight
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+    if hasattr(weight, "full_tensor"):
+        return weight.full_tensor().detach()
+    return weight.detach()
+
+
 class MNTPStep(StepBase):
     name = "mntp"
 
@@ -107,7 +127,8 @@ class MNTPStep(StepBase):
         self.mask_id = mask_token_id(tokenizer)
         self.vocab = int(encoder._base_config.vocab_size)
         self.special = {int(t) for t in tokenizer.all_special_ids}
-        self.head = lm_head_weight(encoder)
+        tied = getattr(encoder._base_config, "tie_word_embeddings", False)
+        self.head = None if tied else lm_head_weight(encoder)  # tied: looked up each step (tied_head)
 
     def batches(self, epoch: int, batch_size: int) -> list[list[int]]:
         order = list(range(len(self.ids)))
@@ -115,44 +136,51 @@ class MNTPStep(StepBase):
         return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)] or [order]
 
     def run(self, rows: list[int], engine: Engine, weight: float) -> dict[str, float]:
-        features = self.encoder.collate([self.ids[i] for i in rows])
-        generator = torch.Generator().manual_seed(self.recipe.training.seed * 7919 + engine.position.get("step", 0)
-                                                  + 104_729 * engine.rank)
+        world = engine.world
+        batch = engine.batch_rows if world > 1 else rows  # every process masks the whole batch, as one process does
+        features = self.encoder.collate([self.ids[i] for i in batch])
+        generator = torch.Generator().manual_seed(self.recipe.training.seed * 7919 + engine.position.get("step", 0))
         masked, predict = mask_batch(features["input_ids"], features["attention_mask"], ratio=self.recipe.mntp.mask_ratio,
                                      mask_id=self.mask_id, vocab_size=self.vocab, special_ids=self.special,
                                      generator=generator)
-        targets = features["input_ids"][predict]
+        input_ids, attention = features["input_ids"], features["attention_mask"]
+        n_batch = int(predict.sum())
+        if world > 1:  # this process's rows (engine._local_rows' slice), padded as the whole batch is
+            part = slice(engine.rank * len(rows), (engine.rank + 1) * len(rows))
+            input_ids, attention, masked, predict = input_ids[part], attention[part], masked[part], predict[part]
+        targets = input_ids[predict]
         before = torch.zeros_like(predict)
         before[:, :-1] = predict[:, 1:]  # the hidden state one position earlier predicts the masked token
+        head = self.head if self.head is not None else tied_head(self.encoder)
         with engine.sync(last=True):
             with engine.autocast():
-                hidden = engine.model({"input_ids": masked, "attention_mask": features["attention_mask"]},
-                                      hidden_states=True)
+                hidden = engine.model({"input_ids": masked, "attention_mask": attention}, hidden_states=True)
                 states = hidden[before.to(hidden.device)]
-                logits = states.float() @ self.head.to(states.device).float().T
-            loss = F.cross_entropy(logits, targets.to(logits.device))
+                logits = states.float() @ head.to(states.device).float().T
+            if world == 1:
+                loss = F.cross_entropy(logits, targets.to(logits.device))
+            else:  # this process's share of the batch's mean: the engine averages gradients over the processes
+                summed = F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+                loss = summed * world / n_batch
             engine.backward(loss * weight)
-        correct = float((logits.argmax(-1).cpu() == targets).float().mean())
-        return {"loss": float(loss.detach()), "mntp_accuracy": correct, "masked_tokens": int(targets.numel())}
+        hits = (logits.argmax(-1).cpu() == targets).float()
+        if world == 1:
+            return {"loss": float(loss.detach()), "mntp_accuracy": float(hits.mean()),
+                    "masked_tokens": int(targets.numel())}
+        totals = torch.tensor([float(summed.detach()), float(hits.sum())], dtype=torch.float64, device=engine.device)
+        torch.distributed.all_reduce(totals)  # the whole batch's numbers, as one process logs them
+        return {"loss": float(totals[0]) / n_batch, "mntp_accuracy": float(totals[1]) / n_batch,
+                "masked_tokens": n_batch}
 
 
-def warm_up(recipe, encoder, documents: list[str], output: Path, *, resume: bool) -> dict[str, Any]:
-    """Run recipe.mntp.steps of MNTP on `encoder` (in place) through its own engine; returns the fit's stats."""
+def mntp_phase(recipe, encoder, documents: list[str]) -> Phase:
+    """recipe.mntp.steps of MNTP on `encoder`, as the phase before the contrastive one (its log: mntp_log.jsonl)."""
     m = recipe.mntp
     if not encoder.is_causal:
         raise ConfigError("mntp is a warm-up for causal LLM encoders; this model is not one", field="mntp.steps")
-    stage = recipe.model_copy(deep=True)
-    t = stage.training
-    t.output_dir = str(work_dir(output) / "mntp")
-    t.batch_size, t.lr, t.max_steps, t.epochs = m.batch_size, m.lr, m.steps, 10_000
-    t.gradient_accumulation, t.eval_every, t.eval_at_end = 1, None, False
-    engine = Engine(stage, t.output_dir, kind="mntp")
-    step = MNTPStep(stage, encoder, documents)
+    step = MNTPStep(recipe, encoder, documents)
     log.info("mntp warm-up: %d steps of %d documents (max %d tokens), mask ratio %.2f", m.steps, m.batch_size,
              m.max_length, m.mask_ratio)
-    fit = engine.fit(step, encoder, n_examples=len(step.ids), resume=resume)
-    engine.finish()
-    if engine.is_main and (engine.work / LOG_FILE).is_file():  # copied into the model folder with the main log
-        shutil.copyfile(engine.work / LOG_FILE, work_dir(output) / MNTP_LOG_FILE)
-    encoder.train()
-    return {k: v for k, v in fit.stats().items() if k != "history"}
+    # Its own batch size (per process), lr and length, one micro-batch a step, no dev evaluation.
+    return Phase("mntp", step, len(step.ids), log_file=MNTP_LOG_FILE, batch_size=m.batch_size, lr=m.lr,
+                 max_steps=m.steps, epochs=10_000, gradient_accumulation=1, evaluate=False)
