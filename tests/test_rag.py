@@ -276,13 +276,17 @@ def test_hybrid_finds_a_lexical_only_match(encoder, docs, tmp_path):
     from embedkit.errors import ConfigError
 
     query = "zyxquartz"
-    # The only document with the query's word is one the dense model ranks low: of the fixture texts with the word
-    # appended, the one farthest from the query. Picking it (rather than trusting one text) keeps the premise true
-    # whatever the random model's weights are on the machine at hand.
-    candidates = [f"{d['text']} {query}" for d in docs.values()]
-    closeness = encoder.encode(candidates, kind="document", normalize=True) @ \
-        encoder.encode([query], kind="query", normalize=True)[0]
-    rare = {"rare": {"title": "", "text": candidates[int(np.argmin(closeness))]}}
+    # The only document with the query's word is one the dense model ranks low: of the fixture texts (once or
+    # repeated, which dilutes the word in the mean) with the word appended, the farthest from the query that the
+    # model ranks below at least 5 plain documents. Picking it (rather than trusting one text) keeps the premise true
+    # whatever the tiny model's weights and vocabulary are.
+    candidates = [" ".join([d["text"]] * times + [query]) for d in docs.values() for times in (1, 2, 4)]
+    q = encoder.encode([query], kind="query", normalize=True)[0]
+    closeness = encoder.encode(candidates, kind="document", normalize=True) @ q
+    plain = encoder.encode([d["text"] for d in docs.values()], kind="document", normalize=True) @ q
+    below = [i for i in np.argsort(closeness) if (plain > closeness[i]).sum() >= 5]
+    assert below, "no fixture text with the word appended ranks below 5 plain documents: the premise cannot hold"
+    rare = {"rare": {"title": "", "text": candidates[int(below[0])]}}
     index = _build(encoder, {**docs, **rare}, tmp_path / "idx")
     dense = [h.doc_id for h in index.search(encoder, query, k=len(docs) + 1)]
     hybrid = index.search(encoder, query, k=5, hybrid=True)
