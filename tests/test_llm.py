@@ -206,8 +206,8 @@ def test_joint_step_is_contrastive_plus_weighted_sft_exactly(tiny_llama_dir, tin
 
     features = [encode_sft(tok, r["query"], r["positive"], max_length=96) for r in rows]
     model, emb = fresh()
-    q_ids = emb._token_ids([r["query"] for r in rows], "query")
-    d_ids = emb._token_ids([r["positive"] for r in rows], "document")
+    q_ids = emb.token_ids([r["query"] for r in rows], "query")
+    d_ids = emb.token_ids([r["positive"] for r in rows], "document")
     loss_fn = InfoNCE(temperature=0.05)
     out = joint_step(emb, DirectRunner(TwoHeads(model, emb)), loss_fn, q_ids, d_ids, features, pad_id=tok.pad_token_id,
                      weight=weight)

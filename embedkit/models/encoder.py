@@ -243,10 +243,6 @@ class Encoder(nn.Module):
         return tokenize(self.tokenizer, texts, kind, prompts=self.prompts,
                         max_length=self.max_length if truncate else None)
 
-    def _token_ids(self, texts: Sequence[str], kind: str) -> list[list[int]]:
-        """The old name of `token_ids`, kept because tests/test_llm.py calls it."""
-        return self.token_ids(texts, kind)
-
     def collate(self, id_lists: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Pad token-id lists into a batch on this encoder's padding side."""
         return collate(id_lists, self.tokenizer.pad_token_id, self.padding_side, to="torch")

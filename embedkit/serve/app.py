@@ -565,15 +565,17 @@ def _truncated_token_ids(backend: Any, texts: list[str], kind: str, token_limit:
     text is tokenised. A text with no whitespace in its first `char_limit` characters keeps the plain character cut:
     one giant "word" is not worth tokenising whole (its tokens may then differ from the encoders' at the end)."""
     cut: dict[int, str] = {}
+    heads: list[int] = []  # the texts cut at a word boundary
     for i, text in enumerate(texts):
         if len(text) > char_limit:
             head = text[:char_limit]
             space = max(head.rfind(c) for c in " \t\n\r\f\v")
             cut[i] = head[:space] if space > 0 else head
+            if space > 0:
+                heads.append(i)
     if not cut:
         return backend.token_ids(texts, kind, max_length=token_limit)
     ids = backend.token_ids([cut.get(i, text) for i, text in enumerate(texts)], kind, max_length=token_limit)
-    heads = [i for i, text in cut.items() if text != texts[i][:char_limit]]  # cut at a word boundary
     if heads:
         whole = backend.token_ids([cut[i] for i in heads], kind, max_length=None)
         short = [i for i, x in zip(heads, whole) if len(x) <= token_limit]  # the cut may have lost kept tokens
