@@ -95,7 +95,7 @@ def test_tune_refuses_a_test_the_model_trains_on_unless_only_texts_are_allowed(s
     only (a public split that repeats a few), never the same split, and keeps those texts out of the dev split."""
     import embedkit.tune.run as run
     from embedkit.train.config import load_recipe
-    from embedkit.tune.split import carve_dev_split
+    from embedkit.tune.split import carve_dev_split, carve_dev_splits
 
     beir = write_beir(tmp_path / "beir")
     err = _refused(sets, train=f"beir:{beir}:train", test=f"beir:{beir}:train", allow_train_overlap=True)
@@ -111,12 +111,12 @@ def test_tune_refuses_a_test_the_model_trains_on_unless_only_texts_are_allowed(s
 
     def spy(*args, **kwargs):
         seen["exclude"] = kwargs["exclude"]
-        return carve_dev_split(*args, **kwargs)
+        return carve_dev_splits(*args, **kwargs)
 
-    monkeypatch.setattr(run, "carve_dev_split", spy)
+    monkeypatch.setattr(run, "carve_dev_splits", spy)
     recipe = write_recipe(tmp_path / "r.yaml", sets["model"], sets["pairs"], tmp_path / "out")
     tune(recipe, budget="1", output=tmp_path / "ok", final=False, test=f"beir:{repeats}:test",
-         allow_train_overlap=True, nearest_dev=False)
+         allow_train_overlap=True, nearest_dev=False, isolate=False, folds=1)
     assert seen["exclude"] == {PAIRS[0][0], PAIRS[9][0]}  # folded: these are lower case already
     # drawing nearly every query for dev still leaves the two out
     split = carve_dev_split(load_recipe(recipe), tmp_path / "split", fraction=0.9, seed=7, exclude=seen["exclude"])
@@ -165,7 +165,9 @@ def test_the_test_is_scored_only_after_the_final_model(sets, monkeypatch):
     monkeypatch.setattr(runner, "evaluate", recording_evaluate)
     monkeypatch.setattr(contrastive, "train", recording_train)
     recipe = write_recipe(tmp / "r.yaml", sets["model"], sets["pairs"], tmp / "out")
-    result = tune(recipe, budget="2", output=tmp / "t", seed=1, test=sets["test"], nearest_dev=False)
+    # in this process (isolate=False), where the recording stand-ins see every run
+    result = tune(recipe, budget="2", output=tmp / "t", seed=1, test=sets["test"], nearest_dev=False, folds=1,
+                  isolate=False)
     assert result.report["test"] is not None
     tests = [i for i, e in enumerate(events) if e == ("score", "test")]
     final = events.index(("trained", "model"))

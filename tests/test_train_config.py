@@ -141,7 +141,7 @@ def test_tune_edits_recipes_through_the_set_path_and_an_unknown_key_raises_as_wi
     `--set` overrides applied to the typed recipe (`with_overrides`, on `apply_overrides`): a key no recipe has is
     the error `--set` gives, naming the key; the values come back as themselves (4e-05 stays a float, "3:50" a
     text); the keys the user did not write stay unwritten; the recipe edited is not changed."""
-    from embedkit.tune.run import as_overrides
+    from embedkit.tune.search import as_overrides
 
     path = _write(tmp_path, _good(pairs_file, tmp_path))
     via_set = _fails(path, ["training.lrr=4e-05"])

@@ -219,7 +219,7 @@ def test_base_model_ranker_ranks_by_the_base_model_and_caches_the_documents(tmp_
     """The ranking is the base model's exact top-k (checked against numpy); the documents' embeddings go to the
     embedding cache, so a second ranking of the same documents encodes only the queries."""
     from embedkit.models.encoder import Encoder, load_model
-    from embedkit.tune.run import base_model_ranker
+    from embedkit.tune.prepare import base_model_ranker
 
     monkeypatch.setenv("EMBEDKIT_HOME", str(tmp_path / "home"))
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
@@ -251,17 +251,18 @@ def test_base_model_ranker_ranks_by_the_base_model_and_caches_the_documents(tmp_
 def test_a_fixed_seed_gives_the_same_trials(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out")
-    a = tune(recipe, budget="3", output=tmp_path / "a", seed=5, final=False)
-    b = tune(recipe, budget="3", output=tmp_path / "b", seed=5, final=False)
+    a = tune(recipe, budget="3", output=tmp_path / "a", seed=5, final=False, folds=1, isolate=False)
+    b = tune(recipe, budget="3", output=tmp_path / "b", seed=5, final=False, folds=1, isolate=False)
     assert len(a.trials) == len(b.trials) == 3  # the trial budget, exactly
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
     assert [t.value for t in a.trials] == [t.value for t in b.trials]
     # trial 0: the recipe as written (no mined negatives, so no mining window either)
     assert a.trials[0].params == {"lr": 1e-3, "epochs": 1, "temperature": 0.05, "mined_negatives": 0}
-    # trial 1: the same recipe trained longer at twice the lr, with one mined negative (its window as written)
-    # (11 training pairs at batch 4: 3 steps per epoch, so the epochs' bound is the cap, 10)
-    assert a.trials[1].params == {"lr": 2e-3, "epochs": 10, "temperature": 0.05, "mined_negatives": 1,
+    # trial 1: the same recipe trained longer at twice the lr, with one mined negative (its window as written);
+    # longer means the search's first epoch cap (3), not the epochs' bound (10 here: 3 steps per epoch)
+    assert a.trials[1].params == {"lr": 2e-3, "epochs": 3, "temperature": 0.05, "mined_negatives": 1,
                                   "mining_range": "10:100"}
+    assert [t.number for t in a.trials] == [0, 1, 2]
     assert len({json.dumps(t.params, sort_keys=True) for t in a.trials}) == 3
     report = json.loads((tmp_path / "a" / "tune_report.json").read_text())
     assert [t["params"] for t in report["trials"]] == [t.params for t in a.trials]
@@ -280,11 +281,11 @@ def test_a_time_budget_stops_starting_new_trials(tmp_path, tiny_bert_dir):
         now[0] += 10.0
 
     result = tune(recipe, budget="20s", output=tmp_path / "t", final=False, clock=lambda: now[0],
-                  trial_hook=trial_hook)
-    # trial 0 ran 3 steps (1 epoch, 2 texts each) in 10 s; trial 1 (10 epochs of 3 steps, 3 texts each: ~150 s) would
+                  trial_hook=trial_hook, folds=1, isolate=False)
+    # trial 0 ran 3 steps (1 epoch, 2 texts each) in 10 s; trial 1 (3 epochs of 3 steps, 3 texts each: ~45 s) would
     # end after the 20 s budget, and so would its shortest form (1 epoch: ~15 s)
     assert len(result.trials) == 1 and started_at == [0.0]
-    assert "epochs=10" in result.report["stop_reason"]
+    assert "epochs=3" in result.report["stop_reason"]
     assert "would end after the 20 s budget" in result.report["stop_reason"]
 
 
@@ -308,79 +309,102 @@ def tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, budget, *, second
         return SimpleNamespace(dev=None, steps=total)
 
     monkeypatch.setattr(contrastive, "train", fake_train)
-    carve = run.carve_dev_split
+    carve = run.carve_dev_splits
 
     def slow_carve(*args, **kw):
         now[0] += preparation_seconds
         return carve(*args, **kw)
 
-    monkeypatch.setattr(run, "carve_dev_split", slow_carve)
+    monkeypatch.setattr(run, "carve_dev_splits", slow_carve)
     if round_seconds is not None:
-        monkeypatch.setattr(run, "mining_round_seconds", lambda *a, **k: round_seconds)
+        import embedkit.tune.prepare as prepare
+
+        monkeypatch.setattr(prepare, "mining_round_seconds", lambda *a, **k: round_seconds)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out")
-    result = tune(recipe, budget=budget, output=tmp_path / "t", final=False, clock=lambda: now[0], **kwargs)
+    result = tune(recipe, budget=budget, output=tmp_path / "t", final=False, clock=lambda: now[0], folds=1,
+                  isolate=False, **kwargs)
     return result, now[0]
 
 
 def test_a_time_budget_weighs_the_next_trial_by_its_steps(tmp_path, tiny_bert_dir, monkeypatch):
-    """Each step "takes" 1 s: after trial 0 (1 epoch, 3 steps) and trial 1 (10 epochs, 30 steps), 33 s of 50 are
-    used. A trial starts only when its own steps fit in what is left (at most 5 epochs here); a median trial length
-    (16.5 s) would start a 10-epoch trial and end 13 s late."""
+    """Each step "takes" 1 s: trial 0 (1 epoch, 3 steps) and trial 1 (3 epochs, 9 steps) use 12 s of 50. A trial
+    starts only when its own steps fit in what is left; a median trial length would start long trials late and end
+    them after the budget."""
     import re
 
     result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "50s", seconds_per_text=0.5,
                                        params=["lr", "epochs"])
-    assert [t.params["epochs"] for t in result.trials[:2]] == [1, 10]
-    assert all(t.params["epochs"] <= 5 for t in result.trials[2:])
+    assert [t.params["epochs"] for t in result.trials[:2]] == [1, 3]
     assert sum(t.seconds for t in result.trials) <= 50  # every trial that started ended in time
+    assert [t.number for t in result.trials] == list(range(len(result.trials)))  # no gaps
     reason = result.report["stop_reason"]
     refused = re.search(r"epochs=(\d+)\] \(~\d+ s: (\d+) steps", reason)
     assert refused, reason  # it stopped because the proposed trial's steps did not fit
     assert int(refused.group(2)) == 3 * int(refused.group(1)) and end + 3 > 50  # not even 1 epoch fits
 
 
+def test_the_epochs_grow_only_when_the_best_trial_ran_at_the_cap(tmp_path, tiny_bert_dir, monkeypatch):
+    """Short trials first: proposals run with at most the epoch cap (3 here), which doubles each time the best trial
+    is one that ran at it (the fake dev score grows with the epochs, so the longest trial is always best). Bug this
+    catches: a search that spends its budget on a few trials at the epochs' bound (a held-out search ran one 8-epoch
+    trial for 23 of its 40 minutes), or a cap that never grows so longer schedules are never tried."""
+    result, _ = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "10", seconds_per_text=0.01,
+                                     params=["lr", "epochs"])
+    cap, caps = 3, []
+    for t in result.trials:
+        caps.append(cap)
+        assert t.params["epochs"] <= cap, [(r.number, r.params, r.note) for r in result.trials]
+        best = max((r for r in result.trials[: t.number + 1] if r.state == "complete"), key=lambda r: r.value)
+        if best.params["epochs"] >= cap:
+            cap = min(10, 2 * cap)
+    assert max(t.params["epochs"] for t in result.trials) > 3 and caps[-1] > 3
+    capped = [t for t in result.trials if "the epochs' cap" in t.note]
+    assert all(t.params["epochs"] == caps[t.number] for t in capped)
+
+
 def test_a_proposal_that_does_not_fit_runs_with_the_epochs_that_do(tmp_path, tiny_bert_dir, monkeypatch):
-    """Each step "takes" 1 s. Trial 0 (1 epoch, 3 steps) leaves 17 s of 20; trial 1 as proposed (10 epochs, 30 s)
-    would end late, so it runs with the most epochs that fit (5: 15 s), its other values unchanged; then not even 1
-    epoch fits in the 2 s left and the search stops. Stopping at the first proposal that did not fit left 24 of
-    SciFact's 60 minutes unused."""
-    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "20s", seconds_per_text=0.5,
+    """Each step "takes" 1 s. Trial 0 (1 epoch, 3 steps) leaves 7 s of 10; trial 1 as proposed (3 epochs, 9 s) would
+    end late, so it runs with the most epochs that fit (2: 6 s), its other values unchanged; then not even 1 epoch
+    fits in the 1 s left and the search stops. Stopping at the first proposal that did not fit left 24 of SciFact's
+    60 minutes unused. The shortened trial keeps the next number (the sampler's refused proposal left a gap)."""
+    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "10s", seconds_per_text=0.5,
                                        params=["lr", "epochs"])
-    assert [t.params for t in result.trials] == [{"lr": 1e-3, "epochs": 1}, {"lr": 2e-3, "epochs": 5}]
-    assert [t.seconds for t in result.trials] == [3.0, 15.0] and end <= 20
+    assert [t.params for t in result.trials] == [{"lr": 1e-3, "epochs": 1}, {"lr": 2e-3, "epochs": 2}]
+    assert [t.number for t in result.trials] == [0, 1]
+    assert [t.seconds for t in result.trials] == [3.0, 6.0] and end <= 10
     assert result.trials[1].state == "complete"
-    assert result.trials[1].note == "proposed with epochs=10 (~30 s), shortened to 5 to end within the budget (17 s left)"
-    assert "epochs=" in result.report["stop_reason"] and "would end after the 20 s budget" in result.report["stop_reason"]
+    assert result.trials[1].note == "proposed with epochs=3 (~9 s), shortened to 2 to end within the budget (7 s left)"
+    assert "epochs=" in result.report["stop_reason"] and "would end after the 10 s budget" in result.report["stop_reason"]
     report = json.loads((tmp_path / "t" / "tune_report.json").read_text())
-    assert "shortened to 5" in report["trials"][1]["note"]
-    assert "shortened to 5" in (tmp_path / "t" / "tune_report.md").read_text()
+    assert "shortened to 2" in report["trials"][1]["note"] and report["trials"][1]["number"] == 1
+    assert "shortened to 2" in (tmp_path / "t" / "tune_report.md").read_text()
 
 
 def test_a_time_budget_counts_the_preparation(tmp_path, tiny_bert_dir, monkeypatch):
-    """Carving the dev split "takes" 5 s of the 20 s budget (on MedQuAD, ranking the dev corpus took 4 of 60 minutes
-    before the first trial), then each step 1 s: trial 0 (3 steps) leaves 12 s, so trial 1 (proposed with 10
-    epochs) runs with 4 (12 s), not the 5 that would fit if the budget started with the search, and the whole run,
-    preparation included, ends within the 20 s."""
-    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "20s", seconds_per_text=0.5,
+    """Carving the dev split "takes" 5 s of the 15 s budget (on MedQuAD, ranking the dev corpus took 4 of 60 minutes
+    before the first trial), then each step 1 s: trial 0 (3 steps) leaves 7 s, so trial 1 (3 epochs, 9 s) runs with
+    2 (6 s), where it would run whole if the budget started with the search, and the whole run, preparation
+    included, ends within the 15 s."""
+    result, end = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "15s", seconds_per_text=0.5,
                                        preparation_seconds=5.0, params=["lr", "epochs"])
-    assert [t.params["epochs"] for t in result.trials] == [1, 4] and end == 20.0
-    assert result.report["preparation_seconds"] == 5.0 and result.report["search_seconds"] == 20.0
-    assert "(12 s left)" in result.trials[1].note
+    assert [t.params["epochs"] for t in result.trials] == [1, 2] and end == 14.0
+    assert result.report["preparation_seconds"] == 5.0 and result.report["search_seconds"] == 14.0
+    assert "(7 s left)" in result.trials[1].note
     assert "(5 s of it preparing the dev split" in (tmp_path / "t" / "tune_report.md").read_text()
 
 
 def test_a_time_budget_counts_the_texts_per_example_and_the_rounds_of_mining(tmp_path, tiny_bert_dir, monkeypatch):
     """Each text of an example "takes" 1 s per step and a round of online mining 20 s (the probe's estimate). Trial 1
-    (10 epochs of 3 steps, a mined negative: 30 x 3 texts + 9 paid rounds x 20 s = 270 s) does not fit in what trial
-    0 (3 steps x 2 texts = 6 s) leaves of 200 s; it runs with 7 epochs (21 x 3 + 6 x 20 = 183 s). Counted in plain
-    steps (30 x 2 s) the 10 epochs would start and end 76 s late."""
-    result, _ = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "200s", seconds_per_text=1.0,
+    (3 epochs of 3 steps, a mined negative: 9 x 3 texts + 2 paid rounds x 20 s = 67 s) does not fit in what trial
+    0 (3 steps x 2 texts = 6 s) leaves of 50 s; it runs with 2 epochs (6 x 3 + 1 x 20 = 38 s). Counted in plain
+    steps (9 x 2 s) the 3 epochs would start and end 23 s late."""
+    result, _ = tune_on_a_fake_clock(tmp_path, tiny_bert_dir, monkeypatch, "50s", seconds_per_text=1.0,
                                      round_seconds=20.0)
-    assert [t.seconds for t in result.trials] == [6.0, 183.0]
+    assert [t.seconds for t in result.trials] == [6.0, 38.0]
     assert result.report["probe"]["round_seconds"] == 20.0
-    assert result.trials[1].params["epochs"] == 7 and result.trials[1].params["mined_negatives"] == 1
-    assert result.trials[1].note.startswith("proposed with epochs=10 (~4.5 min), shortened to 7 ")
+    assert result.trials[1].params["epochs"] == 2 and result.trials[1].params["mined_negatives"] == 1
+    assert result.trials[1].note.startswith("proposed with epochs=3 (~67 s), shortened to 2 ")
     # the next proposal is weighed at the same rate (both trials ran at 1 s per text once the rounds are counted)
     assert "at the trials' median 1.00 s per text" in result.report["stop_reason"], result.report["stop_reason"]
 
@@ -390,7 +414,7 @@ def test_the_probe_estimates_a_mining_round_from_a_sample(tiny_bert_dir):
     from types import SimpleNamespace
 
     from embedkit.models.encoder import load_model
-    from embedkit.tune.run import mining_round_seconds
+    from embedkit.tune.prepare import mining_round_seconds
 
     encoder = load_model(str(tiny_bert_dir), max_length=32)
     sizes = []
@@ -427,13 +451,14 @@ def test_bad_trials_are_pruned_from_the_engines_dev_evaluations(tmp_path, tiny_b
     monkeypatch.setattr(contrastive, "train", fake_train)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out")
-    result = tune(recipe, budget="8", output=tmp_path / "t", final=False, params=["lr"])
+    result = tune(recipe, budget="8", output=tmp_path / "t", final=False, params=["lr"], folds=1, isolate=False)
     states = {t.number: t for t in result.trials}
     pruned = [t for t in result.trials if t.state == "pruned"]
     assert pruned, [(t.params, t.state) for t in result.trials]
     for t in pruned:
         assert t.params["lr"] < 1e-3 and t.pruned_at == 4  # never at the first evaluation (step 2), then at once
-        assert calls[t.params["lr"]] == [2, 4] and t.history == [{"step": 2, "score": 0.2}, {"step": 4, "score": 0.2}]
+        assert calls[t.params["lr"]] == [2, 4]
+        assert [(h["step"], h["score"]) for h in t.history] == [(2, 0.2), (4, 0.2)]
     assert states[0].state == "complete" and result.best.params["lr"] >= 1e-3
     markdown = (tmp_path / "t" / "tune_report.md").read_text()
     assert "pruned at step 4" in markdown
@@ -460,7 +485,8 @@ def test_a_longer_trial_is_judged_at_the_same_point_of_its_schedule_not_the_same
     monkeypatch.setattr(contrastive, "train", fake_train)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out")
-    result = tune(recipe, budget="8", output=tmp_path / "t", final=False, params=["lr", "epochs"])
+    result = tune(recipe, budget="8", output=tmp_path / "t", final=False, params=["lr", "epochs"], folds=1,
+                  isolate=False)
     longer = [t for t in result.trials if t.params["epochs"] > 1 and t.number >= 2]  # the pruner was live
     assert any(t.params["epochs"] >= 3 for t in longer), [(t.params, t.state) for t in result.trials]
     assert all(t.state == "complete" for t in longer), [(t.params, t.state, t.pruned_at) for t in longer]
@@ -506,7 +532,7 @@ def test_tune_writes_a_recipe_that_reproduces_the_model_and_compares_on_test(tmp
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out")
     out = tmp_path / "tuned"
     result = run_cli("tune", str(recipe), "--budget", "2", "-o", str(out), "--seed", "1", "--test",
-                     f"beir:{tmp_path / 'test'}:test", "--json")
+                     f"beir:{tmp_path / 'test'}:test", "--json", "--folds", "2")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["trials"] == 2 and set(summary["test"]) == {"tuned_vs_base", "tuned_vs_default"}
@@ -545,7 +571,7 @@ def test_a_recipe_with_its_own_dev_set_is_scored_on_it(tmp_path, tiny_bert_dir):
     dev = write_held_out(tmp_path / "dev", split="dev")  # its own queries: a dev of training queries is refused
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out", data={"dev": f"beir:{dev}:dev"}, training={"eval_every": 2})
-    result = tune(recipe, budget="1", output=tmp_path / "t", final=False)
+    result = tune(recipe, budget="1", output=tmp_path / "t", final=False, isolate=False)
     assert not result.split.carved and not (tmp_path / "t" / "split").exists()
     assert result.report["objective"].startswith("dev-best") and result.report["eval_every"] == 2
     tuned = yaml.safe_load(result.recipe_path.read_text())
@@ -558,7 +584,7 @@ def test_online_mining_recipe_searches_mining_and_the_margin_when_it_removes_mos
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out",
                           loss={"hard_negatives": 1},
                           mining={"online": True, "range": "0:10", "relative_margin": 0.95})
-    result = tune(recipe, budget="1", output=tmp_path / "t", final=False)
+    result = tune(recipe, budget="1", output=tmp_path / "t", final=False, folds=1, isolate=False)
     report = result.report
     assert report["probe"]["warning"]["code"] == "margin_removes_most"
     names = [p["name"] for p in report["space"]]
@@ -569,7 +595,7 @@ def test_online_mining_recipe_searches_mining_and_the_margin_when_it_removes_mos
 def test_lora_rank_is_searched_and_trained(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
                           tmp_path / "out", adapter={"type": "lora", "r": 4, "alpha": 8})
-    result = tune(recipe, budget="2", output=tmp_path / "t", final=False, params=["lora_r"])
+    result = tune(recipe, budget="2", output=tmp_path / "t", final=False, params=["lora_r"], folds=1, isolate=False)
     assert [t.state for t in result.trials] == ["complete", "complete"]
     assert result.trials[0].params == {"lora_r": 4} and result.trials[1].params["lora_r"] != 4
     tuned = yaml.safe_load(result.recipe_path.read_text())
@@ -577,7 +603,7 @@ def test_lora_rank_is_searched_and_trained(tmp_path, tiny_bert_dir):
     capped = write_recipe(tmp_path / "c.yaml", tiny_bert_dir, str(tmp_path / "p.jsonl"), tmp_path / "out",
                           training={"max_steps": 3})
     with pytest.raises(ConfigError, match="cannot search") as info:  # a step count fixes the length: no epochs
-        tune(capped, budget="1", output=tmp_path / "u", final=False, params=["epochs"])
+        tune(capped, budget="1", output=tmp_path / "u", final=False, params=["epochs"], isolate=False)
     assert info.value.field == "--params"
 
 
@@ -680,7 +706,7 @@ def test_tune_turns_mining_on_in_trials_and_the_written_recipe_mines(tmp_path, t
                           tmp_path / "out", training={"epochs": 1, "batch_size": 4, "lr": 1e-3, "seed": 7,
                                                       "progress": False, "threads": 1, "output_dir": str(tmp_path)})
     result = tune(recipe, budget="4", output=tmp_path / "t", final=False, seed=3,
-                  params=["mined_negatives", "mining_range"])
+                  params=["mined_negatives", "mining_range"], folds=1, isolate=False)
     report = result.report
     assert report["probe"] is not None and report["probe"]["settings"]  # the base model mined once, default settings
     trials = report["trials"]
@@ -700,3 +726,168 @@ def test_tune_turns_mining_on_in_trials_and_the_written_recipe_mines(tmp_path, t
     if result.best.params["mined_negatives"]:
         tuned = load_recipe(result.recipe_path)
         assert tuned.mining.online and tuned.mining.range == result.best.params["mining_range"]
+
+
+# ---------------------------------------------------------------------------------------------------- few labels
+def test_dev_folds_score_every_training_query_once_out_of_fold(tmp_path, tiny_bert_dir):
+    """Bug this catches: a fold whose trial trains on a query it scores, a query scored twice or never, or folds
+    scored against different corpora (their pooled score would mix scales)."""
+    from embedkit.tune.split import carve_dev_splits
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                                      tmp_path / "out"))
+    splits = carve_dev_splits(recipe, tmp_path / "split", folds=3, dev_docs=8, seed=4)
+    texts = set(q for q, _ in PAIRS)
+    scored = [set(s.dev_query_texts) for s in splits]
+    assert set().union(*scored) == texts and sum(len(s) for s in scored) == len(texts)  # each once
+    corpora = set()
+    for split in splits:
+        train_queries = {json.loads(line)["query"] for line in Path(split.train_spec).read_text().splitlines()}
+        assert not train_queries & set(split.dev_query_texts) and train_queries | set(split.dev_query_texts) == texts
+        corpora.add((Path(split.dev_spec.split(":")[1]) / "corpus.jsonl").read_text())
+        assert split.folds == 3 and split.fold in (0, 1, 2)
+    assert len(corpora) == 1  # one dev corpus for all folds
+
+
+def test_few_queries_are_tuned_on_folds_with_a_score_and_its_spread(tmp_path, tiny_bert_dir):
+    """With 14 training queries the default is folds (DEV_QUERIES_NEEDED): every trial trains once per fold and its
+    score pools every query's out-of-fold score, with a standard error. Bug this catches: a trial judged on a
+    fifth of a hundred queries (the held-out domain's 23 dev queries) with no spread to say how little that is."""
+    from embedkit.tune.run import DEV_QUERIES_NEEDED, dev_folds
+
+    assert dev_folds(14, 0.2) == 5 and dev_folds(5 * DEV_QUERIES_NEEDED, 0.2) == 1
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="2", output=tmp_path / "t", final=False, folds=3, isolate=False,
+                  params=["lr", "epochs"])
+    assert result.report["folds"] == 3 and result.report["objective"] == "pooled out-of-fold score"
+    for trial in result.trials:
+        assert trial.state == "complete" and len(trial.fold_scores) == 3
+        assert trial.queries == len(set(q for q, _ in PAIRS)) and trial.spread is not None and trial.spread > 0
+        assert trial.value == pytest.approx(np.mean(list(trial.per_query.values())))
+        assert [h["fold"] for h in trial.history] == [0, 1, 2]
+    state = json.loads((tmp_path / "t" / "search_state.json").read_text())
+    assert len(state["trials"]) == 2 and state["trials"][0]["per_query"]
+
+
+def _record(number, value, per_query, epochs=1):
+    from embedkit.tune.search import TrialRecord
+
+    return TrialRecord(number, {"epochs": epochs}, "complete", value, 1.0, per_query=per_query)
+
+
+def test_the_recipe_stays_unless_a_trial_beats_it_beyond_the_noise(tmp_path):
+    """The best dev score wins only by more than NOISE_Z standard errors of the paired difference over the same
+    queries. Bug this catches: a search that picks the luckiest of its trials (with ~20 dev queries, a trial equal
+    to the recipe beats it by chance about half the time) and ships a recipe no better than the user's."""
+    from types import SimpleNamespace
+
+    from embedkit.tune.search import NOISE_Z, Search
+
+    rng = np.random.default_rng(0)
+    base = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0.3, 0.9, 100))}
+    noise = rng.normal(0, 0.1, 100)
+    noise += 0.01 - noise.mean()  # 0.01 better on average, the standard error of that ~0.01
+    noisy = {q: v + float(e) for (q, v), e in zip(base.items(), noise)}
+    better = {q: v + 0.05 + float(rng.normal(0, 0.02)) for q, v in base.items()}
+    search = SimpleNamespace(records=[])
+    search.best = lambda: max(search.records, key=lambda r: r.value)
+    choose = Search.choice.__get__(search)
+    search.records = [_record(0, np.mean(list(base.values())), base), _record(1, np.mean(list(noisy.values())), noisy)]
+    assert search.records[1].value > search.records[0].value  # the noisy trial has the best dev score ...
+    chosen, why = choose()
+    assert chosen.number == 0 and "within the noise" in why  # ... and the recipe stays
+    search.records.append(_record(2, np.mean(list(better.values())), better))
+    chosen, why = choose()
+    assert chosen.number == 2 and f"more than {NOISE_Z:g} standard errors" in why
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, tiny_bert_dir, monkeypatch):
+    """Killed during trial 2, `--resume` keeps trials 0 and 1 (not trained again), counts the time they used, and
+    numbers on from 2. Settings that differ are refused in one line. Bug this catches: an interrupted 40-minute
+    search that must start over, or a resume that silently mixes two searches' trials."""
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+
+    trained = []
+
+    def fake_train(recipe, on_eval=None, **_):
+        trained.append(recipe.training.lr)
+        on_eval(3, {"score": 0.5 + recipe.training.lr}, 3)
+        return SimpleNamespace(dev=None, steps=3)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+
+    def stop_at_two(number):
+        if number == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(recipe, budget="4", output=tmp_path / "t", final=False, folds=1, isolate=False, params=["lr"],
+             trial_hook=stop_at_two)
+    first_two = list(trained)
+    assert len(first_two) == 2
+    trained.clear()
+    result = tune(recipe, budget="4", output=tmp_path / "t", final=False, folds=1, isolate=False, params=["lr"],
+                  resume=True)
+    assert [t.number for t in result.trials] == [0, 1, 2, 3] and len(trained) == 2  # only trials 2 and 3 trained
+    assert [t.params["lr"] for t in result.trials[:2]] == first_two
+    with pytest.raises(ConfigError, match="ran with other budget") as info:
+        tune(recipe, budget="5", output=tmp_path / "t", final=False, folds=1, isolate=False, params=["lr"],
+             resume=True)
+    assert info.value.field == "--resume"
+
+
+def test_trials_train_in_processes_of_their_own(tmp_path, tiny_bert_dir, monkeypatch):
+    """The search process never trains: a training in it fails this test (the stand-in raises), the trials still
+    complete in their child processes, and the dev evaluations come back to the pruner. Bug this catches: every
+    trial's model, the final and the default model in one process (a held-out run peaked at 8.7 GB, three times one
+    training run)."""
+    import embedkit.train.contrastive as contrastive
+
+    def no_training_here(*args, **kwargs):
+        raise AssertionError("the tune process trained a model")
+
+    monkeypatch.setattr(contrastive, "train", no_training_here)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="2", output=tmp_path / "t", final=False, folds=1, params=["lr"])
+    assert [t.state for t in result.trials] == ["complete", "complete"]
+    assert all(t.history and t.per_query for t in result.trials)
+
+
+def test_progress_lines_come_per_evaluation_and_at_least_once_a_minute(tmp_path, tiny_bert_dir, monkeypatch,
+                                                                       caplog):
+    """A trial whose steps "take" 30 s each on the clock logs a line per dev evaluation (epoch, step, score, ETA of
+    the trial and of the search) and a heartbeat in between. Bug this catches: a 23-minute trial that printed
+    nothing."""
+    import logging
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+
+    now = [0.0]
+
+    def fake_train(recipe, on_eval=None, on_step=None, **_):
+        for step in range(1, 7):
+            now[0] += 30.0
+            on_step(step, {"epoch": (step - 1) // 3})
+            if step % 3 == 0:
+                on_eval(step, {"score": 0.5 + step / 100, "per_query": {"a": 0.4, "b": 0.6}}, 6)
+        return SimpleNamespace(dev=None, steps=6)
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    monkeypatch.setattr("embedkit.tune.jobs.STEP_EVENT_SECONDS", 0.0)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="embedkit.tune"):
+        tune(recipe, budget="1h", output=tmp_path / "t", final=False, folds=1, isolate=False, params=["lr"],
+             clock=lambda: now[0], trial_hook=lambda n: None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trial 0:")]
+    evals = [line for line in lines if ": dev " in line and "step" in line]
+    assert len(evals) == 2 and "epoch 1, step 3/6: dev 0.5300" in evals[0]
+    assert "90 s in, trial ~90 s to go" in evals[0] and "search" in evals[0] and "left" in evals[0]
+    assert any("step 2/" in line and ": dev" not in line for line in lines)  # the heartbeat between evaluations (60 s after the start)

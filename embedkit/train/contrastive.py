@@ -359,8 +359,10 @@ def evaluate_dev(encoder, task, recipe, *, sharded: bool = False) -> dict[str, A
     encoder.train()
     result = report["results"][task.spec.name]
     main = task.spec.main_metric
+    # per query: `embedkit tune` pools the queries of its dev folds and compares trials query by query
+    per_query = {q: values[main] for q, values in result.get("per_query", {}).items() if main in values}
     return {"task": task.spec.name, "metric": main, "main_metric": main, "score": result["metrics"][main],
-            "metrics": result["metrics"]}
+            "metrics": result["metrics"], "per_query": per_query}
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -47,3 +47,12 @@ def parse_budget(text: str) -> Budget:
     if seconds <= 0:
         raise ConfigError(f"a time budget must be above zero, got {raw!r}", field="--budget")
     return Budget(seconds=seconds, text=raw)
+
+
+def duration(seconds: float) -> str:
+    """A length of time as the progress lines and reports show it: "45 s", "3.5 min", "1.25 h"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"

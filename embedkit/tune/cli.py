@@ -71,6 +71,15 @@ def tune_command(
         None, "--params",
         help="Search only these (comma-separated): lr, epochs, temperature, hard_negatives, mining_range, "
              "relative_margin, margin_from, lora_r. Default: every one the recipe can use."),
+    folds: Optional[int] = typer.Option(
+        None, "--folds",
+        help="Dev folds: every training query scored once, out of fold, each trial trained once per fold. Default: "
+             "1 (one split) when the split holds enough dev queries to tell a 0.01 gain from noise, else 5 (few "
+             "labels: ~100 queries give 100 dev scores instead of 20)."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Go on with the search an interrupted run left in --output (same recipe and options): its trials "
+             "count, its budget time used counts, the next trial starts."),
     no_final: bool = typer.Option(False, "--no-final", help="Search and write the recipe; do not train the final "
                                                            "model (no --test then)."),
     keep_trials: bool = typer.Option(False, "--keep-trials", help="Keep every trial's model folder under trials/."),
@@ -81,18 +90,22 @@ def tune_command(
 
     1. Dev split: carved from the training queries (query-disjoint, seeded; its corpus: the dev positives and the
     documents the base model ranks nearest to them, then random ones), or the recipe's data.dev (refused when it
-    overlaps --test or the training data: the test is scored only at the end).
-    2. Search (Optuna TPE, seeded, one trial at a time: a fixed seed gives the same trials) over lr, epochs,
+    overlaps --test or the training data: the test is scored only at the end). With few training queries, 5 dev
+    folds instead: every query scored once, out of fold (--folds).
+    2. Search (Optuna TPE, seeded, one trial at a time, each in a process of its own) over lr, epochs,
     temperature, and where the recipe can use them the hard negatives, the mining window and margin (mining.online)
     and the LoRA rank (adapter lora / qlora). A recipe without any negatives can have them mined: mined_negatives
     0 (as written) .. 3 turns online mining on in a trial, with its window as a dependent parameter. Trial 0 is your
-    recipe, trial 1 your recipe trained longer (epochs at their bound, 2x the lr, a mined negative). Bad trials stop early: the
-    engine's dev evaluations feed a median pruner.
-    3. The best values go into OUTPUT/tuned_recipe.yaml (your recipe otherwise unchanged), which trains the final
-    model on all the training data into OUTPUT/model: `embedkit train OUTPUT/tuned_recipe.yaml` reproduces it, same
-    weights.
-    4. Report: tune_report.md / .json (trials: params, dev score, pruned / complete, seconds; the search space and
-    why its bounds hold on other corpora), dev_curve.png, and with --test the comparisons.
+    recipe, trial 1 your recipe trained longer (3 epochs or yours, 2x the lr, a mined negative). Short trials first:
+    the epochs are capped, the cap doubling when the best trial ran at it. Bad trials stop early (a median pruner
+    on the dev evaluations, or on the folds done). A line per dev evaluation and at least one a minute; an
+    interrupted search goes on with --resume.
+    3. The best trial's values go into OUTPUT/tuned_recipe.yaml (your recipe otherwise unchanged) when it beats
+    your recipe on the same dev queries by more than twice the noise (the standard error of the difference),
+    else your recipe stays. It trains the final model on all the training data into OUTPUT/model: `embedkit train
+    OUTPUT/tuned_recipe.yaml` reproduces it, same weights.
+    4. Report: tune_report.md / .json (trials: params, dev score with its spread, pruned / complete, seconds; the
+    search space and why its bounds hold on other corpora), dev_curve.png, and with --test the comparisons.
 
     Works for every recipe the engine trains: full fine-tuning, LoRA / QLoRA, LLM encoders, on the CPU or a GPU
     (model.device or --device). The search space and its reasons: embedkit/tune/space.py.
@@ -125,7 +138,7 @@ def tune_command(
                       test=test, dev_fraction=dev_fraction, max_dev_queries=max_dev_queries, dev_docs=dev_docs,
                       evals_per_epoch=evals_per_epoch, params=wanted, final=not no_final, keep_trials=keep_trials,
                       verbose=verbose, nearest_dev=dev_corpus == "nearest",
-                      allow_train_overlap=allow_train_overlap)
+                      allow_train_overlap=allow_train_overlap, folds=folds, resume=resume)
     report = result.report
     summary = {"output": str(result.output), "tuned_recipe": str(result.recipe_path),
                "model": str(result.model_dir) if result.model_dir else None, "best_trial": result.best.number,

@@ -248,9 +248,10 @@ def defaults(space: list[Param]) -> dict[str, Any]:
     return params
 
 
-def longer_schedule(space: list[Param]) -> dict[str, Any] | None:
-    """Trial 1: the recipe trained longer (epochs at their upper bound) at LONGER_LR_FACTOR x its lr, with one mined
-    negative when the recipe has none (None: nothing of that applies, e.g. --params temperature).
+def longer_schedule(space: list[Param], epochs: int | None = None) -> dict[str, Any] | None:
+    """Trial 1: the recipe trained longer (`epochs`: the search's first epoch cap, embedkit/tune/search.py; None: the
+    epochs' upper bound) at LONGER_LR_FACTOR x its lr, with one mined negative when the recipe has none (None:
+    nothing of that applies, e.g. --params temperature).
 
     Why: a recipe's first draft is a cautious short schedule, and the published fine-tuning of pretrained encoders
     runs several epochs at a larger step size (sentence-transformers' trainer: 3 epochs at 5e-5) with mined
@@ -264,7 +265,7 @@ def longer_schedule(space: list[Param]) -> dict[str, Any] | None:
             continue
         value = p.default
         if p.name == "epochs":
-            value = int(p.high)
+            value = int(p.high) if epochs is None else max(int(p.default), min(int(p.high), int(epochs)))
         elif p.name == "lr":
             value = _round(min(p.high, p.default * LONGER_LR_FACTOR))
         elif p.name == "mined_negatives":

@@ -31,6 +31,12 @@ model retrieves over the whole corpus, not the sample it trains on. A quarter of
 trial that drifts far from the base model still meets documents the base model did not rank. Dev scores are then
 lower than test scores would suggest on a sparse sample and higher than on the full corpus: they rank the trials.
 
+Folds (`carve_dev_splits(folds=k)`, chosen by `embedkit tune` when the training queries are few): every query
+text is in exactly one of k seeded folds; fold i's trials train on the other folds and score fold i, all folds
+against one dev corpus built as above from all the queries. Every training query then scores once, out of fold: a
+trial's dev score stands on all of them instead of a fifth (with 100 queries, 100 instead of 20), at k trainings
+per trial, each on as much data as one split's training part.
+
 The final model trains on all of it again (training + dev queries): the recipe's own `data.train`.
 """
 
@@ -73,6 +79,13 @@ class DevSplit:
     pool_documents: int | None = None
     hard_documents: int | None = None  # of dev_documents: the base model's neighbours of the dev queries
     dev_query_texts: list[str] = field(default_factory=list, repr=False)
+    fold: int | None = None  # which of `folds` dev folds this is (None: the only split)
+    folds: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DevSplit":
+        """Back from `asdict` (the search state of --resume)."""
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -84,6 +97,11 @@ class DevSplit:
             return f"dev = the recipe's data.dev ({self.dev_spec}); the trials train on all of data.train"
         hard = (f", {self.hard_documents:,} of them the base model's nearest to the dev queries"
                 if self.hard_documents else "")
+        if self.folds > 1:
+            return (f"{self.folds} dev folds of ~{self.dev_queries:,} of the {self.train_queries + self.dev_queries:,} "
+                    f"training queries: each fold's trial trains on the others and scores its own against "
+                    f"{self.dev_documents:,} of {self.pool_documents:,} documents{hard}; every query is scored once, "
+                    f"out of fold (seed {self.seed})")
         return (f"{self.train_queries:,} training queries ({self.train_pairs:,} pairs) train the trials; "
                 f"{self.dev_queries:,} dev queries ({self.dev_pairs:,} pairs) score them against "
                 f"{self.dev_documents:,} of {self.pool_documents:,} documents{hard} (seed {self.seed}; query-disjoint)")
@@ -179,10 +197,37 @@ def _dev_documents(all_ids: list[str], keep: set[str], limit: int, seed: int, *,
 def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries: int = 500, dev_docs: int = 1000,
                     seed: int = 42, rank: Ranker | None = None,
                     exclude: set[str] | frozenset[str] = frozenset()) -> DevSplit:
-    """Carve a query-disjoint dev split from `recipe`'s training data into `folder` (replaced atomically).
+    """Carve one query-disjoint dev split from `recipe`'s training data into `folder` (replaced atomically).
 
     `rank`: the base model's ranking (see the module docstring); None: the dev corpus is positives plus random.
     `exclude`: folded query texts never drawn for dev (the test queries the training data repeats)."""
+    (split,) = carve_dev_splits(recipe, folder, folds=1, fraction=fraction, max_queries=max_queries,
+                                dev_docs=dev_docs, seed=seed, rank=rank, exclude=exclude)
+    return split
+
+
+def fold_query_texts(query_texts: list[str], *, folds: int, seed: int,
+                     exclude: set[str] | frozenset[str] = frozenset()) -> list[set[str]]:
+    """The distinct query texts in `folds` seeded folds of (nearly) equal size; the `exclude`d ones in none (they
+    always train)."""
+    from embedkit.tune.leakage import fold
+
+    distinct = list(dict.fromkeys(query_texts))
+    candidates = [t for t in distinct if fold(t) not in exclude]
+    if len(candidates) < folds:
+        raise ConfigError(f"the training data has {len(candidates)} distinct queries that can score: too few for "
+                          f"{folds} dev folds; give the recipe a data.dev", field="data.train")
+    random.Random(seed).shuffle(candidates)
+    return [set(candidates[i::folds]) for i in range(folds)]
+
+
+def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 0.2, max_queries: int = 500,
+                     dev_docs: int = 1000, seed: int = 42, rank: Ranker | None = None,
+                     exclude: set[str] | frozenset[str] = frozenset()) -> list[DevSplit]:
+    """`folds` == 1: one dev split of `fraction` of the queries, written into `folder`. `folds` > 1: every query
+    text in exactly one of `folds` dev folds (`fold_query_texts`), fold i written into `folder`/fold-i, its trials
+    training on the other folds' queries. The folds share one dev corpus, built as for one split from all their
+    queries (so a fold's score and the pooled score are over the same documents)."""
     from embedkit.atomic import atomic_dir
     from embedkit.train.config import parse_train_source
     from embedkit.train.contrastive import load_examples, subset_indices
@@ -192,6 +237,19 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
                           field="--dev-fraction")
     kind, path, split = parse_train_source(recipe.data.train)
     folder = Path(folder)
+
+    def dev_sets(texts: list[str]) -> list[set[str]]:
+        if folds == 1:
+            return [choose_dev_queries(texts, fraction=fraction, max_queries=max_queries, seed=seed,
+                                       exclude=exclude)]
+        return fold_query_texts(texts, folds=folds, seed=seed, exclude=exclude)
+
+    def place(tmp: Path, i: int) -> Path:
+        return tmp if folds == 1 else tmp / f"fold-{i}"
+
+    def final(i: int) -> Path:
+        return folder if folds == 1 else folder / f"fold-{i}"
+
     if kind == "beir":
         from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir, mteb_document_text
 
@@ -200,40 +258,47 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
         chosen = subset_indices(len(judgments), recipe.data, recipe.training.seed)
         if chosen is not None:
             judgments = [judgments[i] for i in chosen]
-        dev_texts = choose_dev_queries([ds.queries[q] for q, _, _ in judgments], fraction=fraction,
-                                       max_queries=max_queries, seed=seed, exclude=exclude)
-        train_j = [j for j in judgments if ds.queries[j[0]] not in dev_texts]
-        dev_j = [j for j in judgments if ds.queries[j[0]] in dev_texts]
-        dev_qids = list(dict.fromkeys(q for q, _, _ in dev_j))
+        sets = dev_sets([ds.queries[q] for q, _, _ in judgments])
+        every_dev = set().union(*sets)
+        all_dev_j = [j for j in judgments if ds.queries[j[0]] in every_dev]
+        all_dev_qids = list(dict.fromkeys(q for q, _, _ in all_dev_j))
         text_of = {d: mteb_document_text(row["title"], row["text"]) for d, row in ds.corpus.items()}
-        docs, hard = _dev_documents(list(ds.corpus), {d for _, d, _ in dev_j}, dev_docs, seed, rank=rank,
-                                    queries=[ds.queries[q] for q in dev_qids], text_of=text_of)
+        docs, hard = _dev_documents(list(ds.corpus), {d for _, d, _ in all_dev_j}, dev_docs, seed, rank=rank,
+                                    queries=[ds.queries[q] for q in all_dev_qids], text_of=text_of)
+        out: list[DevSplit] = []
         with atomic_dir(folder) as tmp:
-            train_dir, dev_dir = tmp / "train", tmp / "dev"
-            train_dir.mkdir()
-            _link_or_copy(path / CORPUS_FILE, train_dir / CORPUS_FILE)
-            _link_or_copy(path / QUERIES_FILE, train_dir / QUERIES_FILE)
-            _write_qrels(train_dir / "qrels" / f"{TRAIN_SPLIT}.tsv", train_j)
-            dev_dir.mkdir()
-            if len(docs) == len(ds.corpus):
-                _link_or_copy(path / CORPUS_FILE, dev_dir / CORPUS_FILE)
-            else:
-                _write_jsonl(dev_dir / CORPUS_FILE, ({"_id": d, "title": ds.corpus[d]["title"],
-                                                       "text": ds.corpus[d]["text"]} for d in docs))
-            _write_jsonl(dev_dir / QUERIES_FILE, ({"_id": q, "text": ds.queries[q]} for q in dev_qids))
-            _write_qrels(dev_dir / "qrels" / f"{DEV_SPLIT}.tsv", dev_j)
-        train_texts = {ds.queries[q] for q, _, _ in train_j}
-        return DevSplit(carved=True, train_spec=f"beir:{folder / 'train'}:{TRAIN_SPLIT}",
-                        dev_spec=f"beir:{folder / 'dev'}:{DEV_SPLIT}", seed=seed, train_queries=len(train_texts),
-                        dev_queries=len(dev_texts), train_pairs=len(train_j), dev_pairs=len(dev_j),
-                        dev_documents=len(docs), pool_documents=len(ds.corpus), hard_documents=hard,
-                        dev_query_texts=sorted(dev_texts))
+            for i, dev_texts in enumerate(sets):
+                train_j = [j for j in judgments if ds.queries[j[0]] not in dev_texts]
+                dev_j = [j for j in judgments if ds.queries[j[0]] in dev_texts]
+                dev_qids = list(dict.fromkeys(q for q, _, _ in dev_j))
+                base = place(tmp, i)
+                train_dir, dev_dir = base / "train", base / "dev"
+                train_dir.mkdir(parents=True)
+                _link_or_copy(path / CORPUS_FILE, train_dir / CORPUS_FILE)
+                _link_or_copy(path / QUERIES_FILE, train_dir / QUERIES_FILE)
+                _write_qrels(train_dir / "qrels" / f"{TRAIN_SPLIT}.tsv", train_j)
+                dev_dir.mkdir()
+                if len(docs) == len(ds.corpus):
+                    _link_or_copy(path / CORPUS_FILE, dev_dir / CORPUS_FILE)
+                else:
+                    _write_jsonl(dev_dir / CORPUS_FILE, ({"_id": d, "title": ds.corpus[d]["title"],
+                                                           "text": ds.corpus[d]["text"]} for d in docs))
+                _write_jsonl(dev_dir / QUERIES_FILE, ({"_id": q, "text": ds.queries[q]} for q in dev_qids))
+                _write_qrels(dev_dir / "qrels" / f"{DEV_SPLIT}.tsv", dev_j)
+                train_texts = {ds.queries[q] for q, _, _ in train_j}
+                where = final(i)
+                out.append(DevSplit(carved=True, train_spec=f"beir:{where / 'train'}:{TRAIN_SPLIT}",
+                                    dev_spec=f"beir:{where / 'dev'}:{DEV_SPLIT}", seed=seed,
+                                    train_queries=len(train_texts), dev_queries=len(dev_texts),
+                                    train_pairs=len(train_j), dev_pairs=len(dev_j), dev_documents=len(docs),
+                                    pool_documents=len(ds.corpus), hard_documents=hard,
+                                    dev_query_texts=sorted(dev_texts), fold=i if folds > 1 else None,
+                                    folds=folds))
+        return out
 
     examples, _source = load_examples(recipe)
-    dev_texts = choose_dev_queries([ex.query for ex in examples], fraction=fraction, max_queries=max_queries,
-                                   seed=seed, exclude=exclude)
-    train_ex = [ex for ex in examples if ex.query not in dev_texts]
-    dev_ex = [ex for ex in examples if ex.query in dev_texts]
+    sets = dev_sets([ex.query for ex in examples])
+    every_dev = set().union(*sets)
     # The pool: every distinct positive and negative text of the used data, positives first; then, as candidates
     # for the dev corpus only, the texts of the rows data.max_examples left out.
     doc_id: dict[str, str] = {}
@@ -242,35 +307,45 @@ def carve_dev_split(recipe, folder: Path, *, fraction: float = 0.2, max_queries:
     if rank is not None and recipe.data.max_examples:
         for text in _all_texts(recipe):
             doc_id.setdefault(text, f"d{len(doc_id)}")
-    keep = {doc_id[ex.positive] for ex in dev_ex} | {doc_id[n] for ex in dev_ex for n in ex.negatives}
+    all_dev_ex = [ex for ex in examples if ex.query in every_dev]
+    keep = {doc_id[ex.positive] for ex in all_dev_ex} | {doc_id[n] for ex in all_dev_ex for n in ex.negatives}
     text_of = {v: k for k, v in doc_id.items()}
-    query_id = {text: f"q{i}" for i, text in enumerate(dict.fromkeys(ex.query for ex in dev_ex))}
-    docs, hard = _dev_documents(list(doc_id.values()), keep, dev_docs, seed, rank=rank, queries=list(query_id),
-                                text_of=text_of)
-    with_scores = all(ex.scores is not None for ex in train_ex)
+    docs, hard = _dev_documents(list(doc_id.values()), keep, dev_docs, seed, rank=rank,
+                                queries=list(dict.fromkeys(ex.query for ex in all_dev_ex)), text_of=text_of)
     # The trials' mining pool (the recipe mines, or a trial may turn mining on): every positive, as training would use
     from embedkit.tune.space import can_turn_on_mining
 
     negatives = max((len(ex.negatives) for ex in examples), default=0)
     mines_positives = recipe.mining.corpus is None and (recipe.mining.online or can_turn_on_mining(recipe, negatives))
+    out = []
     with atomic_dir(folder) as tmp:
-        _write_jsonl(tmp / "train.jsonl", (
-            {"query": ex.query, "positive": ex.positive, "negatives": list(ex.negatives),
-             **({"scores": list(ex.scores)} if with_scores else {})} for ex in train_ex))
         if mines_positives:
             positives = list(dict.fromkeys(ex.positive for ex in examples))
             _write_jsonl(tmp / "pool.jsonl", ({"_id": doc_id[t], "title": "", "text": t} for t in positives))
-        dev_dir = tmp / "dev"
-        dev_dir.mkdir()
-        _write_jsonl(dev_dir / "corpus.jsonl", ({"_id": d, "title": "", "text": text_of[d]} for d in docs))
-        _write_jsonl(dev_dir / "queries.jsonl", ({"_id": q, "text": t} for t, q in query_id.items()))
-        judged = dict.fromkeys((query_id[ex.query], doc_id[ex.positive]) for ex in dev_ex)
-        _write_qrels(dev_dir / "qrels" / f"{DEV_SPLIT}.tsv", ((q, d, 1) for q, d in judged))
-    return DevSplit(carved=True, train_spec=str(folder / "train.jsonl"), dev_spec=f"beir:{folder / 'dev'}:{DEV_SPLIT}",
-                    mining_corpus=str(folder / "pool.jsonl") if mines_positives else None, pairs_file=True,
-                    seed=seed, train_queries=len({ex.query for ex in train_ex}), dev_queries=len(dev_texts),
-                    train_pairs=len(train_ex), dev_pairs=len(dev_ex), dev_documents=len(docs),
-                    pool_documents=len(doc_id), hard_documents=hard, dev_query_texts=sorted(dev_texts))
+        for i, dev_texts in enumerate(sets):
+            train_ex = [ex for ex in examples if ex.query not in dev_texts]
+            dev_ex = [ex for ex in examples if ex.query in dev_texts]
+            with_scores = all(ex.scores is not None for ex in train_ex)
+            base = place(tmp, i)
+            dev_dir = base / "dev"
+            dev_dir.mkdir(parents=True)
+            _write_jsonl(base / "train.jsonl", (
+                {"query": ex.query, "positive": ex.positive, "negatives": list(ex.negatives),
+                 **({"scores": list(ex.scores)} if with_scores else {})} for ex in train_ex))
+            query_id = {text: f"q{j}" for j, text in enumerate(dict.fromkeys(ex.query for ex in dev_ex))}
+            _write_jsonl(dev_dir / "corpus.jsonl", ({"_id": d, "title": "", "text": text_of[d]} for d in docs))
+            _write_jsonl(dev_dir / "queries.jsonl", ({"_id": q, "text": t} for t, q in query_id.items()))
+            judged = dict.fromkeys((query_id[ex.query], doc_id[ex.positive]) for ex in dev_ex)
+            _write_qrels(dev_dir / "qrels" / f"{DEV_SPLIT}.tsv", ((q, d, 1) for q, d in judged))
+            where = final(i)
+            out.append(DevSplit(carved=True, train_spec=str(where / "train.jsonl"),
+                                dev_spec=f"beir:{where / 'dev'}:{DEV_SPLIT}",
+                                mining_corpus=str(folder / "pool.jsonl") if mines_positives else None,
+                                pairs_file=True, seed=seed, train_queries=len({ex.query for ex in train_ex}),
+                                dev_queries=len(dev_texts), train_pairs=len(train_ex), dev_pairs=len(dev_ex),
+                                dev_documents=len(docs), pool_documents=len(doc_id), hard_documents=hard,
+                                dev_query_texts=sorted(dev_texts), fold=i if folds > 1 else None, folds=folds))
+    return out
 
 
 def _all_texts(recipe):
