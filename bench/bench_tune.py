@@ -27,6 +27,10 @@ Per data set (MiniLM, recipes/minilm-<dataset>.yaml, 2 threads):
    per-query nDCG@10 averaged over the seeds (difference, 95% interval, p(improvement), the default gate at a 0.01
    margin): tuned vs default, tuned vs ST, tuned vs base.
 
+Few labels (`--queries 100 --subsamples 1,2`): every arm, the search included, trains on a seeded sample of 100 of
+the recipe's training queries (MedQuAD: of its 1,000-pair sample; SciFact: of its train qrels), what a team with a
+hundred labelled questions has; the test split is the full one. Each sample is its own row (<dataset>-q100-sub<k>).
+
 Environment: BENCH_MAX_STEPS=N caps the optimizer steps of every training (the trials, the final runs, ST's);
 BENCH_SMOKE=1 also shrinks the data (48 training pairs, a 100-document dev corpus, a 30-query / 300-document cut of
 the test split) so the whole script runs in minutes: a check of the script, not a measurement.
@@ -78,15 +82,55 @@ MAX_STEPS = os.environ.get("BENCH_MAX_STEPS")
 SMOKE_SIZES = {"train_pairs": 48, "dev_docs": 100, "test_queries": 30, "test_docs": 300}
 
 
-def recipe_overrides(dataset: str, data_root: str) -> list[str]:
-    """The recipe's own settings, on the train split only (no dev: tune carves one from the training queries)."""
-    overrides = [f"data.train={DATASETS[dataset]['train'].format(data=data_root)}", "data.dev=null",
+def recipe_overrides(dataset: str, data_root: str, train: str | None = None) -> list[str]:
+    """The recipe's own settings, on the train split only (no dev: tune carves one from the training queries);
+    `train`: a subsample of it (`subsample_queries`) instead."""
+    overrides = [f"data.train={train or DATASETS[dataset]['train'].format(data=data_root)}", "data.dev=null",
                  "training.progress=false", f"training.threads={THREADS}"]
-    if SMOKE:
+    if train:
+        overrides += ["data.max_examples=null"]
+    if SMOKE and not train:
         overrides += [f"data.max_examples={SMOKE_SIZES['train_pairs']}", "data.sample=random"]
     if MAX_STEPS:
         overrides.append(f"training.max_steps={MAX_STEPS}")
     return overrides
+
+
+def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sample: int) -> str:
+    """A seeded sample of `queries` of the recipe's training queries (every pair of each, as the recipe reads them:
+    MedQuAD's 1,000-pair sample, SciFact's train qrels), written under `work`; returns its data.train spec. What a
+    team with ~100 labelled questions has (the few-label case of issue #30)."""
+    from embedkit.train.config import load_recipe
+
+    recipe = load_recipe(DATASETS[dataset]["recipe"], recipe_overrides(dataset, data_root), check_environment=False)
+    rng = random.Random(1000 + sample)
+    folder = work / f"{dataset}-q{queries}-sub{sample}"
+    spec = str(recipe.data.train)
+    if spec.startswith("beir:"):
+        from embedkit.data.beir import load_beir
+
+        path, split = spec[len("beir:"):].rsplit(":", 1)
+        ds = load_beir(path, split)
+        qids = sorted(rng.sample(ds.judged_query_ids(), min(queries, len(ds.judged_query_ids()))))
+        (folder / "qrels").mkdir(parents=True, exist_ok=True)
+        for name in ("corpus.jsonl", "queries.jsonl"):
+            target = folder / name
+            if not target.exists():
+                target.symlink_to(Path(path).resolve() / name)
+        (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+            f"{q}\t{d}\t{s}\n" for q in qids for d, s in ds.qrels[q].items() if s > 0))
+        return f"beir:{folder}:train"
+    from embedkit.train.contrastive import load_examples
+
+    examples, _ = load_examples(recipe)
+    distinct = sorted({e.query for e in examples})
+    texts = sorted(rng.sample(distinct, min(queries, len(distinct))))  # BENCH_SMOKE has fewer
+    keep = set(texts)
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = recipe.data.columns
+    (folder / "train.jsonl").write_text("".join(json.dumps({cols.query: e.query, cols.positive: e.positive}) + "\n"
+                                                for e in examples if e.query in keep))
+    return str(folder / "train.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------------- children
@@ -275,19 +319,24 @@ def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str) -> dict:
     return verdict_between(baseline, candidate, name_b, name_c, seed=0)
 
 
-def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: bool = False) -> dict:
-    """`embedkit tune` as a user runs it, on the train split only; returns its JSON summary and its wall time.
+def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: bool = False, *,
+                 name: str | None = None, train: str | None = None) -> dict:
+    """`embedkit tune` as a user runs it, on the train split only (or the subsample `train`, named `name`); returns
+    its JSON summary and its wall time.
 
     With `resume`, a search that an earlier run with the same --out and --budget finished is reused."""
-    out = work / f"{dataset}-tune"
-    saved = work / f"{dataset}-tune.summary.json"
+    name = name or dataset
+    out = work / f"{name}-tune"
+    saved = work / f"{name}-tune.summary.json"
     if resume and saved.is_file():
         summary = json.loads(saved.read_text())
         if summary.get("budget") == budget and Path(summary["tuned_recipe"]).is_file():
             print(f"[{dataset}] --resume: reusing the search in {out} (budget {budget})", flush=True)
             return summary
     cmd = [sys.executable, "-m", "embedkit.cli", "tune", DATASETS[dataset]["recipe"], "--budget", budget, "-o",
-           str(out), "--no-final", "--json", *[f"--set={o}" for o in recipe_overrides(dataset, data_root)]]
+           str(out), "--no-final", "--json", *[f"--set={o}" for o in recipe_overrides(dataset, data_root, train)]]
+    if resume and (out / "search_state.json").is_file():
+        cmd.append("--resume")  # an interrupted search goes on
     if SMOKE:
         cmd += ["--dev-docs", str(SMOKE_SIZES["dev_docs"]), "--dev-corpus", "random"]  # no ranking of the whole file
     print(f"[{dataset}] {' '.join(cmd[2:])}", flush=True)
@@ -315,6 +364,10 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated from {', '.join(ARMS)}")
     parser.add_argument("--out", default="/tmp/embedkit-bench-tune", help="work folder (models, caches)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--queries", type=int,
+                        help="few labels: train every arm on a seeded sample of this many training queries (e.g. 100)")
+    parser.add_argument("--subsamples", default="1",
+                        help="with --queries: which seeded samples (comma-separated numbers, e.g. 1,2)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse what an earlier run with the same --out finished (the search when --budget is the "
                              "same, each trained model and its evaluation): the whole bench is hours on 2 cores")
@@ -351,20 +404,25 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
-    for dataset in args.datasets.split(","):
+    results["queries"] = args.queries
+    runs_of = [(d, None) for d in args.datasets.split(",")] if not args.queries else [
+        (d, int(k)) for d in args.datasets.split(",") for k in args.subsamples.split(",")]
+    for dataset, sample in runs_of:
+        name = dataset if sample is None else f"{dataset}-q{args.queries}-sub{sample}"
+        train = None if sample is None else subsample_queries(dataset, args.data, work, args.queries, sample)
         task = test_task(dataset, args.data, work)
-        row: dict = {"task": task}
+        row: dict = {"task": task, "train": train}
         if not {"tuned", "st-mined"} & set(arms):  # arms that do not depend on the search: --resume reuses them
             row["tune"] = t = {"tuned_recipe": None, "trial_states": [], "skipped": True}
         else:
-            row["tune"] = t = tune_dataset(dataset, args.data, work, args.budget, args.resume)
+            row["tune"] = t = tune_dataset(dataset, args.data, work, args.budget, args.resume, name=name, train=train)
             print(f"[{dataset}] tune: {len(t['trial_states'])} trials ({t['trial_states'].count('pruned')} pruned) in "
                   f"{t['search_seconds']:.0f} s; best trial {t['best_trial']}, dev {t['metric']} {t['dev']:.4f}; "
                   f"changed: {'; '.join(t['changes']) or 'nothing'}", flush=True)
         base = evaluate_once("minilm", task, work / "cache", work / f"{dataset}-base.eval.json", args.resume)
         row["base"] = {"ndcg_at_10": ndcg(base)}
         print(f"[{dataset}] base model nDCG@10 {row['base']['ndcg_at_10']:.4f}", flush=True)
-        overrides = recipe_overrides(dataset, args.data)
+        overrides = recipe_overrides(dataset, args.data, train)
         recipes = {"default": (DATASETS[dataset]["recipe"], overrides),
                    "tuned": (t["tuned_recipe"], []),
                    "st": (DATASETS[dataset]["recipe"], overrides),
@@ -373,7 +431,7 @@ def main() -> None:
         for arm in arms:
             runs = []
             for seed in seeds:
-                output = work / f"{dataset}-{arm}-s{seed}"
+                output = work / f"{name}-{arm}-s{seed}"
                 recipe, extra = recipes[arm]
                 done = output.with_suffix(".result.json")
                 evaluated = output.with_suffix(".eval.json")
@@ -407,7 +465,7 @@ def main() -> None:
         row["verdicts"] = {}
         for other in [a for a in ("default", "st", "st-mined", "base") if a in means and "tuned" in means]:
             row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned")
-        results["datasets"][dataset] = row
+        results["datasets"][name] = row
         write_json()
     summary(results)
     write_json()
