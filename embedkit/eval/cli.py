@@ -15,6 +15,7 @@ import typer
 from embedkit.device import DEVICE_HELP
 from embedkit.errors import EmbedkitError
 from embedkit.launch import NPROC_HELP
+from embedkit.logs import quieten
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ def eval_command(
 
         specs = parse_task_specs(task)  # fail on a bad spec before the model loads
         if quiet:
-            from embedkit.logs import quieten
-
             quieten()
         with processes(nproc, device, ctx=ctx) as procs:
             log.info("loading model %s%s", model, f" ({procs.world} processes)" if procs.world > 1 else "")

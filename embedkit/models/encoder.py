@@ -25,9 +25,9 @@ from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st
 from embedkit.models.prompts import resolve_prompts
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
-# How many texts are tokenized and length-sorted together; bounds memory on huge inputs.
 log = logging.getLogger(__name__)
 
+# How many texts are tokenized and length-sorted together; bounds memory on huge inputs.
 _SORT_CHUNK = 16384
 _SUPPORTED_ST_MODULES = ("Transformer", "Pooling", "Normalize")
 
