@@ -24,6 +24,7 @@ ROOT_LOGGER = "embedkit"
 LEVEL_ENV = "EMBEDKIT_LOG_LEVEL"  # DEBUG, INFO, WARNING, ERROR: the level when -v / -q are not given
 JSON_ENV = "EMBEDKIT_LOG_JSON"  # 1: JSON lines, as --log-json
 PROGRESS_INTERVAL_S = 30.0  # off a terminal, at most one progress line this often
+HF_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
 
 _configured: dict[str, Any] = {}  # what configure_logging was asked for: "level", "json"
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -103,6 +104,22 @@ def configure_logging(prefix: str = "embedkit", *, rank: int | None = None, leve
     root.setLevel(level if rank == 0 or world == 1 else max(level, logging.WARNING))
     root.propagate = False  # the command owns the process: a handler a library put on the root would say it twice
     _configured.update(level=level, json=bool(json_lines))
+    if not (level <= logging.INFO and (rank == 0 or world == 1) and not json_lines and _stderr_is_terminal()):
+        _library_bars_off()
+
+
+def _library_bars_off() -> None:
+    """transformers and huggingface_hub draw tqdm bars of their own ("Loading weights", downloads): off as well
+    wherever ours are, since a bar in a log is noise and -q means quiet."""
+    os.environ.setdefault(HF_BARS_ENV, "1")  # read when huggingface_hub is first imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def quieten() -> None:

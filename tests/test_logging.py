@@ -7,6 +7,9 @@ import ast
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +236,18 @@ def test_the_encoder_and_the_engine_use_the_progress_helper(monkeypatch, tiny_be
     load_model(tiny_bert_dir).encode(["a text", "another"], show_progress=True)
     assert calls == ["encode documents"]
     assert "embedkit encode: encode documents: 2/2 text (100%)" in capsys.readouterr().err
+
+
+def test_library_bars_stay_out_of_a_log(tmp_path):
+    """Bug caught: transformers' own "Loading weights" bar (a tqdm of its own, past our helper) drawn into a
+    redirected stderr: the command's stderr off a terminal must hold log lines only."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\nanother\n")
+    env = {k: v for k, v in os.environ.items() if k != logs.HF_BARS_ENV}
+    result = subprocess.run([sys.executable, "-m", "embedkit.cli", "encode", "--model", "minilm", "--input",
+                             str(texts), "--output", str(tmp_path / "v.npy")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("wrote 2 x 384 vectors") and result.stderr == ""
 
 
 # ------------------------------------------------------------------------------------------------- the package
