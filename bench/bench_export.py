@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -213,7 +212,10 @@ def main() -> None:
     workdir = args.workdir or Path(tmp.name)
     folder = workdir / "minilm_onnx"
     if not (folder / "model.onnx").is_file():
-        export_onnx("minilm", folder, log=lambda m: print(f"  {m}", file=sys.stderr))
+        from embedkit.logs import configure_logging
+
+        configure_logging("  export")
+        export_onnx("minilm", folder)
     from embedkit.export.onnx import OnnxEncoder
 
     tokenizer_encoder = OnnxEncoder(folder, variant="fp32")

@@ -509,7 +509,7 @@ def child_train(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     recipe = load_recipe(REPO / spec["recipe"], spec["overrides"])
     started = time.perf_counter()
-    from embedkit.train.engine import configure_logging
+    from embedkit.logs import configure_logging
 
     configure_logging(f"  [{spec['variant']} s{spec['seed']}]")
     result = train(recipe)

@@ -262,8 +262,10 @@ def main() -> None:
     for variant, folder in onnx_dirs.items():
         if not (folder / "embedkit_onnx.json").is_file():
             print(f"exporting minilm to {folder} ({variant}) ...", file=sys.stderr)
-            export_onnx("minilm", folder, quantize="int8" if variant == "int8" else None,
-                        log=lambda m: print(m, file=sys.stderr))
+            from embedkit.logs import configure_logging
+
+            configure_logging("export")
+            export_onnx("minilm", folder, quantize="int8" if variant == "int8" else None)
         served = json.loads((folder / "embedkit_onnx.json").read_text())["default_variant"]
         if served != variant:
             raise SystemExit(f"{folder} serves its {served} graph, not {variant}: pass an export made "

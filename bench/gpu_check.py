@@ -1279,11 +1279,10 @@ def row_vllm(settings: Settings) -> RowResult:
     folder = settings.work / "row6-hf"
     shutil.rmtree(folder, ignore_errors=True)
     # The export checks the source's probes first; row 5 reports them, this row checks vLLM against the export's.
-    export_hf(model, folder, allow_probe_mismatch=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+    export_hf(model, folder, allow_probe_mismatch=True)  # its lines: through the row's logging (configure_logging)
     started = time.perf_counter()
     outcome = run_vllm(folder, port=free_port(), vllm_bin=binary, extra=["--enforce-eager"], foreground=False,
-                       startup_timeout=max(settings.left() - 30, 10), atol=REMOTE_PROBE_ATOL, allow_mismatch=True,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       startup_timeout=max(settings.left() - 30, 10), atol=REMOTE_PROBE_ATOL, allow_mismatch=True)
     startup_s = time.perf_counter() - started
     stop_process(outcome["process"])
     check = outcome["check"]
@@ -1452,7 +1451,7 @@ def child_main(which: str, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     import logging
 
-    from embedkit.train.engine import configure_logging
+    from embedkit.logs import configure_logging
 
     configure_logging("gpu-check", level=logging.INFO)
     result_file = settings.out / "rows" / f"row-{which}.json"

@@ -13,12 +13,14 @@
     embedkit demo                        the main job, end to end on the embedded defaults
 
 Each stage keeps its command functions in its own package (`embedkit/<stage>/cli.py`); this file only wires them
-together and turns an EmbedkitError into one line on stderr and an exit code.
+together, configures logging once for all of them (-v / -q / --log-json, before the sub-command: stdout carries
+the command's result, stderr its log lines), and turns an EmbedkitError into one line on stderr and an exit code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Optional
 import typer
 
 from embedkit import __version__
+from embedkit import logs
 from embedkit.device import DEVICE_HELP
 from embedkit.data.cli import check_command
 from embedkit.errors import EmbedkitError
@@ -74,11 +77,22 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the debug lines (before the command: "
+                                                                "embedkit -v train ...)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only: no progress lines or bars."),
+    log_json: bool = typer.Option(False, "--log-json", envvar=logs.JSON_ENV,
+                                  help="Log lines on stderr as JSON objects, one a line (time, level, logger, "
+                                       "message, and the record's fields), for a machine to read."),
 ) -> None:
     # No model hub unless the user asks for one: embedded models never need it, and a hidden download is a surprise.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose and quiet:
+        raise typer.BadParameter("give -v or -q, not both", param_hint="'-v' / '-q'")
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else None  # None: $EMBEDKIT_LOG_LEVEL or INFO
+    logs.configure_logging(f"embedkit {ctx.invoked_subcommand}", level=level, json_lines=log_json)
 
 
 models_app = typer.Typer(
@@ -260,10 +274,13 @@ def demo_command(
 
     Example: embedkit demo --workdir runs/demo
     """
-    from embedkit.pipeline import DemoSettings, run_demo
+    from embedkit.pipeline import DemoSettings, render_summary, run_demo
 
     settings = DemoSettings(model=model, max_pairs=max_pairs, epochs=epochs, quantize=None if no_quantize else "int8")
-    run_demo(workdir, settings=settings)
+    result = run_demo(workdir, settings=settings)
+    typer.echo(f"\n{render_summary(result)}")
+    typer.echo(f"\noutputs in {workdir}: summary.md, summary.json{', summary.png' if settings.plot else ''}, "
+               "model/, onnx/, rag-index/, eval_*.json, compare.json")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +30,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn, Sequence
+
+from embedkit import logs
 
 ERRORS_ENV = "EMBEDKIT_LAUNCH_ERRORS"  # a folder where launched processes leave their one-line error
 NPROC_HELP = ("Processes to spread the encoding over (torch.distributed; one GPU each with --device auto). On the "
@@ -56,6 +59,7 @@ def relaunch(argv: Sequence[str], nproc: int, *, module: str = "embedkit.cli", c
     import torch
 
     environment = dict(os.environ if env is None else env)
+    environment.update(logs.child_environment())  # -v / -q / --log-json came before the sub-command: not in argv
     if cpu is None:
         cpu = not torch.cuda.is_available()
     if cpu:
@@ -76,8 +80,6 @@ def end_launched_process(code: int | str | None) -> NoReturn:
     static destructors, which can abort the interpreter's teardown ("terminate called without an active exception",
     exit 134: DeepSpeed's CPU communication op after a resumed ZeRO-3 run; gloo now and then after a sharded encode
     on a busy machine), which torchrun would report as a failed run."""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -92,18 +94,25 @@ def report_error(line: str) -> None:
         with open(os.path.join(folder, f"rank{os.environ['RANK']}.txt"), "w", encoding="utf-8") as handle:
             handle.write(line + "\n")
         return
-    print(line, file=sys.stderr, flush=True)
+    _write_error(line)
+
+
+def _write_error(line: str) -> None:
+    """The one-line error on stderr; under --log-json a JSON line like the others, for the machine reading them."""
+    if logs.json_lines_on():
+        logging.getLogger(__name__).error(line.removeprefix("error: "))
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _torchrun(args: Sequence[str]) -> int:
     """torch.distributed.run with ARGS; returns the exit code of the first process that failed (0: none did)
     after printing its one-line error, instead of the launcher's traceback and failure table."""
-    import logging
-
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logs.configure_logging("embedkit")  # as the command was: relaunch passed its level and format on
     try:
         run(parse_args(list(args)))
     except ChildFailedError as exc:
@@ -112,9 +121,10 @@ def _torchrun(args: Sequence[str]) -> int:
         said = os.path.join(os.environ.get(ERRORS_ENV, ""), f"rank{rank}.txt")
         if os.environ.get(ERRORS_ENV) and os.path.isfile(said):
             with open(said, encoding="utf-8") as handle:
-                sys.stderr.write(handle.read())
+                for line in handle.read().splitlines():
+                    _write_error(line)
         elif code < 0:
-            print(f"error: process {rank} was killed by signal {-code}", file=sys.stderr)
+            _write_error(f"error: process {rank} was killed by signal {-code}")
         # (otherwise the process printed its own traceback)
         return 128 - code if code < 0 else code or 1
     return 0

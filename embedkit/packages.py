@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedkit.errors import EmbedkitError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def install_package(name: str, *, quiet: bool = False) -> bool:
         return False
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", package.pin]
     if not quiet:
-        print(f"embedkit: installing {package.pin} (pip, no dependencies) ...", file=sys.stderr, flush=True)
+        log.info("installing %s (pip, no dependencies) ...", package.pin)
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as exc:

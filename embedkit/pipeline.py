@@ -16,7 +16,7 @@ comparison, the tuned model, its ONNX int8 export, the RAG index, and summary.js
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,8 +74,7 @@ class DemoResult:
     timings: list[StageTiming] = field(default_factory=list)
 
 
-def _say(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 class _Clock:
@@ -83,11 +82,11 @@ class _Clock:
         self.timings: list[StageTiming] = []
 
     def stage(self, name: str, fn: Callable[[], Any]) -> Any:
-        _say(f"--- {name}")
+        log.info("--- %s", name)
         started = time.perf_counter()
         result = fn()
         self.timings.append(StageTiming(name, time.perf_counter() - started))
-        _say(f"    {name} done in {self.timings[-1].seconds:.1f} s")
+        log.info("    %s done in %.1f s", name, self.timings[-1].seconds)
         return result
 
 
@@ -123,14 +122,14 @@ def mine_negatives(encoder, examples, pool, settings: DemoSettings, output: Path
     task = task_from_pairs(examples, corpus=pool, description={"data": "STS-B train, score >= "
                                                                        f"{settings.min_score}"})
     return mine_to_file(encoder, task, output, mining, cache_dir=output.parent / "cache", histogram=settings.plot,
-                        progress=_say)
+                        progress=True)
 
 
 def evaluate_to(encoder, path: Path) -> dict[str, Any]:
     from embedkit.eval.report import write_report
     from embedkit.eval.runner import evaluate
 
-    report = evaluate(encoder, list(EVAL_TASKS), progress=_say)
+    report = evaluate(encoder, list(EVAL_TASKS), progress=True)
     write_report(report, path)
     return report
 
@@ -148,9 +147,6 @@ def train_model(settings: DemoSettings, mined: Path, output: Path):
                      "lr": settings.lr, "seed": settings.seed, "threads": settings.threads,
                      "group_by_length": True, "eval_at_end": False},
     })
-    from embedkit.train.engine import configure_logging
-
-    configure_logging("[demo] train")  # the engine logs through stdlib logging ("embedkit.train")
     return train(recipe)
 
 
@@ -169,7 +165,7 @@ def significance(base: dict[str, Any], tuned: dict[str, Any], seed: int) -> dict
 def export_model(model_dir: Path, output: Path, settings: DemoSettings) -> dict[str, Any]:
     from embedkit.export.onnx import export_onnx
 
-    return export_onnx(model_dir, output, quantize=settings.quantize, check_set=EXPORT_CHECK_SET, log=_say)
+    return export_onnx(model_dir, output, quantize=settings.quantize, check_set=EXPORT_CHECK_SET)
 
 
 def serve_check(onnx_dir: Path, tuned_encoder, texts: list[str]) -> dict[str, Any]:
@@ -182,7 +178,7 @@ def serve_check(onnx_dir: Path, tuned_encoder, texts: list[str]) -> dict[str, An
     from embedkit.serve.server import BackgroundServer
 
     backend = load_backend(ModelSpec(name="demo", path=str(onnx_dir)), "onnx")
-    probes = verify_probes(backend, log=_say)
+    probes = verify_probes(backend)
     with BackgroundServer(create_app({"demo": backend})) as server:
         started = time.perf_counter()
         response = httpx.post(f"{server.url}/v1/embeddings", json={"model": "demo", "input": texts}, timeout=120)
@@ -202,7 +198,7 @@ def rag_check(encoder, workdir: Path, settings: DemoSettings) -> dict[str, Any]:
     from embedkit.rag import build_index, evaluate_index
 
     dataset = stsb_paraphrase_retrieval("test", settings.min_score)
-    index = build_index(encoder, dataset, workdir / "rag-index", progress=_say)
+    index = build_index(encoder, dataset, workdir / "rag-index", progress=True)
     examples = []
     for qid in list(dataset.queries)[: settings.rag_queries]:
         hits = index.search(encoder, dataset.queries[qid], k=3)
@@ -313,7 +309,8 @@ def run_demo(workdir: str | Path = "runs/demo", *, settings: DemoSettings | None
 
     base = clock.stage("load", lambda: load_model(settings.model, max_length=settings.max_length))
     examples, pool = clock.stage("data", lambda: training_pairs(settings, workdir / "train_pairs.jsonl"))
-    _say(f"{len(examples)} STS-B train pairs with score >= {settings.min_score}; mining pool {len(pool)} sentences")
+    log.info("%d STS-B train pairs with score >= %s; mining pool %d sentences", len(examples), settings.min_score,
+             len(pool))
     mined_path = workdir / "mined.jsonl"
     mined = clock.stage("mine", lambda: mine_negatives(base, examples, pool, settings, mined_path))
     base_report = clock.stage("eval before", lambda: evaluate_to(base, workdir / "eval_base.json"))
@@ -338,10 +335,6 @@ def run_demo(workdir: str | Path = "runs/demo", *, settings: DemoSettings | None
     write_json(workdir / "summary.json", _jsonable({**asdict(result), "settings": asdict(settings)}))
     if settings.plot:
         write_plot(rows, workdir / "summary.png")
-    print()
-    print(text)
-    print(f"\noutputs in {workdir}: summary.md, summary.json{', summary.png' if settings.plot else ''}, "
-          f"model/, onnx/, rag-index/, eval_*.json, compare.json")
     return result
 
 

@@ -43,6 +43,30 @@ def bench_module(name: str):
     yield module
     sys.modules.pop(name, None)
 
+@pytest.fixture(autouse=True)
+def _embedkit_logging_restored():
+    """A command run in this process (CliRunner, `main([...])`) configures the "embedkit" logger for its run: its
+    handler, its level (-q, a command's --quiet), no propagation to the root, and the libraries' progress bars off
+    (HF_HUB_DISABLE_PROGRESS_BARS). Put it back after each test, so that the next test's commands start from the
+    defaults and its caplog still receives the records."""
+    import logging
+
+    from embedkit import logs
+
+    logger = logging.getLogger(logs.ROOT_LOGGER)
+    handlers, level, propagate, configured = logger.handlers[:], logger.level, logger.propagate, dict(logs._configured)
+    bars = os.environ.get(logs.HF_BARS_ENV)
+    yield
+    logger.handlers, logger.propagate = handlers, propagate
+    logger.setLevel(level)
+    logs._configured.clear()
+    logs._configured.update(configured)
+    if bars is None:
+        os.environ.pop(logs.HF_BARS_ENV, None)
+    else:
+        os.environ[logs.HF_BARS_ENV] = bars
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_embedkit_home(tmp_path_factory):
     """Caches go to a temp folder, except the converted SmolLM2, which is reused across runs when present."""

@@ -4,6 +4,7 @@ int8 graph fails on a real check set, failure leaves nothing, HF export + launch
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 
 import numpy as np
@@ -23,12 +24,6 @@ TEXTS = ["what causes high blood pressure", "fever", "a man is playing a guitar 
 TINY_MAX_NDCG_DROP = 0.03
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
-
-
 @pytest.fixture(scope="module")
 def st_llama(tmp_path_factory, tiny_llama_dir):
     folder = tmp_path_factory.mktemp("st_llama") / "model"
@@ -42,7 +37,7 @@ def bert_export(tmp_path_factory, st_bert):
     # The 0.005 nDCG bound is for real models (test_minilm_int8_export holds it). This 2-layer random-weight BERT
     # scores ~0.42 on the check set, where one swapped rank moves nDCG by ~0.005, and int8 kernels round differently
     # across CPUs (AVX2 vs VNNI), so its drop is bounded loosely here.
-    manifest = export_onnx(st_bert, out, quantize="int8", max_ndcg_drop=TINY_MAX_NDCG_DROP, log=_quiet)
+    manifest = export_onnx(st_bert, out, quantize="int8", max_ndcg_drop=TINY_MAX_NDCG_DROP)
     return out, manifest
 
 
@@ -50,7 +45,7 @@ def bert_export(tmp_path_factory, st_bert):
 def test_onnx_fp32_matches_torch(which, request, tmp_path):
     folder = request.getfixturevalue(which)
     out = tmp_path / "onnx"
-    manifest = export_onnx(folder, out, log=_quiet)
+    manifest = export_onnx(folder, out)
     assert manifest["parity"]["passed"] and manifest["parity"]["fp32_max_abs_diff"] < 1e-5
     assert json.loads((out / MANIFEST_NAME).read_text())["parity"] == manifest["parity"]
     torch_encoder = load_model(folder)
@@ -148,7 +143,7 @@ PAIRS = [(f"question {i} about {w}", f"an answer about {w} number {i}") for i, w
          enumerate(["fever", "insulin", "asthma", "contracts", "interest rates", "dogs", "vaccines", "copyright"] * 3)]
 
 
-def test_check_set_specs_and_the_model_manifest_default(tmp_path):
+def test_check_set_specs_and_the_model_manifest_default(tmp_path, caplog):
     from embedkit.errors import DataError
     from embedkit.export.checkset import load_check_set
 
@@ -180,8 +175,9 @@ def test_check_set_specs_and_the_model_manifest_default(tmp_path):
     assert load_check_set(None, model_folders=[model]).source.startswith("the model's dev data")
     recipe.update(dev="beir:/gone:test", train="/gone.jsonl")
     (model / MANIFEST_NAME).write_text(json.dumps({"training": {"recipe": {"data": recipe}}}))
-    notes = []
-    assert load_check_set(None, model_folders=[model], log=notes.append).name == "builtin-40"
+    with caplog.at_level(logging.INFO, logger="embedkit"):
+        assert load_check_set(None, model_folders=[model]).name == "builtin-40"
+    notes = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(notes) == 2 and "not usable here" in notes[0]
 
 
@@ -239,15 +235,17 @@ def _negate_embedding_row(token):
     return damaged
 
 
-def test_a_damaged_int8_graph_fails_on_a_real_check_set_and_leaves_nothing(st_bert, tmp_path, monkeypatch):
+def test_a_damaged_int8_graph_fails_on_a_real_check_set_and_leaves_nothing(st_bert, tmp_path, monkeypatch, caplog):
     """Negating the int8 embedding of one frequent token ('a') hurts only the texts that contain it: the mean cosine
     stays above 0.99 (the old check alone passed it); the per-text minimum on STS-B paraphrase fails."""
     from embedkit.export import onnx as export_module
 
     monkeypatch.setattr(export_module, "quantize_int8", _negate_embedding_row("a"))
-    out, messages = tmp_path / "onnx", []
-    with pytest.raises(ExportError, match="cosine to fp32 .* < 0.95; nothing was written"):
-        export_onnx(st_bert, out, quantize="int8", check_set="stsb-paraphrase", log=messages.append)
+    out = tmp_path / "onnx"
+    with pytest.raises(ExportError, match="cosine to fp32 .* < 0.95; nothing was written"), \
+            caplog.at_level(logging.INFO, logger="embedkit"):
+        export_onnx(st_bert, out, quantize="int8", check_set="stsb-paraphrase")
+    messages = [r.getMessage() for r in caplog.records]
     assert not out.exists() and list(tmp_path.iterdir()) == []
     line = next(m for m in messages if m.startswith("parity int8"))
     assert "on 1441 texts" in line and "nDCG@10 on stsb-paraphrase-test" in line  # 300 queries, 1,000 documents
@@ -257,17 +255,17 @@ def test_a_damaged_int8_graph_fails_on_a_real_check_set_and_leaves_nothing(st_be
 def test_failed_parity_writes_nothing_and_keeps_the_old_export(st_bert, tmp_path, bert_export):
     out = tmp_path / "onnx"
     with pytest.raises(ExportError, match="mean cosine"):
-        export_onnx(st_bert, out, quantize="int8", min_mean_cosine=1.01, log=_quiet)
+        export_onnx(st_bert, out, quantize="int8", min_mean_cosine=1.01)
     assert not out.exists()
     assert [p for p in tmp_path.iterdir()] == []  # no temporary folder left either
     with pytest.raises(ExportError, match="differs from torch"):
-        export_onnx(st_bert, out, max_abs_diff=0.0, log=_quiet)
+        export_onnx(st_bert, out, max_abs_diff=0.0)
     assert not out.exists()
     # an existing good export is not replaced by a failed one
     good, _ = bert_export
     before = (good / MANIFEST_NAME).read_text()
     with pytest.raises(ExportError):
-        export_onnx(st_bert, good, quantize="int8", min_mean_cosine=1.01, log=_quiet)
+        export_onnx(st_bert, good, quantize="int8", min_mean_cosine=1.01)
     assert (good / MANIFEST_NAME).read_text() == before
     assert ExportError("x").exit_code != 0
 
@@ -281,9 +279,9 @@ def test_export_refuses_a_model_that_changed_after_training(st_bert, tmp_path):
     write_probes(encoder, folder)
     _perturb_weights(folder)
     with pytest.raises(ExportError, match="probe vectors"):
-        export_onnx(folder, tmp_path / "out", log=_quiet)
+        export_onnx(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    manifest = export_onnx(folder, tmp_path / "out", allow_probe_mismatch=True, log=_quiet)
+    manifest = export_onnx(folder, tmp_path / "out", allow_probe_mismatch=True)
     assert manifest["source_probes"]["ok"] is False
 
 
@@ -304,7 +302,7 @@ def test_onnx_encoder_errors(tmp_path, bert_export):
     with pytest.raises(ModelError, match="normalize"):
         OnnxEncoder(out).encode(["x"], normalize=False)
     with pytest.raises(ModelError, match="unknown quantization"):
-        export_onnx(out, tmp_path / "x", quantize="int4", log=_quiet)
+        export_onnx(out, tmp_path / "x", quantize="int4")
 
 
 def test_hf_export_merges_saves_and_writes_launch_files(st_llama, tmp_path):
@@ -313,7 +311,7 @@ def test_hf_export_merges_saves_and_writes_launch_files(st_llama, tmp_path):
     from embedkit.export.hf import export_hf
 
     out = tmp_path / "hf"
-    spec = export_hf(st_llama, out, served_name="tiny", log=_quiet)
+    spec = export_hf(st_llama, out, served_name="tiny")
     for name in ("launch.txt", "launch.json", PROBES_NAME, MANIFEST_NAME, "modules.json", "1_Pooling/config.json"):
         assert (out / name).is_file(), name
     pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
@@ -345,7 +343,7 @@ def test_hf_export_merges_a_lora_adapter(st_bert, tmp_path):
     encoder.save_adapter(adapter_dir)
     expected = encoder.encode(TEXTS)
     out = tmp_path / "hf"
-    export_hf(st_bert, out, adapter=adapter_dir, log=_quiet)
+    export_hf(st_bert, out, adapter=adapter_dir)
     merged = load_model(out)
     assert not merged.has_adapter
     assert np.abs(merged.encode(TEXTS) - expected).max() < 1e-5
@@ -373,7 +371,7 @@ def test_minilm_int8_export(tmp_path):
     per-token int8 keeps mean cosine >= 0.99, every text >= 0.95 and nDCG@10 within 0.005; a text's int8 vector is
     the same alone and inside batches of 8 and 32 of other texts."""
     out = tmp_path / "minilm_onnx"
-    manifest = export_onnx("minilm", out, quantize="int8", check_set="stsb-paraphrase", log=_quiet)
+    manifest = export_onnx("minilm", out, quantize="int8", check_set="stsb-paraphrase")
     parity = manifest["parity"]
     assert parity["check_set"] == "stsb-paraphrase-test" and parity["check_set_documents"] == 1000
     assert parity["fp32_max_abs_diff"] < 1e-5

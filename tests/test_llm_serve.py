@@ -35,8 +35,8 @@ def chat_folder(tmp_path_factory, tiny_llama_dir) -> Path:
 @pytest.fixture(scope="module")
 def server(chat_folder, st_bert):
     models = [f"chat={chat_folder}", f"bert={st_bert}"]
-    backends = load_backends(models, log=lambda m: None)
-    generators = load_generators(models, backends, log=lambda m: None)
+    backends = load_backends(models)
+    generators = load_generators(models, backends)
     assert set(generators) == {"chat"}  # the BERT folder has no generative head
     settings = ServeSettings(max_completion_tokens=64)
     with BackgroundServer(create_app(backends, settings, generators)) as running:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 import time
 
@@ -22,10 +23,6 @@ TEXTS = ["what causes high blood pressure", "fever", "a man is playing a guitar 
          "insulin lowers the level of glucose in the blood", "the court ruled"]
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +30,14 @@ def bert_onnx(tmp_path_factory, st_bert):
     from embedkit.export.onnx import export_onnx
 
     out = tmp_path_factory.mktemp("serve_onnx") / "onnx"
-    export_onnx(st_bert, out, log=_quiet)
+    export_onnx(st_bert, out)
     return out
 
 
 @pytest.fixture(scope="module")
 def server(st_bert, bert_onnx):
     """Two models (torch and onnx), an API key, small limits; one background uvicorn for the module."""
-    backends = load_backends([f"bert={st_bert}", f"bert-onnx={bert_onnx}"], log=_quiet)
+    backends = load_backends([f"bert={st_bert}", f"bert-onnx={bert_onnx}"])
     settings = ServeSettings(api_keys=("sekret",), max_inputs=64, max_tokens_per_input=40, max_body_bytes=64 * 1024)
     with BackgroundServer(create_app(backends, settings)) as running:
         yield running
@@ -306,7 +303,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(st_bert):
         httpx.post(f"{running.url}/v1/embeddings", json={"input": ["late"]}, timeout=5)
 
 
-def test_refuses_to_start_on_probe_mismatch(st_bert, tmp_path, capsys):
+def test_refuses_to_start_on_probe_mismatch(st_bert, tmp_path, caplog):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -317,16 +314,17 @@ def test_refuses_to_start_on_probe_mismatch(st_bert, tmp_path, capsys):
     encoder = load_model(st_bert)
     encoder.save(folder)
     write_probes(encoder, folder)
-    assert load_backends([str(folder)], log=_quiet)  # intact: starts
+    assert load_backends([str(folder)])  # intact: starts
     weights = load_file(folder / "model.safetensors")
     key = "encoder.layer.1.output.dense.weight"
     weights[key] = weights[key] + 0.05 * torch.randn(weights[key].shape, generator=torch.Generator().manual_seed(0))
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match="refusing to serve .*MISMATCH"):
         run_server([str(folder)], port=0)  # fails before binding anything
-    logs: list[str] = []
-    backends = load_backends([str(folder)], allow_mismatch=True, log=logs.append)
-    assert "trained" in backends and any("WARNING" in line and "--allow-mismatch" in line for line in logs)
+    with caplog.at_level(logging.INFO, logger="embedkit"):
+        backends = load_backends([str(folder)], allow_mismatch=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]  # shown even with -q
+    assert "trained" in backends and any("WARNING" in line and "--allow-mismatch" in line for line in warnings)
 
 
 def test_model_spec_names_and_duplicates(st_bert):
@@ -337,9 +335,9 @@ def test_model_spec_names_and_duplicates(st_bert):
     assert ModelSpec.parse("minilm").name == "minilm"
     assert ModelSpec.parse(str(st_bert)).name.endswith("-model")
     with pytest.raises(ConfigError, match="NAME=PATH"):
-        load_backends([f"a={st_bert}", f"a={st_bert}"], log=_quiet)
+        load_backends([f"a={st_bert}", f"a={st_bert}"])
     with pytest.raises(ModelError, match="ONNX export folder"):
-        load_backends([str(st_bert)], backend="onnx", log=_quiet)
+        load_backends([str(st_bert)], backend="onnx")
 
 
 def test_serve_cli_help():
@@ -362,7 +360,7 @@ def test_openai_client_gets_minilm_vectors_equal_to_encode():
     import openai
 
     encoder = load_model("minilm")
-    backends = load_backends(["minilm"], log=_quiet)
+    backends = load_backends(["minilm"])
     with BackgroundServer(create_app(backends, ServeSettings(api_keys=("k1",)))) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="k1", max_retries=0)
         texts = TEXTS + ["Diabetes mellitus is a group of metabolic disorders."]

@@ -19,10 +19,6 @@ from embedkit.serve.engines import build_vllm_command, check_remote, run_vllm
 from embedkit.serve.server import BackgroundServer
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def hf_export(tmp_path_factory, tiny_bert_dir):
     from embedkit.export.hf import export_hf
@@ -30,7 +26,7 @@ def hf_export(tmp_path_factory, tiny_bert_dir):
     source = tmp_path_factory.mktemp("eng") / "model"
     load_model(tiny_bert_dir, prompts={"query": "query: "}, normalize=True).save(source)
     out = tmp_path_factory.mktemp("eng_hf") / "tuned"
-    export_hf(source, out, log=_quiet)
+    export_hf(source, out)
     return out
 
 
@@ -55,8 +51,10 @@ def test_vllm_command(hf_export):
     assert json.loads(options["--pooler-config"]) == {"pooling_type": "MEAN", "normalize": True}
     assert options["--port"] == "8123" and options["--served-model-name"] == "tuned"
     assert options["--max-model-len"] == "128" and options["--dtype"] == "float32"
-    dry = run_vllm(hf_export, dry_run=True, log=_quiet)
+    dry = run_vllm(hf_export, dry_run=True, api_key="s3cret")
     assert dry["launched"] is False and dry["command"][1] == "serve"
+    # what `embedkit serve --dry-run` prints: the command, without the key
+    assert dry["command_line"].startswith("vllm serve ") and "s3cret" not in dry["command_line"]
 
 
 def test_parity_check_against_fake_servers(hf_export):
@@ -106,7 +104,7 @@ def test_run_vllm_launches_checks_and_stops(hf_export, tmp_path, monkeypatch, wr
     fake.chmod(0o755)
     if wrong:
         monkeypatch.setenv("FAKE_VLLM_WRONG", "1")
-    kwargs = dict(port=_free_port(), vllm_bin=str(fake), startup_timeout=120, foreground=False, log=_quiet)
+    kwargs = dict(port=_free_port(), vllm_bin=str(fake), startup_timeout=120, foreground=False)
     if wrong:
         with pytest.raises(ModelError, match="differ from the model's probe vectors"):
             run_vllm(hf_export, **kwargs)
@@ -124,7 +122,7 @@ def test_run_vllm_launches_checks_and_stops(hf_export, tmp_path, monkeypatch, wr
 
 def test_missing_vllm_binary_is_one_clear_error(hf_export):
     with pytest.raises(ModelError, match="not installed here"):
-        run_vllm(hf_export, vllm_bin="/nonexistent/vllm", log=_quiet)
+        run_vllm(hf_export, vllm_bin="/nonexistent/vllm")
 
 
 def test_non_st_folder_is_refused(tiny_bert_dir):

@@ -63,10 +63,6 @@ def _server_rule(texts: list[str]) -> tuple[list[str], list[str]]:
     return accepted + [_SURROGATES.sub("\ufffd", t) for t in refused], refused
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module", params=["bert", "llama"])
 def model(request, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
     """(torch Encoder, OnnxEncoder) of one saved and exported tiny model."""
@@ -77,7 +73,7 @@ def model(request, tmp_path_factory, tiny_bert_dir, tiny_llama_dir):
         source = load_model(tiny_llama_dir, prompts="instruct", max_length=LLAMA_MAX_LENGTH, padding_side="left")
         assert source.pooling == "lasttoken"
     source.save(root / "model")
-    export_onnx(root / "model", root / "onnx", log=_quiet)
+    export_onnx(root / "model", root / "onnx")
     return load_model(root / "model"), OnnxEncoder(root / "onnx")
 
 

@@ -6,7 +6,7 @@ stays fast.
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +15,9 @@ import typer
 from embedkit.device import DEVICE_HELP
 from embedkit.errors import EmbedkitError
 from embedkit.launch import NPROC_HELP
+from embedkit.logs import quieten
+
+log = logging.getLogger(__name__)
 
 TASK_HELP = (
     "Task to evaluate; repeat for several. Forms: 'beir:DIR[:SPLIT]' (BEIR folder, split defaults to test, e.g. "
@@ -82,17 +85,16 @@ def eval_command(
         from embedkit.launch import processes
 
         specs = parse_task_specs(task)  # fail on a bad spec before the model loads
+        if quiet:
+            quieten()
         with processes(nproc, device, ctx=ctx) as procs:
-            say = None if quiet or not procs.is_main else (
-                lambda message: print(f"[eval] {message}", file=sys.stderr, flush=True))
-            if say:
-                say(f"loading model {model}" + (f" ({procs.world} processes)" if procs.world > 1 else ""))
+            log.info("loading model %s%s", model, f" ({procs.world} processes)" if procs.world > 1 else "")
             from embedkit.models import load_model
 
             encoder = load_model(model, device=procs.device)
             with procs.shard(encoder):
                 report = evaluate(encoder, specs, batch_size=batch_size, seed=seed, top_k=top_k, search=search,
-                                  cache_dir=cache_dir, use_cache=not no_cache, progress=say)
+                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True)
             if procs.is_main:
                 json_path, md_path = write_report(report, output)
     except EmbedkitError as exc:

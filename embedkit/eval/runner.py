@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from embedkit.atomic import atomic_path
 from embedkit.errors import ConfigError
 from embedkit.eval.metrics import paired_cosine, retrieval_metrics, sts_metrics, trec_order
 from embedkit.eval.tasks import LoadedTask, TaskSpec, load_task, parse_task_specs
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 100  # enough for recall@100 and map@100; nDCG@10 / MRR@10 only read the first 10
 FAISS_MIN_DOCUMENTS = 200_000  # "auto" search switches to FAISS from this corpus size
@@ -219,12 +222,13 @@ def evaluate(
     search: str = "auto",
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `encoder` on `tasks` (spec strings or TaskSpecs; default: stsb, stsb-paraphrase); return a report.
 
     All task specs are parsed and all data is loaded before any encoding, so a bad spec or a bad file fails
-    in seconds, not after an hour of encoding.
+    in seconds, not after an hour of encoding. progress: log each step at INFO (`embedkit eval`) rather than DEBUG
+    (a dev evaluation inside training).
     """
     from embedkit.eval.report import build_report
 
@@ -232,12 +236,12 @@ def evaluate(
         raise ConfigError(f"unknown search backend '{search}' (use auto, exact or faiss)", field="search")
     if top_k < 100:
         raise ConfigError("top_k must be at least 100 (recall@100 and map@100 need 100 results)", field="top_k")
-    say = progress or (lambda message: None)
+    level = logging.INFO if progress else logging.DEBUG
     started = time.perf_counter()
     specs = parse_task_specs(tasks)
     loaded = []
     for spec in specs:
-        say(f"loading {spec.name} ({spec.spec})")
+        log.log(level, "loading %s (%s)", spec.name, spec.spec)
         loaded.append(load_task(spec))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
@@ -246,7 +250,7 @@ def evaluate(
     timings: dict[str, Any] = {}
     for task in loaded:
         spec = task.spec
-        say(f"evaluating {spec.name}")
+        log.log(level, "evaluating %s", spec.name)
         t0 = time.perf_counter()
         if spec.type == "retrieval":
             result, task_timings = run_retrieval(encoder, task, batch_size=batch_size, top_k=top_k, search=search,

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from embedkit.errors import DataError
+
+log = logging.getLogger(__name__)
 
 MAX_QUERIES = 300
 MAX_DOCS = 1000
@@ -138,7 +141,7 @@ def builtin_check_set() -> CheckSet:
 
 
 def load_check_set(spec: str | Path | None = None, *, model_folders: list[Path] = (), max_queries: int = MAX_QUERIES,
-                   max_docs: int = MAX_DOCS, seed: int = 0, log: Callable[[str], None] | None = None) -> CheckSet:
+                   max_docs: int = MAX_DOCS, seed: int = 0) -> CheckSet:
     """The check set `spec` names (see the module docstring); None: the data named in the first of `model_folders`
     whose manifest names data that is here, else builtin-40."""
     sizes = {"max_queries": max_queries, "max_docs": max_docs, "seed": seed}
@@ -148,8 +151,7 @@ def load_check_set(spec: str | Path | None = None, *, model_folders: list[Path] 
                 try:
                     check = _load_spec(found, columns, **sizes)
                 except DataError as exc:
-                    if log:
-                        log(f"check set: the model's {source} ({found}) is not usable here: {exc}")
+                    log.warning("check set: the model's %s (%s) is not usable here: %s", source, found, exc)
                     continue
                 check.source = f"the model's {source} ({found})"
                 return check

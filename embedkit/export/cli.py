@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def export_command(
@@ -71,7 +66,7 @@ def export_command(
             raise ConfigError("--served-name applies to --format hf only", field="served-name")
         manifest = export_onnx(model, output, quantize=quantize, adapter=adapter, exporter=exporter, opset=opset,
                                check_set=check_set, allow_probe_mismatch=allow_probe_mismatch,
-                               max_ndcg_drop=max_ndcg_drop, log=_log)
+                               max_ndcg_drop=max_ndcg_drop)
         parity = manifest["parity"]
         summary = f"fp32 max |diff| {parity['fp32_max_abs_diff']:.1e}"
         if quantize:
@@ -88,7 +83,7 @@ def export_command(
             raise ConfigError("--quantize applies to --format onnx only (vLLM/TEI quantise on their own)",
                               field="quantize")
         export_hf(model, output, adapter=adapter, served_name=served_name,
-                  allow_probe_mismatch=allow_probe_mismatch, log=_log)
+                  allow_probe_mismatch=allow_probe_mismatch)
         typer.echo(f"exported {model} -> {output} (hf); launch commands in {output / 'launch.txt'}")
     else:
         raise ConfigError(f"unknown format {format!r}; choose 'onnx' or 'hf'", field="format")

@@ -8,6 +8,7 @@ writes probe vectors, and writes the exact launch commands to `launch.txt` and `
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from embedkit.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 LAUNCH_TXT = "launch.txt"
 LAUNCH_JSON = "launch.json"
@@ -82,7 +85,7 @@ def render_launch_txt(spec: dict[str, Any]) -> str:
 
 
 def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | None = None,
-              served_name: str | None = None, allow_probe_mismatch: bool = False, log=print) -> dict[str, Any]:
+              served_name: str | None = None, allow_probe_mismatch: bool = False) -> dict[str, Any]:
     """Merge, save, verify the reload, write probes and launch files. Returns the launch spec."""
     import torch
 
@@ -98,13 +101,13 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
         from embedkit.models.adapters import merge_adapter
 
         encoder = merge_adapter(encoder)
-        log("merged the LoRA adapter into the base weights")
+        log.info("merged the LoRA adapter into the base weights")
     encoder.eval()
     source_probes = None
     if encoder.source_path and has_probes(encoder.source_path) and adapter is None:
         result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
         source_probes = result.to_dict()
-        log(f"source model: {result.summary()}")
+        log.info(f"source model: {result.summary()}")
         if not result.ok and not allow_probe_mismatch:
             raise ExportError(f"the model does not reproduce its own probe vectors ({result.summary()}); "
                               "pass --allow-probe-mismatch to export anyway", path=result.path)
@@ -119,7 +122,7 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
         with torch.inference_mode():
             after = reloaded.encode(texts, kind="document")
         diff = float(np.abs(after - before).max())
-        log(f"reload check: max |diff| {diff:.2e} (bound {HF_RELOAD_MAX_ABS_DIFF:.0e})")
+        log.info(f"reload check: max |diff| {diff:.2e} (bound {HF_RELOAD_MAX_ABS_DIFF:.0e})")
         if not diff < HF_RELOAD_MAX_ABS_DIFF:
             raise ExportError(f"the saved folder reloads to different vectors (max |diff| {diff:.2e}); "
                               "nothing was written", path=output)
@@ -134,6 +137,6 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
                               "reload_max_abs_diff": diff, "seconds": round(time.time() - started, 1)}
         manifest["source_probes"] = source_probes
         write_json(manifest_path, manifest)
-    log(f"wrote {output} in {time.time() - started:.1f}s")
-    log(render_launch_txt(spec).rstrip())
+    log.info(f"wrote {output} in {time.time() - started:.1f}s")
+    log.info(render_launch_txt(spec).rstrip())
     return spec

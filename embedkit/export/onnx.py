@@ -30,6 +30,7 @@ int8 = per-token dynamic activation scales + 7-bit per-channel weights (`quantiz
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,8 @@ import numpy as np
 
 from embedkit.errors import ModelError
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
 
 ONNX_CONFIG_NAME = "embedkit_onnx.json"
 FP32_GRAPH = "model.onnx"
@@ -356,7 +359,6 @@ def export_onnx(
     max_ndcg_drop: float = INT8_MAX_NDCG_DROP,
     max_batch_diff: float | None = None,
     allow_probe_mismatch: bool = False,
-    log=print,
 ) -> dict[str, Any]:
     """Export `model` (a folder or embedded name) to `output` and verify it. Returns the manifest.
 
@@ -387,27 +389,27 @@ def export_onnx(
     if encoder.source_path and has_probes(encoder.source_path):
         result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
         source_probes = result.to_dict()
-        log(f"source model: {result.summary()}")
+        log.info(f"source model: {result.summary()}")
         if not result.ok and not allow_probe_mismatch:
             raise ExportError(f"the model does not reproduce its own probe vectors ({result.summary()}); "
                               "it changed after training (pass --allow-probe-mismatch to export anyway)",
                               path=result.path)
     max_batch_diff = BATCH_INVARIANCE_ATOL if max_batch_diff is None else max_batch_diff
-    check = load_check_set(check_set, model_folders=[Path(f) for f in (adapter, encoder.source_path) if f], log=log)
-    log(f"check set: {check.name} ({check.source}): {len(check.queries)} queries, {len(check.corpus)} documents")
+    check = load_check_set(check_set, model_folders=[Path(f) for f in (adapter, encoder.source_path) if f])
+    log.info(f"check set: {check.name} ({check.source}): {len(check.queries)} queries, {len(check.corpus)} documents")
     items = parity_texts(check)
     with torch.inference_mode():
         reference = _encode_items(lambda t, k, b: encoder.encode(t, kind=k, batch_size=b), items, 16)
 
     output = Path(output)
     with atomic_dir(output) as tmp:
-        log(f"exporting {encoder.name} to ONNX ({exporter}, opset {opset}) ...")
+        log.info(f"exporting {encoder.name} to ONNX ({exporter}, opset {opset}) ...")
         torch_to_onnx(encoder, tmp / FP32_GRAPH, exporter=exporter, opset=opset)
         encoder.tokenizer.padding_side = encoder.padding_side
         encoder.tokenizer.save_pretrained(tmp)
         graphs = {"fp32": FP32_GRAPH}
         if quantize == "int8":
-            log("quantising to int8 (per-token activation scales, 7-bit per-channel weights) ...")
+            log.info("quantising to int8 (per-token activation scales, 7-bit per-channel weights) ...")
             quantize_int8(tmp / FP32_GRAPH, tmp / INT8_GRAPH)
             graphs["int8"] = INT8_GRAPH
         default_variant = "int8" if quantize == "int8" else "fp32"
@@ -428,7 +430,7 @@ def export_onnx(
         diff = float(np.abs(got - reference[None]).max())
         parity["fp32_max_abs_diff"] = diff
         parity["fp32_max_abs_diff_bound"] = max_abs_diff
-        log(f"parity fp32 vs torch: max |diff| {diff:.2e} (bound {max_abs_diff:.0e})")
+        log.info(f"parity fp32 vs torch: max |diff| {diff:.2e} (bound {max_abs_diff:.0e})")
         if not diff < max_abs_diff:
             raise ExportError(f"ONNX fp32 output differs from torch by {diff:.2e} (bound {max_abs_diff:.0e}); "
                               "nothing was written", path=output)
@@ -447,9 +449,9 @@ def export_onnx(
                 "int8_mean_cosine_bound": min_mean_cosine, "int8_min_cosine_bound": min_cosine,
                 "ndcg_at_10_fp32": ndcg_fp32, "ndcg_at_10_int8": ndcg_int8, "ndcg_at_10_max_drop": max_ndcg_drop,
             })
-            log(f"parity int8 vs fp32 on {len(cos)} texts: mean cosine {cos.mean():.4f} (bound {min_mean_cosine}), "
-                f"min {cos.min():.4f} (bound {min_cosine}); nDCG@10 on {check.name}: fp32 {ndcg_fp32:.4f}, "
-                f"int8 {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
+            log.info(f"parity int8 vs fp32 on {len(cos)} texts: mean cosine {cos.mean():.4f} (bound "
+                     f"{min_mean_cosine}), min {cos.min():.4f} (bound {min_cosine}); nDCG@10 on {check.name}: fp32 "
+                     f"{ndcg_fp32:.4f}, int8 {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
             if not cos.mean() >= min_mean_cosine:
                 raise ExportError(f"int8 graph: mean cosine to fp32 {cos.mean():.4f} < {min_mean_cosine}; "
                                   "nothing was written", path=output)
@@ -468,8 +470,8 @@ def export_onnx(
         parity.update({"batch_invariance_graph": default.variant, "batch_invariance_texts": len(batch_texts),
                        "batch_invariance_batch_sizes": [8, 32], "batch_invariance_max_abs_diff": batch_diff,
                        "batch_invariance_bound": max_batch_diff})
-        log(f"batch vs alone ({default.variant}, {len(batch_texts)} texts in batches of 8 and 32): max |diff| "
-            f"{batch_diff:.2e} (bound {max_batch_diff:.0e})")
+        log.info(f"batch vs alone ({default.variant}, {len(batch_texts)} texts in batches of 8 and 32): max "
+                 f"|diff| {batch_diff:.2e} (bound {max_batch_diff:.0e})")
         if not batch_diff <= max_batch_diff:
             raise ExportError(f"{default.variant} graph: a text's vector depends on its batch (max |diff| "
                               f"{batch_diff:.2e} > {max_batch_diff:.0e}); nothing was written", path=output)
@@ -491,6 +493,6 @@ def export_onnx(
         )
         manifest["model"]["path"] = str(model)
         write_json(tmp / MANIFEST_NAME, manifest)
-    log(f"wrote {output} ({', '.join(graphs.values())}) in {time.time() - started:.1f}s")
+    log.info(f"wrote {output} ({', '.join(graphs.values())}) in {time.time() - started:.1f}s")
     return manifest
 

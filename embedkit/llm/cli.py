@@ -44,9 +44,6 @@ def _run(ctx: typer.Context, mode: str, recipe: Path, set_: list[str], output: O
             raise typer.Exit(code)
         typer.echo(f"{mode}: trained with {nproc} processes -> {parsed.training.output_dir}")
         return
-    from embedkit.train.engine import configure_logging
-
-    configure_logging(f"embedkit llm {mode}")
     if mode == "sft":
         from embedkit.llm.sft import train_sft as run
     elif mode == "dpo":

@@ -18,7 +18,7 @@ from embedkit.llm.sft import collate_sft, sequence_logprobs
 from embedkit.llm.training import LLMContext, LLMStep, run_llm
 from embedkit.train.gradcache import chunks
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -21,7 +21,7 @@ from embedkit.llm.training import LLMContext, LLMStep, run_llm
 from embedkit.train.gradcache import cached_step, plain_step
 from embedkit.train.losses import ContrastiveObjective, text_keys
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 
 def joint_loss(contrastive: torch.Tensor, sft: torch.Tensor, weight: float) -> torch.Tensor:

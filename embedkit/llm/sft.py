@@ -18,7 +18,7 @@ from embedkit.llm.data import IGNORE_INDEX
 from embedkit.llm.training import LLMContext, LLMStep, run_llm
 from embedkit.train.gradcache import chunks
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- batches

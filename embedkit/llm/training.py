@@ -18,7 +18,7 @@ from embedkit.device import torch_threads
 from embedkit.llm.config import LLMRecipe
 from embedkit.train.engine import Engine, StepBase, seed_everything
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -9,22 +9,25 @@ reuse each other's corpus embeddings. What differs is only how a missing entry i
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from embedkit.atomic import atomic_path
 from embedkit.mine.vectors import NpyFileSource, NpyWriter
 
+log = logging.getLogger(__name__)
+
 ENCODE_CHUNK = 16384
 
 
 def encode_to_npy(encoder, texts: list[str], target: Path, *, kind: str, batch_size: int,
-                  progress: Callable[[str], None] | None = None) -> None:
+                  progress: bool = False) -> None:
     """Encode `texts` chunk by chunk into a float32 .npy at `target` (written atomically)."""
-    say = progress or (lambda message: None)
+    level = logging.INFO if progress else logging.DEBUG
     dim = None
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
         writer = None
@@ -37,7 +40,7 @@ def encode_to_npy(encoder, texts: list[str], target: Path, *, kind: str, batch_s
                 writer = NpyWriter(f, len(texts), dim)
             writer.write(chunk)
             if len(texts) > ENCODE_CHUNK:
-                say(f"encoded {min(start + ENCODE_CHUNK, len(texts)):,}/{len(texts):,} documents")
+                log.log(level, f"encoded {min(start + ENCODE_CHUNK, len(texts)):,}/{len(texts):,} documents")
         if writer is None:
             raise ValueError("cannot encode an empty corpus")
         writer.close()
@@ -46,7 +49,7 @@ def encode_to_npy(encoder, texts: list[str], target: Path, *, kind: str, batch_s
 @contextlib.contextmanager
 def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int = 32,
                    cache_dir: str | Path | None = None, use_cache: bool = True,
-                   progress: Callable[[str], None] | None = None,
+                   progress: bool = False,
                    write_cache: bool = True) -> Iterator[tuple[NpyFileSource, dict]]:
     """Yield (vector source, info) for the corpus; info = {"cached": bool, "path": str | None}.
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import typer
 
 from embedkit.device import DEVICE_HELP
 from embedkit.launch import NPROC_HELP
+
+log = logging.getLogger(__name__)
 
 
 def mine_command(
@@ -149,15 +151,13 @@ def mine_command(
     )
     task = load_task(data, split=split, corpus=corpus, query=query_column, positive=positive_column)
     with processes(nproc, device, ctx=ctx) as procs:
-        say = ((lambda message: print(f"embedkit mine: {message}", file=sys.stderr, flush=True)) if procs.is_main
-               else (lambda message: None))
-        say(f"{task.n_queries:,} queries, {int(task.pos_idx.size):,} pairs, pool of {len(task.corpus_ids):,} "
-            f"documents" + (f"; {procs.world} processes" if procs.world > 1 else ""))
+        log.info(f"{task.n_queries:,} queries, {int(task.pos_idx.size):,} pairs, pool of {len(task.corpus_ids):,} "
+                 f"documents" + (f"; {procs.world} processes" if procs.world > 1 else ""))
         encoder = load_model(model, device=procs.device)
         with procs.shard(encoder):
             summary = mine_to_file(encoder, task, output, settings, corpus_embeddings=corpus_embeddings,
                                    corpus_ids=corpus_ids, cross_encoder=cross_encoder, cache_dir=cache_dir,
-                                   use_cache=not no_cache, progress=say, device=procs.device, write=procs.is_main)
+                                   use_cache=not no_cache, progress=True, device=procs.device, write=procs.is_main)
     if not procs.is_main:
         return
     if json_output:
@@ -166,4 +166,4 @@ def mine_command(
         typer.echo(format_summary(summary))
         typer.echo("wrote " + ", ".join(summary["files"].values()))
     for line in warning_lines(summary):
-        print(f"embedkit mine: {line}", file=sys.stderr, flush=True)
+        log.warning("%s", line)

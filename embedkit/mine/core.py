@@ -16,6 +16,7 @@ Memory per block: corpus_chunk x dim + query_block x (dim + 2 x range_max) float
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -26,6 +27,8 @@ from embedkit.mine.filters import FilterOutcome, apply_filters, margin_reference
 from embedkit.mine.search import HnswIndex, choose_search, exact_topk, gather_rows, max_similarity_to_groups
 from embedkit.mine.settings import FILTERS, MiningSettings
 from embedkit.mine.vectors import VectorSource
+
+log = logging.getLogger(__name__)
 
 
 class Rescorer(Protocol):
@@ -156,7 +159,7 @@ def mine_embeddings(
     pos_grade: np.ndarray | None = None,
     stats: MiningStats | None = None,
     rescorer: Rescorer | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> Iterator[BlockResult]:
     """Mine negatives for every query; yields one BlockResult per query block (stats are filled in as it goes).
 
@@ -164,10 +167,11 @@ def mine_embeddings(
     can encode one block at a time). Positives of query q: pos_idx[pos_ptr[q]:pos_ptr[q+1]] (corpus indices; every
     query needs at least one). `pos_grade` (aligned with pos_idx) holds their relevance grades, which decide the
     margin reference (`settings.margin_grade`). Vectors should be L2-normalised: scores are inner products.
+    progress: log the steps at INFO (a command's own run) rather than DEBUG (a round of mining inside training).
     """
     settings.validate()
     stats = stats if stats is not None else MiningStats()
-    say = progress or (lambda message: None)
+    level = logging.INFO if progress else logging.DEBUG
     pos_ptr = np.asarray(pos_ptr, dtype=np.int64)
     pos_idx = np.asarray(pos_idx, dtype=np.int64)
     if pos_ptr.shape != (n_queries + 1,) or pos_ptr[0] != 0 or pos_ptr[-1] != pos_idx.size:
@@ -194,11 +198,12 @@ def mine_embeddings(
         t0 = time.perf_counter()
         if method == "hnsw":
             if hnsw is None:
-                say(f"building HNSW index over {corpus.n:,} documents")
+                log.log(level, f"building HNSW index over {corpus.n:,} documents")
                 hnsw = HnswIndex(corpus, settings.corpus_chunk)
             top_s, top_i = hnsw.search(q, k)
         else:
-            say(f"searching {m:,} queries x {corpus.n:,} documents (exact, chunks of {settings.corpus_chunk:,})")
+            log.log(level, f"searching {m:,} queries x {corpus.n:,} documents (exact, chunks of "
+                           f"{settings.corpus_chunk:,})")
             top_s, top_i = exact_topk(q, corpus, k, settings.corpus_chunk)
         t1 = time.perf_counter()
         # Positives of this block, re-based to the block.

@@ -249,7 +249,7 @@ class CrossEncoderRescorer:
 
 def iter_rows(task: MiningTask, query_vectors: Callable[[int, int], np.ndarray] | np.ndarray,
               corpus: VectorSource, settings: MiningSettings, stats: MiningStats, *,
-              rescorer=None, progress: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+              rescorer=None, progress: bool = False) -> Iterator[dict[str, Any]]:
     """Output rows, one per (query, positive), block by block. Short queries follow settings.on_short."""
     n = settings.num_negatives
     for block in mine_embeddings(query_vectors, task.n_queries, corpus, task.pos_ptr, task.pos_idx, settings,

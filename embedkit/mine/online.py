@@ -18,7 +18,7 @@ torch module to eval mode and back. Rows of queries short of negatives follow `s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Iterable
 
 from embedkit.mine.core import MiningStats
 from embedkit.mine.mining import MiningTask, iter_rows, query_encoder, task_from_beir, task_from_pairs
@@ -44,7 +44,7 @@ class RemineState:
         return cls(task=task_from_beir(dataset), settings=settings or MiningSettings())
 
 
-def remine(encoder, state: RemineState, *, progress: Callable[[str], None] | None = None, use_cache: bool = False,
+def remine(encoder, state: RemineState, *, progress: bool = False, use_cache: bool = False,
            cache_dir=None) -> list:
     """Mine negatives for every (query, positive) of `state.task` with the current `encoder`; advance the round.
 

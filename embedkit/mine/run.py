@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from embedkit.errors import ConfigError
 from embedkit.mine.core import MiningStats, margin_warning
@@ -26,6 +27,8 @@ from embedkit.mine.mining import (
     short_report,
 )
 from embedkit.mine.settings import MiningSettings
+
+log = logging.getLogger(__name__)
 
 
 def sidecar(output: Path, suffix: str) -> Path:
@@ -45,7 +48,7 @@ def mine_to_file(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     histogram: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
     device: Any = None,
     write: bool = True,
 ) -> dict[str, Any]:
@@ -53,7 +56,7 @@ def mine_to_file(
 
     device: where the cross-encoder runs (default: the encoder's device). write=False mines the same rows and
     writes nothing (no output, no cache): the other processes of a sharded run (`embedkit mine --nproc`), which
-    must make the same encode calls as the one that writes.
+    must make the same encode calls as the one that writes. progress: log the steps at INFO rather than DEBUG.
     """
     from embedkit.atomic import atomic_path, write_json
     from embedkit.manifest import base_manifest, device_fields, sha256_file
@@ -66,7 +69,7 @@ def mine_to_file(
     if (corpus_embeddings is None) != (corpus_ids is None):
         raise ConfigError("precomputed embeddings need both --corpus-embeddings (.npy) and --corpus-ids",
                           field="corpus_ids" if corpus_ids is None else "corpus_embeddings")
-    say = progress or (lambda message: None)
+    level = logging.INFO if progress else logging.DEBUG
     started = time.perf_counter()
     device = device if device is not None else getattr(encoder, "device", "cpu")
     rescorer = (CrossEncoderRescorer(cross_encoder, task, batch_size=settings.batch_size, device=device)
@@ -78,12 +81,12 @@ def mine_to_file(
             source = align_precomputed(task, corpus_embeddings, corpus_ids)
             corpus_info: dict[str, Any] = {"precomputed": str(corpus_embeddings)}
         else:
-            say(f"encoding {len(task.corpus_texts):,} documents")
+            log.log(level, f"encoding {len(task.corpus_texts):,} documents")
             source, corpus_info = stack.enter_context(corpus_vectors(
                 encoder, task.corpus_ids, task.corpus_texts, batch_size=settings.batch_size, cache_dir=cache_dir,
                 use_cache=use_cache, progress=progress, write_cache=write))
             if corpus_info["cached"]:
-                say(f"corpus embeddings from cache {corpus_info['path']}")
+                log.log(level, "corpus embeddings from cache %s", corpus_info["path"])
         encode_started = time.perf_counter()
         queries = query_encoder(encoder, task, settings.batch_size)
         rows = iter_rows(task, queries, source, settings, stats, rescorer=rescorer, progress=progress)

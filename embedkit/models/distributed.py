@@ -24,11 +24,15 @@ and `all_agree(flag)` (e.g. "the embedding cache has this corpus": skip encoding
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from embedkit import logs
+
+log = logging.getLogger(__name__)
 
 _ATTRIBUTE = "_embedkit_shard_group"  # set on the encoder while sharding is on: {"group": ProcessGroup | None}
 
@@ -118,11 +122,9 @@ def encode_sharded(encoder: Any, texts: Sequence[str], *, kind: str, batch_size:
     _check_same_count(len(texts), group, device)
     dim = encoder.dim
     out = np.empty((len(texts), dim), dtype=np.float32)
-    from tqdm.auto import tqdm
-
-    quiet = (not show_progress) if show_progress is not None else (len(texts) < 2048 or None)
-    progress = tqdm(total=len(texts), desc=f"encode {kind}s (x{world} processes)", unit="text", file=sys.stderr,
-                    disable=True if rank != 0 else quiet)
+    wanted = show_progress if show_progress is not None else len(texts) >= 2048
+    progress = logs.progress(total=len(texts), desc=f"encode {kind}s (x{world} processes)", unit="text",
+                             logger=log, enabled=rank == 0 and wanted)
     try:
         for start in range(0, len(texts), sort_chunk):
             ids = encoder.token_ids(texts[start:start + sort_chunk], kind)

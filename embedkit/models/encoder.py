@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,11 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedkit import logs
 from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest
 from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st_pooling_config
 from embedkit.models.prompts import resolve_prompts
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
+
+log = logging.getLogger(__name__)
 
 # How many texts are tokenized and length-sorted together; bounds memory on huge inputs.
 _SORT_CHUNK = 16384
@@ -330,10 +333,8 @@ class Encoder(nn.Module):
             return out
         was_training = self.training
         self.eval()
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", file=sys.stderr,
-                        disable=(not show_progress) if show_progress is not None else (len(texts) < 2048 or None))
+        progress = logs.progress(total=len(texts), desc=f"encode {kind}s", unit="text", logger=log,
+                                 enabled=show_progress if show_progress is not None else len(texts) >= 2048)
         try:
             for start in range(0, len(texts), _SORT_CHUNK):
                 chunk = texts[start : start + _SORT_CHUNK]

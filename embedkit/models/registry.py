@@ -10,13 +10,15 @@ Anything else is a local folder or a Hugging Face id (the latter needs network a
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedkit.errors import ModelError
 from embedkit.packages import DEFAULT_PACKAGES
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_DIST, SMOLLM2_VERSION = DEFAULT_PACKAGES["smollm2-135m"].distribution, DEFAULT_PACKAGES["smollm2-135m"].version
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,7 +77,7 @@ def smollm2_path(*, verbose: bool = True) -> Path:
         if weights.exists() and sha256_file(weights) == record.get("weights_sha256"):
             return target  # converted and intact: the GGUF package is not needed any more
         if verbose:
-            print(f"embedkit: {target} failed its hash check; converting again", file=sys.stderr)
+            log.warning("%s failed its hash check; converting again", target)
     gguf = smollm2_gguf()
     _check_writable(target)  # before the 30 s conversion, not after it
     _convert_smollm2(gguf, target, verbose=verbose)
@@ -115,7 +117,7 @@ def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
     from embedkit.models.tokenization import ensure_pad_token
 
     if verbose:
-        print("embedkit: converting SmolLM2-135M from GGUF (once, ~30 s) ...", file=sys.stderr, flush=True)
+        log.info("converting SmolLM2-135M from GGUF (once, ~30 s) ...")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config_dict = loaded.config.to_dict()

@@ -7,7 +7,7 @@ so `embedkit --help` stays fast.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +15,9 @@ import typer
 
 from embedkit.device import DEVICE_HELP
 from embedkit.launch import NPROC_HELP
+from embedkit.logs import quieten
+
+log = logging.getLogger(__name__)
 
 rag_app = typer.Typer(
     help="Retrieval-augmented generation: a FAISS index over your corpus, searched, evaluated and served as a web "
@@ -29,10 +32,6 @@ _HYBRID_HELP = ("Hybrid retrieval: fuse the dense ranking with BM25 (reciprocal 
                 "needs bm25s: the rag extra of embedkit).")
 _WEIGHT_HELP = "Hybrid only: BM25's share of the fusion, 0 (dense only) to 1 (BM25 first, dense breaks ties)."
 _DEVICE_OPTION = typer.Option("auto", "--device", help=f"Where the embedding model runs: {DEVICE_HELP}")
-
-
-def _say(quiet: bool):
-    return None if quiet else (lambda message: print(f"[rag] {message}", file=sys.stderr, flush=True))
 
 
 @rag_app.command("index")
@@ -75,15 +74,15 @@ def index_command(
 
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
     docs = load_documents(corpus)
+    if quiet:
+        quieten()
     with processes(nproc, device, ctx=ctx) as procs:
-        say = _say(quiet or not procs.is_main)
-        if say:
-            say(f"read {len(docs)} documents; loading model {model}"
-                + (f" ({procs.world} processes)" if procs.world > 1 else ""))
+        log.info("read %d documents; loading model %s%s", len(docs), model,
+                 f" ({procs.world} processes)" if procs.world > 1 else "")
         encoder = load_model(model, device=procs.device)
         with procs.shard(encoder):
             index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
-                                batch_size=batch_size, bm25=bm25 and bm25_available(), progress=say, source=corpus,
+                                batch_size=batch_size, bm25=bm25 and bm25_available(), progress=True, source=corpus,
                                 write=procs.is_main)
     if index is None:
         return
@@ -221,13 +220,13 @@ def eval_command(
     target = resolve_device(device)
     index = RagIndex.load(index_path)
     query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
-    say = _say(quiet)
-    if say:
-        say("loading the index's model")
+    if quiet:
+        quieten()
+    log.info("loading the index's model")
     encoder = load_index_encoder(index, model, device=target)
     result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
                             hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
-                            progress=say)
+                            progress=True)
     if output is not None:
         from embedkit.atomic import write_json
         from embedkit.manifest import base_manifest
@@ -266,7 +265,7 @@ def _read_eval_data(index, beir: Path | None, split: str, queries: Path | None, 
         if corpus_hash != index.manifest["corpus"].get("sha256"):
             # Not an error (an index may hold more or fewer documents on purpose), but the numbers then differ
             # from `embedkit eval` on this folder.
-            print(f"note: the index's documents are not exactly {beir}/corpus.jsonl", file=sys.stderr)
+            log.warning("note: the index's documents are not exactly %s/corpus.jsonl", beir)
         return data.queries, data.qrels
     if queries is None or qrels is None:
         raise ConfigError("give --beir DIR, or both --queries and --qrels", field="queries")
@@ -311,9 +310,8 @@ def web_command(
     index = RagIndex.load(index_path)
     encoder = load_index_encoder(index, model, device=target)
     answerer = None if no_generator else _answerer(index, generator, max_new_tokens, str(target))
-    typer.echo(f"serving {len(index)} documents at http://{host}:{port}/ "
-               f"({'answers from ' + answerer.source if answerer else 'no generated answers'}); Ctrl-C stops",
-               err=True)
+    log.info("serving %d documents at http://%s:%d/ (%s); Ctrl-C stops", len(index), host, port,
+             f"answers from {answerer.source}" if answerer else "no generated answers")
     serve_web(index, encoder, host=host, port=port, answerer=answerer, default_k=k, hybrid=hybrid,
               hybrid_weight=hybrid_weight, answer_passages=answer_passages)
 

@@ -8,14 +8,17 @@ end to end; median and p95 over the queries.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from embedkit.errors import ConfigError, DataError
 from embedkit.eval.metrics import retrieval_metrics
 from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, _encode
+
+log = logging.getLogger(__name__)
 
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
 
@@ -50,14 +53,15 @@ def evaluate_index(
     batch_size: int = DEFAULT_BATCH_SIZE,
     latency_queries: int | None = None,
     latency_k: int = 10,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Recall@k (k_values), nDCG@10, MRR@10, MAP@100 of the index's ranking, and per-query latency.
 
     Evaluated queries are those with judgments, in `queries` order (as the eval runner does).
-    latency_queries: time only the first N of them (None: all; 0: skip the latency pass).
+    latency_queries: time only the first N of them (None: all; 0: skip the latency pass). progress: log the steps
+    at INFO rather than DEBUG.
     """
-    say = progress or (lambda message: None)
+    level = logging.INFO if progress else logging.DEBUG
     k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1:
         raise ConfigError("k values must be positive integers", field="k_values")
@@ -73,7 +77,7 @@ def evaluate_index(
     texts = [queries[q] for q in qids]
     top_k = max(max(k_values), 100)  # 100: recall@100 and MAP@100, as `embedkit eval`
 
-    say(f"searching {len(qids)} queries (batch)")
+    log.log(level, "searching %d queries (batch)", len(qids))
     t0 = time.perf_counter()
     query_emb = _encode(encoder, texts, "query", batch_size)
     t1 = time.perf_counter()
@@ -89,7 +93,7 @@ def evaluate_index(
     n_latency = len(qids) if latency_queries is None else max(0, min(latency_queries, len(qids)))
     total, encode, search = [], [], []
     if n_latency:
-        say(f"timing {n_latency} single queries")
+        log.log(level, "timing %d single queries", n_latency)
         index.search(encoder, texts[0], k=latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)  # warm-up
     for text in texts[:n_latency]:
         s0 = time.perf_counter()

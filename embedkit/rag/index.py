@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -38,6 +39,8 @@ from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha25
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
 from embedkit.rag.corpus import load_documents
 from embedkit.rag.store import STORE_NAME, DocumentStore
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 MANIFEST_KIND = "rag_index"
@@ -362,7 +365,7 @@ class RagIndex:
 
     # ------------------------------------------------------------------ updates
     def add(self, encoder, docs: Any, *, batch_size: int = DEFAULT_BATCH_SIZE,
-            progress: Callable[[str], None] | None = None) -> int:
+            progress: bool = False) -> int:
         """Encode and add documents (same inputs as `build_index`); ids already in the index are refused."""
         self.check_encoder(encoder)
         new = load_documents(docs)
@@ -373,7 +376,7 @@ class RagIndex:
             names = ", ".join(sorted(clash)[:5]) + (" ..." if len(clash) > 5 else "")
             raise DataError(f"{len(clash)} document id(s) already in the index ({names}): delete them first",
                             path=self.path, field="_id")
-        (progress or (lambda m: None))(f"encoding {len(new)} documents")
+        log.log(logging.INFO if progress else logging.DEBUG, "encoding %d documents", len(new))
         vectors = _encode(encoder, [d.embed_text for d in new], "document", batch_size)
         start = int(self.manifest["index"]["next_id"])
         ids = np.arange(start, start + len(new), dtype=np.int64)
@@ -466,7 +469,7 @@ def build_index(
     hnsw_threshold: int = HNSW_THRESHOLD,
     batch_size: int = DEFAULT_BATCH_SIZE,
     bm25: bool | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
     source: str | Path | None = None,
     write: bool = True,
 ) -> RagIndex | None:
@@ -476,9 +479,9 @@ def build_index(
     bm25: build the BM25 part for hybrid search; None = when bm25s is installed.
     source: where the corpus came from, for the manifest (default: the path, when `corpus` is one).
     write=False: only encode (same calls), write nothing, return None: the processes other than rank 0 of a
-    sharded build (`embedkit rag index --nproc`).
+    sharded build (`embedkit rag index --nproc`). progress: log the steps at INFO rather than DEBUG.
     """
-    say = progress or (lambda message: None)
+    level = logging.INFO if progress else logging.DEBUG
     output = Path(output)
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not _is_rag_index(output))):
         raise ConfigError("output exists and is not a RAG index: refusing to replace it", path=output)
@@ -489,13 +492,13 @@ def build_index(
     if not docs:
         raise DataError("the corpus has no documents")
     kind = choose_index_type(len(docs), index_type, hnsw_threshold)
-    say(f"encoding {len(docs)} documents with {getattr(encoder, 'name', 'the model')}")
+    log.log(level, "encoding %d documents with %s", len(docs), getattr(encoder, "name", "the model"))
     t0 = time.perf_counter()
     vectors = _encode(encoder, [d.embed_text for d in docs], "document", batch_size)
     encode_s = time.perf_counter() - t0
     if not write:
         return None
-    say(f"building a {kind} index")
+    log.log(level, "building a %s index", kind)
     t1 = time.perf_counter()
     index, params = _new_faiss_index(kind, vectors)
     ids = np.arange(len(docs), dtype=np.int64)
@@ -519,7 +522,7 @@ def build_index(
             _write_folder(tmp, index, store, manifest, next_id=len(docs), generation=0, bm25=with_bm25)
         finally:
             store.close()
-    say(f"wrote {output}")
+    log.log(level, "wrote %s", output)
     return RagIndex.load(output)
 
 

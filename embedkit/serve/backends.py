@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
+import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ import numpy as np
 
 from embedkit.errors import ModelError
 from embedkit.models.tokenization import length_sorted_batches, tokenize
+
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -233,7 +235,7 @@ def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None 
     return TorchBackend(load_model(spec.path, device=device), name=spec.name)
 
 
-def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = False, log=None) -> dict | None:
+def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = False) -> dict | None:
     """Start-up check of a model folder: its fingerprint recorded at training/export time (exact: every weight,
     `FingerprintCheck`) and its probe_vectors.json re-embedded now (within a tolerance).
 
@@ -242,14 +244,13 @@ def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = 
     """
     from embedkit.export.probes import check_probes, has_probes
 
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = getattr(backend, "folder", None)
     identity = backend.fingerprint_check() if hasattr(backend, "fingerprint_check") else None
     if identity is None:
-        log(f"[{backend.name}] no recorded fingerprint: serving without an exact weights check")
+        log.info(f"[{backend.name}] no recorded fingerprint: serving without an exact weights check")
     result = None
     if folder is None or not has_probes(folder):
-        log(f"[{backend.name}] no probe_vectors.json: serving without a parity check")
+        log.info(f"[{backend.name}] no probe_vectors.json: serving without a parity check")
     else:
         result = check_probes(lambda texts, kind: backend.encode(texts, kind), folder, atol=atol)
     problems = [check.summary() for check in (identity, result) if check is not None and not check.ok]
@@ -260,11 +261,11 @@ def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = 
                          path=(result.path if result is not None and not result.ok else identity.source))
     for check in (identity, result):
         if check is not None and check.ok:
-            log(f"[{backend.name}] {check.summary()}")
+            log.info(f"[{backend.name}] {check.summary()}")
     if problems:
         banner = "!" * 100
-        log(f"{banner}\nWARNING [{backend.name}]: {'; '.join(problems)}\nWARNING: serving anyway because of "
-            f"--allow-mismatch: its vectors differ from the model the probes were written for.\n{banner}")
+        log.warning(f"{banner}\nWARNING [{backend.name}]: {'; '.join(problems)}\nWARNING: serving anyway because "
+                    f"of --allow-mismatch: its vectors differ from the model the probes were written for.\n{banner}")
     if result is None:
         return None
     return {**result.to_dict(), "fingerprint": identity.to_dict() if identity is not None else None}

@@ -107,9 +107,11 @@ def serve_command(
         if len(model) != 1:
             raise ConfigError("--engine vllm serves one model per process")
         name, _, path = model[0].partition("=") if "=" in model[0] else (None, "", model[0])
-        run_vllm(Path(path), served_name=name, host=host, port=port, vllm_bin=vllm_bin, dry_run=dry_run,
-                 atol=probe_atol or REMOTE_PROBE_ATOL, allow_mismatch=allow_mismatch,
-                 api_key=keys[0] if keys else None)
+        launched = run_vllm(Path(path), served_name=name, host=host, port=port, vllm_bin=vllm_bin, dry_run=dry_run,
+                            atol=probe_atol or REMOTE_PROBE_ATOL, allow_mismatch=allow_mismatch,
+                            api_key=keys[0] if keys else None)
+        if dry_run:
+            typer.echo(launched["command_line"])  # the result of a dry run: the command, for a shell
         return
     if engine != "embedkit":
         raise ConfigError(f"unknown engine {engine!r}; choose 'embedkit' or 'vllm'")

@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedkit.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 REMOTE_PROBE_ATOL = 1e-3  # a GPU's fp32 kernels differ from the CPU's by more than in-process runs do
 
@@ -132,19 +134,19 @@ def wait_healthy(base_url: str, *, timeout: float, process: subprocess.Popen | N
 def run_vllm(folder: str | Path, *, served_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
              vllm_bin: str = "vllm", extra: Sequence[str] = (), dry_run: bool = False, startup_timeout: float = 900,
              atol: float = REMOTE_PROBE_ATOL, allow_mismatch: bool = False, api_key: str | None = None,
-             foreground: bool = True, log=None) -> dict[str, Any]:
-    """Launch vLLM for an HF export and verify it; see the module docstring."""
+             foreground: bool = True) -> dict[str, Any]:
+    """Launch vLLM for an HF export and verify it; see the module docstring. With `dry_run`, launch nothing: the
+    result's "command_line" is the command, for the caller to show (the API key masked)."""
     from embedkit.export.probes import has_probes
 
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = Path(folder)
     name = served_name or folder.resolve().name
     extra = list(extra) + (["--api-key", api_key] if api_key else [])
     argv = build_vllm_command(folder, served_name=name, host=host, port=port, vllm_bin=vllm_bin, extra=extra)
     shown = shlex.join(argv if not api_key else argv[:-1] + ["<api-key>"])
-    print(shown, flush=True)
     if dry_run:
-        return {"command": argv, "launched": False}
+        return {"command": argv, "command_line": shown, "launched": False}
+    log.info("launching: %s", shown)
     try:
         process = subprocess.Popen(argv, start_new_session=True)
     except FileNotFoundError:
@@ -156,15 +158,16 @@ def run_vllm(folder: str | Path, *, served_name: str | None = None, host: str = 
         result = None
         if has_probes(folder):
             result = check_remote(base_url, name, folder, atol=atol, api_key=api_key)
-            log(f"vLLM at {base_url}: {result.summary()}")
+            log.info(f"vLLM at {base_url}: {result.summary()}")
             if not result.ok and not allow_mismatch:
                 raise ModelError(f"vLLM's vectors differ from the model's probe vectors ({result.summary()}); "
                                  "stopped it (pass --allow-mismatch to keep it running)", path=result.path)
         else:
-            log(f"no probe_vectors.json in {folder}: vLLM runs unchecked (export with `embedkit export --format hf`)")
+            log.warning("no probe_vectors.json in %s: vLLM runs unchecked (export with `embedkit export --format hf`)",
+                        folder)
         if not foreground:
             return {"command": argv, "launched": True, "process": process, "check": result}
-        log(f"vLLM serving {name} at {base_url}/v1/embeddings; Ctrl-C stops it")
+        log.info(f"vLLM serving {name} at {base_url}/v1/embeddings; Ctrl-C stops it")
         process.wait()
         return {"command": argv, "launched": True, "returncode": process.returncode, "check": result}
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import signal
 import sys
@@ -16,14 +17,11 @@ from typing import Any, Sequence
 
 from embedkit.errors import ConfigError, ModelError
 
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int | None = None,
-                  probe_atol: float | None = None, allow_mismatch: bool = False, log=_log,
-                  device: Any = "cpu") -> dict[str, Any]:
+                  probe_atol: float | None = None, allow_mismatch: bool = False, device: Any = "cpu") -> dict[str, Any]:
     """{served name: backend} for `--model` arguments, each checked against its probe vectors. `device`: where
     torch backends run (ONNX: the GPU only with an onnxruntime that has the CUDA provider)."""
     from embedkit.serve.backends import ModelSpec, load_backend, verify_probes
@@ -35,17 +33,16 @@ def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int 
         spec = ModelSpec.parse(text)
         if spec.name in loaded:
             raise ConfigError(f"two models would be served as {spec.name!r}: name them with --model NAME=PATH")
-        log(f"loading {spec.name} from {spec.path} ({backend} backend) ...")
+        log.info(f"loading {spec.name} from {spec.path} ({backend} backend) ...")
         instance = load_backend(spec, backend, threads=threads, device=device)
         where = instance.describe().get("device") or ", ".join(instance.describe().get("providers") or [])
-        log(f"[{spec.name}] {instance.kind} backend on {where}")
-        verify_probes(instance, atol=probe_atol, allow_mismatch=allow_mismatch, log=log)
+        log.info(f"[{spec.name}] {instance.kind} backend on {where}")
+        verify_probes(instance, atol=probe_atol, allow_mismatch=allow_mismatch)
         loaded[spec.name] = instance
     return loaded
 
 
-def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log,
-                    device: Any = "cpu") -> dict[str, Any]:
+def load_generators(models: Sequence[str], backends: dict[str, Any], *, device: Any = "cpu") -> dict[str, Any]:
     """{served name: Generator} for the served model folders that have a generative head (`embedkit llm`)."""
     from embedkit.llm.generate import has_generative_head, load_generator
     from embedkit.serve.backends import ModelSpec
@@ -56,7 +53,7 @@ def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log
         backend = backends.get(spec.name)
         folder = getattr(backend, "folder", None)
         if getattr(backend, "kind", None) == "torch" and folder is not None and has_generative_head(folder):
-            log(f"[{spec.name}] generative head found: serving /v1/chat/completions too")
+            log.info(f"[{spec.name}] generative head found: serving /v1/chat/completions too")
             generators[spec.name] = load_generator(folder, name=spec.name, device=str(device))
     return generators
 
@@ -86,8 +83,8 @@ def run_server(
     generators = load_generators(models, backends, device=device) if chat else {}
     app = create_app(backends, settings, generators)
     keys = "API key required" if settings is not None and settings.api_keys else "no API key"
-    _log(f"serving {', '.join(backends)} at http://{host}:{port}/v1/embeddings ({keys}; docs at /docs, "
-         f"metrics at /metrics)")
+    log.info(f"serving {', '.join(backends)} at http://{host}:{port}/v1/embeddings ({keys}; docs at /docs, "
+             f"metrics at /metrics)")
     server = uvicorn_server(app, host=host, port=port, log_level=log_level, graceful_timeout=graceful_timeout)
     # uvicorn re-raises the SIGTERM it drained on once it has shut down, which would end the process "killed by
     # SIGTERM" (exit 143); a drained SIGTERM is a clean stop: exit 0.
@@ -117,8 +114,6 @@ def serving_environment() -> None:
 def _exit_cleanly(signum, frame) -> None:
     """Exit 0 at once: every request has been answered and every connection closed. (The interpreter's own teardown
     of torch and the rest takes 1-2 s more on a busy machine, which would run past the grace.)"""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 

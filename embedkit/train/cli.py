@@ -50,7 +50,6 @@ def train_command(
     """
     from embedkit.launch import command_argv, launched, relaunch
     from embedkit.train.config import load_recipe, warn_if_dev_is_test
-    from embedkit.train.engine import configure_logging
 
     overrides = list(set_)
     if deepspeed is not None:
@@ -70,7 +69,6 @@ def train_command(
         return
     parsed = load_recipe(recipe, overrides)
     if not launched():  # once, not once per process
-        configure_logging("embedkit train")
         warn_if_dev_is_test(parsed, source=recipe)
     if check:
         typer.echo(f"{recipe}: ok (model {parsed.model.name} on {parsed.model.device}, data {parsed.data.train}, "
@@ -85,7 +83,6 @@ def train_command(
             raise typer.Exit(code)
         typer.echo(f"trained with {nproc} processes -> {parsed.training.output_dir}")
         return
-    configure_logging("embedkit train")
     from embedkit.train.contrastive import train
 
     result = train(parsed, resume=resume)

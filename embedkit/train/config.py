@@ -564,7 +564,7 @@ def warn_if_dev_is_test(recipe, *, source: str | Path | None = None) -> bool:
     if spec.path is None or name.lower() != "test":
         return False
     where = f"{source}: " if source is not None else ""
-    logging.getLogger("embedkit.train").warning(
+    logging.getLogger(__name__).warning(
         "%sdata.dev (%s) is a test split: the dev score steers choices (the dev-best step with eval_every, the "
         "trial embedkit tune keeps), so the test stops being held out; use a dev split or none, and evaluate the "
         "test once after training (embedkit eval MODEL --task %s)", where, recipe.data.dev, recipe.data.dev)

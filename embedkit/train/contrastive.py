@@ -34,7 +34,7 @@ from embedkit.train.engine import (LOG_FILE, Engine, FitResult, Phase, StepBase,
 from embedkit.train.gradcache import cached_step, plain_step
 from embedkit.train.losses import ContrastiveObjective, build_loss, text_keys
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 _LENGTH_GROUP_BATCHES = 50  # length-grouped batching sorts within windows of this many batches
 

@@ -14,7 +14,8 @@ embedkit/llm/). The step owns its data, its forward and its loss; the engine own
   the step's own state), written atomically into `.<output>.train/checkpoints/step-N/`;
 - dev evaluation every `eval_every` steps on every process (encoding shared between them), the dev-best weights
   kept and restored at the end;
-- logging: stdlib `logging` ("embedkit.train"), a JSONL log, a tqdm bar, and experiment trackers through
+- logging: stdlib `logging` (under "embedkit.train"), a JSONL log, a progress bar (embedkit.logs.progress: a line
+  every half minute off a terminal), and experiment trackers through
   Accelerate (TensorBoard by default where installed; W&B / MLflow with `training.report_to`).
 
 The loop stays lean on purpose (measured against sentence-transformers' trainer in bench/bench_train.py): texts
@@ -33,7 +34,6 @@ import random
 import resource
 import shutil
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedkit import logs
 from embedkit.errors import ConfigError
 from embedkit.train.config import BaseRecipe
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.pt"
 LOG_FILE = "train_log.jsonl"
@@ -520,10 +521,8 @@ class Engine:
                  self.backend.name, self.world, "es" if self.world > 1 else "", phase.n_examples)
 
         step.start(self, resumed=resumed is not None)
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=plan.total, initial=state["step"], desc=step.name, unit="step", file=sys.stderr,
-                        disable=not (self.training.progress and self.is_main), dynamic_ncols=True)
+        progress = logs.progress(total=plan.total, initial=state["step"], desc=step.name, unit="step", logger=log,
+                                 enabled=self.training.progress and self.is_main)
         self._model.train()
         try:
             last_loss = self._loop(step, state, plan, global_batch, jsonl, progress, on_step)
@@ -776,17 +775,3 @@ def copy_run_logs(work: Path, target: Path) -> None:
         shutil.copyfile(work / MNTP_LOG_FILE, target / MNTP_LOG_FILE)
     if (work / TRACKING_DIR).is_dir():
         shutil.copytree(work / TRACKING_DIR, target / TRACKING_DIR, dirs_exist_ok=True)
-
-
-def configure_logging(prefix: str, *, rank: int | None = None, level: int = logging.INFO) -> None:
-    """stderr lines `embedkit train: ...` (with the rank under several processes), for the CLI."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0") or 0)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    root = logging.getLogger("embedkit")
-    tag = f"{prefix} [rank {rank}]" if world > 1 else prefix
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
-    root.handlers = [handler]
-    root.setLevel(level if rank == 0 or world == 1 else logging.WARNING)
-    root.propagate = False

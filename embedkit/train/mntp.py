@@ -35,7 +35,7 @@ from embedkit.errors import ConfigError, ModelError
 from embedkit.models.tokenization import tokenize
 from embedkit.train.engine import MNTP_LOG_FILE, Engine, Phase, StepBase
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 # LLM2Vec's choice for Llama-style tokenizers, which have no mask token.
 _FALLBACK_MASK_TEXT = "_"

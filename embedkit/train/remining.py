@@ -23,7 +23,7 @@ import torch
 
 from embedkit.train.config import Recipe, parse_train_source
 
-log = logging.getLogger("embedkit.train")
+log = logging.getLogger(__name__)
 
 
 def due_before_epoch(every: int | str, at_start: bool, step: int, epoch: int) -> bool:

@@ -120,7 +120,6 @@ def tune_command(
 
       embedkit train runs/medquad-tune/tuned_recipe.yaml      # the same model again
     """
-    from embedkit.train.engine import configure_logging
     from embedkit.tune.budget import parse_budget
     from embedkit.tune.run import tune
 
@@ -130,7 +129,6 @@ def tune_command(
 
         raise ConfigError(f"expected 'nearest' or 'random', got {dev_corpus!r}", field="--dev-corpus")
     wanted = [p.strip() for p in params.split(",") if p.strip()] if params else None
-    configure_logging("embedkit tune")
     # stdout carries the result only: what libraries print while the runs go (DeepSpeed's accelerator line, ...)
     # goes to stderr with the progress lines, so `--json` stays parseable.
     with contextlib.redirect_stdout(sys.stderr):
