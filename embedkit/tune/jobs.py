@@ -203,7 +203,10 @@ def _run_child(kind: str, payload: dict, handler: OnEvent, on_idle, work: Path |
         json.dump({"kind": kind, "payload": payload}, f)
         job_file = f.name
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+    from embedkit.logs import child_environment
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+               **child_environment())
     try:
         # stdout to our stderr: what libraries print in the child never mixes with a command's result on stdout
         child = subprocess.Popen([sys.executable, "-m", "embedkit.tune.jobs", job_file, str(write_fd)],
@@ -245,11 +248,11 @@ def _run_child(kind: str, payload: dict, handler: OnEvent, on_idle, work: Path |
 
 # ---------------------------------------------------------------------------------------------------- the child
 def _child_main(job_file: str, event_fd: int) -> int:
-    from embedkit.train.engine import configure_logging
+    from embedkit.logs import configure_logging
 
     with open(job_file, encoding="utf-8") as f:
         job = json.load(f)
-    configure_logging("embedkit tune")
+    configure_logging("embedkit tune")  # the level and format the tune command was given (child_environment)
     events = os.fdopen(event_fd, "w", encoding="utf-8")
 
     def write(event: dict) -> None:
