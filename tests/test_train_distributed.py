@@ -316,7 +316,7 @@ def test_qlora_under_zero3_trains_like_one_process_and_resumes_after_sigkill(tmp
     manifest = json.loads((full / "embedkit_manifest.json").read_text())
     stats = manifest["training"]["stats"]
     assert stats["backend"] == "deepspeed-zero3" and stats["processes"] == 2 and stats["steps"] == 6
-    from embedkit.export.probes import check_probes
+    from embedkit.models.probes import check_probes
 
     trained = load_model(full)
     assert check_probes(lambda t, kind: trained.encode(t, kind=kind), full).ok

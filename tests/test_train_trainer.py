@@ -11,7 +11,7 @@ import torch
 
 from embedkit.models.encoder import load_model
 from embedkit.train.config import parse_recipe
-from embedkit.export.probes import PROBES_NAME as PROBE_FILE, check_probes
+from embedkit.models.probes import PROBES_NAME as PROBE_FILE, check_probes
 from embedkit.train.contrastive import epoch_batches, load_examples, prepare_data, train, work_dir
 
 PAIRS = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from embedkit.data._io import iter_jsonl, iter_text_lines, require_file, string_field
+from embedkit.data.lines import iter_jsonl, iter_text_lines, require_file, string_field
 from embedkit.errors import DataError
 
 CORPUS_FILE = "corpus.jsonl"

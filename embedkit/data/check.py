@@ -175,8 +175,8 @@ def _first_columns(path: Path) -> list[str]:
             return list(pq.ParquetFile(path).schema_arrow.names)
         except Exception as exc:  # pyarrow raises several types for a non-Parquet file
             raise DataError(f"not a readable Parquet file ({exc})", path=path) from None
-    from embedkit.data.tuples import _json_rows
+    from embedkit.data.tuples import json_rows
 
-    for _line, row in _json_rows(path):
+    for _line, row in json_rows(path):
         return list(row)
     raise DataError("empty file", path=path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.data._io import iter_text_lines
+from embedkit.data.lines import iter_text_lines
 from embedkit.data.beir import BeirDataset
 from embedkit.data.sts import StsDataset
 from embedkit.errors import DataError

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embedkit.data._io import iter_jsonl, require_file, string_field
+from embedkit.data.lines import iter_jsonl, require_file, string_field
 from embedkit.errors import DataError
 
 STS_SUFFIXES = (".jsonl", ".csv", ".tsv")

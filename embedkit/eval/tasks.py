@@ -72,7 +72,7 @@ def parse_task_spec(spec: str) -> TaskSpec:
         raise ConfigError(f"cannot parse task spec '{raw}': {SPEC_HELP}", field="task")
     kind = kind.lower()
     if kind == "beir":
-        path, split = _split_beir_path(rest)
+        path, split = split_beir_path(rest)
         folder = Path(path)
         name = f"{folder.resolve().name or folder.name}-{split}"
         return TaskSpec(name, "retrieval", RETRIEVAL_MAIN_METRIC, raw, path=path, split=split,
@@ -87,7 +87,7 @@ def parse_task_spec(spec: str) -> TaskSpec:
     raise ConfigError(f"cannot parse task spec '{raw}': unknown kind '{kind}'; {SPEC_HELP}", field="task")
 
 
-def _split_beir_path(rest: str) -> tuple[str, str]:
+def split_beir_path(rest: str) -> tuple[str, str]:
     """`DIR` or `DIR:SPLIT`. A folder that exists as written wins, so a path containing ':' still works."""
     if Path(rest).is_dir():
         return rest, DEFAULT_BEIR_SPLIT

@@ -170,9 +170,9 @@ def _load_spec(spec: str, columns: dict | None, **sizes) -> CheckSet:
                        data.qrels, **sizes)
     if spec.startswith("pairs:"):
         return _from_pairs(Path(spec[len("pairs:"):]), columns or {}, **sizes)
-    from embedkit.eval.tasks import _split_beir_path
+    from embedkit.eval.tasks import split_beir_path
 
-    folder, split = _split_beir_path(spec[len("beir:"):] if spec.startswith("beir:") else spec)
+    folder, split = split_beir_path(spec[len("beir:"):] if spec.startswith("beir:") else spec)
     if not Path(folder).is_dir():
         raise DataError("a check set is beir:DIR[:SPLIT], pairs:FILE, stsb-paraphrase or builtin-40; "
                         "no such folder", path=folder)

@@ -88,7 +88,7 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
 
     from embedkit.atomic import atomic_dir, write_json, write_text
     from embedkit.export.onnx import ExportError
-    from embedkit.export.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
+    from embedkit.models.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
     from embedkit.manifest import MANIFEST_NAME
     from embedkit.models import load_model
 

@@ -326,7 +326,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def parity_texts(check) -> list[tuple[str, str]]:
-    from embedkit.export.probes import DEFAULT_PROBES
+    from embedkit.models.probes import DEFAULT_PROBES
 
     items = [(t, "query") for t in list(check.queries.values())[:64]]
     items += [(t, "document") for t in list(check.corpus.values())[:64]]
@@ -335,9 +335,9 @@ def parity_texts(check) -> list[tuple[str, str]]:
 
 
 def _encode_items(encode, items: list[tuple[str, str]], batch_size: int) -> np.ndarray:
-    from embedkit.export.probes import _embed_by_kind
+    from embedkit.models.probes import embed_by_kind
 
-    return _embed_by_kind(lambda texts, kind: encode(list(texts), kind, batch_size), [t for t, _ in items],
+    return embed_by_kind(lambda texts, kind: encode(list(texts), kind, batch_size), [t for t, _ in items],
                           [k for _, k in items])
 
 
@@ -369,7 +369,7 @@ def export_onnx(
 
     from embedkit.atomic import atomic_dir, write_json
     from embedkit.export.checkset import load_check_set, ndcg_from_vectors
-    from embedkit.export.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, batch_invariance, check_probes,
+    from embedkit.models.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, batch_invariance, check_probes,
                                         has_probes, write_probes)
     from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
     from embedkit.models import load_model

@@ -77,7 +77,7 @@ def read_qa(spec: str, *, question: str = "query", answer: str = "positive", top
 
 
 def _read_jsonl(path: Path, question: str, answer: str, topic: str | None):
-    from embedkit.data._io import iter_jsonl, require_file
+    from embedkit.data.lines import iter_jsonl, require_file
 
     require_file(path, "file")
     for number, row in iter_jsonl(path):

@@ -157,7 +157,7 @@ def load_task(data: str | Path, *, split: str = "train", corpus: str | Path | No
 
 def read_ids(path: str | Path) -> list[str]:
     """Document ids, one per line (.txt) or a JSON list (.json), in the row order of the embeddings file."""
-    from embedkit.data._io import iter_text_lines, require_file
+    from embedkit.data.lines import iter_text_lines, require_file
 
     path = Path(path)
     require_file(path, "ids file")

@@ -75,7 +75,7 @@ class Encoder(nn.Module):
         self.name = name
         self.source_path = source_path
         self.quantization = quantization
-        self.is_causal = _is_causal(self._base_config)
+        self.is_causal = _is_causal(self.base_config)
         if self.attention == "bidirectional" and not self.is_causal:
             raise ModelError("attention 'bidirectional' is for causal LLM encoders; this model already attends both "
                              "ways", path=source_path)
@@ -117,14 +117,14 @@ class Encoder(nn.Module):
         target = resolve_device(device, field="device")
 
         path = resolve_model_path(name_or_path)
-        st = _read_st_folder(path)
+        st = read_st_folder(path)
         transformer_dir = path / st["transformer_path"]
         try:
             config = AutoConfig.from_pretrained(transformer_dir)
         except (OSError, ValueError) as exc:
             raise ModelError(f"not a model folder: {exc}".splitlines()[0], path=transformer_dir) from exc
-        torch_dtype = _parse_dtype(dtype)
-        load_kwargs = _backbone_load_kwargs(torch_dtype, quantization, target, sharded_storage=sharded_storage)
+        torch_dtype = parse_dtype(dtype)
+        load_kwargs = backbone_load_kwargs(torch_dtype, quantization, target, sharded_storage=sharded_storage)
         backbone = AutoModel.from_pretrained(transformer_dir, **load_kwargs)
         if quantization and target.type == "cpu":
             _release_checkpoint_mapping(backbone)
@@ -159,13 +159,14 @@ class Encoder(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def _base_config(self):
+    def base_config(self):
+        """The transformer's Hugging Face config (under a PEFT wrapper: the base model's): sizes, vocabulary, ties."""
         model = self.backbone
         return getattr(model, "config", None) or model.get_base_model().config
 
     @property
     def dim(self) -> int:
-        return int(self._base_config.hidden_size)
+        return int(self.base_config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -218,7 +219,7 @@ class Encoder(nn.Module):
             "name": self.name,
             "path": self.source_path,
             "fingerprint": self.fingerprint,
-            "architecture": (getattr(self._base_config, "architectures", None) or [self._base_config.model_type])[0],
+            "architecture": (getattr(self.base_config, "architectures", None) or [self.base_config.model_type])[0],
             "pooling": self.pooling,
             "prompts": self.prompts,
             "max_length": self.max_length,
@@ -271,7 +272,7 @@ class Encoder(nn.Module):
                 kwargs.pop("input_ids")
                 kwargs["inputs_embeds"] = embeds
                 kwargs["attention_mask"] = create_bidirectional_mask(
-                    config=self._base_config, inputs_embeds=embeds, attention_mask=attention_mask,
+                    config=self.base_config, inputs_embeds=embeds, attention_mask=attention_mask,
                     allow_is_bidirectional_skip=False)
         hidden = self.backbone(**kwargs).last_hidden_state
         if hidden_states:
@@ -402,7 +403,7 @@ class Encoder(nn.Module):
         return Path(path)
 
 
-def _read_st_folder(path: Path) -> dict[str, Any]:
+def read_st_folder(path: Path) -> dict[str, Any]:
     """What a sentence-transformers folder says about pooling, prompts, max length and normalisation."""
     info: dict[str, Any] = {"transformer_path": "", "pooling": None, "prompts": {}, "max_length": None,
                             "normalize": False, "padding_side": None, "attention": None}
@@ -435,7 +436,8 @@ def _read_st_folder(path: Path) -> dict[str, Any]:
     return info
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A recipe's / caller's dtype name (fp32, bf16, fp16 or their long forms) as a torch dtype; None is fp32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -461,16 +463,16 @@ def _release_checkpoint_mapping(backbone) -> None:
             for name, param in module.named_parameters(recurse=False):
                 if param.dtype != torch.uint8:  # bitsandbytes' packed 4-bit storage already owns its memory
                     param.data = param.data.clone()
-            for name, buffer in module.named_buffers(recurse=False):
+            for name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer is not None:
-                    module._buffers[name] = buffer.clone()
+                    setattr(module, name, buffer.clone())  # nn.Module keeps it a buffer (persistence unchanged)
     import gc
 
     gc.collect()
 
 
-def _backbone_load_kwargs(torch_dtype: torch.dtype, quantization: str | None,
-                          device: torch.device, *, sharded_storage: bool = False) -> dict[str, Any]:
+def backbone_load_kwargs(torch_dtype: torch.dtype, quantization: str | None,
+                         device: torch.device, *, sharded_storage: bool = False) -> dict[str, Any]:
     """from_pretrained arguments: the dtype, and for 4-bit the quantisation config, placed on the GPU when `device`
     is one (device_map {"": index}: bitsandbytes quantises while loading onto it); on the CPU as before.
 

@@ -333,7 +333,8 @@ def _answerer(index, generator: str | Path | None, max_new_tokens: int,
     from embedkit.errors import ConfigError
 
     try:
-        from embedkit.llm.generate import has_generative_head, load_generator
+        from embedkit.llm.generate import load_generator
+        from embedkit.llm.model import has_generative_head
     except ImportError as exc:
         if generator is not None:
             raise ConfigError(f"--generator needs embedkit.llm ({exc})", field="generator") from None

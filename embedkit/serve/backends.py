@@ -122,7 +122,7 @@ class TorchBackend(_EncodeMixin):
     def fingerprint_check(self) -> FingerprintCheck | None:
         """Encoder.fingerprint (sha256 over every weight, the tokenizer and the embedding settings) against the one
         recorded beside the probe vectors (else in the folder's manifest) when the model was trained or exported."""
-        from embedkit.export.probes import probes_path
+        from embedkit.models.probes import probes_path
         from embedkit.manifest import MANIFEST_NAME
 
         if self.folder is None:
@@ -240,7 +240,7 @@ def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = 
     Raises ModelError (one line) on a mismatch of either unless `allow_mismatch`, which only prints a loud warning.
     Returns the probe check as a dict (with the fingerprint check under "fingerprint"), or None without probes.
     """
-    from embedkit.export.probes import check_probes, has_probes
+    from embedkit.models.probes import check_probes, has_probes
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = getattr(backend, "folder", None)

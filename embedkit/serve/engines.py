@@ -105,7 +105,7 @@ def remote_vectors_fn(base_url: str, model: str, *, prompts: dict[str, str] | No
 def check_remote(base_url: str, model: str, folder: str | Path, *, atol: float = REMOTE_PROBE_ATOL,
                  api_key: str | None = None, prompts: dict[str, str] | None = None):
     """Compare a running server's vectors with `folder`/probe_vectors.json. Returns a ProbeCheck."""
-    from embedkit.export.probes import check_probes
+    from embedkit.models.probes import check_probes
 
     if prompts is None:
         prompts = model_settings(folder)["prompts"]
@@ -134,7 +134,7 @@ def run_vllm(folder: str | Path, *, served_name: str | None = None, host: str = 
              atol: float = REMOTE_PROBE_ATOL, allow_mismatch: bool = False, api_key: str | None = None,
              foreground: bool = True, log=None) -> dict[str, Any]:
     """Launch vLLM for an HF export and verify it; see the module docstring."""
-    from embedkit.export.probes import has_probes
+    from embedkit.models.probes import has_probes
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = Path(folder)

@@ -718,9 +718,9 @@ class Engine:
         if self.is_main:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            from embedkit.atomic import _fsync_dir
+            from embedkit.atomic import fsync_dir
 
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             for stale in self._checkpoints()[: -self.training.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
         self._barrier()

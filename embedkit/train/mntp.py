@@ -55,7 +55,7 @@ def mask_token_id(tokenizer) -> int:
 def lm_head_weight(encoder) -> torch.Tensor:
     """The [vocab, hidden] output projection, frozen: the tied input embedding (as it is now: under ZeRO-3 / FSDP a
     shard, see `tied_head`), else lm_head.weight from disk."""
-    config = encoder._base_config
+    config = encoder.base_config
     embeddings = encoder.backbone.get_input_embeddings().weight
     if getattr(config, "tie_word_embeddings", False):
         return embeddings.detach()
@@ -125,9 +125,9 @@ class MNTPStep(StepBase):
         if not self.ids:
             raise ConfigError("mntp: no training document has two tokens to learn from", field="mntp.steps")
         self.mask_id = mask_token_id(tokenizer)
-        self.vocab = int(encoder._base_config.vocab_size)
+        self.vocab = int(encoder.base_config.vocab_size)
         self.special = {int(t) for t in tokenizer.all_special_ids}
-        tied = getattr(encoder._base_config, "tie_word_embeddings", False)
+        tied = getattr(encoder.base_config, "tie_word_embeddings", False)
         self.head = None if tied else lm_head_weight(encoder)  # tied: looked up each step (tied_head)
 
     def batches(self, epoch: int, batch_size: int) -> list[list[int]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from embedkit.train.config import Recipe, parse_train_source
+from embedkit.train.trainset import set_documents
 
 log = logging.getLogger("embedkit.train")
 
@@ -83,7 +84,6 @@ class OnlineMiner:
     def refresh(self, encoder, data, *, step: int, epoch: int | None) -> dict[str, Any]:
         """Re-mine with `encoder`, swap the negatives of `data` (re-tokenizing only new texts); return the record."""
         from embedkit.mine.online import remine
-        from embedkit.train.contrastive import set_documents
 
         k = self.recipe.loss.hard_negatives
         started = time.perf_counter()
@@ -140,7 +140,6 @@ class OnlineMiner:
                 "refreshes": [dict(r, removed=dict(r["removed"])) for r in self.refreshes]}
 
     def restore(self, payload: dict[str, Any], encoder, data) -> None:
-        from embedkit.train.contrastive import set_documents
 
         self.state.rounds = int(payload["rounds"])
         self.refreshes = [dict(r) for r in payload["refreshes"]]
