@@ -21,16 +21,20 @@ current directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from embedkit.errors import ConfigError
 from embedkit.train.config import (AdapterSection, BaseRecipe, EngineDataSection, EngineModelSection,
                                    EngineTrainingSection, LossSection, Section, check_engine_environment,
-                                   parse_train_source, read_recipe_file)
+                                   parse_train_source, read_recipe_file, registered_pooling)
 
 MODES = ("sft", "dpo", "joint")
+
+
+def _causal_lm_pooling(name: str) -> str:
+    return registered_pooling(name, for_causal_lm=True)
 
 
 class LLMModelSection(EngineModelSection):
@@ -38,7 +42,7 @@ class LLMModelSection(EngineModelSection):
     max_length: int = Field(256, gt=8, description="tokens of one chat example (prompt + answer) or embedded text")
     system_prompt: str | None = None  # None: the chat template's own default
     # The embedding side of the same model. None: the source folder's setting, else the LLM defaults.
-    pooling: Literal["lasttoken", "mean"] | None = None
+    pooling: Annotated[str, AfterValidator(_causal_lm_pooling)] | None = None  # the registry's for_causal_lm modes
     prompts: dict[str, str] | str | None = None
     padding_side: Literal["left", "right"] | None = None
     embedding_attention: Literal["causal", "bidirectional"] = "causal"

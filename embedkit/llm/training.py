@@ -16,6 +16,7 @@ import torch
 
 from embedkit.device import torch_threads
 from embedkit.llm.config import LLMRecipe
+from embedkit.train.backends import backend_class
 from embedkit.train.engine import Engine, StepBase, seed_everything
 
 log = logging.getLogger("embedkit.train")
@@ -53,7 +54,7 @@ def build_heads(recipe: LLMRecipe, device) -> tuple[Any, Any, Path, dict[str, An
     m = recipe.model
     quant = "nf4" if recipe.adapter.type == "qlora" else None
     lm, tokenizer, path, st = load_causal_lm(m.name, dtype=m.dtype, quantization=quant, device=str(device),
-                                             sharded_storage=recipe.deepspeed.stage == "zero3")
+                                             sharded_storage=backend_class(recipe).flattens_parameters(recipe))
     keep_4bit_layout(lm)
     seed_everything(recipe.training.seed)  # adapter initialisation draws from the RNG: same seed, same adapter
     lm = attach_adapter(lm, recipe.adapter, gradient_checkpointing=m.gradient_checkpointing)

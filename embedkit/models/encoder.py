@@ -20,7 +20,7 @@ from torch import nn
 
 from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest
-from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st_pooling_config
+from embedkit.models.pooling import POOLINGS, get_pooling, mode_from_st_config, pool, st_pooling_config
 from embedkit.models.prompts import resolve_prompts
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
@@ -64,8 +64,8 @@ class Encoder(nn.Module):
             raise ModelError(f"attention must be 'causal' or 'bidirectional', not {attention!r}")
         # 'bidirectional': a causal LM embeds with full attention (GritLM-style); generation stays causal.
         self.attention = attention
-        if pooling not in POOLING_MODES:
-            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING_MODES)}")
+        if pooling not in POOLINGS:
+            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -384,7 +384,9 @@ class Encoder(nn.Module):
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
                 "embedkit": {"padding_side": self.padding_side,
-                             **({"attention": self.attention} if self.attention != "causal" else {})},
+                             **({"attention": self.attention} if self.attention != "causal" else {}),
+                             # a pooling sentence-transformers has no key for is named here (read back below)
+                             **({"pooling": self.pooling} if get_pooling(self.pooling).st_key is None else {})},
             })
             record = base_manifest("model", base_model=self.base_model, model=self.describe(), **(manifest or {}))
             record["model"]["path"] = str(target)
@@ -433,6 +435,7 @@ def read_st_folder(path: Path) -> dict[str, Any]:
     info["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
     info["padding_side"] = (st_config.get("embedkit") or {}).get("padding_side")
     info["attention"] = (st_config.get("embedkit") or {}).get("attention")
+    info["pooling"] = (st_config.get("embedkit") or {}).get("pooling") or info["pooling"]
     return info
 
 

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from embedkit.device import DEVICE_HELP
+from embedkit.serve.backends import backend_help
 
 
 def serve_command(
@@ -17,9 +18,7 @@ def serve_command(
                                          "'smollm2-135m'. Repeat to serve several; clients pick one with the "
                                          "request's `model` field. NAME=PATH sets the served name (default: the "
                                          "folder's name)."),
-    backend: str = typer.Option("auto", "--backend",
-                                help="'onnx' (an `embedkit export --format onnx` folder; fastest on CPU, int8 if "
-                                     "exported so), 'torch' (any model folder), or 'auto' (onnx for export folders)."),
+    backend: str = typer.Option("auto", "--backend", help=backend_help()),
     engine: str = typer.Option("embedkit", "--engine",
                                help="'embedkit' (this server) or 'vllm': launch `vllm serve --runner pooling` for an "
                                     "`embedkit export --format hf` folder, then check its /v1/embeddings against the "

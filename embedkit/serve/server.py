@@ -57,7 +57,7 @@ def load_generators(models: Sequence[str], backends: dict[str, Any], *, log=_log
         spec = ModelSpec.parse(text)
         backend = backends.get(spec.name)
         folder = getattr(backend, "folder", None)
-        if getattr(backend, "kind", None) == "torch" and folder is not None and has_generative_head(folder):
+        if getattr(backend, "serves_chat", False) and folder is not None and has_generative_head(folder):
             log(f"[{spec.name}] generative head found: serving /v1/chat/completions too")
             generators[spec.name] = load_generator(folder, name=spec.name, device=str(device))
     return generators

@@ -53,6 +53,19 @@ def _valid_device(spec: str) -> str:
 DeviceSpec = Annotated[str, AfterValidator(_valid_device)]
 
 
+def registered_pooling(name: str, *, for_causal_lm: bool = False) -> str:
+    """`name` when it is a pooling mode of embedkit.models.pooling's registry (ValueError naming them otherwise)."""
+    from embedkit.models.pooling import pooling_names  # the registry holds torch functions: loaded when needed
+
+    names = pooling_names(for_causal_lm=for_causal_lm)
+    if name not in names:
+        raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(names)}")
+    return name
+
+
+PoolingName = Annotated[str, AfterValidator(registered_pooling)]
+
+
 class EngineModelSection(Section):
     """What every recipe's model section holds: the model, how its weights are stored, where it runs."""
 
@@ -64,7 +77,8 @@ class EngineModelSection(Section):
 
 class ModelSection(EngineModelSection):
     name: str = Field(description="embedded name (minilm, smollm2-135m), a local folder, or a Hugging Face id")
-    pooling: Literal["mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens"] | None = None
+    pooling: PoolingName | None = Field(None, description="a pooling mode (embedkit.models.pooling's registry); "
+                                                          "null: the model folder's, else mean (lasttoken for LLMs)")
     prompts: dict[str, str] | str | None = None  # a preset name (none, e5, bge, instruct) or {query:, document:}
     max_length: int | None = Field(None, gt=0)
     padding_side: Literal["left", "right"] | None = None
@@ -118,11 +132,22 @@ class DataSection(EngineDataSection):
     dev_batch_size: int = Field(64, gt=0)
 
 
+def registered_loss(name: str) -> str:
+    """`name` when it is a base loss of embedkit.train.losses' registry (ValueError naming them otherwise)."""
+    from embedkit.train.losses import loss_names  # the registry holds the loss classes (torch)
+
+    names = loss_names()
+    if name not in names:
+        raise ValueError(f"unknown loss type {name!r}; choose one of {', '.join(names)}")
+    return name
+
+
 class LossSection(Section):
     """Built by embedkit.train.losses.build_loss: the base loss `type`, wrapped in Matryoshka when
     `matryoshka_dims` is set and in distillation when `distillation` is set."""
 
-    type: Literal["infonce"] = "infonce"
+    type: Annotated[str, AfterValidator(registered_loss)] = Field(
+        "infonce", description="the base loss (embedkit.train.losses' registry: infonce, or one registered there)")
     temperature: float = Field(0.05, gt=0.0)
     learn_temperature: bool = False
     symmetric: bool = False
@@ -337,9 +362,10 @@ class Recipe(BaseRecipe):
             if self.loss.distillation != "none":
                 raise ValueError("mining.online replaces the negatives and their scores during training: use it "
                                  "without loss.distillation (teacher scores must come from a fixed teacher)")
-            if self.deepspeed.stage != "none" or self.fsdp.enabled:
+            backend = training_backend(self)
+            if not backend.supports_online_mining:
                 raise ValueError("mining.online runs in one process (DDP's --nproc is refused too): not with "
-                                 "deepspeed or fsdp yet")
+                                 f"{backend.selected_with} yet")
             self.mining_settings()  # the mining filters' own checks (window size, margins)
         if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
             raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
@@ -369,22 +395,19 @@ def check_engine_settings(recipe: BaseRecipe) -> None:
         raise ValueError("qlora computes in fp32 or bf16, not fp16")
     if (recipe.adapter.dora or recipe.adapter.rslora) and recipe.adapter.type == "none":
         raise ValueError("adapter.dora / adapter.rslora are LoRA variants: set adapter.type lora or qlora")
-    if recipe.deepspeed.stage != "none" and recipe.fsdp.enabled:
-        raise ValueError("choose one sharding engine: deepspeed.stage or fsdp.enabled, not both")
-    if recipe.fsdp.enabled and recipe.adapter.type == "qlora":
-        raise ValueError("fsdp with qlora is not supported (bitsandbytes' 4-bit weights cannot be sharded by "
-                         "FSDP2 here); use deepspeed.stage: zero3 for QLoRA across processes")
+    backend = training_backend(recipe)  # ValueError when two sharding engines are asked for
     if recipe.training.mixed_precision != "no" and recipe.model.dtype != "fp32":
         raise ValueError("training.mixed_precision keeps fp32 master weights: use it with model.dtype fp32 "
                          "(or set model.dtype and leave mixed_precision: no)")
-    if recipe.adapter.type == "qlora" and recipe.deepspeed.stage != "none" and recipe.training.mixed_precision != "no":
-        # DeepSpeed casts every float parameter to its precision, the 4-bit weights' packed storage included
-        # (stored in the compute dtype for ZeRO-3): they must already be in it.
-        raise ValueError("qlora under deepspeed computes in model.dtype: set model.dtype: bf16 instead of "
-                         "training.mixed_precision")
-    if recipe.deepspeed.stage != "none" and recipe.training.mixed_precision == "fp16" and getattr(
-            recipe.training, "grad_cache", None):
-        raise ValueError("grad_cache with deepspeed needs bf16 or fp32 (fp16 loss scaling would apply twice)")
+    backend.check_recipe(recipe)
+
+
+def training_backend(recipe: BaseRecipe):
+    """The training backend class the recipe selects (embedkit/train/backends.py's registry): its capability flags
+    answer what recipe checks would otherwise read from the deepspeed / fsdp sections."""
+    from embedkit.train.backends import backend_class  # the registry holds the runtime classes, which need torch
+
+    return backend_class(recipe)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -529,9 +552,10 @@ def check_engine_environment(recipe: BaseRecipe, *, source=None, check_environme
                               path=source, field="training.report_to")
     if recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
-    if recipe.deepspeed.stage != "none" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("deepspeed is not installed: pip install 'embedkit[deepspeed]'", path=source,
-                          field="deepspeed.stage")
+    backend = training_backend(recipe)
+    if backend.requires is not None and importlib.util.find_spec(backend.requires[0]) is None:
+        package, install = backend.requires
+        raise ConfigError(f"{package} is not installed: {install}", path=source, field=backend.selected_with)
 
 
 

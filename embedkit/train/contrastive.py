@@ -26,6 +26,7 @@ import torch
 from embedkit.data.tuples import TrainingExample
 from embedkit.device import torch_threads
 from embedkit.errors import ConfigError
+from embedkit.train.backends import backend_class
 from embedkit.train.config import Recipe
 from embedkit.train.engine import (LOG_FILE, Engine, FitResult, Phase, StepBase, copy_run_logs, peak_rss_gb,
                                    recipe_hash, rss_gb, seed_everything, work_dir)
@@ -44,7 +45,8 @@ def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
     m, a = recipe.model, recipe.adapter
     encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
                          padding_side=m.padding_side, quantization="nf4" if a.type == "qlora" else None,
-                         device=str(device), sharded_storage=recipe.deepspeed.stage == "zero3", attention=m.attention)
+                         device=str(device), attention=m.attention,
+                         sharded_storage=backend_class(recipe).flattens_parameters(recipe))
     if a.type == "qlora":
         from embedkit.models.adapters import keep_4bit_layout
 

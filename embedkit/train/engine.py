@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from embedkit.errors import ConfigError
+from embedkit.train.backends import TrainingBackend, backend_class, count_steps
 from embedkit.train.config import BaseRecipe
 
 log = logging.getLogger("embedkit.train")
@@ -307,24 +308,17 @@ class Engine:
         if t.mixed_precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("training.mixed_precision fp16 needs a CUDA device (use bf16 on the CPU)",
                               field="training.mixed_precision")
-        if (recipe.deepspeed.stage != "none" or recipe.fsdp.enabled or launched) and not torch.distributed.is_initialized():
-            if recipe.deepspeed.stage != "none" and self.device.type == "cpu":
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        backend = backend_class(recipe)
+        if (backend.needs_process_group or launched) and not torch.distributed.is_initialized():
+            backend.prepare_process(recipe, self.device)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             ensure_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if recipe.fsdp.enabled and self.world == 1:
-            raise ConfigError("fsdp shards a model across processes: launch with --nproc 2 or more",
-                              field="fsdp.enabled")
-        if recipe.fsdp.offload_params and self.device.type != "cuda":
-            raise ConfigError("fsdp.offload_params keeps GPU shards in CPU memory between uses: it needs GPUs",
-                              field="fsdp.offload_params")
-        self.accelerator = self._make_accelerator()
-        from embedkit.train.backends import make_backend
-
-        self.backend = make_backend(self)
+        backend.check_launch(recipe, self.device, self.world)
+        self.accelerator = self._make_accelerator(backend)
+        self.backend = backend(self)
         self.sync_gradients = True  # False while accumulating the micro-batches before the last of a step
         self._build_for_saving: Callable[[], nn.Module] | None = None
         self._model: nn.Module | None = None
@@ -338,7 +332,7 @@ class Engine:
         self._done_phases: dict[str, dict[str, Any]] = {}  # stats of the phases finished, kept in checkpoints
 
     # ------------------------------------------------------------------ set-up
-    def _make_accelerator(self):
+    def _make_accelerator(self, backend: type[TrainingBackend]):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -350,8 +344,7 @@ class Engine:
             raise RuntimeError("an Engine is training in this process: one engine per run (run stages as its phases)")
         AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
         t = self.training
-        sharded = self.recipe.deepspeed.stage != "none" or self.recipe.fsdp.enabled
-        mixed = "no" if sharded else t.mixed_precision  # DeepSpeed / FSDP apply precision themselves
+        mixed = "no" if backend.applies_precision else t.mixed_precision
         trackers = _trackers(t.report_to) if self.rank == 0 else []
         self.trackers = trackers
         return Accelerator(cpu=self.device.type == "cpu", mixed_precision=mixed, log_with=trackers or None,
@@ -475,8 +468,6 @@ class Engine:
         return result
 
     def _plan(self, phase: Phase) -> _Plan:
-        from embedkit.train.backends import count_steps
-
         t = self.training
         pick = lambda value, default: default if value is None else value  # noqa: E731
         batch_size = pick(phase.batch_size, t.batch_size)
