@@ -291,7 +291,7 @@ class DataParallelBackend(TrainingBackend):
         self._restart_extra(lr, total_steps, warmup)
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        if enabled or self.name != "ddp":
+        if enabled or self.engine.world == 1:
             return contextlib.nullcontext()
         return self.engine.accelerator.no_sync(self.model)
 
