@@ -21,7 +21,9 @@ cores / N threads (OMP_NUM_THREADS, unless set): N processes help only when one 
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +31,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn, Sequence
+
+from embedkit.device import resolve_device, validate_device
+from embedkit.errors import ConfigError
 
 ERRORS_ENV = "EMBEDKIT_LAUNCH_ERRORS"  # a folder where launched processes leave their one-line error
 NPROC_HELP = ("Processes to spread the encoding over (torch.distributed; one GPU each with --device auto). On the "
@@ -76,8 +81,6 @@ def end_launched_process(code: int | str | None) -> NoReturn:
     static destructors, which can abort the interpreter's teardown ("terminate called without an active exception",
     exit 134: DeepSpeed's CPU communication op after a resumed ZeRO-3 run; gloo now and then after a sharded encode
     on a busy machine), which torchrun would report as a failed run."""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -98,8 +101,6 @@ def report_error(line: str) -> None:
 def _torchrun(args: Sequence[str]) -> int:
     """torch.distributed.run with ARGS; returns the exit code of the first process that failed (0: none did)
     after printing its one-line error, instead of the launcher's traceback and failure table."""
-    import logging
-
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -143,8 +144,6 @@ def command_argv(ctx: Any, *, leave_out: Sequence[str] = ("nproc",)) -> list[str
     see the same ones), and so are the parameters named in `leave_out`: `--nproc` (a launched process knows from
     its environment; torch.distributed.run would also reject it as an ambiguous abbreviation of its own
     --nproc-per-node)."""
-    import enum
-
     names = []
     node = ctx
     while node.parent is not None:
@@ -214,9 +213,6 @@ def processes(nproc: int, device: str = "auto", *, ctx: Any = None, argv: Sequen
     with its exit code (SystemExit). What is re-run: `argv`, else the command of `ctx` (its typer.Context) as
     typed."""
     import torch
-
-    from embedkit.device import resolve_device, validate_device
-    from embedkit.errors import ConfigError
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, not {nproc}", field="--nproc")

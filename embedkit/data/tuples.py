@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from embedkit.data.beir import mteb_document_text
 from embedkit.data.lines import iter_jsonl, require_file
 from embedkit.errors import DataError
 
@@ -98,8 +99,6 @@ def pairs_from_beir(ds: BeirDataset) -> list[TrainingExample]:
     Order is deterministic: queries in queries-file order, documents in qrels-file order. The document text is
     joined the way the evaluation encodes it (title + " " + text), so training and evaluation see the same string.
     """
-    from embedkit.data.beir import mteb_document_text
-
     examples = []
     for qid, doc_id, score in ds.relevant_pairs():
         row = ds.corpus[doc_id]

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -25,7 +26,10 @@ import numpy as np
 from embedkit.atomic import atomic_path
 from embedkit.errors import ConfigError
 from embedkit.eval.metrics import paired_cosine, retrieval_metrics, sts_metrics, trec_order
+from embedkit.eval.mteb_adapter import run_mteb_task
+from embedkit.eval.report import build_report
 from embedkit.eval.tasks import LoadedTask, TaskSpec, load_task, parse_task_specs
+from embedkit.manifest import sha256_texts
 
 DEFAULT_TOP_K = 100  # enough for recall@100 and map@100; nDCG@10 / MRR@10 only read the first 10
 FAISS_MIN_DOCUMENTS = 200_000  # "auto" search switches to FAISS from this corpus size
@@ -65,8 +69,6 @@ def _encoder_key(encoder: Encoder, kind: str) -> dict[str, Any]:
 
 
 def embedding_cache_path(cache_dir: Path, encoder: Encoder, ids: list[str], texts: list[str], kind: str) -> Path:
-    from embedkit.manifest import sha256_texts
-
     model_key = json.dumps(_encoder_key(encoder, kind), sort_keys=True, default=str)
     corpus_key = sha256_texts(t for pair in zip(ids, texts) for t in pair)
     key = hashlib.sha256(f"{model_key}\0{corpus_key}".encode()).hexdigest()[:40]
@@ -226,8 +228,6 @@ def evaluate(
     All task specs are parsed and all data is loaded before any encoding, so a bad spec or a bad file fails
     in seconds, not after an hour of encoding.
     """
-    from embedkit.eval.report import build_report
-
     if search not in ("auto", "exact", "faiss"):
         raise ConfigError(f"unknown search backend '{search}' (use auto, exact or faiss)", field="search")
     if top_k < 100:
@@ -254,13 +254,9 @@ def evaluate(
         elif spec.type == "sts":
             result, task_timings = run_sts(encoder, task, batch_size=batch_size)
         else:
-            from embedkit.eval.mteb_adapter import run_mteb_task
-
             if _is_main_process():
                 metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=cache / "mteb-results")
             else:  # the other processes encode their shares too; their copy of mteb's results goes nowhere
-                import tempfile
-
                 with tempfile.TemporaryDirectory(prefix="embedkit-mteb-") as scratch:
                     metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=scratch)
             result, task_timings = {"metrics": metrics}, {}

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embedkit.errors import DataError
+from embedkit.manifest import MANIFEST_NAME
+from embedkit.train.config import parse_train_source
 
 MAX_QUERIES = 300
 MAX_DOCS = 1000
@@ -188,8 +190,6 @@ def _load_spec(spec: str, columns: dict | None, **sizes) -> CheckSet:
 def _manifest_specs(folder: Path) -> list[tuple[str, str, dict | None]]:
     """(what, spec, pairs columns) for the data a trained model's manifest names: the dev set if it is a retrieval
     task, then the training data. Paths are as the recipe wrote them (relative to where training ran)."""
-    from embedkit.manifest import MANIFEST_NAME
-
     try:
         manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
         data = manifest["training"]["recipe"]["data"]
@@ -202,8 +202,6 @@ def _manifest_specs(folder: Path) -> list[tuple[str, str, dict | None]]:
     train = data.get("train")
     if isinstance(train, str):
         if train.startswith("beir:"):
-            from embedkit.train.config import parse_train_source
-
             _, path, split = parse_train_source(train)
             found.append(("training data", f"beir:{path}:{split}", None))
         else:

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from embedkit.errors import ConfigError
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -62,8 +64,6 @@ def export_command(
 
       embedkit export --model minilm --adapter runs/lora --format hf --output runs/hf   (then see runs/hf/launch.txt)
     """
-    from embedkit.errors import ConfigError
-
     if format == "onnx":
         from embedkit.export.onnx import export_onnx
 

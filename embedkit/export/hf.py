@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from embedkit.atomic import atomic_dir, write_json, write_text
 from embedkit.errors import ModelError
+from embedkit.export.onnx import ExportError
+from embedkit.manifest import MANIFEST_NAME
+from embedkit.models.adapters import merge_adapter
+from embedkit.models.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
 
 LAUNCH_TXT = "launch.txt"
 LAUNCH_JSON = "launch.json"
@@ -96,17 +101,11 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
     """Merge, save, verify the reload, write probes and launch files. Returns the launch spec."""
     import torch
 
-    from embedkit.atomic import atomic_dir, write_json, write_text
-    from embedkit.export.onnx import ExportError
-    from embedkit.models.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
-    from embedkit.manifest import MANIFEST_NAME
     from embedkit.models import load_model
 
     started = time.time()
     encoder = load_model(model, adapter=adapter)
     if encoder.has_adapter:
-        from embedkit.models.adapters import merge_adapter
-
         encoder = merge_adapter(encoder)
         log("merged the LoRA adapter into the base weights")
     encoder.eval()

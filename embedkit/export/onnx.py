@@ -31,12 +31,19 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
+from embedkit.export.checkset import load_check_set, ndcg_from_vectors
+from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
+from embedkit.models.adapters import merge_adapter
+from embedkit.models.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, DEFAULT_PROBES, batch_invariance, check_probes,
+                                    embed_by_kind, has_probes, write_probes)
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 ONNX_CONFIG_NAME = "embedkit_onnx.json"
@@ -193,8 +200,6 @@ def _dummy_batch(encoder):
 
 def torch_to_onnx(encoder, path: Path, *, exporter: str = "torchscript", opset: int = 17) -> None:
     """Write `encoder` (transformer + pooling + normalisation) as one ONNX graph with dynamic batch/sequence axes."""
-    import warnings
-
     import torch
 
     module = _graph_module(encoder)
@@ -326,8 +331,6 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def parity_texts(check) -> list[tuple[str, str]]:
-    from embedkit.models.probes import DEFAULT_PROBES
-
     items = [(t, "query") for t in list(check.queries.values())[:64]]
     items += [(t, "document") for t in list(check.corpus.values())[:64]]
     items += [(t, "document") for t in _PARITY_EXTRA] + list(DEFAULT_PROBES)
@@ -335,8 +338,6 @@ def parity_texts(check) -> list[tuple[str, str]]:
 
 
 def _encode_items(encode, items: list[tuple[str, str]], batch_size: int) -> np.ndarray:
-    from embedkit.models.probes import embed_by_kind
-
     return embed_by_kind(lambda texts, kind: encode(list(texts), kind, batch_size), [t for t, _ in items],
                           [k for _, k in items])
 
@@ -367,11 +368,6 @@ def export_onnx(
     """
     import torch
 
-    from embedkit.atomic import atomic_dir, write_json
-    from embedkit.export.checkset import load_check_set, ndcg_from_vectors
-    from embedkit.models.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, batch_invariance, check_probes,
-                                        has_probes, write_probes)
-    from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
     from embedkit.models import load_model
 
     if quantize not in (None, "int8"):
@@ -379,8 +375,6 @@ def export_onnx(
     started = time.time()
     encoder = load_model(model, adapter=adapter)
     if encoder.has_adapter:
-        from embedkit.models.adapters import merge_adapter
-
         encoder = merge_adapter(encoder)
     encoder.eval()
     source_probes = None

@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from embedkit.errors import ConfigError
+from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.train.config import (AdapterSection, BaseRecipe, EngineDataSection, EngineModelSection,
                                    EngineTrainingSection, LossSection, Section, check_engine_environment,
                                    parse_train_source, read_recipe_file, registered_pooling)
@@ -139,8 +140,6 @@ def _check_source(spec: str, *, source, field: str) -> None:
 
 
 def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
-    import importlib.util
-
     _check_source(recipe.data.train, source=source, field="data.train")
     if recipe.data.heldout:
         _check_source(recipe.data.heldout, source=source, field="data.heldout")
@@ -166,8 +165,6 @@ def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
         raise ConfigError("model.embedding_attention: bidirectional needs the embedding side trained (llm joint)",
                           path=source, field="model.embedding_attention")
     name = recipe.model.name
-    from embedkit.models.registry import EMBEDDED_MODELS
-
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
     if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
         raise ConfigError(f"no model {name!r}: not an embedded model, an existing folder or a Hugging Face id",

@@ -11,6 +11,8 @@ Greedy decoding by default (temperature 0), so answers are reproducible; one gen
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
 from embedkit.llm.data import ensure_chat_template, prompt_ids
 from embedkit.llm.model import has_generative_head, load_causal_lm, transformer_dir
@@ -130,10 +133,6 @@ def export_chat_folder(model_dir: str | Path, output: str | Path) -> Path:
     an engine that encodes chat prompts with special tokens would then end every prompt with end-of-turn. The
     export keeps the weights (hard-linked when possible) and writes the tokenizer without that template.
     """
-    import os
-    import shutil
-
-    from embedkit.atomic import atomic_dir, write_json
     root, weights, _ = transformer_dir(model_dir)
     if not has_generative_head(root):
         raise ModelError("this folder has no generative head to export", path=root)

@@ -18,8 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from embedkit.atomic import atomic_dir, write_json, write_text
+from embedkit.device import resolve_device
 from embedkit.errors import ModelError
 from embedkit.llm.data import IGNORE_INDEX, ensure_chat_template
+from embedkit.manifest import MANIFEST_NAME
+from embedkit.models.prompts import resolve_prompts
+from embedkit.models.registry import resolve_model_path
 
 LLM_DEFAULTS = {"pooling": "lasttoken", "prompts": "instruct", "padding_side": "left"}
 
@@ -27,7 +32,6 @@ LLM_DEFAULTS = {"pooling": "lasttoken", "prompts": "instruct", "padding_side": "
 def transformer_dir(name_or_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     """(model folder, folder holding the transformer weights, what its sentence-transformers files say)."""
     from embedkit.models.encoder import read_st_folder
-    from embedkit.models.registry import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     st = read_st_folder(path)
@@ -67,7 +71,6 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
     """(model, tokenizer, folder, st info). Raises ModelError when the folder has no generative head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from embedkit.device import resolve_device
     from embedkit.models.encoder import backbone_load_kwargs, parse_dtype
     from embedkit.models.tokenization import ensure_pad_token
 
@@ -171,8 +174,6 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def embedding_settings(recipe_model, st: dict[str, Any]) -> dict[str, Any]:
     """Pooling / prompts / padding side / attention: the recipe's, else the source folder's, else LLM defaults."""
-    from embedkit.models.prompts import resolve_prompts
-
     pooling = recipe_model.pooling or st.get("pooling") or LLM_DEFAULTS["pooling"]
     prompts = recipe_model.prompts if recipe_model.prompts is not None else (st.get("prompts") or LLM_DEFAULTS["prompts"])
     padding = recipe_model.padding_side or st.get("padding_side") or LLM_DEFAULTS["padding_side"]
@@ -212,9 +213,7 @@ def save_llm_folder(lm, tokenizer, output: str | Path, *, settings: dict[str, An
                     base_model: dict | None, manifest: dict[str, Any], card: str | None = None,
                     extra_files=None) -> Path:
     """Write one folder holding both heads; returns it. Probe vectors are computed from the folder as re-loaded."""
-    from embedkit.atomic import atomic_dir, write_json, write_text
     from embedkit.models.probes import write_probes
-    from embedkit.manifest import MANIFEST_NAME
     from embedkit.models.encoder import load_model
 
     output = Path(output)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from embedkit.llm.data import IGNORE_INDEX
+from embedkit.llm.data import IGNORE_INDEX, encode_sft_many
 from embedkit.llm.model import answer_logits
 from embedkit.llm.training import LLMContext, LLMStep, run_llm
 from embedkit.train.gradcache import chunks
@@ -121,8 +121,6 @@ class SFTStep(LLMStep):
     name = "sft"
 
     def __init__(self, ctx: LLMContext) -> None:
-        from embedkit.llm.data import encode_sft_many
-
         m = ctx.recipe.model
         self.features, self.dropped = encode_sft_many(ctx.tokenizer, ctx.train, max_length=m.max_length,
                                                       system=m.system_prompt)

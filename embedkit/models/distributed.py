@@ -30,6 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from embedkit.models.tokenization import length_sorted_batches
+
 _ATTRIBUTE = "_embedkit_shard_group"  # set on the encoder while sharding is on: {"group": ProcessGroup | None}
 
 
@@ -109,8 +111,6 @@ def encode_sharded(encoder: Any, texts: Sequence[str], *, kind: str, batch_size:
                    show_progress: bool | None, group: Any = None, sort_chunk: int = 16384) -> np.ndarray:
     """The sharded body of `Encoder.encode` (called by it inside `sharded_encoding`, under no_grad and eval
     mode)."""
-    from embedkit.models.tokenization import length_sorted_batches
-
     dist = _dist()
     rank, world = rank_and_world(group)
     device = collective_device(group, encoder.device)

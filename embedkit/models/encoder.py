@@ -8,6 +8,7 @@ is evaluated, exported and served.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import sys
@@ -18,10 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedkit.atomic import atomic_dir, write_json
+from embedkit.device import resolve_device
 from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest
+from embedkit.models import adapters
+from embedkit.models.distributed import encode_sharded, sharded_encoding, sharding_group
 from embedkit.models.pooling import POOLINGS, get_pooling, mode_from_st_config, pool, st_pooling_config
 from embedkit.models.prompts import resolve_prompts
+from embedkit.models.registry import resolve_model_path
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 # How many texts are tokenized and length-sorted together; bounds memory on huge inputs.
@@ -110,9 +116,6 @@ class Encoder(nn.Module):
         (quantization="nf4") is quantised straight onto a GPU device; on the CPU it stays on the CPU.
         `attention`: causal | bidirectional for a causal LM (None: the folder's setting, else causal)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        from embedkit.device import resolve_device
-        from embedkit.models.registry import resolve_model_path
 
         target = resolve_device(device, field="device")
 
@@ -286,8 +289,6 @@ class Encoder(nn.Module):
         """`with encoder.sharded(): encoder.encode(...)`: spread encoding over the ranks of a torch.distributed
         process group (every rank gets the full result). Explicit on purpose: every rank must make the same encode
         calls. See embedkit.models.distributed."""
-        from embedkit.models.distributed import sharded_encoding
-
         return sharded_encoding(self, group)
 
     def encode(
@@ -307,8 +308,6 @@ class Encoder(nn.Module):
             texts = [texts]
         texts = list(texts)
         if getattr(self, "_embedkit_shard_group", None) is not None:
-            from embedkit.models.distributed import encode_sharded, sharding_group
-
             shard, group = sharding_group(self)
             if shard:
                 was_training = self.training
@@ -352,15 +351,11 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ saving
     def save(self, path: str | Path, *, merge_adapter: bool = True, manifest: dict | None = None) -> Path:
         """Write a sentence-transformers folder (explicit pooling config) plus the embedkit manifest, atomically."""
-        from embedkit.atomic import atomic_dir, write_json
-
         backbone = self.backbone
         if self.has_adapter:
             if not merge_adapter:
                 raise ModelError("use save_adapter() to save the adapter alone, or merge_adapter=True")
-            from embedkit.models.adapters import merge_adapter
-
-            backbone = merge_adapter(self).backbone
+            backbone = adapters.merge_adapter(self).backbone
         target = Path(path)
         with atomic_dir(target) as tmp:
             backbone.save_pretrained(tmp, safe_serialization=True)
@@ -396,8 +391,6 @@ class Encoder(nn.Module):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Save only the LoRA adapter weights (small); load with `load_model(base, adapter=path)`."""
-        from embedkit.atomic import atomic_dir
-
         if not self.has_adapter:
             raise ModelError("this encoder has no adapter to save")
         with atomic_dir(path) as tmp:
@@ -469,8 +462,6 @@ def _release_checkpoint_mapping(backbone) -> None:
             for name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer is not None:
                     setattr(module, name, buffer.clone())  # nn.Module keeps it a buffer (persistence unchanged)
-    import gc
-
     gc.collect()
 
 

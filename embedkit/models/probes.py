@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from embedkit.atomic import write_json
 from embedkit.errors import ModelError
 
 PROBES_NAME = "probe_vectors.json"
@@ -147,8 +148,6 @@ def write_probes(
 
     Call it after the model is saved: the probes then describe exactly what is in the folder.
     """
-    from embedkit.atomic import write_json
-
     fn = vectors_fn or (lambda texts, kind: encoder.encode(list(texts), kind=kind))
     texts = [t for t, _ in probes]
     kinds = [k for _, k in probes]

@@ -35,6 +35,7 @@ import numpy as np
 from embedkit.atomic import atomic_dir, remove_stale_temps, write_json
 from embedkit.errors import ConfigError, DataError, ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
+from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
 from embedkit.rag.corpus import load_documents
 from embedkit.rag.store import STORE_NAME, DocumentStore
@@ -531,7 +532,6 @@ def load_index_encoder(index: RagIndex, model: str | Path | None = None, *, devi
     that its fingerprint matches; any other model is refused by `check_encoder`.
     """
     from embedkit.models import load_model
-    from embedkit.models.registry import EMBEDDED_MODELS
 
     info = index.manifest["model"]
     if model is not None:

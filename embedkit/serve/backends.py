@@ -24,6 +24,9 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from embedkit.errors import ModelError
+from embedkit.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder
+from embedkit.manifest import MANIFEST_NAME, sha256_file
+from embedkit.models.probes import check_probes, has_probes, probes_path
 from embedkit.models.tokenization import length_sorted_batches, tokenize
 
 
@@ -185,9 +188,6 @@ class TorchBackend(ServeBackend):
     def fingerprint_check(self) -> FingerprintCheck | None:
         """Encoder.fingerprint (sha256 over every weight, the tokenizer and the embedding settings) against the one
         recorded beside the probe vectors (else in the folder's manifest) when the model was trained or exported."""
-        from embedkit.models.probes import probes_path
-        from embedkit.manifest import MANIFEST_NAME
-
         if self.folder is None:
             return None
         for source, read in ((probes_path(self.folder), lambda data: data.get("model_fingerprint")),
@@ -208,14 +208,10 @@ class OnnxBackend(ServeBackend):
 
     @classmethod
     def recognizes(cls, folder: Path) -> bool:
-        from embedkit.export.onnx import ONNX_CONFIG_NAME
-
         return (folder / ONNX_CONFIG_NAME).is_file()
 
     @classmethod
     def load(cls, spec: "ModelSpec", *, threads: int | None, device: Any) -> "OnnxBackend":
-        from embedkit.export.onnx import OnnxEncoder
-
         return cls(OnnxEncoder(spec.path, threads=threads, device=device), name=spec.name)
 
     def __init__(self, onnx_encoder, *, name: str | None = None) -> None:
@@ -239,8 +235,6 @@ class OnnxBackend(ServeBackend):
     def fingerprint_check(self) -> FingerprintCheck | None:
         """The sha256 of the served graph file against the one the export recorded in its manifest. (The tokenizer
         files are not hashed by the export; the probe vectors cover them.)"""
-        from embedkit.manifest import MANIFEST_NAME, sha256_file
-
         source = self.folder / MANIFEST_NAME
         graphs = ((_json_object(source).get("export") or {}).get("graphs") or {})
         recorded = (graphs.get(self.encoder.variant) or {}).get("sha256")
@@ -307,8 +301,6 @@ def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = 
     Raises ModelError (one line) on a mismatch of either unless `allow_mismatch`, which only prints a loud warning.
     Returns the probe check as a dict (with the fingerprint check under "fingerprint"), or None without probes.
     """
-    from embedkit.models.probes import check_probes, has_probes
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = getattr(backend, "folder", None)
     identity = backend.fingerprint_check() if hasattr(backend, "fingerprint_check") else None

@@ -25,13 +25,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedkit.errors import ModelError
+from embedkit.export.hf import LAUNCH_JSON, vllm_command
+from embedkit.models.probes import check_probes, has_probes
 
 REMOTE_PROBE_ATOL = 1e-3  # a GPU's fp32 kernels differ from the CPU's by more than in-process runs do
 
 
 def model_settings(folder: str | Path) -> dict[str, Any]:
     """Pooling, normalisation, prompts and max length of a sentence-transformers folder, without loading weights."""
-    from embedkit.export.hf import LAUNCH_JSON
     from embedkit.models.pooling import mode_from_st_config
 
     root = Path(folder)
@@ -63,8 +64,6 @@ def model_settings(folder: str | Path) -> dict[str, Any]:
 
 def build_vllm_command(folder: str | Path, *, served_name: str, host: str = "127.0.0.1", port: int = 8000,
                        dtype: str = "float32", vllm_bin: str = "vllm", extra: Sequence[str] = ()) -> list[str]:
-    from embedkit.export.hf import vllm_command
-
     settings = model_settings(folder)
     argv = vllm_command(Path(folder).resolve(), served_name=served_name, pooling=settings["pooling"],
                         normalize=settings["normalize"], max_length=settings["max_length"], host=host, port=port,
@@ -105,8 +104,6 @@ def remote_vectors_fn(base_url: str, model: str, *, prompts: dict[str, str] | No
 def check_remote(base_url: str, model: str, folder: str | Path, *, atol: float = REMOTE_PROBE_ATOL,
                  api_key: str | None = None, prompts: dict[str, str] | None = None):
     """Compare a running server's vectors with `folder`/probe_vectors.json. Returns a ProbeCheck."""
-    from embedkit.models.probes import check_probes
-
     if prompts is None:
         prompts = model_settings(folder)["prompts"]
     return check_probes(remote_vectors_fn(base_url, model, prompts=prompts, api_key=api_key), folder, atol=atol)
@@ -134,8 +131,6 @@ def run_vllm(folder: str | Path, *, served_name: str | None = None, host: str = 
              atol: float = REMOTE_PROBE_ATOL, allow_mismatch: bool = False, api_key: str | None = None,
              foreground: bool = True, log=None) -> dict[str, Any]:
     """Launch vLLM for an HF export and verify it; see the module docstring."""
-    from embedkit.models.probes import has_probes
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = Path(folder)
     name = served_name or folder.resolve().name

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 from typing import Any, Sequence
 
 from embedkit.errors import ConfigError, ModelError
@@ -119,8 +122,6 @@ def serving_environment() -> None:
 def _exit_cleanly(signum, frame) -> None:
     """Exit 0 at once: every request has been answered and every connection closed. (The interpreter's own teardown
     of torch and the rest takes 1-2 s more on a busy machine, which would run past the grace.)"""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -248,9 +249,6 @@ class BackgroundServer:
         self.url = ""
 
     def start(self) -> "BackgroundServer":
-        import threading
-        import time
-
         # The listening socket is made here and handed to uvicorn, so its port is known without reading the server's
         # internals.
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET

@@ -26,13 +26,19 @@ way: "KEY=VALUE" strings applied by `apply_overrides`, to a file's YAML (`load_r
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embedkit.device import validate_device
 from embedkit.errors import ConfigError
+from embedkit.mine.settings import MiningSettings, parse_margin_grade, parse_range
+from embedkit.models.prompts import PROMPT_PRESETS
+from embedkit.models.registry import EMBEDDED_MODELS
 
 
 class Section(BaseModel):
@@ -42,8 +48,6 @@ class Section(BaseModel):
 
 
 def _valid_device(spec: str) -> str:
-    from embedkit.device import validate_device
-
     try:
         return validate_device(spec)
     except ConfigError as exc:
@@ -275,8 +279,6 @@ class MiningSection(Section):
     @field_validator("margin_grade", mode="before")
     @classmethod
     def _margin_grade(cls, value):
-        from embedkit.mine.settings import parse_margin_grade
-
         try:
             return parse_margin_grade(value)
         except ConfigError as exc:
@@ -285,8 +287,6 @@ class MiningSection(Section):
     @field_validator("range")
     @classmethod
     def _range(cls, text):
-        from embedkit.mine.settings import parse_range
-
         try:
             parse_range(text)
         except ConfigError as exc:
@@ -374,8 +374,6 @@ class Recipe(BaseRecipe):
 
     def mining_settings(self):
         """The recipe's mining section as embedkit.mine.MiningSettings (ValueError when inconsistent)."""
-        from embedkit.mine.settings import MiningSettings, parse_range
-
         m = self.mining
         lo, hi = parse_range(m.range)
         try:
@@ -541,8 +539,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validat
 # ---------------------------------------------------------------------------------------------------- validation
 def check_engine_environment(recipe: BaseRecipe, *, source=None, check_environment: bool = True) -> None:
     """Packages the engine needs for what the recipe asks (skipped with check_environment=False)."""
-    import importlib.util
-
     if not check_environment:
         return
     needs = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
@@ -574,8 +570,6 @@ def warn_if_dev_is_test(recipe, *, source: str | Path | None = None) -> bool:
     """One warning line when data.dev is a split named test (beir:DIR:test; beir:DIR, whose split defaults to
     test; sts:.../test.jsonl): the dev score steers choices (the dev-best step that eval_every restores, the trial
     `embedkit tune` keeps), so a test split there stops being held out. Returns whether it warned."""
-    import logging
-
     if not recipe.data.dev:
         return False
     from embedkit.eval.tasks import parse_task_spec
@@ -598,8 +592,6 @@ def warn_if_dev_is_test(recipe, *, source: str | Path | None = None) -> bool:
 def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_environment: bool = True) -> None:
     """Checks that need the file system but no model: data files exist, specs parse, optional packages present
     (`check_environment=False` skips the last, to validate a GPU recipe on a machine without deepspeed)."""
-    import importlib.util
-
     kind, path, split = parse_train_source(recipe.data.train)
     if kind == "beir":
         if not (path / "corpus.jsonl").is_file() or not (path / "queries.jsonl").is_file():
@@ -625,15 +617,11 @@ def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_e
         if spec.path is not None and not Path(spec.path).exists():
             raise ConfigError(f"dev data not found: {spec.path}", path=source, field="data.dev")
     name = recipe.model.name
-    from embedkit.models.registry import EMBEDDED_MODELS
-
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
     if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
         raise ConfigError(f"no model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not an existing "
                           "folder, not a Hugging Face id (owner/name)", path=source, field="model.name")
     if isinstance(recipe.model.prompts, str):
-        from embedkit.models.prompts import PROMPT_PRESETS
-
         if recipe.model.prompts not in PROMPT_PRESETS:
             raise ConfigError(f"unknown prompt preset {recipe.model.prompts!r} (use {', '.join(PROMPT_PRESETS)})",
                               path=source, field="model.prompts")

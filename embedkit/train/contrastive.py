@@ -14,6 +14,7 @@ with the loss actually used and the dev results, probe vectors, the training log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -23,15 +24,25 @@ from typing import Any, Callable
 
 import torch
 
+from embedkit.atomic import atomic_dir, write_json, write_text
 from embedkit.data.tuples import TrainingExample
 from embedkit.device import torch_threads
 from embedkit.errors import ConfigError
+from embedkit.eval import runner as eval_runner
+from embedkit.eval.tasks import load_task, parse_task_spec
+from embedkit.manifest import MANIFEST_NAME, base_manifest, command_line
+from embedkit.models.adapters import attach_lora, keep_4bit_layout, merge_adapter, prepare_kbit
+from embedkit.models.distributed import sharded_encoding as shard
+from embedkit.models.encoder import load_model
+from embedkit.models.probes import write_probes
 from embedkit.train.backends import backend_class
 from embedkit.train.config import Recipe
 from embedkit.train.engine import (LOG_FILE, Engine, FitResult, Phase, StepBase, copy_run_logs, peak_rss_gb,
                                    recipe_hash, rss_gb, seed_everything, work_dir)
 from embedkit.train.gradcache import cached_step, plain_step
 from embedkit.train.losses import ContrastiveObjective, build_loss
+from embedkit.train.mntp import mntp_phase
+from embedkit.train.remining import OnlineMiner
 from embedkit.train.trainset import TrainData, batch_inputs, epoch_batches, load_examples, prepare_data
 from embedkit.train.trainset import subset_indices  # noqa: F401 - embedkit/tune imports it from here (until its rewrite)
 
@@ -40,22 +51,16 @@ log = logging.getLogger("embedkit.train")
 # ---------------------------------------------------------------------------------------------------- model
 def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
     """The recipe's encoder, ready to train: dropout set, adapters attached, unused weights frozen."""
-    from embedkit.models.encoder import load_model
-
     m, a = recipe.model, recipe.adapter
     encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
                          padding_side=m.padding_side, quantization="nf4" if a.type == "qlora" else None,
                          device=str(device), attention=m.attention,
                          sharded_storage=backend_class(recipe).flattens_parameters(recipe))
     if a.type == "qlora":
-        from embedkit.models.adapters import keep_4bit_layout
-
         keep_4bit_layout(encoder.backbone)
     set_dropout(encoder, attention=m.attention_dropout, hidden=m.hidden_dropout)
     freeze_unused(encoder)
     if a.type != "none":
-        from embedkit.models.adapters import attach_lora, prepare_kbit
-
         if a.type == "qlora":
             prepare_kbit(encoder, gradient_checkpointing=m.gradient_checkpointing)
         attach_lora(encoder, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.targets, dora=a.dora,
@@ -187,23 +192,17 @@ class ContrastiveStep(StepBase):
 
 def sharded_encoding(encoder, enabled: bool):
     """Encoding spread over the processes of the run (every one takes part); a no-op for one process."""
-    import contextlib
-
     if not enabled:
         return contextlib.nullcontext()
-    from embedkit.models.distributed import sharded_encoding as shard
-
     return shard(encoder)
 
 
 def evaluate_dev(encoder, task, recipe, *, sharded: bool = False) -> dict[str, Any]:
     """The dev task's metrics with the encoder as it is now; the training RNG stream is left untouched."""
-    from embedkit.eval.runner import evaluate
-
     encoder.invalidate_fingerprint()
     with torch.random.fork_rng(), sharded_encoding(encoder, sharded):
-        report = evaluate(encoder, [task.spec], batch_size=recipe.data.dev_batch_size, seed=recipe.training.seed,
-                          use_cache=False)
+        report = eval_runner.evaluate(encoder, [task.spec], batch_size=recipe.data.dev_batch_size,
+                                      seed=recipe.training.seed, use_cache=False)
     encoder.train()
     result = report["results"][task.spec.name]
     main = task.spec.main_metric
@@ -257,21 +256,15 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResul
     data = prepare_data(encoder, examples, source, recipe)
     miner = None
     if recipe.mining.online:
-        from embedkit.train.remining import OnlineMiner
-
         miner = OnlineMiner(recipe, examples)
         log.info("online mining: pool of %d documents, every %s%s", len(miner.state.task.corpus_ids),
                  recipe.mining.every, " step(s)" if recipe.mining.every != "epoch" else "")
     loss_fn = build_loss(recipe.loss).to(engine.device)
     dev_task = None
     if recipe.data.dev:
-        from embedkit.eval.tasks import load_task, parse_task_spec
-
         dev_task = load_task(parse_task_spec(recipe.data.dev))
     phases = []
     if recipe.mntp.steps:  # the LLM2Vec warm-up: a first phase of the same fit, on the same model and adapter
-        from embedkit.train.mntp import mntp_phase
-
         phases.append(mntp_phase(recipe, encoder, mntp_documents(examples)))
     step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
     phases.append(Phase(step.name, step, len(data.examples)))
@@ -301,10 +294,6 @@ def mntp_documents(examples: list[TrainingExample]) -> list[str]:
 def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict, dev: dict | None, work: Path,
                 online_mining: dict | None = None) -> Path:
     """One atomic folder: model (ST layout) + manifest + README.md + probe vectors + training log."""
-    from embedkit.atomic import atomic_dir, write_json, write_text
-    from embedkit.manifest import MANIFEST_NAME, command_line
-    from embedkit.models.probes import write_probes
-
     a = recipe.adapter
     base = encoder.base_model
     manifest = {
@@ -329,8 +318,6 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
             record["model"]["fingerprint"] = merged.fingerprint
             write_json(tmp / MANIFEST_NAME, record)
         else:
-            from embedkit.manifest import base_manifest
-
             write_json(tmp / MANIFEST_NAME, base_manifest("adapter", base_model=base, model=encoder.describe(),
                                                           **manifest))
             write_probes(encoder, tmp, created_by="train")
@@ -343,9 +330,6 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
 
 def _merged_from_4bit(encoder, recipe: Recipe, adapter_dir: Path):
     """QLoRA: merging into a 4-bit base is lossy, so reload the base in full precision with the adapter, then merge."""
-    from embedkit.models.adapters import merge_adapter
-    from embedkit.models.encoder import load_model
-
     m = recipe.model
     full = load_model(m.name, pooling=encoder.pooling, prompts=encoder.prompts, max_length=encoder.max_length,
                       dtype="fp32", padding_side=encoder.padding_side, adapter=adapter_dir, attention=encoder.attention)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedkit.errors import ConfigError
+from embedkit.atomic import atomic_path, fsync_dir
+from embedkit.device import resolve_device
+from embedkit.errors import ConfigError, DataError
 from embedkit.train.backends import TrainingBackend, backend_class, count_steps
 from embedkit.train.config import BaseRecipe
 
@@ -262,8 +265,6 @@ class _JsonlLog:
 
 def _trackers(report_to: list[str] | None) -> list[str]:
     """What to log to: the recipe's list, or TensorBoard where it is installed."""
-    import importlib.util
-
     if report_to is not None:
         return list(report_to)
     has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
@@ -295,8 +296,6 @@ class Engine:
     adapter, training, deepspeed and fsdp sections, and hashes the whole recipe for resume."""
 
     def __init__(self, recipe: BaseRecipe, output_dir: str | Path, *, kind: str = "train") -> None:
-        from embedkit.device import resolve_device
-
         self.recipe = recipe
         self.training = recipe.training
         self.kind = kind
@@ -475,8 +474,6 @@ class Engine:
         global_batch = batch_size * self.world
         n_batches = len(self._epoch_batches(phase.step, 0, global_batch))
         if n_batches == 0:
-            from embedkit.errors import DataError
-
             raise DataError(f"no complete batch: {phase.n_examples} examples for a batch of {global_batch}"
                             + (" with drop_last" if getattr(t, "drop_last", False) else ""),
                             field="training.batch_size")
@@ -653,8 +650,6 @@ class Engine:
             state["best_score"], state["best_step"] = result["score"], state["step"]
             weights = self.backend.trainable_state()
             if self.is_main:
-                from embedkit.atomic import atomic_path
-
                 with atomic_path(self.work / "best.pt") as tmp:
                     torch.save(weights, tmp)
             self._barrier()
@@ -709,8 +704,6 @@ class Engine:
         if self.is_main:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            from embedkit.atomic import fsync_dir
-
             fsync_dir(target.parent)
             for stale in self._checkpoints()[: -self.training.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
