@@ -109,9 +109,8 @@ def backend_class(recipe) -> type["TrainingBackend"]:
 class TrainingBackend(ABC):
     """What every training backend is: the calls the engine makes (below), the recipe checks, the capabilities.
 
-    Capability flags, read by whoever would otherwise test the recipe's sections (recipe validation, the engine,
-    the steps, `embedkit tune`):
-    """
+    The capability flags and recipe hooks are class-level, so that recipe validation, the engine and the steps ask
+    the selected class (`backend_class(recipe)`) instead of testing the recipe's deepspeed / fsdp sections."""
 
     kind: ClassVar[str]  # registry key
     selected_with: ClassVar[str | None] = None  # the recipe setting that selects it, for error messages

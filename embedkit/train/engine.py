@@ -358,7 +358,7 @@ class Engine:
         return self.backend.model_init()
 
     def set_model_builder(self, build: Callable[[], nn.Module]) -> None:
-        """How rank 0 rebuilds the model unsharded for the final save (DeepSpeed / FSDP)."""
+        """How rank 0 rebuilds the model unsharded for the final save (backends that shard the parameters)."""
         self._build_for_saving = build
 
     def build_model_for_saving(self) -> nn.Module:
@@ -423,6 +423,9 @@ class Engine:
         self._on_eval = on_eval
         self._model, self._extra = model, list(extra or [])
         plans = [self._plan(p) for p in phases]  # every phase's data checked before anything trains
+        if self.backend.shards_parameters and self._build_for_saving is None:  # else found only at the final save
+            raise RuntimeError(f"{self.backend.name} rebuilds the model whole to save it: the step must register a "
+                               "model builder first (Engine.set_model_builder)")
         self.backend.wrap(model, self._extra)
 
         checkpoint = self._latest_checkpoint() if resume else None
