@@ -8,7 +8,7 @@ Exports MiniLM to fp32 ONNX once (`embedkit export`), derives one graph per meth
                  timed round-robin (one pass each per round) and the median of --repeats rounds is printed, with the
                  load average, next to torch fp32 in-process (the x ratio is to torch at the same thread count)
   batch vs alone max |vector(text alone) - vector(text inside a batch of 8 / 32 of other texts)|, 48 texts of
-                 1 to 256 tokens (embedkit.export.probes.batch_invariance)
+                 1 to 256 tokens (embedkit.models.probes.batch_invariance)
   cosine         to the fp32 graph over every check-set text (mean, min)
   nDCG@10        on each check set (sampled as `embedkit export` samples: <=300 queries, <=1,000 documents)
 
@@ -196,7 +196,7 @@ def main() -> None:
 
     from embedkit.export.checkset import load_check_set, ndcg_from_vectors
     from embedkit.export.onnx import export_onnx
-    from embedkit.export.probes import BATCH_TEXTS, batch_invariance
+    from embedkit.models.probes import BATCH_TEXTS, batch_invariance
     from embedkit.models import load_model
 
     info = int8_instructions()

@@ -81,7 +81,7 @@ def real_vectors(args) -> None:
 
     from embedkit.data.beir import load_beir
     from embedkit.eval.metrics import retrieval_metrics
-    from embedkit.rag.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, RagIndex, _encode, load_index_encoder
+    from embedkit.rag.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, RagIndex, encode_texts, load_index_encoder
 
     index = RagIndex.load(args.rag_index)
     assert index.index_type == "flat", "--rag-index must be a flat index (its vectors are the reference)"
@@ -91,7 +91,7 @@ def real_vectors(args) -> None:
     data = load_beir(args.beir, "test")
     qids = data.judged_query_ids()
     encoder = load_index_encoder(index)
-    queries = _encode(encoder, [data.queries[q] for q in qids], "query", 32)
+    queries = encode_texts(encoder, [data.queries[q] for q in qids], "query", 32)
     graph = faiss.IndexHNSWFlat(docs.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     hnsw = faiss.IndexIDMap2(graph)

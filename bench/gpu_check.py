@@ -1190,7 +1190,7 @@ def row_serve(settings: Settings) -> RowResult:
     (a training-side problem) does not hide the serving comparison."""
     import numpy as np
 
-    from embedkit.export.probes import check_probes, has_probes
+    from embedkit.models.probes import check_probes, has_probes
     from embedkit.launch import free_port
     from embedkit.models.encoder import load_model
     from embedkit.serve.engines import remote_vectors_fn, stop_process, wait_healthy

@@ -58,7 +58,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename (or a new entry) in folder `path` durable."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -91,7 +91,7 @@ def _finish_tree(root: Path, umask: int) -> None:
             if stat.S_ISREG(st.st_mode):
                 _fsync_file(path)
         _widen(base, os.lstat(base), umask)
-        _fsync_dir(base)
+        fsync_dir(base)
 
 
 @contextlib.contextmanager
@@ -110,7 +110,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         _widen(tmp_path, os.stat(tmp_path), umask)
         _fsync_file(tmp_path)
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -190,7 +190,7 @@ def atomic_dir(target: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
                 old.unlink(missing_ok=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ the command's result, stderr its log lines), and turns an EmbedkitError into one
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -30,14 +31,18 @@ import typer
 
 from embedkit import __version__
 from embedkit import logs
+from embedkit.atomic import atomic_path
 from embedkit.device import DEVICE_HELP
 from embedkit.data.cli import check_command
-from embedkit.errors import EmbedkitError
+from embedkit.errors import DataError, EmbedkitError
 from embedkit.eval.cli import compare_command, eval_command
 from embedkit.export.cli import export_command
-from embedkit.launch import NPROC_HELP
+from embedkit.launch import NPROC_HELP, end_launched_process, processes, report_error
 from embedkit.mine.cli import mine_command
 from embedkit.llm.cli import llm_app
+from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path, smollm2_path
+from embedkit.packages import DEFAULT_PACKAGES, install_package
+from embedkit.pipeline import DemoSettings, render_summary, run_demo
 from embedkit.rag.cli import rag_app
 from embedkit.serve.cli import serve_command
 from embedkit.train.cli import train_command
@@ -116,10 +121,6 @@ def models_command(
     """
     if ctx.invoked_subcommand is not None:
         return
-    import importlib.metadata
-
-    from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path
-
     rows = []
     for spec in EMBEDDED_MODELS.values():
         dist, _, version = spec.package.partition("==")
@@ -164,9 +165,6 @@ def models_fetch_command(
 
     Example: embedkit models fetch smollm2-135m
     """
-    from embedkit.models.registry import EMBEDDED_MODELS, minilm_path, smollm2_path
-    from embedkit.packages import DEFAULT_PACKAGES, install_package
-
     known = list(dict.fromkeys([*EMBEDDED_MODELS, *DEFAULT_PACKAGES]))
     wanted = list(dict.fromkeys(names or known))
     unknown = [n for n in wanted if n not in known]
@@ -188,8 +186,6 @@ def models_fetch_command(
 
 def _read_texts(path: Path, field: str) -> list[str]:
     """Texts from .txt (one per line) or .jsonl (one object per line, text in `field`)."""
-    from embedkit.errors import DataError
-
     if not path.exists():
         raise DataError("file not found", path=path)
     texts: list[str] = []
@@ -237,8 +233,6 @@ def encode_command(
     """
     import numpy as np
 
-    from embedkit.atomic import atomic_path
-    from embedkit.launch import processes
     from embedkit.models import load_model
 
     if kind not in ("query", "document"):
@@ -274,8 +268,6 @@ def demo_command(
 
     Example: embedkit demo --workdir runs/demo
     """
-    from embedkit.pipeline import DemoSettings, render_summary, run_demo
-
     settings = DemoSettings(model=model, max_pairs=max_pairs, epochs=epochs, quantize=None if no_quantize else "int8")
     result = run_demo(workdir, settings=settings)
     typer.echo(f"\n{render_summary(result)}")
@@ -288,8 +280,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except EmbedkitError as exc:
-        from embedkit.launch import report_error
-
         report_error(f"error: {exc.one_line()}")  # stderr; under --nproc once, from the process that failed first
         code = exc.exit_code
     except SystemExit as exc:  # typer's standalone mode always ends here
@@ -297,8 +287,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         launched = _close_process_group()
     if launched:
-        from embedkit.launch import end_launched_process
-
         end_launched_process(code)
     sys.exit(code)
 

@@ -8,6 +8,7 @@ error, never a silent fall-back to the CPU (a user who asked for a GPU wants to 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 from typing import TYPE_CHECKING, Iterator
@@ -86,8 +87,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 def free_memory() -> None:
     """Give back what the models a stage dropped still hold: a garbage collection, then CUDA's cached blocks (for
     stages that load one model after another in one process, as `embedkit tune` does)."""
-    import gc
-
     gc.collect()
     import torch
 

@@ -21,6 +21,7 @@ cores / N threads (OMP_NUM_THREADS, unless set): N processes help only when one 
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import logging
 import os
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn, Sequence
 
 from embedkit import logs
+from embedkit.device import resolve_device, validate_device
+from embedkit.errors import ConfigError
 
 ERRORS_ENV = "EMBEDKIT_LAUNCH_ERRORS"  # a folder where launched processes leave their one-line error
 NPROC_HELP = ("Processes to spread the encoding over (torch.distributed; one GPU each with --device auto). On the "
@@ -153,8 +156,6 @@ def command_argv(ctx: Any, *, leave_out: Sequence[str] = ("nproc",)) -> list[str
     see the same ones), and so are the parameters named in `leave_out`: `--nproc` (a launched process knows from
     its environment; torch.distributed.run would also reject it as an ambiguous abbreviation of its own
     --nproc-per-node)."""
-    import enum
-
     names = []
     node = ctx
     while node.parent is not None:
@@ -224,9 +225,6 @@ def processes(nproc: int, device: str = "auto", *, ctx: Any = None, argv: Sequen
     with its exit code (SystemExit). What is re-run: `argv`, else the command of `ctx` (its typer.Context) as
     typed."""
     import torch
-
-    from embedkit.device import resolve_device, validate_device
-    from embedkit.errors import ConfigError
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, not {nproc}", field="--nproc")

@@ -20,6 +20,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
 
+from embedkit.errors import ConfigError
+
 ROOT_LOGGER = "embedkit"
 LEVEL_ENV = "EMBEDKIT_LOG_LEVEL"  # DEBUG, INFO, WARNING, ERROR: the level when -v / -q are not given
 JSON_ENV = "EMBEDKIT_LOG_JSON"  # 1: JSON lines, as --log-json
@@ -72,8 +74,6 @@ def parse_level(value: int | str) -> int:
     text = str(value).strip()
     level = int(text) if text.isdigit() else logging.getLevelName(text.upper())
     if not isinstance(level, int):
-        from embedkit.errors import ConfigError
-
         raise ConfigError(f"unknown log level {value!r}: use DEBUG, INFO, WARNING or ERROR", field=LEVEL_ENV)
     return level
 

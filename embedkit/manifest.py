@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from embedkit.device import describe_device
+
 MANIFEST_NAME = "embedkit_manifest.json"
 
 _TRACKED_LIBRARIES = (
@@ -93,8 +95,6 @@ def device_fields(device: Any = None) -> dict[str, Any]:
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(device, torch.device):
         return {"device": None}
-    from embedkit.device import describe_device
-
     fields: dict[str, Any] = {"device": describe_device(device)}
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

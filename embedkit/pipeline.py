@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from embedkit.atomic import atomic_path, write_json, write_text
+from embedkit.mine.settings import MiningSettings, parse_range
+
+from embedkit.serve.server import BackgroundServer
+from embedkit.train.config import Recipe
+
 # MTEB's published STSBenchmark (test) cosine Spearman for all-MiniLM-L6-v2.
 MTEB_STSB_MINILM = 0.8203
 EVAL_TASKS = ("stsb", "stsb-paraphrase")
@@ -93,7 +99,6 @@ class _Clock:
 # ------------------------------------------------------------------------------------------------------------ stages
 def training_pairs(settings: DemoSettings, path: Path) -> tuple[list, dict[str, dict]]:
     """STS-B train pairs with score >= min_score as (query, positive) JSONL, and the mining pool (every sentence)."""
-    from embedkit.atomic import atomic_path
     from embedkit.data.defaults import load_stsb
     from embedkit.data.tuples import TrainingExample
 
@@ -114,7 +119,6 @@ def training_pairs(settings: DemoSettings, path: Path) -> tuple[list, dict[str, 
 def mine_negatives(encoder, examples, pool, settings: DemoSettings, output: Path) -> dict[str, Any]:
     from embedkit.mine.mining import task_from_pairs
     from embedkit.mine.run import mine_to_file
-    from embedkit.mine.settings import MiningSettings, parse_range
 
     low, high = parse_range(settings.mine_range)
     mining = MiningSettings(range_min=low, range_max=high, num_negatives=settings.mine_negatives,
@@ -135,7 +139,6 @@ def evaluate_to(encoder, path: Path) -> dict[str, Any]:
 
 
 def train_model(settings: DemoSettings, mined: Path, output: Path):
-    from embedkit.train.config import Recipe
     from embedkit.train.contrastive import train
 
     recipe = Recipe.model_validate({
@@ -175,7 +178,6 @@ def serve_check(onnx_dir: Path, tuned_encoder, texts: list[str]) -> dict[str, An
 
     from embedkit.serve.app import create_app
     from embedkit.serve.backends import ModelSpec, load_backend, verify_probes
-    from embedkit.serve.server import BackgroundServer
 
     backend = load_backend(ModelSpec(name="demo", path=str(onnx_dir)), "onnx")
     probes = verify_probes(backend)
@@ -229,8 +231,6 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from embedkit.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     xs = range(len(rows))
@@ -298,7 +298,6 @@ def _parity_line(parity: dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------------------------------------------------- run
 def run_demo(workdir: str | Path = "runs/demo", *, settings: DemoSettings | None = None) -> DemoResult:
-    from embedkit.atomic import write_json, write_text
     from embedkit.models import load_model
 
     settings = settings or DemoSettings()

@@ -56,13 +56,13 @@ def test_malformed_device_is_an_error(spec):
 
 def test_nf4_loads_onto_the_gpu_it_is_asked_for():
     pytest.importorskip("bitsandbytes")
-    from embedkit.models.encoder import _backbone_load_kwargs
+    from embedkit.models.encoder import backbone_load_kwargs
 
-    gpu = _backbone_load_kwargs(torch.float32, "nf4", torch.device("cuda", 1))
+    gpu = backbone_load_kwargs(torch.float32, "nf4", torch.device("cuda", 1))
     assert gpu["device_map"] == {"": 1} and gpu["quantization_config"].load_in_4bit
-    cpu = _backbone_load_kwargs(torch.float32, "nf4", torch.device("cpu"))
+    cpu = backbone_load_kwargs(torch.float32, "nf4", torch.device("cpu"))
     assert "device_map" not in cpu and cpu["quantization_config"].load_in_4bit
-    assert _backbone_load_kwargs(torch.float32, None, torch.device("cuda", 0)) == {"dtype": torch.float32}
+    assert backbone_load_kwargs(torch.float32, None, torch.device("cuda", 0)) == {"dtype": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ CLI

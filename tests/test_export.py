@@ -13,7 +13,7 @@ import torch
 
 from embedkit.errors import ModelError
 from embedkit.export.onnx import FP32_GRAPH, INT8_GRAPH, ONNX_CONFIG_NAME, ExportError, OnnxEncoder, export_onnx
-from embedkit.export.probes import BATCH_INVARIANCE_ATOL, PROBES_NAME, batch_invariance, check_probes
+from embedkit.models.probes import BATCH_INVARIANCE_ATOL, PROBES_NAME, batch_invariance, check_probes
 from embedkit.manifest import MANIFEST_NAME
 from embedkit.models import load_model
 
@@ -271,7 +271,7 @@ def test_failed_parity_writes_nothing_and_keeps_the_old_export(st_bert, tmp_path
 
 
 def test_export_refuses_a_model_that_changed_after_training(st_bert, tmp_path):
-    from embedkit.export.probes import write_probes
+    from embedkit.models.probes import write_probes
 
     folder = tmp_path / "trained"
     encoder = load_model(st_bert)

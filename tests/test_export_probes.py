@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from embedkit.errors import ModelError
-from embedkit.export.probes import DEFAULT_PROBES, PROBES_NAME, check_probes, read_probes, write_probes
+from embedkit.models.probes import DEFAULT_PROBES, PROBES_NAME, check_probes, read_probes, write_probes
 from embedkit.models import load_model
 
 

@@ -273,8 +273,9 @@ def sft_folder(tmp_path_factory, qa_file, tiny_llama_dir):
 
 
 def test_sft_output_is_one_folder_with_both_heads(sft_folder, tiny_llama_dir):
-    from embedkit.export.probes import check_probes
-    from embedkit.llm.generate import has_generative_head, load_generator
+    from embedkit.models.probes import check_probes
+    from embedkit.llm.generate import load_generator
+    from embedkit.llm.model import has_generative_head
     from embedkit.models import load_model
 
     folder, result = sft_folder
@@ -298,7 +299,8 @@ def test_sft_output_is_one_folder_with_both_heads(sft_folder, tiny_llama_dir):
 
 def test_embedding_only_folder_has_no_generative_head(tmp_path, tiny_llama_dir, st_bert):
     from embedkit.errors import ModelError
-    from embedkit.llm.generate import has_generative_head, load_generator
+    from embedkit.llm.generate import load_generator
+    from embedkit.llm.model import has_generative_head
     from embedkit.models import load_model
 
     load_model(tiny_llama_dir).save(tmp_path / "emb")

@@ -10,7 +10,8 @@ import torch
 
 from embedkit.errors import ConfigError, ModelError
 from embedkit.models.encoder import load_model
-from embedkit.train.contrastive import train, work_dir
+from embedkit.train.contrastive import train
+from embedkit.train.engine import work_dir
 from embedkit.train.mntp import MNTPStep, lm_head_weight, mask_batch
 
 from test_train_trainer import _assert_weights_close, _recipe, _weights, pairs_file  # noqa: F401  (fixture)

@@ -307,13 +307,13 @@ def test_hybrid_finds_a_lexical_only_match(encoder, docs, tmp_path):
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
 def test_hybrid_scores_bm25_only_candidates_from_stored_vectors(encoder, docs, tmp_path, index_type):
     """With a shallow dense list, BM25-only candidates get their exact cosine from the index's stored vectors."""
-    from embedkit.rag.index import _encode
+    from embedkit.rag.index import encode_texts
 
     index = _build(encoder, docs, tmp_path / "idx", index_type=index_type)
     ids = list(docs)
     query = "insulin lowers blood glucose"
-    q = _encode(encoder, [query], "query", 32)
-    doc_emb = _encode(encoder, [docs[i]["text"] for i in ids], "document", 32)
+    q = encode_texts(encoder, [query], "query", 32)
+    doc_emb = encode_texts(encoder, [docs[i]["text"] for i in ids], "document", 32)
     cosine = dict(zip(range(len(ids)), doc_emb @ q[0]))
     (ranked,) = index.rank([query], q, 10, hybrid=True, depth=1)  # dense contributes only its top 1 ...
     assert len(ranked) > 1  # ... so every other candidate came from BM25 and was reconstructed

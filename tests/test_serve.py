@@ -307,7 +307,7 @@ def test_refuses_to_start_on_probe_mismatch(st_bert, tmp_path, caplog):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from embedkit.export.probes import write_probes
+    from embedkit.models.probes import write_probes
     from embedkit.serve.server import run_server
 
     folder = tmp_path / "trained"

@@ -304,7 +304,7 @@ def _altered_copy(source: Path, target: Path, token_id: int) -> Path:
 
 
 def _unprobed_token(encoder) -> int:
-    from embedkit.export.probes import DEFAULT_PROBES
+    from embedkit.models.probes import DEFAULT_PROBES
     from embedkit.models.prompts import apply_prompt
 
     used = {i for text, kind in DEFAULT_PROBES for i in encoder.tokenizer(apply_prompt([text], encoder.prompts,
@@ -315,7 +315,7 @@ def _unprobed_token(encoder) -> int:
 @pytest.fixture(scope="module")
 def trained(st_bert, tmp_path_factory):
     """A model folder as training leaves it: weights, manifest, probe vectors with the recorded fingerprint."""
-    from embedkit.export.probes import write_probes
+    from embedkit.models.probes import write_probes
 
     folder = tmp_path_factory.mktemp("trained") / "trained"
     encoder = load_model(st_bert)
@@ -326,7 +326,7 @@ def trained(st_bert, tmp_path_factory):
 
 def test_altered_embedding_row_is_refused_at_start_up_with_one_line(trained, tmp_path, capsys, caplog):
     from embedkit.cli import main
-    from embedkit.export.probes import check_probes
+    from embedkit.models.probes import check_probes
 
     assert load_backends([str(trained)])  # intact: starts
     encoder = load_model(trained)

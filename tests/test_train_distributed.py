@@ -21,7 +21,8 @@ import torch
 from embedkit.launch import free_port, relaunch
 from embedkit.models.encoder import load_model
 from embedkit.train.config import load_recipe
-from embedkit.train.contrastive import train, work_dir
+from embedkit.train.contrastive import train
+from embedkit.train.engine import work_dir
 
 PAIRS = [("what causes a fever", "the patient has a fever and a cough"),
          ("what is diabetes", "diabetes is a disease of high blood sugar"),
@@ -316,7 +317,7 @@ def test_qlora_under_zero3_trains_like_one_process_and_resumes_after_sigkill(tmp
     manifest = json.loads((full / "embedkit_manifest.json").read_text())
     stats = manifest["training"]["stats"]
     assert stats["backend"] == "deepspeed-zero3" and stats["processes"] == 2 and stats["steps"] == 6
-    from embedkit.export.probes import check_probes
+    from embedkit.models.probes import check_probes
 
     trained = load_model(full)
     assert check_probes(lambda t, kind: trained.encode(t, kind=kind), full).ok

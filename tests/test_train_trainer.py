@@ -11,8 +11,9 @@ import torch
 
 from embedkit.models.encoder import load_model
 from embedkit.train.config import parse_recipe
-from embedkit.export.probes import PROBES_NAME as PROBE_FILE, check_probes
-from embedkit.train.contrastive import epoch_batches, load_examples, prepare_data, train, work_dir
+from embedkit.models.probes import PROBES_NAME as PROBE_FILE, check_probes
+from embedkit.train.contrastive import epoch_batches, load_examples, prepare_data, train
+from embedkit.train.engine import work_dir
 
 PAIRS = [
     ("what causes a fever and a cough", "the patient has a fever and a cough"),
@@ -287,3 +288,27 @@ def test_bf16_mixed_precision_trains_and_saves_full_precision_probes(tiny_bert_d
     assert result.dev["score"] == pytest.approx(report["results"][name]["metrics"]["ndcg_at_10"], abs=1e-6)
     fp32 = train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "fp32"))
     assert fp32.final_loss != pytest.approx(result.final_loss, abs=1e-7)  # bf16 autocast really ran
+
+
+def test_a_sharding_backend_without_a_model_builder_fails_before_training(tiny_bert_dir, pairs_file, tmp_path,
+                                                                          monkeypatch):
+    """Bug: a step that never called Engine.set_model_builder trained a whole DeepSpeed / FSDP run and failed only
+    when the sharded model was to be rebuilt for saving; a backend that shards the parameters now refuses to start."""
+    from embedkit.train import engine as engine_module
+    from embedkit.train.backends import DataParallelBackend
+
+    class ShardingBackend(DataParallelBackend):  # stands in for DeepSpeed / FSDP, which need several processes
+        kind = "sharding-for-test"
+        shards_parameters = True
+
+        def wrap(self, model, extra):
+            raise AssertionError("wrapped the model before checking for a builder")
+
+    class OneBatch(engine_module.StepBase):
+        def batches(self, epoch, batch_size):
+            return [[0]]
+
+    monkeypatch.setattr(engine_module, "backend_class", lambda recipe: ShardingBackend)
+    engine = engine_module.Engine(_recipe(tiny_bert_dir, pairs_file, tmp_path / "out"), tmp_path / "out")
+    with pytest.raises(RuntimeError, match="must register a model builder"):
+        engine.fit(OneBatch(), torch.nn.Linear(2, 2), n_examples=1)

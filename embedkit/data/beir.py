@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from embedkit.data._io import iter_jsonl, iter_text_lines, require_file, string_field
+from embedkit.data.lines import iter_jsonl, iter_text_lines, require_file, string_field
 from embedkit.errors import DataError
+from embedkit.manifest import sha256_texts
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -62,8 +63,6 @@ class BeirDataset:
 
     def data_hash(self) -> str:
         """sha256 over corpus, queries and this split's qrels: a cache / manifest key for this exact data."""
-        from embedkit.manifest import sha256_texts
-
         def parts() -> Iterator[str]:
             yield "corpus"
             for doc_id, row in self.corpus.items():

@@ -11,6 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from embedkit.data.beir import (CORPUS_FILE, QRELS_DIR, QUERIES_FILE, available_splits, is_beir_folder, read_corpus,
+                                read_qrels, read_queries)
+from embedkit.data.sts import load_sts
+from embedkit.data.tuples import infer_format, json_rows, read_examples
 from embedkit.errors import DataError
 
 KINDS = ("beir", "sts", "tuples")
@@ -42,8 +46,6 @@ def check_path(path: str | Path, kind: str | None = None, **column_mapping: Any)
 
 
 def check_beir(path: Path) -> dict[str, Any]:
-    from embedkit.data.beir import CORPUS_FILE, QRELS_DIR, QUERIES_FILE, available_splits, read_corpus, read_qrels, read_queries
-
     if not path.is_dir():
         raise DataError(f"expected a BEIR folder ({CORPUS_FILE}, {QUERIES_FILE}, {QRELS_DIR}/<split>.tsv)", path=path)
     corpus = read_corpus(path / CORPUS_FILE)  # read once, shared by every split
@@ -74,8 +76,6 @@ def check_beir(path: Path) -> dict[str, Any]:
 
 
 def check_sts(path: Path, **columns: str) -> dict[str, Any]:
-    from embedkit.data.sts import load_sts
-
     ds = load_sts(path, **columns)
     return {
         "kind": "sts",
@@ -89,8 +89,6 @@ def check_sts(path: Path, **columns: str) -> dict[str, Any]:
 
 
 def check_tuples(path: Path, **options: Any) -> dict[str, Any]:
-    from embedkit.data.tuples import read_examples
-
     rows = with_negatives = negatives_total = max_negatives = empty_texts = with_scores = 0
     for example in read_examples(path, **options):
         rows += 1
@@ -145,8 +143,6 @@ def _number(value: Any) -> str:
 
 
 def _detect_kind(path: Path, mapping: dict[str, Any]) -> str:
-    from embedkit.data.beir import is_beir_folder
-
     if path.is_dir():
         if is_beir_folder(path):
             return "beir"
@@ -161,8 +157,6 @@ def _detect_kind(path: Path, mapping: dict[str, Any]) -> str:
 
 def _first_columns(path: Path) -> list[str]:
     """Column names of a file: the header of CSV/TSV/Parquet, the keys of the first JSON record."""
-    from embedkit.data.tuples import infer_format
-
     fmt = infer_format(path)
     if fmt in ("csv", "tsv"):
         with open(path, encoding="utf-8-sig", errors="replace") as f:
@@ -175,8 +169,6 @@ def _first_columns(path: Path) -> list[str]:
             return list(pq.ParquetFile(path).schema_arrow.names)
         except Exception as exc:  # pyarrow raises several types for a non-Parquet file
             raise DataError(f"not a readable Parquet file ({exc})", path=path) from None
-    from embedkit.data.tuples import _json_rows
-
-    for _line, row in _json_rows(path):
+    for _line, row in json_rows(path):
         return list(row)
     raise DataError("empty file", path=path)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from embedkit.data.check import check_path, format_summary, summary_json
+
 
 def check_command(
     path: Path = typer.Argument(
@@ -43,8 +45,6 @@ def check_command(
 
     Every problem is reported as one line naming the file, line and field; the exit code is 0 only for valid data.
     """
-    from embedkit.data.check import check_path, format_summary, summary_json
-
     summary = check_path(
         path,
         kind=kind,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embedkit.data._io import iter_text_lines
+from embedkit.data.lines import iter_text_lines
 from embedkit.data.beir import BeirDataset
 from embedkit.data.sts import StsDataset
 from embedkit.errors import DataError
-from embedkit.packages import DEFAULT_PACKAGES
+from embedkit.packages import DEFAULT_PACKAGES, require_package
 
 STSB_DISTRIBUTION = DEFAULT_PACKAGES["stsb"].distribution
 STSB_VERSION = DEFAULT_PACKAGES["stsb"].version
@@ -32,8 +32,6 @@ def stsb_file(split: str = "test") -> Path:
     """Path of the STS-B file of `split` (a one-line error naming `embedkit models fetch stsb` when missing)."""
     if split not in STSB_SPLITS:
         raise DataError(f"unknown STS-B split '{split}' (choose one of: {', '.join(STSB_SPLITS)})", field="split")
-    from embedkit.packages import require_package
-
     folder = require_package("stsb", DataError)  # installed by scripts/setup.sh or `embedkit models fetch stsb`
     return folder / "data" / "sts_b" / f"sts-{split}.csv"
 

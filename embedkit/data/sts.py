@@ -14,8 +14,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embedkit.data._io import iter_jsonl, require_file, string_field
+from embedkit.data.lines import iter_jsonl, require_file, string_field
 from embedkit.errors import DataError
+from embedkit.manifest import sha256_texts
 
 STS_SUFFIXES = (".jsonl", ".csv", ".tsv")
 
@@ -33,8 +34,6 @@ class StsDataset:
 
     def data_hash(self) -> str:
         """sha256 over both sentence lists and the scores (repr keeps every float digit)."""
-        from embedkit.manifest import sha256_texts
-
         def parts() -> Iterator[str]:
             for s1, s2, score in zip(self.sentences1, self.sentences2, self.scores.tolist()):
                 yield from (s1, s2, repr(float(score)))

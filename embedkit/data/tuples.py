@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from embedkit.data._io import iter_jsonl, require_file
+from embedkit.data.beir import mteb_document_text
+from embedkit.data.lines import iter_jsonl, require_file
 from embedkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def read_examples(
     if fmt == "jsonl":
         rows = _jsonl_rows(path)
     elif fmt == "json":
-        rows = _json_rows(path)
+        rows = json_rows(path)
     elif fmt in ("csv", "tsv"):
         rows = _delimited_rows(path, spec, "\t" if fmt == "tsv" else ",")
     else:
@@ -98,8 +99,6 @@ def pairs_from_beir(ds: BeirDataset) -> list[TrainingExample]:
     Order is deterministic: queries in queries-file order, documents in qrels-file order. The document text is
     joined the way the evaluation encodes it (title + " " + text), so training and evaluation see the same string.
     """
-    from embedkit.data.beir import mteb_document_text
-
     examples = []
     for qid, doc_id, score in ds.relevant_pairs():
         row = ds.corpus[doc_id]
@@ -241,7 +240,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     yield from iter_jsonl(path)
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """A .json file is either JSON Lines or one array of objects (the array must be loaded whole)."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")

@@ -12,9 +12,14 @@ from typing import List, Optional
 
 import typer
 
+from embedkit.atomic import write_json
 from embedkit.device import DEVICE_HELP
 from embedkit.errors import EmbedkitError
-from embedkit.launch import NPROC_HELP
+from embedkit.eval.compare import compare, load_report
+from embedkit.eval.report import plot_reports, summary_rows, write_report
+from embedkit.eval.runner import evaluate
+from embedkit.eval.tasks import parse_task_specs
+from embedkit.launch import NPROC_HELP, processes, report_error
 from embedkit.logs import quieten
 
 log = logging.getLogger(__name__)
@@ -29,8 +34,6 @@ TASK_HELP = (
 
 
 def _fail(exc: EmbedkitError) -> typer.Exit:
-    from embedkit.launch import report_error
-
     report_error(f"error: {exc.one_line()}")  # stderr; under --nproc once, from the process that failed first
     return typer.Exit(exc.exit_code)
 
@@ -79,11 +82,6 @@ def eval_command(
       embedkit eval -m runs/my-model -t beir:../shared/data/scifact:test -t sts:../shared/data/sts/sick/test.jsonl
     """
     try:
-        from embedkit.eval.report import summary_rows, write_report
-        from embedkit.eval.runner import evaluate
-        from embedkit.eval.tasks import parse_task_specs
-        from embedkit.launch import processes
-
         specs = parse_task_specs(task)  # fail on a bad spec before the model loads
         if quiet:
             quieten()
@@ -162,15 +160,10 @@ def compare_command(
       embedkit eval -m runs/candidate -o candidate.json && embedkit compare -b eval/baselines/minilm.json -c candidate.json
     """
     try:
-        from embedkit.eval.compare import compare, load_report
-        from embedkit.eval.report import plot_reports
-
         base_report, cand_report = load_report(baseline), load_report(candidate)
         result = compare(base_report, cand_report, max_drop=max_drop, alpha=alpha, seed=seed, resamples=resamples,
                          strict=strict)
         if output is not None:
-            from embedkit.atomic import write_json
-
             write_json(output, result.to_dict())
         if plot is not None:
             plot_reports([(f"baseline ({baseline.name})", base_report), (f"candidate ({candidate.name})", cand_report)],

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +27,10 @@ import numpy as np
 from embedkit.atomic import atomic_path
 from embedkit.errors import ConfigError
 from embedkit.eval.metrics import paired_cosine, retrieval_metrics, sts_metrics, trec_order
+from embedkit.eval.mteb_adapter import run_mteb_task
+from embedkit.eval.report import build_report
 from embedkit.eval.tasks import LoadedTask, TaskSpec, load_task, parse_task_specs
+from embedkit.manifest import sha256_texts
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,6 @@ def _encoder_key(encoder: Encoder, kind: str) -> dict[str, Any]:
 
 
 def embedding_cache_path(cache_dir: Path, encoder: Encoder, ids: list[str], texts: list[str], kind: str) -> Path:
-    from embedkit.manifest import sha256_texts
-
     model_key = json.dumps(_encoder_key(encoder, kind), sort_keys=True, default=str)
     corpus_key = sha256_texts(t for pair in zip(ids, texts) for t in pair)
     key = hashlib.sha256(f"{model_key}\0{corpus_key}".encode()).hexdigest()[:40]
@@ -230,8 +232,6 @@ def evaluate(
     in seconds, not after an hour of encoding. progress: log each step at INFO (`embedkit eval`) rather than DEBUG
     (a dev evaluation inside training).
     """
-    from embedkit.eval.report import build_report
-
     if search not in ("auto", "exact", "faiss"):
         raise ConfigError(f"unknown search backend '{search}' (use auto, exact or faiss)", field="search")
     if top_k < 100:
@@ -258,13 +258,9 @@ def evaluate(
         elif spec.type == "sts":
             result, task_timings = run_sts(encoder, task, batch_size=batch_size)
         else:
-            from embedkit.eval.mteb_adapter import run_mteb_task
-
             if _is_main_process():
                 metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=cache / "mteb-results")
             else:  # the other processes encode their shares too; their copy of mteb's results goes nowhere
-                import tempfile
-
                 with tempfile.TemporaryDirectory(prefix="embedkit-mteb-") as scratch:
                     metrics = run_mteb_task(encoder, task.data, batch_size=batch_size, cache_dir=scratch)
             result, task_timings = {"metrics": metrics}, {}

@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from embedkit.data.beir import load_beir
+from embedkit.data.defaults import load_stsb, stsb_paraphrase_retrieval
+from embedkit.data.sts import load_sts
 from embedkit.errors import ConfigError
 from embedkit.eval.metrics import RETRIEVAL_MAIN_METRIC, STS_MAIN_METRIC
+from embedkit.eval.mteb_adapter import get_mteb_task, mteb_data_hash
 
 TaskType = Literal["retrieval", "sts", "mteb"]
 DEFAULT_TASKS = ("stsb", "stsb-paraphrase")
@@ -72,7 +76,7 @@ def parse_task_spec(spec: str) -> TaskSpec:
         raise ConfigError(f"cannot parse task spec '{raw}': {SPEC_HELP}", field="task")
     kind = kind.lower()
     if kind == "beir":
-        path, split = _split_beir_path(rest)
+        path, split = split_beir_path(rest)
         folder = Path(path)
         name = f"{folder.resolve().name or folder.name}-{split}"
         return TaskSpec(name, "retrieval", RETRIEVAL_MAIN_METRIC, raw, path=path, split=split,
@@ -87,7 +91,7 @@ def parse_task_spec(spec: str) -> TaskSpec:
     raise ConfigError(f"cannot parse task spec '{raw}': unknown kind '{kind}'; {SPEC_HELP}", field="task")
 
 
-def _split_beir_path(rest: str) -> tuple[str, str]:
+def split_beir_path(rest: str) -> tuple[str, str]:
     """`DIR` or `DIR:SPLIT`. A folder that exists as written wins, so a path containing ':' still works."""
     if Path(rest).is_dir():
         return rest, DEFAULT_BEIR_SPLIT
@@ -111,25 +115,15 @@ def parse_task_specs(specs: list[str | TaskSpec] | tuple[str, ...] | None) -> li
 def load_task(spec: TaskSpec) -> LoadedTask:
     """Read and validate the task's data (DataError on bad input, naming file, line and field)."""
     if spec.type == "mteb":
-        from embedkit.eval.mteb_adapter import get_mteb_task, mteb_data_hash
-
         task = get_mteb_task(spec.spec.partition(":")[2].strip())
         return LoadedTask(spec, task, mteb_data_hash(task))
     if spec.name == "stsb" and spec.path is None:
-        from embedkit.data.defaults import load_stsb
-
         data = load_stsb("test")
     elif spec.name == "stsb-paraphrase" and spec.path is None:
-        from embedkit.data.defaults import stsb_paraphrase_retrieval
-
         data = stsb_paraphrase_retrieval("test")
     elif spec.type == "retrieval":
-        from embedkit.data.beir import load_beir
-
         data = load_beir(spec.path, spec.split or DEFAULT_BEIR_SPLIT)
     else:
-        from embedkit.data.sts import load_sts
-
         data = load_sts(spec.path)
     if spec.type == "retrieval":
         sizes = {"queries": len(data.judged_query_ids()), "documents": len(data.corpus),

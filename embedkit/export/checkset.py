@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from embedkit.errors import DataError
+from embedkit.manifest import MANIFEST_NAME
+from embedkit.train.config import parse_train_source
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +174,9 @@ def _load_spec(spec: str, columns: dict | None, **sizes) -> CheckSet:
                        data.qrels, **sizes)
     if spec.startswith("pairs:"):
         return _from_pairs(Path(spec[len("pairs:"):]), columns or {}, **sizes)
-    from embedkit.eval.tasks import _split_beir_path
+    from embedkit.eval.tasks import split_beir_path
 
-    folder, split = _split_beir_path(spec[len("beir:"):] if spec.startswith("beir:") else spec)
+    folder, split = split_beir_path(spec[len("beir:"):] if spec.startswith("beir:") else spec)
     if not Path(folder).is_dir():
         raise DataError("a check set is beir:DIR[:SPLIT], pairs:FILE, stsb-paraphrase or builtin-40; "
                         "no such folder", path=folder)
@@ -190,8 +192,6 @@ def _load_spec(spec: str, columns: dict | None, **sizes) -> CheckSet:
 def _manifest_specs(folder: Path) -> list[tuple[str, str, dict | None]]:
     """(what, spec, pairs columns) for the data a trained model's manifest names: the dev set if it is a retrieval
     task, then the training data. Paths are as the recipe wrote them (relative to where training ran)."""
-    from embedkit.manifest import MANIFEST_NAME
-
     try:
         manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
         data = manifest["training"]["recipe"]["data"]
@@ -204,8 +204,6 @@ def _manifest_specs(folder: Path) -> list[tuple[str, str, dict | None]]:
     train = data.get("train")
     if isinstance(train, str):
         if train.startswith("beir:"):
-            from embedkit.train.config import parse_train_source
-
             _, path, split = parse_train_source(train)
             found.append(("training data", f"beir:{path}:{split}", None))
         else:

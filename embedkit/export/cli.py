@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from embedkit.errors import ConfigError
+
 
 def export_command(
     model: str = typer.Option(..., "--model", "-m",
@@ -57,8 +59,6 @@ def export_command(
 
       embedkit export --model minilm --adapter runs/lora --format hf --output runs/hf   (then see runs/hf/launch.txt)
     """
-    from embedkit.errors import ConfigError
-
     if format == "onnx":
         from embedkit.export.onnx import export_onnx
 

@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from embedkit.atomic import atomic_dir, write_json, write_text
 from embedkit.errors import ModelError
+from embedkit.export.onnx import ExportError
+from embedkit.manifest import MANIFEST_NAME
+from embedkit.models.adapters import merge_adapter
+from embedkit.models.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +29,27 @@ LAUNCH_TXT = "launch.txt"
 LAUNCH_JSON = "launch.json"
 HF_RELOAD_MAX_ABS_DIFF = 1e-5
 
-# vLLM's pooler names for our pooling modes (vLLM has no max pooling).
-_VLLM_POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
-# TEI's --pooling values.
-_TEI_POOLING = {"mean": "mean", "cls": "cls", "lasttoken": "last-token"}
+
+def _served_pooling(pooling: str, server: str) -> str | None:
+    """vLLM's pooling_type / TEI's --pooling value for an embedkit pooling (the registry's `vllm` / `tei`), or
+    None when that server cannot pool that way (vLLM has no max pooling)."""
+    from embedkit.models.pooling import POOLINGS  # deferred: the registry's modes are torch functions
+
+    spec = POOLINGS.get(pooling)
+    return getattr(spec, server) if spec is not None else None
 
 
 def vllm_command(folder: str | Path, *, served_name: str, pooling: str, normalize: bool, max_length: int,
                  host: str = "0.0.0.0", port: int = 8000, dtype: str = "float32",
                  extra: list[str] | None = None) -> list[str]:
     """`vllm serve` for an embedding model: pooling runner, pooling and normalisation stated explicitly."""
-    if pooling not in _VLLM_POOLING:
-        raise ModelError(f"vLLM cannot pool with {pooling!r}; export a model with mean, cls or last-token pooling")
-    pooler = json.dumps({"pooling_type": _VLLM_POOLING[pooling], "normalize": bool(normalize)},
+    pooling_type = _served_pooling(pooling, "vllm")
+    if pooling_type is None:
+        from embedkit.models.pooling import POOLINGS
+
+        served = ", ".join(name for name, spec in POOLINGS.items() if spec.vllm)
+        raise ModelError(f"vLLM cannot pool with {pooling!r}; export a model with one of these poolings: {served}")
+    pooler = json.dumps({"pooling_type": pooling_type, "normalize": bool(normalize)},
                         separators=(",", ":"))
     return ["vllm", "serve", str(folder), "--runner", "pooling", "--served-model-name", served_name,
             "--pooler-config", pooler, "--max-model-len", str(max_length), "--dtype", dtype,
@@ -45,10 +58,11 @@ def vllm_command(folder: str | Path, *, served_name: str, pooling: str, normaliz
 
 def tei_command(folder: str | Path, *, served_name: str, pooling: str, port: int = 8080) -> list[str]:
     """Text Embeddings Inference's router (GPU image `ghcr.io/huggingface/text-embeddings-inference`)."""
-    if pooling not in _TEI_POOLING:
+    tei_pooling = _served_pooling(pooling, "tei")
+    if tei_pooling is None:
         raise ModelError(f"TEI cannot pool with {pooling!r}")
     return ["text-embeddings-router", "--model-id", str(folder), "--served-model-name", served_name,
-            "--pooling", _TEI_POOLING[pooling], "--port", str(port)]
+            "--pooling", tei_pooling, "--port", str(port)]
 
 
 def launch_spec(folder: Path, encoder_info: dict[str, Any], *, served_name: str) -> dict[str, Any]:
@@ -56,10 +70,11 @@ def launch_spec(folder: Path, encoder_info: dict[str, Any], *, served_name: str)
     spec: dict[str, Any] = {"model_dir": str(folder), "served_model_name": served_name, "pooling": pooling,
                             "normalize": encoder_info["normalize"], "max_length": encoder_info["max_length"],
                             "prompts": prompts, "commands": {}}
-    if pooling in _VLLM_POOLING:
+    if _served_pooling(pooling, "vllm"):
         spec["commands"]["vllm"] = vllm_command(folder, served_name=served_name, pooling=pooling,
                                                 normalize=encoder_info["normalize"],
                                                 max_length=encoder_info["max_length"])
+    if _served_pooling(pooling, "tei"):
         spec["commands"]["tei"] = tei_command(folder, served_name=served_name, pooling=pooling)
     spec["commands"]["embedkit"] = ["embedkit", "serve", "--model", str(folder), "--backend", "torch"]
     spec["commands"]["embedkit_vllm_check"] = ["embedkit", "serve", "--engine", "vllm", "--model", str(folder)]
@@ -89,17 +104,11 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
     """Merge, save, verify the reload, write probes and launch files. Returns the launch spec."""
     import torch
 
-    from embedkit.atomic import atomic_dir, write_json, write_text
-    from embedkit.export.onnx import ExportError
-    from embedkit.export.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
-    from embedkit.manifest import MANIFEST_NAME
     from embedkit.models import load_model
 
     started = time.time()
     encoder = load_model(model, adapter=adapter)
     if encoder.has_adapter:
-        from embedkit.models.adapters import merge_adapter
-
         encoder = merge_adapter(encoder)
         log.info("merged the LoRA adapter into the base weights")
     encoder.eval()

@@ -32,12 +32,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
+from embedkit.export.checkset import load_check_set, ndcg_from_vectors
+from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
+from embedkit.models.adapters import merge_adapter
+from embedkit.models.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, DEFAULT_PROBES, batch_invariance, check_probes,
+                                    embed_by_kind, has_probes, write_probes)
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -196,8 +203,6 @@ def _dummy_batch(encoder):
 
 def torch_to_onnx(encoder, path: Path, *, exporter: str = "torchscript", opset: int = 17) -> None:
     """Write `encoder` (transformer + pooling + normalisation) as one ONNX graph with dynamic batch/sequence axes."""
-    import warnings
-
     import torch
 
     module = _graph_module(encoder)
@@ -329,8 +334,6 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def parity_texts(check) -> list[tuple[str, str]]:
-    from embedkit.export.probes import DEFAULT_PROBES
-
     items = [(t, "query") for t in list(check.queries.values())[:64]]
     items += [(t, "document") for t in list(check.corpus.values())[:64]]
     items += [(t, "document") for t in _PARITY_EXTRA] + list(DEFAULT_PROBES)
@@ -338,9 +341,7 @@ def parity_texts(check) -> list[tuple[str, str]]:
 
 
 def _encode_items(encode, items: list[tuple[str, str]], batch_size: int) -> np.ndarray:
-    from embedkit.export.probes import _embed_by_kind
-
-    return _embed_by_kind(lambda texts, kind: encode(list(texts), kind, batch_size), [t for t, _ in items],
+    return embed_by_kind(lambda texts, kind: encode(list(texts), kind, batch_size), [t for t, _ in items],
                           [k for _, k in items])
 
 
@@ -369,11 +370,6 @@ def export_onnx(
     """
     import torch
 
-    from embedkit.atomic import atomic_dir, write_json
-    from embedkit.export.checkset import load_check_set, ndcg_from_vectors
-    from embedkit.export.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, batch_invariance, check_probes,
-                                        has_probes, write_probes)
-    from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
     from embedkit.models import load_model
 
     if quantize not in (None, "int8"):
@@ -381,8 +377,6 @@ def export_onnx(
     started = time.time()
     encoder = load_model(model, adapter=adapter)
     if encoder.has_adapter:
-        from embedkit.models.adapters import merge_adapter
-
         encoder = merge_adapter(encoder)
     encoder.eval()
     source_probes = None

@@ -8,6 +8,12 @@ from typing import List, Optional
 
 import typer
 
+from embedkit.device import resolve_device
+from embedkit.launch import command_argv, launched, relaunch
+
+from embedkit.llm.config import load_llm_recipe
+from embedkit.llm.data import preference_pairs, read_qa, write_pairs
+
 llm_app = typer.Typer(
     help="The generative head of an LLM embedder: SFT, DPO, and joint (GritLM-style) training of one model that "
          "both embeds and answers; chat with it. The output folder serves /v1/embeddings and /v1/chat/completions "
@@ -25,19 +31,13 @@ _NPROC_HELP = ("Processes to train with (torchrun; one GPU each, or gloo on the 
 
 def _run(ctx: typer.Context, mode: str, recipe: Path, set_: list[str], output: Optional[Path], check: bool,
          json_output: bool, resume: bool = False, nproc: int = 1) -> None:
-    from embedkit.llm.config import load_llm_recipe
-
     overrides = list(set_) + ([f"training.output_dir={output}"] if output is not None else [])
     parsed = load_llm_recipe(recipe, overrides, mode=mode)
     if check:
         typer.echo(f"{recipe}: ok ({mode}; model {parsed.model.name} on {parsed.model.device}, data "
                    f"{parsed.data.train}, output {parsed.training.output_dir})")
         return
-    from embedkit.launch import command_argv, launched, relaunch
-
     if nproc > 1 and not launched():
-        from embedkit.device import resolve_device
-
         device = resolve_device(parsed.model.device, field="model.device")
         code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu")
         if code:
@@ -149,8 +149,6 @@ def pairs_command(
 
     Example: embedkit llm pairs -i ../shared/data/medquad/train_pairs.jsonl -o runs/medquad-prefs.jsonl
     """
-    from embedkit.llm.data import preference_pairs, read_qa, write_pairs
-
     examples, _ = read_qa(input_path, question=question, answer=answer, topic=topic)
     pairs, skipped = preference_pairs(examples, seed=seed)
     write_pairs(pairs, output)

@@ -21,16 +21,21 @@ current directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from embedkit.errors import ConfigError
+from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.train.config import (AdapterSection, BaseRecipe, EngineDataSection, EngineModelSection,
                                    EngineTrainingSection, LossSection, Section, check_engine_environment,
-                                   parse_train_source, read_recipe_file)
+                                   parse_train_source, read_recipe_file, registered_pooling)
 
 MODES = ("sft", "dpo", "joint")
+
+
+def _causal_lm_pooling(name: str) -> str:
+    return registered_pooling(name, for_causal_lm=True)
 
 
 class LLMModelSection(EngineModelSection):
@@ -38,7 +43,7 @@ class LLMModelSection(EngineModelSection):
     max_length: int = Field(256, gt=8, description="tokens of one chat example (prompt + answer) or embedded text")
     system_prompt: str | None = None  # None: the chat template's own default
     # The embedding side of the same model. None: the source folder's setting, else the LLM defaults.
-    pooling: Literal["lasttoken", "mean"] | None = None
+    pooling: Annotated[str, AfterValidator(_causal_lm_pooling)] | None = None  # the registry's for_causal_lm modes
     prompts: dict[str, str] | str | None = None
     padding_side: Literal["left", "right"] | None = None
     embedding_attention: Literal["causal", "bidirectional"] = "causal"
@@ -135,8 +140,6 @@ def _check_source(spec: str, *, source, field: str) -> None:
 
 
 def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
-    import importlib.util
-
     _check_source(recipe.data.train, source=source, field="data.train")
     if recipe.data.heldout:
         _check_source(recipe.data.heldout, source=source, field="data.heldout")
@@ -162,8 +165,6 @@ def validate_llm_recipe(recipe: LLMRecipe, *, mode: str, source=None) -> None:
         raise ConfigError("model.embedding_attention: bidirectional needs the embedding side trained (llm joint)",
                           path=source, field="model.embedding_attention")
     name = recipe.model.name
-    from embedkit.models.registry import EMBEDDED_MODELS
-
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
     if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
         raise ConfigError(f"no model {name!r}: not an embedded model, an existing folder or a Hugging Face id",

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from embedkit.atomic import write_text
 from embedkit.errors import DataError
+from embedkit.manifest import sha256_file
+from embedkit.train.config import parse_train_source
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy default)
 
@@ -49,8 +52,6 @@ def read_qa(spec: str, *, question: str = "query", answer: str = "positive", top
             max_examples: int | None = None, sample: str = "first", seed: int = 42
             ) -> tuple[list[QAExample], dict[str, Any]]:
     """QA examples from a .jsonl file or `beir:DIR[:SPLIT]`, optionally subsampled; plus their provenance."""
-    from embedkit.train.config import parse_train_source
-
     kind, path, split = parse_train_source(spec)
     if kind == "beir":
         from embedkit.data.beir import load_beir
@@ -64,8 +65,6 @@ def read_qa(spec: str, *, question: str = "query", answer: str = "positive", top
                 examples.append(QAExample(ds.queries[qid], doc["text"], doc.get("title") or None))
         source: dict[str, Any] = {"spec": spec, "path": str(path), "split": split, "data_hash": ds.data_hash()}
     else:
-        from embedkit.manifest import sha256_file
-
         examples = list(_read_jsonl(path, question, answer, topic))
         source = {"spec": spec, "path": str(path), "sha256": sha256_file(path)}
     source["available"] = len(examples)
@@ -77,7 +76,7 @@ def read_qa(spec: str, *, question: str = "query", answer: str = "positive", top
 
 
 def _read_jsonl(path: Path, question: str, answer: str, topic: str | None):
-    from embedkit.data._io import iter_jsonl, require_file
+    from embedkit.data.lines import iter_jsonl, require_file
 
     require_file(path, "file")
     for number, row in iter_jsonl(path):
@@ -119,8 +118,6 @@ def preference_pairs(examples: Sequence[QAExample], *, seed: int = 42) -> tuple[
 
 
 def write_pairs(pairs: Sequence[PreferencePair], path: str | Path) -> Path:
-    from embedkit.atomic import write_text
-
     lines = [json.dumps({"prompt": p.question, "chosen": p.chosen, "rejected": p.rejected, "topic": p.topic},
                         ensure_ascii=False) for p in pairs]
     return write_text(path, "\n".join(lines) + ("\n" if lines else ""))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from embedkit.llm.data import encode_pairs, preference_pairs, subsample
 from embedkit.llm.sft import collate_sft, sequence_logprobs
 from embedkit.llm.training import LLMContext, LLMStep, run_llm
 from embedkit.train.gradcache import chunks
@@ -85,8 +86,6 @@ class DPOStep(LLMStep):
     name = "dpo"
 
     def __init__(self, ctx: LLMContext) -> None:
-        from embedkit.llm.data import encode_pairs, preference_pairs, subsample
-
         recipe = ctx.recipe
         m, t, d = recipe.model, recipe.training, recipe.data
         pairs, skipped = preference_pairs(ctx.train, seed=t.seed)

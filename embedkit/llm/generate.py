@@ -11,6 +11,8 @@ Greedy decoding by default (temperature 0), so answers are reproducible; one gen
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,41 +20,16 @@ from typing import Sequence
 
 import torch
 
+from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
+from embedkit.llm.data import ensure_chat_template, prompt_ids
+from embedkit.llm.model import has_generative_head, load_causal_lm, transformer_dir
 
 RAG_SYSTEM_PROMPT = (
     "You answer questions using only the numbered passages you are given. Cite the passages you use as [1], [2], "
     "and so on. If the passages do not contain the answer, say that you do not know."
 )
 PASSAGE_TOKENS = 300  # each passage is cut to this many tokens so several fit the context of a small model
-
-
-def has_generative_head(model_dir: str | Path) -> bool:
-    """True when the folder's transformer is a causal LM checkpoint (lm_head or tied embeddings included).
-
-    A folder written by `Encoder.save` holds only the decoder (`architectures: [LlamaModel]`): False.
-    """
-    root = Path(model_dir)
-    if not root.is_dir():
-        return False
-    sub = ""
-    modules = root / "modules.json"
-    if modules.is_file():
-        try:
-            for module in json.loads(modules.read_text()):
-                if str(module.get("type", "")).endswith("Transformer"):
-                    sub = module.get("path", "")
-        except (ValueError, AttributeError):
-            return False
-    config_path = root / sub / "config.json"
-    if not config_path.is_file():
-        return False
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        return False
-    archs = config.get("architectures") or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 @dataclass
@@ -65,8 +42,6 @@ class ChatResult:
 
 class Generator:
     def __init__(self, model, tokenizer, *, name: str = "model", max_context: int | None = None) -> None:
-        from embedkit.llm.data import ensure_chat_template
-
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -85,8 +60,6 @@ class Generator:
         return next(self.model.parameters()).device
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        from embedkit.llm.data import prompt_ids
-
         return prompt_ids(self.tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages])
 
     def chat(self, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -135,8 +108,6 @@ class Generator:
 def load_generator(model_dir: str | Path, *, device: str = "cpu", dtype: str = "fp32",
                    name: str | None = None) -> Generator:
     """The generative side of a model folder (or `smollm2-135m`); ModelError when it has none."""
-    from embedkit.llm.model import load_causal_lm
-
     model, tokenizer, path, _ = load_causal_lm(model_dir, dtype=dtype, device=device)
     return Generator(model, tokenizer, name=name or Path(str(model_dir)).name)
 
@@ -162,12 +133,6 @@ def export_chat_folder(model_dir: str | Path, output: str | Path) -> Path:
     an engine that encodes chat prompts with special tokens would then end every prompt with end-of-turn. The
     export keeps the weights (hard-linked when possible) and writes the tokenizer without that template.
     """
-    import os
-    import shutil
-
-    from embedkit.atomic import atomic_dir, write_json
-    from embedkit.llm.model import transformer_dir
-
     root, weights, _ = transformer_dir(model_dir)
     if not has_generative_head(root):
         raise ModelError("this folder has no generative head to export", path=root)
@@ -187,8 +152,6 @@ def export_chat_folder(model_dir: str | Path, output: str | Path) -> Path:
         write_json(tmp / "tokenizer.json", spec, indent=None)
         if not any(tmp.glob("*.jinja")):
             from transformers import AutoTokenizer
-
-            from embedkit.llm.data import ensure_chat_template
 
             tok = AutoTokenizer.from_pretrained(tmp)
             ensure_chat_template(tok)

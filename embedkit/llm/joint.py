@@ -17,9 +17,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from embedkit.eval.runner import evaluate
+from embedkit.eval.tasks import load_task, parse_task_spec
+from embedkit.llm.data import encode_sft, encode_sft_many
+from embedkit.llm.sft import answer_loss_summary, heldout_answer_loss, sft_backward
 from embedkit.llm.training import LLMContext, LLMStep, run_llm
+from embedkit.models.distributed import is_main_process
+from embedkit.models.encoder import load_model
+from embedkit.train.contrastive import evaluate_dev
 from embedkit.train.gradcache import cached_step, plain_step
-from embedkit.train.losses import ContrastiveObjective, text_keys
+from embedkit.train.losses import ContrastiveObjective, build_loss, text_keys
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,6 @@ def joint_step(embedder, runner, loss_fn: ContrastiveObjective, query_ids: Seque
 
     `runner`: the training engine (or `DirectRunner(TwoHeads(lm, embedder))`): its model embeds (head "embed") and
     answers (head "answer"). `scale` multiplies the whole objective (the engine's gradient-accumulation weight)."""
-    from embedkit.llm.sft import sft_backward
-
     kwargs = {"query_keys": query_keys, "document_keys": document_keys}
     with_sft = weight > 0 and bool(sft_features)
     if micro_batch and micro_batch < len(query_ids):
@@ -59,9 +64,6 @@ class JointStep(LLMStep):
     name = "joint"
 
     def __init__(self, ctx: LLMContext) -> None:
-        from embedkit.llm.data import encode_sft, encode_sft_many
-        from embedkit.train.losses import build_loss
-
         recipe = ctx.recipe
         m = recipe.model
         self.embedder = ctx.heads.embedder
@@ -82,8 +84,6 @@ class JointStep(LLMStep):
             if ctx.heldout else None
         self.dev_task = None
         if recipe.data.dev:
-            from embedkit.eval.tasks import load_task, parse_task_spec
-
             self.dev_task = load_task(parse_task_spec(recipe.data.dev))
         self.before: float | None = None
         if recipe.joint.sft_weight == 0 and recipe.adapter.type == "none":
@@ -91,8 +91,6 @@ class JointStep(LLMStep):
         super().__init__(ctx, len(examples))
 
     def start(self, engine, resumed: bool) -> None:
-        from embedkit.llm.sft import heldout_answer_loss
-
         if self.held and self.ctx.recipe.data.heldout_before and not resumed:
             self.before = heldout_answer_loss(self.ctx, self.held, "before")
             self.ctx.heads.train()
@@ -107,8 +105,6 @@ class JointStep(LLMStep):
     def evaluate(self, engine) -> dict[str, Any] | None:
         if self.dev_task is None:
             return None
-        from embedkit.train.contrastive import evaluate_dev
-
         result = evaluate_dev(self.embedder, self.dev_task, self.ctx.recipe, sharded=engine.world > 1)
         self.ctx.heads.train()
         return result
@@ -120,8 +116,6 @@ class JointStep(LLMStep):
         self.before = state.get("before")
 
     def summary(self, engine) -> dict[str, Any]:
-        from embedkit.llm.sft import answer_loss_summary
-
         return {"sft_weight": self.ctx.recipe.joint.sft_weight,
                 "embedding_attention": self.ctx.recipe.model.embedding_attention, "loss": self.loss_fn.describe(),
                 **answer_loss_summary(self.ctx, self.held, self.before)}
@@ -135,8 +129,6 @@ def train_joint(recipe, *, resume: bool = False, on_step: Callable[[int, dict], 
     base with the adapter merged, which embeds a little differently from the 4-bit model trained (`dev_training`,
     the engine's dev evaluation)."""
     stats = run_llm(recipe, "joint", JointStep, resume=resume, on_step=on_step)
-    from embedkit.models.distributed import is_main_process
-
     if recipe.data.dev and is_main_process():
         stats["dev_training"] = stats.get("dev")
         stats["dev"] = evaluate_retrieval(stats["output_dir"], recipe.data.dev, batch_size=recipe.data.dev_batch_size,
@@ -148,9 +140,6 @@ def train_joint(recipe, *, resume: bool = False, on_step: Callable[[int, dict], 
 def evaluate_retrieval(model_dir: str | Path, spec: str, *, batch_size: int = 32, seed: int = 42,
                        encoder=None) -> dict[str, Any]:
     """nDCG@10 etc. of a saved folder (as `load_model` reads it) on one retrieval task spec."""
-    from embedkit.eval.runner import evaluate
-    from embedkit.models.encoder import load_model
-
     encoder = encoder or load_model(model_dir)
     report = evaluate(encoder, [spec], batch_size=batch_size, seed=seed, use_cache=False)
     name, result = next(iter(report["results"].items()))

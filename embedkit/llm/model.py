@@ -18,19 +18,52 @@ from typing import Any
 import torch
 from torch import nn
 
+from embedkit.atomic import atomic_dir, write_json, write_text
+from embedkit.device import resolve_device
 from embedkit.errors import ModelError
+from embedkit.llm.data import IGNORE_INDEX, ensure_chat_template
+from embedkit.manifest import MANIFEST_NAME
+from embedkit.models.prompts import resolve_prompts
+from embedkit.models.registry import resolve_model_path
 
 LLM_DEFAULTS = {"pooling": "lasttoken", "prompts": "instruct", "padding_side": "left"}
 
 
 def transformer_dir(name_or_path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     """(model folder, folder holding the transformer weights, what its sentence-transformers files say)."""
-    from embedkit.models.encoder import _read_st_folder
-    from embedkit.models.registry import resolve_model_path
+    from embedkit.models.encoder import read_st_folder
 
     path = resolve_model_path(name_or_path)
-    st = _read_st_folder(path)
+    st = read_st_folder(path)
     return path, path / st["transformer_path"], st
+
+
+def has_generative_head(model_dir: str | Path) -> bool:
+    """True when the folder's transformer is a causal LM checkpoint (lm_head or tied embeddings included).
+
+    A folder written by `Encoder.save` holds only the decoder (`architectures: [LlamaModel]`): False.
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        return False
+    sub = ""
+    modules = root / "modules.json"
+    if modules.is_file():
+        try:
+            for module in json.loads(modules.read_text()):
+                if str(module.get("type", "")).endswith("Transformer"):
+                    sub = module.get("path", "")
+        except (ValueError, AttributeError):
+            return False
+    config_path = root / sub / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        return False
+    archs = config.get("architectures") or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantization: str | None = None,
@@ -38,9 +71,7 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
     """(model, tokenizer, folder, st info). Raises ModelError when the folder has no generative head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from embedkit.llm.generate import has_generative_head
-    from embedkit.device import resolve_device
-    from embedkit.models.encoder import _backbone_load_kwargs, _parse_dtype
+    from embedkit.models.encoder import backbone_load_kwargs, parse_dtype
     from embedkit.models.tokenization import ensure_pad_token
 
     path, weights, st = transformer_dir(name_or_path)
@@ -48,7 +79,7 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
         raise ModelError("this folder has no generative head (it was saved as an embedding-only model); train from "
                          "the causal LM it came from, e.g. smollm2-135m", path=path)
     target = resolve_device(device, field="device")
-    kwargs = _backbone_load_kwargs(_parse_dtype(dtype), quantization, target, sharded_storage=sharded_storage)
+    kwargs = backbone_load_kwargs(parse_dtype(dtype), quantization, target, sharded_storage=sharded_storage)
     model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     if adapter is not None:
         from peft import PeftModel
@@ -58,8 +89,6 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: str = "fp32", quantizatio
         model = model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(weights)
     ensure_pad_token(tokenizer, path=weights)
-    from embedkit.llm.data import ensure_chat_template
-
     ensure_chat_template(tokenizer)
     return model, tokenizer, path, st
 
@@ -92,7 +121,7 @@ class TwoHeads(nn.Module):
     DDP / DeepSpeed / FSDP see every forward (a call into a submodule would bypass their gradient hooks).
 
     head "embed": the embedding of `batch` (input_ids, attention_mask) through `embedder` (an Encoder over the same
-    decoder); head "answer": (logits, targets, row) of the answer tokens (`embedkit.llm.sft.answer_logits`).
+    decoder); head "answer": (logits, targets, row) of the answer tokens (`answer_logits`).
     The embedder shares the LM's parameters and is kept out of the module tree, so they are registered once.
     """
 
@@ -103,8 +132,6 @@ class TwoHeads(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], head: str = "embed"):
         if head == "answer":
-            from embedkit.llm.sft import answer_logits
-
             return answer_logits(self.lm, batch)
         if self.embedder is None:
             raise ModelError("this model has no embedding head attached")
@@ -128,10 +155,25 @@ def lm_head_of(model):
     return base_lm(model).get_output_embeddings()
 
 
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, V], targets [N], row [N]) for the N answer tokens of the batch only.
+
+    Generation attention is always causal: the decoder runs with its own (causal) mask here.
+    """
+    device = next(p for p in model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                               use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=device)[:, None].expand_as(targets)[keep]
+    logits = lm_head_of(model)(hidden[:, :-1][keep]).float()
+    return logits, targets[keep], rows
+
+
 def embedding_settings(recipe_model, st: dict[str, Any]) -> dict[str, Any]:
     """Pooling / prompts / padding side / attention: the recipe's, else the source folder's, else LLM defaults."""
-    from embedkit.models.prompts import resolve_prompts
-
     pooling = recipe_model.pooling or st.get("pooling") or LLM_DEFAULTS["pooling"]
     prompts = recipe_model.prompts if recipe_model.prompts is not None else (st.get("prompts") or LLM_DEFAULTS["prompts"])
     padding = recipe_model.padding_side or st.get("padding_side") or LLM_DEFAULTS["padding_side"]
@@ -171,10 +213,7 @@ def save_llm_folder(lm, tokenizer, output: str | Path, *, settings: dict[str, An
                     base_model: dict | None, manifest: dict[str, Any], card: str | None = None,
                     extra_files=None) -> Path:
     """Write one folder holding both heads; returns it. Probe vectors are computed from the folder as re-loaded."""
-    from embedkit.atomic import atomic_dir, write_json, write_text
-    from embedkit.export.probes import write_probes
-    from embedkit.llm.data import ensure_chat_template
-    from embedkit.manifest import MANIFEST_NAME
+    from embedkit.models.probes import write_probes
     from embedkit.models.encoder import load_model
 
     output = Path(output)

@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from embedkit.llm.data import IGNORE_INDEX
+from embedkit.llm.data import IGNORE_INDEX, encode_sft_many
+from embedkit.llm.model import answer_logits
 from embedkit.llm.training import LLMContext, LLMStep, run_llm
 from embedkit.train.gradcache import chunks
 
@@ -41,25 +42,6 @@ def sft_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """Mean next-token cross-entropy where labels != -100 (logits [B, L, V] at position t predict token t+1)."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX)
-
-
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [N, V], targets [N], row [N]) for the N answer tokens of the batch only.
-
-    Generation attention is always causal: the decoder runs with its own (causal) mask here.
-    """
-    from embedkit.llm.model import decoder_of, lm_head_of
-
-    device = next(p for p in model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    labels = batch["labels"].to(device)
-    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                               use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = torch.arange(labels.shape[0], device=device)[:, None].expand_as(targets)[keep]
-    logits = lm_head_of(model)(hidden[:, :-1][keep]).float()
-    return logits, targets[keep], rows
 
 
 def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -139,8 +121,6 @@ class SFTStep(LLMStep):
     name = "sft"
 
     def __init__(self, ctx: LLMContext) -> None:
-        from embedkit.llm.data import encode_sft_many
-
         m = ctx.recipe.model
         self.features, self.dropped = encode_sft_many(ctx.tokenizer, ctx.train, max_length=m.max_length,
                                                       system=m.system_prompt)

@@ -15,8 +15,16 @@ from typing import Any, Callable
 import torch
 
 from embedkit.device import torch_threads
+from embedkit.errors import DataError
 from embedkit.llm.config import LLMRecipe
-from embedkit.train.engine import Engine, StepBase, seed_everything
+from embedkit.llm.data import read_qa
+from embedkit.llm.model import (TwoHeads, attach_adapter, embedding_settings, load_causal_lm, make_embedder, merged_lm,
+                                save_llm_folder)
+from embedkit.manifest import command_line
+from embedkit.models.adapters import keep_4bit_layout
+from embedkit.train.backends import backend_class
+from embedkit.train.engine import Engine, StepBase, copy_run_logs, seed_everything
+from embedkit.train.losses import build_loss
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,10 @@ class LLMContext:
 
 def build_heads(recipe: LLMRecipe, device) -> tuple[Any, Any, Path, dict[str, Any]]:
     """(TwoHeads, tokenizer, source folder, embedding settings): the causal LM with its adapter and embedder."""
-    from embedkit.llm.model import (TwoHeads, attach_adapter, embedding_settings, load_causal_lm, make_embedder)
-    from embedkit.models.adapters import keep_4bit_layout
-
     m = recipe.model
     quant = "nf4" if recipe.adapter.type == "qlora" else None
     lm, tokenizer, path, st = load_causal_lm(m.name, dtype=m.dtype, quantization=quant, device=str(device),
-                                             sharded_storage=recipe.deepspeed.stage == "zero3")
+                                             sharded_storage=backend_class(recipe).flattens_parameters(recipe))
     keep_4bit_layout(lm)
     seed_everything(recipe.training.seed)  # adapter initialisation draws from the RNG: same seed, same adapter
     lm = attach_adapter(lm, recipe.adapter, gradient_checkpointing=m.gradient_checkpointing)
@@ -82,8 +87,6 @@ class LLMStep(StepBase):
 def run_llm(recipe: LLMRecipe, mode: str, make_step: Callable[[LLMContext], LLMStep], *, resume: bool = False,
             on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train one LLM mode end to end; returns the stats (and `output_dir`) on every rank."""
-    from embedkit.llm.data import read_qa
-
     t, d = recipe.training, recipe.data
     output = Path(t.output_dir)
     with torch_threads(t.threads):
@@ -106,8 +109,6 @@ def run_llm(recipe: LLMRecipe, mode: str, make_step: Callable[[LLMContext], LLMS
         ctx = LLMContext(recipe, mode, engine, heads, tokenizer, path, settings, train, heldout, source)
         step = make_step(ctx)
         if step.size == 0:
-            from embedkit.errors import DataError
-
             raise DataError("no training examples left after encoding (prompts longer than model.max_length?)")
         fit = engine.fit(step, heads, n_examples=step.size, resume=resume, on_step=on_step)
         stats = {**fit.stats(), **step.summary(engine), "processes": engine.world, "backend": engine.backend.name,
@@ -123,10 +124,6 @@ def run_llm(recipe: LLMRecipe, mode: str, make_step: Callable[[LLMContext], LLMS
 
 def save(ctx: LLMContext, heads, stats: dict[str, Any], work: Path) -> Path:
     """Merge adapters, save the one folder (both heads), write the card and logs; returns the output folder."""
-    from embedkit.llm.model import merged_lm, save_llm_folder
-    from embedkit.manifest import command_line
-    from embedkit.train.engine import copy_run_logs
-
     recipe, mode = ctx.recipe, ctx.mode
     output = Path(recipe.training.output_dir)
     lm = merged_lm(heads.lm, adapter_type=recipe.adapter.type, source=recipe.model.name, dtype=recipe.model.dtype,
@@ -142,8 +139,6 @@ def save(ctx: LLMContext, heads, stats: dict[str, Any], work: Path) -> Path:
 
 
 def model_card(recipe, mode: str, source: dict, stats: dict, argv: list[str]) -> str:
-    from embedkit.train.losses import build_loss
-
     m, a, t = recipe.model, recipe.adapter, recipe.training
     what = {"sft": "supervised fine-tuning (loss on answer tokens only)",
             "dpo": f"DPO on preference pairs (beta {recipe.dpo.beta}, reference = the starting model)",

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from embedkit.atomic import atomic_path
+from embedkit.eval.runner import default_cache_dir, embedding_cache_path, ranks_agree
 from embedkit.mine.vectors import NpyFileSource, NpyWriter
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int
     counts only when every process has it (else all encode together); write_cache=False (the processes other
     than rank 0) reads the cache but encodes a miss into a temporary file.
     """
-    from embedkit.eval.runner import default_cache_dir, embedding_cache_path, ranks_agree
-
     if use_cache:
         path = embedding_cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), encoder, ids, texts,
                                     "document")

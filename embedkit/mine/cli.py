@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from embedkit.device import DEVICE_HELP
-from embedkit.launch import NPROC_HELP
+from embedkit.launch import NPROC_HELP, processes
+from embedkit.mine.settings import MiningSettings, parse_range
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,9 @@ def mine_command(
 
       embedkit mine -m minilm -d beir/ --corpus-embeddings emb.npy --corpus-ids ids.txt -o mined.jsonl
     """
-    from embedkit.launch import processes
     from embedkit.mine.mining import load_task
     from embedkit.mine.report import format_summary, warning_lines
     from embedkit.mine.run import mine_to_file
-    from embedkit.mine.settings import MiningSettings, parse_range
     from embedkit.models import load_model
 
     lo, hi = parse_range(window)

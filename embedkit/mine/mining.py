@@ -16,7 +16,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from embedkit.data import is_beir_folder, load_beir, read_examples
+from embedkit.data.beir import CORPUS_FILE, mteb_document_text, read_corpus
+from embedkit.data.lines import iter_text_lines, require_file
+from embedkit.device import resolve_device
 from embedkit.errors import ConfigError, DataError, ModelError
+from embedkit.manifest import sha256_file
 from embedkit.mine.core import MiningStats, mine_embeddings
 from embedkit.mine.settings import MiningSettings
 from embedkit.mine.vectors import NpyFileSource, VectorSource
@@ -77,8 +82,6 @@ def task_from_pairs(examples: Iterable, corpus: dict[str, dict] | None = None,
     (id "positive:N"); a positive whose text equals a corpus document *is* that document. Pairs that all carry a
     relevance grade (`.grade`, as `pairs_from_beir` gives them) make a graded task (see MiningSettings.margin_grade).
     """
-    from embedkit.data.beir import mteb_document_text
-
     ids: list[str] = []
     texts: list[str] = []
     by_text: dict[str, int] = {}
@@ -128,10 +131,6 @@ def task_from_beir(ds, description: dict | None = None) -> MiningTask:
 def load_task(data: str | Path, *, split: str = "train", corpus: str | Path | None = None,
               query: str = "query", positive: str = "positive") -> MiningTask:
     """A BEIR folder (positives from qrels/<split>.tsv) or a pairs file (any format read_examples reads)."""
-    from embedkit.data import is_beir_folder, load_beir, read_examples
-    from embedkit.data.beir import CORPUS_FILE, read_corpus
-    from embedkit.manifest import sha256_file
-
     data = Path(data)
     if not data.exists():
         raise DataError("data not found (give a pairs file or a BEIR folder)", path=data)
@@ -157,8 +156,6 @@ def load_task(data: str | Path, *, split: str = "train", corpus: str | Path | No
 
 def read_ids(path: str | Path) -> list[str]:
     """Document ids, one per line (.txt) or a JSON list (.json), in the row order of the embeddings file."""
-    from embedkit.data._io import iter_text_lines, require_file
-
     path = Path(path)
     require_file(path, "ids file")
     if path.suffix.lower() == ".json":
@@ -213,8 +210,6 @@ class CrossEncoderRescorer:
             raise ConfigError("cross-encoder folder not found (no pretrained cross-encoder ships with embedkit; "
                               "give a local sentence-transformers CrossEncoder folder)", path=path,
                               field="cross_encoder")
-        from embedkit.device import resolve_device
-
         self.device = resolve_device(device, field="--device")
         try:
             from sentence_transformers import CrossEncoder

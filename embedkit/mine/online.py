@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable
 
+from embedkit.data import TrainingExample
+from embedkit.mine.cache import corpus_vectors
 from embedkit.mine.core import MiningStats
 from embedkit.mine.mining import MiningTask, iter_rows, query_encoder, task_from_beir, task_from_pairs
 from embedkit.mine.settings import MiningSettings
@@ -51,9 +53,6 @@ def remine(encoder, state: RemineState, *, progress: bool = False, use_cache: bo
     `use_cache` reads / writes the corpus-embedding cache (keyed by the weights' fingerprint): only for weights
     that are worth caching, e.g. the loaded base model before the first optimizer step.
     """
-    from embedkit.data import TrainingExample
-    from embedkit.mine.cache import corpus_vectors
-
     settings = replace(state.settings, seed=state.settings.seed + (state.rounds if state.vary_seed else 0))
     stats = MiningStats()
     task = state.task

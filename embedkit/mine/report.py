@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from embedkit.atomic import atomic_path
 from embedkit.mine.settings import FILTERS
 
 _SHOWN_SHORT = 10
@@ -91,8 +92,6 @@ def write_histogram(path: str | Path, positive: np.ndarray, negative: np.ndarray
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from embedkit.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4))
     values = [v for v in (positive, negative) if v.size]

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from embedkit.atomic import atomic_path, write_json
 from embedkit.errors import ConfigError
+from embedkit.manifest import base_manifest, device_fields, sha256_file
+from embedkit.mine.cache import corpus_vectors
 from embedkit.mine.core import MiningStats, margin_warning
 from embedkit.mine.mining import (
     CrossEncoderRescorer,
@@ -26,6 +29,7 @@ from embedkit.mine.mining import (
     query_encoder,
     short_report,
 )
+from embedkit.mine.report import write_histogram
 from embedkit.mine.settings import MiningSettings
 
 log = logging.getLogger(__name__)
@@ -58,11 +62,6 @@ def mine_to_file(
     writes nothing (no output, no cache): the other processes of a sharded run (`embedkit mine --nproc`), which
     must make the same encode calls as the one that writes. progress: log the steps at INFO rather than DEBUG.
     """
-    from embedkit.atomic import atomic_path, write_json
-    from embedkit.manifest import base_manifest, device_fields, sha256_file
-    from embedkit.mine.cache import corpus_vectors
-    from embedkit.mine.report import write_histogram
-
     output = Path(output)
     if output.suffix.lower() != ".jsonl":
         raise ConfigError("the output is JSON Lines: give a path ending in .jsonl", path=output, field="output")

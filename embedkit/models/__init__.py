@@ -1,4 +1,5 @@
-"""Encoders shared by every pipeline stage: loading, pooling, prompts, adapters, the embedded defaults.
+"""Encoders shared by every pipeline stage: loading, pooling, prompts, adapters, the embedded defaults,
+and the probe vectors that tie a saved model to what training, export and serving compute.
 
 Names are imported lazily so that `embedkit models` and `--help` do not pay for importing torch.
 """
@@ -13,6 +14,9 @@ _EXPORTS = {
     "EMBEDDED_MODELS": "embedkit.models.registry",
     "embedkit_home": "embedkit.models.registry",
     "resolve_model_path": "embedkit.models.registry",
+    "write_probes": "embedkit.models.probes",
+    "check_probes": "embedkit.models.probes",
+    "read_probes": "embedkit.models.probes",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

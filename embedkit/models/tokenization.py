@@ -71,9 +71,13 @@ def ensure_eos_appended(tokenizer, *, path: Any = None) -> None:
 
 
 def prepare_tokenizer(tokenizer, pooling: str, *, path: Any = None) -> int:
-    """Both of the above, as every encoder needs them: returns the pad id; EOS appended for last-token pooling."""
+    """Both of the above, as every encoder needs them: returns the pad id; EOS appended for a pooling that reads the
+    EOS state (last-token: `appends_eos` in embedkit.models.pooling's registry). A pooling this process has not
+    registered (an ONNX export of a custom pooling: the graph holds it) keeps the saved tokenizer as it is."""
+    from embedkit.models.pooling import POOLINGS  # deferred: this module stays torch-free for the server's batcher
+
     pad_id = ensure_pad_token(tokenizer, path=path)
-    if pooling == "lasttoken":
+    if pooling in POOLINGS and POOLINGS[pooling].appends_eos:
         ensure_eos_appended(tokenizer, path=path)
     return pad_id
 

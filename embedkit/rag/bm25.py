@@ -7,6 +7,7 @@ store after every add or delete: bm25s has no incremental update, and re-tokenis
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable
 
@@ -19,8 +20,6 @@ _IDS_FILE = "faiss_ids.npy"
 
 
 def _bm25s():
-    import logging
-
     try:
         import bm25s
     except ImportError as exc:

@@ -13,9 +13,12 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.device import DEVICE_HELP
-from embedkit.launch import NPROC_HELP
+from embedkit.atomic import write_json
+from embedkit.device import DEVICE_HELP, resolve_device
+from embedkit.errors import ConfigError, DataError
+from embedkit.launch import NPROC_HELP, processes
 from embedkit.logs import quieten
+from embedkit.manifest import base_manifest, device_fields, sha256_texts
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,6 @@ def index_command(
 
     Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
     """
-    from embedkit.launch import processes
     from embedkit.models import load_model
     from embedkit.rag.bm25 import bm25_available
     from embedkit.rag.corpus import load_documents
@@ -125,7 +127,6 @@ def delete_command(
 
     Example: embedkit rag delete runs/scifact-index 4983 5836
     """
-    from embedkit.errors import ConfigError, DataError
     from embedkit.rag.index import RagIndex
 
     wanted = list(ids or [])
@@ -156,7 +157,6 @@ def query_command(
 
     Example: embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
     """
-    from embedkit.device import resolve_device
     from embedkit.rag.index import RagIndex, check_queries, load_index_encoder
 
     check_queries([question])  # an empty query fails before the model loads
@@ -207,8 +207,6 @@ def eval_command(
 
       embedkit rag eval runs/my-index --queries queries.jsonl --qrels qrels.tsv --hybrid
     """
-    from embedkit.device import resolve_device
-    from embedkit.errors import ConfigError
     from embedkit.rag.evaluate import evaluate_index
     from embedkit.rag.index import RagIndex, load_index_encoder
 
@@ -228,11 +226,6 @@ def eval_command(
                             hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
                             progress=True)
     if output is not None:
-        from embedkit.atomic import write_json
-        from embedkit.manifest import base_manifest
-
-        from embedkit.manifest import device_fields
-
         write_json(output, base_manifest("rag_eval", **device_fields(target), **result))
     m, lat = result["metrics"], result["latency"]
     mode = f"hybrid (BM25 weight {hybrid_weight})" if hybrid else "dense"
@@ -253,14 +246,11 @@ def eval_command(
 
 def _read_eval_data(index, beir: Path | None, split: str, queries: Path | None, qrels: Path | None):
     from embedkit.data.beir import load_beir, read_qrels, read_queries
-    from embedkit.errors import ConfigError
 
     if beir is not None:
         if queries is not None or qrels is not None:
             raise ConfigError("give either --beir or --queries with --qrels, not both", field="beir")
         data = load_beir(beir, split)
-        from embedkit.manifest import sha256_texts
-
         corpus_hash = sha256_texts(t for i, row in data.corpus.items() for t in (i, row["title"], row["text"]))
         if corpus_hash != index.manifest["corpus"].get("sha256"):
             # Not an error (an index may hold more or fewer documents on purpose), but the numbers then differ
@@ -302,7 +292,6 @@ def web_command(
 
     Example: embedkit rag web runs/scifact-index --port 8080   then open http://127.0.0.1:8080/?q=vitamin+D
     """
-    from embedkit.device import resolve_device
     from embedkit.rag.index import RagIndex, load_index_encoder
     from embedkit.rag.web import serve_web
 
@@ -328,10 +317,9 @@ class _GeneratorAnswerer:
 
 def _answerer(index, generator: str | Path | None, max_new_tokens: int,
               device: str = "cpu") -> _GeneratorAnswerer | None:
-    from embedkit.errors import ConfigError
-
     try:
-        from embedkit.llm.generate import has_generative_head, load_generator
+        from embedkit.llm.generate import load_generator
+        from embedkit.llm.model import has_generative_head
     except ImportError as exc:
         if generator is not None:
             raise ConfigError(f"--generator needs embedkit.llm ({exc})", field="generator") from None

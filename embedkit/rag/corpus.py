@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from embedkit.data._io import iter_text_lines, require_file
+from embedkit.data.lines import iter_text_lines, require_file
 from embedkit.data.beir import CORPUS_FILE, BeirDataset, mteb_document_text, read_corpus
 from embedkit.errors import DataError
 

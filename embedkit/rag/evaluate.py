@@ -16,7 +16,7 @@ import numpy as np
 
 from embedkit.errors import ConfigError, DataError
 from embedkit.eval.metrics import retrieval_metrics
-from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, _encode
+from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def evaluate_index(
 
     log.log(level, "searching %d queries (batch)", len(qids))
     t0 = time.perf_counter()
-    query_emb = _encode(encoder, texts, "query", batch_size)
+    query_emb = encode_texts(encoder, texts, "query", batch_size)
     t1 = time.perf_counter()
     ranked = index.rank(texts, query_emb, top_k, hybrid=hybrid, hybrid_weight=hybrid_weight)
     t2 = time.perf_counter()
@@ -97,7 +97,7 @@ def evaluate_index(
         index.search(encoder, texts[0], k=latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)  # warm-up
     for text in texts[:n_latency]:
         s0 = time.perf_counter()
-        emb = _encode(encoder, [text], "query", batch_size)
+        emb = encode_texts(encoder, [text], "query", batch_size)
         s1 = time.perf_counter()
         ranked_one = index.rank([text], emb, latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)
         index.store.get(i for i, *_ in ranked_one[0])  # fetching the passages is part of answering a query

@@ -36,6 +36,7 @@ import numpy as np
 from embedkit.atomic import atomic_dir, remove_stale_temps, write_json
 from embedkit.errors import ConfigError, DataError, ModelError
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
+from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
 from embedkit.rag.corpus import load_documents
 from embedkit.rag.store import STORE_NAME, DocumentStore
@@ -109,8 +110,9 @@ def _new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any
     return index, {"nlist": nlist, "nprobe": nprobe}
 
 
-def _encode(encoder, texts: list[str], kind: str, batch_size: int) -> np.ndarray:
-    # Same call as the eval runner (kind picks the model's prompt; normalised so inner product = cosine).
+def encode_texts(encoder, texts: list[str], kind: str, batch_size: int) -> np.ndarray:
+    """Contiguous float32 unit vectors, as the index stores and searches them: the eval runner's call (`kind` picks
+    the model's prompt; normalised, so inner product = cosine)."""
     return np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
                                 dtype=np.float32)
 
@@ -355,7 +357,7 @@ class RagIndex:
         if k < 1:
             raise ConfigError(f"k must be at least 1, not {k}", field="k")
         self.check_encoder(encoder)
-        query_emb = _encode(encoder, queries, "query", batch_size)
+        query_emb = encode_texts(encoder, queries, "query", batch_size)
         ranked = self.rank(queries, query_emb, k, hybrid=hybrid, hybrid_weight=hybrid_weight)
         docs = self.store.get({i for row in ranked for i, *_ in row})
         results = [[Hit(rank, docs[i].doc_id, score, docs[i].title, docs[i].text, dense, lex)
@@ -377,7 +379,7 @@ class RagIndex:
             raise DataError(f"{len(clash)} document id(s) already in the index ({names}): delete them first",
                             path=self.path, field="_id")
         log.log(logging.INFO if progress else logging.DEBUG, "encoding %d documents", len(new))
-        vectors = _encode(encoder, [d.embed_text for d in new], "document", batch_size)
+        vectors = encode_texts(encoder, [d.embed_text for d in new], "document", batch_size)
         start = int(self.manifest["index"]["next_id"])
         ids = np.arange(start, start + len(new), dtype=np.int64)
 
@@ -494,7 +496,7 @@ def build_index(
     kind = choose_index_type(len(docs), index_type, hnsw_threshold)
     log.log(level, "encoding %d documents with %s", len(docs), getattr(encoder, "name", "the model"))
     t0 = time.perf_counter()
-    vectors = _encode(encoder, [d.embed_text for d in docs], "document", batch_size)
+    vectors = encode_texts(encoder, [d.embed_text for d in docs], "document", batch_size)
     encode_s = time.perf_counter() - t0
     if not write:
         return None
@@ -533,7 +535,6 @@ def load_index_encoder(index: RagIndex, model: str | Path | None = None, *, devi
     that its fingerprint matches; any other model is refused by `check_encoder`.
     """
     from embedkit.models import load_model
-    from embedkit.models.registry import EMBEDDED_MODELS
 
     info = index.manifest["model"]
     if model is not None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import html
 import re
 import threading
+import time
 from typing import Any, Callable, Sequence
 
-from embedkit.errors import DataError
+from embedkit.errors import ConfigError, DataError, EmbedkitError
 from embedkit.rag.index import Hit, RagIndex
 
 Answerer = Callable[[str, list[str]], str]
@@ -192,12 +193,8 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
 
     answer_passages: how many of the top hits the answerer sees (default: all shown).
     """
-    import time
-
     from fastapi import FastAPI, Query
     from fastapi.responses import HTMLResponse, JSONResponse
-
-    from embedkit.errors import EmbedkitError
 
     index.check_encoder(encoder)  # fail at start-up, not on the first query
     live = LiveIndex(index)
@@ -280,8 +277,6 @@ def serve_web(index: RagIndex, encoder, host: str = "127.0.0.1", port: int = 808
               **options: Any) -> None:
     """Serve the search page with uvicorn until interrupted."""
     import uvicorn
-
-    from embedkit.errors import ConfigError
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range", field="port")

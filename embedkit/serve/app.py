@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from embedkit import __version__
+from embedkit.errors import EmbedkitError
 from embedkit.serve.batcher import BatcherClosed, MicroBatcher
 from embedkit.serve.metrics import ServerMetrics
 
@@ -422,8 +425,6 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     @app.post("/v1/chat/completions", responses=_ERRORS, dependencies=[Depends(check_key)],
               summary="Create a chat completion (OpenAI-compatible, non-streaming)")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
-        import uuid
-
         entry = _pick_model(served, body.model)
         generator = generators.get(entry.name)
         if generator is None:
@@ -442,8 +443,6 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         _check_unicode([m["content"] for m in messages], "messages")
         _check_unicode(stop, "stop")
-        from embedkit.errors import EmbedkitError
-
         # Generation blocks for seconds: it runs in a thread, keeping the event loop (and the embedding batcher)
         # responsive. A daemon thread: a generation the shutdown gives up on must not hold the process open.
         generation = _in_daemon_thread(generator.chat, messages, max_new_tokens=limit, temperature=body.temperature,
@@ -657,6 +656,4 @@ def _in_daemon_thread(fn, *args, **kwargs) -> asyncio.Future:
 
 
 def _version() -> str:
-    from embedkit import __version__
-
     return __version__

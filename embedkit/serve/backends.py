@@ -4,6 +4,10 @@
 `embedkit export --format onnx` folder). Both compute exactly what `encode` computes, so the server's vectors equal
 the in-process ones. `verify_probes` is the start-up check: the recorded fingerprint of the weights (exact) and the
 probe vectors (within a tolerance).
+
+The backends are a registry (`register_serve_backend`): `embedkit serve --backend` accepts, and its help lists,
+exactly the registered ones, and `auto` picks the backend that recognises the folder's format. A new backend is
+one `ServeBackend` subclass (docs/extending.md walks through one).
 """
 
 from __future__ import annotations
@@ -12,31 +16,20 @@ import copy
 import json
 import logging
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
 from embedkit.errors import ModelError
+from embedkit.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder
+from embedkit.manifest import MANIFEST_NAME, sha256_file
+from embedkit.models.probes import check_probes, has_probes, probes_path
 from embedkit.models.tokenization import length_sorted_batches, tokenize
 
 log = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    name: str
-    dim: int
-    max_length: int
-    normalize: bool
-
-    def token_ids(self, texts: Sequence[str], kind: str, *, max_length: int | None = None) -> list[list[int]]: ...
-
-    def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def fingerprint_check(self) -> "FingerprintCheck | None": ...
 
 
 class ThreadSafeTokenizer:
@@ -86,7 +79,67 @@ class FingerprintCheck:
         return asdict(self)
 
 
-class _EncodeMixin:
+SERVE_BACKENDS: dict[str, type["ServeBackend"]] = {}
+DEFAULT_SERVE_BACKEND = "torch"  # what `auto` serves a folder no backend recognises with
+
+
+def register_serve_backend(cls: type["ServeBackend"]) -> type["ServeBackend"]:
+    """Class decorator: make `cls` servable as `embedkit serve --backend <cls.kind>`."""
+    if cls.kind in SERVE_BACKENDS:
+        raise ValueError(f"a serve backend {cls.kind!r} is already registered")
+    SERVE_BACKENDS[cls.kind] = cls
+    return cls
+
+
+def backend_help() -> str:
+    """`embedkit serve --backend`'s help, from the registry."""
+    return "; ".join(f"'{kind}': {cls.help}" for kind, cls in SERVE_BACKENDS.items()) + (
+        "; 'auto': the backend that recognises the folder's format, else " + f"'{DEFAULT_SERVE_BACKEND}'.")
+
+
+class ServeBackend(ABC):
+    """One served model. The server calls `token_ids` per request (from several threads) and `embed_ids` per
+    batch; `verify_probes` calls `fingerprint_check` and `encode` at start-up."""
+
+    kind: ClassVar[str]  # registry key: `--backend <kind>`
+    help: ClassVar[str]  # one line for `embedkit serve --help`
+    # Capabilities, read by the server instead of testing `kind`:
+    # the folder it serves may also hold a generative head, which the server then loads for /v1/chat/completions.
+    serves_chat: ClassVar[bool] = False
+    # The folder format this backend needs, for error messages ("an ONNX export folder"), and how to make one
+    # ("{path}": the model asked for); None: any model folder.
+    folder_format: ClassVar[str | None] = None
+    folder_hint: ClassVar[str] = ""
+
+    name: str
+    dim: int
+    max_length: int
+    normalize: bool
+    folder: Path | None
+
+    @classmethod
+    def recognizes(cls, folder: Path) -> bool:
+        """Whether `folder` is in this backend's own format (`auto` serves it with this backend)."""
+        return False
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: "ModelSpec", *, threads: int | None, device: Any) -> "ServeBackend":
+        """The backend for a `--model` argument; `threads`: CPU threads per model call; `device`: where it runs."""
+
+    @abstractmethod
+    def token_ids(self, texts: Sequence[str], kind: str, *, max_length: int | None = None) -> list[list[int]]: ...
+
+    @abstractmethod
+    def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]: ...
+
+    def fingerprint_check(self) -> FingerprintCheck | None:
+        """The model's identity against the one recorded when it was trained or exported (None: nothing recorded)."""
+        return None
+
     def encode(self, texts: Sequence[str], kind: str = "document", batch_size: int = 32) -> np.ndarray:
         """Length-sorted batched encode through the same two calls the server uses."""
         texts = list(texts)
@@ -97,8 +150,21 @@ class _EncodeMixin:
         return out
 
 
-class TorchBackend(_EncodeMixin):
+@register_serve_backend
+class TorchBackend(ServeBackend):
     kind = "torch"
+    help = "any model folder or embedded name, in PyTorch"
+    serves_chat = True
+
+    @classmethod
+    def load(cls, spec: "ModelSpec", *, threads: int | None, device: Any) -> "TorchBackend":
+        from embedkit.models import load_model
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        return cls(load_model(spec.path, device=device), name=spec.name)
 
     def __init__(self, encoder, *, name: str | None = None) -> None:
         self.encoder = encoder.eval()
@@ -124,9 +190,6 @@ class TorchBackend(_EncodeMixin):
     def fingerprint_check(self) -> FingerprintCheck | None:
         """Encoder.fingerprint (sha256 over every weight, the tokenizer and the embedding settings) against the one
         recorded beside the probe vectors (else in the folder's manifest) when the model was trained or exported."""
-        from embedkit.export.probes import probes_path
-        from embedkit.manifest import MANIFEST_NAME
-
         if self.folder is None:
             return None
         for source, read in ((probes_path(self.folder), lambda data: data.get("model_fingerprint")),
@@ -138,8 +201,20 @@ class TorchBackend(_EncodeMixin):
         return None
 
 
-class OnnxBackend(_EncodeMixin):
+@register_serve_backend
+class OnnxBackend(ServeBackend):
     kind = "onnx"
+    help = "an `embedkit export --format onnx` folder; fastest on CPU, int8 if exported so"
+    folder_format = "an ONNX export folder"
+    folder_hint = "make one with `embedkit export --model {path} --format onnx --output DIR`"
+
+    @classmethod
+    def recognizes(cls, folder: Path) -> bool:
+        return (folder / ONNX_CONFIG_NAME).is_file()
+
+    @classmethod
+    def load(cls, spec: "ModelSpec", *, threads: int | None, device: Any) -> "OnnxBackend":
+        return cls(OnnxEncoder(spec.path, threads=threads, device=device), name=spec.name)
 
     def __init__(self, onnx_encoder, *, name: str | None = None) -> None:
         self.encoder = onnx_encoder
@@ -162,8 +237,6 @@ class OnnxBackend(_EncodeMixin):
     def fingerprint_check(self) -> FingerprintCheck | None:
         """The sha256 of the served graph file against the one the export recorded in its manifest. (The tokenizer
         files are not hashed by the export; the probe vectors cover them.)"""
-        from embedkit.manifest import MANIFEST_NAME, sha256_file
-
         source = self.folder / MANIFEST_NAME
         graphs = ((_json_object(source).get("export") or {}).get("graphs") or {})
         recorded = (graphs.get(self.encoder.variant) or {}).get("sha256")
@@ -204,35 +277,23 @@ class ModelSpec:
         return cls(name, text)
 
 
-def is_onnx_folder(path: str | Path) -> bool:
-    from embedkit.export.onnx import ONNX_CONFIG_NAME
-
-    return (Path(path) / ONNX_CONFIG_NAME).is_file()
-
-
-def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None = None, device: Any = "cpu"):
-    """`auto` -> onnx for an ONNX export folder, torch otherwise. `device` (cpu, cuda:N, a torch.device): where the
-    torch backend runs; ONNX uses onnxruntime's CUDA provider there only when the installed onnxruntime has one,
-    else the CPU."""
-    if backend not in ("auto", "onnx", "torch"):
-        raise ModelError(f"unknown backend {backend!r}; choose auto, onnx or torch")
-    onnx_folder = Path(spec.path).is_dir() and is_onnx_folder(spec.path)
-    if backend == "onnx" or (backend == "auto" and onnx_folder):
-        if not onnx_folder:
-            raise ModelError("--backend onnx needs an ONNX export folder; make one with "
-                             f"`embedkit export --model {spec.path} --format onnx --output DIR`", path=spec.path)
-        from embedkit.export.onnx import OnnxEncoder
-
-        return OnnxBackend(OnnxEncoder(spec.path, threads=threads, device=device), name=spec.name)
-    if onnx_folder:
-        raise ModelError("this is an ONNX export folder: serve it with --backend onnx (or auto)", path=spec.path)
-    from embedkit.models import load_model
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    return TorchBackend(load_model(spec.path, device=device), name=spec.name)
+def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None = None,
+                 device: Any = "cpu") -> ServeBackend:
+    """The registered backend `backend` for `spec`; `auto`: the one that recognises the folder's format (onnx for an
+    ONNX export folder), else torch. `device` (cpu, cuda:N, a torch.device): where the torch backend runs; ONNX uses
+    onnxruntime's CUDA provider there only when the installed onnxruntime has one, else the CPU."""
+    if backend != "auto" and backend not in SERVE_BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; choose auto, {', '.join(SERVE_BACKENDS)}")
+    folder = Path(spec.path)
+    recognized = next((cls for cls in SERVE_BACKENDS.values() if folder.is_dir() and cls.recognizes(folder)), None)
+    chosen = (recognized or SERVE_BACKENDS[DEFAULT_SERVE_BACKEND]) if backend == "auto" else SERVE_BACKENDS[backend]
+    if recognized is not None and recognized is not chosen:
+        raise ModelError(f"this is {recognized.folder_format}: serve it with --backend {recognized.kind} (or auto)",
+                         path=spec.path)
+    if chosen.folder_format is not None and recognized is not chosen:
+        hint = f"; {chosen.folder_hint.format(path=spec.path)}" if chosen.folder_hint else ""
+        raise ModelError(f"--backend {chosen.kind} needs {chosen.folder_format}{hint}", path=spec.path)
+    return chosen.load(spec, threads=threads, device=device)
 
 
 def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = False) -> dict | None:
@@ -242,8 +303,6 @@ def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = 
     Raises ModelError (one line) on a mismatch of either unless `allow_mismatch`, which only prints a loud warning.
     Returns the probe check as a dict (with the fingerprint check under "fingerprint"), or None without probes.
     """
-    from embedkit.export.probes import check_probes, has_probes
-
     folder = getattr(backend, "folder", None)
     identity = backend.fingerprint_check() if hasattr(backend, "fingerprint_check") else None
     if identity is None:

@@ -8,7 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from embedkit.device import DEVICE_HELP
+from embedkit.device import DEVICE_HELP, resolve_device
+from embedkit.errors import ConfigError
+from embedkit.serve.backends import backend_help
+from embedkit.serve.engines import REMOTE_PROBE_ATOL, run_vllm
+from embedkit.serve.server import run_server, serving_environment
 
 
 def serve_command(
@@ -17,9 +21,7 @@ def serve_command(
                                          "'smollm2-135m'. Repeat to serve several; clients pick one with the "
                                          "request's `model` field. NAME=PATH sets the served name (default: the "
                                          "folder's name)."),
-    backend: str = typer.Option("auto", "--backend",
-                                help="'onnx' (an `embedkit export --format onnx` folder; fastest on CPU, int8 if "
-                                     "exported so), 'torch' (any model folder), or 'auto' (onnx for export folders)."),
+    backend: str = typer.Option("auto", "--backend", help=backend_help()),
     engine: str = typer.Option("embedkit", "--engine",
                                help="'embedkit' (this server) or 'vllm': launch `vllm serve --runner pooling` for an "
                                     "`embedkit export --format hf` folder, then check its /v1/embeddings against the "
@@ -96,14 +98,10 @@ def serve_command(
     Then: curl -s localhost:8000/v1/embeddings -H 'Content-Type: application/json'
     -d '{"input": ["what causes asthma?"], "input_type": "query"}'
     """
-    from embedkit.errors import ConfigError
-
     keys = tuple(api_key) or tuple(k for k in [os.environ.get("EMBEDKIT_API_KEY")] if k)
     if input_type not in ("query", "document"):
         raise ConfigError(f"--default-input-type must be 'query' or 'document', not {input_type!r}")
     if engine == "vllm":
-        from embedkit.serve.engines import REMOTE_PROBE_ATOL, run_vllm
-
         if len(model) != 1:
             raise ConfigError("--engine vllm serves one model per process")
         name, _, path = model[0].partition("=") if "=" in model[0] else (None, "", model[0])
@@ -117,10 +115,7 @@ def serve_command(
         raise ConfigError(f"unknown engine {engine!r}; choose 'embedkit' or 'vllm'")
     if dry_run:
         raise ConfigError("--dry-run applies to --engine vllm only")
-    from embedkit.serve.server import run_server, serving_environment
-
     serving_environment()  # before anything imports torch
-    from embedkit.device import resolve_device
     from embedkit.serve.app import ServeSettings
 
     target = resolve_device(device)

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from embedkit.errors import ModelError
+from embedkit.export.hf import LAUNCH_JSON, vllm_command
+from embedkit.models.probes import check_probes, has_probes
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ REMOTE_PROBE_ATOL = 1e-3  # a GPU's fp32 kernels differ from the CPU's by more t
 
 def model_settings(folder: str | Path) -> dict[str, Any]:
     """Pooling, normalisation, prompts and max length of a sentence-transformers folder, without loading weights."""
-    from embedkit.export.hf import LAUNCH_JSON
     from embedkit.models.pooling import mode_from_st_config
 
     root = Path(folder)
@@ -65,8 +66,6 @@ def model_settings(folder: str | Path) -> dict[str, Any]:
 
 def build_vllm_command(folder: str | Path, *, served_name: str, host: str = "127.0.0.1", port: int = 8000,
                        dtype: str = "float32", vllm_bin: str = "vllm", extra: Sequence[str] = ()) -> list[str]:
-    from embedkit.export.hf import vllm_command
-
     settings = model_settings(folder)
     argv = vllm_command(Path(folder).resolve(), served_name=served_name, pooling=settings["pooling"],
                         normalize=settings["normalize"], max_length=settings["max_length"], host=host, port=port,
@@ -107,8 +106,6 @@ def remote_vectors_fn(base_url: str, model: str, *, prompts: dict[str, str] | No
 def check_remote(base_url: str, model: str, folder: str | Path, *, atol: float = REMOTE_PROBE_ATOL,
                  api_key: str | None = None, prompts: dict[str, str] | None = None):
     """Compare a running server's vectors with `folder`/probe_vectors.json. Returns a ProbeCheck."""
-    from embedkit.export.probes import check_probes
-
     if prompts is None:
         prompts = model_settings(folder)["prompts"]
     return check_probes(remote_vectors_fn(base_url, model, prompts=prompts, api_key=api_key), folder, atol=atol)
@@ -137,8 +134,6 @@ def run_vllm(folder: str | Path, *, served_name: str | None = None, host: str = 
              foreground: bool = True) -> dict[str, Any]:
     """Launch vLLM for an HF export and verify it; see the module docstring. With `dry_run`, launch nothing: the
     result's "command_line" is the command, for the caller to show (the API key masked)."""
-    from embedkit.export.probes import has_probes
-
     folder = Path(folder)
     name = served_name or folder.resolve().name
     extra = list(extra) + (["--api-key", api_key] if api_key else [])

@@ -12,7 +12,10 @@ import functools
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 from typing import Any, Sequence
 
 from embedkit.errors import ConfigError, ModelError
@@ -44,7 +47,8 @@ def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int 
 
 def load_generators(models: Sequence[str], backends: dict[str, Any], *, device: Any = "cpu") -> dict[str, Any]:
     """{served name: Generator} for the served model folders that have a generative head (`embedkit llm`)."""
-    from embedkit.llm.generate import has_generative_head, load_generator
+    from embedkit.llm.generate import load_generator
+    from embedkit.llm.model import has_generative_head
     from embedkit.serve.backends import ModelSpec
 
     generators: dict[str, Any] = {}
@@ -52,7 +56,7 @@ def load_generators(models: Sequence[str], backends: dict[str, Any], *, device: 
         spec = ModelSpec.parse(text)
         backend = backends.get(spec.name)
         folder = getattr(backend, "folder", None)
-        if getattr(backend, "kind", None) == "torch" and folder is not None and has_generative_head(folder):
+        if getattr(backend, "serves_chat", False) and folder is not None and has_generative_head(folder):
             log.info(f"[{spec.name}] generative head found: serving /v1/chat/completions too")
             generators[spec.name] = load_generator(folder, name=spec.name, device=str(device))
     return generators
@@ -161,6 +165,13 @@ def guarded_protocol(read_timeout: float, max_connections: int) -> type[asyncio.
       (embedkit.serve.app). Idle keep-alive connections close after uvicorn's keep-alive timeout (5 s).
     - Connection limit: a connection beyond `max_connections` open ones gets 503 JSON (Retry-After) for its request
       and is closed.
+
+    The one place that relies on uvicorn's internals (checked against uvicorn 0.54.0, the version the serve extra
+    pins). uvicorn offers no public way to do either: `limit_concurrency` counts tasks as well as connections and
+    answers in plain text without Retry-After, and nothing bounds the wait for a request's headers. So its HTTP
+    protocol class is subclassed (`Config(http=...)` takes one), using attributes that both of its implementations
+    (H11Protocol, HttpToolsProtocol) set: `connections` (the server's open connections), `cycle` and
+    `cycle.response_complete` (the request in progress), `app`, `loop` and `transport`.
     """
     import orjson
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -234,10 +245,14 @@ class BackgroundServer:
         self.url = ""
 
     def start(self) -> "BackgroundServer":
-        import threading
-        import time
-
-        self.thread = threading.Thread(target=self.server.run, name="embedkit-server", daemon=True)
+        # The listening socket is made here and handed to uvicorn, so its port is known without reading the server's
+        # internals.
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.config.host, self.config.port))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, name="embedkit-server",
+                                       daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.startup_timeout
         while not self.server.started:
@@ -246,8 +261,7 @@ class BackgroundServer:
             if time.monotonic() > deadline:
                 raise ModelError(f"the server did not start within {self.startup_timeout:.0f}s")
             time.sleep(0.02)
-        sock = self.server.servers[0].sockets[0]
-        host, port = sock.getsockname()[:2]
+        host, port = listener.getsockname()[:2]
         self.url = f"http://{host}:{port}"
         return self
 

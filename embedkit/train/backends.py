@@ -16,6 +16,12 @@ torch's `fully_shard`, the same code on CPU (gloo) and GPU (nccl).
 Loss parameters (a learned temperature) stay outside the wrapped module: every rank computes the full gathered
 batch's loss, so their gradient is already the full-batch gradient on every rank, times the world size the loss was
 multiplied by (embedkit/train/losses/batch.py); the engine divides it back (`fix_extra_grads`).
+
+The backends are a registry (`register_backend`, `backend_class`): each class says which recipe setting selects it,
+which recipe combinations it refuses, and what it can do (`TrainingBackend`'s capability flags). Recipe validation,
+the engine and the steps ask the selected class instead of reading `deepspeed.stage` / `fsdp.enabled` themselves,
+so a new backend is one class here (and its recipe section in embedkit/train/config.py when it has settings);
+docs/extending.md walks through one.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+from embedkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -75,113 +85,144 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-class Backend:
-    """One process, or DDP across processes (Accelerate's `prepare`)."""
+TRAINING_BACKENDS: dict[str, type["TrainingBackend"]] = {}
+DEFAULT_BACKEND = "ddp"  # what a recipe that selects no other backend runs with
 
-    name = "single"
 
+def register_backend(cls: type["TrainingBackend"]) -> type["TrainingBackend"]:
+    """Class decorator: make a backend selectable (by `cls.selected_by`) under `cls.kind`."""
+    if cls.kind in TRAINING_BACKENDS:
+        raise ValueError(f"a training backend {cls.kind!r} is already registered")
+    TRAINING_BACKENDS[cls.kind] = cls
+    return cls
+
+
+def backend_class(recipe) -> type["TrainingBackend"]:
+    """The backend a recipe selects: the one registered backend whose `selected_by` says so, else the default
+    (one process, or DDP across processes). ValueError when several claim the recipe."""
+    chosen = [cls for cls in TRAINING_BACKENDS.values() if cls.selected_by(recipe)]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one sharding engine: {' or '.join(c.selected_with for c in chosen)}, not both")
+    return chosen[0] if chosen else TRAINING_BACKENDS[DEFAULT_BACKEND]
+
+
+class TrainingBackend(ABC):
+    """What every training backend is: the calls the engine makes (below), the recipe checks, the capabilities.
+
+    The capability flags and recipe hooks are class-level, so that recipe validation, the engine and the steps ask
+    the selected class (`backend_class(recipe)`) instead of testing the recipe's deepspeed / fsdp sections."""
+
+    kind: ClassVar[str]  # registry key
+    selected_with: ClassVar[str | None] = None  # the recipe setting that selects it, for error messages
+    # Weights and optimizer state are partitioned across the processes: the saved model is rebuilt whole on rank 0.
+    shards_parameters: ClassVar[bool] = False
+    # Wants a torch.distributed process group even in one process (DeepSpeed runs through its communication layer).
+    needs_process_group: ClassVar[bool] = False
+    # Refuses to run in one process (nothing to shard).
+    needs_several_processes: ClassVar[bool] = False
+    # Applies mixed precision itself; Accelerate's autocast stays off.
+    applies_precision: ClassVar[bool] = False
+    # Online hard-negative re-mining re-encodes the pool in one process: backends that shard cannot host it yet.
+    supports_online_mining: ClassVar[bool] = True
+    # (import name, install hint) of the package it needs, checked when a recipe is validated.
+    requires: ClassVar[tuple[str, str] | None] = None
+
+    # ------------------------------------------------------------------ the recipe side (class methods)
+    @classmethod
+    def selected_by(cls, recipe) -> bool:
+        """Whether the recipe asks for this backend (the default backend is chosen when no other is)."""
+        return False
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """Recipe combinations this backend cannot honour: ValueError (recipe validation names the recipe)."""
+
+    @classmethod
+    def check_launch(cls, recipe, device: torch.device, world: int) -> None:
+        """What only the launch shows (processes, devices): ConfigError."""
+        if cls.needs_several_processes and world == 1:
+            raise ConfigError(f"{cls.kind} shards a model across processes: launch with --nproc 2 or more",
+                              field=cls.selected_with)
+
+    @classmethod
+    def prepare_process(cls, recipe, device: torch.device) -> None:
+        """Before the process group is made (environment a library reads when it starts)."""
+
+    @classmethod
+    def flattens_parameters(cls, recipe) -> bool:
+        """Whether the model's parameters are flattened into buffers of the compute dtype when partitioned
+        (DeepSpeed ZeRO-3): 4-bit weights must then be stored in that dtype (`bnb_4bit_quant_storage`)."""
+        return False
+
+    # ------------------------------------------------------------------ the run side
     def __init__(self, engine) -> None:
         self.engine = engine
+        self.name = self.kind  # what logs and run statistics call it (DDP and DeepSpeed refine it)
         self.model: nn.Module | None = None  # what trainable forwards call
         self.unwrapped: nn.Module | None = None
         self.optimizer = None
         self.scheduler = None
         self.extra: list[nn.Parameter] = []
 
-    # ------------------------------------------------------------------ set-up
     def model_init(self) -> contextlib.AbstractContextManager:
         """Context to build the model in (ZeRO-3 partitions it while loading)."""
         return contextlib.nullcontext()
 
+    @abstractmethod
     def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
-        """Once per run: the model wrapped (DDP across processes) with its optimizer; `start_phase` follows."""
-        t = self.engine.training
-        self.unwrapped, self.extra = model, extra
-        groups = param_groups(model, t.weight_decay)
-        if extra:
-            groups.append({"params": extra, "weight_decay": 0.0})
-        if not groups:
-            raise RuntimeError("the model has no trainable parameters")
-        accelerator = self.engine.accelerator
-        if self.engine.world > 1:
-            self.name = "ddp"
-        optimizer = make_adamw(groups, t.lr)
-        # The scheduler is not given to `prepare`: Accelerate would step it once per process per step.
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        """Once per run: the model wrapped with its optimizer (`extra`: loss parameters); `start_phase` follows."""
 
+    @abstractmethod
     def start_phase(self, lr: float, total_steps: int, warmup: int) -> None:
         """Before a phase's first step (and before a checkpoint of it is loaded): the optimizer as new, at `lr`, and
-        the phase's schedule."""
-        self.scheduler = restart_optimizer(self.optimizer.optimizer, lr, warmup, total_steps)
-        self._restart_extra(lr, total_steps, warmup)
+        the phase's warmup + linear-decay schedule (`restart_optimizer`)."""
 
-    # ------------------------------------------------------------------ a step
+    @abstractmethod
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        """Wrap forward + backward of a micro-batch: `enabled` False accumulates without all-reducing."""
-        if enabled or self.name != "ddp":
-            return contextlib.nullcontext()
-        return self.engine.accelerator.no_sync(self.model)
+        """Wrap forward + backward of a micro-batch: `enabled` False accumulates without synchronising gradients."""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.accelerator.backward(loss)
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
 
     def backward_from(self, outputs: torch.Tensor, grads: torch.Tensor) -> None:
         """Backpropagate known output gradients (GradCache's replay); with fp16 they are already loss-scaled."""
         outputs.backward(grads)
 
+    @abstractmethod
     def optimizer_step(self) -> float | None:
-        t = self.engine.training
-        grad_norm = None
-        if t.max_grad_norm:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = float(self.engine.accelerator.clip_grad_norm_(params, t.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        """Clip, step the optimizer and the schedule, clear the gradients; returns the gradient norm (or None)."""
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def end_training(self) -> None:
-        """After the last step: the model computes in full precision again. Accelerate's mixed precision patches the
-        model's forward with autocast; left on, the final evaluation and the saved probe vectors would be bf16 numbers
-        of an fp32 model (measured: probes 1.1e-3 off, which `embedkit serve` refuses)."""
-        if self.engine.training.mixed_precision != "no":
-            self.engine.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        """After the last step: whatever the model needs to compute in full precision again."""
+
+    def whole_parameter(self, parameter: nn.Parameter) -> torch.Tensor:
+        """One parameter, whole and detached, on every process (a collective where the backend shards it); the
+        MNTP warm-up reads the tied LM head this way each step."""
+        return parameter.detach()
 
     # ------------------------------------------------------------------ weights
+    @abstractmethod
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Full trainable weights (model + extra), on the CPU; complete on rank 0 (others may return {})."""
-        state = {f"model.{n}": p.detach().cpu().clone() for n, p in self.unwrapped.named_parameters()
-                 if p.requires_grad}
-        state.update({f"extra.{i}": p.detach().cpu().clone() for i, p in enumerate(self.extra)})
-        return state
+        """Full trainable weights ("model.<name>", "extra.<i>"), on the CPU; complete on rank 0 (others may return
+        {}). A collective where the backend shards them."""
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = {f"model.{n}": p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-        params.update({f"extra.{i}": p for i, p in enumerate(self.extra)})
-        _check_names(params, state)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device))
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, folder: Path) -> None:
-        """Model + optimizer + scheduler into `folder` (rank 0 writes; DDP replicas are equal)."""
-        if self.engine.rank == 0:
-            torch.save({"model": self.trainable_state(), "optimizer": self.optimizer.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, folder / STATE_FILE)
-
-    def load(self, folder: Path) -> None:
-        payload = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
-        self.load_trainable_state(payload["model"])
-        self.optimizer.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
+    @abstractmethod
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def full_model(self) -> nn.Module | None:
         """The trained model, whole, on rank 0 (None elsewhere): what the output folder is written from."""
         return self.unwrapped if self.engine.rank == 0 else None
+
+    # ------------------------------------------------------------------ checkpoints
+    @abstractmethod
+    def save(self, folder: Path) -> None:
+        """Model + optimizer + scheduler into `folder`."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None: ...
 
     # ------------------------------------------------------------------ loss parameters beside a sharded model
     # Sharding engines optimise only the parameters of the module they wrap; the loss parameters (see the module
@@ -221,12 +262,95 @@ class Backend:
             self.extra_scheduler.load_state_dict(payload["scheduler"])
 
 
-class ShardedBackend(Backend):
-    """What DeepSpeed and FSDP share: loss parameters beside the sharded model, and the final model rebuilt
-    unsharded on rank 0 (the step's builder) with the gathered trainable weights loaded into it."""
+@register_backend
+class DataParallelBackend(TrainingBackend):
+    """One process, or DDP across processes (Accelerate's `prepare`): what a recipe runs with unless it selects
+    another backend. Called "single" in one process, "ddp" in several."""
+
+    kind = "ddp"
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.name = "ddp" if engine.world > 1 else "single"
+
+    def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
+        t = self.engine.training
+        self.unwrapped, self.extra = model, extra
+        groups = param_groups(model, t.weight_decay)
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+        if not groups:
+            raise RuntimeError("the model has no trainable parameters")
+        optimizer = make_adamw(groups, t.lr)
+        # The scheduler is not given to `prepare`: Accelerate would step it once per process per step.
+        self.model, self.optimizer = self.engine.accelerator.prepare(model, optimizer)
+
+    def start_phase(self, lr: float, total_steps: int, warmup: int) -> None:
+        self.scheduler = restart_optimizer(self.optimizer.optimizer, lr, warmup, total_steps)
+        self._restart_extra(lr, total_steps, warmup)
+
+    def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if enabled or self.engine.world == 1:
+            return contextlib.nullcontext()
+        return self.engine.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float | None:
+        t = self.engine.training
+        grad_norm = None
+        if t.max_grad_norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(self.engine.accelerator.clip_grad_norm_(params, t.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def end_training(self) -> None:
-        pass  # they apply precision themselves; the saved model is rebuilt in full precision
+        """Accelerate's mixed precision patches the model's forward with autocast; left on, the final evaluation and
+        the saved probe vectors would be bf16 numbers of an fp32 model (measured: probes 1.1e-3 off, which
+        `embedkit serve` refuses)."""
+        if self.engine.training.mixed_precision != "no":
+            self.engine.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"model.{n}": p.detach().cpu().clone() for n, p in self.unwrapped.named_parameters()
+                 if p.requires_grad}
+        state.update({f"extra.{i}": p.detach().cpu().clone() for i, p in enumerate(self.extra)})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = {f"model.{n}": p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        params.update({f"extra.{i}": p for i, p in enumerate(self.extra)})
+        _check_names(params, state)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device))
+
+    def save(self, folder: Path) -> None:
+        """Rank 0 writes (DDP replicas are equal)."""
+        if self.engine.rank == 0:
+            torch.save({"model": self.trainable_state(), "optimizer": self.optimizer.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, folder / STATE_FILE)
+
+    def load(self, folder: Path) -> None:
+        payload = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+        self.load_trainable_state(payload["model"])
+        self.optimizer.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+
+
+class ShardedBackend(TrainingBackend):
+    """What DeepSpeed and FSDP share: loss parameters beside the sharded model, precision applied by the engine
+    itself, one process refused for online mining, and the final model rebuilt unsharded on rank 0 (the step's
+    builder) with the gathered trainable weights loaded into it."""
+
+    shards_parameters = True
+    needs_process_group = True
+    applies_precision = True  # the saved model is rebuilt in full precision
+    supports_online_mining = False
 
     def full_model(self) -> nn.Module | None:
         state = self.trainable_state()  # collective: every rank takes part
@@ -243,8 +367,6 @@ class ShardedBackend(Backend):
 
 def _check_names(params: dict, state: dict) -> None:
     if set(params) != set(state):
-        from embedkit.errors import ConfigError
-
         missing = sorted(set(params) - set(state))[:3]
         unexpected = sorted(set(state) - set(params))[:3]
         raise ConfigError("the checkpoint does not match this model (different trainable parameters: "
@@ -283,8 +405,37 @@ def deepspeed_config(engine) -> dict:
     return config
 
 
+@register_backend
 class DeepSpeedBackend(ShardedBackend):
     """ZeRO-2 or ZeRO-3 (optionally offloading optimizer state and parameters to CPU memory)."""
+
+    kind = "deepspeed"
+    selected_with = "deepspeed.stage"
+    requires = ("deepspeed", "pip install 'embedkit[deepspeed]'")
+
+    @classmethod
+    def selected_by(cls, recipe) -> bool:
+        return recipe.deepspeed.stage != "none"
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        t = recipe.training
+        if recipe.adapter.type == "qlora" and t.mixed_precision != "no":
+            # DeepSpeed casts every float parameter to its precision, the 4-bit weights' packed storage included
+            # (stored in the compute dtype for ZeRO-3): they must already be in it.
+            raise ValueError("qlora under deepspeed computes in model.dtype: set model.dtype: bf16 instead of "
+                             "training.mixed_precision")
+        if t.mixed_precision == "fp16" and getattr(t, "grad_cache", None):
+            raise ValueError("grad_cache with deepspeed needs bf16 or fp32 (fp16 loss scaling would apply twice)")
+
+    @classmethod
+    def prepare_process(cls, recipe, device: torch.device) -> None:
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    @classmethod
+    def flattens_parameters(cls, recipe) -> bool:
+        return recipe.deepspeed.stage == "zero3"
 
     def __init__(self, engine) -> None:
         import deepspeed
@@ -357,8 +508,15 @@ class DeepSpeedBackend(ShardedBackend):
         norm = self.ds_engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    def whole_parameter(self, parameter: nn.Parameter) -> torch.Tensor:
+        """Under ZeRO-3 a partitioned parameter is gathered (every process takes part) and copied, since it is
+        released again on leaving the gather."""
+        if not hasattr(parameter, "ds_id"):
+            return parameter.detach()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            return parameter.detach().clone()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The fp32 master weights (DeepSpeed's optimizer holds them, partitioned under ZeRO); collective."""
@@ -405,10 +563,37 @@ class DeepSpeedBackend(ShardedBackend):
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
+@register_backend
 class FSDPBackend(ShardedBackend):
     """torch FSDP2: every transformer layer (and the root) sharded with `fully_shard` across the processes."""
 
-    name = "fsdp"
+    kind = "fsdp"
+    selected_with = "fsdp.enabled"
+    needs_several_processes = True
+
+    @classmethod
+    def selected_by(cls, recipe) -> bool:
+        return recipe.fsdp.enabled
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        if recipe.adapter.type == "qlora":
+            raise ValueError("fsdp with qlora is not supported (bitsandbytes' 4-bit weights cannot be sharded by "
+                             "FSDP2 here); use deepspeed.stage: zero3 for QLoRA across processes")
+
+    @classmethod
+    def check_launch(cls, recipe, device: torch.device, world: int) -> None:
+        super().check_launch(recipe, device, world)
+        if recipe.fsdp.offload_params and device.type != "cuda":
+            raise ConfigError("fsdp.offload_params keeps GPU shards in CPU memory between uses: it needs GPUs",
+                              field="fsdp.offload_params")
+
+    def whole_parameter(self, parameter: nn.Parameter) -> torch.Tensor:
+        """A DTensor shard: all-gathered. (FSDP replaces the parameters when it wraps the model: look them up after
+        `wrap`.)"""
+        if hasattr(parameter, "full_tensor"):
+            return parameter.full_tensor().detach()
+        return parameter.detach()
 
     def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -505,15 +690,6 @@ def _transformer_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
                 return list(blocks)
     return []
-
-
-def make_backend(engine) -> Backend:
-    recipe = engine.recipe
-    if recipe.deepspeed.stage != "none":
-        return DeepSpeedBackend(engine)
-    if recipe.fsdp.enabled:
-        return FSDPBackend(engine)
-    return Backend(engine)
 
 
 def count_steps(n_batches: int, accumulation: int, epochs: int, max_steps: int | None) -> int:

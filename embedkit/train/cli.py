@@ -9,6 +9,12 @@ from typing import Optional
 
 import typer
 
+from embedkit.device import resolve_device
+from embedkit.launch import command_argv, launched, relaunch
+
+from embedkit.train.config import load_recipe, warn_if_dev_is_test
+from embedkit.train.memory import ESTIMATE_NOTE, estimate_recipe_memory, format_estimate
+
 
 def train_command(
     ctx: typer.Context,
@@ -48,8 +54,6 @@ def train_command(
     embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume ;
     embedkit train recipes/mistral-7b-encoder-zero3.yaml --estimate-memory --nproc 4
     """
-    from embedkit.launch import command_argv, launched, relaunch
-    from embedkit.train.config import load_recipe, warn_if_dev_is_test
 
     overrides = list(set_)
     if deepspeed is not None:
@@ -57,8 +61,6 @@ def train_command(
     if output is not None:
         overrides.append(f"training.output_dir={output}")
     if estimate_memory:  # before validation: the data files and the GPU packages need not be on this machine
-        from embedkit.train.memory import ESTIMATE_NOTE, estimate_recipe_memory, format_estimate
-
         estimate = estimate_recipe_memory(load_recipe(recipe, overrides, validate=False), processes=nproc,
                                           source=recipe)
         if json_output:
@@ -75,8 +77,6 @@ def train_command(
                    f"output {parsed.training.output_dir})")
         return
     if nproc > 1 and not launched():
-        from embedkit.device import resolve_device
-
         device = resolve_device(parsed.model.device, field="model.device")  # a one-line error before launching
         code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu")
         if code:

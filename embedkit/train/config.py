@@ -26,13 +26,19 @@ way: "KEY=VALUE" strings applied by `apply_overrides`, to a file's YAML (`load_r
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embedkit.device import validate_device
 from embedkit.errors import ConfigError
+from embedkit.mine.settings import MiningSettings, parse_margin_grade, parse_range
+from embedkit.models.prompts import PROMPT_PRESETS
+from embedkit.models.registry import EMBEDDED_MODELS
 
 
 class Section(BaseModel):
@@ -42,8 +48,6 @@ class Section(BaseModel):
 
 
 def _valid_device(spec: str) -> str:
-    from embedkit.device import validate_device
-
     try:
         return validate_device(spec)
     except ConfigError as exc:
@@ -51,6 +55,19 @@ def _valid_device(spec: str) -> str:
 
 
 DeviceSpec = Annotated[str, AfterValidator(_valid_device)]
+
+
+def registered_pooling(name: str, *, for_causal_lm: bool = False) -> str:
+    """`name` when it is a pooling mode of embedkit.models.pooling's registry (ValueError naming them otherwise)."""
+    from embedkit.models.pooling import pooling_names  # the registry holds torch functions: loaded when needed
+
+    names = pooling_names(for_causal_lm=for_causal_lm)
+    if name not in names:
+        raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(names)}")
+    return name
+
+
+PoolingName = Annotated[str, AfterValidator(registered_pooling)]
 
 
 class EngineModelSection(Section):
@@ -64,7 +81,8 @@ class EngineModelSection(Section):
 
 class ModelSection(EngineModelSection):
     name: str = Field(description="embedded name (minilm, smollm2-135m), a local folder, or a Hugging Face id")
-    pooling: Literal["mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens"] | None = None
+    pooling: PoolingName | None = Field(None, description="a pooling mode (embedkit.models.pooling's registry); "
+                                                          "null: the model folder's, else mean (lasttoken for LLMs)")
     prompts: dict[str, str] | str | None = None  # a preset name (none, e5, bge, instruct) or {query:, document:}
     max_length: int | None = Field(None, gt=0)
     padding_side: Literal["left", "right"] | None = None
@@ -118,11 +136,22 @@ class DataSection(EngineDataSection):
     dev_batch_size: int = Field(64, gt=0)
 
 
+def registered_loss(name: str) -> str:
+    """`name` when it is a base loss of embedkit.train.losses' registry (ValueError naming them otherwise)."""
+    from embedkit.train.losses import loss_names  # the registry holds the loss classes (torch)
+
+    names = loss_names()
+    if name not in names:
+        raise ValueError(f"unknown loss type {name!r}; choose one of {', '.join(names)}")
+    return name
+
+
 class LossSection(Section):
     """Built by embedkit.train.losses.build_loss: the base loss `type`, wrapped in Matryoshka when
     `matryoshka_dims` is set and in distillation when `distillation` is set."""
 
-    type: Literal["infonce"] = "infonce"
+    type: Annotated[str, AfterValidator(registered_loss)] = Field(
+        "infonce", description="the base loss (embedkit.train.losses' registry: infonce, or one registered there)")
     temperature: float = Field(0.05, gt=0.0)
     learn_temperature: bool = False
     symmetric: bool = False
@@ -250,8 +279,6 @@ class MiningSection(Section):
     @field_validator("margin_grade", mode="before")
     @classmethod
     def _margin_grade(cls, value):
-        from embedkit.mine.settings import parse_margin_grade
-
         try:
             return parse_margin_grade(value)
         except ConfigError as exc:
@@ -260,8 +287,6 @@ class MiningSection(Section):
     @field_validator("range")
     @classmethod
     def _range(cls, text):
-        from embedkit.mine.settings import parse_range
-
         try:
             parse_range(text)
         except ConfigError as exc:
@@ -337,9 +362,10 @@ class Recipe(BaseRecipe):
             if self.loss.distillation != "none":
                 raise ValueError("mining.online replaces the negatives and their scores during training: use it "
                                  "without loss.distillation (teacher scores must come from a fixed teacher)")
-            if self.deepspeed.stage != "none" or self.fsdp.enabled:
+            backend = training_backend(self)
+            if not backend.supports_online_mining:
                 raise ValueError("mining.online runs in one process (DDP's --nproc is refused too): not with "
-                                 "deepspeed or fsdp yet")
+                                 f"{backend.selected_with} yet")
             self.mining_settings()  # the mining filters' own checks (window size, margins)
         if self.loss.distillation == "margin_mse" and self.loss.hard_negatives == 0:
             raise ValueError("loss.distillation margin_mse needs loss.hard_negatives > 0")
@@ -348,8 +374,6 @@ class Recipe(BaseRecipe):
 
     def mining_settings(self):
         """The recipe's mining section as embedkit.mine.MiningSettings (ValueError when inconsistent)."""
-        from embedkit.mine.settings import MiningSettings, parse_range
-
         m = self.mining
         lo, hi = parse_range(m.range)
         try:
@@ -369,22 +393,19 @@ def check_engine_settings(recipe: BaseRecipe) -> None:
         raise ValueError("qlora computes in fp32 or bf16, not fp16")
     if (recipe.adapter.dora or recipe.adapter.rslora) and recipe.adapter.type == "none":
         raise ValueError("adapter.dora / adapter.rslora are LoRA variants: set adapter.type lora or qlora")
-    if recipe.deepspeed.stage != "none" and recipe.fsdp.enabled:
-        raise ValueError("choose one sharding engine: deepspeed.stage or fsdp.enabled, not both")
-    if recipe.fsdp.enabled and recipe.adapter.type == "qlora":
-        raise ValueError("fsdp with qlora is not supported (bitsandbytes' 4-bit weights cannot be sharded by "
-                         "FSDP2 here); use deepspeed.stage: zero3 for QLoRA across processes")
+    backend = training_backend(recipe)  # ValueError when two sharding engines are asked for
     if recipe.training.mixed_precision != "no" and recipe.model.dtype != "fp32":
         raise ValueError("training.mixed_precision keeps fp32 master weights: use it with model.dtype fp32 "
                          "(or set model.dtype and leave mixed_precision: no)")
-    if recipe.adapter.type == "qlora" and recipe.deepspeed.stage != "none" and recipe.training.mixed_precision != "no":
-        # DeepSpeed casts every float parameter to its precision, the 4-bit weights' packed storage included
-        # (stored in the compute dtype for ZeRO-3): they must already be in it.
-        raise ValueError("qlora under deepspeed computes in model.dtype: set model.dtype: bf16 instead of "
-                         "training.mixed_precision")
-    if recipe.deepspeed.stage != "none" and recipe.training.mixed_precision == "fp16" and getattr(
-            recipe.training, "grad_cache", None):
-        raise ValueError("grad_cache with deepspeed needs bf16 or fp32 (fp16 loss scaling would apply twice)")
+    backend.check_recipe(recipe)
+
+
+def training_backend(recipe: BaseRecipe):
+    """The training backend class the recipe selects (embedkit/train/backends.py's registry): its capability flags
+    answer what recipe checks would otherwise read from the deepspeed / fsdp sections."""
+    from embedkit.train.backends import backend_class  # the registry holds the runtime classes, which need torch
+
+    return backend_class(recipe)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -518,8 +539,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *, validat
 # ---------------------------------------------------------------------------------------------------- validation
 def check_engine_environment(recipe: BaseRecipe, *, source=None, check_environment: bool = True) -> None:
     """Packages the engine needs for what the recipe asks (skipped with check_environment=False)."""
-    import importlib.util
-
     if not check_environment:
         return
     needs = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
@@ -529,9 +548,10 @@ def check_engine_environment(recipe: BaseRecipe, *, source=None, check_environme
                               path=source, field="training.report_to")
     if recipe.adapter.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("qlora needs bitsandbytes: pip install 'embedkit[qlora]'", path=source, field="adapter.type")
-    if recipe.deepspeed.stage != "none" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("deepspeed is not installed: pip install 'embedkit[deepspeed]'", path=source,
-                          field="deepspeed.stage")
+    backend = training_backend(recipe)
+    if backend.requires is not None and importlib.util.find_spec(backend.requires[0]) is None:
+        package, install = backend.requires
+        raise ConfigError(f"{package} is not installed: {install}", path=source, field=backend.selected_with)
 
 
 
@@ -550,8 +570,6 @@ def warn_if_dev_is_test(recipe, *, source: str | Path | None = None) -> bool:
     """One warning line when data.dev is a split named test (beir:DIR:test; beir:DIR, whose split defaults to
     test; sts:.../test.jsonl): the dev score steers choices (the dev-best step that eval_every restores, the trial
     `embedkit tune` keeps), so a test split there stops being held out. Returns whether it warned."""
-    import logging
-
     if not recipe.data.dev:
         return False
     from embedkit.eval.tasks import parse_task_spec
@@ -574,8 +592,6 @@ def warn_if_dev_is_test(recipe, *, source: str | Path | None = None) -> bool:
 def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_environment: bool = True) -> None:
     """Checks that need the file system but no model: data files exist, specs parse, optional packages present
     (`check_environment=False` skips the last, to validate a GPU recipe on a machine without deepspeed)."""
-    import importlib.util
-
     kind, path, split = parse_train_source(recipe.data.train)
     if kind == "beir":
         if not (path / "corpus.jsonl").is_file() or not (path / "queries.jsonl").is_file():
@@ -601,15 +617,11 @@ def validate_recipe(recipe: Recipe, *, source: str | Path | None = None, check_e
         if spec.path is not None and not Path(spec.path).exists():
             raise ConfigError(f"dev data not found: {spec.path}", path=source, field="data.dev")
     name = recipe.model.name
-    from embedkit.models.registry import EMBEDDED_MODELS
-
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
     if name not in EMBEDDED_MODELS and looks_like_path and not Path(name).expanduser().is_dir():
         raise ConfigError(f"no model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not an existing "
                           "folder, not a Hugging Face id (owner/name)", path=source, field="model.name")
     if isinstance(recipe.model.prompts, str):
-        from embedkit.models.prompts import PROMPT_PRESETS
-
         if recipe.model.prompts not in PROMPT_PRESETS:
             raise ConfigError(f"unknown prompt preset {recipe.model.prompts!r} (use {', '.join(PROMPT_PRESETS)})",
                               path=source, field="model.prompts")

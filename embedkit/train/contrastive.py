@@ -14,200 +14,52 @@ with the loss actually used and the dev results, probe vectors, the training log
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import random
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from embedkit.atomic import atomic_dir, write_json, write_text
 from embedkit.data.tuples import TrainingExample
 from embedkit.device import torch_threads
-from embedkit.errors import ConfigError, DataError
-from embedkit.train.config import Recipe, parse_train_source
+from embedkit.errors import ConfigError
+from embedkit.eval import runner as eval_runner
+from embedkit.eval.tasks import load_task, parse_task_spec
+from embedkit.manifest import MANIFEST_NAME, base_manifest, command_line
+from embedkit.models.adapters import attach_lora, keep_4bit_layout, merge_adapter, prepare_kbit
+from embedkit.models.distributed import sharded_encoding as shard
+from embedkit.models.encoder import load_model
+from embedkit.models.probes import write_probes
+from embedkit.train.backends import backend_class
+from embedkit.train.config import Recipe
 from embedkit.train.engine import (LOG_FILE, Engine, FitResult, Phase, StepBase, copy_run_logs, peak_rss_gb,
-                                   recipe_hash, rss_gb, seed_everything, work_dir)
+                                   recipe_hash, rss_gb, seed_everything)
 from embedkit.train.gradcache import cached_step, plain_step
-from embedkit.train.losses import ContrastiveObjective, build_loss, text_keys
+from embedkit.train.losses import ContrastiveObjective, build_loss
+from embedkit.train.mntp import mntp_phase
+from embedkit.train.remining import OnlineMiner
+from embedkit.train.trainset import TrainData, batch_inputs, epoch_batches, load_examples, prepare_data
 
 log = logging.getLogger(__name__)
-
-_LENGTH_GROUP_BATCHES = 50  # length-grouped batching sorts within windows of this many batches
-
-
-# ---------------------------------------------------------------------------------------------------- data
-@dataclass
-class TrainData:
-    examples: list[TrainingExample]
-    source: dict[str, Any]  # what was read: spec, path, hash, count
-    query_ids: list[list[int]] = field(default_factory=list)
-    doc_ids: list[list[list[int]]] = field(default_factory=list)  # per example: [positive, negatives...]
-    query_keys: torch.Tensor | None = None
-    doc_keys: torch.Tensor | None = None  # [n, 1+k], -1 in padded slots
-    doc_valid: torch.Tensor | None = None  # [n, 1+k] bool: False where a row is short of negatives
-    teacher: torch.Tensor | None = None  # [n, 1+k]
-
-
-def subset_indices(available: int, data, seed: int) -> list[int] | None:
-    """Which of `available` examples `data.max_examples` / `data.sample` keep (None: all of them)."""
-    if not data.max_examples or available <= data.max_examples:
-        return None
-    if data.sample == "random":
-        return sorted(random.Random(seed).sample(range(available), data.max_examples))
-    return list(range(data.max_examples))
-
-
-def load_examples(recipe: Recipe) -> tuple[list[TrainingExample], dict[str, Any]]:
-    """The training examples a recipe names (subset and hard negatives applied) plus their provenance."""
-    data, loss = recipe.data, recipe.loss
-    kind, path, split = parse_train_source(data.train)
-    if kind == "beir":
-        from embedkit.data.beir import load_beir
-        from embedkit.data.tuples import pairs_from_beir
-
-        ds = load_beir(path, split)
-        examples = pairs_from_beir(ds)
-        source = {"spec": data.train, "path": str(path), "split": split, "data_hash": ds.data_hash()}
-    else:
-        from embedkit.data.tuples import read_examples
-        from embedkit.manifest import sha256_file
-
-        cols = data.columns
-        reader = read_examples(path, query=cols.query, positive=cols.positive, negatives=cols.negatives,
-                               scores=cols.scores)
-        if data.max_examples and data.sample == "first":
-            examples = [ex for _, ex in zip(range(data.max_examples), reader)]
-        else:
-            examples = list(reader)
-        source = {"spec": data.train, "path": str(path), "sha256": sha256_file(path)}
-    source["available"] = len(examples)
-    chosen = subset_indices(len(examples), data, recipe.training.seed)
-    if chosen is not None:
-        examples = [examples[i] for i in chosen]
-    source.update(sample=data.sample, max_examples=data.max_examples, used=len(examples))
-    k = loss.hard_negatives
-    # Rows short of negatives (mining keeps queries with fewer survivors) are padded and masked out of the loss.
-    short = [len(ex.negatives) for ex in examples if len(ex.negatives) < k]
-    source["hard_negatives"] = {"wanted": k, "short_rows": len(short), "missing": sum(k - n for n in short)}
-    for i, ex in enumerate(examples):
-        if loss.distillation != "none" and ex.scores is None:
-            raise DataError(f"example {i + 1} has no teacher scores; loss.distillation needs them", path=path,
-                            field=data.columns.scores or "scores")
-    return examples, source
-
-
-def prepare_data(encoder, examples: list[TrainingExample], source: dict, recipe: Recipe) -> TrainData:
-    """Tokenize once (never inside the loop) and compute the text keys used for false-negative masking."""
-    data = TrainData(examples, source)
-    data.query_ids = encoder.token_ids([ex.query for ex in examples], "query")
-    data.query_keys = text_keys([ex.query for ex in examples])
-    set_documents(data, encoder, recipe)
-    return data
-
-
-def set_documents(data: TrainData, encoder, recipe: Recipe, token_cache: dict[str, list[int]] | None = None) -> None:
-    """(Re)build the per-example documents [positive, negatives...] from data.examples: token ids, text keys, the
-    validity of each negative slot (rows short of negatives are padded) and teacher scores.
-
-    `token_cache` (text -> ids) lets online re-mining tokenize only the texts it has not seen yet.
-    """
-    k = recipe.loss.hard_negatives
-    examples = data.examples
-    docs = [[ex.positive, *ex.negatives[:k]] for ex in examples]
-    texts = [t for row in docs for t in row]
-    if token_cache is None:
-        flat = encoder.token_ids(texts, "document")
-    else:
-        new = list(dict.fromkeys(t for t in texts if t not in token_cache))
-        if new:
-            token_cache.update(zip(new, encoder.token_ids(new, "document")))
-        flat = [token_cache[t] for t in texts]
-    data.doc_ids, start = [], 0
-    for row in docs:
-        data.doc_ids.append(flat[start:start + len(row)])
-        start += len(row)
-    n = len(examples)
-    valid = torch.zeros(n, 1 + k, dtype=torch.bool)
-    keys = torch.full((n, 1 + k), -1, dtype=torch.long)  # -1: a padded slot (real keys are >= 0)
-    all_keys = text_keys(texts) if texts else torch.zeros(0, dtype=torch.long)
-    start = 0
-    for i, row in enumerate(docs):
-        valid[i, :len(row)] = True
-        keys[i, :len(row)] = all_keys[start:start + len(row)]
-        start += len(row)
-    data.doc_keys, data.doc_valid = keys, valid
-    if recipe.loss.distillation != "none":
-        teacher = torch.zeros(n, 1 + k, dtype=torch.float32)  # padded slots stay 0 (masked in the loss)
-        for i, ex in enumerate(examples):
-            row = [ex.scores[0], *ex.scores[1:1 + min(k, len(ex.negatives))]]
-            teacher[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
-        data.teacher = teacher
-
-
-def batch_inputs(data: TrainData, rows: list[int], k: int) -> tuple[list, list, dict[str, Any]]:
-    """(query ids, real document ids, loss kwargs) of a batch in the loss layout: all positives, then each query's
-    k negative slots in order. Padded slots have no ids; `document_valid` tells the loss which slots are real."""
-    query_ids = [data.query_ids[i] for i in rows]
-    doc_ids = [data.doc_ids[i][0] for i in rows] + [ids for i in rows for ids in data.doc_ids[i][1:1 + k]]
-    idx = torch.tensor(rows)
-    doc_keys = torch.cat([data.doc_keys[idx, 0], data.doc_keys[idx, 1:].reshape(-1)])
-    kwargs: dict[str, Any] = {"query_keys": data.query_keys[idx], "document_keys": doc_keys}
-    valid = torch.cat([data.doc_valid[idx, 0], data.doc_valid[idx, 1:].reshape(-1)])
-    if not valid.all():
-        kwargs["document_valid"] = valid
-    if data.teacher is not None:
-        kwargs["teacher_scores"] = data.teacher[idx]
-    return query_ids, doc_ids, kwargs
-
-
-def epoch_batches(data: TrainData, recipe: Recipe, epoch: int, batch_size: int | None = None) -> list[list[int]]:
-    """A deterministic batch order for `epoch` (seed + epoch), optionally grouped by length to cut padding.
-
-    `batch_size` is the global batch (per process x processes; default the recipe's): several processes draw the
-    single-process order of that batch size and split each batch between them."""
-    t = recipe.training
-    generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-    order = torch.randperm(len(data.examples), generator=generator).tolist()
-    size = batch_size or t.batch_size
-    if t.group_by_length:
-        window = size * _LENGTH_GROUP_BATCHES
-        grouped = []
-        for start in range(0, len(order), window):
-            part = order[start:start + window]
-            part.sort(key=lambda i: -(len(data.query_ids[i]) + len(data.doc_ids[i][0])))
-            grouped.extend(part)
-        batches = [grouped[i:i + size] for i in range(0, len(grouped), size)]
-        shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        batches = [batches[i] for i in shuffle]
-    else:
-        batches = [order[i:i + size] for i in range(0, len(order), size)]
-    if t.drop_last and batches and len(batches[-1]) < size:
-        batches.pop()
-    return batches
-
 
 # ---------------------------------------------------------------------------------------------------- model
 def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
     """The recipe's encoder, ready to train: dropout set, adapters attached, unused weights frozen."""
-    from embedkit.models.encoder import load_model
-
     m, a = recipe.model, recipe.adapter
     encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
                          padding_side=m.padding_side, quantization="nf4" if a.type == "qlora" else None,
-                         device=str(device), sharded_storage=recipe.deepspeed.stage == "zero3", attention=m.attention)
+                         device=str(device), attention=m.attention,
+                         sharded_storage=backend_class(recipe).flattens_parameters(recipe))
     if a.type == "qlora":
-        from embedkit.models.adapters import keep_4bit_layout
-
         keep_4bit_layout(encoder.backbone)
     set_dropout(encoder, attention=m.attention_dropout, hidden=m.hidden_dropout)
     freeze_unused(encoder)
     if a.type != "none":
-        from embedkit.models.adapters import attach_lora, prepare_kbit
-
         if a.type == "qlora":
             prepare_kbit(encoder, gradient_checkpointing=m.gradient_checkpointing)
         attach_lora(encoder, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.targets, dora=a.dora,
@@ -339,23 +191,17 @@ class ContrastiveStep(StepBase):
 
 def sharded_encoding(encoder, enabled: bool):
     """Encoding spread over the processes of the run (every one takes part); a no-op for one process."""
-    import contextlib
-
     if not enabled:
         return contextlib.nullcontext()
-    from embedkit.models.distributed import sharded_encoding as shard
-
     return shard(encoder)
 
 
 def evaluate_dev(encoder, task, recipe, *, sharded: bool = False) -> dict[str, Any]:
     """The dev task's metrics with the encoder as it is now; the training RNG stream is left untouched."""
-    from embedkit.eval.runner import evaluate
-
     encoder.invalidate_fingerprint()
     with torch.random.fork_rng(), sharded_encoding(encoder, sharded):
-        report = evaluate(encoder, [task.spec], batch_size=recipe.data.dev_batch_size, seed=recipe.training.seed,
-                          use_cache=False)
+        report = eval_runner.evaluate(encoder, [task.spec], batch_size=recipe.data.dev_batch_size,
+                                      seed=recipe.training.seed, use_cache=False)
     encoder.train()
     result = report["results"][task.spec.name]
     main = task.spec.main_metric
@@ -411,21 +257,15 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval=None) -> TrainResul
     data = prepare_data(encoder, examples, source, recipe)
     miner = None
     if recipe.mining.online:
-        from embedkit.train.remining import OnlineMiner
-
         miner = OnlineMiner(recipe, examples)
         log.info("online mining: pool of %d documents, every %s%s", len(miner.state.task.corpus_ids),
                  recipe.mining.every, " step(s)" if recipe.mining.every != "epoch" else "")
     loss_fn = build_loss(recipe.loss).to(engine.device)
     dev_task = None
     if recipe.data.dev:
-        from embedkit.eval.tasks import load_task, parse_task_spec
-
         dev_task = load_task(parse_task_spec(recipe.data.dev))
     phases = []
     if recipe.mntp.steps:  # the LLM2Vec warm-up: a first phase of the same fit, on the same model and adapter
-        from embedkit.train.mntp import mntp_phase
-
         phases.append(mntp_phase(recipe, encoder, mntp_documents(examples)))
     step = ContrastiveStep(recipe, encoder, loss_fn, data, dev_task, miner)
     phases.append(Phase(step.name, step, len(data.examples)))
@@ -455,10 +295,6 @@ def mntp_documents(examples: list[TrainingExample]) -> list[str]:
 def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict, dev: dict | None, work: Path,
                 online_mining: dict | None = None) -> Path:
     """One atomic folder: model (ST layout) + manifest + README.md + probe vectors + training log."""
-    from embedkit.atomic import atomic_dir, write_json, write_text
-    from embedkit.manifest import MANIFEST_NAME, command_line
-    from embedkit.export.probes import write_probes
-
     a = recipe.adapter
     base = encoder.base_model
     manifest = {
@@ -483,8 +319,6 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
             record["model"]["fingerprint"] = merged.fingerprint
             write_json(tmp / MANIFEST_NAME, record)
         else:
-            from embedkit.manifest import base_manifest
-
             write_json(tmp / MANIFEST_NAME, base_manifest("adapter", base_model=base, model=encoder.describe(),
                                                           **manifest))
             write_probes(encoder, tmp, created_by="train")
@@ -497,9 +331,6 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
 
 def _merged_from_4bit(encoder, recipe: Recipe, adapter_dir: Path):
     """QLoRA: merging into a 4-bit base is lossy, so reload the base in full precision with the adapter, then merge."""
-    from embedkit.models.adapters import merge_adapter
-    from embedkit.models.encoder import load_model
-
     m = recipe.model
     full = load_model(m.name, pooling=encoder.pooling, prompts=encoder.prompts, max_length=encoder.max_length,
                       dtype="fp32", padding_side=encoder.padding_side, adapter=adapter_dir, attention=encoder.attention)

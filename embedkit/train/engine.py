@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -44,7 +45,10 @@ import torch
 from torch import nn
 
 from embedkit import logs
-from embedkit.errors import ConfigError
+from embedkit.atomic import atomic_path, fsync_dir
+from embedkit.device import resolve_device
+from embedkit.errors import ConfigError, DataError
+from embedkit.train.backends import TrainingBackend, backend_class, count_steps
 from embedkit.train.config import BaseRecipe
 
 log = logging.getLogger(__name__)
@@ -262,8 +266,6 @@ class _JsonlLog:
 
 def _trackers(report_to: list[str] | None) -> list[str]:
     """What to log to: the recipe's list, or TensorBoard where it is installed."""
-    import importlib.util
-
     if report_to is not None:
         return list(report_to)
     has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
@@ -295,8 +297,6 @@ class Engine:
     adapter, training, deepspeed and fsdp sections, and hashes the whole recipe for resume."""
 
     def __init__(self, recipe: BaseRecipe, output_dir: str | Path, *, kind: str = "train") -> None:
-        from embedkit.device import resolve_device
-
         self.recipe = recipe
         self.training = recipe.training
         self.kind = kind
@@ -308,24 +308,17 @@ class Engine:
         if t.mixed_precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("training.mixed_precision fp16 needs a CUDA device (use bf16 on the CPU)",
                               field="training.mixed_precision")
-        if (recipe.deepspeed.stage != "none" or recipe.fsdp.enabled or launched) and not torch.distributed.is_initialized():
-            if recipe.deepspeed.stage != "none" and self.device.type == "cpu":
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        backend = backend_class(recipe)
+        if (backend.needs_process_group or launched) and not torch.distributed.is_initialized():
+            backend.prepare_process(recipe, self.device)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             ensure_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if recipe.fsdp.enabled and self.world == 1:
-            raise ConfigError("fsdp shards a model across processes: launch with --nproc 2 or more",
-                              field="fsdp.enabled")
-        if recipe.fsdp.offload_params and self.device.type != "cuda":
-            raise ConfigError("fsdp.offload_params keeps GPU shards in CPU memory between uses: it needs GPUs",
-                              field="fsdp.offload_params")
-        self.accelerator = self._make_accelerator()
-        from embedkit.train.backends import make_backend
-
-        self.backend = make_backend(self)
+        backend.check_launch(recipe, self.device, self.world)
+        self.accelerator = self._make_accelerator(backend)
+        self.backend = backend(self)
         self.sync_gradients = True  # False while accumulating the micro-batches before the last of a step
         self._build_for_saving: Callable[[], nn.Module] | None = None
         self._model: nn.Module | None = None
@@ -339,7 +332,7 @@ class Engine:
         self._done_phases: dict[str, dict[str, Any]] = {}  # stats of the phases finished, kept in checkpoints
 
     # ------------------------------------------------------------------ set-up
-    def _make_accelerator(self):
+    def _make_accelerator(self, backend: type[TrainingBackend]):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
@@ -351,8 +344,7 @@ class Engine:
             raise RuntimeError("an Engine is training in this process: one engine per run (run stages as its phases)")
         AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
         t = self.training
-        sharded = self.recipe.deepspeed.stage != "none" or self.recipe.fsdp.enabled
-        mixed = "no" if sharded else t.mixed_precision  # DeepSpeed / FSDP apply precision themselves
+        mixed = "no" if backend.applies_precision else t.mixed_precision
         trackers = _trackers(t.report_to) if self.rank == 0 else []
         self.trackers = trackers
         return Accelerator(cpu=self.device.type == "cpu", mixed_precision=mixed, log_with=trackers or None,
@@ -367,7 +359,7 @@ class Engine:
         return self.backend.model_init()
 
     def set_model_builder(self, build: Callable[[], nn.Module]) -> None:
-        """How rank 0 rebuilds the model unsharded for the final save (DeepSpeed / FSDP)."""
+        """How rank 0 rebuilds the model unsharded for the final save (backends that shard the parameters)."""
         self._build_for_saving = build
 
     def build_model_for_saving(self) -> nn.Module:
@@ -432,6 +424,9 @@ class Engine:
         self._on_eval = on_eval
         self._model, self._extra = model, list(extra or [])
         plans = [self._plan(p) for p in phases]  # every phase's data checked before anything trains
+        if self.backend.shards_parameters and self._build_for_saving is None:  # else found only at the final save
+            raise RuntimeError(f"{self.backend.name} rebuilds the model whole to save it: the step must register a "
+                               "model builder first (Engine.set_model_builder)")
         self.backend.wrap(model, self._extra)
 
         checkpoint = self._latest_checkpoint() if resume else None
@@ -476,8 +471,6 @@ class Engine:
         return result
 
     def _plan(self, phase: Phase) -> _Plan:
-        from embedkit.train.backends import count_steps
-
         t = self.training
         pick = lambda value, default: default if value is None else value  # noqa: E731
         batch_size = pick(phase.batch_size, t.batch_size)
@@ -485,8 +478,6 @@ class Engine:
         global_batch = batch_size * self.world
         n_batches = len(self._epoch_batches(phase.step, 0, global_batch))
         if n_batches == 0:
-            from embedkit.errors import DataError
-
             raise DataError(f"no complete batch: {phase.n_examples} examples for a batch of {global_batch}"
                             + (" with drop_last" if getattr(t, "drop_last", False) else ""),
                             field="training.batch_size")
@@ -661,8 +652,6 @@ class Engine:
             state["best_score"], state["best_step"] = result["score"], state["step"]
             weights = self.backend.trainable_state()
             if self.is_main:
-                from embedkit.atomic import atomic_path
-
                 with atomic_path(self.work / "best.pt") as tmp:
                     torch.save(weights, tmp)
             self._barrier()
@@ -717,9 +706,7 @@ class Engine:
         if self.is_main:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            from embedkit.atomic import _fsync_dir
-
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             for stale in self._checkpoints()[: -self.training.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
         self._barrier()

@@ -54,8 +54,8 @@ def mask_token_id(tokenizer) -> int:
 
 def lm_head_weight(encoder) -> torch.Tensor:
     """The [vocab, hidden] output projection, frozen: the tied input embedding (as it is now: under ZeRO-3 / FSDP a
-    shard, see `tied_head`), else lm_head.weight from disk."""
-    config = encoder._base_config
+    shard, see `MNTPStep.run`), else lm_head.weight from disk."""
+    config = encoder.base_config
     embeddings = encoder.backbone.get_input_embeddings().weight
     if getattr(config, "tie_word_embeddings", False):
         return embeddings.detach()
@@ -96,22 +96,6 @@ def mask_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ratio: 
     return masked, chosen
 
 
-def tied_head(encoder) -> torch.Tensor:
-    """The input embedding as the LM head, whole and detached. Under ZeRO-3 it is partitioned: gathered (every
-    process takes part) and copied, since it is released again on leaving the gather; under FSDP2 it is a DTensor
-    shard: all-gathered. Looked up at each call: FSDP replaces the parameters when it wraps the model, and a
-    trained embedding (no adapter) changes every step."""
-    weight = encoder.backbone.get_input_embeddings().weight
-    if hasattr(weight, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight]):
-            return weight.detach().clone()
-    if hasattr(weight, "full_tensor"):
-        return weight.full_tensor().detach()
-    return weight.detach()
-
-
 class MNTPStep(StepBase):
     name = "mntp"
 
@@ -125,10 +109,10 @@ class MNTPStep(StepBase):
         if not self.ids:
             raise ConfigError("mntp: no training document has two tokens to learn from", field="mntp.steps")
         self.mask_id = mask_token_id(tokenizer)
-        self.vocab = int(encoder._base_config.vocab_size)
+        self.vocab = int(encoder.base_config.vocab_size)
         self.special = {int(t) for t in tokenizer.all_special_ids}
-        tied = getattr(encoder._base_config, "tie_word_embeddings", False)
-        self.head = None if tied else lm_head_weight(encoder)  # tied: looked up each step (tied_head)
+        tied = getattr(encoder.base_config, "tie_word_embeddings", False)
+        self.head = None if tied else lm_head_weight(encoder)  # tied: looked up each step (run)
 
     def batches(self, epoch: int, batch_size: int) -> list[list[int]]:
         order = list(range(len(self.ids)))
@@ -151,7 +135,10 @@ class MNTPStep(StepBase):
         targets = input_ids[predict]
         before = torch.zeros_like(predict)
         before[:, :-1] = predict[:, 1:]  # the hidden state one position earlier predicts the masked token
-        head = self.head if self.head is not None else tied_head(self.encoder)
+        # A tied head is the input embedding as it is now: trained without an adapter it changes every step, and
+        # a sharding backend holds a shard of it (replaced when it wraps the model), so it is asked for it whole.
+        head = self.head if self.head is not None else engine.backend.whole_parameter(
+            self.encoder.backbone.get_input_embeddings().weight)
         with engine.sync(last=True):
             with engine.autocast():
                 hidden = engine.model({"input_ids": masked, "attention_mask": attention}, hidden_states=True)

@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
+from embedkit.data.beir import CORPUS_FILE, load_beir, read_corpus
+from embedkit.mine.core import margin_warning
+from embedkit.mine.online import RemineState, remine
 from embedkit.train.config import Recipe, parse_train_source
+from embedkit.train.trainset import set_documents
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ def scheduled_rounds(every: int | str, at_start: bool, total_steps: int, steps_p
 
 class OnlineMiner:
     def __init__(self, recipe: Recipe, examples: list) -> None:
-        from embedkit.mine.online import RemineState
-
         self.recipe = recipe
         self.settings = recipe.mining_settings()
         self.state = RemineState.from_examples(examples, self.settings, corpus=self._corpus(recipe))
@@ -64,8 +66,6 @@ class OnlineMiner:
     @staticmethod
     def _corpus(recipe: Recipe) -> dict[str, dict] | None:
         """The documents beyond the training positives that the pool holds."""
-        from embedkit.data.beir import CORPUS_FILE, load_beir, read_corpus
-
         if recipe.mining.corpus is not None:
             path = Path(recipe.mining.corpus)
             return read_corpus(path / CORPUS_FILE if path.is_dir() else path)
@@ -82,9 +82,6 @@ class OnlineMiner:
 
     def refresh(self, encoder, data, *, step: int, epoch: int | None) -> dict[str, Any]:
         """Re-mine with `encoder`, swap the negatives of `data` (re-tokenizing only new texts); return the record."""
-        from embedkit.mine.online import remine
-        from embedkit.train.contrastive import set_documents
-
         k = self.recipe.loss.hard_negatives
         started = time.perf_counter()
         round_ = self.state.rounds
@@ -117,8 +114,6 @@ class OnlineMiner:
                   "survivors": stats["survivors"], "negatives_changed": changed_slots, "rows_changed": changed_rows,
                   "rows_short": short_rows, "negative_score_median": stats["negative_scores"].get("median"),
                   "positive_score_median": stats["positive_scores"].get("median")}
-        from embedkit.mine.core import margin_warning
-
         warning = margin_warning(stats, self.settings.to_dict(), names="recipe")
         if warning is not None:
             record["warning"] = warning["message"]
@@ -140,7 +135,6 @@ class OnlineMiner:
                 "refreshes": [dict(r, removed=dict(r["removed"])) for r in self.refreshes]}
 
     def restore(self, payload: dict[str, Any], encoder, data) -> None:
-        from embedkit.train.contrastive import set_documents
 
         self.state.rounds = int(payload["rounds"])
         self.refreshes = [dict(r) for r in payload["refreshes"]]

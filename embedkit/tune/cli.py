@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 
 from embedkit.device import DEVICE_HELP
-from embedkit.tune.budget import BUDGET_HELP
+from embedkit.errors import ConfigError
+from embedkit.tune.budget import BUDGET_HELP, parse_budget
 
 
 def tune_command(
@@ -120,13 +121,10 @@ def tune_command(
 
       embedkit train runs/medquad-tune/tuned_recipe.yaml      # the same model again
     """
-    from embedkit.tune.budget import parse_budget
     from embedkit.tune.run import tune
 
     parsed_budget = parse_budget(budget)  # a bad budget fails before anything loads
     if dev_corpus not in ("nearest", "random"):
-        from embedkit.errors import ConfigError
-
         raise ConfigError(f"expected 'nearest' or 'random', got {dev_corpus!r}", field="--dev-corpus")
     wanted = [p.strip() for p in params.split(",") if p.strip()] if params else None
     # stdout carries the result only: what libraries print while the runs go (DeepSpeed's accelerator line, ...)

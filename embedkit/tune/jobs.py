@@ -16,6 +16,7 @@ runs the same job functions in this process (tests that stand a fake training in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embedkit.errors import EmbedkitError
+from embedkit.logs import child_environment, configure_logging
+from embedkit.train.config import load_recipe, parse_recipe
+from embedkit.tune.compare import compare_on_test
+from embedkit.tune.prepare import base_model_ranker, mining_probe
 
 log = logging.getLogger("embedkit.tune")
 
@@ -57,8 +62,6 @@ class JobFailed(EmbedkitError):
 
 # ---------------------------------------------------------------------------------------------------- the jobs
 def _recipe(payload: dict):
-    from embedkit.train.config import parse_recipe
-
     return parse_recipe(payload["recipe"], source=payload.get("source"))
 
 
@@ -96,8 +99,6 @@ def trial_job(payload: dict, emit: Emit) -> dict:
 
 def _trial_logging(verbose: bool):
     """A trial's own engine lines (step counts, dev scores) only with --verbose; warnings always."""
-    import contextlib
-
     @contextlib.contextmanager
     def quiet():
         from transformers.utils import logging as hf_logging
@@ -118,21 +119,16 @@ def _trial_logging(verbose: bool):
 
 
 def rank_job(payload: dict, emit: Emit) -> dict:
-    from embedkit.tune.prepare import base_model_ranker
-
     rank = base_model_ranker(_recipe(payload), payload["device"])
     return {"ranked": rank(payload["queries"], payload["documents"], payload["k"])}
 
 
 def probe_job(payload: dict, emit: Emit) -> dict:
-    from embedkit.tune.prepare import mining_probe
-
     return mining_probe(_recipe(payload), payload["device"])
 
 
 def train_job(payload: dict, emit: Emit) -> dict:
     """The final model: the written recipe, trained as `embedkit train FILE` trains it."""
-    from embedkit.train.config import load_recipe
     from embedkit.train.contrastive import train
 
     started = time.perf_counter()
@@ -145,7 +141,6 @@ def train_job(payload: dict, emit: Emit) -> dict:
 
 def compare_job(payload: dict, emit: Emit) -> dict:
     from embedkit.eval.tasks import parse_task_spec
-    from embedkit.tune.compare import compare_on_test
 
     return compare_on_test(parse_task_spec(payload["test"]), recipe=_recipe(payload),
                            tuned_dir=Path(payload["tuned_dir"]), output=Path(payload["output"]),
@@ -203,7 +198,6 @@ def _run_child(kind: str, payload: dict, handler: OnEvent, on_idle, work: Path |
         json.dump({"kind": kind, "payload": payload}, f)
         job_file = f.name
     read_fd, write_fd = os.pipe()
-    from embedkit.logs import child_environment
 
     env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"),
                **child_environment())
@@ -248,8 +242,6 @@ def _run_child(kind: str, payload: dict, handler: OnEvent, on_idle, work: Path |
 
 # ---------------------------------------------------------------------------------------------------- the child
 def _child_main(job_file: str, event_fd: int) -> int:
-    from embedkit.logs import configure_logging
-
     with open(job_file, encoding="utf-8") as f:
         job = json.load(f)
     configure_logging("embedkit tune")  # the level and format the tune command was given (child_environment)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedkit.errors import ConfigError
+from embedkit.train.config import parse_train_source
 
 
 @dataclass
@@ -52,8 +53,7 @@ def _queries_side(name: str, spec: str, judgments: str | None, queries_file: str
 
 def training_side(recipe) -> Side:
     """The queries the recipe trains on, with the qrels file and queries file of a `beir:` training set."""
-    from embedkit.train.config import parse_train_source
-    from embedkit.train.contrastive import load_examples, subset_indices
+    from embedkit.train.trainset import load_examples, subset_indices
 
     kind, path, split = parse_train_source(recipe.data.train)
     if kind == "beir":

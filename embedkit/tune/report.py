@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from embedkit.atomic import atomic_path, write_json, write_text
+from embedkit.manifest import base_manifest
 
 REPORT_FORMAT = "embedkit.tune.report/1"
 JSON_NAME = "tune_report.json"
@@ -13,8 +15,6 @@ PNG_NAME = "dev_curve.png"
 
 
 def build_report(state: dict[str, Any], recipe_text: str) -> dict[str, Any]:
-    from embedkit.manifest import base_manifest
-
     curve, best = [], None
     for trial in state["trials"]:
         if trial["state"] in ("complete", "repeat") and trial["value"] is not None:
@@ -27,8 +27,6 @@ def build_report(state: dict[str, Any], recipe_text: str) -> dict[str, Any]:
 
 
 def write_reports(output: Path, report: dict[str, Any]) -> dict[str, Path]:
-    from embedkit.atomic import write_json, write_text
-
     paths = {"json": output / JSON_NAME, "md": output / MD_NAME, "png": output / PNG_NAME}
     write_json(paths["json"], report)
     write_text(paths["md"], render_markdown(report))
@@ -171,7 +169,6 @@ def plot_curve(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from embedkit.atomic import atomic_path
 
     curve = report["dev_curve"]
     fig, ax = plt.subplots(figsize=(7, 4))

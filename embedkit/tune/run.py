@@ -49,6 +49,7 @@ The steps:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import shutil
@@ -59,12 +60,18 @@ from typing import Any, Callable
 
 import yaml
 
+from embedkit.atomic import write_text
 from embedkit.errors import ConfigError, EmbedkitError
+from embedkit.eval.tasks import load_task, parse_task_spec
+from embedkit.train.backends import backend_class
 from embedkit.train.config import (DataSection, apply_overrides, load_recipe, override_value, parse_recipe,
                                    read_recipe_file, validate_recipe, warn_if_dev_is_test)
+from embedkit.train.trainset import load_examples
 from embedkit.tune.budget import Budget, parse_budget
 from embedkit.tune.jobs import recipe_payload, run_job
-from embedkit.tune.search import (NOISE_Z, SEARCH_STATE, TRIALS_DIR, Search, TrialRecord, as_overrides, fmt)
+from embedkit.tune.leakage import check_held_out, task_side, training_side
+from embedkit.tune.report import build_report, write_reports
+from embedkit.tune.search import NOISE_Z, SEARCH_STATE, TRIALS_DIR, Search, TrialRecord, as_overrides, fmt
 from embedkit.tune.space import Param, build_space, can_turn_on_mining, recipe_overrides
 from embedkit.tune.split import DevSplit, carve_dev_splits, given_dev_split
 
@@ -143,9 +150,10 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     raw, text = read_recipe_file(recipe_path, overrides)
     recipe = parse_recipe(copy.deepcopy(raw), source=recipe_path, text=text)
     validate_recipe(recipe, source=recipe_path)  # every mistake in the recipe fails here, naming file and field
-    if recipe.fsdp.enabled:
-        raise ConfigError("tune runs its trials in one process; fsdp needs several (train the tuned recipe with "
-                          "--nproc afterwards)", path=recipe_path, field="fsdp.enabled")
+    backend = backend_class(recipe)
+    if backend.needs_several_processes:
+        raise ConfigError(f"tune runs each trial in one process; the {backend.kind} backend needs several (train the "
+                          "tuned recipe with --nproc afterwards)", path=recipe_path, field=backend.selected_with)
     if params:  # a choice this recipe can never search (with or without negatives in its data) fails now
         try:
             build_space(recipe, margin_flagged=True, several_positives=True, negatives_in_data=0, only=params)
@@ -159,8 +167,6 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     keep_out_of_dev: set[str] = set()
     if test is not None or recipe.data.dev:
         # The test is read here to be validated and compared with the other sets, never scored before step 7.
-        from embedkit.eval.tasks import load_task, parse_task_spec
-        from embedkit.tune.leakage import check_held_out, task_side, training_side
 
         warn_if_dev_is_test(recipe, source=recipe_path)
         test_side = None
@@ -174,7 +180,6 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
             log.warning("%d query texts of %s are also training queries (--allow-train-overlap): they train every "
                         "model compared alike, and stay out of the dev split", len(keep_out_of_dev), test)
     seed = recipe.training.seed if seed is None else seed
-    from embedkit.train.contrastive import load_examples
 
     all_examples, _ = load_examples(recipe)
     n_queries = len({ex.query for ex in all_examples})
@@ -201,18 +206,16 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     elif recipe.data.dev:
         splits = [given_dev_split(recipe)]
     else:
-        rank = None
-        if nearest_dev:
-            def rank(queries, documents, k):  # the base model, in a process of its own
-                return job("rank", {**recipe_payload(recipe, recipe_path), "device": recipe.model.device,
-                                    "queries": list(queries), "documents": list(documents), "k": k})["ranked"]
+        def base_model_rank(queries, documents, k):  # the base model, in a process of its own
+            return job("rank", {**recipe_payload(recipe, recipe_path), "device": recipe.model.device,
+                                "queries": list(queries), "documents": list(documents), "k": k})["ranked"]
         if folds > 1:
             log.info("%d training queries: a %.0f%% dev split would hold %d, fewer than the %d a trial's score needs "
                      "(DEV_QUERIES_NEEDED): %d dev folds, every query scored out of fold", n_queries,
                      100 * dev_fraction, round(dev_fraction * n_queries), DEV_QUERIES_NEEDED, folds)
         splits = carve_dev_splits(recipe, output / SPLIT_DIR, folds=folds, fraction=dev_fraction,
                                   max_queries=max_dev_queries, dev_docs=dev_docs, seed=seed, exclude=keep_out_of_dev,
-                                  rank=rank)
+                                  rank=base_model_rank if nearest_dev else None)
     split = splits[0]
     log.info("dev split: %s", split.describe())
 
@@ -296,7 +299,6 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
                  metric=_dev_metric(trial_recipe), budget=budget)
     load_recipe(recipe_file)  # the written recipe is a valid recipe, and the one trained below
 
-    from embedkit.tune.report import build_report, write_reports
 
     state = {"recipe": str(recipe_path), "overrides": overrides, "output": str(output), "seed": seed,
              "budget": {**budget.to_dict(), "described": budget.describe()}, "split": split.to_dict(),
@@ -347,8 +349,6 @@ def _public(record: TrialRecord) -> dict[str, Any]:
 def _resumed_state(output: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The search state an interrupted run left in `output`, when it ran with these settings; None when there is
     none (the search starts); a ConfigError when its settings differ (which ones)."""
-    import json
-
     path = output / SEARCH_STATE
     if not path.is_file():
         log.info("--resume: no earlier search in %s; starting", output)
@@ -370,8 +370,6 @@ def _default_of(section, key: str) -> Any:
 
 
 def _dev_metric(recipe) -> str:
-    from embedkit.eval.tasks import parse_task_spec
-
     return parse_task_spec(recipe.data.dev).main_metric if recipe.data.dev else "score"
 
 
@@ -385,8 +383,6 @@ def _versus_recipe(records: list[TrialRecord], best: TrialRecord) -> str:
 def write_recipe(path: Path, raw: dict, *, source: Path, best: TrialRecord, records: list[TrialRecord],
                  changes: list[str], metric: str, budget: Budget) -> Path:
     """The tuned recipe: the user's YAML with the chosen values, and a header saying where it came from."""
-    from embedkit.atomic import write_text
-
     first = next((r for r in records if r.number == 0 and r.state == "complete"), None)
     header = [
         f"# Tuned by `embedkit tune {source} --budget {budget.text}`: trial {best.number} of {len(records)}, "

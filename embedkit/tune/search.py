@@ -45,6 +45,8 @@ from embedkit.tune.budget import Budget, duration
 from embedkit.tune.jobs import JobFailed, JobPruned, recipe_payload, run_job
 from embedkit.tune.space import BASE_EPOCHS, Param, defaults, in_space, longer_schedule, recipe_overrides, suggest
 from embedkit.tune.split import DevSplit
+from embedkit.atomic import write_json
+from embedkit.train.engine import work_dir
 
 log = logging.getLogger("embedkit.tune")
 
@@ -352,8 +354,6 @@ class Search:
 
     # ------------------------------------------------------------------ one trial
     def _train(self, trial, params: dict, number: int, note: str = "") -> TrialRecord:
-        from embedkit.train.engine import work_dir
-
         TrialState = self.optuna.trial.TrialState
         out = self.output / TRIALS_DIR / f"trial-{number:03d}"
         t0 = self.clock()
@@ -547,8 +547,6 @@ class Search:
 
     # ------------------------------------------------------------------ --resume
     def save(self, elapsed: float) -> None:
-        from embedkit.atomic import write_json
-
         write_json(self.output / SEARCH_STATE, {
             **self.state, "elapsed": elapsed, "preparation_seconds": self.preparation_seconds,
             "epoch_cap": self.epoch_cap, "trials": [asdict(r) for r in self.records]})

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embedkit.errors import ConfigError
+from embedkit.train.backends import backend_class
 
 MINING_WINDOWS = ("0:30", "3:50", "10:100", "30:100", "30:200")
 LORA_RANKS = (4, 8, 16, 32, 64)
@@ -149,7 +150,7 @@ ALL_PARAMS = ("lr", "epochs", "temperature", "hard_negatives", "mined_negatives"
 def can_turn_on_mining(recipe, negatives_in_data: int) -> bool:
     """A recipe without negatives that online mining could serve (its engine settings allow mining.online)."""
     return (not recipe.mining.online and negatives_in_data == 0 and recipe.loss.distillation == "none"
-            and recipe.loss.hard_negatives == 0 and recipe.deepspeed.stage == "none" and not recipe.fsdp.enabled)
+            and recipe.loss.hard_negatives == 0 and backend_class(recipe).supports_online_mining)
 
 
 def epochs_bound(recipe_epochs: int, steps_per_epoch: int | None) -> int:

@@ -51,6 +51,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from embedkit.errors import ConfigError
+from embedkit.atomic import atomic_dir
+from embedkit.train.config import parse_train_source
+from embedkit.tune.leakage import fold
+from embedkit.tune.space import can_turn_on_mining
 
 TRAIN_SPLIT = "tune-train"
 DEV_SPLIT = "dev"
@@ -112,8 +116,6 @@ def choose_dev_queries(query_texts: list[str], *, fraction: float, max_queries: 
     """The dev query texts: a seeded sample of the distinct texts (first-appearance order drawn from), none of
     whose folded form (embedkit.tune.leakage.fold) is in `exclude`: queries --test shares with the training data
     train the trials but never score them."""
-    from embedkit.tune.leakage import fold
-
     distinct = list(dict.fromkeys(query_texts))
     n = len(distinct)
     candidates = [t for t in distinct if fold(t) not in exclude] if exclude else distinct
@@ -210,8 +212,6 @@ def fold_query_texts(query_texts: list[str], *, folds: int, seed: int,
                      exclude: set[str] | frozenset[str] = frozenset()) -> list[set[str]]:
     """The distinct query texts in `folds` seeded folds of (nearly) equal size; the `exclude`d ones in none (they
     always train)."""
-    from embedkit.tune.leakage import fold
-
     distinct = list(dict.fromkeys(query_texts))
     candidates = [t for t in distinct if fold(t) not in exclude]
     if len(candidates) < folds:
@@ -228,9 +228,7 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
     text in exactly one of `folds` dev folds (`fold_query_texts`), fold i written into `folder`/fold-i, its trials
     training on the other folds' queries. The folds share one dev corpus, built as for one split from all their
     queries (so a fold's score and the pooled score are over the same documents)."""
-    from embedkit.atomic import atomic_dir
-    from embedkit.train.config import parse_train_source
-    from embedkit.train.contrastive import load_examples, subset_indices
+    from embedkit.train.trainset import load_examples, subset_indices
 
     if not 0 < fraction < 1:
         raise ConfigError(f"the dev fraction must be between 0 and 1 (exclusive), got {fraction}",
@@ -313,7 +311,6 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
     docs, hard = _dev_documents(list(doc_id.values()), keep, dev_docs, seed, rank=rank,
                                 queries=list(dict.fromkeys(ex.query for ex in all_dev_ex)), text_of=text_of)
     # The trials' mining pool (the recipe mines, or a trial may turn mining on): every positive, as training would use
-    from embedkit.tune.space import can_turn_on_mining
 
     negatives = max((len(ex.negatives) for ex in examples), default=0)
     mines_positives = recipe.mining.corpus is None and (recipe.mining.online or can_turn_on_mining(recipe, negatives))
@@ -351,7 +348,6 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
 def _all_texts(recipe):
     """Every positive and negative text of the recipe's pairs file, all rows (not only the data.max_examples kept)."""
     from embedkit.data.tuples import read_examples
-    from embedkit.train.config import parse_train_source
 
     _kind, path, _split = parse_train_source(recipe.data.train)
     cols = recipe.data.columns

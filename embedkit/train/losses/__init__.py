@@ -1,32 +1,28 @@
 """The one loss factory: `build_loss(recipe.loss)` for every training step that has a contrastive term.
 
-    loss: {type: infonce, temperature: 0.05, ...}          the base loss (losses/infonce.py)
+    loss: {type: infonce, temperature: 0.05, ...}          the base loss (a registered one: losses/infonce.py)
           matryoshka_dims: [384, 128]                       -> wrapped in Matryoshka (losses/matryoshka.py)
           distillation: kl | margin_mse                     -> wrapped in Distillation (losses/distillation.py)
 
 Wrapping order: Matryoshka(Distillation(base)), so distillation is applied at every Matryoshka width.
-Adding a loss: one file with a ContrastiveObjective subclass, one entry in BASE_LOSSES (and its name in
-`LossSection.type`, embedkit/train/config.py).
+Base losses are a registry: `@register_loss("name")` on a builder `(loss section, gather) -> ContrastiveObjective`.
+The recipes' `loss.type` accepts exactly the registered names (embedkit/train/config.py asks `loss_names`), so a
+new loss is one module here with its class and its registered builder, plus its import line below
+(docs/extending.md walks through one).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from embedkit.train.losses.batch import (ContrastiveBatch, ContrastiveObjective, LossOutput, distributed_world,
                                          gather_batch, gather_with_grad, text_keys)
 from embedkit.train.losses.distillation import Distillation
-from embedkit.train.losses.infonce import InfoNCE
 from embedkit.train.losses.matryoshka import Matryoshka
+from embedkit.train.losses.registry import BASE_LOSSES, loss_names, register_loss
 
-
-def _infonce(section: Any, gather: bool) -> ContrastiveObjective:
-    return InfoNCE(temperature=section.temperature, learn_temperature=section.learn_temperature,
-                   symmetric=section.symmetric, mask_false_negatives=section.mask_false_negatives,
-                   margin=section.margin, gather=gather)
-
-
-BASE_LOSSES: dict[str, Callable[[Any, bool], ContrastiveObjective]] = {"infonce": _infonce}
+# Base losses register themselves when their module is imported: one line per loss module.
+from embedkit.train.losses.infonce import InfoNCE
 
 
 def build_loss(section: Any, *, gather: bool = True) -> ContrastiveObjective:
@@ -44,4 +40,5 @@ def build_loss(section: Any, *, gather: bool = True) -> ContrastiveObjective:
 
 
 __all__ = ["BASE_LOSSES", "ContrastiveBatch", "ContrastiveObjective", "Distillation", "InfoNCE", "LossOutput",
-           "Matryoshka", "build_loss", "distributed_world", "gather_batch", "gather_with_grad", "text_keys"]
+           "Matryoshka", "build_loss", "distributed_world", "gather_batch", "gather_with_grad", "loss_names",
+           "register_loss", "text_keys"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedkit.train.losses.batch import ContrastiveBatch, ContrastiveObjective, LossOutput
+from embedkit.train.losses.registry import register_loss
 
 MAX_SCALE = 100.0  # a learned inverse temperature is clamped here (CLIP's bound) so it cannot run away
 
@@ -97,3 +98,10 @@ class InfoNCE(ContrastiveObjective):
             mask = pos_keys[:, None] == d_keys[None, :]  # duplicates of the own positive
         mask[torch.arange(len(labels)), labels] = False
         return mask
+
+
+@register_loss("infonce")
+def build_infonce(section, gather: bool) -> InfoNCE:
+    return InfoNCE(temperature=section.temperature, learn_temperature=section.learn_temperature,
+                   symmetric=section.symmetric, mask_false_negatives=section.mask_false_negatives,
+                   margin=section.margin, gather=gather)

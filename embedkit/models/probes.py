@@ -17,6 +17,9 @@ File format (JSON object):
       "created_by": "train" | "export" | ...   # optional: who wrote it
     }
 
+It lives beside the encoders (embedkit.models), below every stage that writes or checks probes: training and
+`embedkit llm` write them, export and serving check them.
+
 `vectors_fn(texts, kind) -> np.ndarray [len(texts), dim]` is any embedding function: `Encoder.encode`,
 `OnnxEncoder.encode`, or a client of a remote OpenAI-compatible server.
 """
@@ -30,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from embedkit.atomic import write_json
 from embedkit.errors import ModelError
 
 PROBES_NAME = "probe_vectors.json"
@@ -144,12 +148,10 @@ def write_probes(
 
     Call it after the model is saved: the probes then describe exactly what is in the folder.
     """
-    from embedkit.atomic import write_json
-
     fn = vectors_fn or (lambda texts, kind: encoder.encode(list(texts), kind=kind))
     texts = [t for t, _ in probes]
     kinds = [k for _, k in probes]
-    vectors = _embed_by_kind(fn, texts, kinds)
+    vectors = embed_by_kind(fn, texts, kinds)
     record: dict[str, Any] = {
         "format": PROBES_FORMAT,
         "texts": texts,
@@ -173,7 +175,7 @@ def check_probes(vectors_fn: VectorsFn, folder: str | Path, atol: float | None =
     path = probes_path(folder)
     expected: np.ndarray = data["vectors"]
     tolerance = float(atol if atol is not None else data.get("atol", DEFAULT_ATOL))
-    got = _embed_by_kind(vectors_fn, data["texts"], data["kind"])
+    got = embed_by_kind(vectors_fn, data["texts"], data["kind"])
     if got.shape != expected.shape:
         raise ModelError(f"probe vectors have shape {list(expected.shape)} but the model gives {list(got.shape)}",
                          path=path)
@@ -213,7 +215,7 @@ def batch_invariance(encode_fn: Callable[[Sequence[str]], np.ndarray], texts: Se
     return worst
 
 
-def _embed_by_kind(fn: VectorsFn, texts: Sequence[str], kinds: Sequence[str]) -> np.ndarray:
+def embed_by_kind(fn: VectorsFn, texts: Sequence[str], kinds: Sequence[str]) -> np.ndarray:
     """Call fn once per kind, keep the original order."""
     out: np.ndarray | None = None
     for kind in ("query", "document"):
