@@ -82,13 +82,13 @@ MAX_STEPS = os.environ.get("BENCH_MAX_STEPS")
 SMOKE_SIZES = {"train_pairs": 48, "dev_docs": 100, "test_queries": 30, "test_docs": 300}
 
 
-def recipe_overrides(dataset: str, data_root: str, train: str | None = None) -> list[str]:
+def recipe_overrides(dataset: str, data_root: str, train: str | None = None, extra: list[str] = ()) -> list[str]:
     """The recipe's own settings, on the train split only (no dev: tune carves one from the training queries);
     `train`: a subsample of it (`subsample_queries`) instead."""
     overrides = [f"data.train={train or DATASETS[dataset]['train'].format(data=data_root)}", "data.dev=null",
                  "training.progress=false", f"training.threads={THREADS}"]
     if train:
-        overrides += ["data.max_examples=null"]
+        overrides += ["data.max_examples=null", *extra]
     if SMOKE and not train:
         overrides += [f"data.max_examples={SMOKE_SIZES['train_pairs']}", "data.sample=random"]
     if MAX_STEPS:
@@ -96,7 +96,7 @@ def recipe_overrides(dataset: str, data_root: str, train: str | None = None) -> 
     return overrides
 
 
-def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sample: int) -> str:
+def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sample: int) -> tuple[str, list[str]]:
     """A seeded sample of `queries` of the recipe's training queries (every pair of each, as the recipe reads them:
     MedQuAD's 1,000-pair sample, SciFact's train qrels), written under `work`; returns its data.train spec. What a
     team with ~100 labelled questions has (the few-label case of issue #30)."""
@@ -119,18 +119,25 @@ def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sa
                 target.symlink_to(Path(path).resolve() / name)
         (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
             f"{q}\t{d}\t{s}\n" for q in qids for d, s in ds.qrels[q].items() if s > 0))
-        return f"beir:{folder}:train"
+        return f"beir:{folder}:train", []
     from embedkit.train.contrastive import load_examples
 
     examples, _ = load_examples(recipe)
+    # The team's documents beside its 100 labelled pairs: every answer of the training file (14,070 for MedQuAD), as
+    # mining.corpus, so the dev corpus and mined negatives come from a collection, not from the 100 positives alone.
+    folder.mkdir(parents=True, exist_ok=True)
+    cols = recipe.data.columns
+    from embedkit.data.tuples import read_examples
+
+    answers = dict.fromkeys(e.positive for e in read_examples(Path(spec), query=cols.query, positive=cols.positive))
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"a{i}", "title": "", "text": t}) + "\n"
+                                                 for i, t in enumerate(answers)))
     distinct = sorted({e.query for e in examples})
     texts = sorted(rng.sample(distinct, min(queries, len(distinct))))  # BENCH_SMOKE has fewer
     keep = set(texts)
-    folder.mkdir(parents=True, exist_ok=True)
-    cols = recipe.data.columns
     (folder / "train.jsonl").write_text("".join(json.dumps({cols.query: e.query, cols.positive: e.positive}) + "\n"
                                                 for e in examples if e.query in keep))
-    return str(folder / "train.jsonl")
+    return str(folder / "train.jsonl"), [f"mining.corpus={folder / 'corpus.jsonl'}"]
 
 
 # ---------------------------------------------------------------------------------------------------- children
@@ -166,9 +173,19 @@ def st_settings(arm: str, recipe: str, overrides: list[str]) -> dict:
     return settings
 
 
+def mteb_text(document: dict) -> str:
+    from embedkit.data.beir import mteb_document_text
+
+    return mteb_document_text(document.get("title", ""), document["text"])
+
+
 def st_mining_corpus(parsed) -> list[str] | None:
     """The pool the tuned recipe mines from: a `beir:` training set's whole corpus, else None (ST then mines from the
     training positives, which is embedkit's pool for a pairs file too)."""
+    if parsed.mining.corpus is not None:  # the pairs' document collection (a few-label row)
+        from embedkit.data.beir import read_corpus
+
+        return [mteb_text(d) for d in read_corpus(Path(parsed.mining.corpus)).values()]
     spec = parsed.data.train
     if not str(spec).startswith("beir:"):
         return None
@@ -320,7 +337,7 @@ def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str) -> dict:
 
 
 def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: bool = False, *,
-                 name: str | None = None, train: str | None = None) -> dict:
+                 name: str | None = None, train: str | None = None, extra: list[str] = ()) -> dict:
     """`embedkit tune` as a user runs it, on the train split only (or the subsample `train`, named `name`); returns
     its JSON summary and its wall time.
 
@@ -334,7 +351,7 @@ def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: 
             print(f"[{dataset}] --resume: reusing the search in {out} (budget {budget})", flush=True)
             return summary
     cmd = [sys.executable, "-m", "embedkit.cli", "tune", DATASETS[dataset]["recipe"], "--budget", budget, "-o",
-           str(out), "--no-final", "--json", *[f"--set={o}" for o in recipe_overrides(dataset, data_root, train)]]
+           str(out), "--no-final", "--json", *[f"--set={o}" for o in recipe_overrides(dataset, data_root, train, extra)]]
     if resume and (out / "search_state.json").is_file():
         cmd.append("--resume")  # an interrupted search goes on
     if SMOKE:
@@ -409,20 +426,22 @@ def main() -> None:
         (d, int(k)) for d in args.datasets.split(",") for k in args.subsamples.split(",")]
     for dataset, sample in runs_of:
         name = dataset if sample is None else f"{dataset}-q{args.queries}-sub{sample}"
-        train = None if sample is None else subsample_queries(dataset, args.data, work, args.queries, sample)
+        train, extra_sets = (None, []) if sample is None else subsample_queries(dataset, args.data, work,
+                                                                                args.queries, sample)
         task = test_task(dataset, args.data, work)
         row: dict = {"task": task, "train": train}
         if not {"tuned", "st-mined"} & set(arms):  # arms that do not depend on the search: --resume reuses them
             row["tune"] = t = {"tuned_recipe": None, "trial_states": [], "skipped": True}
         else:
-            row["tune"] = t = tune_dataset(dataset, args.data, work, args.budget, args.resume, name=name, train=train)
+            row["tune"] = t = tune_dataset(dataset, args.data, work, args.budget, args.resume, name=name, train=train,
+                                           extra=extra_sets)
             print(f"[{dataset}] tune: {len(t['trial_states'])} trials ({t['trial_states'].count('pruned')} pruned) in "
                   f"{t['search_seconds']:.0f} s; best trial {t['best_trial']}, dev {t['metric']} {t['dev']:.4f}; "
                   f"changed: {'; '.join(t['changes']) or 'nothing'}", flush=True)
         base = evaluate_once("minilm", task, work / "cache", work / f"{dataset}-base.eval.json", args.resume)
         row["base"] = {"ndcg_at_10": ndcg(base)}
         print(f"[{dataset}] base model nDCG@10 {row['base']['ndcg_at_10']:.4f}", flush=True)
-        overrides = recipe_overrides(dataset, args.data, train)
+        overrides = recipe_overrides(dataset, args.data, train, extra_sets)
         recipes = {"default": (DATASETS[dataset]["recipe"], overrides),
                    "tuned": (t["tuned_recipe"], []),
                    "st": (DATASETS[dataset]["recipe"], overrides),

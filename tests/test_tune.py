@@ -891,3 +891,28 @@ def test_progress_lines_come_per_evaluation_and_at_least_once_a_minute(tmp_path,
     assert len(evals) == 2 and "epoch 1, step 3/6: dev 0.5300" in evals[0]
     assert "90 s in, trial ~90 s to go" in evals[0] and "search" in evals[0] and "left" in evals[0]
     assert any("step 2/" in line and ": dev" not in line for line in lines)  # the heartbeat between evaluations (60 s after the start)
+
+
+def test_the_dev_corpus_draws_on_the_teams_documents_in_mining_corpus(tmp_path, tiny_bert_dir):
+    """A team with a few labelled pairs and a document collection (`mining.corpus`): the dev corpus's nearest
+    documents come from the collection too. Bug this catches: a dev corpus of the labelled positives alone (100
+    pairs: 98 documents, every trial near the ceiling), unlike the collection the final model searches."""
+    from embedkit.tune.split import carve_dev_splits
+
+    extra = [f"an unrelated document about topic number {i}" for i in range(40)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"c{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(extra)))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                                      tmp_path / "out", mining={"corpus": str(corpus)}))
+    ranked_over = []
+
+    def rank(queries, documents, k):  # a stand-in for the base model: the collection's documents first
+        ranked_over.append(list(documents))
+        order = sorted(range(len(documents)), key=lambda i: documents[i] not in extra)
+        return [order[:k] for _ in queries]
+
+    (split,) = carve_dev_splits(recipe, tmp_path / "split", folds=1, dev_docs=20, seed=3, rank=rank)
+    assert set(extra) <= set(ranked_over[0])
+    dev_texts = {json.loads(line)["text"] for line in
+                 (Path(split.dev_spec.split(":")[1]) / "corpus.jsonl").read_text().splitlines()}
+    assert dev_texts & set(extra) and split.pool_documents > len({p for _, p in PAIRS})

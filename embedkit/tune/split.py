@@ -26,7 +26,8 @@ base model confuses with a query's positives are what fine-tuning has to move, o
 siblings (other questions on the same topic, other clauses of the same contract, other tickets of the same product),
 and the same holds for short keyword queries (many near matches) and for queries with many positives (every
 positive is kept, so none of them counts as a confuser). They come from every document of the training data (the
-whole BEIR corpus; every text of a pairs file, also the rows `data.max_examples` leaves out), because the final
+whole BEIR corpus; every text of a pairs file, also the rows `data.max_examples` leaves out, and the documents of
+`mining.corpus`, the team's collection beside its labelled pairs), because the final
 model retrieves over the whole corpus, not the sample it trains on. A quarter of the slots stays random, so that a
 trial that drifts far from the base model still meets documents the base model did not rank. Dev scores are then
 lower than test scores would suggest on a sparse sample and higher than on the full corpus: they rank the trials.
@@ -50,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir, mteb_document_text, read_corpus
 from embedkit.errors import ConfigError
 from embedkit.atomic import atomic_dir
 from embedkit.train.config import parse_train_source
@@ -249,8 +251,6 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
         return folder if folds == 1 else folder / f"fold-{i}"
 
     if kind == "beir":
-        from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir, mteb_document_text
-
         ds = load_beir(path, split)
         judgments = list(ds.relevant_pairs())  # the order pairs_from_beir (and so load_examples) uses
         chosen = subset_indices(len(judgments), recipe.data, recipe.training.seed)
@@ -305,6 +305,10 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
     if rank is not None and recipe.data.max_examples:
         for text in _all_texts(recipe):
             doc_id.setdefault(text, f"d{len(doc_id)}")
+    if rank is not None and recipe.mining.corpus is not None:  # the team's documents: the final model's corpus too
+        corpus = Path(recipe.mining.corpus)
+        for row in read_corpus(corpus / CORPUS_FILE if corpus.is_dir() else corpus).values():
+            doc_id.setdefault(mteb_document_text(row["title"], row["text"]), f"d{len(doc_id)}")
     all_dev_ex = [ex for ex in examples if ex.query in every_dev]
     keep = {doc_id[ex.positive] for ex in all_dev_ex} | {doc_id[n] for ex in all_dev_ex for n in ex.negatives}
     text_of = {v: k for k, v in doc_id.items()}
