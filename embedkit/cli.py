@@ -34,6 +34,7 @@ from embedkit import logs
 from embedkit.atomic import atomic_path
 from embedkit.device import DEVICE_HELP
 from embedkit.data.cli import check_command
+from embedkit.data.lines import iter_jsonl, iter_text_lines
 from embedkit.errors import DataError, EmbedkitError
 from embedkit.eval.cli import compare_command, eval_command
 from embedkit.export.cli import export_command
@@ -189,20 +190,13 @@ def _read_texts(path: Path, field: str) -> list[str]:
     if not path.exists():
         raise DataError("file not found", path=path)
     texts: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if path.suffix == ".jsonl":
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"invalid JSON ({exc.msg})", path=path, line=number) from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise DataError("missing or not a string", path=path, line=number, field=field)
-                texts.append(row[field])
-            else:
-                texts.append(line.rstrip("\n"))
+    if path.suffix == ".jsonl":
+        for number, row in iter_jsonl(path):
+            if not isinstance(row.get(field), str):
+                raise DataError("missing or not a string", path=path, line=number, field=field)
+            texts.append(row[field])
+    else:
+        texts = [line for _number, line in iter_text_lines(path)]
     if not texts:
         raise DataError("no texts in file", path=path)
     return texts
