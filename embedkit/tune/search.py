@@ -474,9 +474,10 @@ class Search:
     def _heartbeat(self) -> None:
         state = self._trial
         if state and self.clock() - state["last_line"] >= HEARTBEAT_SECONDS:
-            step = state["step"]
-            self._progress_line(f"step {step}/{state['total'] or '?'}" + (" (loading, mining or evaluating)"
-                                                                           if not step else ""))
+            step, total = state["step"], state["total"]
+            doing = (" (loading, mining or evaluating)" if not step else
+                     " (evaluating on dev, saving)" if total and step >= total else "")
+            self._progress_line(f"step {step}/{total or '?'}{doing}")
 
     def _progress_line(self, what: str) -> None:
         """"trial 3 [fold 2/5]: <what>; 2.1 min in, trial ~3.0 min to go; search ~25 min left" """
