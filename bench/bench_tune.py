@@ -79,6 +79,7 @@ THREADS = 2
 MAX_LENGTH = 256
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 MAX_STEPS = os.environ.get("BENCH_MAX_STEPS")
+COLLECTION = 2000  # documents of a few-label row's collection (subsample_queries)
 SMOKE_SIZES = {"train_pairs": 48, "dev_docs": 100, "test_queries": 30, "test_docs": 300}
 
 
@@ -123,18 +124,24 @@ def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sa
     from embedkit.train.contrastive import load_examples
 
     examples, _ = load_examples(recipe)
-    # The team's documents beside its 100 labelled pairs: every answer of the training file (14,070 for MedQuAD), as
-    # mining.corpus, so the dev corpus and mined negatives come from a collection, not from the 100 positives alone.
+    distinct = sorted({e.query for e in examples})
+    texts = sorted(rng.sample(distinct, min(queries, len(distinct))))  # BENCH_SMOKE has fewer
+    keep = set(texts)
+    # The team's documents beside its labelled pairs, as mining.corpus, so the dev corpus and mined negatives come
+    # from a collection, not from the 100 positives alone: the positives and a seeded sample of the training file's
+    # other answers, COLLECTION documents in all (MedQuAD's 14,070 would cost every trial minutes per mining round on
+    # 2 cores; a team's collection of a few thousand documents is the case this row stands for).
     folder.mkdir(parents=True, exist_ok=True)
     cols = recipe.data.columns
     from embedkit.data.tuples import read_examples
 
-    answers = dict.fromkeys(e.positive for e in read_examples(Path(spec), query=cols.query, positive=cols.positive))
+    positives = list(dict.fromkeys(e.positive for e in examples if e.query in keep))
+    answers = [a for a in dict.fromkeys(e.positive for e in read_examples(Path(spec), query=cols.query,
+                                                                          positive=cols.positive))
+               if a not in set(positives)]
+    collection = positives + rng.sample(answers, min(len(answers), max(0, COLLECTION - len(positives))))
     (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"a{i}", "title": "", "text": t}) + "\n"
-                                                 for i, t in enumerate(answers)))
-    distinct = sorted({e.query for e in examples})
-    texts = sorted(rng.sample(distinct, min(queries, len(distinct))))  # BENCH_SMOKE has fewer
-    keep = set(texts)
+                                                 for i, t in enumerate(collection)))
     (folder / "train.jsonl").write_text("".join(json.dumps({cols.query: e.query, cols.positive: e.positive}) + "\n"
                                                 for e in examples if e.query in keep))
     return str(folder / "train.jsonl"), [f"mining.corpus={folder / 'corpus.jsonl'}"]
