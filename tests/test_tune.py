@@ -916,3 +916,36 @@ def test_the_dev_corpus_draws_on_the_teams_documents_in_mining_corpus(tmp_path, 
     dev_texts = {json.loads(line)["text"] for line in
                  (Path(split.dev_spec.split(":")[1]) / "corpus.jsonl").read_text().splitlines()}
     assert dev_texts & set(extra) and split.pool_documents > len({p for _, p in PAIRS})
+
+
+def test_the_budget_counts_evaluations_and_start_up_apart_from_the_steps(tmp_path, tiny_bert_dir, monkeypatch):
+    """Each fold "takes" 50 s outside its steps (process start, loading, the dev evaluation) and 0.5 s per text and
+    step. Trial 0 (3 folds of 3 steps, 2 texts) takes 159 s; trial 1 (3 epochs and a mined negative: 9 steps x 3
+    texts per fold) 190.5 s, which fits in the 241 s the 400 s budget leaves. Bug this catches: the start-up and
+    evaluation folded into a per-step rate (8.8 s per text here), which priced trial 1 at ~12 minutes and ended a
+    20-minute few-label search after its first trial."""
+    from types import SimpleNamespace
+
+    import embedkit.train.contrastive as contrastive
+    import embedkit.tune.prepare as prepare
+
+    now = [0.0]
+
+    def fake_train(recipe, on_eval=None, **_):
+        total = recipe.training.epochs * 3
+        step_seconds = total * (2 + (recipe.loss.hard_negatives or 0)) * 0.5
+        now[0] += step_seconds + 50.0
+        score = 0.5 + 0.01 * recipe.training.epochs
+        return SimpleNamespace(steps=total, train_seconds=step_seconds,
+                               dev={"score": score, "per_query": {"a": score, "b": score}})
+
+    monkeypatch.setattr(contrastive, "train", fake_train)
+    monkeypatch.setattr(prepare, "mining_round_seconds", lambda *a, **k: 0.0)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, str(write_pairs(tmp_path / "p.jsonl")),
+                          tmp_path / "out")
+    result = tune(recipe, budget="400s", output=tmp_path / "t", final=False, clock=lambda: now[0], folds=3,
+                  isolate=False)
+    assert [t.seconds for t in result.trials[:2]] == [159.0, 190.5]
+    assert result.trials[1].params["epochs"] == 3 and not result.trials[1].note  # run as proposed
+    assert result.trials[0].evaluations == 3 and result.trials[0].train_seconds == 9.0
+    assert "dev evaluations (with their start-up) of ~50 s" in result.report["stop_reason"]

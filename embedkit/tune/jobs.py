@@ -93,8 +93,8 @@ def trial_job(payload: dict, emit: Emit) -> dict:
     with _trial_logging(payload.get("verbose", False)):
         result = train(recipe, on_step=on_step, on_eval=on_eval)
     dev = result.dev
-    return {"steps": result.steps, "dev": None if dev is None else {"score": dev["score"],
-                                                                     "per_query": dev.get("per_query")}}
+    return {"steps": result.steps, "train_seconds": getattr(result, "train_seconds", None),
+            "dev": None if dev is None else {"score": dev["score"], "per_query": dev.get("per_query")}}
 
 
 def _trial_logging(verbose: bool):

@@ -107,6 +107,8 @@ class TrialRecord:
     queries: int | None = None  # dev queries behind `value`
     fold_scores: list[float] = field(default_factory=list)
     per_query: dict[str, float] | None = None  # the dev score of every query (folds: out-of-fold), for the choice
+    train_seconds: float | None = None  # the engine's optimizer-step time, all runs (None: not reported)
+    evaluations: int = 0  # dev evaluations made, the one after training included
 
     def last_score(self) -> float | None:
         return self.history[-1]["score"] if self.history else self.value
@@ -282,14 +284,44 @@ class Search:
             return None
         shape = self._shape(params)
         n = len(self.folds)
-        return n * (steps * shape["texts"] * per_text + self._paid_rounds(shape, steps) * self.mining_round_seconds)
+        training = n * (steps * shape["texts"] * per_text + self._paid_rounds(shape, steps) * self.mining_round_seconds)
+        per_evaluation = self._median_seconds_per_evaluation()
+        return training + (self._evaluations(steps) * per_evaluation if per_evaluation is not None else 0.0)
+
+    def _evaluations(self, steps: int) -> int:
+        """Dev evaluations a trial of `steps` steps per run makes: one per fold at its end, or (one split) one
+        every eval_every steps and one after training."""
+        if len(self.folds) > 1:
+            return len(self.folds)
+        every = self.base.training.eval_every
+        return (steps // every if every else 0) + 1
+
+    def _median_seconds_per_evaluation(self) -> float | None:
+        """What a trial spends outside its optimizer steps and mining rounds, per dev evaluation: the evaluation
+        itself, and the process start, loading and saving that come with each run (None when no trial reported its
+        step time). Why it is measured apart: with few queries a fold's steps take seconds and its evaluation and
+        start-up most of its time (100 MedQuAD queries: 3 steps and ~50 s per fold), and folded into a per-step
+        rate it made a 9-step trial look like an hour and ended a 20-minute search after its first trial."""
+        costs = [self._outside_steps(r) / r.evaluations for r in self.records
+                 if r.state in ("complete", "pruned") and r.train_seconds is not None and r.evaluations]
+        return statistics.median(costs) if costs else None
+
+    def _outside_steps(self, record: TrialRecord) -> float:
+        shape = self._shape(record.params)
+        runs = max(1, len(record.fold_scores)) if len(self.folds) > 1 else 1
+        mining = runs * self._paid_rounds(shape, int(record.steps / runs)) * self.mining_round_seconds
+        return max(0.0, record.seconds - record.train_seconds - mining)
 
     def _median_seconds_per_text(self) -> float | None:
-        rates = [self._seconds_per_text(r) for r in self.records if r.state in ("complete", "pruned") and r.steps]
+        ran = [r for r in self.records if r.state in ("complete", "pruned") and r.steps]
+        measured = [r for r in ran if r.train_seconds is not None]  # step time apart from the rest, where reported
+        rates = [self._seconds_per_text(r) for r in (measured or ran)]
         return statistics.median(rates) if rates else None
 
     def _seconds_per_text(self, record: TrialRecord) -> float:
         shape = self._shape(record.params)
+        if record.train_seconds is not None:  # the engine's own step time: evaluations and start-up apart
+            return record.train_seconds / (record.steps * shape["texts"])
         folds_run = max(1, len(record.fold_scores)) if len(self.folds) > 1 else 1
         steps_per_fold = record.steps / folds_run
         mining = folds_run * self._paid_rounds(shape, int(steps_per_fold)) * self.mining_round_seconds
@@ -321,6 +353,10 @@ class Search:
             detail += f", {rounds} mining rounds of ~{duration(self.mining_round_seconds)}"
         if len(self.folds) > 1:
             detail += f", x {len(self.folds)} folds"
+        per_evaluation = self._median_seconds_per_evaluation()
+        if per_evaluation is not None:
+            detail += (f", {self._evaluations(self._steps(params) or 0)} dev evaluations (with their start-up) of "
+                       f"~{duration(per_evaluation)}")
         return detail
 
     def _trial_recipe(self, params: dict, output_dir: Path, number: int, fold: DevSplit | None = None) -> Recipe:
@@ -384,6 +420,9 @@ class Search:
                                  isolate=self.isolate, on_event=lambda event: self._on_event(trial, event),
                                  on_idle=self._heartbeat, work=self.output / TRIALS_DIR)
                 steps += result["steps"] or 0
+                if result.get("train_seconds") is not None:
+                    record.train_seconds = (record.train_seconds or 0.0) + result["train_seconds"]
+                record.evaluations += 1 if several else len(record.history) + (1 if result.get("dev") else 0)
                 if not several:
                     if self.objective_is_best and result["dev"]:  # the engine restored its dev-best step
                         record.value = float(result["dev"]["score"])
