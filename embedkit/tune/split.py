@@ -51,10 +51,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir, mteb_document_text, read_corpus
-from embedkit.errors import ConfigError
 from embedkit.atomic import atomic_dir
+from embedkit.data.beir import CORPUS_FILE, QUERIES_FILE, load_beir, mteb_document_text, read_corpus
+from embedkit.data.tuples import read_examples
+from embedkit.errors import ConfigError
 from embedkit.train.config import parse_train_source
+from embedkit.train.trainset import load_examples, subset_indices
 from embedkit.tune.leakage import fold
 from embedkit.tune.space import can_turn_on_mining
 
@@ -230,8 +232,6 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
     text in exactly one of `folds` dev folds (`fold_query_texts`), fold i written into `folder`/fold-i, its trials
     training on the other folds' queries. The folds share one dev corpus, built as for one split from all their
     queries (so a fold's score and the pooled score are over the same documents)."""
-    from embedkit.train.trainset import load_examples, subset_indices
-
     if not 0 < fraction < 1:
         raise ConfigError(f"the dev fraction must be between 0 and 1 (exclusive), got {fraction}",
                           field="--dev-fraction")
@@ -351,7 +351,6 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
 
 def _all_texts(recipe):
     """Every positive and negative text of the recipe's pairs file, all rows (not only the data.max_examples kept)."""
-    from embedkit.data.tuples import read_examples
 
     _kind, path, _split = parse_train_source(recipe.data.train)
     cols = recipe.data.columns
