@@ -97,25 +97,22 @@ def trial_job(payload: dict, emit: Emit) -> dict:
             "dev": None if dev is None else {"score": dev["score"], "per_query": dev.get("per_query")}}
 
 
+@contextlib.contextmanager
 def _trial_logging(verbose: bool):
     """A trial's own engine lines (step counts, dev scores) only with --verbose; warnings always."""
-    @contextlib.contextmanager
-    def quiet():
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        logger = logging.getLogger("embedkit.train")
-        before, bars = logger.level, hf_logging.is_progress_bar_enabled()
-        if not verbose:
-            logger.setLevel(logging.WARNING)
-            hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of every trial
-        try:
-            yield
-        finally:
-            logger.setLevel(before)
-            if bars:
-                hf_logging.enable_progress_bar()
-
-    return quiet()
+    logger = logging.getLogger("embedkit.train")
+    before, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" of every trial
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def rank_job(payload: dict, emit: Emit) -> dict:

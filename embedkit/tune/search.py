@@ -307,10 +307,12 @@ class Search:
         return statistics.median(costs) if costs else None
 
     def _outside_steps(self, record: TrialRecord) -> float:
-        shape = self._shape(record.params)
+        return max(0.0, record.seconds - record.train_seconds - self._mining_seconds(record))
+
+    def _mining_seconds(self, record: TrialRecord) -> float:
+        """The rounds of online mining the record's runs (its folds, or its one run) paid for, at the probe's cost."""
         runs = max(1, len(record.fold_scores)) if len(self.folds) > 1 else 1
-        mining = runs * self._paid_rounds(shape, int(record.steps / runs)) * self.mining_round_seconds
-        return max(0.0, record.seconds - record.train_seconds - mining)
+        return runs * self._paid_rounds(self._shape(record.params), int(record.steps / runs)) * self.mining_round_seconds
 
     def _median_seconds_per_text(self) -> float | None:
         ran = [r for r in self.records if r.state in ("complete", "pruned") and r.steps]
@@ -322,11 +324,8 @@ class Search:
         shape = self._shape(record.params)
         if record.train_seconds is not None:  # the engine's own step time: evaluations and start-up apart
             return record.train_seconds / (record.steps * shape["texts"])
-        folds_run = max(1, len(record.fold_scores)) if len(self.folds) > 1 else 1
-        steps_per_fold = record.steps / folds_run
-        mining = folds_run * self._paid_rounds(shape, int(steps_per_fold)) * self.mining_round_seconds
         # never below a tenth of the plain rate: an overestimated round must not make training look free
-        training = max(record.seconds - mining, 0.1 * record.seconds)
+        training = max(record.seconds - self._mining_seconds(record), 0.1 * record.seconds)
         return training / (record.steps * shape["texts"])
 
     def _shape(self, params: dict) -> dict[str, Any]:
