@@ -69,6 +69,13 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary table."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
+    rerank: Optional[str] = typer.Option(
+        None, "--rerank",
+        help="A reranker (cross-encoder folder from 'embedkit train' with task: rerank, or a sentence-transformers "
+             "CrossEncoder) to order each query's first --rerank-top documents: the report's retrieval metrics and "
+             "per-query values become the two-stage ones (first-stage metrics kept under first_stage)."),
+    rerank_top: int = typer.Option(100, "--rerank-top", min=1,
+                                   help="Documents per query the reranker scores (at most --top-k)."),
 ) -> None:
     """Evaluate a model on retrieval and STS tasks and write a JSON + Markdown report.
 
@@ -80,6 +87,8 @@ def eval_command(
       embedkit eval --model minilm -o reports/minilm.json
 
       embedkit eval -m runs/my-model -t beir:../shared/data/scifact:test -t sts:../shared/data/sts/sick/test.jsonl
+
+      embedkit eval -m runs/my-model --rerank runs/my-reranker --rerank-top 100 -t beir:../shared/data/scifact:test
     """
     try:
         specs = parse_task_specs(task)  # fail on a bad spec before the model loads
@@ -90,9 +99,15 @@ def eval_command(
             from embedkit.models import load_model
 
             encoder = load_model(model, device=procs.device)
+            reranker = None
+            if rerank is not None:
+                from embedkit.models.reranker import load_reranker
+
+                reranker = load_reranker(rerank, device=procs.device)
             with procs.shard(encoder):
                 report = evaluate(encoder, specs, batch_size=batch_size, seed=seed, top_k=top_k, search=search,
-                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+                                  cache_dir=cache_dir, use_cache=not no_cache, progress=True, reranker=reranker,
+                                  rerank_top=rerank_top)
             if procs.is_main:
                 json_path, md_path = write_report(report, output)
     except EmbedkitError as exc:

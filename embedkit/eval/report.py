@@ -7,7 +7,8 @@ Layout of the JSON:
                          "metrics": {...},
                          "per_query": {qid: {metric: value}}        (retrieval)
                          "per_pair": {"predicted": [...], "gold": [...]}}},   (STS)
-     "manifest": {model describe(), data paths and hashes, seed, settings, library versions, command line},
+     "manifest": {model describe(), data paths and hashes, seed, settings, library versions, command line,
+                  reranker describe() and settings.rerank_top for a two-stage run},
      "timings":  {wall_time_s, per task phases}}
 
 `results` depends only on model + data + settings: two runs with the same inputs give byte-identical
@@ -27,7 +28,8 @@ REPORT_FORMAT = "embedkit.eval.report/1"
 
 def build_report(
     encoder: Any, loaded_tasks: list[Any], results: dict[str, Any], timings: dict[str, Any], *,
-    seed: int, batch_size: int, top_k: int, search: str, wall_time_s: float,
+    seed: int, batch_size: int, top_k: int, search: str, wall_time_s: float, reranker: Any = None,
+    rerank_top: int | None = None,
 ) -> dict[str, Any]:
     model = encoder.describe()
     data = {
@@ -41,6 +43,9 @@ def build_report(
                   "prompts": model.get("prompts"), "pooling": model.get("pooling"), "max_length": model.get("max_length"),
                   "sts_encoding": "both sentences with kind='query'", "normalize": True},
     )
+    if reranker is not None:  # a two-stage report: the reranker is part of what was evaluated
+        manifest["reranker"] = reranker.describe()
+        manifest["settings"]["rerank_top"] = rerank_top
     manifest.update(device_fields(getattr(encoder, "device", None)))
     manifest["wall_time_s"] = round(wall_time_s, 3)
     return {
@@ -79,6 +84,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"wall time {report.get('timings', {}).get('wall_time_s')} s"
         + (f", device {manifest['device']}" if manifest.get("device") else "")
         + (f" x {manifest['processes']} processes" if manifest.get("processes") else ""),
+        *([f"- reranked by `{manifest['reranker'].get('name')}` (fingerprint "
+           f"`{str(manifest['reranker'].get('fingerprint'))[:16]}`), top {manifest['settings'].get('rerank_top')} "
+           "per query; first-stage values under first_stage in the JSON"] if manifest.get("reranker") else []),
         "",
         "| task | type | main metric | value | other metrics | data hash |",
         "|---|---|---|---|---|---|",

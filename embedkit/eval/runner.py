@@ -7,6 +7,10 @@ document id the way trec_eval does, so a run is deterministic. Corpus embeddings
 texts): a second evaluation of the same model on the same corpus only encodes the queries.
 STS: both sentences are encoded with kind="query" (a symmetric task: both sides are the same kind of
 text; mteb likewise uses no document prompt for STS), scored by cosine.
+Two stages (`reranker`): each query's first `rerank_top` documents of the bi-encoder's ranking are ordered by the
+reranker (embedkit.models.reranker), the rest keep their order below them; the task's metrics and per-query values
+are the two-stage ones (so `embedkit compare` gates a reranker like any model), and the first stage's metrics are
+kept beside them under "first_stage".
 """
 
 from __future__ import annotations
@@ -173,9 +177,30 @@ def faiss_search(
     return run
 
 
+def rerank_run(reranker: Any, queries: dict[str, str], documents: dict[str, str], run: dict[str, dict[str, float]],
+               *, top: int, batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """`run` with each query's first `top` documents (trec order) scored and ordered by `reranker`; the documents
+    below them keep their first-stage order after them. Scores are the reranker's logits for the head and, for the
+    tail, values below the head's lowest. Every pair of every query is scored in one length-sorted pass."""
+    heads = {qid: [d for d, _ in trec_order(hits)] for qid, hits in run.items()}
+    pairs_q = [queries[qid] for qid, ordered in heads.items() for _ in ordered[:top]]
+    pairs_d = [documents[d] for ordered in heads.values() for d in ordered[:top]]
+    logits = reranker.score(pairs_q, pairs_d, batch_size=batch_size, logits=True) if pairs_q else []
+    reranked: dict[str, dict[str, float]] = {}
+    start = 0
+    for qid, ordered in heads.items():
+        head = ordered[:top]
+        scores = {d: float(s) for d, s in zip(head, logits[start:start + len(head)])}
+        start += len(head)
+        floor = min(scores.values(), default=0.0) - 1.0
+        scores.update({d: floor - i for i, d in enumerate(ordered[top:])})
+        reranked[qid] = scores
+    return reranked
+
+
 def run_retrieval(
     encoder: Encoder, task: LoadedTask, *, batch_size: int, top_k: int, search: str,
-    cache_dir: Path | None, use_cache: bool,
+    cache_dir: Path | None, use_cache: bool, reranker: Any = None, rerank_top: int = DEFAULT_TOP_K,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     data = task.data
     query_ids = data.judged_query_ids()
@@ -192,11 +217,22 @@ def run_retrieval(
     use_faiss = search == "faiss" or (search == "auto" and len(doc_ids) >= FAISS_MIN_DOCUMENTS)
     run = (faiss_search if use_faiss else exact_search)(query_emb, doc_emb, query_ids, doc_ids, top_k)
     t3 = time.perf_counter()
-    scores = retrieval_metrics({q: data.qrels[q] for q in query_ids}, run)
+    qrels = {q: data.qrels[q] for q in query_ids}
+    scores = retrieval_metrics(qrels, run)
     t4 = time.perf_counter()
     timings.update(encode_documents_s=t1 - t0, documents_from_cache=cached, encode_queries_s=t2 - t1,
                    search_s=t3 - t2, search_backend="faiss" if use_faiss else "exact", scoring_s=t4 - t3)
-    return {"metrics": scores.metrics, "per_query": scores.per_query}, timings
+    if reranker is None:
+        return {"metrics": scores.metrics, "per_query": scores.per_query}, timings
+    needed = {d for hits in run.values() for d, _ in trec_order(hits)[:rerank_top]}
+    texts = dict(zip(sorted(needed), data.document_texts(sorted(needed))))
+    reranked = rerank_run(reranker, data.queries, texts, run, top=rerank_top, batch_size=batch_size)
+    t5 = time.perf_counter()
+    two_stage = retrieval_metrics(qrels, reranked)
+    timings.update(rerank_s=t5 - t4, rerank_ms_per_query=1000 * (t5 - t4) / max(len(query_ids), 1),
+                   rerank_top=rerank_top)
+    return {"metrics": two_stage.metrics, "per_query": two_stage.per_query,
+            "first_stage": {"metrics": scores.metrics}}, timings
 
 
 def run_sts(encoder: Encoder, task: LoadedTask, *, batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -225,17 +261,22 @@ def evaluate(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    reranker: Any = None,
+    rerank_top: int = DEFAULT_TOP_K,
 ) -> dict[str, Any]:
     """Evaluate `encoder` on `tasks` (spec strings or TaskSpecs; default: stsb, stsb-paraphrase); return a report.
 
     All task specs are parsed and all data is loaded before any encoding, so a bad spec or a bad file fails
     in seconds, not after an hour of encoding. progress: log each step at INFO (`embedkit eval`) rather than DEBUG
-    (a dev evaluation inside training).
+    (a dev evaluation inside training). `reranker`: a second stage for retrieval tasks (its first `rerank_top`
+    documents per query); STS and mteb tasks are the bi-encoder's alone.
     """
     if search not in ("auto", "exact", "faiss"):
         raise ConfigError(f"unknown search backend '{search}' (use auto, exact or faiss)", field="search")
     if top_k < 100:
         raise ConfigError("top_k must be at least 100 (recall@100 and map@100 need 100 results)", field="top_k")
+    if reranker is not None and not 1 <= rerank_top <= top_k:
+        raise ConfigError(f"rerank_top must be between 1 and top_k ({top_k}), not {rerank_top}", field="rerank_top")
     level = logging.INFO if progress else logging.DEBUG
     started = time.perf_counter()
     specs = parse_task_specs(tasks)
@@ -254,7 +295,8 @@ def evaluate(
         t0 = time.perf_counter()
         if spec.type == "retrieval":
             result, task_timings = run_retrieval(encoder, task, batch_size=batch_size, top_k=top_k, search=search,
-                                                 cache_dir=cache, use_cache=use_cache)
+                                                 cache_dir=cache, use_cache=use_cache, reranker=reranker,
+                                                 rerank_top=rerank_top)
         elif spec.type == "sts":
             result, task_timings = run_sts(encoder, task, batch_size=batch_size)
         else:
@@ -272,4 +314,5 @@ def evaluate(
             **result,
         }
     return build_report(encoder, loaded, results, timings, seed=seed, batch_size=batch_size, top_k=top_k,
-                        search=search, wall_time_s=time.perf_counter() - started)
+                        search=search, wall_time_s=time.perf_counter() - started, reranker=reranker,
+                        rerank_top=rerank_top)

@@ -11,6 +11,8 @@ from embedkit._lazy import lazy_exports
 _EXPORTS = {
     "Encoder": "embedkit.models.encoder",
     "load_model": "embedkit.models.encoder",
+    "Reranker": "embedkit.models.reranker",
+    "load_reranker": "embedkit.models.reranker",
     "EMBEDDED_MODELS": "embedkit.models.registry",
     "embedkit_home": "embedkit.models.registry",
     "resolve_model_path": "embedkit.models.registry",

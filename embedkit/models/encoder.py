@@ -28,7 +28,7 @@ from embedkit.models import adapters
 from embedkit.models.distributed import encode_sharded, sharded_encoding, sharding_group
 from embedkit.models.pooling import POOLINGS, get_pooling, mode_from_st_config, pool, st_pooling_config
 from embedkit.models.prompts import resolve_prompts
-from embedkit.models.registry import resolve_model_path
+from embedkit.models.registry import model_kind, resolve_model_path
 from embedkit.models.tokenization import collate, length_sorted_batches, prepare_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _is_causal(config) -> bool:
+def is_causal_config(config) -> bool:
     archs = getattr(config, "architectures", None) or []
     return bool(getattr(config, "is_decoder", False)) or any("CausalLM" in a for a in archs) or (
         config.model_type in {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "gpt2"}
@@ -84,7 +84,7 @@ class Encoder(nn.Module):
         self.name = name
         self.source_path = source_path
         self.quantization = quantization
-        self.is_causal = _is_causal(self.base_config)
+        self.is_causal = is_causal_config(self.base_config)
         if self.attention == "bidirectional" and not self.is_causal:
             raise ModelError("attention 'bidirectional' is for causal LLM encoders; this model already attends both "
                              "ways", path=source_path)
@@ -123,6 +123,9 @@ class Encoder(nn.Module):
         target = resolve_device(device, field="device")
 
         path = resolve_model_path(name_or_path)
+        if model_kind(path) == "reranker":
+            raise ModelError(f"{name_or_path} is a reranker (cross-encoder: it scores query-document pairs), not an "
+                             "embedding model: give it where a reranker is expected (--rerank)", path=path)
         st = read_st_folder(path)
         transformer_dir = path / st["transformer_path"]
         try:
@@ -140,7 +143,7 @@ class Encoder(nn.Module):
 
             backbone = PeftModel.from_pretrained(backbone, str(adapter), is_trainable=False)
         manifest = _read_json(path / MANIFEST_NAME) or {}
-        chosen_pooling = pooling or st["pooling"] or ("lasttoken" if _is_causal(config) else "mean")
+        chosen_pooling = pooling or st["pooling"] or ("lasttoken" if is_causal_config(config) else "mean")
         chosen_prompts = prompts if prompts is not None else st["prompts"]
         if prompts is None and not st["prompts"] and str(name_or_path) == "smollm2-135m":
             chosen_prompts = "instruct"  # an LLM embeds questions better with an instruction

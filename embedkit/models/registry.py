@@ -169,3 +169,27 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     except Exception as exc:  # offline, unknown repo, gated ...
         raise ModelError(f"cannot fetch {key!r} from the Hugging Face hub ({type(exc).__name__}); "
                          "pass a local folder or an embedded model name") from exc
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def model_kind(path: str | Path) -> str:
+    """What a model folder holds: "reranker" (a cross-encoder: a sequence-classification head or
+    sentence-transformers' CrossEncoder config), "embedding" (a sentence-transformers folder with a Pooling module),
+    or "base" (a plain transformer, e.g. BertModel: neither yet)."""
+    path = Path(path)
+    st_config = _read_json_or_none(path / "config_sentence_transformers.json") or {}
+    if st_config.get("model_type") == "CrossEncoder":
+        return "reranker"
+    modules = _read_json_or_none(path / "modules.json") or []
+    if any(str(m.get("type", "")).endswith("Pooling") for m in modules if isinstance(m, dict)):
+        return "embedding"
+    config = _read_json_or_none(path / "config.json") or {}
+    if any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return "reranker"
+    return "base"

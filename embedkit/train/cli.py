@@ -50,8 +50,13 @@ def train_command(
     (LLM2Vec / GritLM) and is kept by the saved model; mntp.steps > 0 first runs LLM2Vec's masked next-token
     warm-up on the training documents with the same adapter (its log: mntp_log.jsonl in the output).
 
+    Rerankers: task: rerank trains a cross-encoder on (query, positive, negatives) rows from embedkit mine, with
+    loss.type listwise (default) or bce (plus loss.distillation from the rows' teacher scores); its folder loads in
+    sentence-transformers' CrossEncoder, and embedkit eval --rerank uses it as the second stage.
+
     Examples: embedkit train recipes/minilm-scifact.yaml --set training.lr=1e-5 -o runs/lr1e-5 ;
     embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume ;
+    embedkit train recipes/minilm-rerank-scifact.yaml ;
     embedkit train recipes/mistral-7b-encoder-zero3.yaml --estimate-memory --nproc 4
     """
 
@@ -83,7 +88,10 @@ def train_command(
             raise typer.Exit(code)
         typer.echo(f"trained with {nproc} processes -> {parsed.training.output_dir}")
         return
-    from embedkit.train.contrastive import train
+    if parsed.task == "rerank":
+        from embedkit.train.rerank import train_reranker as train
+    else:
+        from embedkit.train.contrastive import train
 
     result = train(parsed, resume=resume)
     from embedkit.models.distributed import is_main_process

@@ -12,6 +12,8 @@
     mining:   {online: false, every: epoch | N (steps), range: "10:100", num_negatives: null (= loss.hard_negatives),
                sampling: random, relative_margin: 0.05, corpus: null, ...}   (online hard-negative re-mining)
     mntp:     {steps: 0, batch_size: 8, lr: 1e-4, mask_ratio: 0.2, max_length: 128}   (LLM2Vec warm-up, causal LLMs)
+    task:     embed | rerank   (rerank: a cross-encoder over (query, positive, negatives) rows; loss listwise | bce)
+    rerank:   {first_stage: null | MODEL, top_k: 100}   (rerank recipes: the bi-encoder whose ranking dev reranks)
 
 Every mistake is one ConfigError naming the recipe file, the line when known, and the field path
 (`training.batch_size`): unknown keys (extra="forbid"), wrong types, missing data files, unknown models.
@@ -151,7 +153,8 @@ class LossSection(Section):
     `matryoshka_dims` is set and in distillation when `distillation` is set."""
 
     type: Annotated[str, AfterValidator(registered_loss)] = Field(
-        "infonce", description="the base loss (embedkit.train.losses' registry: infonce, or one registered there)")
+        "infonce", description="the base loss (embedkit.train.losses' registry: infonce for embedding recipes; "
+                               "listwise (the default there) or bce for task: rerank)")
     temperature: float = Field(0.05, gt=0.0)
     learn_temperature: bool = False
     symmetric: bool = False
@@ -209,6 +212,16 @@ class TrainingSection(EngineTrainingSection):
     # Ignored with grad_cache.
     length_chunk: int | None = Field(8, gt=0)
     drop_last: bool = False
+
+
+class RerankSection(Section):
+    """A reranker recipe's second-stage settings: the first stage (bi-encoder) whose ranking the negatives are mined
+    from when the training rows have none, and whose top `top_k` the dev evaluation reranks."""
+
+    first_stage: str | None = Field(None, description="the bi-encoder (embedded name or folder): mines the negatives "
+                                                      "of rows without any, and retrieves the candidates the dev "
+                                                      "evaluation reranks (needed with data.dev)")
+    top_k: int = Field(100, gt=0, description="candidates per query the reranker orders")
 
 
 class MNTPSection(Section):
@@ -353,9 +366,18 @@ class Recipe(BaseRecipe):
     training: TrainingSection
     mining: MiningSection = MiningSection()
     mntp: MNTPSection = MNTPSection()
+    # embed: a bi-encoder (the default). rerank: a cross-encoder scoring (query, document) pairs, trained on each
+    # row's positive and hard negatives (embedkit/train/rerank.py).
+    task: Literal["embed", "rerank"] = "embed"
+    rerank: RerankSection = RerankSection()
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.task == "rerank":
+            self._check_rerank()
+        elif self.loss.type not in _loss_names("embed"):
+            raise ValueError(f"loss.type {self.loss.type!r} is a reranker loss: set task: rerank, or use one of "
+                             f"{', '.join(_loss_names('embed'))}")
         if self.mining.online:
             if self.loss.hard_negatives == 0:
                 raise ValueError("mining.online needs loss.hard_negatives > 0 (how many mined negatives to train on)")
@@ -372,6 +394,30 @@ class Recipe(BaseRecipe):
         return self
 
 
+    def _check_rerank(self) -> None:
+        """What a reranker recipe (task: rerank) cannot have; loss.type defaults to listwise there."""
+        if "type" not in self.loss.model_fields_set:
+            self.loss.type = "listwise"
+        elif self.loss.type not in _loss_names("rerank"):
+            raise ValueError(f"task rerank trains with a reranker loss ({', '.join(_loss_names('rerank'))}), not "
+                             f"{self.loss.type!r}")
+        if self.loss.hard_negatives < 1:
+            raise ValueError("task rerank needs loss.hard_negatives >= 1: a reranker learns from each query's "
+                             "positive against its negatives (mine them with embedkit mine)")
+        refused = {"model.pooling": self.model.pooling, "model.prompts": self.model.prompts,
+                   "loss.matryoshka_dims": self.loss.matryoshka_dims, "training.grad_cache": self.training.grad_cache,
+                   "mining.online": self.mining.online or None, "mntp.steps": self.mntp.steps or None,
+                   "model.attention": self.model.attention}
+        for key, value in refused.items():
+            if value is not None:
+                raise ValueError(f"{key} is for embedding recipes: task rerank does not use it")
+        if parse_train_source(self.data.train)[0] == "beir" and not self.rerank.first_stage:
+            raise ValueError("a beir: training set has no negatives: set rerank.first_stage (the bi-encoder whose "
+                             "ranking the negatives are mined from), or train on rows from embedkit mine")
+        if self.data.dev and not self.rerank.first_stage:
+            raise ValueError("a reranker's dev evaluation reranks a first stage's candidates: set rerank.first_stage "
+                             "(the bi-encoder, e.g. minilm or your tuned model) with data.dev")
+
     def mining_settings(self):
         """The recipe's mining section as embedkit.mine.MiningSettings (ValueError when inconsistent)."""
         m = self.mining
@@ -385,6 +431,12 @@ class Recipe(BaseRecipe):
                                   seed=self.training.seed if m.seed is None else m.seed, batch_size=m.batch_size)
         except ConfigError as exc:
             raise ValueError(f"mining: {exc.message}") from None
+
+
+def _loss_names(task: str) -> list[str]:
+    from embedkit.train.losses import loss_names  # the registry holds the loss classes (torch)
+
+    return loss_names(task)
 
 
 def check_engine_settings(recipe: BaseRecipe) -> None:

@@ -55,24 +55,25 @@ def scheduled_rounds(every: int | str, at_start: bool, total_steps: int, steps_p
     return rounds
 
 
+def pool_corpus(recipe: Recipe) -> dict[str, dict] | None:
+    """The documents beyond the training positives that a recipe's mining pool holds: mining.corpus, else the
+    corpus of a beir: training set, else none (the pool is the training positives)."""
+    if recipe.mining.corpus is not None:
+        path = Path(recipe.mining.corpus)
+        return read_corpus(path / CORPUS_FILE if path.is_dir() else path)
+    kind, path, split = parse_train_source(recipe.data.train)
+    if kind == "beir":
+        return load_beir(path, split).corpus
+    return None
+
+
 class OnlineMiner:
     def __init__(self, recipe: Recipe, examples: list) -> None:
         self.recipe = recipe
         self.settings = recipe.mining_settings()
-        self.state = RemineState.from_examples(examples, self.settings, corpus=self._corpus(recipe))
+        self.state = RemineState.from_examples(examples, self.settings, corpus=pool_corpus(recipe))
         self.refreshes: list[dict[str, Any]] = []
         self.token_cache: dict[str, list[int]] = {}
-
-    @staticmethod
-    def _corpus(recipe: Recipe) -> dict[str, dict] | None:
-        """The documents beyond the training positives that the pool holds."""
-        if recipe.mining.corpus is not None:
-            path = Path(recipe.mining.corpus)
-            return read_corpus(path / CORPUS_FILE if path.is_dir() else path)
-        kind, path, split = parse_train_source(recipe.data.train)
-        if kind == "beir":
-            return load_beir(path, split).corpus
-        return None  # a pairs file without mining.corpus: the pool is the training positives
 
     def due_before_epoch(self, step: int, epoch: int) -> bool:
         return due_before_epoch(self.recipe.mining.every, self.recipe.mining.at_start, step, epoch)

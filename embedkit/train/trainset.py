@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -147,16 +147,24 @@ def epoch_batches(data: TrainData, recipe: Recipe, epoch: int, batch_size: int |
 
     `batch_size` is the global batch (per process x processes; default the recipe's): several processes draw the
     single-process order of that batch size and split each batch between them."""
-    t = recipe.training
+    return seeded_batches(len(data.examples), recipe.training, epoch, batch_size,
+                          length=lambda i: len(data.query_ids[i]) + len(data.doc_ids[i][0]))
+
+
+def seeded_batches(n: int, training, epoch: int, batch_size: int | None = None, *,
+                   length: Callable[[int], int] | None = None) -> list[list[int]]:
+    """`epoch_batches` for any step: `n` rows, the recipe's `training` section (seed, batch size, group_by_length,
+    drop_last), `length(row)` the tokens a row brings (for group_by_length)."""
+    t = training
     generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-    order = torch.randperm(len(data.examples), generator=generator).tolist()
+    order = torch.randperm(n, generator=generator).tolist()
     size = batch_size or t.batch_size
-    if t.group_by_length:
+    if t.group_by_length and length is not None:
         window = size * _LENGTH_GROUP_BATCHES
         grouped = []
         for start in range(0, len(order), window):
             part = order[start:start + window]
-            part.sort(key=lambda i: -(len(data.query_ids[i]) + len(data.doc_ids[i][0])))
+            part.sort(key=lambda i: -length(i))
             grouped.extend(part)
         batches = [grouped[i:i + size] for i in range(0, len(grouped), size)]
         shuffle = torch.randperm(len(batches), generator=generator).tolist()

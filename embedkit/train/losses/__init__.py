@@ -5,6 +5,8 @@
           distillation: kl | margin_mse                     -> wrapped in Distillation (losses/distillation.py)
 
 Wrapping order: Matryoshka(Distillation(base)), so distillation is applied at every Matryoshka width.
+A reranker's losses (recipe `task: rerank`; losses/rerank.py) come from the same factory: `build_loss(section,
+task="rerank")`, the base loss with the same distillation settings added.
 Base losses are a registry: `@register_loss("name")` on a builder `(loss section, gather) -> ContrastiveObjective`.
 The recipes' `loss.type` accepts exactly the registered names (embedkit/train/config.py asks `loss_names`), so a
 new loss is one module here with its class and its registered builder, plus its import line below
@@ -19,14 +21,19 @@ from embedkit.train.losses.batch import (ContrastiveBatch, ContrastiveObjective,
                                          gather_batch, gather_with_grad, text_keys)
 from embedkit.train.losses.distillation import Distillation
 from embedkit.train.losses.matryoshka import Matryoshka
-from embedkit.train.losses.registry import BASE_LOSSES, loss_names, register_loss
+from embedkit.train.losses.registry import BASE_LOSSES, RERANK_LOSSES, loss_names, register_loss
 
 # Base losses register themselves when their module is imported: one line per loss module.
 from embedkit.train.losses.infonce import InfoNCE
+from embedkit.train.losses.rerank import RerankObjective, wrap_rerank_distillation
 
 
-def build_loss(section: Any, *, gather: bool = True) -> ContrastiveObjective:
-    """The loss a recipe's `loss` section describes (embedkit.train.config.LossSection)."""
+def build_loss(section: Any, *, gather: bool = True, task: str = "embed") -> ContrastiveObjective | RerankObjective:
+    """The loss a recipe's `loss` section describes (embedkit.train.config.LossSection), for the recipe's task."""
+    if task == "rerank":
+        if section.type not in RERANK_LOSSES:
+            raise ValueError(f"unknown reranker loss {section.type!r}; choose one of {', '.join(RERANK_LOSSES)}")
+        return wrap_rerank_distillation(RERANK_LOSSES[section.type](section, gather), section)
     if section.type not in BASE_LOSSES:
         raise ValueError(f"unknown loss type {section.type!r}; choose one of {', '.join(BASE_LOSSES)}")
     loss = BASE_LOSSES[section.type](section, gather)
@@ -39,6 +46,6 @@ def build_loss(section: Any, *, gather: bool = True) -> ContrastiveObjective:
     return loss
 
 
-__all__ = ["BASE_LOSSES", "ContrastiveBatch", "ContrastiveObjective", "Distillation", "InfoNCE", "LossOutput",
+__all__ = ["BASE_LOSSES", "RERANK_LOSSES", "RerankObjective", "ContrastiveBatch", "ContrastiveObjective", "Distillation", "InfoNCE", "LossOutput",
            "Matryoshka", "build_loss", "distributed_world", "gather_batch", "gather_with_grad", "loss_names",
            "register_loss", "text_keys"]

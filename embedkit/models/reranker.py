@@ -1,0 +1,301 @@
+"""The second stage: a cross-encoder that scores (query, document) pairs, for training, evaluation and serving.
+
+A reranker reads the query and the document together (one forward per pair) and gives one relevance logit; the
+score a user sees is its sigmoid (0..1), as sentence-transformers' CrossEncoder gives it. The same `pair_ids` /
+`collate` (embedkit.models.tokenization) feed training, `embedkit eval --rerank`, `embedkit rag --rerank` and the
+server's `/v1/rerank`, so a pair gets the same score everywhere.
+
+Folders. `Reranker.save` writes a Hugging Face sequence-classification folder (one label) that
+`sentence_transformers.CrossEncoder(folder)` loads with the same scores, plus `config_sentence_transformers.json`
+(model_type CrossEncoder, the sigmoid activation), the embedkit manifest, a model card and probe scores
+(`rerank_probes.json`: fixed pairs and the scores the trained model gave them; whatever loads the folder later can
+re-score them). Where a model kind is expected and the other kind is given, loading fails in one line naming both
+(`model_kind`): an embedding model (a sentence-transformers folder with a Pooling module) is not a reranker, and a
+cross-encoder folder is not an embedding model.
+
+Starting a reranker from an embedding model (MiniLM when no trained cross-encoder is at hand) is allowed only for
+training (`start=True`): the encoder's weights are kept and a one-logit head is added, initialised from the
+training seed. That head knows nothing yet: the README and bench/bench_rerank.py say what this start costs.
+
+Why not sentence-transformers' CrossEncoder as the runtime: its `predict` tokenizes inside, with its own padding
+and batching, and its trainer owns the loop; embedkit needs the pair ids before batching (length-sorted batches,
+the server's micro-batches and 413 checks) and one training engine for every model kind (DDP, ZeRO-3, LoRA,
+checkpoints). The saved folder stays the ecosystem's format, so CrossEncoder still loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedkit.atomic import atomic_dir, write_json
+from embedkit.device import resolve_device
+from embedkit.errors import ModelError
+from embedkit.manifest import MANIFEST_NAME, base_manifest
+from embedkit.models.encoder import is_causal_config, parse_dtype
+from embedkit.models.registry import model_kind, resolve_model_path
+from embedkit.models.tokenization import collate, ensure_pad_token, length_sorted_batches, tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+RERANK_PROBES_NAME = "rerank_probes.json"
+RERANK_PROBES_FORMAT = "embedkit-rerank-probes/1"
+PROBE_ATOL = 1e-4
+SIGMOID = "torch.nn.modules.activation.Sigmoid"  # sentence-transformers' name of the activation it applies
+
+# Queries and documents of several domains and lengths: every query is paired with every document.
+PROBE_QUERIES = ("what are the symptoms of diabetes?", "how do interest rates affect inflation",
+                 "Is it safe?")
+PROBE_DOCUMENTS = ("Insulin lowers the level of glucose in the blood; thirst and frequent urination are early signs.",
+                   "The central bank raised rates to slow rising prices.",
+                   "a",
+                   "The court ruled that the contract was void because one party had been misled about the price.")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _transformer_dir(path: Path) -> Path:
+    """The folder of the transformer weights: a sentence-transformers folder may keep them in a module subfolder."""
+    for module in _read_json(path / "modules.json") or []:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith("Transformer"):
+            return path / module.get("path", "")
+    return path
+
+
+class Reranker(nn.Module):
+    """(query, document) -> relevance. `score` / `rerank` for inference, `pair_ids` + `forward` for training."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_length: int = 512, name: str = "reranker",
+                 source_path: str | None = None, base_model: dict | None = None) -> None:
+        super().__init__()
+        if getattr(model.config, "num_labels", 1) != 1:
+            raise ModelError(f"a reranker has one output (a relevance logit); this model has "
+                             f"{model.config.num_labels} labels", path=source_path)
+        self.backbone = model
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.name = name
+        self.source_path = source_path
+        ensure_pad_token(tokenizer, path=source_path)
+        # Token type ids only where the model takes them (BERT: 0 for the query, 1 for the document).
+        self.uses_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+        self._fingerprint: str | None = None
+        self.base_model = base_model or {"name": name, "path": source_path, "fingerprint": self.fingerprint}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, max_length: int | None = None, dtype: str | None = None,
+                        device: str | torch.device = "cpu", start: bool = False) -> "Reranker":
+        """Load a reranker folder (or an embedded name / Hugging Face id resolving to one).
+
+        `start=True` (training only): an embedding or plain transformer folder is a valid start; its encoder weights
+        are kept and a new one-logit head is initialised (from torch's RNG: seed it first)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_model_path(name_or_path)
+        kind = model_kind(path)
+        if kind != "reranker" and not start:
+            what = ("an embedding model (a sentence-transformers folder with a Pooling module)" if kind == "embedding"
+                    else "a transformer without a relevance head")
+            raise ModelError(f"{name_or_path} is {what}, not a reranker (cross-encoder): give a folder that "
+                             "'embedkit train' wrote with task: rerank, or a sentence-transformers CrossEncoder",
+                             path=path)
+        weights = _transformer_dir(path)
+        try:
+            config = AutoConfig.from_pretrained(weights)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"not a model folder: {exc}".splitlines()[0], path=weights) from exc
+        if is_causal_config(config):
+            raise ModelError(f"{name_or_path} is a causal LM: a cross-encoder reranker starts from a BERT-style "
+                             "encoder (the yes/no LLM reranker is not in this version yet)", path=path)
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype)}
+        if kind != "reranker":
+            kwargs.update(num_labels=1)  # a new head: from torch's RNG, which training seeds
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(weights, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load a sequence-classification model: {exc}".splitlines()[0],
+                             path=weights) from exc
+        model.config.architectures = [type(model).__name__]
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+        sbert = _read_json(weights / "sentence_bert_config.json") or _read_json(path / "sentence_bert_config.json")
+        tokenizer_max = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+        chosen = max_length or (sbert or {}).get("max_seq_length") or tokenizer_max
+        manifest = _read_json(path / MANIFEST_NAME) or {}
+        base = manifest.get("base_model") if kind == "reranker" else None
+        reranker = cls(model, tokenizer, max_length=int(chosen), name=str(name_or_path), source_path=str(path),
+                       base_model=base)
+        target = resolve_device(device, field="device")
+        return reranker.to(target) if target.type != "cpu" else reranker
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def config(self):
+        model = self.backbone
+        return getattr(model, "config", None) or model.get_base_model().config
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over weights, tokenizer vocabulary and max length: equal fingerprints -> equal scores."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.backbone.state_dict().items()):
+                if hasattr(tensor, "full_tensor"):
+                    tensor = tensor.full_tensor()
+                data = tensor.detach().cpu().contiguous()
+                h.update(key.encode())
+                h.update(str(data.dtype).encode())
+                h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            h.update(json.dumps({"max_length": self.max_length, "kind": "cross-encoder"}).encode())
+            h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.source_path, "fingerprint": self.fingerprint,
+                "kind": "cross-encoder",
+                "architecture": (getattr(self.config, "architectures", None) or [self.config.model_type])[0],
+                "max_length": self.max_length, "activation": "sigmoid",
+                "dtype": str(next(self.backbone.parameters()).dtype).replace("torch.", ""),
+                "base_model": self.base_model}
+
+    # ------------------------------------------------------------------ tokenization (the one path)
+    def pair_ids(self, queries: Sequence[str], documents: Sequence[str], *,
+                 truncate: bool = True) -> tuple[list[list[int]], list[list[int]]]:
+        """(input ids, token type ids) of the pairs, cut to max_length (longest side first) unless `truncate`."""
+        return tokenize_pairs(self.tokenizer, queries, documents, max_length=self.max_length if truncate else None)
+
+    def collate(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """A right-padded batch (BERT-style positions), with token type ids where the model takes them."""
+        return collate(ids, self.tokenizer.pad_token_id, "right", to="torch",
+                       type_ids=type_ids if self.uses_type_ids else None)
+
+    # ------------------------------------------------------------------ forward / score
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Relevance logits [B] (float32) of a collated batch of pairs."""
+        device = self.device
+        inputs = {k: v.to(device) for k, v in features.items()}
+        return self.backbone(**inputs).logits[:, 0].float()
+
+    def score(self, queries: Sequence[str], documents: Sequence[str], *, batch_size: int = 32,
+              logits: bool = False) -> np.ndarray:
+        """Scores of the pairs (queries[i], documents[i]): sigmoid probabilities, or raw logits with `logits`.
+        Batches are length-sorted; a pair's score does not depend on its neighbours."""
+        queries, documents = list(queries), list(documents)
+        out = np.empty(len(queries), dtype=np.float32)
+        if not queries:
+            return out
+        ids, types = self.pair_ids(queries, documents)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for rows in length_sorted_batches(ids, batch_size):
+                    values = self(self.collate([ids[i] for i in rows], [types[i] for i in rows]))
+                    out[rows] = (values if logits else torch.sigmoid(values)).cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
+               batch_size: int = 32) -> list[tuple[int, float]]:
+        """(document index, score) pairs, best first (ties: the earlier document first)."""
+        scores = self.score([query] * len(documents), documents, batch_size=batch_size)
+        order = sorted(range(len(documents)), key=lambda i: (-float(scores[i]), i))
+        return [(i, float(scores[i])) for i in order[:top_n]]
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | Path, *, manifest: dict | None = None, card: str | None = None,
+             write_extra: Callable[[Path], Any] | None = None) -> Path:
+        """The folder sentence-transformers' CrossEncoder loads with the same scores, plus manifest and probe scores,
+        written atomically. A LoRA adapter is merged first. `write_extra(folder)` adds files (the training log)
+        before the folder appears."""
+        model = self.backbone
+        if hasattr(model, "peft_config"):
+            model = model.merge_and_unload()
+        target = Path(path)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            # sentence-transformers' CrossEncoder cuts pairs at the tokenizer's model_max_length: make it ours
+            self.tokenizer.model_max_length = self.max_length
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "sentence_bert_config.json", {"max_seq_length": self.max_length})
+            write_json(tmp / "config_sentence_transformers.json", {
+                "model_type": "CrossEncoder", "activation_fn": SIGMOID, "prompts": {},
+                "default_prompt_name": None, "embedkit": {"kind": "cross-encoder"}})
+            config = json.loads((tmp / "config.json").read_text())
+            config["sentence_transformers"] = {"activation_fn": SIGMOID}  # sentence-transformers < 6 reads it here
+            write_json(tmp / "config.json", config)
+            self.invalidate_fingerprint()
+            record = base_manifest("reranker", base_model=self.base_model, model=self.describe(), **(manifest or {}))
+            record["model"]["path"] = str(target)
+            write_json(tmp / MANIFEST_NAME, record)
+            write_rerank_probes(self, tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+            if write_extra is not None:
+                write_extra(tmp)
+        self.source_path = str(target)
+        return target
+
+
+def load_reranker(name_or_path: str | Path, **kwargs) -> Reranker:
+    """Load a reranker folder; see Reranker.from_pretrained."""
+    return Reranker.from_pretrained(name_or_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- probe scores
+def probe_pairs() -> tuple[list[str], list[str]]:
+    pairs = [(q, d) for q in PROBE_QUERIES for d in PROBE_DOCUMENTS]
+    return [q for q, _ in pairs], [d for _, d in pairs]
+
+
+def write_rerank_probes(reranker: Reranker, folder: str | Path) -> Path:
+    """Score the probe pairs and write `rerank_probes.json` (logits) into `folder`."""
+    queries, documents = probe_pairs()
+    logits = reranker.score(queries, documents, logits=True)
+    return write_json(Path(folder) / RERANK_PROBES_NAME, {
+        "format": RERANK_PROBES_FORMAT, "queries": queries, "documents": documents,
+        "logits": [float(x) for x in logits], "atol": PROBE_ATOL, "model_fingerprint": reranker.fingerprint},
+        indent=None)
+
+
+def check_rerank_probes(score_fn, folder: str | Path, atol: float | None = None) -> dict[str, Any]:
+    """Re-score the folder's probe pairs with `score_fn(queries, documents) -> logits`; {"ok", "max_abs_diff",
+    "atol", "n"}. A folder without probes, or a malformed file, is a ModelError."""
+    path = Path(folder) / RERANK_PROBES_NAME
+    data = _read_json(path)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("queries", "documents", "logits")):
+        raise ModelError("no readable probe scores (queries, documents, logits)", path=path)
+    expected = np.asarray(data["logits"], dtype=np.float32)
+    got = np.asarray(score_fn(data["queries"], data["documents"]), dtype=np.float32).reshape(-1)
+    if got.shape != expected.shape:
+        raise ModelError(f"{len(expected)} probe scores but the model gave {got.size}", path=path)
+    tolerance = float(atol if atol is not None else data.get("atol", PROBE_ATOL))
+    diff = float(np.abs(got - expected).max())
+    return {"ok": bool(np.isfinite(got).all() and diff <= tolerance), "max_abs_diff": diff, "atol": tolerance,
+            "n": int(expected.size)}
