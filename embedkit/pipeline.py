@@ -1,6 +1,7 @@
 """The main job: the whole loop on the embedded defaults, from a fresh machine with no hub and no GPU.
 
-    data -> mine -> eval (before) -> train -> eval (after) + compare -> export ONNX int8 -> serve -> RAG -> summary
+    data -> mine -> eval (before) -> train -> eval (after) + compare -> export ONNX int8 -> serve -> RAG
+    -> rerank (a cross-encoder trained on the same pairs, over the tuned model's top 20) -> summary
 
 Every stage is one library call a user can make on their own data; this module only chains them and keeps the
 numbers. The embedded defaults:
@@ -56,6 +57,11 @@ class DemoSettings:
     threads: int | None = None
     quantize: str | None = "int8"
     rag_queries: int = 3  # sample questions shown from the RAG index
+    # The second stage: a cross-encoder from the same start, on the same pairs with negatives mined by the tuned
+    # model (same window and margin), reordering the tuned model's top `rerank_top` on paraphrase retrieval.
+    rerank: bool = True
+    rerank_negatives: int = 3
+    rerank_top: int = 20
     plot: bool = True
 
 
@@ -78,6 +84,7 @@ class DemoResult:
     rag: dict[str, Any]
     rows: list[dict[str, Any]]
     timings: list[StageTiming] = field(default_factory=list)
+    rerank: dict[str, Any] | None = None
 
 
 log = logging.getLogger(__name__)
@@ -214,6 +221,49 @@ def rag_check(encoder, workdir: Path, settings: DemoSettings) -> dict[str, Any]:
                      "index": evaluation["index"]}}
 
 
+def rerank_check(settings: DemoSettings, workdir: Path, first_stage: Path, pool: dict[str, dict],
+                 first_stage_report: dict[str, Any]) -> dict[str, Any]:
+    """Train a cross-encoder on the training pairs (negatives mined from the tuned model's ranking of the pool),
+    then evaluate the two stages on paraphrase retrieval against the tuned model alone."""
+    from embedkit.eval.runner import evaluate
+    from embedkit.models import load_model
+    from embedkit.models.reranker import load_reranker
+    from embedkit.train.rerank import train_reranker
+
+    corpus = workdir / "rerank_pool.jsonl"
+    with atomic_path(corpus) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for doc_id, doc in pool.items():
+            handle.write(json.dumps({"_id": doc_id, **doc}, ensure_ascii=False) + "\n")
+    recipe = Recipe.model_validate({
+        "task": "rerank",
+        "model": {"name": settings.model, "max_length": 2 * settings.max_length, "attention_dropout": 0.0},
+        "data": {"train": str(workdir / "train_pairs.jsonl")},
+        "rerank": {"first_stage": str(first_stage), "top_k": settings.rerank_top},
+        "mining": {"range": settings.mine_range, "relative_margin": settings.mine_relative_margin,
+                   "corpus": str(corpus)},
+        "loss": {"type": "listwise", "hard_negatives": settings.rerank_negatives},
+        "training": {"output_dir": str(workdir / "reranker"), "epochs": settings.epochs,
+                     "batch_size": settings.batch_size // 2, "lr": settings.lr, "seed": settings.seed,
+                     "threads": settings.threads, "group_by_length": True, "eval_at_end": False},
+    })
+    trained = train_reranker(recipe)
+    report = evaluate(load_model(first_stage), [EXPORT_CHECK_SET], reranker=load_reranker(trained.output_dir),
+                      rerank_top=settings.rerank_top, progress=True)
+    from embedkit.eval.report import write_report
+
+    write_report(report, workdir / "eval_reranked.json")
+    (name, result), = report["results"].items()
+    metric = result["task"]["main_metric"]
+    timings = report["timings"]["tasks"][name]
+    gate = significance({"results": {name: first_stage_report["results"][name]}}, report, settings.seed)
+    return {"output_dir": str(trained.output_dir), "rows": trained.samples // max(settings.epochs, 1),
+            "steps": trained.steps, "train_seconds": trained.train_seconds, "task": name, "metric": metric,
+            "first_stage": first_stage_report["results"][name]["metrics"][metric],
+            "reranked": result["metrics"][metric], "top": settings.rerank_top,
+            "ms_per_query": timings.get("rerank_ms_per_query"),
+            "p_improvement": gate["improvement"][name]["p_value"]}
+
+
 # ----------------------------------------------------------------------------------------------------------- summary
 def summary_rows(base: dict[str, Any], tuned: dict[str, Any], improvement: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
@@ -274,6 +324,12 @@ def render_summary(result: DemoResult) -> str:
         f"recall@5 {rg['eval']['metrics'].get('recall_at_5', float('nan')):.4f}, "
         f"median {rg['eval']['latency']['median_ms']:.1f} ms/query",
     ]
+    if result.rerank:
+        rr = result.rerank
+        lines.append(f"rerank   cross-encoder on {rr['rows']} rows ({rr['steps']} steps, {rr['train_seconds']:.0f} s), "
+                     f"top {rr['top']} of the tuned model on {rr['task']}: {rr['metric']} {rr['first_stage']:.4f} -> "
+                     f"{rr['reranked']:.4f} (p improvement {rr['p_improvement']:.4f}), "
+                     f"{rr['ms_per_query']:.1f} ms/query")
     for ex_q in rg["examples"]:
         top = ex_q["hits"][0]
         mark = "relevant" if top["doc_id"] in ex_q["relevant"] else "not judged relevant"
@@ -321,6 +377,8 @@ def run_demo(workdir: str | Path = "runs/demo", *, settings: DemoSettings | None
     export = clock.stage("export", lambda: export_model(trained.output_dir, workdir / "onnx", settings))
     served = clock.stage("serve", lambda: serve_check(workdir / "onnx", tuned, [ex.query for ex in examples[:32]]))
     rag = clock.stage("rag", lambda: rag_check(tuned, workdir, settings))
+    reranked = clock.stage("rerank", lambda: rerank_check(settings, workdir, trained.output_dir, pool,
+                                                          tuned_report)) if settings.rerank else None
 
     rows = summary_rows(base_report, tuned_report, comparison["improvement"])
     training = {"samples": trained.samples, "steps": trained.steps, "train_seconds": trained.train_seconds,
@@ -328,7 +386,7 @@ def run_demo(workdir: str | Path = "runs/demo", *, settings: DemoSettings | None
                 "output_dir": str(trained.output_dir)}
     result = DemoResult(workdir, workdir / "eval_base.json", workdir / "eval_tuned.json", comparison,
                         _mined_summary(mined), training, _export_summary(export, settings), served, rag, rows,
-                        clock.timings)
+                        clock.timings, reranked)
     text = render_summary(result)
     write_text(workdir / "summary.md", "# embedkit demo\n\n```\n" + text + "\n```\n")
     write_json(workdir / "summary.json", _jsonable({**asdict(result), "settings": asdict(settings)}))

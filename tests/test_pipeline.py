@@ -22,10 +22,11 @@ def test_every_stage_leaves_its_output(demo):
     w = demo.workdir
     for name in ("train_pairs.jsonl", "mined.jsonl", "eval_base.json", "eval_tuned.json", "compare.json",
                  "summary.md", "summary.json", "summary.png", "model/embedkit_manifest.json",
-                 "onnx/embedkit_manifest.json", "rag-index/embedkit_manifest.json"):
+                 "onnx/embedkit_manifest.json", "rag-index/embedkit_manifest.json", "reranker/embedkit_manifest.json",
+                 "eval_reranked.json"):
         assert (w / name).is_file(), name
     assert [t.name for t in demo.timings] == ["load", "data", "mine", "eval before", "train", "eval after", "export",
-                                              "serve", "rag"]
+                                              "serve", "rag", "rerank"]
     assert (w / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,9 +105,21 @@ def test_served_vectors_equal_torch(demo):
     assert demo.export["parity"]["fp32_max_abs_diff"] < 1e-5
 
 
+def test_rerank_stage_compares_two_stages_with_the_tuned_model_alone(demo):
+    """Bug caught: the rerank line reports the base model as the first stage, or a number no report holds."""
+    tuned = json.loads(demo.tuned_report.read_text())["results"]["stsb-paraphrase"]["metrics"]["ndcg_at_10"]
+    reranked = json.loads((demo.workdir / "eval_reranked.json").read_text())
+    assert demo.rerank["first_stage"] == tuned
+    assert reranked["results"]["stsb-paraphrase"]["first_stage"]["metrics"]["ndcg_at_10"] == pytest.approx(tuned)
+    assert demo.rerank["reranked"] == reranked["results"]["stsb-paraphrase"]["metrics"]["ndcg_at_10"]
+    assert reranked["manifest"]["reranker"]["path"] == str(demo.workdir / "reranker")
+    assert 0.0 <= demo.rerank["p_improvement"] <= 1.0 and demo.rerank["steps"] >= 1
+
+
 def test_printed_summary(demo, capsys):
     from embedkit.pipeline import render_summary
 
     text = render_summary(demo)
     assert "stsb-paraphrase" in text and "ndcg_at_10" in text and "rag" in text and "gate" in text
+    assert "rerank   cross-encoder" in text
     assert np.isfinite([r["after"] for r in demo.rows]).all()
