@@ -1,4 +1,5 @@
-"""Serve: an OpenAI-compatible embedding server (FastAPI + uvicorn) with dynamic micro-batching, and vLLM launching.
+"""Serve: an OpenAI-compatible embedding server (FastAPI + uvicorn) with dynamic micro-batching, /v1/rerank for
+rerankers, and vLLM launching.
 
 Names are imported lazily so that importing the package does not import torch, onnxruntime or fastapi.
 """
@@ -15,6 +16,7 @@ _EXPORTS = {
     "run_server": "embedkit.serve.server",
     "TorchBackend": "embedkit.serve.backends",
     "OnnxBackend": "embedkit.serve.backends",
+    "TorchRerankBackend": "embedkit.serve.backends",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

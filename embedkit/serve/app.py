@@ -1,12 +1,17 @@
-"""The OpenAI-compatible embedding server (FastAPI): /v1/embeddings, /v1/models, /health, /metrics, and
-/v1/chat/completions for models whose folder has a generative head (`embedkit llm`).
+"""The OpenAI-compatible embedding server (FastAPI): /v1/embeddings, /v1/models, /health, /metrics,
+/v1/chat/completions for models whose folder has a generative head (`embedkit llm`), and /v1/rerank (Cohere's,
+Jina's request shape) for rerankers served with `--rerank`.
 
 Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with 4xx for everything a client
 can get wrong (400 bad input, 401 key, 404 model, 408 read timeout, 413 body size, 422 schema) and 503 (with
 Retry-After) for work the server's shutdown cut off; any other 5xx means a bug in the server.
 
 A request's texts are checked by characters and tokenised off the event loop (a 7 MB body does not stall other
-clients), then embedded by the model's MicroBatcher, which interleaves requests fairly.
+clients), then embedded by the model's MicroBatcher, which interleaves requests fairly. A rerank request's
+(query, document) pairs take the same path through their reranker's own MicroBatcher.
+
+Every served name is one model of one kind, an embedding model or a reranker; a request to the other kind's
+endpoint is a 400 naming both kinds (`wrong_model_kind`).
 """
 
 from __future__ import annotations
@@ -125,6 +130,29 @@ class ChatCompletionRequest(BaseModel):
     user: Optional[str] = None
 
 
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: str
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"model": "reranker", "query": "what causes asthma?", "top_n": 2,
+                      "documents": ["Asthma is caused by inflamed airways.", "The court ruled the contract void."]}]})
+
+    query: str = Field(description="The query every document is scored against.")
+    documents: list[Union[str, RerankDocument]] = Field(
+        description="The documents to score: strings, or objects with a 'text' field (Cohere's and Jina's shapes).")
+    model: Optional[str] = Field(None, description="A served reranker (GET /v1/models, kind 'reranker'); optional "
+                                                   "when one is served.")
+    top_n: Optional[int] = Field(None, ge=1, description="Return the best N results only (default: all).")
+    return_documents: bool = Field(False, description="Add each result's document text (default false, as in "
+                                                      "Cohere's v2 API and TEI; Jina's default is true).")
+    truncate: bool = Field(True, description="true (default) cuts a (query, document) pair over the token limit, "
+                                             "longest side first; false answers 413 pair_too_long.")
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -138,11 +166,11 @@ class ErrorResponse(BaseModel):
 
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "Invalid input (token arrays, too many inputs, input too long, text that is not Unicode, bad dimensions, "
-         "model missing).",
+         "model missing, a model of the other kind).",
     401: "Missing or wrong API key.",
     404: "Unknown model.",
     408: "The request's headers and body did not arrive within the read timeout.",
-    413: "Request body too large.",
+    413: "Request body too large; /v1/rerank with truncate=false: a (query, document) pair over the token limit.",
     422: "The body does not match the schema.",
     503: "The server is shutting down, or has too many connections (see Retry-After).",
 }.items()}
@@ -183,8 +211,8 @@ def shutting_down() -> APIError:
 
 
 # ---------------------------------------------------------------------------------------------------------- middleware
-_ROUTES = {"/v1/embeddings", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs",
-           "/redoc", "/embeddings"}
+_ROUTES = {"/v1/embeddings", "/v1/chat/completions", "/v1/rerank", "/rerank", "/v1/models", "/health", "/metrics",
+           "/openapi.json", "/docs", "/redoc", "/embeddings"}
 
 
 class _BodyLimitMiddleware:
@@ -291,27 +319,37 @@ class _Served:
 
 
 def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
-               generators: dict[str, Any] | None = None) -> FastAPI:
-    """An app serving `backends` ({served name: backend}); models are chosen by the request's `model` field.
+               generators: dict[str, Any] | None = None, *, rerankers: dict[str, Any] | None = None) -> FastAPI:
+    """An app serving `backends` ({served name: embedding backend}) and `rerankers` ({served name:
+    TorchRerankBackend}, for /v1/rerank); models are chosen by the request's `model` field. Either may be empty,
+    not both; a name serves one model.
 
     `generators` ({served name: embedkit.llm.generate.Generator}) adds /v1/chat/completions for those models.
     """
     generators = dict(generators or {})
+    rerankers = dict(rerankers or {})
     unknown = set(generators) - set(backends)
     if unknown:
         raise ValueError(f"generators without an embedding backend: {sorted(unknown)}")
+    both = sorted(set(backends) & set(rerankers))
+    if both:
+        raise ValueError(f"served both as an embedding model and as a reranker: {both}")
     settings = settings or ServeSettings()
-    if not backends:
+    if not backends and not rerankers:
         raise ValueError("at least one model must be served")
     metrics = ServerMetrics()
     created = int(time.time())
-    served = {
-        name: _Served(name, backend, MicroBatcher(backend.embed_ids, name=name, max_batch_tokens=settings.max_batch_tokens,
-                                                  max_batch_size=settings.max_batch_size,
-                                                  max_padding=settings.max_padding, call_seconds=settings.call_seconds,
-                                                  on_batch=metrics.batch_observer(name)), created)
-        for name, backend in backends.items()
-    }
+
+    def batcher(name: str, compute) -> MicroBatcher:
+        return MicroBatcher(compute, name=name, max_batch_tokens=settings.max_batch_tokens,
+                            max_batch_size=settings.max_batch_size, max_padding=settings.max_padding,
+                            call_seconds=settings.call_seconds, on_batch=metrics.batch_observer(name))
+
+    served = {name: _Served(name, backend, batcher(name, backend.embed_ids), created)
+              for name, backend in backends.items()}
+    reranking = {name: _Served(name, backend, batcher(name, _score_column(backend)), created)
+                 for name, backend in rerankers.items()}
+    everything = {**served, **reranking}
     shutdown_deadline = asyncio.Event()  # set when waiting work must give up (shortly before the grace ends)
     tokenizing = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize", initializer=_yield_cpu)
 
@@ -322,18 +360,18 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         call in progress finishes within the margin, so nothing is cut off and the process exits within the grace.
         """
         margin = min(SHUTDOWN_MARGIN_SECONDS, grace_seconds / 2)
-        for entry in served.values():
+        for entry in everything.values():
             entry.batcher.expire_in(grace_seconds - margin)
         asyncio.get_running_loop().call_later(max(0.0, grace_seconds - margin), shutdown_deadline.set)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for entry in served.values():
+        for entry in everything.values():
             await entry.batcher.start()
         try:
             yield
         finally:  # uvicorn has finished the in-flight requests by now; drain whatever is still queued
-            for entry in served.values():
+            for entry in everything.values():
                 await entry.batcher.stop()
             tokenizing.shutdown(wait=False)
 
@@ -341,10 +379,12 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         title="embedkit embedding server",
         version=_version(),
         description="OpenAI-compatible embeddings (`POST /v1/embeddings`) with dynamic micro-batching. "
-                    "Extension: `input_type` = query | document selects the model's prompt.",
+                    "Extension: `input_type` = query | document selects the model's prompt. Rerankers served with "
+                    "`--rerank` answer `POST /v1/rerank` (Cohere's and Jina's request shape).",
         lifespan=lifespan,
     )
     app.state.served = served
+    app.state.rerankers = reranking
     app.state.begin_shutdown = begin_shutdown
     app.state.generators = generators
     app.state.settings = settings
@@ -386,7 +426,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS, dependencies=[Depends(check_key)],
               summary="Create embeddings (OpenAI-compatible)")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        entry = _pick_model(served, body.model)
+        entry = _pick_model(served, body.model, "embedding", reranking)
         texts = _texts(body.input, settings.max_inputs)
         backend = entry.backend
         if body.dimensions is not None and body.dimensions > backend.dim:
@@ -403,7 +443,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
             ids = await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(_checked_token_ids,
                                                                                                  *args))
         metrics.queue_depth.labels(entry.name).set(entry.batcher.queue_depth)
-        vectors = await _embed_while_connected(entry.batcher, ids, request)
+        vectors = await _batched_while_connected(entry.batcher, ids, request)
         if body.dimensions is not None and body.dimensions < backend.dim:
             vectors = vectors[:, : body.dimensions]
             if backend.normalize:
@@ -425,7 +465,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     @app.post("/v1/chat/completions", responses=_ERRORS, dependencies=[Depends(check_key)],
               summary="Create a chat completion (OpenAI-compatible, non-streaming)")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
-        entry = _pick_model(served, body.model)
+        entry = _pick_model(served, body.model, "embedding", reranking)
         generator = generators.get(entry.name)
         if generator is None:
             raise APIError(400, f"model {entry.name!r} has no generative head (it serves embeddings only); train one "
@@ -468,20 +508,63 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         }
         return Response(orjson.dumps(payload), media_type="application/json")
 
+    @app.post("/rerank", responses=_ERRORS, dependencies=[Depends(check_key)], include_in_schema=False)
+    @app.post("/v1/rerank", responses=_ERRORS, dependencies=[Depends(check_key)],
+              summary="Score documents against a query with a reranker (Cohere / Jina shape)")
+    async def rerank(body: RerankRequest, request: Request) -> Response:
+        """Every document scored against the query by a cross-encoder, best first.
+
+        Request (Cohere's v2 and Jina's shape): `query`; `documents` (strings or {"text": ...} objects, at most the
+        server's --max-inputs); `model` (optional when one reranker is served); `top_n` (>= 1, default all);
+        `return_documents` (default **false**, as in Cohere's v2 API and TEI, so that a response does not repeat
+        what the client sent; Jina defaults to true); `truncate` (default true: a pair over the token limit is cut
+        longest side first, so the query is kept whole while it is the shorter side; false: 413 pair_too_long).
+
+        Response: {"id", "model", "results": [{"index", "relevance_score", "document": {"text"} only with
+        return_documents}], "usage": {"total_tokens"}}. `relevance_score` is the sigmoid of the reranker's logit,
+        the number `Reranker.score` gives for the pair; results are sorted by it (ties: the earlier document first)
+        and cut to `top_n`. `/rerank` is the same endpoint (TEI's path; its request shape is not this one).
+        """
+        entry = _pick_model(reranking, body.model, "reranker", served)
+        documents = _document_texts(body.documents, settings.max_inputs)
+        backend = entry.backend
+        token_limit = min(settings.max_tokens_per_input or backend.max_length, backend.max_length)
+        char_limit = settings.max_chars_per_input or CHARS_PER_TOKEN * token_limit
+        args = (entry.name, backend, body.query, documents, token_limit, char_limit, body.truncate)
+        if len(body.query) * len(documents) + sum(len(text) for text in documents) <= INLINE_TOKENIZE_CHARS:
+            pairs = _checked_pair_ids(*args)
+        else:  # as for embeddings: a big request is tokenised in a thread, the event loop keeps answering
+            pairs = await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(_checked_pair_ids,
+                                                                                                   *args))
+        metrics.queue_depth.labels(entry.name).set(entry.batcher.queue_depth)
+        scores = (await _batched_while_connected(entry.batcher, pairs, request))[:, 0]
+        order = sorted(range(len(documents)), key=lambda i: (-float(scores[i]), i))[: body.top_n]
+        results = [{"index": i, "relevance_score": float(scores[i]),
+                    **({"document": {"text": documents[i]}} if body.return_documents else {})} for i in order]
+        n_tokens = sum(len(pair) for pair in pairs)
+        metrics.rerank_requests.labels(entry.name).inc()
+        metrics.rerank_pairs.labels(entry.name).inc(len(pairs))
+        metrics.rerank_tokens.labels(entry.name).inc(n_tokens)
+        payload = {"id": f"rerank-{uuid.uuid4().hex}", "model": entry.name, "results": results,
+                   "usage": {"total_tokens": n_tokens}}
+        return Response(orjson.dumps(payload), media_type="application/json")
+
     @app.get("/v1/models", dependencies=[Depends(check_key)], responses={401: _ERRORS[401]},
              summary="List the served models")
     async def models() -> dict[str, Any]:
+        """Every served model with its `kind`: "embedding" (/v1/embeddings) or "reranker" (/v1/rerank)."""
         return {"object": "list", "data": [{**_model_card(entry), "chat": name in generators}
-                                           for name, entry in served.items()]}
+                                           for name, entry in served.items()]
+                + [_reranker_card(entry) for entry in reranking.values()]}
 
-    @app.get("/health", summary="Liveness: 200 when the server can embed")
+    @app.get("/health", summary="Liveness: 200 when the server can embed and rerank")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(served),
-                "queue_depth": {name: entry.batcher.queue_depth for name, entry in served.items()}}
+        return {"status": "ok", "models": list(everything),
+                "queue_depth": {name: entry.batcher.queue_depth for name, entry in everything.items()}}
 
     @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
     async def prometheus() -> Response:
-        for name, entry in served.items():
+        for name, entry in everything.items():
             metrics.queue_depth.labels(name).set(entry.batcher.queue_depth)
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
@@ -496,21 +579,53 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
 def _model_card(entry: _Served) -> dict[str, Any]:
     info = entry.backend.describe()
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "embedkit",
-            "dim": entry.backend.dim, "max_length": entry.backend.max_length,
+            "kind": "embedding", "dim": entry.backend.dim, "max_length": entry.backend.max_length,
             "backend": getattr(entry.backend, "kind", info.get("backend")), "pooling": info.get("pooling"),
             "normalize": entry.backend.normalize, "prompts": info.get("prompts") or {}}
 
 
-def _pick_model(served: dict[str, _Served], name: Optional[str]) -> _Served:
+def _reranker_card(entry: _Served) -> dict[str, Any]:
+    info = entry.backend.describe()
+    return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "embedkit",
+            "kind": "reranker", "max_length": entry.backend.max_length, "backend": entry.backend.kind,
+            "activation": info.get("activation"), "chat": False}
+
+
+# A served model's kind: (what one is called in errors, what several are called, the endpoint that takes it).
+MODEL_KINDS = {"embedding": ("an embedding model", "embedding models", "/v1/embeddings"),
+               "reranker": ("a reranker (cross-encoder)", "rerankers", "/v1/rerank")}
+
+
+def _pick_model(served: dict[str, _Served], name: Optional[str], kind: str,
+                other_kind: dict[str, _Served]) -> _Served:
+    """The model of `kind` a request names (`served`: the models of that kind; `other_kind`: the rest, for the
+    400 that says a name, or every served model, is of the other kind)."""
+    one, _, endpoint = MODEL_KINDS[kind]
+    other_one, others, other_endpoint = next(v for k, v in MODEL_KINDS.items() if k != kind)
+    if name and name in other_kind:
+        raise APIError(400, f"model {name!r} is {other_one}, not {one}: send its requests to {other_endpoint}",
+                       param="model", code="wrong_model_kind")
+    if not name and not served:
+        raise APIError(400, f"{endpoint} takes {one}, and none is served here; the {others} served here "
+                            f"({', '.join(other_kind)}) answer {other_endpoint}", param="model",
+                       code="wrong_model_kind")
     if name is None or name == "":
         if len(served) == 1:
             return next(iter(served.values()))
         raise APIError(400, f"several models are served ({', '.join(served)}): say which in 'model'",
                        param="model", code="model_required")
     if name not in served:
-        raise APIError(404, f"model {name!r} is not served here; served: {', '.join(served)}", param="model",
-                       code="model_not_found", type="not_found_error")
+        raise APIError(404, f"model {name!r} is not served here; served: {', '.join({**served, **other_kind})}",
+                       param="model", code="model_not_found", type="not_found_error")
     return served[name]
+
+
+def _score_column(backend: Any):
+    """The batcher's model call for a reranker: its scores as a column (the batcher fills rows of vectors)."""
+    def score(pairs):
+        return backend.score_ids(pairs)[:, None]
+
+    return score
 
 
 def _texts(value: Any, max_inputs: int) -> list[str]:
@@ -567,10 +682,8 @@ def _truncated_token_ids(backend: Any, texts: list[str], kind: str, token_limit:
     heads: list[int] = []  # the texts cut at a word boundary
     for i, text in enumerate(texts):
         if len(text) > char_limit:
-            head = text[:char_limit]
-            space = max(head.rfind(c) for c in " \t\n\r\f\v")
-            cut[i] = head[:space] if space > 0 else head
-            if space > 0:
+            cut[i], at_word = _cut_at_word_boundary(text, char_limit)
+            if at_word:
                 heads.append(i)
     if not cut:
         return backend.token_ids(texts, kind, max_length=token_limit)
@@ -582,6 +695,88 @@ def _truncated_token_ids(backend: Any, texts: list[str], kind: str, token_limit:
             for i, x in zip(short, backend.token_ids([texts[i] for i in short], kind, max_length=token_limit)):
                 ids[i] = x
     return ids
+
+
+def _cut_at_word_boundary(text: str, char_limit: int) -> tuple[str, bool]:
+    """`text` cut to at most `char_limit` characters at its last whitespace (no word split: the cut's tokens are a
+    prefix of the whole text's, tokenizers pre-split on whitespace), and whether it was cut there; a text without
+    whitespace in its first `char_limit` characters is cut at the limit (False)."""
+    head = text[:char_limit]
+    space = max(head.rfind(c) for c in " \t\n\r\f\v")
+    return (head[:space], True) if space > 0 else (head, False)
+
+
+def _document_texts(documents: list[Any], max_inputs: int) -> list[str]:
+    """A rerank request's documents as texts, or the 400 for an empty or too long list (the --max-inputs limit of
+    /v1/embeddings' inputs)."""
+    if not documents:
+        raise APIError(400, "documents is empty: send a non-empty list of strings or {\"text\": ...} objects",
+                       param="documents", code="empty_input")
+    if len(documents) > max_inputs:
+        raise APIError(400, f"{len(documents)} documents in one request; the limit is {max_inputs}: split the "
+                            "request", param="documents", code="too_many_inputs")
+    return [document if isinstance(document, str) else document.text for document in documents]
+
+
+def _checked_pair_ids(name: str, backend: Any, query: str, documents: list[str], token_limit: int, char_limit: int,
+                      truncate: bool) -> list[Any]:
+    """The (query, document) pairs' ids for a rerank request, or the error that explains why there are none. Runs
+    on any thread.
+
+    Without `truncate` a pair over `token_limit` tokens is a 413 naming the limit and the document; a text over
+    `char_limit` characters is refused before anything is tokenised (it would be over the token limit anyway).
+    """
+    _check_unicode([query], "query")
+    _check_unicode(documents, "documents")
+    if truncate:
+        return _truncated_pair_ids(backend, query, documents, token_limit, char_limit)
+    fix = "shorten it, or send truncate=true"
+    if len(query) > char_limit:
+        raise APIError(413, f"query has {len(query)} characters; {name} takes at most {token_limit} tokens (and "
+                            f"{char_limit} characters) per (query, document) pair: {fix}", param="query",
+                       code="pair_too_long")
+    too_long = [i for i, text in enumerate(documents) if len(text) > char_limit]
+    if too_long:
+        i = too_long[0]
+        raise APIError(413, f"documents[{i}] has {len(documents[i])} characters; {name} takes at most {token_limit} "
+                            f"tokens (and {char_limit} characters) per (query, document) pair ({len(too_long)} "
+                            f"documents too long): {fix}", param="documents", code="pair_too_long")
+    pairs = backend.pair_ids([query] * len(documents), documents, max_length=None)
+    too_long = [i for i, pair in enumerate(pairs) if len(pair) > token_limit]
+    if too_long:
+        i = too_long[0]
+        raise APIError(413, f"the query and documents[{i}] are {len(pairs[i])} tokens; {name} takes at most "
+                            f"{token_limit} tokens per (query, document) pair ({len(too_long)} pairs too long): "
+                            f"{fix}", param="documents", code="pair_too_long")
+    return pairs
+
+
+def _truncated_pair_ids(backend: Any, query: str, documents: list[str], token_limit: int,
+                        char_limit: int) -> list[Any]:
+    """`truncate`: the pairs cut to `token_limit` longest side first (Reranker.pair_ids' ids), without tokenising a
+    huge text whole.
+
+    A text over `char_limit` is cut at its last whitespace before the limit first, so its tokens are a prefix of the
+    whole text's. A document's cut is paired only where that cannot change the pair: when the cut alone holds more
+    tokens than the limit and than the query, it stays the longer side, which longest-first truncation cuts to what
+    the query leaves, a prefix of the cut. Otherwise (e.g. a long run of spaces before the words) the whole document
+    is paired. A document with no whitespace in its first `char_limit` characters keeps the plain character cut,
+    as in /v1/embeddings. The query is tokenised once per document (pairing it whole could cost 2,048 times its
+    size), so a query over the character limit is always paired as its cut: its pairs score as Reranker.score scores
+    the cut query's. Those equal the whole query's wherever the cut holds more tokens than the limit and than the
+    document (the same argument, sides swapped); beside a document at least as long, longest-first truncation may
+    give the odd token to the other side."""
+    if len(query) > char_limit:
+        query = _cut_at_word_boundary(query, char_limit)[0]
+    cut = {i: _cut_at_word_boundary(text, char_limit) for i, text in enumerate(documents) if len(text) > char_limit}
+    heads = [i for i, (_, at_word) in cut.items() if at_word]
+    if heads:
+        query_tokens = len(backend.token_ids([query])[0])
+        for i, ids in zip(heads, backend.token_ids([cut[i][0] for i in heads])):
+            if len(ids) <= max(token_limit, query_tokens):
+                del cut[i]  # the cut may have lost tokens the pair keeps: pair the whole document
+    paired = [cut[i][0] if i in cut else text for i, text in enumerate(documents)]
+    return backend.pair_ids([query] * len(paired), paired, max_length=token_limit)
 
 
 def _yield_cpu() -> None:
@@ -608,9 +803,9 @@ def _check_unicode(texts: list[str], param: str) -> None:
                            code="invalid_text") from None
 
 
-async def _embed_while_connected(batcher: MicroBatcher, ids: list[list[int]], request: Request) -> np.ndarray:
-    """The batcher's vectors; 503 when the shutdown cut the work off. A client that disconnects first takes its
-    texts out of the batcher (nobody would read them) and gets no answer."""
+async def _batched_while_connected(batcher: MicroBatcher, ids: list[Any], request: Request) -> np.ndarray:
+    """The batcher's vectors (or a reranker's scores, one column); 503 when the shutdown cut the work off. A client
+    that disconnects first takes its rows out of the batcher (nobody would read them) and gets no answer."""
     embedding = asyncio.ensure_future(batcher.embed(ids))
     disconnect = asyncio.ensure_future(_disconnected(request))
     try:

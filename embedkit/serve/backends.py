@@ -2,8 +2,9 @@
 
 `TorchBackend` wraps an `Encoder` (any model folder or embedded name); `OnnxBackend` wraps an `OnnxEncoder` (an
 `embedkit export --format onnx` folder). Both compute exactly what `encode` computes, so the server's vectors equal
-the in-process ones. `verify_probes` is the start-up check: the recorded fingerprint of the weights (exact) and the
-probe vectors (within a tolerance).
+the in-process ones. `TorchRerankBackend` wraps a `Reranker` (`embedkit serve --rerank`, for `/v1/rerank`) and
+scores exactly what `Reranker.score` scores. `verify_probes` is the start-up check of either kind: the recorded
+fingerprint of the weights (exact) and the probe vectors or probe scores (within a tolerance).
 
 The backends are a registry (`register_serve_backend`): `embedkit serve --backend` accepts, and its help lists,
 exactly the registered ones, and `auto` picks the backend that recognises the folder's format. A new backend is
@@ -19,15 +20,15 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
 from embedkit.errors import ModelError
 from embedkit.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder
 from embedkit.manifest import MANIFEST_NAME, sha256_file
-from embedkit.models.probes import check_probes, has_probes, probes_path
-from embedkit.models.tokenization import length_sorted_batches, tokenize
+from embedkit.models.probes import PROBES_NAME, ProbeCheck, check_probes, has_probes, probes_path
+from embedkit.models.tokenization import length_sorted_batches, tokenize, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ class ThreadSafeTokenizer:
     def __call__(self, texts: Sequence[str], kind: str, max_length: int | None) -> list[list[int]]:
         """Token ids of the prompted texts; cut to `max_length` tokens (special tokens kept) unless it is None.
         The same ids as the encoders' (embedkit.models.tokenization.tokenize)."""
+        return tokenize(self._copy_for(max_length), texts, kind, prompts=self._prompts, max_length=max_length)
+
+    def pairs(self, queries: Sequence[str], documents: Sequence[str], max_length: int | None) -> list["PairIds"]:
+        """(query, document) pairs' ids, cut longest side first to `max_length` unless it is None: the same ids as
+        `Reranker.pair_ids` (embedkit.models.tokenization.tokenize_pairs). Single texts are cut longest-first too,
+        so a copy made by either call has the truncation setting the other asks for (nothing is changed after)."""
+        ids, type_ids = tokenize_pairs(self._copy_for(max_length), queries, documents, prompts=self._prompts,
+                                       max_length=max_length)
+        return [PairIds(row, types) for row, types in zip(ids, type_ids)]
+
+    def _copy_for(self, max_length: int | None):
         tokenizer = self._copies.get(max_length)
         if tokenizer is None:
             with self._lock:
@@ -57,7 +69,20 @@ class ThreadSafeTokenizer:
                     tokenizer = copy.deepcopy(self._tokenizer)
                     tokenize(tokenizer, ["a"], max_length=max_length)  # sets this copy's truncation, once
                     self._copies[max_length] = tokenizer
-        return tokenize(tokenizer, texts, kind, prompts=self._prompts, max_length=max_length)
+        return tokenizer
+
+
+class PairIds:
+    """One (query, document) pair's token ids and token type ids. Its len() is its token count: all the
+    MicroBatcher reads of a row (it sorts, budgets and pads calls by it), so pairs are batched like texts."""
+
+    __slots__ = ("ids", "type_ids")
+
+    def __init__(self, ids: Sequence[int], type_ids: Sequence[int]) -> None:
+        self.ids, self.type_ids = ids, type_ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -98,8 +123,8 @@ def backend_help() -> str:
 
 
 class ServeBackend(ABC):
-    """One served model. The server calls `token_ids` per request (from several threads) and `embed_ids` per
-    batch; `verify_probes` calls `fingerprint_check` and `encode` at start-up."""
+    """One served embedding model. The server calls `token_ids` per request (from several threads) and `embed_ids`
+    per batch; `verify_probes` calls `fingerprint_check` and `probe_check` (which calls `encode`) at start-up."""
 
     kind: ClassVar[str]  # registry key: `--backend <kind>`
     help: ClassVar[str]  # one line for `embedkit serve --help`
@@ -110,6 +135,8 @@ class ServeBackend(ABC):
     # ("{path}": the model asked for); None: any model folder.
     folder_format: ClassVar[str | None] = None
     folder_hint: ClassVar[str] = ""
+    # The file of recorded outputs `probe_check` re-computes (named in the start-up log when it is missing).
+    probe_file: ClassVar[str] = PROBES_NAME
 
     name: str
     dim: int
@@ -139,6 +166,13 @@ class ServeBackend(ABC):
     def fingerprint_check(self) -> FingerprintCheck | None:
         """The model's identity against the one recorded when it was trained or exported (None: nothing recorded)."""
         return None
+
+    def probe_check(self, atol: float | None = None) -> ProbeCheck | None:
+        """The folder's probe_vectors.json re-embedded through `encode` (None: the folder has none)."""
+        folder = getattr(self, "folder", None)  # a backend of another package may not set it
+        if folder is None or not has_probes(folder):
+            return None
+        return check_probes(lambda texts, kind: self.encode(texts, kind), folder, atol=atol)
 
     def encode(self, texts: Sequence[str], kind: str = "document", batch_size: int = 32) -> np.ndarray:
         """Length-sorted batched encode through the same two calls the server uses."""
@@ -192,13 +226,7 @@ class TorchBackend(ServeBackend):
         recorded beside the probe vectors (else in the folder's manifest) when the model was trained or exported."""
         if self.folder is None:
             return None
-        for source, read in ((probes_path(self.folder), lambda data: data.get("model_fingerprint")),
-                             (self.folder / MANIFEST_NAME, lambda data: (data.get("model") or {}).get("fingerprint"))):
-            recorded = read(_json_object(source))
-            if isinstance(recorded, str) and recorded:
-                actual = self.encoder.fingerprint
-                return FingerprintCheck(actual == recorded, "weights fingerprint", recorded, actual, str(source))
-        return None
+        return _weights_fingerprint_check(lambda: self.encoder.fingerprint, probes_path(self.folder), self.folder)
 
 
 @register_serve_backend
@@ -245,6 +273,118 @@ class OnnxBackend(ServeBackend):
         actual = sha256_file(self.encoder.graph_path)
         return FingerprintCheck(actual == recorded, f"{self.encoder.graph_path.name} sha256", recorded, actual,
                                 str(source))
+
+
+@dataclass
+class RerankProbeCheck:
+    """A reranker folder's probe pairs (rerank_probes.json) re-scored now, against the logits recorded when it was
+    saved; `ok` is False on any mismatch."""
+
+    ok: bool
+    n: int
+    max_abs_diff: float
+    atol: float
+    path: str
+
+    def summary(self) -> str:
+        verdict = "match" if self.ok else "MISMATCH"
+        return f"probe scores {verdict}: {self.n} pairs, max |diff| {self.max_abs_diff:.2e} (atol {self.atol:.0e})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TorchRerankBackend:
+    """One served reranker (`embedkit serve --rerank`, for /v1/rerank): a `Reranker` (cross-encoder) behind the two
+    calls the server makes, `pair_ids` per request (from several threads) and `score_ids` per micro-batch.
+
+    Its scores are `Reranker.score`'s: the same pair ids (tokenize_pairs, longest side cut first), the same collate
+    and forward, the same sigmoid in torch. `verify_probes` calls `fingerprint_check` and `probe_check` (which
+    re-scores the folder's rerank_probes.json through `score`) at start-up, as for an embedding model."""
+
+    kind = "torch"
+
+    @classmethod
+    def load(cls, spec: "ModelSpec", *, threads: int | None, device: Any) -> "TorchRerankBackend":
+        """The backend for a `--rerank` argument. A folder of another kind (an embedding model) is a one-line
+        ModelError naming both kinds (load_reranker)."""
+        import torch
+
+        from embedkit.models.reranker import load_reranker
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        return cls(load_reranker(spec.path, device=device), name=spec.name)
+
+    def __init__(self, reranker, *, name: str | None = None) -> None:
+        from embedkit.models.reranker import RERANK_PROBES_NAME  # the module of `reranker`: already loaded
+
+        self.reranker = reranker.eval()
+        self.name = name or reranker.name
+        self.max_length = reranker.max_length
+        self.folder = Path(reranker.source_path) if reranker.source_path else None
+        self.probe_file = RERANK_PROBES_NAME
+        self._tokenize = ThreadSafeTokenizer(reranker.tokenizer, {})  # a cross-encoder has no prompts
+
+    def pair_ids(self, queries: Sequence[str], documents: Sequence[str], *,
+                 max_length: int | None = None) -> list[PairIds]:
+        """The pairs' ids, cut longest side first to `max_length` (None: not cut)."""
+        return self._tokenize.pairs(queries, documents, max_length)
+
+    def token_ids(self, texts: Sequence[str], *, max_length: int | None = None) -> list[list[int]]:
+        """Ids of single texts (special tokens included): the server's length checks of over-long texts."""
+        return self._tokenize(texts, "document", max_length)
+
+    def score_ids(self, pairs: Sequence[PairIds], *, logits: bool = False) -> np.ndarray:
+        """Scores [len(pairs)] of one padded batch: sigmoid probabilities, or raw logits with `logits`."""
+        import torch
+
+        reranker = self.reranker
+        with torch.inference_mode():
+            values = reranker(reranker.collate([p.ids for p in pairs], [p.type_ids for p in pairs]))
+            return (values if logits else torch.sigmoid(values)).cpu().numpy()
+
+    def score(self, queries: Sequence[str], documents: Sequence[str], *, logits: bool = False,
+              batch_size: int = 32) -> np.ndarray:
+        """Length-sorted batched scores through the same two calls the server uses."""
+        pairs = self.pair_ids(queries, documents, max_length=self.max_length)
+        out = np.empty(len(pairs), dtype=np.float32)
+        for rows in length_sorted_batches(pairs, batch_size):
+            out[rows] = self.score_ids([pairs[i] for i in rows], logits=logits)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.reranker.describe(), "backend": self.kind, "device": str(self.reranker.device)}
+
+    def fingerprint_check(self) -> FingerprintCheck | None:
+        """Reranker.fingerprint against the one recorded beside the probe scores (else in the manifest)."""
+        if self.folder is None:
+            return None
+        return _weights_fingerprint_check(lambda: self.reranker.fingerprint, self.folder / self.probe_file,
+                                          self.folder)
+
+    def probe_check(self, atol: float | None = None) -> RerankProbeCheck | None:
+        """The folder's rerank_probes.json re-scored (logits) through `score` (None: the folder has none)."""
+        from embedkit.models.reranker import check_rerank_probes
+
+        if self.folder is None or not (self.folder / self.probe_file).is_file():
+            return None
+        result = check_rerank_probes(lambda queries, documents: self.score(queries, documents, logits=True),
+                                     self.folder, atol=atol)
+        return RerankProbeCheck(result["ok"], result["n"], result["max_abs_diff"], result["atol"],
+                                str(self.folder / self.probe_file))
+
+
+def _weights_fingerprint_check(actual: Callable[[], str], probes: Path, folder: Path) -> FingerprintCheck | None:
+    """`actual()` (a model's weights fingerprint: computed only when something was recorded) against the fingerprint
+    recorded beside the probes (`probes`, else in the folder's manifest) when the model was trained or exported."""
+    for source, read in ((probes, lambda data: data.get("model_fingerprint")),
+                         (folder / MANIFEST_NAME, lambda data: (data.get("model") or {}).get("fingerprint"))):
+        recorded = read(_json_object(source))
+        if isinstance(recorded, str) and recorded:
+            now = actual()
+            return FingerprintCheck(now == recorded, "weights fingerprint", recorded, now, str(source))
+    return None
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -297,21 +437,19 @@ def load_backend(spec: ModelSpec, backend: str = "auto", *, threads: int | None 
 
 
 def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = False) -> dict | None:
-    """Start-up check of a model folder: its fingerprint recorded at training/export time (exact: every weight,
-    `FingerprintCheck`) and its probe_vectors.json re-embedded now (within a tolerance).
+    """Start-up check of a served model folder (an embedding model or a reranker): its fingerprint recorded at
+    training/export time (exact: every weight, `FingerprintCheck`) and its probe outputs computed now (within a
+    tolerance): probe_vectors.json re-embedded, or a reranker's rerank_probes.json re-scored (`probe_check`).
 
     Raises ModelError (one line) on a mismatch of either unless `allow_mismatch`, which only prints a loud warning.
     Returns the probe check as a dict (with the fingerprint check under "fingerprint"), or None without probes.
     """
-    folder = getattr(backend, "folder", None)
-    identity = backend.fingerprint_check() if hasattr(backend, "fingerprint_check") else None
+    identity = backend.fingerprint_check()
     if identity is None:
         log.info(f"[{backend.name}] no recorded fingerprint: serving without an exact weights check")
-    result = None
-    if folder is None or not has_probes(folder):
-        log.info(f"[{backend.name}] no probe_vectors.json: serving without a parity check")
-    else:
-        result = check_probes(lambda texts, kind: backend.encode(texts, kind), folder, atol=atol)
+    result = backend.probe_check(atol)
+    if result is None:
+        log.info(f"[{backend.name}] no {backend.probe_file}: serving without a parity check")
     problems = [check.summary() for check in (identity, result) if check is not None and not check.ok]
     if problems and not allow_mismatch:
         also = f"; {result.summary()}" if result is not None and result.ok else ""
@@ -324,7 +462,7 @@ def verify_probes(backend, *, atol: float | None = None, allow_mismatch: bool = 
     if problems:
         banner = "!" * 100
         log.warning(f"{banner}\nWARNING [{backend.name}]: {'; '.join(problems)}\nWARNING: serving anyway because "
-                    f"of --allow-mismatch: its vectors differ from the model the probes were written for.\n{banner}")
+                    f"of --allow-mismatch: its outputs differ from the model the probes were written for.\n{banner}")
     if result is None:
         return None
     return {**result.to_dict(), "fingerprint": identity.to_dict() if identity is not None else None}

@@ -1,6 +1,7 @@
 """Dynamic micro-batching: concurrent requests share model calls, run one at a time by one worker thread, fairly.
 
-Requests hand their token-id lists to the batcher and await a future. A scheduler task builds one model call at a
+Requests hand their token-id lists to the batcher and await a future. (A row may be anything whose len() is its
+token count, which is all the batcher reads of it: /v1/rerank's (query, document) pairs are batched the same way.) A scheduler task builds one model call at a
 time from every request that still has texts waiting and, while the worker thread runs it, new requests join the
 pool for the next call. A call is filled least-served first (`fill_call`): the request that has had the fewest
 tokens embedded so far goes first, so a request that just arrived is in the very next call, then the others, each

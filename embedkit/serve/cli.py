@@ -1,4 +1,5 @@
-"""`embedkit serve`: an OpenAI-compatible embedding server on CPU, or vLLM launched and verified on a GPU."""
+"""`embedkit serve`: an OpenAI-compatible embedding (and reranking) server on CPU, or vLLM launched and verified on
+a GPU."""
 
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ from embedkit.serve.server import run_server, serving_environment
 
 
 def serve_command(
-    model: List[str] = typer.Option(..., "--model", "-m",
+    model: List[str] = typer.Option([], "--model", "-m",
                                     help="A model to serve: a model folder, an ONNX export folder, 'minilm' or "
                                          "'smollm2-135m'. Repeat to serve several; clients pick one with the "
                                          "request's `model` field. NAME=PATH sets the served name (default: the "
                                          "folder's name)."),
+    rerank: List[str] = typer.Option([], "--rerank",
+                                     help="A reranker (cross-encoder) folder to serve at POST /v1/rerank, beside or "
+                                          "instead of --model: one `embedkit train` wrote with task: rerank, or a "
+                                          "sentence-transformers CrossEncoder. Repeatable; NAME=PATH sets the "
+                                          "served name (default: the folder's name). PyTorch, on --device; its "
+                                          "rerank_probes.json is re-scored at start-up like --model's probes."),
     backend: str = typer.Option("auto", "--backend", help=backend_help()),
     engine: str = typer.Option("embedkit", "--engine",
                                help="'embedkit' (this server) or 'vllm': launch `vllm serve --runner pooling` for an "
@@ -32,16 +39,19 @@ def serve_command(
     api_key: List[str] = typer.Option([], "--api-key",
                                       help="Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise). Repeatable; "
                                            "also read from EMBEDKIT_API_KEY."),
-    max_inputs: int = typer.Option(2048, "--max-inputs", min=1, help="Texts per request (400 above)."),
+    max_inputs: int = typer.Option(2048, "--max-inputs", min=1,
+                                   help="Texts per request, and documents per rerank request (400 above)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens-per-input", min=1,
-                                             help="Tokens per text, prompt included (400 above). Default and "
-                                                  "ceiling: the model's max length."),
+                                             help="Tokens per text, prompt included (400 above), and per rerank "
+                                                  "(query, document) pair. Default and ceiling: the model's max "
+                                                  "length."),
     max_chars: Optional[int] = typer.Option(None, "--max-chars-per-input", min=1,
                                             help="Characters per text, checked before tokenising (400 above, or cut "
                                                  "with --truncate). Default: 20 x the token limit."),
     truncate: bool = typer.Option(False, "--truncate/--no-truncate",
                                   help="Cut over-long texts to the limit instead of answering 400 (a request's "
-                                       "`truncate` field overrides it)."),
+                                       "`truncate` field overrides it). /v1/rerank cuts over-long pairs unless the "
+                                       "request says truncate=false."),
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", min=0.001, help="Request body size limit (413 above)."),
     max_batch_tokens: int = typer.Option(16384, "--max-batch-tokens", min=1,
                                          help="Micro-batching token budget: padded tokens per model call, summed "
@@ -78,12 +88,14 @@ def serve_command(
                                help=f"Where the torch backend (and chat) runs: {DEVICE_HELP} ONNX runs on the CPU "
                                     "unless the installed onnxruntime has the CUDA provider (onnxruntime-gpu)."),
 ) -> None:
-    """Serve embeddings over HTTP: OpenAI-compatible POST /v1/embeddings, GET /v1/models, /health, /metrics.
+    """Serve embeddings over HTTP: OpenAI-compatible POST /v1/embeddings, GET /v1/models, /health, /metrics; and
+    POST /v1/rerank (Cohere's / Jina's shape) for the rerankers given with --rerank.
 
     Concurrent requests are merged into token-budgeted batches (one worker thread per model), so throughput under
     load approaches in-process batched encoding. At start-up each model's probe_vectors.json (if present) is
-    re-embedded and the recorded weights fingerprint compared; a mismatch refuses to start. SIGINT/SIGTERM finish
-    in-flight requests (or answer them 503) within --graceful-timeout, then exit (0 after SIGTERM).
+    re-embedded (a reranker's rerank_probes.json re-scored) and the recorded weights fingerprint compared; a mismatch
+    refuses to start. SIGINT/SIGTERM finish in-flight requests (or answer them 503) within --graceful-timeout, then
+    exit (0 after SIGTERM).
 
     Examples:
 
@@ -95,13 +107,19 @@ def serve_command(
 
       embedkit serve --model runs/smollm2-joint   (embeddings and chat completions from one model)
 
+      embedkit serve --model runs/medquad/onnx --rerank runs/medquad-rerank/model   (first and second stage)
+
     Then: curl -s localhost:8000/v1/embeddings -H 'Content-Type: application/json'
     -d '{"input": ["what causes asthma?"], "input_type": "query"}'
     """
     keys = tuple(api_key) or tuple(k for k in [os.environ.get("EMBEDKIT_API_KEY")] if k)
     if input_type not in ("query", "document"):
         raise ConfigError(f"--default-input-type must be 'query' or 'document', not {input_type!r}")
+    if not model and not rerank:
+        raise ConfigError("give at least one --model or --rerank")
     if engine == "vllm":
+        if rerank:
+            raise ConfigError("--engine vllm serves embeddings only: serve --rerank with --engine embedkit")
         if len(model) != 1:
             raise ConfigError("--engine vllm serves one model per process")
         name, _, path = model[0].partition("=") if "=" in model[0] else (None, "", model[0])
@@ -127,4 +145,4 @@ def serve_command(
                              max_connections=max_connections, default_input_type=input_type)  # type: ignore[arg-type]
     run_server(model, backend=backend, host=host, port=port, settings=settings, threads=threads,
                probe_atol=probe_atol, allow_mismatch=allow_mismatch, graceful_timeout=graceful_timeout,
-               log_level=log_level, chat=chat, device=target)
+               log_level=log_level, chat=chat, device=target, rerank=rerank)

@@ -17,7 +17,14 @@ class ServerMetrics:
         self.inputs = Counter("embedkit_embedding_inputs_total", "Texts embedded.", ["model"], registry=self.registry)
         self.tokens = Counter("embedkit_embedding_tokens_total", "Tokens embedded (prompt and special tokens "
                               "included).", ["model"], registry=self.registry)
-        self.batch_rows = Histogram("embedkit_batch_rows", "Texts per model call (after merging requests).",
+        self.rerank_requests = Counter("embedkit_rerank_requests_total", "Rerank requests answered.", ["model"],
+                                       registry=self.registry)
+        self.rerank_pairs = Counter("embedkit_rerank_pairs_total", "(query, document) pairs scored.", ["model"],
+                                    registry=self.registry)
+        self.rerank_tokens = Counter("embedkit_rerank_tokens_total", "Tokens of the pairs scored (after truncation, "
+                                     "special tokens included).", ["model"], registry=self.registry)
+        self.batch_rows = Histogram("embedkit_batch_rows", "Texts (or rerank pairs) per model call (after merging "
+                                    "requests).",
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                     registry=self.registry)
         self.batch_tokens = Histogram("embedkit_batch_padded_tokens", "Padded tokens per model call.", ["model"],

@@ -45,6 +45,27 @@ def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int 
     return loaded
 
 
+def load_rerankers(rerank: Sequence[str], *, threads: int | None = None, probe_atol: float | None = None,
+                   allow_mismatch: bool = False, device: Any = "cpu", taken: Sequence[str] = ()) -> dict[str, Any]:
+    """{served name: TorchRerankBackend} for `--rerank` arguments (PATH or NAME=PATH), each checked against the
+    probe scores saved with it (a mismatch refuses to start, as for --model). `taken`: the names --model serves
+    already (one name is one model, whatever its kind)."""
+    from embedkit.serve.backends import ModelSpec, TorchRerankBackend, verify_probes
+
+    loaded: dict[str, Any] = {}
+    for text in rerank:
+        spec = ModelSpec.parse(text)
+        if spec.name in loaded or spec.name in taken:
+            raise ConfigError(f"two models would be served as {spec.name!r}: name them with --model NAME=PATH / "
+                              "--rerank NAME=PATH")
+        log.info(f"loading reranker {spec.name} from {spec.path} ...")
+        instance = TorchRerankBackend.load(spec, threads=threads, device=device)
+        log.info(f"[{spec.name}] reranker on {instance.describe()['device']}")
+        verify_probes(instance, atol=probe_atol, allow_mismatch=allow_mismatch)
+        loaded[spec.name] = instance
+    return loaded
+
+
 def load_generators(models: Sequence[str], backends: dict[str, Any], *, device: Any = "cpu") -> dict[str, Any]:
     """{served name: Generator} for the served model folders that have a generative head (`embedkit llm`)."""
     from embedkit.llm.generate import load_generator
@@ -76,19 +97,27 @@ def run_server(
     log_level: str = "info",
     chat: bool = True,
     device: Any = "cpu",
+    rerank: Sequence[str] = (),
 ) -> None:
+    """Serve `models` (embedding models, /v1/embeddings) and `rerank` (rerankers, /v1/rerank): either may be
+    empty, not both."""
     from embedkit.serve.app import create_app
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range", field="port")
+    if not models and not rerank:
+        raise ConfigError("give at least one --model or --rerank")
     serving_environment()
     backends = load_backends(models, backend=backend, threads=threads, probe_atol=probe_atol,
-                             allow_mismatch=allow_mismatch, device=device)
+                             allow_mismatch=allow_mismatch, device=device) if models else {}
+    rerankers = load_rerankers(rerank, threads=threads, probe_atol=probe_atol, allow_mismatch=allow_mismatch,
+                               device=device, taken=list(backends))
     generators = load_generators(models, backends, device=device) if chat else {}
-    app = create_app(backends, settings, generators)
+    app = create_app(backends, settings, generators, rerankers=rerankers)
     keys = "API key required" if settings is not None and settings.api_keys else "no API key"
-    log.info(f"serving {', '.join(backends)} at http://{host}:{port}/v1/embeddings ({keys}; docs at /docs, "
-             f"metrics at /metrics)")
+    endpoints = [f"{', '.join(names)} at http://{host}:{port}{path}"
+                 for names, path in ((backends, "/v1/embeddings"), (rerankers, "/v1/rerank")) if names]
+    log.info(f"serving {'; '.join(endpoints)} ({keys}; docs at /docs, metrics at /metrics)")
     server = uvicorn_server(app, host=host, port=port, log_level=log_level, graceful_timeout=graceful_timeout)
     # uvicorn re-raises the SIGTERM it drained on once it has shut down, which would end the process "killed by
     # SIGTERM" (exit 143); a drained SIGTERM is a clean stop: exit 0.
