@@ -463,8 +463,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         mine_to_file(FakeEncoder(), load_task(good), tmp_path / "out.csv", MiningSettings())
     with pytest.raises(ConfigError) as info:
         mine_to_file(FakeEncoder(), load_task(good), tmp_path / "out.jsonl", MiningSettings(),
-                     cross_encoder=tmp_path / "no-such-model")
-    assert info.value.field == "cross_encoder" and "no-such-model" in str(info.value)
+                     teacher=tmp_path / "no-such-model")
+    assert info.value.field == "teacher" and "no-such-model" in str(info.value)
     (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n{"_id": "d1", "text": "y"}\n')
     with pytest.raises(DataError) as info:
         load_task(good, corpus=tmp_path / "corpus.jsonl")

@@ -1,5 +1,6 @@
-"""embedkit mine with real models: MiniLM on a tiny BEIR folder through the command, and a tiny cross-encoder
-built in a fixture (no pretrained cross-encoder ships here) for the rescoring path."""
+"""embedkit mine with real models: MiniLM on a tiny BEIR folder through the command, and tiny cross-encoders as
+teachers (no pretrained cross-encoder ships here): a plain sequence-classification folder built here, and the
+embedkit-saved `tiny_reranker` (conftest.py), whose mined rows then train a bi-encoder by distillation."""
 
 from __future__ import annotations
 
@@ -86,6 +87,14 @@ def tiny_cross_encoder(tmp_path_factory) -> Path:
 
 
 def test_cross_encoder_rescoring_sets_scores_and_margins(tmp_path, tiny_cross_encoder):
+    """Bug caught: a plain sentence-transformers CrossEncoder folder (no embedkit manifest) scores differently
+    through embedkit's Reranker than through sentence-transformers, the window is not re-ranked by the teacher, or
+    the margins are applied to the bi-encoder's scores instead of the teacher's.
+
+    The rows' scores are the teacher's logits (TeacherRescorer: distillation needs their margins, which the sigmoid
+    squashes), so sentence-transformers is asked for its logits too (activation_fn=Identity); until the switch to
+    embedkit's Reranker they were sigmoid probabilities."""
+    import torch
     from sentence_transformers import CrossEncoder
 
     from embedkit.mine import MiningSettings, load_task, mine_to_file
@@ -97,9 +106,9 @@ def test_cross_encoder_rescoring_sets_scores_and_margins(tmp_path, tiny_cross_en
     settings = MiningSettings(range_min=0, range_max=12, num_negatives=4, sampling="top", relative_margin=None,
                               absolute_margin=0.0, margin_grade="all")
     summary = mine_to_file(FakeEncoder(), load_task(data, split="train"), out, settings,
-                           cross_encoder=tiny_cross_encoder, use_cache=False)
-    assert summary["cross_encoder"] == str(tiny_cross_encoder)
-    ce = CrossEncoder(str(tiny_cross_encoder), device="cpu")
+                           teacher=tiny_cross_encoder, use_cache=False)
+    assert summary["teacher"] == str(tiny_cross_encoder)
+    ce = CrossEncoder(str(tiny_cross_encoder), device="cpu", activation_fn=torch.nn.Identity())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows
     for row in rows:
@@ -112,3 +121,50 @@ def test_cross_encoder_rescoring_sets_scores_and_margins(tmp_path, tiny_cross_en
         by_query.setdefault(row["query"], []).append(row["scores"][0])
     for row in rows:
         assert all(s <= min(by_query[row["query"]]) + 1e-6 for s in row["scores"][1:])
+
+
+def test_teacher_reranker_scores_rows_and_they_train_a_bi_encoder_by_distillation(
+        tmp_path, st_bert, tiny_reranker, tiny_bert_dir, one_torch_thread):
+    """Bug caught: `embedkit mine --teacher` writes scores that are not the teacher's (the bi-encoder's cosine, or
+    probabilities where logits were promised), the manifest does not name the teacher, the older --cross-encoder
+    name stops working, an embedding model is taken as a teacher, or the rows do not train with
+    loss.distillation: margin_mse."""
+    from embedkit.errors import ModelError
+    from embedkit.models.reranker import load_reranker
+    from embedkit.train.contrastive import train
+    from test_train_trainer import _recipe
+
+    data = make_beir(tmp_path / "beir")
+    common = ["--model", str(st_bert), "--data", str(data), "--range", "0:12", "-n", "3", "--no-relative-margin",
+              "--no-duplicate-filter", "--no-cache"]
+    out = tmp_path / "mined.jsonl"
+    result = CliRunner().invoke(command_app(), [*common, "--teacher", str(tiny_reranker), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(len(row["scores"]) == 4 for row in rows)
+    teacher = load_reranker(tiny_reranker)
+    for row in rows:
+        documents = [row["positive"], *row["negatives"]]
+        logits = teacher.score([row["query"]] * len(documents), documents, logits=True)
+        assert np.allclose(row["scores"], logits, atol=1e-6, rtol=0)  # rows keep 6 decimals
+    manifest = json.loads((tmp_path / "mined.manifest.json").read_text())
+    assert manifest["teacher"]["fingerprint"] == teacher.fingerprint and manifest["teacher"]["scores"] == "logits"
+    assert manifest["model"]["fingerprint"] != teacher.fingerprint  # the bi-encoder that ranked the pool, beside it
+
+    alias = tmp_path / "alias.jsonl"
+    result = CliRunner().invoke(command_app(), [*common, "--cross-encoder", str(tiny_reranker), "--output",
+                                                str(alias)])
+    assert result.exit_code == 0, result.output
+    assert alias.read_text() == out.read_text()
+    with pytest.raises(ModelError, match="not a reranker"):
+        CliRunner().invoke(command_app(), [*common, "--teacher", str(st_bert), "--output",
+                                           str(tmp_path / "wrong.jsonl")], catch_exceptions=False)
+    assert not (tmp_path / "wrong.jsonl").exists()
+
+    recipe = _recipe(tiny_bert_dir, out, tmp_path / "student", loss={"hard_negatives": 3, "distillation": "margin_mse"},
+                     training={"epochs": 1})
+    trained = train(recipe)
+    log = [json.loads(line) for line in (tmp_path / "student" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "train"]
+    assert len(steps) == 2 and all(np.isfinite(r["distillation"]) for r in steps)  # 5 rows, batches of 4
+    assert np.isfinite(trained.final_loss)

@@ -410,3 +410,91 @@ def test_cli_add_and_delete(st_bert, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == ["error: field 'query': the query is empty: give some words to "
                                                   "search for"]
+
+
+# ---------------------------------------------------------------------------------------------------- reranking
+def test_reranked_rag_eval_equals_embedkit_eval_rerank_per_query(st_bert, tiny_reranker, tmp_path, one_torch_thread):
+    """Bug caught: `rag eval --rerank` ranks with other pairs, other document texts, another head/tail split or
+    another tie order than `embedkit eval --rerank` (a second reranking routine drifting from the first), or its
+    report leaves out which reranker made the numbers."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.models import load_model
+    from embedkit.models.reranker import load_reranker
+    from test_tune import write_beir
+
+    beir = write_beir(tmp_path / "beir", split="test")  # 10 documents: with --rerank-top 5 the tail counts too
+    runner = CliRunner()
+    indexed = runner.invoke(app, ["rag", "index", "-m", str(st_bert), "-c", str(beir), "-o", str(tmp_path / "idx"),
+                                  "--index-type", "flat", "-q"])
+    assert indexed.exit_code == 0, indexed.output
+    rag = runner.invoke(app, ["rag", "eval", str(tmp_path / "idx"), "--beir", str(beir), "--rerank",
+                              str(tiny_reranker), "--rerank-top", "5", "--latency-queries", "2", "-q",
+                              "-o", str(tmp_path / "rag.json")])
+    assert rag.exit_code == 0, rag.output
+    assert "reranked by" in rag.output and "rerank" in rag.output.splitlines()[-1]
+    ev = runner.invoke(app, ["eval", "-m", str(st_bert), "--rerank", str(tiny_reranker), "--rerank-top", "5",
+                             "-t", f"beir:{beir}:test", "-o", str(tmp_path / "eval.json"), "-q", "--no-cache"])
+    assert ev.exit_code == 0, ev.output
+    rag_report = json.loads((tmp_path / "rag.json").read_text())
+    (task,) = json.loads((tmp_path / "eval.json").read_text())["results"].values()
+
+    assert rag_report["per_query"].keys() == task["per_query"].keys()
+    for qid, values in task["per_query"].items():
+        for metric, value in values.items():
+            assert rag_report["per_query"][qid][metric] == pytest.approx(value, abs=1e-9), (qid, metric)
+    for metric, value in task["first_stage"]["metrics"].items():
+        assert rag_report["first_stage"]["metrics"][metric] == pytest.approx(value, abs=1e-9), metric
+    # the reranker changed the ranking (else this test could not tell one stage from two)
+    assert rag_report["metrics"]["ndcg_at_10"] != rag_report["first_stage"]["metrics"]["ndcg_at_10"]
+    fingerprint = load_reranker(tiny_reranker).fingerprint
+    assert rag_report["reranker"]["fingerprint"] == fingerprint and rag_report["reranker"]["path"] == str(tiny_reranker)
+    assert rag_report["retrieval"]["rerank_top"] == 5 and rag_report["latency"]["rerank_median_ms"] > 0
+    assert rag_report["index"]["fingerprint"] == load_model(st_bert).fingerprint  # both stages are named
+
+
+def test_search_with_a_reranker_orders_the_first_stage_top(encoder, docs, tiny_reranker, tmp_path, one_torch_thread):
+    """Bug caught: the reranker sees fewer candidates than --rerank-top (or only the k shown), the hits keep the
+    first stage's order or its cosine as their score, or a depth below k silently shows unreranked results."""
+    from embedkit.errors import ConfigError
+    from embedkit.models.reranker import load_reranker
+
+    index = _build(encoder, docs, tmp_path / "idx")
+    reranker = load_reranker(tiny_reranker)
+    query = "insulin and blood sugar"
+    first = index.search(encoder, query, k=8)
+    hits = index.search(encoder, query, k=3, reranker=reranker, rerank_top=8)
+    expected = reranker.rerank(query, [docs[h.doc_id]["text"] for h in first], top_n=3)
+    assert [h.doc_id for h in hits] == [first[i].doc_id for i, _ in expected]
+    assert [h.score for h in hits] == pytest.approx([s for _, s in expected], abs=1e-6)
+    assert all(h.reranked for h in hits) and [h.rank for h in hits] == [1, 2, 3]
+    cosine = {h.doc_id: h.score for h in first}
+    assert all(h.dense_score == pytest.approx(cosine[h.doc_id]) for h in hits)  # the first stage's part is kept
+    with pytest.raises(ConfigError) as err:
+        index.search(encoder, query, k=5, reranker=reranker, rerank_top=3)
+    assert err.value.field == "rerank-top"
+
+
+def test_cli_rerank_query_and_wrong_kind_is_one_line(st_bert, tiny_reranker, tmp_path):
+    """Bug caught: `rag query --rerank` prints first-stage scores, or an embedding model given to --rerank loads
+    (a random head) or fails with a traceback or after progress lines instead of one line and exit 2."""
+    corpus = tmp_path / "passages.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "idx"
+    assert run_cli("index", "-m", str(st_bert), "-c", str(corpus), "-o", str(out), "-q").returncode == 0
+    result = run_cli("query", str(out), "fever and cough", "-k", "3", "--rerank", str(tiny_reranker),
+                     "--rerank-top", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)
+    assert all(h["reranked"] and 0 < h["score"] < 1 for h in hits) and len(hits) == 3
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    queries, qrels = tmp_path / "queries.jsonl", tmp_path / "qrels.tsv"
+    queries.write_text('{"_id": "q1", "text": "fever"}\n')
+    qrels.write_text("q1\tpassages.txt:1\t1\n")
+    for command in (["query", str(out), "fever"], ["eval", str(out), "--queries", str(queries), "--qrels", str(qrels)]):
+        result = run_cli(*command, "--rerank", str(st_bert))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "not a reranker" in lines[0], lines
+        assert result.stdout == ""

@@ -273,6 +273,34 @@ def test_json_api(web_index):
     assert client.get("/health").json()["index"]["documents"] == len(index)
 
 
+def test_json_api_and_page_with_a_reranker(web_index, tiny_reranker, one_torch_thread):
+    """Bug caught: `rag web --rerank` answers from the first stage's order (the reranker loaded but never asked),
+    reranks fewer documents than a request's k, or does not say which reranker ordered the results."""
+    from fastapi.testclient import TestClient
+
+    from embedkit.models.reranker import load_reranker
+    from embedkit.rag import create_web_app
+
+    index, encoder = web_index
+    reranker = load_reranker(tiny_reranker)
+    answerer = RecordingAnswerer()
+    client = TestClient(create_web_app(index, encoder, reranker=reranker, rerank_top=6, answerer=answerer,
+                                       answer_passages=2))
+    body = client.get("/api/search", params={"q": "blood sugar", "k": 3, "answer": "true"}).json()
+    expected = index.search(encoder, "blood sugar", k=3, reranker=reranker, rerank_top=6)
+    assert [r["doc_id"] for r in body["results"]] == [h.doc_id for h in expected]
+    assert [r["score"] for r in body["results"]] == pytest.approx([h.score for h in expected], abs=1e-6)
+    assert all(r["reranked"] for r in body["results"]) and body["reranker"] == str(tiny_reranker)
+    top_two = [f"{h.title}\n{h.text}".strip() for h in expected[:2]]
+    assert answerer.calls[-1] == ("blood sugar", top_two)  # the answer is written from the reranked passages
+    wide = client.get("/api/search", params={"q": "blood sugar", "k": 8}).json()["results"]
+    assert len(wide) == 8 and all(r["reranked"] for r in wide)  # k above rerank_top: all k reranked
+    assert client.get("/health").json()["reranker"]["fingerprint"] == reranker.fingerprint
+    page = client.get("/", params={"q": "blood sugar", "k": 3})
+    assert "reranked by" in page.text
+    assert [h["doc_id"] for h in parse(page.text).hits] == [h.doc_id for h in expected]
+
+
 def test_highlight_and_citations_units():
     from embedkit.rag.index import Hit
     from embedkit.rag.web import highlight, query_terms, render_answer, render_page, snippet

@@ -83,10 +83,12 @@ def mine_command(
         "keep", "--short",
         help="A query with fewer survivors than --num-negatives: 'keep' writes its rows with fewer negatives, "
         "'drop' leaves them out. Either way every such query is listed (id, text, count) in the summary."),
-    cross_encoder: Path | None = typer.Option(
-        None, "--cross-encoder",
-        help="Folder of a sentence-transformers CrossEncoder: rescore the window's candidates and the positives "
-        "with it, re-rank, and apply the margins to its scores. None ships with embedkit."),
+    teacher: Path | None = typer.Option(
+        None, "--teacher", "--cross-encoder",
+        help="A reranker (cross-encoder) folder, from 'embedkit train' with task: rerank or a sentence-transformers "
+        "CrossEncoder: rescore the window's candidates and the positives with it, re-rank, and apply the margins to "
+        "its scores. The rows' scores are then its logits (teacher scores for loss.distillation) and the manifest "
+        "names it (fingerprint). --cross-encoder is the older name. None ships with embedkit."),
     search: str = typer.Option(
         "auto", "--search",
         help="'exact': brute-force inner product streamed over corpus chunks (memory stays bounded). 'hnsw': faiss "
@@ -107,7 +109,7 @@ def mine_command(
                                   help="Do not read or write the corpus-embedding cache (under EMBEDKIT_HOME)."),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache folder (default: EMBEDKIT_HOME)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    device: str = typer.Option("auto", "--device", help=f"Where the model (and --cross-encoder) runs: {DEVICE_HELP}"),
+    device: str = typer.Option("auto", "--device", help=f"Where the model (and --teacher) runs: {DEVICE_HELP}"),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Mine hard negatives for (query, positive) pairs, keeping out likely false negatives.
@@ -133,6 +135,8 @@ def mine_command(
       embedkit mine -m minilm -d pairs.jsonl --corpus corpus.jsonl --range 30:200 -n 5 --sampling top -o mined.jsonl
 
       embedkit mine -m minilm -d beir/ --corpus-embeddings emb.npy --corpus-ids ids.txt -o mined.jsonl
+
+      embedkit mine -m minilm -d ../shared/data/scifact --teacher runs/my-reranker -o mined.jsonl   (teacher logits)
     """
     from embedkit.mine.mining import load_task
     from embedkit.mine.report import format_summary, warning_lines
@@ -155,7 +159,7 @@ def mine_command(
         encoder = load_model(model, device=procs.device)
         with procs.shard(encoder):
             summary = mine_to_file(encoder, task, output, settings, corpus_embeddings=corpus_embeddings,
-                                   corpus_ids=corpus_ids, cross_encoder=cross_encoder, cache_dir=cache_dir,
+                                   corpus_ids=corpus_ids, teacher=teacher, cache_dir=cache_dir,
                                    use_cache=not no_cache, progress=True, device=procs.device, write=procs.is_main)
     if not procs.is_main:
         return

@@ -20,7 +20,7 @@ from embedkit.data import is_beir_folder, load_beir, read_examples
 from embedkit.data.beir import CORPUS_FILE, mteb_document_text, read_corpus
 from embedkit.data.lines import iter_text_lines, require_file
 from embedkit.device import resolve_device
-from embedkit.errors import ConfigError, DataError, ModelError
+from embedkit.errors import ConfigError, DataError
 from embedkit.manifest import sha256_file
 from embedkit.mine.core import MiningStats, mine_embeddings
 from embedkit.mine.settings import MiningSettings
@@ -201,45 +201,54 @@ def align_precomputed(task: MiningTask, embeddings: str | Path, ids_path: str | 
     return source
 
 
-class CrossEncoderRescorer:
-    """Rescore window candidates and positives with a sentence-transformers CrossEncoder loaded from a folder."""
+class TeacherRescorer:
+    """Rescore the window's candidates and the positives with a teacher reranker (embedkit.models.reranker).
+
+    The teacher is loaded by `load_reranker`, so its pairs are tokenized, batched and scored exactly as
+    `embedkit eval --rerank` and `embedkit rag --rerank` score them; a sentence-transformers CrossEncoder folder
+    loads too (it is a Hugging Face sequence-classification folder), and an embedding model is refused in one line.
+
+    Scores are the teacher's logits, not its sigmoid probabilities: they become the rows' teacher scores for
+    `loss.distillation` (margin_mse compares positive - negative margins, kl a softmax over the scores), and the
+    sigmoid squashes exactly the margins that matter, between a confident positive and a hard negative (logits 8 and
+    12 both become ~1.0), while a reranker student's own scores are logits. A bi-encoder student compares cosine
+    margins (at most 2) with them: margin_mse then matches the teacher's smaller margins and pushes the larger ones
+    as far as cosine allows; kl with `loss.distillation_temperature` rescales the teacher instead. The mining margins
+    (--absolute-margin, --relative-margin) are applied to these logits too.
+    """
 
     def __init__(self, path: str | Path, task: MiningTask, *, batch_size: int = 32, device: Any = "cpu") -> None:
+        from embedkit.models.reranker import load_reranker  # imports torch: only when a teacher is asked for
+
         path = Path(path)
         if not path.is_dir():
-            raise ConfigError("cross-encoder folder not found (no pretrained cross-encoder ships with embedkit; "
-                              "give a local sentence-transformers CrossEncoder folder)", path=path,
-                              field="cross_encoder")
-        self.device = resolve_device(device, field="--device")
-        try:
-            from sentence_transformers import CrossEncoder
-
-            self.model = CrossEncoder(str(path), device=str(self.device))
-        except Exception as exc:  # transformers raises many types for a bad folder
-            raise ModelError(f"cannot load a cross-encoder ({type(exc).__name__}: {exc})".splitlines()[0],
-                             path=path) from None
+            raise ConfigError("teacher folder not found (no pretrained reranker ships with embedkit; give a "
+                              "reranker folder from 'embedkit train' with task: rerank, or a sentence-transformers "
+                              "CrossEncoder folder)", path=path, field="teacher")
+        self.model = load_reranker(path, device=resolve_device(device, field="--device"))
         self.path = str(path)
         self.task = task
         self.batch_size = batch_size
 
-    def _predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        if not pairs:
-            return np.empty(0, dtype=np.float32)
-        scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False,
-                                    convert_to_numpy=True)
-        return np.asarray(scores, dtype=np.float32).reshape(len(pairs), -1)[:, -1]
+    def describe(self) -> dict[str, Any]:
+        """The teacher as the manifest records it (name, path, fingerprint, ...), plus what its scores are."""
+        return {**self.model.describe(), "scores": "logits"}
+
+    def _score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        return self.model.score([q for q, _ in pairs], [d for _, d in pairs], batch_size=self.batch_size,
+                                logits=True)
 
     def score_candidates(self, query_positions: np.ndarray, cand_idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rows, cols = np.nonzero(mask)
         pairs = [(self.task.query_texts[query_positions[r]], self.task.corpus_texts[cand_idx[r, c]])
                  for r, c in zip(rows, cols)]
         out = np.zeros(cand_idx.shape, dtype=np.float32)
-        out[rows, cols] = self._predict(pairs)
+        out[rows, cols] = self._score(pairs)
         return out
 
     def score_positives(self, query_positions: np.ndarray, pos_idx: np.ndarray) -> np.ndarray:
-        return self._predict([(self.task.query_texts[q], self.task.corpus_texts[d])
-                              for q, d in zip(query_positions, pos_idx)])
+        return self._score([(self.task.query_texts[q], self.task.corpus_texts[d])
+                            for q, d in zip(query_positions, pos_idx)])
 
 
 def iter_rows(task: MiningTask, query_vectors: Callable[[int, int], np.ndarray] | np.ndarray,

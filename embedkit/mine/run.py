@@ -4,7 +4,11 @@ Files written beside the output (all atomically):
     mined.jsonl               one row per (query, positive): query, positive, negatives, scores, ids
     mined.summary.json        filter counts, short queries (by id), score distributions, timings
     mined.scores.png          histogram of positive vs kept-negative scores
-    mined.manifest.json       model description, data hashes, settings (filters, seed), library versions
+    mined.manifest.json       model description, data hashes, settings (filters, seed), the teacher (name, path,
+                              fingerprint) when one rescored the rows, library versions
+
+With a teacher (`teacher=`, `embedkit mine --teacher`) the rows' `scores` are the teacher reranker's logits for
+(query, positive) and (query, negative) (see TeacherRescorer), ready for `loss.distillation`.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from embedkit.manifest import base_manifest, device_fields, sha256_file
 from embedkit.mine.cache import corpus_vectors
 from embedkit.mine.core import MiningStats, margin_warning
 from embedkit.mine.mining import (
-    CrossEncoderRescorer,
     MiningTask,
+    TeacherRescorer,
     align_precomputed,
     iter_rows,
     query_encoder,
@@ -48,7 +52,7 @@ def mine_to_file(
     *,
     corpus_embeddings: str | Path | None = None,
     corpus_ids: str | Path | None = None,
-    cross_encoder: str | Path | None = None,
+    teacher: str | Path | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     histogram: bool = True,
@@ -58,9 +62,11 @@ def mine_to_file(
 ) -> dict[str, Any]:
     """Mine `task` with `encoder`; write the output files; return the summary (also written as JSON).
 
-    device: where the cross-encoder runs (default: the encoder's device). write=False mines the same rows and
-    writes nothing (no output, no cache): the other processes of a sharded run (`embedkit mine --nproc`), which
-    must make the same encode calls as the one that writes. progress: log the steps at INFO rather than DEBUG.
+    teacher: a reranker folder that rescores the window's candidates and the positives; its logits become the
+    rows' scores and the margins apply to them. device: where the teacher runs (default: the encoder's device).
+    write=False mines the same rows and writes nothing (no output, no cache): the other processes of a sharded run
+    (`embedkit mine --nproc`), which must make the same encode calls as the one that writes. progress: log the steps
+    at INFO rather than DEBUG.
     """
     output = Path(output)
     if output.suffix.lower() != ".jsonl":
@@ -71,8 +77,8 @@ def mine_to_file(
     level = logging.INFO if progress else logging.DEBUG
     started = time.perf_counter()
     device = device if device is not None else getattr(encoder, "device", "cpu")
-    rescorer = (CrossEncoderRescorer(cross_encoder, task, batch_size=settings.batch_size, device=device)
-                if cross_encoder else None)
+    rescorer = (TeacherRescorer(teacher, task, batch_size=settings.batch_size, device=device)
+                if teacher else None)
     stats = MiningStats()
     rows_written = 0
     with contextlib.ExitStack() as stack:
@@ -108,7 +114,7 @@ def mine_to_file(
         "warnings": [warning] if warning is not None else [],
         "short_queries": short_report(task, stats, settings),
         "corpus_embeddings": corpus_info,
-        "cross_encoder": str(cross_encoder) if cross_encoder else None,
+        "teacher": rescorer.path if rescorer is not None else None,
         "seconds": {"total": round(finished - started, 3), "mining": round(finished - encode_started, 3)},
     }
     if not write:
@@ -118,7 +124,7 @@ def mine_to_file(
     files = {"output": str(output), "summary": str(summary_path)}
     if histogram:
         png = sidecar(output, ".scores.png")
-        score_kind = "cross-encoder" if cross_encoder else "bi-encoder cosine"
+        score_kind = "teacher logit" if rescorer is not None else "bi-encoder cosine"
         write_histogram(png, stats.all_positive_scores(), stats.all_negative_scores(),
                         f"{output.name}: {score_kind} scores")
         files["histogram"] = str(png)
@@ -129,7 +135,7 @@ def mine_to_file(
         data=task.description,
         settings=settings.to_dict(),
         seed=settings.seed,
-        cross_encoder=str(cross_encoder) if cross_encoder else None,
+        teacher=rescorer.describe() if rescorer is not None else None,
         outputs={**files, "rows": rows_written, "sha256": sha256_file(output)},
         summary={k: summary[k] for k in ("rows_written", "pool_size", "stats", "warnings")},
     )

@@ -5,6 +5,7 @@
     encoder = load_model("minilm")
     index = build_index(encoder, "../shared/data/scifact", "runs/scifact-index")   # flat below 50k docs, else HNSW
     index.search(encoder, "does vitamin D prevent fractures?", k=5)               # -> [Hit(rank, doc_id, score, ...)]
+    index.search(encoder, "...", k=5, reranker=load_reranker("runs/my-reranker"), rerank_top=50)  # two stages
     index.add(encoder, {"new-1": {"title": "", "text": "..."}}); index.delete(["new-1"])
     evaluate_index(index, encoder, queries, qrels)["metrics"]["ndcg_at_10"]
 

@@ -35,6 +35,12 @@ _HYBRID_HELP = ("Hybrid retrieval: fuse the dense ranking with BM25 (reciprocal 
                 "needs bm25s: the rag extra of embedkit).")
 _WEIGHT_HELP = "Hybrid only: BM25's share of the fusion, 0 (dense only) to 1 (BM25 first, dense breaks ties)."
 _DEVICE_OPTION = typer.Option("auto", "--device", help=f"Where the embedding model runs: {DEVICE_HELP}")
+_RERANK_HELP = ("A reranker (cross-encoder folder from 'embedkit train' with task: rerank, or a sentence-transformers "
+                "CrossEncoder) that orders the first stage's top --rerank-top documents, as 'embedkit eval --rerank' "
+                "does; results then show its score (0..1).")
+# embedkit eval's default (eval.runner.DEFAULT_TOP_K, not imported: it would load numpy for `embedkit --help`), so
+# `rag eval --rerank` and `embedkit eval --rerank` agree by default
+_RERANK_TOP = 100
 
 
 @rag_app.command("index")
@@ -151,19 +157,30 @@ def query_command(
     hybrid_weight: float = typer.Option(0.5, "--hybrid-weight", min=0.0, max=1.0, help=_WEIGHT_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     width: int = typer.Option(160, "--width", min=20, help="Characters of each passage to print."),
-    device: str = _DEVICE_OPTION,
+    rerank: Optional[str] = typer.Option(None, "--rerank", help=_RERANK_HELP),
+    rerank_top: int = typer.Option(_RERANK_TOP, "--rerank-top", min=1,
+                                   help="Documents the first stage retrieves for the reranker (at least -k)."),
+    device: str = typer.Option("auto", "--device", help=f"Where the models run: {DEVICE_HELP}"),
 ) -> None:
     """Search an index and print the top-k documents with their scores.
 
-    Example: embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
+    Examples:
+
+      embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
+
+      embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" --rerank runs/my-reranker
     """
-    from embedkit.rag.index import RagIndex, check_queries, load_index_encoder
+    from embedkit.rag.index import RagIndex, check_queries, check_rerank_top, load_index_encoder
 
     check_queries([question])  # an empty query fails before the model loads
+    if rerank is not None:
+        check_rerank_top(rerank_top, k)
     target = resolve_device(device)
     index = RagIndex.load(index_path)
+    reranker = _load_reranker(rerank, target)
     encoder = load_index_encoder(index, model, device=target)
-    hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+    hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight, reranker=reranker,
+                        rerank_top=rerank_top)
     if json_output:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
@@ -190,22 +207,30 @@ def eval_command(
     latency_queries: Optional[int] = typer.Option(
         None, "--latency-queries", min=0,
         help="Time only the first N queries one by one (default: all; 0: no latency pass)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries per encoder forward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Queries (and reranked pairs) per forward pass."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the full result (per-query "
                                                                        "metrics included) as JSON here."),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help=_RERANK_HELP + " The metrics and per-query values "
+                                         "become the two-stage ones (first-stage metrics kept under first_stage)."),
+    rerank_top: int = typer.Option(_RERANK_TOP, "--rerank-top", min=1,
+                                   help="Documents per query the reranker orders (at most the largest of 100 and "
+                                        "--k-values)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
-    device: str = _DEVICE_OPTION,
+    device: str = typer.Option("auto", "--device", help=f"Where the models run: {DEVICE_HELP}"),
 ) -> None:
     """Evaluate retrieval through the index: Recall@k, nDCG@10, MRR@10, MAP@100, and latency per query.
 
-    On an exact (flat) index of a BEIR corpus, nDCG@10 equals `embedkit eval` on the same folder and model. Latency
-    is measured per single query (encode + search + fetch), median and p95.
+    On an exact (flat) index of a BEIR corpus, nDCG@10 equals `embedkit eval` on the same folder and model, and
+    with --rerank every query's values equal `embedkit eval --rerank`'s (same --rerank-top). Latency is measured
+    per single query (encode + search + fetch, + rerank), median and p95.
 
     Examples:
 
       embedkit rag eval runs/scifact-index --beir ../shared/data/scifact --split test
 
       embedkit rag eval runs/my-index --queries queries.jsonl --qrels qrels.tsv --hybrid
+
+      embedkit rag eval runs/scifact-index --beir ../shared/data/scifact --rerank runs/my-reranker --rerank-top 100
     """
     from embedkit.rag.evaluate import evaluate_index
     from embedkit.rag.index import RagIndex, load_index_encoder
@@ -218,17 +243,21 @@ def eval_command(
     target = resolve_device(device)
     index = RagIndex.load(index_path)
     query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
+    reranker = _load_reranker(rerank, target)  # a wrong kind fails in one line, before anything is logged
     if quiet:
         quieten()
     log.info("loading the index's model")
     encoder = load_index_encoder(index, model, device=target)
     result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
                             hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
-                            progress=True)
+                            progress=True, reranker=reranker, rerank_top=rerank_top)
     if output is not None:
         write_json(output, base_manifest("rag_eval", **device_fields(target), **result))
     m, lat = result["metrics"], result["latency"]
     mode = f"hybrid (BM25 weight {hybrid_weight})" if hybrid else "dense"
+    if reranker is not None:
+        mode += (f", reranked by {rerank} (top {rerank_top}; first stage ndcg_at_10 "
+                 f"{result['first_stage']['metrics']['ndcg_at_10']:.4f})")
     typer.echo(f"{result['batch']['queries']} queries, {result['index']['documents']} documents, "
                f"{result['index']['type']} index, {mode}")
     typer.echo(f"{'ndcg_at_10':<14} {m['ndcg_at_10']:.4f}")
@@ -237,9 +266,10 @@ def eval_command(
     typer.echo(f"{'mrr_at_10':<14} {m['mrr_at_10']:.4f}")
     typer.echo(f"{'map_at_100':<14} {m['map_at_100']:.4f}")
     if lat["queries"]:
+        reranking = f", rerank {lat['rerank_median_ms']:.1f} ms" if reranker is not None else ""
         typer.echo(f"latency per query (k={lat['k']}, {lat['queries']} queries one by one): median "
                    f"{lat['median_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms (encode {lat['encode_median_ms']:.1f} ms, "
-                   f"search {lat['search_median_ms']:.2f} ms median)")
+                   f"search {lat['search_median_ms']:.2f} ms{reranking} median)")
     if output is not None:
         typer.echo(f"wrote {output}")
 
@@ -280,13 +310,19 @@ def web_command(
     no_generator: bool = typer.Option(False, "--no-generator", help="Never generate answers."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Length limit of a generated answer."),
     answer_passages: int = typer.Option(3, "--answer-passages", min=1, help="Top passages given to the generator."),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help=_RERANK_HELP + " The generator is given the "
+                                                                               "reranked passages."),
+    rerank_top: int = typer.Option(_RERANK_TOP, "--rerank-top", min=1,
+                                   help="Documents the first stage retrieves for the reranker (raised to a request's "
+                                        "k when that is larger)."),
     device: str = typer.Option("auto", "--device",
-                               help=f"Where the embedding model and the generator run: {DEVICE_HELP}"),
+                               help=f"Where the embedding model, the reranker and the generator run: {DEVICE_HELP}"),
 ) -> None:
     """Serve a search page over an index on 127.0.0.1: search box, ranked highlighted passages, generated answers.
 
     Results show their scores with the query terms highlighted; when a generative head is available (--generator,
-    or the index's own model) an answer citing the passages [1], [2] ... is shown above them. Also
+    or the index's own model) an answer citing the passages [1], [2] ... is shown above them. With --rerank the
+    reranker orders the results (and so the passages the answer is written from) and its score is shown. Also
     GET /api/search?q=...&k=5 (JSON; an empty q is a 400) and GET /health. When `rag add` / `rag delete` swap in a
     new index folder, the next request loads it: deleted documents are never served.
 
@@ -297,12 +333,25 @@ def web_command(
 
     target = resolve_device(device)
     index = RagIndex.load(index_path)
+    reranker = _load_reranker(rerank, target)
     encoder = load_index_encoder(index, model, device=target)
     answerer = None if no_generator else _answerer(index, generator, max_new_tokens, str(target))
-    log.info("serving %d documents at http://%s:%d/ (%s); Ctrl-C stops", len(index), host, port,
-             f"answers from {answerer.source}" if answerer else "no generated answers")
+    log.info("serving %d documents at http://%s:%d/ (%s%s); Ctrl-C stops", len(index), host, port,
+             f"answers from {answerer.source}" if answerer else "no generated answers",
+             f", reranked by {rerank}" if reranker is not None else "")
     serve_web(index, encoder, host=host, port=port, answerer=answerer, default_k=k, hybrid=hybrid,
-              hybrid_weight=hybrid_weight, answer_passages=answer_passages)
+              hybrid_weight=hybrid_weight, answer_passages=answer_passages, reranker=reranker,
+              rerank_top=rerank_top)
+
+
+def _load_reranker(rerank: str | None, device):
+    """The --rerank model, or None. An embedding model given here is a ModelError naming both kinds, which the
+    command prints as one line (exit 2)."""
+    if rerank is None:
+        return None
+    from embedkit.models.reranker import load_reranker
+
+    return load_reranker(rerank, device=device)
 
 
 class _GeneratorAnswerer:

@@ -4,6 +4,11 @@ Quality: all judged queries are encoded in one `encode` call with the eval runne
 one FAISS call, so on an exact (flat) index built from the same corpus the run equals `embedkit eval`'s and so
 does nDCG@10. Latency: each query again on its own, as a user would send it (encode one query + search), timed
 end to end; median and p95 over the queries.
+
+Two stages (`reranker`): each query's first `rerank_top` documents of that run are ordered by the reranker through
+`embedkit.eval.runner.rerank_run`, exactly as `embedkit eval --rerank` orders them (the rest keep their order below),
+so the two-stage per-query values equal `embedkit eval --rerank`'s; the first stage's metrics are kept under
+"first_stage", and the latency pass includes the reranking of each query's candidates.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from embedkit.errors import ConfigError, DataError
-from embedkit.eval.metrics import retrieval_metrics
-from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, encode_texts
+from embedkit.eval.metrics import retrieval_metrics, trec_order
+from embedkit.eval.runner import DEFAULT_TOP_K, rerank_run
+from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, encode_texts, rerank_ranked
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +60,15 @@ def evaluate_index(
     latency_queries: int | None = None,
     latency_k: int = 10,
     progress: bool = False,
+    reranker=None,
+    rerank_top: int = DEFAULT_TOP_K,
 ) -> dict[str, Any]:
     """Recall@k (k_values), nDCG@10, MRR@10, MAP@100 of the index's ranking, and per-query latency.
 
     Evaluated queries are those with judgments, in `queries` order (as the eval runner does).
     latency_queries: time only the first N of them (None: all; 0: skip the latency pass). progress: log the steps
-    at INFO rather than DEBUG.
+    at INFO rather than DEBUG. reranker: a second stage over each query's first `rerank_top` documents (at most
+    the depth searched, max(k_values, 100)); the metrics and per-query values are then the two-stage ones.
     """
     level = logging.INFO if progress else logging.DEBUG
     k_values = sorted({int(k) for k in k_values})
@@ -75,7 +84,11 @@ def evaluate_index(
         raise DataError("no judged queries to evaluate")
     index.check_encoder(encoder)
     texts = [queries[q] for q in qids]
-    top_k = max(max(k_values), 100)  # 100: recall@100 and MAP@100, as `embedkit eval`
+    top_k = max(max(k_values), DEFAULT_TOP_K)  # 100: recall@100 and MAP@100, as `embedkit eval`
+    if reranker is not None and not 1 <= rerank_top <= top_k:
+        raise ConfigError(f"rerank top must be between 1 and the depth searched ({top_k}), not {rerank_top}",
+                          field="rerank-top")
+    latency_depth = max(latency_k, rerank_top) if reranker is not None else latency_k
 
     log.log(level, "searching %d queries (batch)", len(qids))
     t0 = time.perf_counter()
@@ -85,36 +98,60 @@ def evaluate_index(
     t2 = time.perf_counter()
     doc_ids = index.store.doc_ids({i for row in ranked for i, *_ in row})
     run = {q: {doc_ids[i]: score for i, score, *_ in row if i in doc_ids} for q, row in zip(qids, ranked)}
+    first_stage = None
+    t3 = t2
+    if reranker is not None:
+        log.log(level, "reranking the first %d documents of %d queries", rerank_top, len(qids))
+        first_stage = {"metrics": {**retrieval_metrics(judged, run).metrics, **_recall_at(judged, run, k_values)[0]}}
+        faiss_id = {doc_id: i for i, doc_id in doc_ids.items()}
+        head = index.store.get({faiss_id[d] for hits in run.values() for d, _ in trec_order(hits)[:rerank_top]})
+        head_texts = {doc.doc_id: doc.embed_text for doc in head.values()}  # the eval runner's document text
+        run = rerank_run(reranker, queries, head_texts, run, top=rerank_top, batch_size=batch_size)
+        t3 = time.perf_counter()
     scores = retrieval_metrics(judged, run)
     recalls, recall_per_query = _recall_at(judged, run, k_values)
     metrics = {**scores.metrics, **recalls}
     per_query = {q: {**scores.per_query.get(q, {}), **recall_per_query[q]} for q in qids}
 
     n_latency = len(qids) if latency_queries is None else max(0, min(latency_queries, len(qids)))
-    total, encode, search = [], [], []
+    total, encode, search, rerank = [], [], [], []
     if n_latency:
         log.log(level, "timing %d single queries", n_latency)
-        index.search(encoder, texts[0], k=latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)  # warm-up
+        index.search(encoder, texts[0], k=latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight,
+                     reranker=reranker, rerank_top=latency_depth)  # warm-up
     for text in texts[:n_latency]:
         s0 = time.perf_counter()
         emb = encode_texts(encoder, [text], "query", batch_size)
         s1 = time.perf_counter()
-        ranked_one = index.rank([text], emb, latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight)
-        index.store.get(i for i, *_ in ranked_one[0])  # fetching the passages is part of answering a query
+        ranked_one = index.rank([text], emb, latency_depth, hybrid=hybrid, hybrid_weight=hybrid_weight)
+        docs = index.store.get(i for i, *_ in ranked_one[0])  # fetching the passages is part of answering a query
         s2 = time.perf_counter()
-        total.append((s2 - s0) * 1000)
+        if reranker is not None:
+            rerank_ranked(reranker, [text], [[r for r in ranked_one[0] if r[0] in docs]], docs, k=latency_k,
+                          batch_size=batch_size)
+        s3 = time.perf_counter()
+        total.append((s3 - s0) * 1000)
         encode.append((s1 - s0) * 1000)
         search.append((s2 - s1) * 1000)
+        rerank.append((s3 - s2) * 1000)
     latency = {"queries": n_latency, "k": latency_k,
                "median_ms": _percentile(total, 50), "p95_ms": _percentile(total, 95),
                "mean_ms": float(np.mean(total)) if total else float("nan"),
                "encode_median_ms": _percentile(encode, 50), "search_median_ms": _percentile(search, 50),
                "search_p95_ms": _percentile(search, 95)}
-    return {
+    retrieval: dict[str, Any] = {"hybrid": hybrid, "hybrid_weight": hybrid_weight if hybrid else None}
+    result: dict[str, Any] = {
         "metrics": metrics,
         "latency": latency,
         "batch": {"queries": len(qids), "encode_s": t1 - t0, "search_s": t2 - t1, "top_k": top_k},
-        "retrieval": {"hybrid": hybrid, "hybrid_weight": hybrid_weight if hybrid else None},
+        "retrieval": retrieval,
         "index": index.describe(),
         "per_query": per_query,
     }
+    if reranker is not None:  # a two-stage result: the reranker is part of what was evaluated, as the model is
+        retrieval["rerank_top"] = rerank_top
+        latency.update(rerank_depth=latency_depth, rerank_median_ms=_percentile(rerank, 50))
+        result["batch"]["rerank_s"] = t3 - t2
+        result["reranker"] = reranker.describe()
+        result["first_stage"] = first_stage
+    return result

@@ -9,6 +9,10 @@ Index types: "flat" is exact inner product (cosine: vectors are L2-normalised); 
 on large corpora) and "ivf" (inverted lists, approximate) trade a little recall for speed. "auto" picks flat below
 `HNSW_THRESHOLD` documents and HNSW from there.
 
+A reranker (a cross-encoder, embedkit.models.reranker) can order the results: the index retrieves the first stage's
+top `rerank_top` documents and `embedkit.eval.runner.rerank_run`, the routine `embedkit eval --rerank` uses, orders
+them, so a query, `rag eval` and `embedkit eval` rank with the same pairs and the same scores.
+
 Adding and deleting documents never re-encodes the corpus: new documents are encoded and added, deleted ones are
 removed from flat/IVF indexes, and tombstoned in HNSW graphs (which cannot drop a node) and filtered out at
 search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and swaps it in
@@ -35,6 +39,8 @@ import numpy as np
 
 from embedkit.atomic import atomic_dir, remove_stale_temps, write_json
 from embedkit.errors import ConfigError, DataError, ModelError
+from embedkit.eval.metrics import trec_order
+from embedkit.eval.runner import rerank_run
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
 from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
@@ -65,7 +71,9 @@ def _faiss():
 
 @dataclass
 class Hit:
-    """One search result. `score` is the cosine similarity, or the fused RRF score in hybrid mode."""
+    """One search result. `score` is the cosine similarity, the fused RRF score in hybrid mode, or, when a reranker
+    ordered the results, the reranker's score (its sigmoid probability, 0..1, as `Reranker.score` gives it);
+    `dense_score` / `bm25_score` are the first stage's parts either way."""
 
     rank: int
     doc_id: str
@@ -74,6 +82,7 @@ class Hit:
     text: str
     dense_score: float | None = None
     bm25_score: float | None = None
+    reranked: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +124,22 @@ def encode_texts(encoder, texts: list[str], kind: str, batch_size: int) -> np.nd
     the model's prompt; normalised, so inner product = cosine)."""
     return np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
                                 dtype=np.float32)
+
+
+def sigmoid(logit: float) -> float:
+    """The reranker's probability from its logit, without overflow for logits far below zero."""
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    e = math.exp(logit)
+    return e / (1.0 + e)
+
+
+def check_rerank_top(rerank_top: int, k: int) -> None:
+    """The reranker orders the first stage's top `rerank_top`: fewer than the k results asked for would leave some
+    of them in the first stage's order."""
+    if rerank_top < k:
+        raise ConfigError(f"rerank top ({rerank_top}) must be at least the number of results asked for ({k}): the "
+                          "reranker orders every result shown", field="rerank-top")
 
 
 def _model_record(encoder) -> dict[str, Any]:
@@ -349,19 +374,31 @@ class RagIndex:
         return out
 
     def search(self, encoder, query: str | Sequence[str], k: int = 5, *, hybrid: bool = False,
-               hybrid_weight: float = 0.5, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Hit] | list[list[Hit]]:
-        """Top-k documents for a query (a list of Hits) or for each of several queries (a list of lists)."""
+               hybrid_weight: float = 0.5, batch_size: int = DEFAULT_BATCH_SIZE, reranker=None,
+               rerank_top: int | None = None) -> list[Hit] | list[list[Hit]]:
+        """Top-k documents for a query (a list of Hits) or for each of several queries (a list of lists).
+
+        reranker: order the first stage's top `rerank_top` (default: k; at least k) documents with it and return
+        the best k of them, scored by the reranker."""
         single = isinstance(query, str)
         queries = [query] if single else list(query)
         check_queries(queries)
         if k < 1:
             raise ConfigError(f"k must be at least 1, not {k}", field="k")
+        depth = k
+        if reranker is not None:
+            depth = k if rerank_top is None else int(rerank_top)
+            check_rerank_top(depth, k)
         self.check_encoder(encoder)
         query_emb = encode_texts(encoder, queries, "query", batch_size)
-        ranked = self.rank(queries, query_emb, k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+        ranked = self.rank(queries, query_emb, depth, hybrid=hybrid, hybrid_weight=hybrid_weight)
         docs = self.store.get({i for row in ranked for i, *_ in row})
-        results = [[Hit(rank, docs[i].doc_id, score, docs[i].title, docs[i].text, dense, lex)
-                    for rank, (i, score, dense, lex) in enumerate((r for r in row if r[0] in docs), start=1)]
+        ranked = [[r for r in row if r[0] in docs] for row in ranked]
+        if reranker is not None:
+            ranked = rerank_ranked(reranker, queries, ranked, docs, k=k, batch_size=batch_size)
+        results = [[Hit(rank, docs[i].doc_id, score, docs[i].title, docs[i].text, dense, lex,
+                        reranked=reranker is not None)
+                    for rank, (i, score, dense, lex) in enumerate(row, start=1)]
                    for row in ranked]
         return results[0] if single else results
 
@@ -440,6 +477,27 @@ class RagIndex:
         fresh = RagIndex.load(self.path)
         self.faiss_index, self.store, self.manifest = fresh.faiss_index, fresh.store, fresh.manifest
         self._tombstones, self._bm25, self._disk_key = fresh._tombstones, None, fresh._disk_key
+
+
+def rerank_ranked(reranker, queries: Sequence[str], ranked: list[list[tuple[int, float, float | None, float | None]]],
+                  docs: dict[int, Any], *, k: int, batch_size: int = DEFAULT_BATCH_SIZE
+                  ) -> list[list[tuple[int, float, float | None, float | None]]]:
+    """Each query's candidates (rows of `rank`, all in `docs`) ordered by the reranker, best k kept, each with the
+    reranker's probability as its score (first-stage dense and BM25 parts kept).
+
+    Through `rerank_run`, the routine of `embedkit eval --rerank`: the same pair texts (Document.embed_text is the
+    eval runner's document text), all pairs in one length-sorted pass, ties in trec_eval's order."""
+    keys = [str(n) for n in range(len(queries))]
+    run = {key: {docs[i].doc_id: score for i, score, *_ in row} for key, row in zip(keys, ranked)}
+    texts = {docs[i].doc_id: docs[i].embed_text for row in ranked for i, *_ in row}
+    depth = max((len(row) for row in ranked), default=0)
+    reordered = rerank_run(reranker, dict(zip(keys, queries)), texts, run, top=depth, batch_size=batch_size)
+    out = []
+    for key, row in zip(keys, ranked):
+        by_doc = {docs[i].doc_id: (i, dense, lex) for i, _, dense, lex in row}
+        best = trec_order(reordered[key])[:k]
+        out.append([(by_doc[d][0], sigmoid(logit), by_doc[d][1], by_doc[d][2]) for d, logit in best])
+    return out
 
 
 def _tie_sorted(ids: Sequence[int], scores: Sequence[float]) -> list[tuple[int, float]]:

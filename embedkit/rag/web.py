@@ -4,7 +4,10 @@
                                  when an answerer is given, a generated answer citing the passages as [1], [2];
                                  an empty q shows a message, not results
     GET /api/search?q=...&k=5    the same results as JSON; an empty or missing q is a 400 with {"error": ...}
-    GET /health                  index and model summary
+    GET /health                  index and model summary (and the reranker's, when one orders the results)
+
+With a reranker (`rag web --rerank`) every search, the page's and the API's, retrieves the first stage's top
+`rerank_top` (at least k) and returns the reranker's best k with its scores: the answer is written from those.
 
 Everything taken from the corpus, the query or the answer is HTML-escaped before it is marked up.
 The app follows the index folder: `rag add` / `rag delete` (other processes) swap in a new folder, and the next
@@ -20,6 +23,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from embedkit.errors import ConfigError, DataError, EmbedkitError
+from embedkit.eval.runner import DEFAULT_TOP_K
 from embedkit.rag.index import Hit, RagIndex
 
 Answerer = Callable[[str, list[str]], str]
@@ -133,9 +137,10 @@ mark{background:#ffe58a;padding:0 .1em;border-radius:2px}.empty,.error{color:#8a
 
 def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hits: list[Hit] | None,
                 answer: str | None, error: str | None, info: dict[str, Any], elapsed_ms: float | None,
-                notice: str | None = None, answer_sources: int | None = None) -> str:
+                notice: str | None = None, answer_sources: int | None = None, reranker: str | None = None) -> str:
     """The page. `answer_sources`: how many of the top hits the answer was given (default: all); only citations
-    of those become links, so an answer's [n] always points to the passage it was shown as [n]."""
+    of those become links, so an answer's [n] always points to the passage it was shown as [n]. `reranker`: the
+    name of the reranker that ordered the hits."""
     e = html.escape
     terms = query_terms(query)
     parts = [
@@ -144,7 +149,7 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
         f"<title>{e(query) + ' - ' if query else ''}embedkit search</title><style>{_CSS}</style></head><body>",
         "<h1>embedkit search</h1>",
         f"<div class='sub'>{e(str(info['documents']))} documents &middot; {e(info['type'])} index &middot; model "
-        f"{e(str(info.get('model')))}</div>",
+        f"{e(str(info.get('model')))}{' &middot; reranked by ' + e(reranker) if reranker else ''}</div>",
         "<form method='get' action='/' role='search'>",
         f"<input type='search' id='q' name='q' value='{e(query, quote=True)}' placeholder='Ask a question' "
         "autofocus aria-label='Search'>",
@@ -172,7 +177,8 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
         else:
             took = f" in {elapsed_ms:.0f} ms" if elapsed_ms is not None else ""
             parts.append(f"<div class='sub' id='summary'>{len(hits)} results{took}"
-                         f"{' (hybrid: dense + BM25, reciprocal rank fusion)' if hybrid else ''}</div>")
+                         f"{' (hybrid: dense + BM25, reciprocal rank fusion)' if hybrid else ''}"
+                         f"{' (ordered by the reranker; its scores, 0 to 1)' if reranker else ''}</div>")
             parts.append("<ol class='results'>")
             for hit in hits:
                 title = f"<h3 class='title'>{highlight(hit.title, terms)}</h3>" if hit.title else ""
@@ -188,10 +194,12 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
 
 
 def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None, default_k: int = 5,
-                   hybrid: bool = False, hybrid_weight: float = 0.5, answer_passages: int | None = None):
+                   hybrid: bool = False, hybrid_weight: float = 0.5, answer_passages: int | None = None,
+                   reranker=None, rerank_top: int = DEFAULT_TOP_K):
     """The FastAPI app. `answerer(question, passages) -> str` adds a generated answer citing passages [1], [2] ...
 
-    answer_passages: how many of the top hits the answerer sees (default: all shown).
+    answer_passages: how many of the top hits the answerer sees (default: all shown). reranker: orders each
+    search's first-stage top max(rerank_top, k) (RagIndex.search's reranking, as `rag query --rerank`).
     """
     from fastapi import FastAPI, Query
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -200,9 +208,12 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
     live = LiveIndex(index)
     app = FastAPI(title="embedkit RAG search", docs_url=None, redoc_url=None)
 
+    reranker_name = str(reranker.describe().get("name")) if reranker is not None else None
+
     def run(current: RagIndex, q: str, k: int, use_hybrid: bool) -> tuple[list[Hit], float]:
         t0 = time.perf_counter()
-        hits = current.search(encoder, q, k=k, hybrid=use_hybrid and current.has_bm25, hybrid_weight=hybrid_weight)
+        hits = current.search(encoder, q, k=k, hybrid=use_hybrid and current.has_bm25, hybrid_weight=hybrid_weight,
+                              reranker=reranker, rerank_top=max(rerank_top, k))
         return hits, (time.perf_counter() - t0) * 1000
 
     def passages(hits: list[Hit]) -> list[str]:
@@ -238,7 +249,7 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
         body = render_page(query=q or "", k=k, hybrid=use_hybrid and current.has_bm25,
                            hybrid_available=current.has_bm25, hits=hits, answer=answer, error=error,
                            info=current.describe(), elapsed_ms=elapsed, notice=notice,
-                           answer_sources=answer_passages)
+                           answer_sources=answer_passages, reranker=reranker_name)
         return HTMLResponse(body, status_code=status)
 
     @app.get("/api/search")
@@ -255,7 +266,8 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
         except EmbedkitError as exc:
             return JSONResponse({"error": exc.one_line()}, status_code=400)
         body: dict[str, Any] = {"query": q, "k": k, "hybrid": hybrid_param and current.has_bm25,
-                                "elapsed_ms": elapsed, "results": [h.to_dict() for h in hits]}
+                                "reranker": reranker_name, "elapsed_ms": elapsed,
+                                "results": [h.to_dict() for h in hits]}
         if answer and answerer is not None and hits:
             body["answer"], failure = answer_for(q, hits)
             if failure:
@@ -268,7 +280,8 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
             current = live.current()
         except IndexUnavailable as exc:
             return JSONResponse({"status": "unavailable", "error": exc.one_line()}, status_code=503)
-        return JSONResponse({"status": "ok", "index": current.describe(), "answers": answerer is not None})
+        return JSONResponse({"status": "ok", "index": current.describe(), "answers": answerer is not None,
+                             "reranker": reranker.describe() if reranker is not None else None})
 
     return app
 

@@ -11,7 +11,7 @@ scores its own rows and data parallelism averages the gradients as for any loss.
 - `bce`: pointwise binary cross-entropy, positive 1, negatives 0 (sentence-transformers' BinaryCrossEntropyLoss);
   calibrated scores, but k negatives outweigh the one positive (`pos_weight` = k by default keeps them even).
 - distillation from teacher scores (`loss.distillation`, the mined rows' scores, e.g. from a stronger
-  cross-encoder via `embedkit mine --cross-encoder`): `margin_mse` on positive - negative margins (Hofstaetter et
+  cross-encoder via `embedkit mine --teacher`): `margin_mse` on positive - negative margins (Hofstaetter et
   al.), `kl` between the teacher's softmax (scores / distillation_temperature) and the student's; added to the
   base loss with `contrastive_weight` and `distillation_weight`, as for the bi-encoder.
 
