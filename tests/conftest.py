@@ -101,7 +101,8 @@ def _wordpiece_tokenizer(vocab_size: int = 200):
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
 
 
-def _bytelevel_tokenizer(vocab_size: int = 300):
+def _bytelevel_tokenizer(vocab_size: int = 300, extra_texts: tuple[str, ...] = ()):
+    """A byte-level BPE trained on CORPUS (and `extra_texts`, whose words then become tokens too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -109,8 +110,9 @@ def _bytelevel_tokenizer(vocab_size: int = 300):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS + list(extra_texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=256,
                                    model_input_names=["input_ids", "attention_mask"])
@@ -130,11 +132,11 @@ def build_tiny_bert(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
 
 
 def build_tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0, max_positions: int = 256,
-                     tied: bool = False) -> Path:
+                     tied: bool = False, vocab_size: int = 300, extra_texts: tuple[str, ...] = ()) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _bytelevel_tokenizer()
+    tokenizer = _bytelevel_tokenizer(vocab_size, extra_texts)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

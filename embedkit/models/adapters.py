@@ -1,4 +1,6 @@
-"""LoRA and QLoRA adapters on an Encoder's backbone (PEFT), saved alone or merged."""
+"""LoRA and QLoRA adapters on an Encoder's backbone (PEFT), saved alone or merged. They work on any model object
+with `.backbone`, `.has_adapter`, `.invalidate_fingerprint()` and `.quantization`: the yes/no LLM reranker
+(embedkit.models.reranker.YesNoReranker) trains through them too."""
 
 from __future__ import annotations
 

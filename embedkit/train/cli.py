@@ -33,7 +33,8 @@ def train_command(
         False, "--estimate-memory",
         help="Print the GPU memory the recipe should need per GPU (with --nproc N: ZeRO-3 partitioned N ways), "
              "estimated from the model's shape, then exit: loads no model, needs no GPU, hub or data files. QLoRA "
-             "recipes only; an estimate, not a measurement (embedkit/train/memory.py says what it leaves out)."),
+             "and LoRA recipes (LoRA without ZeRO-3); an estimate, not a measurement (embedkit/train/memory.py says "
+             "what it leaves out)."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Fine-tune an embedding model with a contrastive loss, as a recipe describes.
@@ -50,13 +51,16 @@ def train_command(
     (LLM2Vec / GritLM) and is kept by the saved model; mntp.steps > 0 first runs LLM2Vec's masked next-token
     warm-up on the training documents with the same adapter (its log: mntp_log.jsonl in the output).
 
-    Rerankers: task: rerank trains a cross-encoder on (query, positive, negatives) rows from embedkit mine, with
-    loss.type listwise (default) or bce (plus loss.distillation from the rows' teacher scores); its folder loads in
-    sentence-transformers' CrossEncoder, and embedkit eval --rerank uses it as the second stage.
+    Rerankers: task: rerank trains a cross-encoder (a BERT-style start) or a yes/no LLM reranker (a causal LM
+    start, Qwen3-Reranker's formulation, LoRA / QLoRA allowed, rerank.instruction) on (query, positive, negatives)
+    rows from embedkit mine, with loss.type listwise (default) or bce (plus loss.distillation from the rows' teacher
+    scores); its folder loads in sentence-transformers' CrossEncoder, and embedkit eval --rerank uses it as the
+    second stage.
 
     Examples: embedkit train recipes/minilm-scifact.yaml --set training.lr=1e-5 -o runs/lr1e-5 ;
     embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume ;
     embedkit train recipes/minilm-rerank-scifact.yaml ;
+    embedkit train recipes/qwen3-0.6b-rerank.yaml --estimate-memory ;
     embedkit train recipes/mistral-7b-encoder-zero3.yaml --estimate-memory --nproc 4
     """
 

@@ -12,8 +12,10 @@
     mining:   {online: false, every: epoch | N (steps), range: "10:100", num_negatives: null (= loss.hard_negatives),
                sampling: random, relative_margin: 0.05, corpus: null, ...}   (online hard-negative re-mining)
     mntp:     {steps: 0, batch_size: 8, lr: 1e-4, mask_ratio: 0.2, max_length: 128}   (LLM2Vec warm-up, causal LLMs)
-    task:     embed | rerank   (rerank: a cross-encoder over (query, positive, negatives) rows; loss listwise | bce)
-    rerank:   {first_stage: null | MODEL, top_k: 100}   (rerank recipes: the bi-encoder whose ranking dev reranks)
+    task:     embed | rerank   (rerank: a reranker over (query, positive, negatives) rows; loss listwise | bce;
+              a BERT-style start trains a cross-encoder, a causal LM start a yes/no LLM reranker, LoRA / QLoRA allowed)
+    rerank:   {first_stage: null | MODEL, top_k: 100, instruction: null}   (rerank recipes: the bi-encoder whose
+              ranking dev reranks; the yes/no reranker's instruction)
 
 Every mistake is one ConfigError naming the recipe file, the line when known, and the field path
 (`training.batch_size`): unknown keys (extra="forbid"), wrong types, missing data files, unknown models.
@@ -222,6 +224,12 @@ class RerankSection(Section):
                                                       "of rows without any, and retrieves the candidates the dev "
                                                       "evaluation reranks (needed with data.dev)")
     top_k: int = Field(100, gt=0, description="candidates per query the reranker orders")
+    # The yes/no (causal LM) reranker's instruction, in its prompt beside the query and the document. null: the
+    # start folder's own (a saved yes/no reranker), else Qwen3-Reranker's default (DEFAULT_INSTRUCTION there).
+    instruction: str | None = Field(None, min_length=1,
+                                    description="the yes/no reranker's instruction (causal LM starts only); null: "
+                                                "the start's own, else 'Given a web search query, retrieve relevant "
+                                                "passages that answer the query'")
 
 
 class MNTPSection(Section):
@@ -395,7 +403,9 @@ class Recipe(BaseRecipe):
 
 
     def _check_rerank(self) -> None:
-        """What a reranker recipe (task: rerank) cannot have; loss.type defaults to listwise there."""
+        """What a reranker recipe (task: rerank) cannot have; loss.type defaults to listwise there. Adapters (LoRA,
+        QLoRA) are for the yes/no reranker, whose start is a causal LM: build_reranker refuses them for a
+        cross-encoder once the start's config is read (a hub id's kind is not known before)."""
         if "type" not in self.loss.model_fields_set:
             self.loss.type = "listwise"
         elif self.loss.type not in _loss_names("rerank"):
@@ -404,6 +414,8 @@ class Recipe(BaseRecipe):
         if self.loss.hard_negatives < 1:
             raise ValueError("task rerank needs loss.hard_negatives >= 1: a reranker learns from each query's "
                              "positive against its negatives (mine them with embedkit mine)")
+        if self.adapter.save != "merged":
+            raise ValueError("task rerank saves the adapter merged into the model (adapter.save: merged)")
         refused = {"model.pooling": self.model.pooling, "model.prompts": self.model.prompts,
                    "loss.matryoshka_dims": self.loss.matryoshka_dims, "training.grad_cache": self.training.grad_cache,
                    "mining.online": self.mining.online or None, "mntp.steps": self.mntp.steps or None,

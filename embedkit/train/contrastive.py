@@ -59,17 +59,25 @@ def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
         keep_4bit_layout(encoder.backbone)
     set_dropout(encoder, attention=m.attention_dropout, hidden=m.hidden_dropout)
     freeze_unused(encoder)
+    return apply_adapter(encoder, recipe)
+
+
+def apply_adapter(model, recipe):
+    """The recipe's adapter and gradient checkpointing on a model with a `.backbone` (an Encoder, a yes/no
+    reranker), in place: QLoRA's k-bit preparation (which enables checkpointing itself), then LoRA; afterwards only
+    the adapter trains. Without an adapter every weight trains and only checkpointing is set."""
+    m, a = recipe.model, recipe.adapter
     if a.type != "none":
         if a.type == "qlora":
-            prepare_kbit(encoder, gradient_checkpointing=m.gradient_checkpointing)
-        attach_lora(encoder, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.targets, dora=a.dora,
+            prepare_kbit(model, gradient_checkpointing=m.gradient_checkpointing)
+        attach_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.targets, dora=a.dora,
                     rslora=a.rslora)
     if m.gradient_checkpointing and a.type != "qlora":
-        backbone = encoder.backbone
+        backbone = model.backbone
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if a.type != "none":
+        if a.type != "none":  # the frozen embeddings' output must carry a gradient into the checkpointed layers
             backbone.enable_input_require_grads()
-    return encoder
+    return model
 
 
 def freeze_unused(encoder) -> int:

@@ -1,5 +1,5 @@
-"""GPU memory a QLoRA recipe should need, estimated from the model's shape: `embedkit train RECIPE --estimate-memory
-[--nproc N]`. No model is loaded, nothing is measured, no GPU or hub is needed.
+"""GPU memory a QLoRA or LoRA recipe should need, estimated from the model's shape: `embedkit train RECIPE
+--estimate-memory [--nproc N]`. No model is loaded, nothing is measured, no GPU or hub is needed.
 
 What it estimates, per GPU (and per process in CPU memory for ZeRO-3's offloaded optimizer):
 - the QLoRA base: every decoder Linear in NF4, bitsandbytes' packed 4 bits (0.5 byte/param) + one fp32 absmax per
@@ -9,21 +9,27 @@ What it estimates, per GPU (and per process in CPU memory for ZeRO-3's offloaded
   every GPU);
 - ZeRO-3 per-process partitioning over N processes (--nproc): weights and optimizer state split N ways, plus the
   other processes' shards of one layer gathered for its forward / backward and the next prefetched;
+- a LoRA (not QLoRA) base: every weight in model.dtype (fp32 with training.mixed_precision), frozen; one process
+  (or DDP, each process holding the whole model): ZeRO-3 with LoRA is not estimated;
 - the LoRA adapter: fp32 weights + fp32 gradients + AdamW's two fp32 moments = 16 bytes/param in one process; under
   ZeRO-3 bf16 weights + bf16 gradients on the GPU and fp32 master weights + moments (12 bytes) partitioned, in CPU
   memory with deepspeed.offload_optimizer;
-- activations: the texts alive at once (GradCache's sub-batch, else every query and document of the batch) padded to
+- activations: the texts alive at once (GradCache's sub-batch, else every query and document of the batch; for a
+  `task: rerank` recipe every (query, document) pair of the batch, 1 + hard_negatives per row) padded to
   max_length (the worst case: texts are padded to the batch's longest). With gradient checkpointing each decoder
   layer keeps its input and backward recomputes one layer at a time (its saved tensors, plus gradient buffers).
   Element size: 4 bytes in one process (PEFT's k-bit preparation leaves the embeddings, hence the residual stream
   and the activations, in fp32; `model.dtype: bf16` is the 4-bit compute dtype), 2 under DeepSpeed bf16;
 - the MNTP warm-up (the phase before the contrastive one): its batch of documents (per process) through the same
   layers, plus fp32 logits over the vocabulary for the masked positions (the logits, cross-entropy's saved
-  log-probabilities and their gradient).
+  log-probabilities and their gradient);
+- the yes/no reranker (`task: rerank` on a causal LM): its LM head (kept unquantised; shared with the embeddings
+  when tied) and the last position's vocabulary logits of every pair (fp32, with their gradient).
 
 What it leaves out: the CUDA context and the allocator's cached blocks (~0.5-1 GiB outside
 torch.cuda.max_memory_allocated), DeepSpeed's communication buffers, evaluation, and the merged full-precision copy
-written at the end. Only QLoRA recipes are covered, and ZeRO-2 is counted as one process's layout.
+written at the end. Only LoRA and QLoRA recipes are covered (LoRA without ZeRO-3), and ZeRO-2 is counted as one
+process's layout.
 
 These are estimates, not measurements: no GPU has been lent to this project's sessions so far. Checked on the CPU
 only (tests/test_train_memory.py, tests/test_gpu_check.py): the parameter counts equal transformers' own for these
@@ -146,21 +152,32 @@ def estimate_recipe_memory(recipe, shape: Shape | None = None, *, processes: int
     `processes` processes. Returns the components, `peak_bytes` and the assumptions' inputs. An estimate: see the
     module's docstring. Raises ConfigError (naming `source`) for a model without a known shape or a non-QLoRA
     recipe."""
-    if recipe.adapter.type != "qlora":
-        raise ConfigError("the memory estimate covers QLoRA recipes only (adapter.type: qlora)", path=source,
-                          field="adapter.type")
+    if recipe.adapter.type not in ("qlora", "lora"):
+        raise ConfigError("the memory estimate covers QLoRA and LoRA recipes only (adapter.type: qlora | lora)",
+                          path=source, field="adapter.type")
     if processes < 1:
         raise ConfigError(f"processes must be at least 1, not {processes}", field="nproc")
-    shape = shape or shape_of(recipe.model.name, source=source)
     m, a, t, d = recipe.model, recipe.adapter, recipe.training, recipe.deepspeed
     zero3 = d.stage == "zero3"
+    if a.type == "lora" and zero3:
+        raise ConfigError("the memory estimate covers LoRA in one process (or DDP); under ZeRO-3 only QLoRA",
+                          path=source, field="deepspeed.stage")
+    shape = shape or shape_of(recipe.model.name, source=source)
+    rerank = getattr(recipe, "task", "embed") == "rerank"
     n = processes if zero3 else 1  # ZeRO-3 partitions weights and optimizer state across the processes
     linear = sum(x * y for x, y in shape.linears().values()) * shape.layers
-    other = shape.parameters - linear
-    nf4_bytes = linear // 2
-    absmax_bytes = linear // 64 * 4
-    other_element = 2 if zero3 else 4
-    weights = nf4_bytes // n + absmax_bytes + other * other_element // n
+    # the yes/no reranker loads the causal LM with its LM head: a matrix of its own unless tied to the embeddings
+    other = shape.parameters - linear + (shape.vocab * shape.hidden if rerank and not shape.tied else 0)
+    if a.type == "qlora":
+        nf4_bytes = linear // 2
+        absmax_bytes = linear // 64 * 4
+        other_element = 2 if zero3 else 4
+        linear_bytes = nf4_bytes // n + absmax_bytes
+    else:  # LoRA: the frozen base as stored
+        nf4_bytes = absmax_bytes = 0
+        other_element = 4 if m.dtype == "fp32" else 2
+        linear_bytes = linear * other_element
+    weights = linear_bytes + other * other_element // n
     gathered = 0
     if zero3:  # the other processes' shards of one layer gathered for its forward / backward, and the next prefetched
         gathered = 2 * (nf4_bytes // shape.layers) * (n - 1) // n
@@ -173,14 +190,20 @@ def estimate_recipe_memory(recipe, shape: Shape | None = None, *, processes: int
     else:
         lora_gpu, lora_cpu = lora * 16, 0
     element = 2 if zero3 else 4
-    texts = t.grad_cache or t.batch_size * (2 + recipe.loss.hard_negatives)
+    if rerank:  # every (query, document) pair of the batch goes through the model at once
+        texts = t.batch_size * (1 + recipe.loss.hard_negatives)
+    else:
+        texts = t.grad_cache or t.batch_size * (2 + recipe.loss.hard_negatives)
     length = m.max_length or 512
-    bidirectional = m.attention == "bidirectional"
+    bidirectional = getattr(m, "attention", None) == "bidirectional"
     contrastive = activation_bytes(shape, texts, length, element=element, checkpointing=m.gradient_checkpointing,
                                    bidirectional=bidirectional)
+    # the yes/no reranker's last-position vocabulary logits of every pair, and their gradient (fp32)
+    rerank_logits = 2 * texts * shape.vocab * 4 if rerank else 0
+    contrastive += rerank_logits
     mntp = logits = 0
     mp = recipe.mntp
-    if mp.steps:
+    if mp.steps and not rerank:
         masked = int(mp.batch_size * mp.max_length * mp.mask_ratio)
         logits = 3 * masked * shape.vocab * 4
         logits += 0 if shape.tied else shape.vocab * shape.hidden * 4  # the LM head, read from disk beside the model
@@ -188,7 +211,11 @@ def estimate_recipe_memory(recipe, shape: Shape | None = None, *, processes: int
                                 checkpointing=m.gradient_checkpointing, bidirectional=bidirectional) + logits
     fixed = weights + gathered + lora_gpu
     peak = fixed + max(contrastive, mntp)
-    return {"model": recipe.model.name, "processes": processes, "zero3": zero3, "parameters": shape.parameters,
+    return {"model": recipe.model.name, "adapter": a.type, "base_dtype": "nf4" if a.type == "qlora" else m.dtype,
+            "task": "rerank" if rerank else "embed", "rerank_logits_bytes": rerank_logits,
+            "separate_lm_head": rerank and not shape.tied,
+            "linear_weights_bytes": linear_bytes, "processes": processes, "zero3": zero3,
+            "parameters": shape.parameters,
             "lora_parameters": lora, "weights_bytes": weights, "nf4_bytes": nf4_bytes // n,
             "absmax_bytes": absmax_bytes, "other_weights_bytes": other * other_element // n,
             "zero3_gathered_bytes": gathered, "lora_state_bytes": lora_gpu, "cpu_optimizer_bytes": lora_cpu,
@@ -206,15 +233,22 @@ def format_estimate(e: dict) -> str:
         per = f"per GPU, {n} GPU{'s' if n > 1 else ''} (ZeRO-3)"
     else:
         per = "one GPU" if n == 1 else f"per GPU, {n} GPUs (each holds the whole model)"
-    rows = [("weights: NF4 base (packed 4-bit + absmax)", g(e["nf4_bytes"] + e["absmax_bytes"])),
-            ("weights: embeddings + norms (" + ("bf16, partitioned" if e["zero3"] else "fp32") + ")",
-             g(e["other_weights_bytes"]))]
+    if e.get("adapter", "qlora") == "qlora":
+        rows = [("weights: NF4 base (packed 4-bit + absmax)", g(e["nf4_bytes"] + e["absmax_bytes"])),
+                ("weights: embeddings + norms (" + ("bf16, partitioned" if e["zero3"] else "fp32") + ")",
+                 g(e["other_weights_bytes"]))]
+    else:
+        rows = [(f"weights: {e['base_dtype']} base, layers' Linears (frozen under LoRA)", g(e["linear_weights_bytes"])),
+                (f"weights: {e['base_dtype']} embeddings + norms" + (" + LM head" if e["separate_lm_head"] else ""),
+                 g(e["other_weights_bytes"]))]
     if e["zero3"]:
         rows.append(("ZeRO-3: layers gathered for compute", g(e["zero3_gathered_bytes"])))
     rows += [(f"LoRA {e['lora_parameters'] / 1e6:.1f}M params: weights + grads" +
               ("" if e["cpu_optimizer_bytes"] else " + AdamW states"), g(e["lora_state_bytes"])),
-             (f"activations: {e['texts_at_once']} texts x {e['max_length']} tokens, "
-              f"{'checkpointed' if e['gradient_checkpointing'] else 'no checkpointing'}", g(e["activations_bytes"]))]
+             (f"activations: {e['texts_at_once']} {'pairs' if e.get('task') == 'rerank' else 'texts'} x "
+              f"{e['max_length']} tokens, {'checkpointed' if e['gradient_checkpointing'] else 'no checkpointing'}"
+              + (" (+ their last-position vocabulary logits)" if e.get("rerank_logits_bytes") else ""),
+              g(e["activations_bytes"]))]
     if e["mntp_bytes"]:
         rows.append((f"MNTP warm-up (before training): activations, {e['mntp_texts']} texts x {e['mntp_max_length']} "
                      "tokens", g(e["mntp_bytes"] - e["mntp_logits_bytes"])))

@@ -1,6 +1,6 @@
 """Reranker training: the `Step` that `embedkit train` plugs into the training engine for a `task: rerank` recipe.
 
-A cross-encoder (embedkit.models.reranker) learns to score each training row's positive above its hard negatives:
+A reranker (embedkit.models.reranker) learns to score each training row's positive above its hard negatives:
 the row's (query, positive) and (query, negative) pairs are tokenized once (the one pair path,
 embedkit.models.tokenization), each micro-batch's pairs go through one forward, and the loss factory's reranker loss
 (embedkit/train/losses/rerank.py: listwise, bce, plus distillation from the rows' teacher scores) sees the logits
@@ -13,8 +13,15 @@ has any (a `beir:` training set, a pairs file), mined at the start with `rerank.
 `mining` settings. A negative whose text equals the positive's is left out of the loss. Dev evaluation reranks the first stage's (`rerank.first_stage`) top `rerank.top_k` on
 `data.dev`, so the dev score is the two-stage nDCG@10 the reranker is for; the first stage's run is computed once.
 
-The output folder is the reranker's own (Reranker.save): sentence-transformers' CrossEncoder loads it with the same
-scores; manifest, model card, probe scores and the training log are in it.
+Two kinds, one step: a BERT-style start trains a cross-encoder (every weight, a new one-logit head); a causal LM start
+trains a yes/no LLM reranker (Qwen3-Reranker's formulation: logit("yes") - logit("no") after its instruction prompt,
+`rerank.instruction`), usually through the recipe's LoRA / QLoRA adapter with gradient checkpointing, set up as for
+a causal LLM encoder (contrastive.apply_adapter). The step sees only `pair_ids`, `collate` and the [B] logits, so
+both kinds train, evaluate and save the same way.
+
+The output folder is the reranker's own (Reranker.save; a LoRA adapter merged, a QLoRA one merged into the base
+reloaded in full precision): sentence-transformers' CrossEncoder loads it with the same scores (version 6 for the
+yes/no reranker); manifest, model card, probe scores and the training log are in it.
 """
 
 from __future__ import annotations
@@ -27,16 +34,18 @@ from typing import Any, Callable
 import torch
 
 from embedkit.device import torch_threads
-from embedkit.errors import DataError
+from embedkit.errors import ConfigError, DataError
 from embedkit.eval import runner as eval_runner
 from embedkit.eval.metrics import retrieval_metrics
 from embedkit.eval.tasks import load_task, parse_task_spec
 from embedkit.mine.online import RemineState, remine
 from embedkit.manifest import command_line
 from embedkit.models.encoder import load_model
-from embedkit.models.reranker import Reranker
+from embedkit.models.adapters import keep_4bit_layout
+from embedkit.models.reranker import Reranker, YesNoReranker, reranker_kind
+from embedkit.train.backends import backend_class
 from embedkit.train.config import Recipe
-from embedkit.train.contrastive import TrainResult, set_dropout
+from embedkit.train.contrastive import TrainResult, apply_adapter, set_dropout
 from embedkit.train.engine import (LOG_FILE, Engine, Phase, StepBase, copy_run_logs, peak_rss_gb, recipe_hash,
                                    seed_everything)
 from embedkit.train.losses import build_loss, text_keys
@@ -47,15 +56,38 @@ log = logging.getLogger(__name__)
 
 
 def build_reranker(recipe: Recipe, device: torch.device | str = "cpu") -> Reranker:
-    """The recipe's cross-encoder, ready to train: a reranker folder, or an embedding / plain encoder folder with a
-    new one-logit head (from the seeded RNG), dropout as the recipe sets it."""
-    m = recipe.model
+    """The recipe's reranker, ready to train, dropout as the recipe sets it: a cross-encoder (a reranker folder, or
+    an embedding / plain encoder folder with a new one-logit head from the seeded RNG), or a yes/no LLM reranker (a
+    causal LM start, with the recipe's LoRA / QLoRA adapter: PEFT's initialisation draws from the seeded RNG too)."""
+    m, a = recipe.model, recipe.adapter
+    kind = reranker_kind(m.name)
+    if kind == "cross-encoder":
+        if a.type != "none":
+            raise ConfigError(f"{m.name} starts a cross-encoder, which trains all its weights: adapter.type "
+                              f"{a.type} is for the yes/no reranker (a causal LM start)", field="adapter.type")
+        if recipe.rerank.instruction is not None:
+            raise ConfigError(f"{m.name} starts a cross-encoder, which has no prompt: rerank.instruction is for the "
+                              "yes/no reranker (a causal LM start)", field="rerank.instruction")
     reranker = Reranker.from_pretrained(m.name, max_length=m.max_length, dtype=m.dtype, device=str(device),
-                                        start=True)
+                                        start=True, instruction=recipe.rerank.instruction,
+                                        quantization="nf4" if a.type == "qlora" else None,
+                                        sharded_storage=a.type == "qlora"
+                                        and backend_class(recipe).flattens_parameters(recipe))
+    if a.type == "qlora":
+        keep_4bit_layout(reranker.backbone)
     set_dropout(reranker, attention=m.attention_dropout, hidden=m.hidden_dropout)
-    if m.gradient_checkpointing:
-        reranker.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return reranker
+    return apply_adapter(reranker, recipe)
+
+
+def merged_from_4bit(reranker: YesNoReranker, recipe: Recipe, work: Path) -> YesNoReranker:
+    """QLoRA: merging into a 4-bit base is lossy, so the adapter is saved, the base reloaded in full precision with
+    it (merged when saved). The prompt and the base-model record are the trained reranker's."""
+    adapter_dir = work / "adapter"
+    reranker.backbone.save_pretrained(adapter_dir)
+    full = Reranker.from_pretrained(recipe.model.name, max_length=reranker.max_length, dtype="fp32", start=True,
+                                    instruction=reranker.template.instruction, adapter=adapter_dir)
+    full.base_model = reranker.base_model
+    return full
 
 
 @dataclass
@@ -156,6 +188,18 @@ class DevReranking:
         log.info("dev: %s's top %d of %d queries, first stage %s %.4f", recipe.rerank.first_stage, self.top,
                  len(query_ids), self.task.spec.main_metric, self.first_stage["metrics"][self.task.spec.main_metric])
 
+    def evaluate(self, reranker: Reranker) -> dict[str, Any]:
+        reranker.invalidate_fingerprint()
+        with torch.random.fork_rng():
+            run = eval_runner.rerank_run(reranker, self.task.data.queries, self.documents, self.run, top=self.top,
+                                         batch_size=self.batch_size)
+        reranker.train()
+        scores = retrieval_metrics(self.qrels, run)
+        main = self.task.spec.main_metric
+        per_query = {q: v[main] for q, v in scores.per_query.items() if main in v}
+        return {"task": self.task.spec.name, "metric": main, "main_metric": main, "score": scores.metrics[main],
+                "metrics": scores.metrics, "per_query": per_query, "first_stage": self.first_stage}
+
 
 def mine_negatives(recipe: Recipe, examples: list, first) -> tuple[list, dict[str, Any]]:
     """Rows without negatives get them from the first stage's ranking: embedkit's miner with the recipe's mining
@@ -175,18 +219,6 @@ def mine_negatives(recipe: Recipe, examples: list, first) -> tuple[list, dict[st
     log.info("mined negatives with %s: pool %d, %d rows short of %d", recipe.rerank.first_stage, record["pool"],
              record["rows_short"], recipe.loss.hard_negatives)
     return mined, record
-
-    def evaluate(self, reranker: Reranker) -> dict[str, Any]:
-        reranker.invalidate_fingerprint()
-        with torch.random.fork_rng():
-            run = eval_runner.rerank_run(reranker, self.task.data.queries, self.documents, self.run, top=self.top,
-                                         batch_size=self.batch_size)
-        reranker.train()
-        scores = retrieval_metrics(self.qrels, run)
-        main = self.task.spec.main_metric
-        per_query = {q: v[main] for q, v in scores.per_query.items() if main in v}
-        return {"task": self.task.spec.name, "metric": main, "main_metric": main, "score": scores.metrics[main],
-                "metrics": scores.metrics, "per_query": per_query, "first_stage": self.first_stage}
 
 
 def train_reranker(recipe: Recipe, *, resume: bool = False, output_dir: str | Path | None = None,
@@ -233,21 +265,29 @@ def _train(recipe: Recipe, *, resume: bool, on_step, on_eval) -> TrainResult:
              "loss": loss_fn.describe()}
     model = engine.full_model()
     if engine.is_main:
+        if recipe.adapter.type == "qlora":
+            model = merged_from_4bit(model, recipe, engine.work)
         manifest = {"training": {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe_hash(recipe),
                                  "data": source, "seed": t.seed, "stats": stats},
                     "dev_eval": fit.dev}
-        model.save(output, manifest=manifest, card=model_card(recipe, source, stats, fit.dev),
+        model.save(output, manifest=manifest, card=model_card(recipe, source, stats, fit.dev, model),
                    write_extra=lambda tmp: copy_run_logs(engine.work, tmp))
         log.info("saved %s (%s samples/s, peak RSS %.2f GB)", output, stats["samples_per_second"], peak_rss_gb())
     engine.finish()
     return TrainResult(**vars(fit), output_dir=output, log_path=output / LOG_FILE)
 
 
-def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None) -> str:
-    m, t, lc = recipe.model, recipe.training, recipe.loss
+def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None, model: Reranker) -> str:
+    m, t, lc, a = recipe.model, recipe.training, recipe.loss, recipe.adapter
+    what = "a cross-encoder"
+    if isinstance(model, YesNoReranker):
+        what = ("a yes/no LLM reranker: the causal LM's logit of \"yes\" minus that of \"no\" after an instruction "
+                f"prompt (Qwen3-Reranker's formulation; instruction: \"{model.template.instruction}\")")
     lines = [f"# {Path(t.output_dir).name}", "",
-             f"A reranker (cross-encoder) fine-tuned with embedkit from `{m.name}` on `{recipe.data.train}`.", "",
+             f"A reranker ({what}) fine-tuned with embedkit from `{m.name}` on `{recipe.data.train}`.", "",
              "## Training", "",
+             *([f"- adapter: {a.type} (r={a.r}, alpha={a.alpha}), merged into the saved weights"]
+               if a.type != "none" else []),
              f"- data: {source.get('used')} rows from `{source.get('spec')}`"
              + (f" (sha256 `{source['sha256'][:16]}`)" if source.get("sha256") else ""),
              f"- loss: {stats['loss']}; {lc.hard_negatives} negatives per row",
@@ -263,7 +303,8 @@ def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None) -> s
         lines += [f"| {key} | {first.get('metrics', {}).get(key, float('nan')):.4f} | {value:.4f} |"
                   for key, value in dev["metrics"].items() if isinstance(value, (int, float))]
         lines.append("")
-    lines += ["## Use", "", "```python", "from sentence_transformers import CrossEncoder",
+    needs = "  # sentence-transformers >= 6 (its LogitScore module)" if isinstance(model, YesNoReranker) else ""
+    lines += ["## Use", "", "```python", "from sentence_transformers import CrossEncoder" + needs,
               f"model = CrossEncoder('{t.output_dir}')", "scores = model.predict([(query, document), ...])", "```",
               "", "Or in embedkit: `embedkit eval -m FIRST_STAGE --rerank THIS_FOLDER`; `rerank_probes.json` holds "
               "the scores of fixed pairs that a later copy must reproduce.", ""]
