@@ -192,6 +192,19 @@ def st_bert(tmp_path_factory, tiny_bert_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT with a new one-logit head (seeded), saved by embedkit as a cross-encoder folder."""
+    import torch
+
+    from embedkit.models.reranker import Reranker
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_reranker") / "reranker"
+    Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from embedkit.models.registry import minilm_path
 

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LONG = "the quick brown fox jumps over the lazy dog " * 40  # far beyond max_length: the pair is cut
 
 
-@pytest.fixture(scope="module")
-def tiny_reranker(tmp_path_factory, tiny_bert_dir) -> Path:
-    """The tiny BERT with a new one-logit head, saved by embedkit."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_reranker") / "reranker"
-    Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).save(folder)
-    return folder
-
-
 def _pairs_file(path: Path, *, k: int = 3, scores: bool = False) -> Path:
     rows = []
     for i, (q, p) in enumerate(PAIRS):
