@@ -1,4 +1,5 @@
-"""The retrieval check set an int8 export is verified on (nDCG@10 and cosines of the int8 graph vs fp32).
+"""The retrieval check set an int8 export is verified on (nDCG@10 and cosines of the int8 graph vs fp32; for a
+reranker, `check_pairs`: each query with its judged documents and distractors, ranked by torch and by the graphs).
 
 Which set (`--check-set SPEC`; `load_check_set`):
 
@@ -251,6 +252,55 @@ def _sample(name: str, queries: dict[str, str], corpus: dict[str, str], qrels: d
     doc_ids = judged + others[: max(0, max_docs - len(judged))]
     return CheckSet(name, {q: queries[q] for q in qids}, {d: corpus[d] for d in doc_ids},
                     {q: {d: g for d, g in qrels[q].items() if g > 0 and d in corpus} for q in qids})
+
+
+@dataclass
+class CheckPairs:
+    """(query, document) pairs for checking a reranker: `groups[i]` holds the rows of the i-th query's candidates,
+    its `judged[i]` judged documents first, then distractors, so a ranking can be compared per query."""
+
+    queries: list[str]
+    documents: list[str]
+    groups: list[list[int]]
+    judged: list[int]
+
+
+RERANK_CANDIDATES = 8
+
+
+def check_pairs(check: CheckSet, *, candidates: int = RERANK_CANDIDATES, seed: int = 0) -> CheckPairs:
+    """Each query of `check` with its judged documents and seeded random other documents, `candidates` in all (a
+    second stage's input: one relevant document among distractors). The distractors are random, not a first
+    stage's hard negatives: the int8 checks compare rankings with torch's, they do not measure the reranker."""
+    rng = random.Random(seed)
+    doc_ids = list(check.corpus)
+    queries: list[str] = []
+    documents: list[str] = []
+    groups: list[list[int]] = []
+    judged_counts: list[int] = []
+    for qid, text in check.queries.items():
+        judged = [d for d in check.qrels.get(qid, {}) if d in check.corpus][:candidates]
+        others = [d for d in rng.sample(doc_ids, min(len(doc_ids), candidates + len(judged))) if d not in judged]
+        chosen = judged + others[: candidates - len(judged)]
+        groups.append(list(range(len(documents), len(documents) + len(chosen))))
+        judged_counts.append(len(judged))
+        queries += [text] * len(chosen)
+        documents += [check.corpus[d] for d in chosen]
+    return CheckPairs(queries, documents, groups, judged_counts)
+
+
+def mrr_of_pairs(pairs: CheckPairs, scores) -> float:
+    """Mean reciprocal rank of each query's best-placed judged document among its candidates, ranked by `scores`
+    (a tie counts in the judged document's favour)."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    ranks = []
+    for group, judged in zip(pairs.groups, pairs.judged):
+        values = scores[group]
+        best = values[:judged].max() if judged else np.inf
+        ranks.append(1.0 / (1 + int((values[judged:] > best).sum())) if judged else 0.0)
+    return float(np.mean(ranks)) if ranks else float("nan")
 
 
 def ndcg_at_10(check: CheckSet, encode) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 
 from embedkit.atomic import atomic_dir, write_json, write_text
 from embedkit.errors import ModelError
-from embedkit.export.onnx import ExportError
+from embedkit.export.onnx import ExportError, refuse_changed_source
 from embedkit.manifest import MANIFEST_NAME
 from embedkit.models.adapters import merge_adapter
 from embedkit.models.probes import DEFAULT_PROBES, check_probes, has_probes, write_probes
@@ -117,9 +117,7 @@ def export_hf(model: str | Path, output: str | Path, *, adapter: str | Path | No
         result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
         source_probes = result.to_dict()
         log.info(f"source model: {result.summary()}")
-        if not result.ok and not allow_probe_mismatch:
-            raise ExportError(f"the model does not reproduce its own probe vectors ({result.summary()}); "
-                              "pass --allow-probe-mismatch to export anyway", path=result.path)
+        refuse_changed_source(result.ok, f"probe vectors ({result.summary()})", result.path, allow_probe_mismatch)
     texts = [t for t, _ in DEFAULT_PROBES]
     with torch.inference_mode():
         before = encoder.encode(texts, kind="document")

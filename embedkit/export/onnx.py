@@ -5,11 +5,15 @@ Folder layout written by `export_onnx(model, out)`:
     model.onnx              fp32 graph: inputs input_ids, attention_mask (int64 [batch, seq]) -> sentence_embedding
     model_int8.onnx         with --quantize int8: per-token int8 (below), the folder's default graph
     tokenizer files         the model's tokenizer (pads on `padding_side`; EOS appended for last-token models)
-    embedkit_onnx.json      how to feed the graph: prompts, max_length, padding side, pooling, dim, default graph
+    embedkit_onnx.json      how to feed the graph: kind ("embedding"), prompts, max_length, padding side, pooling,
+                            dim, default graph
     probe_vectors.json      vectors the default graph gave the probe texts (checked again by `embedkit serve`)
     embedkit_manifest.json  provenance + the parity results (torch vs fp32, fp32 vs int8 on a check set, batch vs alone)
 
 `OnnxEncoder(folder)` loads it with onnxruntime and offers `encode(texts, kind, batch_size)` like `Encoder`.
+A reranker's export (embedkit.export.onnx_rerank) shares the exporter settings (`export_graph`), the int8 graph
+(`write_graphs`), the runtime's loading (`OnnxGraph`) and the manifest's export record; "kind" in embedkit_onnx.json
+keeps each runtime to its own kind of folder.
 
 int8 = per-token dynamic activation scales + 7-bit per-channel weights (`quantize_int8`). Why this method
 (issues #15/#16; table and commands in bench/README.md, `bench/bench_export.py`, MiniLM):
@@ -54,6 +58,11 @@ FP32_GRAPH = "model.onnx"
 INT8_GRAPH = "model_int8.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "sentence_embedding"  # not "embedding": that name collides with nodes inside BERT graphs
+# What an export folder holds ("kind" in embedkit_onnx.json), and the runtime that loads it.
+KIND_EMBEDDING = "embedding"
+KIND_RERANKER = "reranker"
+ONNX_KINDS = {KIND_EMBEDDING: "an embedding model (load it with OnnxEncoder)",
+              KIND_RERANKER: "a reranker (cross-encoder; load it with OnnxReranker)"}
 
 # Parity bounds (see issue #6): an export that misses one of them is not written.
 FP32_MAX_ABS_DIFF = 1e-5
@@ -97,48 +106,78 @@ def onnx_providers(device: Any = "cpu") -> list:
     return ["CPUExecutionProvider"]
 
 
-class OnnxEncoder:
-    """Encode with an exported ONNX graph: tokenizer + onnxruntime session, length-sorted batches.
+def onnx_session(graph_path: Path, *, threads: int | None = None, device: Any = "cpu"):
+    """An onnxruntime session for one graph file; a graph onnxruntime cannot load is a one-line ModelError."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(graph_path), options, providers=onnx_providers(device))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ModelError(f"onnxruntime cannot load the graph: {exc}".splitlines()[0], path=graph_path) from exc
+
+
+def read_onnx_config(folder: Path, kind: str) -> dict[str, Any]:
+    """The folder's embedkit_onnx.json, refused in one line when the folder is not an ONNX export or holds the other
+    kind of model (an export written before rerankers has no "kind": it is an embedding model)."""
+    path = Path(folder) / ONNX_CONFIG_NAME
+    if not path.is_file():
+        raise ModelError("not an ONNX export folder (no embedkit_onnx.json); create one with "
+                         "`embedkit export --format onnx`", path=folder)
+    config = json.loads(path.read_text())
+    found = config.get("kind", KIND_EMBEDDING)
+    if found != kind:
+        raise ModelError(f"this ONNX export is {ONNX_KINDS.get(found, repr(found))}, not {ONNX_KINDS[kind]}",
+                         path=folder)
+    return config
+
+
+class OnnxGraph:
+    """What every exported ONNX folder's runtime shares: the folder's config, the graph variant it runs, the saved
+    tokenizer and one onnxruntime session. Subclasses say which `kind` of export they run.
 
     `variant` picks the graph: None (the folder's default), "fp32" or "int8".
     """
 
+    kind: str  # KIND_EMBEDDING or KIND_RERANKER: the folders this runtime loads
+
     def __init__(self, folder: str | Path, *, variant: str | None = None, threads: int | None = None,
                  device: Any = "cpu") -> None:
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
-        config_path = self.folder / ONNX_CONFIG_NAME
-        if not config_path.is_file():
-            raise ModelError("not an ONNX export folder (no embedkit_onnx.json); create one with "
-                             "`embedkit export --format onnx`", path=self.folder)
-        self.config = json.loads(config_path.read_text())
+        self.config = read_onnx_config(self.folder, self.kind)
         graphs = self.config["graphs"]
         self.variant = variant or self.config["default_variant"]
         if self.variant not in graphs:
             raise ModelError(f"this export has no {self.variant!r} graph; it has {', '.join(sorted(graphs))}",
                              path=self.folder)
         self.graph_path = self.folder / graphs[self.variant]
-        self.pooling = self.config["pooling"]
-        self.prompts = dict(self.config.get("prompts") or {})
         self.max_length = int(self.config["max_length"])
-        self.normalize = bool(self.config["normalize"])
-        self.padding_side = self.config.get("padding_side", "right")
-        self.dim = int(self.config["dim"])
         self.name = self.config.get("name") or self.folder.name
         self.fingerprint = f"{self.config.get('fingerprint', '')}:{self.variant}"
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.session = onnx_session(self.graph_path, threads=threads, device=device)
+
+
+class OnnxEncoder(OnnxGraph):
+    """Encode with an exported ONNX graph: tokenizer + onnxruntime session, length-sorted batches."""
+
+    kind = KIND_EMBEDDING
+
+    def __init__(self, folder: str | Path, *, variant: str | None = None, threads: int | None = None,
+                 device: Any = "cpu") -> None:
+        super().__init__(folder, variant=variant, threads=threads, device=device)
+        self.pooling = self.config["pooling"]
+        self.prompts = dict(self.config.get("prompts") or {})
+        self.normalize = bool(self.config["normalize"])
+        self.padding_side = self.config.get("padding_side", "right")
+        self.dim = int(self.config["dim"])
         # The saved tokenizer already appends EOS for last-token pooling (Encoder did it); this only re-checks.
         self.pad_id = prepare_tokenizer(self.tokenizer, self.pooling, path=self.folder)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.graph_path), options, providers=onnx_providers(device))
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelError(f"onnxruntime cannot load the graph: {exc}".splitlines()[0], path=self.graph_path) from exc
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.folder), "backend": "onnx", "variant": self.variant,
@@ -177,54 +216,93 @@ class OnnxEncoder:
 
 
 # ---------------------------------------------------------------------------------------------------------- export
-def _graph_module(encoder):
+def features_module(model):
+    """`model.forward(features)` (Encoder: pooled, normalised vectors; Reranker: relevance logits) as a module taking
+    the features as separate tensors, which is what torch.onnx exports."""
     import torch
 
-    class EmbeddingGraph(torch.nn.Module):
-        """input_ids, attention_mask -> pooled (and normalised) embedding: exactly Encoder.forward."""
-
-        def __init__(self, enc) -> None:
+    class FeaturesGraph(torch.nn.Module):
+        def __init__(self, inner) -> None:
             super().__init__()
-            self.enc = enc
+            self.inner = inner
 
-        def forward(self, input_ids, attention_mask):
-            return self.enc.forward({"input_ids": input_ids, "attention_mask": attention_mask})
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            features = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                features["token_type_ids"] = token_type_ids
+            return self.inner.forward(features)
 
-    return EmbeddingGraph(encoder).eval()
-
-
-def _dummy_batch(encoder):
-    """Two rows of different lengths: the traced graph must take the padded-attention path."""
-    feats = encoder.tokenize(["a short one", "a somewhat longer example sentence with more tokens in it"], "document")
-    if bool(feats["attention_mask"].all()):
-        raise ExportError("could not build a padded example batch for tracing")
-    return feats["input_ids"], feats["attention_mask"]
+    return FeaturesGraph(model).eval()
 
 
 def torch_to_onnx(encoder, path: Path, *, exporter: str = "torchscript", opset: int = 17) -> None:
     """Write `encoder` (transformer + pooling + normalisation) as one ONNX graph with dynamic batch/sequence axes."""
+    feats = encoder.tokenize(["a short one", "a somewhat longer example sentence with more tokens in it"], "document")
+    export_graph(features_module(encoder), (feats["input_ids"], feats["attention_mask"]), path,
+                 input_names=INPUT_NAMES, output_name=OUTPUT_NAME, exporter=exporter, opset=opset)
+
+
+def export_graph(module, args: tuple, path: Path, *, input_names: Sequence[str], output_name: str,
+                 exporter: str = "torchscript", opset: int = 17) -> None:
+    """Write `module(*args)` as an ONNX graph: every input int64 [batch, sequence] with both axes dynamic, the output's
+    first axis the batch. The one place the torch.onnx exporter settings live (embeddings and rerankers alike).
+    `args[1]` is the attention mask: its rows must differ in length, so the traced graph takes the padded path."""
     import torch
 
-    module = _graph_module(encoder)
-    args = _dummy_batch(encoder)
+    names = list(input_names)
+    if bool(args[1].all()):  # a batch without padding would trace a graph that never masks
+        raise ExportError("could not build a padded example batch for tracing")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
+            axes = {name: {0: "batch", 1: "sequence"} for name in names}
             torch.onnx.export(
-                module, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                              OUTPUT_NAME: {0: "batch"}},
+                module, args, str(path), input_names=names, output_names=[output_name],
+                dynamic_axes={**axes, output_name: {0: "batch"}},
                 opset_version=opset, dynamo=False, do_constant_folding=True,
             )
         elif exporter == "dynamo":
             torch.onnx.export(
-                module, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"},
-                                "attention_mask": {0: "batch", 1: "sequence"}},
+                module, args, str(path), input_names=names, output_names=[output_name],
+                dynamic_shapes={name: {0: "batch", 1: "sequence"} for name in names},
                 opset_version=max(opset, 18), dynamo=True, verbose=False,
             )
         else:
             raise ModelError(f"unknown exporter {exporter!r}; choose 'torchscript' or 'dynamo'")
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize not in (None, "int8"):
+        raise ModelError(f"unknown quantization {quantize!r}; only 'int8' is supported for ONNX")
+
+
+def write_graphs(folder: Path, quantize: str | None) -> dict[str, str]:
+    """Add the int8 graph beside the fp32 one when asked; returns {variant: file name} of the folder's graphs."""
+    graphs = {"fp32": FP32_GRAPH}
+    if quantize == "int8":
+        log.info("quantising to int8 (per-token activation scales, 7-bit per-channel weights) ...")
+        quantize_int8(folder / FP32_GRAPH, folder / INT8_GRAPH)
+        graphs["int8"] = INT8_GRAPH
+    return graphs
+
+
+def export_record(folder: Path, graphs: dict[str, str], *, exporter: str, opset: int, quantize: str | None,
+                  default_variant: str, started: float) -> dict[str, Any]:
+    """The manifest's "export" section: how the graphs were made, and each graph's sha256 (`embedkit serve` compares
+    the served file with it)."""
+    return {"format": "onnx", "exporter": exporter, "opset": opset, "quantize": quantize,
+            "default_variant": default_variant,
+            "graphs": {v: {"file": f, "sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size}
+                       for v, f in graphs.items()},
+            "seconds": round(time.time() - started, 1)}
+
+
+def refuse_changed_source(ok: bool, what: str, path: Any, allow_probe_mismatch: bool) -> None:
+    """The model to export must reproduce the probes it was saved with (`what`: which, and how far off), unless
+    told otherwise: an export of weights that changed after training would pass its parity checks all the same."""
+    if not ok and not allow_probe_mismatch:
+        raise ExportError(f"the model does not reproduce its own {what}; it changed after training (pass "
+                          "--allow-probe-mismatch to export anyway)", path=path)
 
 
 def quantize_int8(src: Path, dst: Path, *, weight_qmax: int = INT8_WEIGHT_QMAX,
@@ -372,8 +450,7 @@ def export_onnx(
 
     from embedkit.models import load_model
 
-    if quantize not in (None, "int8"):
-        raise ModelError(f"unknown quantization {quantize!r}; only 'int8' is supported for ONNX")
+    check_quantize(quantize)
     started = time.time()
     encoder = load_model(model, adapter=adapter)
     if encoder.has_adapter:
@@ -384,10 +461,7 @@ def export_onnx(
         result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
         source_probes = result.to_dict()
         log.info(f"source model: {result.summary()}")
-        if not result.ok and not allow_probe_mismatch:
-            raise ExportError(f"the model does not reproduce its own probe vectors ({result.summary()}); "
-                              "it changed after training (pass --allow-probe-mismatch to export anyway)",
-                              path=result.path)
+        refuse_changed_source(result.ok, f"probe vectors ({result.summary()})", result.path, allow_probe_mismatch)
     max_batch_diff = BATCH_INVARIANCE_ATOL if max_batch_diff is None else max_batch_diff
     check = load_check_set(check_set, model_folders=[Path(f) for f in (adapter, encoder.source_path) if f])
     log.info(f"check set: {check.name} ({check.source}): {len(check.queries)} queries, {len(check.corpus)} documents")
@@ -401,14 +475,11 @@ def export_onnx(
         torch_to_onnx(encoder, tmp / FP32_GRAPH, exporter=exporter, opset=opset)
         encoder.tokenizer.padding_side = encoder.padding_side
         encoder.tokenizer.save_pretrained(tmp)
-        graphs = {"fp32": FP32_GRAPH}
-        if quantize == "int8":
-            log.info("quantising to int8 (per-token activation scales, 7-bit per-channel weights) ...")
-            quantize_int8(tmp / FP32_GRAPH, tmp / INT8_GRAPH)
-            graphs["int8"] = INT8_GRAPH
+        graphs = write_graphs(tmp, quantize)
         default_variant = "int8" if quantize == "int8" else "fp32"
         config = {
-            "format": "embedkit-onnx/1", "name": encoder.name, "fingerprint": encoder.fingerprint,
+            "format": "embedkit-onnx/1", "kind": KIND_EMBEDDING, "name": encoder.name,
+            "fingerprint": encoder.fingerprint,
             "graphs": graphs, "default_variant": default_variant, "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
             "pooling": encoder.pooling, "prompts": encoder.prompts, "max_length": encoder.max_length,
             "normalize": encoder.normalize, "padding_side": encoder.padding_side, "dim": encoder.dim,
@@ -477,11 +548,8 @@ def export_onnx(
             "export",
             base_model=encoder.base_model,
             model=encoder.describe(),
-            export={"format": "onnx", "exporter": exporter, "opset": opset, "quantize": quantize,
-                    "default_variant": default_variant,
-                    "graphs": {v: {"file": f, "sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
-                               for v, f in graphs.items()},
-                    "seconds": round(time.time() - started, 1)},
+            export=export_record(tmp, graphs, exporter=exporter, opset=opset, quantize=quantize,
+                                 default_variant=default_variant, started=started),
             parity=parity,
             source_probes=source_probes,
         )

@@ -473,13 +473,14 @@ def probe_pairs() -> tuple[list[str], list[str]]:
     return [q for q, _ in pairs], [d for _, d in pairs]
 
 
-def write_rerank_probes(reranker: Reranker, folder: str | Path) -> Path:
-    """Score the probe pairs and write `rerank_probes.json` (logits) into `folder`."""
+def write_rerank_probes(reranker, folder: str | Path, *, atol: float = PROBE_ATOL) -> Path:
+    """Score the probe pairs with `reranker` (a Reranker, or anything with its `score(..., logits=True)` and
+    `fingerprint`: the ONNX runtime) and write `rerank_probes.json` (logits, and the `atol` a re-check allows)."""
     queries, documents = probe_pairs()
     logits = reranker.score(queries, documents, logits=True)
     return write_json(Path(folder) / RERANK_PROBES_NAME, {
         "format": RERANK_PROBES_FORMAT, "queries": queries, "documents": documents,
-        "logits": [float(x) for x in logits], "atol": PROBE_ATOL, "model_fingerprint": reranker.fingerprint},
+        "logits": [float(x) for x in logits], "atol": float(atol), "model_fingerprint": reranker.fingerprint},
         indent=None)
 
 
