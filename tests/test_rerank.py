@@ -297,3 +297,29 @@ def test_eval_cli_refuses_an_embedding_model_as_reranker(tmp_path, st_bert):
                                       "-o", str(tmp_path / "r.json")])
     assert result.exit_code == 2
     assert "not a reranker" in result.output and not (tmp_path / "r.json").exists()
+
+
+def test_length_sorted_chunks_give_the_logits_of_one_forward_in_pair_order(tmp_path, tiny_bert_dir, monkeypatch):
+    """Bug caught: the chunked forward returns the logits in length order, not the pairs' order, so positives and
+    negatives swap columns in the loss."""
+    from embedkit.data.tuples import read_examples
+    from embedkit.train import gradcache, rerank
+    from embedkit.train.gradcache import DirectRunner
+
+    monkeypatch.setattr(gradcache, "CHUNK_MIN_SAVED_TOKENS", 0)  # tiny pairs save few tokens: chunk anyway
+    used = []
+    monkeypatch.setattr(rerank, "chunking_saves", lambda ids, size: used.append(gradcache.chunking_saves(ids, size))
+                        or used[-1])
+    recipe = _recipe(tiny_bert_dir, "x.jsonl", tmp_path / "o", training={"length_chunk": 1})
+    torch.manual_seed(0)
+    reranker = Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).eval()
+    examples = list(read_examples(_pairs_file(tmp_path / "rows.jsonl")))
+    pairs = rerank.prepare_pairs(reranker, examples, 3, False)
+    step = rerank.RerankStep(recipe, reranker, None, pairs)
+    ids = [i for row in pairs.ids for i in row]
+    types = [t for row in pairs.type_ids for t in row]
+    with torch.no_grad():
+        chunked = step._logits(DirectRunner(reranker), ids, types)
+        whole = reranker(reranker.collate(ids, types))
+    assert used and used[-1]
+    assert torch.allclose(chunked, whole, atol=1e-5)

@@ -48,6 +48,8 @@ from embedkit.train.config import Recipe
 from embedkit.train.contrastive import TrainResult, apply_adapter, set_dropout
 from embedkit.train.engine import (LOG_FILE, Engine, Phase, StepBase, copy_run_logs, peak_rss_gb, recipe_hash,
                                    seed_everything)
+from embedkit.models.tokenization import length_sorted_batches
+from embedkit.train.gradcache import chunking_saves
 from embedkit.train.losses import build_loss, text_keys
 from embedkit.train.remining import pool_corpus
 from embedkit.train.trainset import load_examples, seeded_batches
@@ -148,8 +150,7 @@ class RerankStep(StepBase):
         ids = [p.ids[rows[r]][s] for r, s in slots]
         types = [p.type_ids[rows[r]][s] for r, s in slots]
         with engine.sync(last=True):
-            with engine.autocast():
-                logits = engine.model(self.reranker.collate(ids, types)).float()
+            logits = self._logits(engine, ids, types)
             # [rows, 1 + k]: padded slots hold 0 and are masked by `valid` in the loss
             table = logits.new_zeros(valid.shape).index_put((valid.to(logits.device).nonzero(as_tuple=True)), logits)
             teacher = p.teacher[rows] if p.teacher is not None else None
@@ -159,6 +160,28 @@ class RerankStep(StepBase):
         if out.distillation:
             record["distillation"] = out.distillation
         return record
+
+    def _logits(self, engine: Engine, ids: list[list[int]], types: list[list[int]]) -> torch.Tensor:
+        """The pairs' logits with autograd, in their order: one forward, or length-sorted chunks of
+        `training.length_chunk` rows' pairs, each padded to its own longest, when that removes enough padding (the
+        bi-encoder's rule, `chunking_saves`). A row's positive and negatives differ in length, and one forward pads
+        every pair of the batch to the longest; the logits are the same either way (the attention mask makes each
+        pair independent), only the dropout masks are drawn differently."""
+        size = (self.recipe.training.length_chunk or 0) * (1 + self.recipe.loss.hard_negatives)
+        if not size or not chunking_saves(ids, size):
+            with engine.autocast():
+                return engine.model(self.reranker.collate(ids, types)).float()
+        order: list[int] = []
+        parts = []
+        for chunk in length_sorted_batches(ids, size):
+            order.extend(chunk)
+            with engine.autocast():
+                parts.append(engine.model(self.reranker.collate([ids[i] for i in chunk],
+                                                                [types[i] for i in chunk])).float())
+        logits = torch.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return logits[inverse.to(logits.device)]
 
     def evaluate(self, engine: Engine) -> dict[str, Any] | None:
         return self.dev.evaluate(self.reranker) if self.dev is not None else None
