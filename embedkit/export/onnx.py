@@ -286,6 +286,20 @@ def write_graphs(folder: Path, quantize: str | None) -> dict[str, str]:
     return graphs
 
 
+def write_export_manifest(folder: Path, model: Any, source: Any, graphs: dict[str, str], *, exporter: str, opset: int,
+                          quantize: str | None, default_variant: str, started: float, parity: dict[str, Any],
+                          source_probes: Any) -> dict[str, Any]:
+    """The export folder's manifest (of an embedding model or a reranker, `source`): what was exported from where,
+    how (`export_record`), and the parity checks it passed. Written into `folder`; returned."""
+    manifest = base_manifest("export", base_model=source.base_model, model=source.describe(),
+                             export=export_record(folder, graphs, exporter=exporter, opset=opset, quantize=quantize,
+                                                  default_variant=default_variant, started=started),
+                             parity=parity, source_probes=source_probes)
+    manifest["model"]["path"] = str(model)
+    write_json(folder / MANIFEST_NAME, manifest)
+    return manifest
+
+
 def export_record(folder: Path, graphs: dict[str, str], *, exporter: str, opset: int, quantize: str | None,
                   default_variant: str, started: float) -> dict[str, Any]:
     """The manifest's "export" section: how the graphs were made, and each graph's sha256 (`embedkit serve` compares
@@ -544,17 +558,9 @@ def export_onnx(
         # Probes of the graph this folder serves by default; `embedkit serve` re-checks them at start-up.
         write_probes(default, tmp, created_by="export", atol=DEFAULT_ATOL if quantize is None else 1e-3,
                      vectors_fn=lambda t, k: default.encode(list(t), k))
-        manifest = base_manifest(
-            "export",
-            base_model=encoder.base_model,
-            model=encoder.describe(),
-            export=export_record(tmp, graphs, exporter=exporter, opset=opset, quantize=quantize,
-                                 default_variant=default_variant, started=started),
-            parity=parity,
-            source_probes=source_probes,
-        )
-        manifest["model"]["path"] = str(model)
-        write_json(tmp / MANIFEST_NAME, manifest)
+        manifest = write_export_manifest(tmp, model, encoder, graphs, exporter=exporter, opset=opset, quantize=quantize,
+                                         default_variant=default_variant, started=started, parity=parity,
+                                         source_probes=source_probes)
     log.info(f"wrote {output} ({', '.join(graphs.values())}) in {time.time() - started:.1f}s")
     return manifest
 

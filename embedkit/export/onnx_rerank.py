@@ -40,8 +40,8 @@ import numpy as np
 from embedkit.atomic import atomic_dir, write_json
 from embedkit.export.checkset import check_pairs, load_check_set, mrr_of_pairs
 from embedkit.export.onnx import (FP32_GRAPH, KIND_RERANKER, ONNX_CONFIG_NAME, ExportError, OnnxGraph, check_quantize,
-                                  export_graph, export_record, features_module, refuse_changed_source, write_graphs)
-from embedkit.manifest import MANIFEST_NAME, base_manifest
+                                  export_graph, features_module, refuse_changed_source, write_export_manifest,
+                                  write_graphs)
 from embedkit.models.probes import BATCH_INVARIANCE_ATOL, batch_invariance
 from embedkit.models.tokenization import collate, ensure_pad_token, length_sorted_batches, tokenize_pairs
 
@@ -279,17 +279,9 @@ def export_onnx_reranker(
                               f"{batch_diff:.2e} > {max_batch_diff:.0e}); nothing was written", path=output)
         parity["passed"] = True
         write_rerank_probes(default, tmp, atol=INT8_PROBE_ATOL if quantize else RERANK_FP32_MAX_ABS_DIFF)
-        manifest = base_manifest(
-            "export",
-            base_model=reranker.base_model,
-            model=reranker.describe(),
-            export=export_record(tmp, graphs, exporter=exporter, opset=opset, quantize=quantize,
-                                 default_variant=default_variant, started=started),
-            parity=parity,
-            source_probes=source_probes,
-        )
-        manifest["model"]["path"] = str(model)
-        write_json(tmp / MANIFEST_NAME, manifest)
+        manifest = write_export_manifest(tmp, model, reranker, graphs, exporter=exporter, opset=opset,
+                                         quantize=quantize, default_variant=default_variant, started=started,
+                                         parity=parity, source_probes=source_probes)
     log.info(f"wrote {output} ({', '.join(graphs.values())}) in {time.time() - started:.1f}s")
     return manifest
 
