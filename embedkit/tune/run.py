@@ -153,6 +153,10 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     raw, text = read_recipe_file(recipe_path, overrides)
     recipe = parse_recipe(copy.deepcopy(raw), source=recipe_path, text=text)
     validate_recipe(recipe, source=recipe_path)  # every mistake in the recipe fails here, naming file and field
+    if recipe.task == "rerank":  # its trials would need the two-stage dev score and a reranker search space
+        raise ConfigError("embedkit tune searches embedding recipes; a task: rerank recipe is not searched yet (train "
+                          "it with embedkit train and gate it with embedkit eval --rerank)", path=recipe_path,
+                          field="task")
     backend = backend_class(recipe)
     if backend.needs_several_processes:
         raise ConfigError(f"tune runs each trial in one process; the {backend.kind} backend needs several (train the "
