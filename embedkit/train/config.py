@@ -141,10 +141,9 @@ class DataSection(EngineDataSection):
 
 
 def registered_loss(name: str) -> str:
-    """`name` when it is a base loss of embedkit.train.losses' registry (ValueError naming them otherwise)."""
-    from embedkit.train.losses import loss_names  # the registry holds the loss classes (torch)
-
-    names = loss_names()
+    """`name` when it is a base loss of embedkit.train.losses' registry, of any task (ValueError naming them
+    otherwise); the recipe's task checks its own."""
+    names = _loss_names(None)
     if name not in names:
         raise ValueError(f"unknown loss type {name!r}; choose one of {', '.join(names)}")
     return name
@@ -445,7 +444,8 @@ class Recipe(BaseRecipe):
             raise ValueError(f"mining: {exc.message}") from None
 
 
-def _loss_names(task: str) -> list[str]:
+def _loss_names(task: str | None) -> list[str]:
+    """The registered loss names of `task` (embed | rerank; None: every task)."""
     from embedkit.train.losses import loss_names  # the registry holds the loss classes (torch)
 
     return loss_names(task)

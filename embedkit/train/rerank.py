@@ -43,12 +43,12 @@ from embedkit.manifest import command_line
 from embedkit.models.encoder import load_model
 from embedkit.models.adapters import keep_4bit_layout
 from embedkit.models.reranker import Reranker, YesNoReranker, reranker_kind
+from embedkit.models.tokenization import length_sorted_batches
 from embedkit.train.backends import backend_class
 from embedkit.train.config import Recipe
 from embedkit.train.contrastive import TrainResult, apply_adapter, set_dropout
 from embedkit.train.engine import (LOG_FILE, Engine, Phase, StepBase, copy_run_logs, peak_rss_gb, recipe_hash,
                                    seed_everything)
-from embedkit.models.tokenization import length_sorted_batches
 from embedkit.train.gradcache import chunking_saves
 from embedkit.train.losses import build_loss, text_keys
 from embedkit.train.remining import pool_corpus
