@@ -323,20 +323,3 @@ def test_length_sorted_chunks_give_the_logits_of_one_forward_in_pair_order(tmp_p
         whole = reranker(reranker.collate(ids, types))
     assert used and used[-1]
     assert torch.allclose(chunked, whole, atol=1e-5)
-
-
-def test_tune_refuses_a_rerank_recipe_in_one_line(tmp_path, tiny_bert_dir):
-    """Bug caught: `embedkit tune` runs a reranker recipe's trials as bi-encoder trainings (the contrastive step on a
-    cross-encoder), or fails deep inside a trial."""
-    import yaml
-
-    from embedkit.tune.run import tune
-
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"task": "rerank", "model": {"name": str(tiny_bert_dir)},
-                                      "data": {"train": str(_pairs_file(tmp_path / "rows.jsonl"))},
-                                      "loss": {"hard_negatives": 3}, "training": {"output_dir": str(tmp_path / "o")}}))
-    with pytest.raises(ConfigError) as info:
-        tune(recipe, budget="1", output=tmp_path / "t", final=False)
-    assert "task: rerank" in str(info.value) and "\n" not in str(info.value)
-    assert not (tmp_path / "t").exists()

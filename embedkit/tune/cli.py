@@ -71,7 +71,8 @@ def tune_command(
     params: Optional[str] = typer.Option(
         None, "--params",
         help="Search only these (comma-separated): lr, epochs, temperature, hard_negatives, mining_range, "
-             "relative_margin, margin_from, lora_r. Default: every one the recipe can use."),
+             "relative_margin, margin_from, lora_r; for a task: rerank recipe lr, epochs, hard_negatives, loss_type, "
+             "warmup_ratio, lora_r. Default: every one the recipe can use."),
     folds: Optional[int] = typer.Option(
         None, "--folds",
         help="Dev folds: every training query scored once, out of fold, each trial trained once per fold. Default: "
@@ -111,6 +112,11 @@ def tune_command(
     Works for every recipe the engine trains: full fine-tuning, LoRA / QLoRA, LLM encoders, on the CPU or a GPU
     (model.device or --device). The search space and its reasons: embedkit/tune/space.py.
 
+    Rerankers (task: rerank, with rerank.first_stage): the dev score is the two stages' (the first stage's top
+    rerank.top_k of the dev corpus, reranked by the trial's model); the search covers lr, epochs, the negatives per
+    query, the loss (listwise or bce), the warm-up and the LoRA rank of a yes/no reranker; --test compares the
+    first stage alone, the default reranker and the tuned one, each reranking the first stage's top rerank.top_k.
+
     Examples:
 
       embedkit tune recipes/minilm-scifact.yaml --budget 2h --test beir:../shared/data/scifact:test --allow-train-overlap
@@ -118,6 +124,8 @@ def tune_command(
       embedkit tune recipes/minilm-medquad.yaml --budget 20 -o runs/medquad-tune
 
       embedkit tune my-recipe.yaml --budget 30m --params lr,epochs --device cuda
+
+      embedkit tune recipes/minilm-rerank-scifact.yaml --budget 1h --test beir:../shared/data/scifact:test
 
       embedkit train runs/medquad-tune/tuned_recipe.yaml      # the same model again
     """

@@ -73,7 +73,7 @@ def recipe_payload(recipe, source: str) -> dict:
 
 def trial_job(payload: dict, emit: Emit) -> dict:
     """Train one trial (or one fold of it) through the training engine; stream its steps and dev evaluations."""
-    from embedkit.train.contrastive import train
+    from embedkit.train import train  # the bi-encoder, or the reranker of a task: rerank recipe
 
     recipe = _recipe(payload)
     last = [0.0]
@@ -86,7 +86,7 @@ def trial_job(payload: dict, emit: Emit) -> dict:
 
     def on_eval(step: int, result: dict, total: int) -> None:
         reply = emit({"event": "eval", "step": step, "total": total, "score": result["score"],
-                      "per_query": result.get("per_query")})
+                      "per_query": result.get("per_query"), "first_stage": first_stage_score(result)})
         if reply.get("prune"):
             raise JobPruned(step)
 
@@ -94,7 +94,15 @@ def trial_job(payload: dict, emit: Emit) -> dict:
         result = train(recipe, on_step=on_step, on_eval=on_eval)
     dev = result.dev
     return {"steps": result.steps, "train_seconds": getattr(result, "train_seconds", None),
-            "dev": None if dev is None else {"score": dev["score"], "per_query": dev.get("per_query")}}
+            "dev": None if dev is None else {"score": dev["score"], "per_query": dev.get("per_query"),
+                                             "first_stage": first_stage_score(dev)}}
+
+
+def first_stage_score(dev: dict) -> float | None:
+    """A reranker's dev result: the first stage's own score on the same queries (what reranking adds to); None for
+    a bi-encoder's."""
+    first = dev.get("first_stage")
+    return None if not first else first["metrics"].get(dev.get("main_metric") or dev.get("metric"))
 
 
 @contextlib.contextmanager
@@ -126,7 +134,7 @@ def probe_job(payload: dict, emit: Emit) -> dict:
 
 def train_job(payload: dict, emit: Emit) -> dict:
     """The final model: the written recipe, trained as `embedkit train FILE` trains it."""
-    from embedkit.train.contrastive import train
+    from embedkit.train import train
 
     started = time.perf_counter()
     result = train(load_recipe(payload["recipe_file"]))

@@ -69,25 +69,38 @@ def mining_round_seconds(encoder, task, batch_size: int, sample: int = ROUND_SAM
     return seconds
 
 
-def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], list[list[int]]]:
-    """rank(queries, documents, k) with the recipe's base model (its prompts, pooling and max length, as the dev
-    evaluation encodes them): the dev corpus's nearest documents (embedkit/tune/split.py). The documents'
-    embeddings go to the embedding cache (`embedkit eval`'s and `embedkit mine`'s), so a second `tune` of the same
-    data does not encode them again (MedQuAD's 14,070 answers: 6 min on 2 cores)."""
-    from embedkit.mine.cache import corpus_vectors
-    from embedkit.mine.search import exact_topk
+def ranking_model(recipe, device: str):
+    """The bi-encoder that ranks the dev corpus: the recipe's base model (its prompts, pooling and max length, as the
+    dev evaluation encodes them), or for a reranker recipe its first stage (rerank.first_stage, loaded as its dev
+    evaluation loads it): the documents the first stage ranks nearest are the candidates the reranker must order."""
     from embedkit.models.encoder import load_model
 
+    if recipe.task == "rerank":
+        return load_model(recipe.rerank.first_stage, device=device)
+    m = recipe.model
+    return load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length, dtype=m.dtype,
+                      padding_side=m.padding_side, attention=m.attention, device=device)
+
+
+def ranker_name(recipe) -> str:
+    return f"the first stage ({recipe.rerank.first_stage})" if recipe.task == "rerank" else "the base model"
+
+
+def base_model_ranker(recipe, device) -> Callable[[list[str], list[str], int], list[list[int]]]:
+    """rank(queries, documents, k) with `ranking_model`: the dev corpus's nearest documents
+    (embedkit/tune/split.py). The documents' embeddings go to the embedding cache (`embedkit eval`'s and
+    `embedkit mine`'s), so a second `tune` of the same data does not encode them again (MedQuAD's 14,070 answers:
+    6 min on 2 cores)."""
+    from embedkit.mine.cache import corpus_vectors
+    from embedkit.mine.search import exact_topk
+
     def rank(queries, documents, k):
-        m = recipe.model
         started = time.perf_counter()
         try:
             with torch_threads(recipe.training.threads):
-                encoder = load_model(m.name, pooling=m.pooling, prompts=m.prompts, max_length=m.max_length,
-                                     dtype=m.dtype, padding_side=m.padding_side, attention=m.attention,
-                                     device=str(resolve_device(device, field="model.device")))
-                log.info("ranking %d documents for the %d dev queries with the base model (the dev corpus: their "
-                         "nearest documents)", len(documents), len(queries))
+                encoder = ranking_model(recipe, str(resolve_device(device, field="model.device")))
+                log.info("ranking %d documents for the %d dev queries with %s (the dev corpus: their nearest "
+                         "documents)", len(documents), len(queries), ranker_name(recipe))
                 batch = recipe.data.dev_batch_size
                 q = encoder.encode(list(queries), kind="query", batch_size=batch, normalize=True)
                 # positional ids: the documents come in the same (seeded) order on a rerun, and the key hashes texts

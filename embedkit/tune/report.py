@@ -72,6 +72,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model: `{report['model_dir']}`" if report["model_dir"] else "- model: not trained (--no-final)",
         f"- seed {report['seed']} (dev split and sampler); trials score the {report['objective']} dev {metric}, "
         f"evaluated every {report['eval_every']} steps ({report['steps_per_epoch']} steps per epoch)",
+        *_rerank_lines(report.get("rerank"), metric),
         "",
         "## Dev split",
         "",
@@ -129,10 +130,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     test = report.get("test")
     if test:
         s = test["scores"]
+        two_stage = f" (the top {test.get('rerank_top')} of the first stage, reranked)" if "first_stage" in s else ""
+        labels = {"base": "base model", "first_stage": f"first stage alone (`{test.get('first_stage')}`)",
+                  "default": "default recipe" + two_stage, "tuned": "tuned recipe" + two_stage}
         lines += ["", f"## Test: {test['task']} ({test['metric']})", "",
                   "| model | " + test["metric"] + " |", "|---|---|",
-                  f"| base model | {s['base']:.4f} |", f"| default recipe | {s['default']:.4f} |",
-                  f"| tuned recipe | {s['tuned']:.4f} |", "",
+                  *(f"| {labels.get(name, name)} | {score:.4f} |" for name, score in s.items()), "",
                   "| comparison | difference | 95% CI | p(improvement) | gate (margin 0.01) |", "|---|---|---|---|---|"]
         for name, c in test["comparisons"].items():
             ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
@@ -142,6 +145,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Paired over the test queries (`embedkit compare`); eval reports in `test/`."]
     lines += ["", "## The tuned recipe", "", "```yaml", report["tuned_recipe"].rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _rerank_lines(rerank: dict[str, Any] | None, metric: str) -> list[str]:
+    """A reranker's search: what its dev score is, and the first stage's own on the same queries."""
+    if not rerank:
+        return []
+    first = rerank.get("first_stage_dev")
+    return [f"- a reranker (task: rerank): every dev {metric} is two-stage, `{rerank['first_stage']}`'s top "
+            f"{rerank['top_k']} of the dev corpus reranked by the trial's model"
+            + (f"; the first stage alone scores {first:.4f} on the same queries" if first is not None else "")]
 
 
 def _split_text(split: dict[str, Any]) -> str:
@@ -158,8 +171,8 @@ def _dev_corpus_text(split: dict[str, Any]) -> str:
     hard = split.get("hard_documents") or 0
     if not hard:
         return "their positives plus a seeded sample"
-    return (f"their positives, the {hard:,} documents the base model ranks nearest to them, and a seeded sample "
-            "of the rest")
+    return (f"their positives, the {hard:,} documents {split.get('ranked_by') or 'the base model'} ranks nearest "
+            "to them, and a seeded sample of the rest")
 
 
 def plot_curve(report: dict[str, Any], path: Path) -> Path:

@@ -44,6 +44,15 @@ The steps:
    evaluated on it (the first time anything scores it) and compared with `embedkit compare` (difference, 95%
    interval, p(improvement));
 8. the report: tune_report.md / .json (trials, the search space, the dev split, the choice) and dev_curve.png.
+
+A reranker recipe (`task: rerank`, with `rerank.first_stage`) goes through the same steps, with its own trainer
+(`embedkit.train.train` picks train_reranker), its own space (embedkit/tune/space.py, keyed by task) and a two-stage
+dev score: each trial's engine evaluates DevReranking (embedkit/train/rerank.py), the first stage's top
+`rerank.top_k` of the dev corpus reranked by the trial's model, and the first stage's own score on the same queries
+is kept beside it (`TrialRecord.first_stage`, the report). The dev corpus's nearest documents are the first stage's
+(the candidates the reranker orders); rows without negatives are mined by the first stage at the start of every
+trial, as `embedkit train` does; `--test` compares the first stage alone, the default and the tuned reranker, both
+in two stages (embedkit/tune/compare.py).
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ from embedkit.train.trainset import load_examples
 from embedkit.tune.budget import Budget, parse_budget
 from embedkit.tune.jobs import recipe_payload, run_job
 from embedkit.tune.leakage import check_held_out, task_side, training_side
+from embedkit.tune.prepare import ranker_name
 from embedkit.tune.report import build_report, write_reports
 from embedkit.tune.search import NOISE_Z, SEARCH_STATE, TRIALS_DIR, Search, TrialRecord, as_overrides, fmt
 from embedkit.tune.space import Param, build_space, can_turn_on_mining, recipe_overrides
@@ -153,10 +163,10 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     raw, text = read_recipe_file(recipe_path, overrides)
     recipe = parse_recipe(copy.deepcopy(raw), source=recipe_path, text=text)
     validate_recipe(recipe, source=recipe_path)  # every mistake in the recipe fails here, naming file and field
-    if recipe.task == "rerank":  # its trials would need the two-stage dev score and a reranker search space
-        raise ConfigError("embedkit tune searches embedding recipes; a task: rerank recipe is not searched yet (train "
-                          "it with embedkit train and gate it with embedkit eval --rerank)", path=recipe_path,
-                          field="task")
+    if recipe.task == "rerank" and not recipe.rerank.first_stage:  # the dev score is the two stages'
+        raise ConfigError("a reranker's trials are scored by reranking a first stage's top rerank.top_k on the dev "
+                          "split: set rerank.first_stage (the bi-encoder it serves behind)", path=recipe_path,
+                          field="rerank.first_stage")
     backend = backend_class(recipe)
     if backend.needs_several_processes:
         raise ConfigError(f"tune runs each trial in one process; the {backend.kind} backend needs several (train the "
@@ -290,14 +300,17 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
         raise EmbedkitError("no trial finished (" + "; ".join(sorted({r.note for r in records if r.note})) + ")",
                             exit_code=1)
     chosen = best.params
-    log.info("chosen: trial %d (%s), dev %s %.4f%s%s", best.number,
+    log.info("chosen: trial %d (%s), dev %s %.4f%s%s%s", best.number,
              ", ".join(f"{k}={fmt(v)}" for k, v in chosen.items()), _dev_metric(trial_recipe), best.value,
-             _versus_recipe(records, best), f"; {why}" if why else "")
+             " (two stages: %s's top %d reranked; the first stage alone %.4f)" % (
+                 recipe.rerank.first_stage, recipe.rerank.top_k, best.first_stage)
+             if best.first_stage is not None else "", _versus_recipe(records, best), f"; {why}" if why else "")
 
     # 5. the tuned recipe (the user's, with the chosen values), written beside the model it trains
     chosen_values = recipe_overrides(space, chosen)
+    # against the recipe's values (a key not written in the file: its default, as validation fills it in)
     changes = [f"{key} {override_value(raw, key)!r} -> {value!r}" for key, value in chosen_values.items()
-               if override_value(raw, key) != value]  # against the file as written (a key not written: None)
+               if _recipe_value(recipe, key) != value]
     model_dir = output / MODEL_DIR
     final_raw = apply_overrides(copy.deepcopy(raw),
                                 as_overrides({**chosen_values, "training.output_dir": str(model_dir)}))
@@ -307,8 +320,12 @@ def tune(recipe_path: str | Path, *, budget: str | Budget, output: str | Path | 
     load_recipe(recipe_file)  # the written recipe is a valid recipe, and the one trained below
 
 
+    first_stage = next((r.first_stage for r in records if r.first_stage is not None), None)
     state = {"recipe": str(recipe_path), "overrides": overrides, "output": str(output), "seed": seed,
-             "budget": {**budget.to_dict(), "described": budget.describe()}, "split": split.to_dict(),
+             "task": recipe.task, "budget": {**budget.to_dict(), "described": budget.describe()},
+             "split": {**split.to_dict(), "ranked_by": ranker_name(recipe) if nearest_dev else None},
+             "rerank": {"first_stage": recipe.rerank.first_stage, "top_k": recipe.rerank.top_k,
+                        "first_stage_dev": first_stage} if recipe.task == "rerank" else None,
              "folds": folds, "dev_queries_needed": DEV_QUERIES_NEEDED,
              "space": [p.to_dict() for p in space],
              "probe": probe, "static_negatives": {"max_per_row": negatives_in_data, "rows_without": rows_without,
@@ -374,6 +391,14 @@ def _default_of(section, key: str) -> Any:
     """A section field's default as a plain value (a sub-section's as a mapping)."""
     value = section.model_fields[key].get_default(call_default_factory=True)
     return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _recipe_value(recipe, key: str) -> Any:
+    """The typed recipe's value at the dotted `key` (defaults filled in)."""
+    node = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _dev_metric(recipe) -> str:

@@ -109,6 +109,9 @@ class TrialRecord:
     per_query: dict[str, float] | None = None  # the dev score of every query (folds: out-of-fold), for the choice
     train_seconds: float | None = None  # the engine's optimizer-step time, all runs (None: not reported)
     evaluations: int = 0  # dev evaluations made, the one after training included
+    # a reranker's trial: the first stage's own dev score on the same queries (`value` is the two stages'); the
+    # same in every trial, it shows what reranking adds
+    first_stage: float | None = None
 
     def last_score(self) -> float | None:
         return self.history[-1]["score"] if self.history else self.value
@@ -329,12 +332,13 @@ class Search:
         return training / (record.steps * shape["texts"])
 
     def _shape(self, params: dict) -> dict[str, Any]:
-        """What a trial's recipe makes each step and epoch carry: texts per example (query, positive, negatives)
-        and whether / how often it re-mines."""
+        """What a trial's recipe makes each step and epoch carry: texts per example (a bi-encoder's query, positive
+        and negatives; a reranker's pairs: the positive's and each negative's) and whether / how often it re-mines."""
         changed = recipe_overrides(self.space, params)  # no recipe validated: a proposal may make an invalid one
         hard = changed.get("loss.hard_negatives", self.base.loss.hard_negatives)
         online = changed.get("mining.online", self.base.mining.online)
-        return {"texts": 2 + int(hard), "online": bool(online), "every": self.base.mining.every}
+        per_example = 1 if self.base.task == "rerank" else 2
+        return {"texts": per_example + int(hard), "online": bool(online), "every": self.base.mining.every}
 
     def _paid_rounds(self, shape: dict, steps: int) -> int:
         """Rounds of online mining a trial pays for in `steps` steps: one before every epoch after the first (or
@@ -384,7 +388,7 @@ class Search:
         else:
             self.study.tell(trial, state=TrialState.PRUNED)
         return TrialRecord(number, params, "repeat", earlier.value if earlier.state == "complete" else None,
-                           0.0, spread=earlier.spread, queries=earlier.queries,
+                           0.0, spread=earlier.spread, queries=earlier.queries, first_stage=earlier.first_stage,
                            note=f"same parameters as trial {earlier.number} (deterministic: not trained again)")
 
     # ------------------------------------------------------------------ one trial
@@ -409,6 +413,7 @@ class Search:
                  f"{total} steps" if total else "training",
                  f" on each of {len(self.folds)} folds" if several else "")
         per_query: dict[str, float] = {}
+        fold_first: list[tuple[float, int]] = []  # (first-stage score, queries) per fold
         steps = 0
         try:
             if self.trial_hook is not None:
@@ -429,8 +434,11 @@ class Search:
                     else:
                         record.value = float(record.history[-1]["score"])
                         per_query = dict(self._trial.get("per_query") or {})
+                    record.first_stage = self._trial.get("first_stage")
                     continue
                 dev = result["dev"] or {}
+                if dev.get("first_stage") is not None:  # pooled as the two-stage score is: weighted by queries
+                    fold_first.append((dev["first_stage"], len(dev.get("per_query") or {}) or 1))
                 fold_scores = dev.get("per_query") or {}
                 record.fold_scores.append(float(dev.get("score", 0.0)))
                 per_query.update({f"{f}:{q}": s for q, s in fold_scores.items()})
@@ -448,6 +456,8 @@ class Search:
             if several:
                 record.value = statistics.fmean(per_query.values()) if per_query else statistics.fmean(
                     record.fold_scores)
+                if fold_first:
+                    record.first_stage = sum(s * n for s, n in fold_first) / sum(n for _, n in fold_first)
             record.state = "complete"
             if per_query:
                 record.per_query = per_query
@@ -491,6 +501,7 @@ class Search:
         record, step, total = state["record"], event["step"], event["total"]
         state["step"], state["total"] = step, total
         state["per_query"] = event.get("per_query")
+        state["first_stage"] = event.get("first_stage")
         point = round(PROGRESS_SCALE * step / total)  # the same point of the schedule
         record.history.append({"step": step, "score": event["score"], "point": point})
         epoch = f"epoch {-(-step // self.steps_per_epoch)}, " if self.steps_per_epoch else ""

@@ -49,6 +49,34 @@ Why the bounds hold beyond SciFact and MedQuAD:
 Not searched: batch size (the number of in-batch negatives and the memory: larger is better up to what fits, not a
 corpus property; set it to what fits), max length (a property of the texts: set it from their lengths), warmup and
 weight decay (small effects), the loss type and pooling (the model's).
+
+A reranker recipe (`task: rerank`) has a space of its own (`_reranker_space`), scored by the two-stage dev score
+(rerank.first_stage's top rerank.top_k of the dev corpus, reranked: embedkit/train/rerank.py's DevReranking):
+
+| name | recipe keys | searched | bounds |
+|---|---|---|---|
+| lr | training.lr | always | log-uniform, recipe lr / 4 .. x 4 |
+| epochs | training.epochs | unless training.max_steps is set | as for the bi-encoder |
+| hard_negatives | loss.hard_negatives (+ mining.num_negatives when set) | always | 1 .. max(7, recipe); mined or in the data |
+| loss_type | loss.type | always | listwise, bce |
+| warmup_ratio | training.warmup_ratio | always | 0 .. 0.2 |
+| lora_r | adapter.r (+ adapter.alpha) | adapter lora / qlora (the yes/no reranker) | as for the bi-encoder |
+
+- hard_negatives: the group a query's positive is scored against. Reranker trainers use larger groups than
+  bi-encoders (FlagEmbedding's train_group_size 8 to 16, the rerank recipes' 7 negatives), since there are no
+  in-batch negatives: every negative is all a row sees. Each one adds a pair's forward pass, so the cost grows with
+  it, and how many of the first stage's top ranks are unlabelled positives (false negatives) is corpus-specific.
+  When the rows carry their negatives (`embedkit mine` output), at most as many as the data holds.
+- loss_type: listwise learns an order within a query's candidates (what reranking uses), bce calibrated
+  per-pair scores; which one ranks this corpus's candidates better is an empirical question on every benchmark
+  that reports both, and both cost the same.
+- warmup_ratio: the new one-logit head starts random, so the first steps' gradients through the pretrained encoder
+  are large; a warm-up protects the encoder from them, and how much it needs depends on the steps a corpus gets.
+  Cheap to search: it changes no cost.
+
+Not searched for rerankers: temperature, the mining window and margin, mined_negatives, pooling, prompts,
+matryoshka (the bi-encoder's; `_check_rerank` refuses them in a rerank recipe), top_k (the serving setting the
+dev score is defined by) and batch size (memory).
 """
 
 from __future__ import annotations
@@ -65,6 +93,8 @@ LORA_RANKS = (4, 8, 16, 32, 64)
 TEMPERATURE_BOUNDS = (0.01, 0.1)
 MARGIN_BOUNDS = (0.0, 0.1)
 MAX_HARD_NEGATIVES = 3
+MAX_RERANK_NEGATIVES = 7  # a reranker's group: positive + 7 (FlagEmbedding's train_group_size 8)
+WARMUP_BOUNDS = (0.0, 0.2)
 BASE_EPOCHS = 3  # the epochs' upper bound on a corpus big enough to get MIN_STEPS in them
 MIN_STEPS = 150  # optimizer steps the upper bound of epochs should reach on a small corpus (see the docstring)
 MAX_EPOCHS = 10
@@ -88,6 +118,12 @@ WHY = {
     "margin_from": "with many weak positives the weakest one sets too low a threshold",
     "lora_r": "adapter capacity; retrieval fine-tuning saturates between r 8 and 32; alpha/r kept so the lr keeps "
               "its meaning",
+    "rerank_negatives": "a reranker sees no in-batch negatives: the group (positive + negatives) is all a row "
+                        "learns from; rerankers train with groups of 8 to 16, each negative one more pair's forward",
+    "loss_type": "listwise orders a query's candidates, bce calibrates each pair; which ranks better is corpus-"
+                 "specific, the cost is the same",
+    "warmup_ratio": "the new head starts random: a warm-up keeps its first gradients from wrecking the pretrained "
+                    "encoder; free to search",
 }
 
 
@@ -143,8 +179,13 @@ class Param:
                 "why": self.why, "needs": self.needs}
 
 
-ALL_PARAMS = ("lr", "epochs", "temperature", "hard_negatives", "mined_negatives", "mining_range", "relative_margin",
-              "margin_from", "lora_r")
+# The parameters each recipe task can search (the spaces: SPACES below). A new task is one entry here and one there.
+PARAMS_BY_TASK = {
+    "embed": ("lr", "epochs", "temperature", "hard_negatives", "mined_negatives", "mining_range", "relative_margin",
+              "margin_from", "lora_r"),
+    "rerank": ("lr", "epochs", "hard_negatives", "loss_type", "warmup_ratio", "lora_r"),
+}
+ALL_PARAMS = PARAMS_BY_TASK["embed"]
 
 
 def can_turn_on_mining(recipe, negatives_in_data: int) -> bool:
@@ -162,26 +203,60 @@ def epochs_bound(recipe_epochs: int, steps_per_epoch: int | None) -> int:
 
 def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int = 0, several_positives: bool = False,
                 only: list[str] | None = None, steps_per_epoch: int | None = None) -> list[Param]:
-    """The parameters this recipe can use (see the module docstring), restricted to `only` when given.
+    """The parameters this recipe can use (see the module docstring), restricted to `only` when given: the space of
+    the recipe's task (SPACES).
 
     `steps_per_epoch`: the optimizer steps of one epoch of the trials (sets the epochs' upper bound);
     `margin_flagged`: the base model's mining left most rows short because of the margin (search the margin);
     `negatives_in_data`: the most negatives a training row carries (static negatives, when the recipe does not
     mine); `several_positives`: some query has more than one positive (margin_from matters).
     """
-    t, loss, m, a = recipe.training, recipe.loss, recipe.mining, recipe.adapter
+    task = getattr(recipe, "task", "embed")
+    names, space_of, cannot = SPACES[task]
     wanted = set(only) if only else None
     if wanted is not None:
-        unknown = sorted(wanted - set(ALL_PARAMS))
+        unknown = sorted(wanted - set(names))
         if unknown:
-            raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; choose from {', '.join(ALL_PARAMS)}",
+            where = f" for a task: {task} recipe" if task != "embed" else ""
+            raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}{where}; choose from {', '.join(names)}",
                               field="--params")
-    space: list[Param] = [
-        Param("lr", ("training.lr",), "log", t.lr, low=t.lr / LR_FACTOR, high=t.lr * LR_FACTOR, why=WHY["lr"]),
-    ]
+    space = space_of(recipe, margin_flagged=margin_flagged, negatives_in_data=negatives_in_data,
+                     several_positives=several_positives, wanted=wanted, steps_per_epoch=steps_per_epoch)
+    if wanted is not None:
+        missing = sorted(wanted - {p.name for p in space})
+        if missing:
+            raise ConfigError(f"this recipe cannot search {', '.join(missing)} ({cannot})", field="--params")
+        space = [p for p in space if p.name in wanted]
+        orphans = sorted(p.name for p in space if p.needs is not None and p.needs not in wanted)
+        if orphans:
+            raise ConfigError(f"{', '.join(orphans)}: this recipe does not mine, so searching it needs "
+                              "mined_negatives in --params too (the switch that turns mining on)", field="--params")
+    return space
+
+
+def _schedule(recipe, steps_per_epoch: int | None) -> list[Param]:
+    """lr and epochs: every task's."""
+    t = recipe.training
+    space = [Param("lr", ("training.lr",), "log", t.lr, low=t.lr / LR_FACTOR, high=t.lr * LR_FACTOR, why=WHY["lr"])]
     if t.max_steps is None:
-        space.append(Param("epochs", ("training.epochs",), "int", t.epochs, low=1, high=epochs_bound(t.epochs, steps_per_epoch),
-                           why=WHY["epochs"]))
+        space.append(Param("epochs", ("training.epochs",), "int", t.epochs, low=1,
+                           high=epochs_bound(t.epochs, steps_per_epoch), why=WHY["epochs"]))
+    return space
+
+
+def _lora_rank(recipe) -> list[Param]:
+    a = recipe.adapter
+    if a.type not in ("lora", "qlora"):
+        return []
+    ranks = tuple(sorted(set(LORA_RANKS) | {a.r}))
+    return [Param("lora_r", ("adapter.r", "adapter.alpha"), "choice", a.r, choices=ranks, why=WHY["lora_r"],
+                  scale={"alpha_per_r": a.alpha / a.r})]
+
+
+def _embedding_space(recipe, *, margin_flagged: bool, negatives_in_data: int, several_positives: bool,
+                     wanted: set[str] | None, steps_per_epoch: int | None) -> list[Param]:
+    loss, m = recipe.loss, recipe.mining
+    space = _schedule(recipe, steps_per_epoch)
     lo, hi = TEMPERATURE_BOUNDS
     space.append(Param("temperature", ("loss.temperature",), "log", loss.temperature,
                        low=min(lo, loss.temperature), high=max(hi, loss.temperature), why=WHY["temperature"]))
@@ -213,22 +288,39 @@ def build_space(recipe, *, margin_flagged: bool = False, negatives_in_data: int 
         space.append(Param("hard_negatives", ("loss.hard_negatives",), "int", loss.hard_negatives, low=0,
                            high=max(min(MAX_HARD_NEGATIVES, negatives_in_data), loss.hard_negatives),
                            why=WHY["hard_negatives"]))
-    if a.type in ("lora", "qlora"):
-        ranks = tuple(sorted(set(LORA_RANKS) | {a.r}))
-        space.append(Param("lora_r", ("adapter.r", "adapter.alpha"), "choice", a.r, choices=ranks,
-                           why=WHY["lora_r"], scale={"alpha_per_r": a.alpha / a.r}))
-    if wanted is not None:
-        missing = sorted(wanted - {p.name for p in space})
-        if missing:
-            raise ConfigError(f"this recipe cannot search {', '.join(missing)} (hard_negatives needs mining.online or "
-                              "negatives in the data, mined_negatives a recipe with neither; the mining parameters "
-                              "either; lora_r an adapter; epochs no training.max_steps)", field="--params")
-        space = [p for p in space if p.name in wanted]
-        orphans = sorted(p.name for p in space if p.needs is not None and p.needs not in wanted)
-        if orphans:
-            raise ConfigError(f"{', '.join(orphans)}: this recipe does not mine, so searching it needs "
-                              "mined_negatives in --params too (the switch that turns mining on)", field="--params")
-    return space
+    return space + _lora_rank(recipe)
+
+
+def _reranker_space(recipe, *, negatives_in_data: int, steps_per_epoch: int | None, **_) -> list[Param]:
+    """A reranker's (task: rerank) space: see the module docstring. No temperature, pooling, prompts, matryoshka or
+    online mining: a rerank recipe refuses them (Recipe._check_rerank)."""
+    t, loss, m = recipe.training, recipe.loss, recipe.mining
+    space = _schedule(recipe, steps_per_epoch)
+    # Rows with negatives keep them (at most as many as they carry); rows without get them mined at the start of
+    # every trial with rerank.first_stage (train_reranker), mining.num_negatives moving with the count when set.
+    high = min(MAX_RERANK_NEGATIVES, negatives_in_data) if negatives_in_data else MAX_RERANK_NEGATIVES
+    keys = ("loss.hard_negatives",) + (("mining.num_negatives",)
+                                       if m.num_negatives is not None and not negatives_in_data else ())
+    space.append(Param("hard_negatives", keys, "int", loss.hard_negatives, low=1, high=max(high, loss.hard_negatives),
+                       why=WHY["rerank_negatives"]))
+    if loss.distillation == "none":  # with teacher scores the base loss is a weighted part: its kind stays
+        space.append(Param("loss_type", ("loss.type",), "choice", loss.type,
+                           choices=tuple(dict.fromkeys((loss.type, "listwise", "bce"))), why=WHY["loss_type"]))
+    lo, hi = WARMUP_BOUNDS
+    space.append(Param("warmup_ratio", ("training.warmup_ratio",), "float", t.warmup_ratio,
+                       low=min(lo, t.warmup_ratio), high=max(hi, t.warmup_ratio), why=WHY["warmup_ratio"]))
+    return space + _lora_rank(recipe)
+
+
+# task -> (the parameters it can search, its space, what the "cannot search" error says it needs)
+SPACES = {
+    "embed": (PARAMS_BY_TASK["embed"], _embedding_space,
+              "hard_negatives needs mining.online or negatives in the data, mined_negatives a recipe with neither; "
+              "the mining parameters either; lora_r an adapter; epochs no training.max_steps"),
+    "rerank": (PARAMS_BY_TASK["rerank"], _reranker_space,
+               "loss_type needs a recipe without loss.distillation; lora_r an adapter (the yes/no reranker); epochs "
+               "no training.max_steps"),
+}
 
 
 def suggest(space: list[Param], trial) -> dict[str, Any]:

@@ -317,7 +317,9 @@ def carve_dev_splits(recipe, folder: Path, *, folds: int = 1, fraction: float = 
     # The trials' mining pool (the recipe mines, or a trial may turn mining on): every positive, as training would use
 
     negatives = max((len(ex.negatives) for ex in examples), default=0)
-    mines_positives = recipe.mining.corpus is None and (recipe.mining.online or can_turn_on_mining(recipe, negatives))
+    # (a reranker whose rows carry no negatives mines them from that pool at the start of every run: train_reranker)
+    mines = recipe.mining.online or can_turn_on_mining(recipe, negatives) or (recipe.task == "rerank" and not negatives)
+    mines_positives = recipe.mining.corpus is None and mines
     out = []
     with atomic_dir(folder) as tmp:
         if mines_positives:
