@@ -70,6 +70,10 @@ def test_a_rerank_recipe_tunes_end_to_end_and_compares_two_stages_on_test(tmp_pa
     assert set(task["per_query"]) == {f"t{i}" for i in range(len(HELD_OUT))}
     assert task["first_stage"]["metrics"]["ndcg_at_10"] == pytest.approx(
         next(iter(first["results"].values()))["metrics"]["ndcg_at_10"])
+    # Bug caught: a searched key the recipe does not write (loss.type, training.warmup_ratio here) counted as a
+    # change at its default value, so "nothing changed" reported changes and --test trained the default again
+    if report["chosen"] == report["trials"][0]["params"]:
+        assert report["changes"] == [] and report["test"]["default_model"] == str(out / "model")
     markdown = (out / "tune_report.md").read_text()
     for text in ("two-stage", "first stage alone", "tuned vs first_stage", "## Test:"):
         assert text in markdown, text

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from embedkit.device import free_memory, resolve_device
+from embedkit.train import train  # the bi-encoder, or a task: rerank recipe's reranker
 from embedkit.train.config import Recipe, format_override
 
 log = logging.getLogger("embedkit.tune")
@@ -57,7 +58,6 @@ def compare_on_test(spec, *, recipe: Recipe, tuned_dir: Path, output: Path, same
     from embedkit.eval.compare import compare
     from embedkit.models import load_model
     from embedkit.models.reranker import load_reranker
-    from embedkit.train import train
 
     folder = output / TEST_DIR
     batch = recipe.data.dev_batch_size

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from embedkit.errors import EmbedkitError
 from embedkit.logs import child_environment, configure_logging
+from embedkit.train import train  # the bi-encoder, or a task: rerank recipe's reranker
 from embedkit.train.config import load_recipe, parse_recipe
 from embedkit.tune.compare import compare_on_test
 from embedkit.tune.prepare import base_model_ranker, mining_probe
@@ -73,7 +74,6 @@ def recipe_payload(recipe, source: str) -> dict:
 
 def trial_job(payload: dict, emit: Emit) -> dict:
     """Train one trial (or one fold of it) through the training engine; stream its steps and dev evaluations."""
-    from embedkit.train import train  # the bi-encoder, or the reranker of a task: rerank recipe
 
     recipe = _recipe(payload)
     last = [0.0]
@@ -134,7 +134,6 @@ def probe_job(payload: dict, emit: Emit) -> dict:
 
 def train_job(payload: dict, emit: Emit) -> dict:
     """The final model: the written recipe, trained as `embedkit train FILE` trains it."""
-    from embedkit.train import train
 
     started = time.perf_counter()
     result = train(load_recipe(payload["recipe_file"]))
