@@ -83,7 +83,7 @@ def test_a_rerank_recipe_tunes_end_to_end_and_compares_two_stages_on_test(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_reranker_trial_is_scored_by_reranking_the_first_stage(tmp_path, tiny_bert_dir, st_bert, monkeypatch):
+def test_a_reranker_trial_is_scored_by_reranking_the_first_stage(tmp_path, tiny_bert_dir, monkeypatch):
     """Bug caught: trials scored with the first stage alone (every trial would get the same dev score, and the
     search would choose by noise in its tie-breaking): the reranker must be called on the first stage's top
     rerank.top_k of every dev query, and the trial's score must be that reranked ranking's, not the first stage's."""
@@ -98,17 +98,19 @@ def test_a_reranker_trial_is_scored_by_reranking_the_first_stage(tmp_path, tiny_
 
     monkeypatch.setattr(runner, "rerank_run", spy)
     beir = write_beir(tmp_path / "beir", graded=False)
-    recipe = rerank_recipe(tmp_path / "r.yaml", tiny_bert_dir, st_bert, f"beir:{beir}:train", tmp_path / "out")
+    # the first stage: the plain tiny BERT, which does not normalise its vectors (eval ranks by cosine)
+    recipe = rerank_recipe(tmp_path / "r.yaml", tiny_bert_dir, tiny_bert_dir, f"beir:{beir}:train", tmp_path / "out")
     result = tune(recipe, budget="1", output=tmp_path / "t", final=False, folds=1, isolate=False, dev_docs=0)
     (trial,) = result.trials
     assert calls and all(kind == "Reranker" and top == 10 for kind, top, _ in calls)
     assert calls[-1][2] == result.split.dev_queries
     assert trial.first_stage is not None and trial.value != pytest.approx(trial.first_stage)
-    # the first stage's score is st_bert's own on the dev split: the baseline the two stages are measured against
+    # Bug caught: the dev's first stage ranking by unnormalised dot products where `embedkit eval --rerank` ranks
+    # by cosine: its score is the first stage's own as `embedkit eval` gives it on the dev split
     from embedkit.eval.runner import evaluate
     from embedkit.models import load_model
 
-    alone = evaluate(load_model(st_bert), [result.split.dev_spec], use_cache=False)
+    alone = evaluate(load_model(tiny_bert_dir), [result.split.dev_spec], use_cache=False)
     assert trial.first_stage == pytest.approx(next(iter(alone["results"].values()))["metrics"]["ndcg_at_10"])
 
 

@@ -199,9 +199,15 @@ class DevReranking:
         data = self.task.data
         query_ids = data.judged_query_ids()
         doc_ids = list(data.corpus)
+        # Encoded as `embedkit eval` encodes (normalised, the documents through its embedding cache): the dev
+        # ranking is the one `eval --rerank` would rerank, and `embedkit tune`'s trials (every fold, every trial: one
+        # dev corpus, one first stage) encode the dev corpus once, not once per run.
         with torch.random.fork_rng():
-            docs = first.encode(data.document_texts(doc_ids), kind="document", batch_size=self.batch_size)
-            queries = first.encode([data.queries[q] for q in query_ids], kind="query", batch_size=self.batch_size)
+            docs, _ = eval_runner.encode_cached(first, doc_ids, data.document_texts(doc_ids), kind="document",
+                                                batch_size=self.batch_size, cache_dir=eval_runner.default_cache_dir(),
+                                                use_cache=True)
+            queries = first.encode([data.queries[q] for q in query_ids], kind="query", batch_size=self.batch_size,
+                                   normalize=True)
         self.run = eval_runner.exact_search(queries, docs, query_ids, doc_ids, max(eval_runner.DEFAULT_TOP_K, self.top))
         self.qrels = {q: data.qrels[q] for q in query_ids}
         self.first_stage = {"model": recipe.rerank.first_stage,
