@@ -73,8 +73,12 @@ DATASETS = {
                 "test": ("{data}/medquad/test", "test")},
 }
 ARMS = ("default", "tuned", "st", "st-mined")
+# Not in the default --arms: the candidate default schedule of issue #30 item 3 (the recipe as written with a floor of
+# optimizer steps), compared with the recipe as written (`steps_vs_default`).
+CANDIDATE_ARMS = ("steps",)
+CANDIDATE_MIN_STEPS = 150  # embedkit/tune/space.py's MIN_STEPS: the epochs' bound a search already uses
 LABELS = {"base": "base model", "default": "default recipe", "tuned": "tuned recipe", "st": "ST default trainer",
-          "st-mined": "ST mined + tuned epochs"}
+          "st-mined": "ST mined + tuned epochs", "steps": f"recipe + min_steps {CANDIDATE_MIN_STEPS}"}
 THREADS = 2
 MAX_LENGTH = 256
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
@@ -385,7 +389,9 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--budget", default="60m", help="embedkit tune --budget per data set (default 60m)")
     parser.add_argument("--seeds", default="42,43,44", help="seeds of the final trainings (every arm)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated from {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated from {', '.join(ARMS + CANDIDATE_ARMS)} (steps: the candidate default "
+                             "schedule, the recipe with a floor of optimizer steps)")
     parser.add_argument("--out", default="/tmp/embedkit-bench-tune", help="work folder (models, caches)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--queries", type=int,
@@ -413,8 +419,8 @@ def main() -> None:
         return
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or any(a not in ARMS for a in arms):
-        parser.error(f"--arms: choose from {', '.join(ARMS)}")
+    if not arms or any(a not in ARMS + CANDIDATE_ARMS for a in arms):
+        parser.error(f"--arms: choose from {', '.join(ARMS + CANDIDATE_ARMS)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -452,7 +458,8 @@ def main() -> None:
         recipes = {"default": (DATASETS[dataset]["recipe"], overrides),
                    "tuned": (t["tuned_recipe"], []),
                    "st": (DATASETS[dataset]["recipe"], overrides),
-                   "st-mined": (t["tuned_recipe"], [])}  # matched to the tuned recipe's epochs and negatives
+                   "st-mined": (t["tuned_recipe"], []),  # matched to the tuned recipe's epochs and negatives
+                   "steps": (DATASETS[dataset]["recipe"], [*overrides, f"training.min_steps={CANDIDATE_MIN_STEPS}"])}
         reports: dict[str, list[dict]] = {arm: [] for arm in arms}
         for arm in arms:
             runs = []
@@ -491,6 +498,9 @@ def main() -> None:
         row["verdicts"] = {}
         for other in [a for a in ("default", "st", "st-mined", "base") if a in means and "tuned" in means]:
             row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned")
+        if {"steps", "default"} <= set(means):
+            row["verdicts"]["steps_vs_default"] = verdict(means["default"], means["steps"], LABELS["default"],
+                                                          LABELS["steps"])
         results["datasets"][name] = row
         write_json()
     summary(results)
@@ -516,6 +526,11 @@ def summary(results: dict) -> None:
             cells.append("-" if v is None else f"{v['difference']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}], "
                                                f"p {v['p_improvement']:.3f}, {v['verdict']}")
         print("| " + " | ".join(cells) + " |")
+    for dataset, row in results["datasets"].items():
+        v = row["verdicts"].get("steps_vs_default")
+        if v is not None:
+            print(f"{dataset}: {LABELS['steps']} vs {LABELS['default']}: {v['difference']:+.4f} "
+                  f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}], p(improvement) {v['p_improvement']:.3f}, {v['verdict']}")
 
 
 if __name__ == "__main__":

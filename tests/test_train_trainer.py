@@ -118,6 +118,23 @@ def test_two_runs_with_the_same_seed_give_identical_weights(tiny_bert_dir, pairs
         _assert_weights_close(tmp_path / "a", tmp_path / "c", atol=1e-6)
 
 
+def test_min_steps_raises_the_epochs_to_whole_passes_and_never_lowers_them(tiny_bert_dir, pairs_file, tmp_path):
+    # Bug caught: a small data set's schedule stays at its epochs' handful of steps (min_steps ignored), the floor
+    # ends mid-epoch (examples seen unequally often), or it shortens a recipe whose epochs already give more steps.
+    raised = train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "raised", training={"epochs": 1, "min_steps": 7}),
+                   **QUIET)
+    assert raised.steps == 9 and raised.samples == 30  # 3 steps per epoch: 7 steps need 3 whole passes
+    log = [json.loads(line) for line in (tmp_path / "raised" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "train"] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert "(min_steps 7)" in (tmp_path / "raised" / "README.md").read_text()
+    kept = train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "kept", training={"epochs": 2, "min_steps": 2}),
+                 **QUIET)
+    assert kept.steps == 6
+    capped = train(_recipe(tiny_bert_dir, pairs_file, tmp_path / "capped",
+                           training={"epochs": 1, "min_steps": 7, "max_steps": 5}), **QUIET)
+    assert capped.steps == 5
+
+
 class Killed(Exception):
     pass
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -692,7 +691,4 @@ def _transformer_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def count_steps(n_batches: int, accumulation: int, epochs: int, max_steps: int | None) -> int:
-    total = math.ceil(n_batches / accumulation) * epochs
-    return min(total, max_steps) if max_steps else total
 

@@ -182,6 +182,11 @@ class EngineTrainingSection(Section):
     output_dir: str
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)  # stop early (counts optimizer steps)
+    # At least this many optimizer steps: the epochs are raised to the whole passes that give them (never lowered;
+    # max_steps still caps). What moves a pretrained encoder is the number of updates, not of passes: one epoch of
+    # 100 pairs at batch 32 is 4 steps, of 100,000 pairs 3,125. A floor in steps gives a small data set enough
+    # updates and changes nothing for one large enough to get them in its epochs.
+    min_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(32, gt=0, description="examples per optimizer step and process")
     lr: float = Field(2e-5, gt=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)

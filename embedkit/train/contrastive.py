@@ -363,7 +363,8 @@ def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None, base
         *([f"- online hard-negative mining every {recipe.mining.every}"
            + (" steps" if recipe.mining.every != "epoch" else "")
            + f", window {recipe.mining.range}, {recipe.mining.sampling} sampling"] if recipe.mining.online else []),
-        f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}, seed {t.seed}, "
+        f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}"
+        + (f" (min_steps {t.min_steps})" if t.min_steps else "") + f", seed {t.seed}, "
         f"max length {m.max_length or 'model default'}",
         f"- throughput {stats['samples_per_second']} samples/s, peak RSS {stats['peak_rss_gb']} GB"
         + (f", {stats.get('processes', 1)} processes ({stats.get('backend')})" if stats.get("processes", 1) > 1 else "")

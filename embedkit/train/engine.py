@@ -48,7 +48,8 @@ from embedkit import logs
 from embedkit.atomic import atomic_path, fsync_dir
 from embedkit.device import resolve_device
 from embedkit.errors import ConfigError, DataError
-from embedkit.train.backends import TrainingBackend, backend_class, count_steps
+from embedkit.train.backends import TrainingBackend, backend_class
+from embedkit.train.schedule import count_steps
 from embedkit.train.config import BaseRecipe
 
 log = logging.getLogger(__name__)
@@ -481,7 +482,10 @@ class Engine:
             raise DataError(f"no complete batch: {phase.n_examples} examples for a batch of {global_batch}"
                             + (" with drop_last" if getattr(t, "drop_last", False) else ""),
                             field="training.batch_size")
-        total = count_steps(n_batches, accumulation, pick(phase.epochs, t.epochs), pick(phase.max_steps, t.max_steps))
+        # training.min_steps stretches the recipe's epochs only: a phase that sets its own keeps them.
+        min_steps = getattr(t, "min_steps", None) if phase.epochs is None else None
+        total = count_steps(n_batches, accumulation, pick(phase.epochs, t.epochs), pick(phase.max_steps, t.max_steps),
+                            min_steps)
         return _Plan(batch_size=batch_size, lr=pick(phase.lr, t.lr), accumulation=accumulation, total=total,
                      warmup=int(np.ceil(total * t.warmup_ratio)), eval_every=t.eval_every if phase.evaluate else None,
                      eval_at_end=bool(t.eval_at_end) and phase.evaluate)

@@ -320,7 +320,8 @@ def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None, mode
              f"- data: {source.get('used')} rows from `{source.get('spec')}`"
              + (f" (sha256 `{source['sha256'][:16]}`)" if source.get("sha256") else ""),
              f"- loss: {stats['loss']}; {lc.hard_negatives} negatives per row",
-             f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}, seed {t.seed}, "
+             f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}"
+        + (f" (min_steps {t.min_steps})" if t.min_steps else "") + f", seed {t.seed}, "
              f"max length {m.max_length or 'model default'}",
              f"- throughput {stats['samples_per_second']} rows/s, device {stats['device']}",
              f"- command: `{' '.join(command_line())}`", ""]

@@ -41,6 +41,7 @@ from typing import Any, Callable
 from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.train.config import Recipe, format_override
 from embedkit.train.remining import scheduled_rounds
+from embedkit.train.schedule import epochs_for
 from embedkit.tune.budget import Budget, duration
 from embedkit.tune.jobs import JobFailed, JobPruned, recipe_payload, run_job
 from embedkit.tune.space import BASE_EPOCHS, Param, defaults, in_space, longer_schedule, recipe_overrides, suggest
@@ -378,8 +379,9 @@ class Search:
             return int(self.base.training.max_steps)
         if self.steps_per_epoch is None:
             return None
-        epochs = params.get("epochs", self.base.training.epochs)
-        return int(epochs) * self.steps_per_epoch
+        epochs = epochs_for(self.steps_per_epoch, int(params.get("epochs", self.base.training.epochs)),
+                            self.base.training.min_steps)
+        return epochs * self.steps_per_epoch
 
     def _repeat(self, trial, params: dict, earlier: TrialRecord, number: int) -> TrialRecord:
         TrialState = self.optuna.trial.TrialState
