@@ -283,7 +283,25 @@ def trained_another_recipe(done: Path, arm: str, recipe: str, overrides: list[st
     now = load_recipe(recipe, [*overrides, f"training.seed={seed}"]).model_dump(mode="json")
     for settings in (ran, now):  # where the model went is not a setting (records move between checkouts)
         settings.get("training", {}).pop("output_dir", None)
-    return ran != now
+    return ran != _without_new_defaults(load_recipe(recipe, [*overrides, f"training.seed={seed}"]), now, ran)
+
+
+def _without_new_defaults(model, now: dict, ran: dict) -> dict:
+    """`now` (the dump of the recipe object `model`) less the fields that `ran` lacks and that hold their default:
+    recipe fields added since that run (task, training.min_steps, ...), which cannot have changed what it trained."""
+    from pydantic import BaseModel
+
+    out = {}
+    for key, value in now.items():
+        field = type(model).model_fields.get(key) if isinstance(model, BaseModel) else None
+        if key not in ran and field is not None:
+            default = field.get_default(call_default_factory=True)
+            if (default.model_dump(mode="json") if isinstance(default, BaseModel) else default) == value:
+                continue
+        if isinstance(value, dict) and isinstance(ran.get(key), dict):
+            value = _without_new_defaults(getattr(model, key, None), value, ran[key])
+        out[key] = value
+    return out
 
 
 def test_task(dataset: str, data_root: str, work: Path) -> str:
