@@ -76,6 +76,7 @@ ARMS = ("default", "tuned", "st", "st-mined")
 # Not in the default --arms: the candidate default schedule of issue #30 item 3 (the recipe as written with a floor of
 # optimizer steps), compared with the recipe as written (`steps_vs_default`).
 CANDIDATE_ARMS = ("steps",)
+ST_ARMS = ("st", "st-mined")  # trained by sentence-transformers; every other arm by embedkit
 CANDIDATE_MIN_STEPS = 150  # embedkit/tune/space.py's MIN_STEPS: the epochs' bound a search already uses
 LABELS = {"base": "base model", "default": "default recipe", "tuned": "tuned recipe", "st": "ST default trainer",
           "st-mined": "ST mined + tuned epochs", "steps": f"recipe + min_steps {CANDIDATE_MIN_STEPS}"}
@@ -275,7 +276,7 @@ def trained_another_recipe(done: Path, arm: str, recipe: str, overrides: list[st
     """Whether the run recorded in `done` trained other settings than `arm` would now (an embedkit arm records its
     recipe, a sentence-transformers arm its settings: runs from before the dropout was matched are trained again)."""
     ran_json = json.loads(done.read_text())
-    if arm.startswith("st"):
+    if arm in ST_ARMS:
         return ran_json.get("settings") != st_settings(arm, recipe, [*overrides, f"training.seed={seed}"])
     from embedkit.train.config import load_recipe
 
@@ -419,7 +420,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="reuse what an earlier run with the same --out finished (the search when --budget is the "
                              "same, each trained model and its evaluation): the whole bench is hours on 2 cores")
-    parser.add_argument("--child", choices=["embedkit", *[a for a in ARMS if a.startswith("st")]],
+    parser.add_argument("--child", choices=["embedkit", *ST_ARMS],
                         help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
@@ -499,7 +500,7 @@ def main() -> None:
                     run = json.loads(done.read_text())
                     print(f"[{dataset}] --resume: reusing {output}", flush=True)
                 else:
-                    run = run_child(arm if arm.startswith("st") else "embedkit", recipe, extra, output, seed)
+                    run = run_child(arm if arm in ST_ARMS else "embedkit", recipe, extra, output, seed)
                     done.write_text(json.dumps(run))
                 report = evaluate_once(output, task, work / "cache", evaluated, args.resume)
                 reports[arm].append(report)
