@@ -204,3 +204,16 @@ def test_a_reranker_is_refused_in_one_line(tiny_reranker, tmp_path, capsys):
     assert exit_info.value.code not in (0, None)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "is a reranker" in lines[0] and "--format onnx" in lines[0], lines
+
+
+@pytest.mark.integration
+def test_minilm_openvino_int8_export(tmp_path):
+    """The real model on a real check set (STS-B paraphrase retrieval, 300 queries, 1,000 documents): catches an
+    int8 recipe that passes on the tiny model but loses quality on a trained one (the bounds the ONNX int8 holds)."""
+    manifest = export_openvino("minilm", tmp_path / "minilm_openvino", quantize="int8", check_set="stsb-paraphrase")
+    parity = manifest["parity"]
+    assert parity["check_set"] == "stsb-paraphrase-test" and parity["check_set_documents"] == 1000
+    assert parity["fp32_max_abs_diff"] < 1e-5
+    assert parity["int8_mean_cosine"] >= 0.99 and parity["int8_min_cosine"] >= 0.95
+    assert parity["ndcg_at_10_fp32"] - parity["ndcg_at_10_int8"] <= 0.005
+    assert parity["batch_invariance_max_abs_diff"] <= BATCH_INVARIANCE_ATOL
