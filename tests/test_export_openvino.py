@@ -217,3 +217,20 @@ def test_minilm_openvino_int8_export(tmp_path):
     assert parity["int8_mean_cosine"] >= 0.99 and parity["int8_min_cosine"] >= 0.95
     assert parity["ndcg_at_10_fp32"] - parity["ndcg_at_10_int8"] <= 0.005
     assert parity["batch_invariance_max_abs_diff"] <= BATCH_INVARIANCE_ATOL
+
+
+def test_eval_picks_the_runtime_from_the_manifest(ov_fp32, st_bert, tmp_path):
+    """Catches an export folder handed to the wrong runtime (an ONNX folder to OpenVINO or the reverse) or a model
+    folder taken for an export: `embedkit eval -m` decides by the folder's manifest."""
+    import embedkit.export.formats  # noqa: F401  (registers the formats, as embedkit.cli does)
+    from embedkit.export.onnx import OnnxEncoder, export_onnx
+    from embedkit.models.exported import export_format, load_exported_encoder
+
+    onnx_dir = tmp_path / "onnx"
+    export_onnx(st_bert, onnx_dir)
+    ov_dir, _ = ov_fp32
+    assert (export_format(onnx_dir), export_format(ov_dir), export_format(st_bert)) == ("onnx", "openvino", None)
+    assert type(load_exported_encoder(onnx_dir)) is OnnxEncoder
+    assert type(load_exported_encoder(ov_dir)) is OpenVinoEncoder
+    with pytest.raises(ModelError, match="not an export folder"):
+        load_exported_encoder(st_bert)

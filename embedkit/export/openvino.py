@@ -194,11 +194,12 @@ class OpenVinoEncoder(OnnxEncoder):
         return ir_sha256(self.graph_path)
 
     def describe(self) -> dict[str, Any]:
+        threads = int(self.session.get_property("INFERENCE_NUM_THREADS"))
         return {"name": self.name, "path": str(self.folder), "backend": "openvino", "variant": self.variant,
                 "pooling": self.pooling, "prompts": self.prompts, "max_length": self.max_length,
                 "normalize": self.normalize, "dim": self.dim, "fingerprint": self.fingerprint,
-                "inference_precision": self.compiled_precision(),
-                "threads": int(self.session.get_property("INFERENCE_NUM_THREADS"))}
+                "inference_precision": self.compiled_precision(), "threads": threads,
+                "device": f"CPU (OpenVINO, {threads} threads, {self.compiled_precision()})"}
 
 
 # ---------------------------------------------------------------------------------------------------- export
