@@ -7,7 +7,7 @@
     embedkit train RECIPE.yaml           contrastive fine-tuning (full, LoRA, QLoRA; GradCache; DeepSpeed)
     embedkit tune RECIPE.yaml --budget   search the recipe's parameters on a dev split, train the best, report
     embedkit eval / compare              evaluate, and gate a candidate against a baseline
-    embedkit export / serve              ONNX (fp32, int8) with parity; OpenAI-compatible /v1/embeddings
+    embedkit export / serve              ONNX or OpenVINO (fp32, int8) with parity; OpenAI-compatible /v1/embeddings
     embedkit llm sft|dpo|joint RECIPE    the generative head: SFT, DPO, joint embedding + answer training
     embedkit rag index|query|eval|web    FAISS index over a corpus; search, evaluate, a search page with answers
     embedkit demo                        the main job, end to end on the embedded defaults
@@ -38,6 +38,7 @@ from embedkit.data.lines import iter_jsonl, iter_text_lines
 from embedkit.errors import DataError, EmbedkitError
 from embedkit.eval.cli import compare_command, eval_command
 from embedkit.export.cli import export_command
+import embedkit.export.formats  # noqa: F401  (registers the export folders `embedkit eval -m` can load)
 from embedkit.launch import NPROC_HELP, end_launched_process, processes, report_error
 from embedkit.mine.cli import mine_command
 from embedkit.llm.cli import llm_app

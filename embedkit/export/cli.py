@@ -18,13 +18,16 @@ def export_command(
                                 help="Folder to write. Replaced only after the export passed its parity checks."),
     format: str = typer.Option("onnx", "--format", "-f",
                                help="'onnx': one graph (transformer + pooling + normalisation) for onnxruntime and "
-                                    "`embedkit serve --backend onnx`. 'hf': LoRA merged, sentence-transformers layout "
-                                    "for vLLM (`--runner pooling`) and TEI, with launch.txt/launch.json."),
+                                    "`embedkit serve --backend onnx`. 'openvino': that graph as OpenVINO IR "
+                                    "(`embedkit serve --backend openvino`; embedding models). 'hf': LoRA merged, "
+                                    "sentence-transformers layout for vLLM (`--runner pooling`) and TEI, with "
+                                    "launch.txt/launch.json."),
     quantize: Optional[str] = typer.Option(None, "--quantize", "-q",
-                                           help="ONNX only: 'int8' adds an int8 graph (per-token activation scales, "
-                                                "so a text's vector does not depend on its batch; 7-bit per-channel "
-                                                "weights; ~4x smaller, ~2x faster than fp32 on CPU) and makes it "
-                                                "the default. "
+                                           help="ONNX and OpenVINO: 'int8' adds an int8 graph and makes it the "
+                                                "default. ONNX: per-token activation scales, so a text's vector does "
+                                                "not depend on its batch; 7-bit per-channel weights; ~4x smaller, ~2x "
+                                                "faster than fp32 on CPU. OpenVINO: NNCF static int8 calibrated on "
+                                                "the check set (fixed scales: batch-independent too). "
                                                 "On the check set it must keep mean cosine >= 0.99 to fp32, every "
                                                 "text >= 0.95, and nDCG@10 within --max-ndcg-drop. A reranker's int8 graph "
                                                 "must pick torch's top document for >= 90% of the check-set "
@@ -67,11 +70,13 @@ def export_command(
 
       embedkit export --model runs/medquad/model --format onnx --quantize int8 --output runs/medquad/onnx
 
+      embedkit export --model runs/medquad/model --format openvino --quantize int8 --output runs/medquad/openvino
+
       embedkit export --model minilm --adapter runs/lora --format hf --output runs/hf   (then see runs/hf/launch.txt)
 
       embedkit export --model runs/minilm-rerank-scifact --format onnx --quantize int8 --output runs/rerank-onnx
     """
-    reranker = format in ("onnx", "hf") and model_kind(resolve_model_path(model)) == "reranker"
+    reranker = format in ("onnx", "openvino", "hf") and model_kind(resolve_model_path(model)) == "reranker"
     if format == "onnx":
         from embedkit.export.onnx import export_onnx
 
@@ -84,15 +89,13 @@ def export_command(
         manifest = export_onnx(model, output, quantize=quantize, adapter=adapter, exporter=exporter, opset=opset,
                                check_set=check_set, allow_probe_mismatch=allow_probe_mismatch,
                                max_ndcg_drop=max_ndcg_drop)
-        parity = manifest["parity"]
-        summary = f"fp32 max |diff| {parity['fp32_max_abs_diff']:.1e}"
-        if quantize:
-            summary += (f", int8 cosine mean {parity['int8_mean_cosine']:.4f} / min {parity['int8_min_cosine']:.4f}, "
-                        f"nDCG@10 on {parity['check_set']} fp32 {parity['ndcg_at_10_fp32']:.4f} / int8 "
-                        f"{parity['ndcg_at_10_int8']:.4f}")
-        summary += f", batch vs alone {parity['batch_invariance_max_abs_diff']:.1e}"
+        summary = _parity_summary(manifest["parity"], quantize)
         typer.echo(f"exported {model} -> {output} (onnx{', int8' if quantize else ''}; parity passed: {summary})")
         typer.echo(f"serve it:  embedkit serve --model {output} --backend onnx")
+    elif format == "openvino":
+        _export_openvino(model, output, quantize=quantize, adapter=adapter, exporter=exporter, opset=opset,
+                         check_set=check_set, allow_probe_mismatch=allow_probe_mismatch, max_ndcg_drop=max_ndcg_drop,
+                         reranker=reranker, served_name=served_name)
     elif format == "hf":
         from embedkit.export.hf import export_hf
 
@@ -101,13 +104,13 @@ def export_command(
                               "that sentence-transformers' CrossEncoder loads; --format hf exports embedding models",
                               field="format")
         if quantize:
-            raise ConfigError("--quantize applies to --format onnx only (vLLM/TEI quantise on their own)",
+            raise ConfigError("--quantize applies to --format onnx and openvino only (vLLM/TEI quantise on their own)",
                               field="quantize")
         export_hf(model, output, adapter=adapter, served_name=served_name,
                   allow_probe_mismatch=allow_probe_mismatch)
         typer.echo(f"exported {model} -> {output} (hf); launch commands in {output / 'launch.txt'}")
     else:
-        raise ConfigError(f"unknown format {format!r}; choose 'onnx' or 'hf'", field="format")
+        raise ConfigError(f"unknown format {format!r}; choose 'onnx', 'openvino' or 'hf'", field="format")
 
 
 def _export_reranker(model: str, output: Path, *, quantize: Optional[str], adapter: Optional[Path], exporter: str,
@@ -129,3 +132,33 @@ def _export_reranker(model: str, output: Path, *, quantize: Optional[str], adapt
     summary += f", batch vs alone {parity['batch_invariance_max_abs_diff']:.1e}"
     typer.echo(f"exported reranker {model} -> {output} (onnx{', int8' if quantize else ''}; parity passed: {summary})")
     typer.echo(f"load it:  embedkit.export.OnnxReranker({str(output)!r}).score(queries, documents)")
+
+
+def _parity_summary(parity: dict, quantize: Optional[str]) -> str:
+    summary = f"fp32 max |diff| {parity['fp32_max_abs_diff']:.1e}"
+    if quantize:
+        summary += (f", int8 cosine mean {parity['int8_mean_cosine']:.4f} / min {parity['int8_min_cosine']:.4f}, "
+                    f"nDCG@10 on {parity['check_set']} fp32 {parity['ndcg_at_10_fp32']:.4f} / int8 "
+                    f"{parity['ndcg_at_10_int8']:.4f}")
+    return summary + f", batch vs alone {parity['batch_invariance_max_abs_diff']:.1e}"
+
+
+def _export_openvino(model: str, output: Path, *, quantize: Optional[str], adapter: Optional[Path], exporter: str,
+                     opset: int, check_set: Optional[str], allow_probe_mismatch: bool, max_ndcg_drop: float,
+                     reranker: bool, served_name: Optional[str]) -> None:
+    """`embedkit export --format openvino` (embedkit.export.openvino): embedding models only."""
+    from embedkit.export.openvino import check_openvino_quantize, describe_runtime, export_openvino
+
+    if served_name:
+        raise ConfigError("--served-name applies to --format hf only", field="served-name")
+    if reranker:
+        raise ConfigError(f"{model} is a reranker (cross-encoder); --format openvino exports embedding models "
+                          "(export a reranker with --format onnx)", field="format")
+    check_openvino_quantize(quantize)
+    manifest = export_openvino(model, output, quantize=quantize, adapter=adapter, exporter=exporter, opset=opset,
+                               check_set=check_set, allow_probe_mismatch=allow_probe_mismatch,
+                               max_ndcg_drop=max_ndcg_drop)
+    typer.echo(describe_runtime(manifest["cpu"]))
+    typer.echo(f"exported {model} -> {output} (openvino{', int8 (NNCF static)' if quantize else ''}; parity passed: "
+               f"{_parity_summary(manifest['parity'], quantize)})")
+    typer.echo(f"serve it:  embedkit serve --model {output}   (evaluate it: embedkit eval --model {output})")

@@ -37,6 +37,7 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +46,7 @@ import numpy as np
 from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
 from embedkit.export.checkset import load_check_set, ndcg_from_vectors
+from embedkit.export.formats import ONNX_CONFIG_NAME
 from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_file
 from embedkit.models.adapters import merge_adapter
 from embedkit.models.probes import (BATCH_INVARIANCE_ATOL, DEFAULT_ATOL, DEFAULT_PROBES, batch_invariance, check_probes,
@@ -53,7 +55,6 @@ from embedkit.models.tokenization import collate, length_sorted_batches, prepare
 
 log = logging.getLogger(__name__)
 
-ONNX_CONFIG_NAME = "embedkit_onnx.json"
 FP32_GRAPH = "model.onnx"
 INT8_GRAPH = "model_int8.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -149,7 +150,7 @@ class OnnxGraph:
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
-        self.config = read_onnx_config(self.folder, self.kind)
+        self.config = self.read_config(self.folder)
         graphs = self.config["graphs"]
         self.variant = variant or self.config["default_variant"]
         if self.variant not in graphs:
@@ -160,7 +161,19 @@ class OnnxGraph:
         self.name = self.config.get("name") or self.folder.name
         self.fingerprint = f"{self.config.get('fingerprint', '')}:{self.variant}"
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.session = onnx_session(self.graph_path, threads=threads, device=device)
+        self.session = self.open_runtime(threads=threads, device=device)
+
+    # The two places where the runtime shows: a runtime for another format of the same graph (OpenVINO IR,
+    # embedkit.export.openvino) overrides them and keeps the rest (config, tokenizer, batching).
+    def read_config(self, folder: Path) -> dict[str, Any]:
+        return read_onnx_config(folder, self.kind)
+
+    def open_runtime(self, *, threads: int | None, device: Any):
+        return onnx_session(self.graph_path, threads=threads, device=device)
+
+    def graph_sha256(self) -> str:
+        """The served graph's hash, as the export recorded it in the manifest (export.graphs.VARIANT.sha256)."""
+        return sha256_file(self.graph_path)
 
 
 class OnnxEncoder(OnnxGraph):
@@ -197,7 +210,11 @@ class OnnxEncoder(OnnxGraph):
     def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Run the graph on one padded batch of token-id lists."""
         input_ids, mask = self.collate(id_lists)
-        return self.session.run([OUTPUT_NAME], {"input_ids": input_ids, "attention_mask": mask})[0]
+        return self.run_graph(input_ids, mask)
+
+    def run_graph(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The graph's sentence embeddings [batch, dim] for one padded batch."""
+        return self.session.run([OUTPUT_NAME], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
     def encode(self, texts: Sequence[str] | str, kind: str = "document", batch_size: int = 32,
                normalize: bool | None = None, show_progress: bool | None = None) -> np.ndarray:
@@ -288,25 +305,32 @@ def write_graphs(folder: Path, quantize: str | None) -> dict[str, str]:
 
 def write_export_manifest(folder: Path, model: Any, source: Any, graphs: dict[str, str], *, exporter: str, opset: int,
                           quantize: str | None, default_variant: str, started: float, parity: dict[str, Any],
-                          source_probes: Any) -> dict[str, Any]:
+                          source_probes: Any, fmt: str = "onnx", graph_sha256: Any = sha256_file,
+                          graph_bytes: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The export folder's manifest (of an embedding model or a reranker, `source`): what was exported from where,
-    how (`export_record`), and the parity checks it passed. Written into `folder`; returned."""
+    how (`export_record`), and the parity checks it passed. Written into `folder`; returned. `fmt`: the folder's
+    format ("onnx", "openvino": what `embedkit eval` reads to pick the runtime); `graph_sha256(path)`,
+    `graph_bytes(path)`: a graph's hash and size (an OpenVINO IR counts its weights file too); `extra`: more
+    top-level sections."""
     manifest = base_manifest("export", base_model=source.base_model, model=source.describe(),
                              export=export_record(folder, graphs, exporter=exporter, opset=opset, quantize=quantize,
-                                                  default_variant=default_variant, started=started),
-                             parity=parity, source_probes=source_probes)
+                                                  default_variant=default_variant, started=started, fmt=fmt,
+                                                  graph_sha256=graph_sha256, graph_bytes=graph_bytes),
+                             parity=parity, source_probes=source_probes, **(extra or {}))
     manifest["model"]["path"] = str(model)
     write_json(folder / MANIFEST_NAME, manifest)
     return manifest
 
 
 def export_record(folder: Path, graphs: dict[str, str], *, exporter: str, opset: int, quantize: str | None,
-                  default_variant: str, started: float) -> dict[str, Any]:
+                  default_variant: str, started: float, fmt: str = "onnx", graph_sha256: Any = sha256_file,
+                  graph_bytes: Any = None) -> dict[str, Any]:
     """The manifest's "export" section: how the graphs were made, and each graph's sha256 (`embedkit serve` compares
     the served file with it)."""
-    return {"format": "onnx", "exporter": exporter, "opset": opset, "quantize": quantize,
+    return {"format": fmt, "exporter": exporter, "opset": opset, "quantize": quantize,
             "default_variant": default_variant,
-            "graphs": {v: {"file": f, "sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size}
+            "graphs": {v: {"file": f, "sha256": graph_sha256(folder / f),
+                           "bytes": (graph_bytes or (lambda path: path.stat().st_size))(folder / f)}
                        for v, f in graphs.items()},
             "seconds": round(time.time() - started, 1)}
 
@@ -437,6 +461,125 @@ def _encode_items(encode, items: list[tuple[str, str]], batch_size: int) -> np.n
                           [k for _, k in items])
 
 
+@dataclass
+class ExportSource:
+    """What every export of an embedding model starts from: the model (LoRA merged, in eval mode), its probe check,
+    the check set, the parity texts and torch's vectors of them (the reference each exported graph must match)."""
+
+    encoder: Any
+    source_probes: dict[str, Any] | None
+    check: Any  # embedkit.export.checkset.CheckSet
+    items: list[tuple[str, str]]
+    reference: np.ndarray
+
+
+def load_export_source(model: str | Path, *, adapter: str | Path | None = None,
+                       check_set: str | Path | None = None, allow_probe_mismatch: bool = False) -> ExportSource:
+    """Load `model` for export (merging `adapter`), check it still reproduces its own probe vectors, load the check
+    set and compute torch's vectors of the parity texts. Shared by the ONNX and OpenVINO exports."""
+    import torch
+
+    from embedkit.models import load_model
+
+    encoder = load_model(model, adapter=adapter)
+    if encoder.has_adapter:
+        encoder = merge_adapter(encoder)
+    encoder.eval()
+    source_probes = None
+    if encoder.source_path and has_probes(encoder.source_path):
+        result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
+        source_probes = result.to_dict()
+        log.info(f"source model: {result.summary()}")
+        refuse_changed_source(result.ok, f"probe vectors ({result.summary()})", result.path, allow_probe_mismatch)
+    check = load_check_set(check_set, model_folders=[Path(f) for f in (adapter, encoder.source_path) if f])
+    log.info(f"check set: {check.name} ({check.source}): {len(check.queries)} queries, {len(check.corpus)} documents")
+    items = parity_texts(check)
+    with torch.inference_mode():
+        reference = _encode_items(lambda t, k, b: encoder.encode(t, kind=k, batch_size=b), items, 16)
+    return ExportSource(encoder, source_probes, check, items, reference)
+
+
+def embedding_config(encoder, *, fmt: str, graphs: dict[str, str], default_variant: str) -> dict[str, Any]:
+    """How to feed an exported embedding graph (embedkit_onnx.json; the OpenVINO folder's config has the same keys)."""
+    return {
+        "format": fmt, "kind": KIND_EMBEDDING, "name": encoder.name, "fingerprint": encoder.fingerprint,
+        "graphs": graphs, "default_variant": default_variant, "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
+        "pooling": encoder.pooling, "prompts": encoder.prompts, "max_length": encoder.max_length,
+        "normalize": encoder.normalize, "padding_side": encoder.padding_side, "dim": encoder.dim,
+        "is_causal": encoder.is_causal,
+    }
+
+
+def check_fp32_parity(fp32, source: ExportSource, parity: dict[str, Any], *, max_abs_diff: float, output: Path,
+                      what: str = "ONNX fp32") -> np.ndarray:
+    """The whole path (saved tokenizer + fp32 graph `fp32`) against torch, in batches with and without padding;
+    raises ExportError past `max_abs_diff`. Returns the graph's vectors of the parity texts (batches of 16)."""
+    items = source.items
+    got = np.concatenate([_encode_items(fp32.encode, items, 16)[None], _encode_items(fp32.encode, items, 1)[None]])
+    diff = float(np.abs(got - source.reference[None]).max())
+    parity["fp32_max_abs_diff"] = diff
+    parity["fp32_max_abs_diff_bound"] = max_abs_diff
+    log.info(f"parity {what} vs torch: max |diff| {diff:.2e} (bound {max_abs_diff:.0e})")
+    if not diff < max_abs_diff:
+        raise ExportError(f"{what} output differs from torch by {diff:.2e} (bound {max_abs_diff:.0e}); "
+                          "nothing was written", path=output)
+    return got[0]
+
+
+def check_int8_quality(fp32, int8, source: ExportSource, fp32_vectors: np.ndarray, parity: dict[str, Any], *,
+                       method: str, min_mean_cosine: float, min_cosine: float, max_ndcg_drop: float,
+                       output: Path) -> None:
+    """The int8 graph against the fp32 one on the check set and the parity texts: mean and lowest cosine, nDCG@10
+    drop; raises ExportError past a bound. `method` (how the int8 graph was made) goes into `parity`."""
+    check, items = source.check, source.items
+    vectors = {}
+    for name, graph in (("fp32", fp32), ("int8", int8)):
+        vectors[name] = [graph.encode(list(check.queries.values()), "query", 32),
+                         graph.encode(list(check.corpus.values()), "document", 32)]
+    ndcg_fp32, ndcg_int8 = (ndcg_from_vectors(check, *vectors[name]) for name in ("fp32", "int8"))
+    cos = _cosines(np.concatenate(vectors["int8"] + [_encode_items(int8.encode, items, 16)]),
+                   np.concatenate(vectors["fp32"] + [fp32_vectors]))
+    parity.update({
+        "int8_method": method,
+        "int8_texts": len(cos), "int8_mean_cosine": float(cos.mean()), "int8_min_cosine": float(cos.min()),
+        "int8_mean_cosine_bound": min_mean_cosine, "int8_min_cosine_bound": min_cosine,
+        "ndcg_at_10_fp32": ndcg_fp32, "ndcg_at_10_int8": ndcg_int8, "ndcg_at_10_max_drop": max_ndcg_drop,
+    })
+    log.info(f"parity int8 vs fp32 on {len(cos)} texts: mean cosine {cos.mean():.4f} (bound "
+             f"{min_mean_cosine}), min {cos.min():.4f} (bound {min_cosine}); nDCG@10 on {check.name}: fp32 "
+             f"{ndcg_fp32:.4f}, int8 {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
+    if not cos.mean() >= min_mean_cosine:
+        raise ExportError(f"int8 graph: mean cosine to fp32 {cos.mean():.4f} < {min_mean_cosine}; "
+                          "nothing was written", path=output)
+    if not cos.min() >= min_cosine:
+        raise ExportError(f"int8 graph: a text's cosine to fp32 is {cos.min():.4f} < {min_cosine}; "
+                          "nothing was written", path=output)
+    if not ndcg_fp32 - ndcg_int8 <= max_ndcg_drop:
+        raise ExportError(f"int8 graph: nDCG@10 {ndcg_int8:.4f} vs fp32 {ndcg_fp32:.4f} drops more than "
+                          f"{max_ndcg_drop}; nothing was written", path=output)
+
+
+def check_batch_independence(default, source: ExportSource, parity: dict[str, Any], *, max_batch_diff: float,
+                             output: Path) -> None:
+    """The graph a folder serves must give a text the same vector alone and inside any batch (ExportError if not)."""
+    batch_texts = [t for t, _ in source.items]
+    batch_diff = batch_invariance(lambda t: default.encode(t, "document", batch_size=len(t)), batch_texts)
+    parity.update({"batch_invariance_graph": default.variant, "batch_invariance_texts": len(batch_texts),
+                   "batch_invariance_batch_sizes": [8, 32], "batch_invariance_max_abs_diff": batch_diff,
+                   "batch_invariance_bound": max_batch_diff})
+    log.info(f"batch vs alone ({default.variant}, {len(batch_texts)} texts in batches of 8 and 32): max "
+             f"|diff| {batch_diff:.2e} (bound {max_batch_diff:.0e})")
+    if not batch_diff <= max_batch_diff:
+        raise ExportError(f"{default.variant} graph: a text's vector depends on its batch (max |diff| "
+                          f"{batch_diff:.2e} > {max_batch_diff:.0e}); nothing was written", path=output)
+
+
+def parity_record(check) -> dict[str, Any]:
+    """The manifest's "parity" section as it starts: which check set, how big."""
+    return {"check_set": check.name, "check_set_source": check.source, "check_set_queries": len(check.queries),
+            "check_set_documents": len(check.corpus)}
+
+
 def export_onnx(
     model: str | Path,
     output: str | Path,
@@ -460,28 +603,12 @@ def export_onnx(
     missed: fp32 vs torch; int8 vs fp32 (mean and minimum cosine, nDCG@10 drop); the default graph's batch-vs-alone
     difference (`max_batch_diff`, default BATCH_INVARIANCE_ATOL).
     """
-    import torch
-
-    from embedkit.models import load_model
-
     check_quantize(quantize)
     started = time.time()
-    encoder = load_model(model, adapter=adapter)
-    if encoder.has_adapter:
-        encoder = merge_adapter(encoder)
-    encoder.eval()
-    source_probes = None
-    if encoder.source_path and has_probes(encoder.source_path):
-        result = check_probes(lambda t, k: encoder.encode(list(t), kind=k), encoder.source_path)
-        source_probes = result.to_dict()
-        log.info(f"source model: {result.summary()}")
-        refuse_changed_source(result.ok, f"probe vectors ({result.summary()})", result.path, allow_probe_mismatch)
+    source = load_export_source(model, adapter=adapter, check_set=check_set,
+                                allow_probe_mismatch=allow_probe_mismatch)
+    encoder = source.encoder
     max_batch_diff = BATCH_INVARIANCE_ATOL if max_batch_diff is None else max_batch_diff
-    check = load_check_set(check_set, model_folders=[Path(f) for f in (adapter, encoder.source_path) if f])
-    log.info(f"check set: {check.name} ({check.source}): {len(check.queries)} queries, {len(check.corpus)} documents")
-    items = parity_texts(check)
-    with torch.inference_mode():
-        reference = _encode_items(lambda t, k, b: encoder.encode(t, kind=k, batch_size=b), items, 16)
 
     output = Path(output)
     with atomic_dir(output) as tmp:
@@ -491,76 +618,27 @@ def export_onnx(
         encoder.tokenizer.save_pretrained(tmp)
         graphs = write_graphs(tmp, quantize)
         default_variant = "int8" if quantize == "int8" else "fp32"
-        config = {
-            "format": "embedkit-onnx/1", "kind": KIND_EMBEDDING, "name": encoder.name,
-            "fingerprint": encoder.fingerprint,
-            "graphs": graphs, "default_variant": default_variant, "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME,
-            "pooling": encoder.pooling, "prompts": encoder.prompts, "max_length": encoder.max_length,
-            "normalize": encoder.normalize, "padding_side": encoder.padding_side, "dim": encoder.dim,
-            "is_causal": encoder.is_causal,
-        }
-        write_json(tmp / ONNX_CONFIG_NAME, config)
+        write_json(tmp / ONNX_CONFIG_NAME, embedding_config(encoder, fmt="embedkit-onnx/1", graphs=graphs,
+                                                            default_variant=default_variant))
 
         # --- parity: the whole path (saved tokenizer + graph) against torch, batches with and without padding
-        parity: dict[str, Any] = {"texts": len(items), "check_set": check.name, "check_set_source": check.source,
-                                  "check_set_queries": len(check.queries), "check_set_documents": len(check.corpus)}
+        parity: dict[str, Any] = {"texts": len(source.items), **parity_record(source.check)}
         fp32 = OnnxEncoder(tmp, variant="fp32")
-        got = np.concatenate([_encode_items(fp32.encode, items, 16)[None], _encode_items(fp32.encode, items, 1)[None]])
-        diff = float(np.abs(got - reference[None]).max())
-        parity["fp32_max_abs_diff"] = diff
-        parity["fp32_max_abs_diff_bound"] = max_abs_diff
-        log.info(f"parity fp32 vs torch: max |diff| {diff:.2e} (bound {max_abs_diff:.0e})")
-        if not diff < max_abs_diff:
-            raise ExportError(f"ONNX fp32 output differs from torch by {diff:.2e} (bound {max_abs_diff:.0e}); "
-                              "nothing was written", path=output)
+        fp32_vectors = check_fp32_parity(fp32, source, parity, max_abs_diff=max_abs_diff, output=output)
+        default = fp32
         if quantize == "int8":
-            int8 = OnnxEncoder(tmp, variant="int8")
-            vectors = {}
-            for name, graph in (("fp32", fp32), ("int8", int8)):
-                vectors[name] = [graph.encode(list(check.queries.values()), "query", 32),
-                                 graph.encode(list(check.corpus.values()), "document", 32)]
-            ndcg_fp32, ndcg_int8 = (ndcg_from_vectors(check, *vectors[name]) for name in ("fp32", "int8"))
-            cos = _cosines(np.concatenate(vectors["int8"] + [_encode_items(int8.encode, items, 16)]),
-                           np.concatenate(vectors["fp32"] + [got[0]]))
-            parity.update({
-                "int8_method": "per-token activation scales, 7-bit per-channel weights",
-                "int8_texts": len(cos), "int8_mean_cosine": float(cos.mean()), "int8_min_cosine": float(cos.min()),
-                "int8_mean_cosine_bound": min_mean_cosine, "int8_min_cosine_bound": min_cosine,
-                "ndcg_at_10_fp32": ndcg_fp32, "ndcg_at_10_int8": ndcg_int8, "ndcg_at_10_max_drop": max_ndcg_drop,
-            })
-            log.info(f"parity int8 vs fp32 on {len(cos)} texts: mean cosine {cos.mean():.4f} (bound "
-                     f"{min_mean_cosine}), min {cos.min():.4f} (bound {min_cosine}); nDCG@10 on {check.name}: fp32 "
-                     f"{ndcg_fp32:.4f}, int8 {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
-            if not cos.mean() >= min_mean_cosine:
-                raise ExportError(f"int8 graph: mean cosine to fp32 {cos.mean():.4f} < {min_mean_cosine}; "
-                                  "nothing was written", path=output)
-            if not cos.min() >= min_cosine:
-                raise ExportError(f"int8 graph: a text's cosine to fp32 is {cos.min():.4f} < {min_cosine}; "
-                                  "nothing was written", path=output)
-            if not ndcg_fp32 - ndcg_int8 <= max_ndcg_drop:
-                raise ExportError(f"int8 graph: nDCG@10 {ndcg_int8:.4f} vs fp32 {ndcg_fp32:.4f} drops more than "
-                                  f"{max_ndcg_drop}; nothing was written", path=output)
-            default = int8
-        else:
-            default = fp32
-        # The graph this folder serves must give a text the same vector alone and inside any batch.
-        batch_texts = [t for t, _ in items]
-        batch_diff = batch_invariance(lambda t: default.encode(t, "document", batch_size=len(t)), batch_texts)
-        parity.update({"batch_invariance_graph": default.variant, "batch_invariance_texts": len(batch_texts),
-                       "batch_invariance_batch_sizes": [8, 32], "batch_invariance_max_abs_diff": batch_diff,
-                       "batch_invariance_bound": max_batch_diff})
-        log.info(f"batch vs alone ({default.variant}, {len(batch_texts)} texts in batches of 8 and 32): max "
-                 f"|diff| {batch_diff:.2e} (bound {max_batch_diff:.0e})")
-        if not batch_diff <= max_batch_diff:
-            raise ExportError(f"{default.variant} graph: a text's vector depends on its batch (max |diff| "
-                              f"{batch_diff:.2e} > {max_batch_diff:.0e}); nothing was written", path=output)
+            default = OnnxEncoder(tmp, variant="int8")
+            check_int8_quality(fp32, default, source, fp32_vectors, parity,
+                               method="per-token activation scales, 7-bit per-channel weights",
+                               min_mean_cosine=min_mean_cosine, min_cosine=min_cosine, max_ndcg_drop=max_ndcg_drop,
+                               output=output)
+        check_batch_independence(default, source, parity, max_batch_diff=max_batch_diff, output=output)
         parity["passed"] = True
         # Probes of the graph this folder serves by default; `embedkit serve` re-checks them at start-up.
         write_probes(default, tmp, created_by="export", atol=DEFAULT_ATOL if quantize is None else 1e-3,
                      vectors_fn=lambda t, k: default.encode(list(t), k))
         manifest = write_export_manifest(tmp, model, encoder, graphs, exporter=exporter, opset=opset, quantize=quantize,
                                          default_variant=default_variant, started=started, parity=parity,
-                                         source_probes=source_probes)
+                                         source_probes=source.source_probes)
     log.info(f"wrote {output} ({', '.join(graphs.values())}) in {time.time() - started:.1f}s")
     return manifest
-

@@ -1,9 +1,9 @@
 """What the server runs: a model behind two calls, `token_ids` (per request, any thread) and `embed_ids` (the batch).
 
 `TorchBackend` wraps an `Encoder` (any model folder or embedded name); `OnnxBackend` wraps an `OnnxEncoder` (an
-`embedkit export --format onnx` folder). Both compute exactly what `encode` computes, so the server's vectors equal
-the in-process ones. `TorchRerankBackend` wraps a `Reranker` (`embedkit serve --rerank`, for `/v1/rerank`) and
-scores exactly what `Reranker.score` scores. `verify_probes` is the start-up check of either kind: the recorded
+`embedkit export --format onnx` folder); `OpenVinoBackend` an `OpenVinoEncoder` (`--format openvino`). Each
+computes exactly what `encode` computes, so the server's vectors equal the in-process ones. `TorchRerankBackend`
+wraps a `Reranker` (`embedkit serve --rerank`, for `/v1/rerank`) and scores exactly what `Reranker.score` scores. `verify_probes` is the start-up check of either kind: the recorded
 fingerprint of the weights (exact) and the probe vectors or probe scores (within a tolerance).
 
 The backends are a registry (`register_serve_backend`): `embedkit serve --backend` accepts, and its help lists,
@@ -26,7 +26,8 @@ import numpy as np
 
 from embedkit.errors import ModelError
 from embedkit.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder
-from embedkit.manifest import MANIFEST_NAME, sha256_file
+from embedkit.export.openvino import OPENVINO_CONFIG_NAME, OpenVinoEncoder
+from embedkit.manifest import MANIFEST_NAME
 from embedkit.models.probes import PROBES_NAME, ProbeCheck, check_probes, has_probes, probes_path
 from embedkit.models.tokenization import length_sorted_batches, tokenize, tokenize_pairs
 
@@ -270,9 +271,29 @@ class OnnxBackend(ServeBackend):
         recorded = (graphs.get(self.encoder.variant) or {}).get("sha256")
         if not isinstance(recorded, str) or not recorded:
             return None
-        actual = sha256_file(self.encoder.graph_path)
+        actual = self.encoder.graph_sha256()
         return FingerprintCheck(actual == recorded, f"{self.encoder.graph_path.name} sha256", recorded, actual,
                                 str(source))
+
+
+@register_serve_backend
+class OpenVinoBackend(OnnxBackend):
+    """The ONNX backend's calls (ThreadSafeTokenizer for `token_ids`, the encoder's `embed_ids`, the recorded hash and
+    the probes at start-up) over an `OpenVinoEncoder`, so the server's vectors equal `OpenVinoEncoder.encode`'s."""
+
+    kind = "openvino"
+    help = "an `embedkit export --format openvino` folder (OpenVINO IR, int8 if exported so), on the CPU"
+    folder_format = "an OpenVINO export folder"
+    folder_hint = "make one with `embedkit export --model {path} --format openvino --output DIR`"
+
+    @classmethod
+    def recognizes(cls, folder: Path) -> bool:
+        return (folder / OPENVINO_CONFIG_NAME).is_file()
+
+    @classmethod
+    def load(cls, spec: "ModelSpec", *, threads: int | None, device: Any) -> "OpenVinoBackend":
+        # `--threads` becomes OpenVINO's INFERENCE_NUM_THREADS; `device` is not used: the IR runs on the CPU.
+        return cls(OpenVinoEncoder(spec.path, threads=threads), name=spec.name)
 
 
 @dataclass

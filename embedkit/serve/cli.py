@@ -70,7 +70,7 @@ def serve_command(
                                                 "that cannot is answered 503 (Retry-After) before they end."),
     input_type: str = typer.Option("document", "--default-input-type",
                                    help="Prompt used when a request has no `input_type`: 'document' or 'query'."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per model call (onnxruntime intra-op / torch). Default: all cores; on a busy machine fewer threads avoid stalls."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads per model call (onnxruntime intra-op / OpenVINO INFERENCE_NUM_THREADS / torch). Default: all cores; on a busy machine fewer threads avoid stalls."),
     probe_atol: Optional[float] = typer.Option(None, "--probe-atol",
                                                help="Tolerance of the start-up probe check (default: the one recorded "
                                                     "in probe_vectors.json; 1e-3 for --engine vllm)."),
@@ -86,7 +86,8 @@ def serve_command(
                                    "(`embedkit llm sft|dpo|joint` outputs; torch backend). Non-streaming."),
     device: str = typer.Option("auto", "--device",
                                help=f"Where the torch backend (and chat) runs: {DEVICE_HELP} ONNX runs on the CPU "
-                                    "unless the installed onnxruntime has the CUDA provider (onnxruntime-gpu)."),
+                                    "unless the installed onnxruntime has the CUDA provider (onnxruntime-gpu); "
+                                    "OpenVINO on the CPU."),
 ) -> None:
     """Serve embeddings over HTTP: OpenAI-compatible POST /v1/embeddings, GET /v1/models, /health, /metrics; and
     POST /v1/rerank (Cohere's / Jina's shape) for the rerankers given with --rerank.
