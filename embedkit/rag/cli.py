@@ -49,8 +49,9 @@ def index_command(
     model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
     corpus: Path = typer.Option(
         ..., "--corpus", "-c",
-        help="Documents: a BEIR folder (its corpus.jsonl), a corpus.jsonl ({\"_id\", \"title\", \"text\"} per line) or "
-             "a .txt (one passage per line; ids are FILE:LINE)."),
+        help="Documents: a BEIR folder (its corpus.jsonl), a corpus.jsonl ({\"_id\", \"title\", \"text\"} per line), "
+             "a .txt (one passage per line; ids are FILE:LINE), or a folder of .txt / .md files (cut into passages "
+             "of about 200 words at paragraph breaks; ids are PATH#N)."),
     output: Path = typer.Option(..., "--output", "-o", help="Index folder to write (an older index there is replaced)."),
     index_type: str = typer.Option(
         "auto", "--index-type",
@@ -76,8 +77,8 @@ def index_command(
     Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
     """
     from embedkit.models import load_model
+    from embedkit.data.documents import load_documents
     from embedkit.rag.bm25 import bm25_available
-    from embedkit.rag.corpus import load_documents
     from embedkit.rag.index import build_index, choose_index_type
 
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
