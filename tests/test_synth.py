@@ -179,6 +179,21 @@ class CountingGenerator(QueryGenerator):
         return {"engine": "fake", "model": "counting", "sha256": "0" * 64, "settings": self.settings.to_dict()}
 
 
+class FakeSpec:
+    """What synthesize needs of a GeneratorSpec: an identity known before loading, and open()."""
+
+    def __init__(self, generator: QueryGenerator) -> None:
+        self.generator = generator
+        self.opened = 0
+
+    def identity(self):
+        return {"engine": "fake", "model": "counting"}
+
+    def open(self):
+        self.opened += 1
+        return self.generator
+
+
 def test_an_interrupted_run_resumes_without_duplicates_or_losses(tmp_path):
     # Catches: a re-run that generates queries again (duplicates), loses the batches an interrupted run had
     # flushed, or keeps a half-written last line.
@@ -187,21 +202,22 @@ def test_an_interrupted_run_resumes_without_duplicates_or_losses(tmp_path):
     settings = SynthSettings(style="question", prompt=named_prompt("question"), queries_per_doc=2)
     first = CountingGenerator(fail_after=2)
     with pytest.raises(KeyboardInterrupt):
-        synthesize(corpus, out, settings, open_generator=lambda: first, show_progress=False)
+        synthesize(corpus, out, settings, FakeSpec(first), show_progress=False)
     flushed = read_jsonl(out / GENERATED_FILE)
     assert len(flushed) == 4  # two batches of two, durable before the interruption
     with open(out / GENERATED_FILE, "a", encoding="utf-8") as f:
         f.write('{"doc_id": "d4", "index": 1, "que')  # the kill came in the middle of a line
     second = CountingGenerator()
-    summary = synthesize(corpus, out, settings, open_generator=lambda: second, show_progress=False)
+    summary = synthesize(corpus, out, settings, FakeSpec(second), show_progress=False)
     rows = read_jsonl(out / GENERATED_FILE)
     keys = [(r["doc_id"], r["index"]) for r in rows]
     assert len(keys) == len(set(keys)) == 8
     assert len(second.prompts) == 4 and summary["generated_now"] == 4
     assert rows[:4] == flushed  # append-only: what was there is untouched
-    third = CountingGenerator()
-    synthesize(corpus, out, settings, open_generator=lambda: third, show_progress=False)
-    assert third.prompts == [] and len(read_jsonl(out / GENERATED_FILE)) == 8
+    third = FakeSpec(CountingGenerator())
+    synthesize(corpus, out, settings, third, show_progress=False)
+    # nothing left: the model is not even loaded (a re-run that only re-filters costs no generator start)
+    assert third.opened == 0 and len(read_jsonl(out / GENERATED_FILE)) == 8
 
 
 def test_batches_are_length_sorted(tmp_path):
@@ -210,7 +226,7 @@ def test_batches_are_length_sorted(tmp_path):
     corpus = write_corpus(tmp_path / "in", docs)
     gen = CountingGenerator(batch_size=2)
     synthesize(corpus, tmp_path / "out", SynthSettings(style="question", prompt=named_prompt("question")),
-               open_generator=lambda: gen, show_progress=False)
+               FakeSpec(gen), show_progress=False)
     lengths = [len(p) for p in gen.prompts]
     assert lengths == sorted(lengths)
 
@@ -224,7 +240,7 @@ def test_training_output_manifest_and_refused_settings_change(tmp_path):
     corpus = write_corpus(tmp_path / "in")
     out = tmp_path / "out"
     settings = SynthSettings(style="question", prompt=named_prompt("question"), seed=7)
-    synthesize(corpus, out, settings, open_generator=CountingGenerator, show_progress=False)
+    synthesize(corpus, out, settings, FakeSpec(CountingGenerator()), show_progress=False)
     examples = list(read_examples(out / "pairs.jsonl"))
     assert len(examples) == 4 and examples[0].query.startswith("what about insulin")
     assert examples[0].positive == "Insulin " + DOCS[0]["text"]  # title + text, as eval encodes the document
@@ -382,9 +398,9 @@ def test_unreachable_endpoint_is_one_line_exit_3_and_writes_nothing(tmp_path, ca
     url = f"http://127.0.0.1:{_closed_port()}"
     code, _, err = run_cli(capsys, str(corpus), "-o", str(tmp_path / "out"), "--api-base", url)
     assert code == 3
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach {url}/v1/models")
-    assert not (tmp_path / "out" / "pairs.jsonl").exists()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [err.strip().splitlines()[-1]] and errors[0].startswith(f"error: cannot reach {url}/v1/models")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_generator_that_returns_nothing_stops_the_run(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     from embedkit.synth import SynthSettings, synthesize
     synthesize("docs/", "runs/synth-ict", SynthSettings(style="ict", queries_per_doc=2))
+    synthesize("corpus.jsonl", "runs/synth-q", SynthSettings(prompt=named_prompt("question")), GeneratorSpec())
 
 Modules: prompts (the named prompts), styles (generator-free: title, ict, crop), generators (transformers,
 OpenAI-compatible endpoint, vLLM), store (the append-only, resumable log), filters, run (the whole run), cli.
@@ -17,8 +18,9 @@ _EXPORTS = {
     "synthesize": "embedkit.synth.run",
     "FilterSettings": "embedkit.synth.filters",
     "GenerationSettings": "embedkit.synth.generators.base",
-    "open_generator": "embedkit.synth.generators",
+    "GeneratorSpec": "embedkit.synth.generators",
     "NAMED_PROMPTS": "embedkit.synth.prompts",
+    "named_prompt": "embedkit.synth.prompts",
 }
 
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,7 @@ import typer
 from embedkit.device import DEVICE_HELP
 from embedkit.errors import ConfigError
 from embedkit.synth.filters import FILTER_NAMES, FilterSettings
-from embedkit.synth.generators import ENGINES, GenerationSettings, open_generator
+from embedkit.synth.generators import ENGINES, GenerationSettings, GeneratorSpec
 from embedkit.synth.prompts import CUSTOM, MAX_DOCUMENT_WORDS, NAMED_PROMPTS, load_prompt_file, named_prompt
 from embedkit.synth.run import SynthSettings, synthesize
 from embedkit.synth.styles import FREE_STYLES
@@ -158,13 +158,9 @@ def synth_command(
                              filter_model=filter_model, eval_set=eval_set, restart=restart, device=device)
     generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     batch_size=batch_size)
-
-    def make_generator():
-        return open_generator(model=model, engine=engine, settings=generation, device=device, api_base=api_base,
-                              api_model=api_model, api_key=api_key or os.environ.get(API_KEY_ENV),
-                              timeout_s=timeout)
-
-    summary = synthesize(corpus, output, settings, open_generator=make_generator)
+    spec = GeneratorSpec(model=model, engine=engine, settings=generation, device=device, api_base=api_base,
+                         api_model=api_model, api_key=api_key or os.environ.get(API_KEY_ENV), timeout_s=timeout)
+    summary = synthesize(corpus, output, settings, spec)
     if json_output:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return

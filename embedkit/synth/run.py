@@ -35,9 +35,10 @@ from embedkit.logs import progress
 from embedkit.manifest import MANIFEST_NAME, base_manifest, sha256_texts
 from embedkit.mine.cache import corpus_vectors
 from embedkit.synth.filters import FilterReport, FilterSettings, cheap_filters, round_trip_filter
+from embedkit.synth.generators import GeneratorSpec
 from embedkit.synth.generators.base import GeneratorError, QueryGenerator
 from embedkit.synth.prompts import MAX_DOCUMENT_WORDS, Prompt, clean_query
-from embedkit.synth.store import GENERATED_FILE, GeneratedLog, check_settings, item_key
+from embedkit.synth.store import GENERATED_FILE, GeneratedLog, check_settings, item_key, record_settings
 from embedkit.synth.styles import FREE_STYLES, make_pair, queries_available
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,17 @@ def round_trip(rows: list[dict[str, Any]], docs: Sequence[Document], settings: S
     return kept, {"name": settings.filter_model, "fingerprint": encoder.fingerprint, "cached": cache["cached"]}
 
 
+def _earlier_generator(output: Path, spec: GeneratorSpec | None) -> dict[str, Any] | None:
+    """The generator block of the folder's manifest when nothing was left to generate (no model loaded)."""
+    if spec is None:
+        return None
+    try:
+        earlier = json.loads((output / MANIFEST_NAME).read_text(encoding="utf-8")).get("generator")
+    except (OSError, ValueError):
+        earlier = None
+    return earlier if isinstance(earlier, dict) else {**spec.identity(), "loaded": False}
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -175,11 +187,14 @@ def _write_eval_set(output: Path, rows: Sequence[dict[str, Any]], marker: dict[s
     write_json(output / SYNTHETIC_FILE, marker)
 
 
-def synthesize(corpus: str | Path, output: str | Path, settings: SynthSettings, *,
-               open_generator=None, show_progress: bool = True) -> dict[str, Any]:
-    """Run synth; `open_generator()` builds the generator (called only for a generator style). Returns the summary
-    (also in the manifest)."""
+def synthesize(corpus: str | Path, output: str | Path, settings: SynthSettings,
+               generator: GeneratorSpec | None = None, *, show_progress: bool = True) -> dict[str, Any]:
+    """Run synth with `generator` (generator styles only; it is opened only when something is left to generate).
+    Returns the summary (also in the manifest)."""
     settings.check()
+    if settings.style not in FREE_STYLES and generator is None:
+        raise ConfigError(f"style {settings.style!r} needs a generator", field="style")
+    generator = generator if settings.style not in FREE_STYLES else None
     output = Path(output)
     started = time.monotonic()
     docs = load_documents(corpus)
@@ -194,26 +209,23 @@ def synthesize(corpus: str | Path, output: str | Path, settings: SynthSettings, 
         raise DataError(f"no document can give a {settings.style} query (title: none has a title; ict: none has "
                         "two sentences; crop: none has 8 words)", path=corpus)
     corpus_sha = _corpus_sha256(docs)
-
-    generator = None
-    if settings.style not in FREE_STYLES:
-        if open_generator is None:
-            raise ConfigError(f"style {settings.style!r} needs a generator", field="style")
-        generator = open_generator()
-    generator_info = generator.describe() if generator is not None else None
-    identity = {k: v for k, v in (generator_info or {}).items() if k in ("engine", "model", "api_base", "path")}
     resume_settings = {
         "corpus_sha256": corpus_sha, "style": settings.style, "queries_per_doc": settings.queries_per_doc,
         "sample": settings.sample, "seed": settings.seed, "max_document_words": settings.max_document_words,
-        "prompt_sha256": settings.prompt.sha256 if settings.prompt else None, "generator": identity or None,
-        "generation": {k: v for k, v in (generator_info or {}).get("settings", {}).items() if k != "batch_size"},
+        "prompt_sha256": settings.prompt.sha256 if settings.prompt else None,
+        "generator": generator.identity() if generator is not None else None,
     }
-    check_settings(output, resume_settings, restart=settings.restart)
+    check_settings(output, resume_settings, restart=settings.restart)  # before any model loads
+    if settings.restart:
+        (output / GENERATED_FILE).unlink(missing_ok=True)
     store = GeneratedLog(output / GENERATED_FILE)
     pending = [(d, i) for d, i in items if item_key(d.doc_id, i) not in store.keys]
     log.info("%d documents, %d chosen, %d queries planned (%s), %d already generated in %s", len(docs), len(chosen),
              len(items), settings.style, len(items) - len(pending), output / GENERATED_FILE)
 
+    model = generator.open() if generator is not None and pending else None
+    generator_info = model.describe() if model is not None else _earlier_generator(output, generator)
+    record_settings(output, resume_settings)
     gen_started = time.monotonic()
     source = settings.style if generator is None else f"{generator_info['engine']}:{generator_info['model']}"
     try:
@@ -221,11 +233,11 @@ def synthesize(corpus: str | Path, output: str | Path, settings: SynthSettings, 
                       enabled=show_progress) as bar:
             if generator is None:
                 generate_free(pending, store, settings.style, settings.seed, bar)
-            elif pending:
-                generate_with_model(pending, store, generator, settings, source, bar)
+            elif model is not None:
+                generate_with_model(pending, store, model, settings, source, bar)
     finally:
-        if generator is not None:
-            generator.close()
+        if model is not None:
+            model.close()
     gen_seconds = time.monotonic() - gen_started
 
     position = {d.doc_id: n for n, d in enumerate(docs)}

@@ -30,20 +30,22 @@ def item_key(doc_id: str, index: int) -> tuple[str, int]:
 
 
 def check_settings(folder: Path, settings: dict[str, Any], *, restart: bool) -> None:
-    """Record the run's settings, or check that they are those the folder's log was written with."""
-    path = folder / SETTINGS_FILE
-    log = folder / GENERATED_FILE
-    if restart:
-        log.unlink(missing_ok=True)
-    elif log.exists() and path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            what = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed[:3])
-            raise ConfigError(f"this folder holds queries generated with other settings ({what}); use another "
-                              "--output, or --restart to discard them", path=folder)
+    """Refuse a re-run whose settings differ from those the folder's log was written with (nothing is written)."""
+    path, log = folder / SETTINGS_FILE, folder / GENERATED_FILE
+    if restart or not (log.exists() and path.is_file()):
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    if changed:
+        what = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed[:3])
+        raise ConfigError(f"this folder holds queries generated with other settings ({what}); use another "
+                          "--output, or --restart to discard them", path=folder)
+
+
+def record_settings(folder: Path, settings: dict[str, Any]) -> None:
+    """Write the settings the folder's log is (being) generated with."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
+    write_json(folder / SETTINGS_FILE, settings)
 
 
 class GeneratedLog:

@@ -33,8 +33,6 @@ def endpoint_urls(api_base: str) -> tuple[str, str]:
 class ChatEndpointGenerator(QueryGenerator):
     def __init__(self, api_base: str, *, model: str | None, api_key: str | None, settings: GenerationSettings,
                  timeout_s: float = 60.0) -> None:
-        if not api_base.startswith(("http://", "https://")):
-            raise GeneratorError(f"--api-base must be an http:// or https:// URL, got {api_base!r}")
         self.settings = settings
         self.api_base = api_base
         self.chat_url, self.models_url = endpoint_urls(api_base)
