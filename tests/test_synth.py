@@ -463,5 +463,17 @@ def test_eval_set_is_a_beir_folder_marked_synthetic_in_eval_reports(tmp_path, ca
     (data,) = report["manifest"]["data"].values()
     assert data["synthetic"]["made_by"] == "embedkit synth"
     assert "synthetic queries" in report_path.with_suffix(".md").read_text()
+    assert "synthetic queries (made by embedkit synth, style question)" in capsys.readouterr().out
+    # rag eval over an index of the same corpus says so too, in its output and its JSON
+    with pytest.raises(SystemExit):
+        main(["rag", "index", "-m", str(st_bert), "--corpus", str(out), "-o", str(tmp_path / "index"),
+              "--device", "cpu"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rag", "eval", str(tmp_path / "index"), "--beir", str(out), "-o", str(tmp_path / "rag.json"),
+              "--latency-queries", "0", "--device", "cpu"])
+    assert exit_info.value.code == 0
+    assert "synthetic queries" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rag.json").read_text())["synthetic"]["synthetic"] is True
     code, _, err = run_cli(capsys, str(corpus), "-o", str(tmp_path / "e2"), "--eval", "--style", "ict")
     assert code == 2 and "--eval needs a generator style" in err

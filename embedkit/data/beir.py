@@ -158,6 +158,12 @@ def synthetic_marker(path: str | Path | None) -> dict | None:
     return content if isinstance(content, dict) else {"synthetic": True}
 
 
+def synthetic_note(marker: dict) -> str:
+    """One line for a command's output: these queries were generated."""
+    return (f"synthetic queries (made by {marker.get('made_by', 'a generator')}, style {marker.get('style')}): "
+            "not written by people")
+
+
 def available_splits(path: str | Path) -> list[str]:
     """Split names that have a qrels file in a BEIR folder (sorted)."""
     qrels_dir = Path(path) / QRELS_DIR
