@@ -268,6 +268,16 @@ def test_sample_is_seeded(tmp_path):
     assert len(chosen(1, "a")) == 5
 
 
+def test_a_free_style_ignores_generator_options(tmp_path, capsys):
+    # Catches: --style ict refusing to run on a machine without vllm because --engine vllm was also given (a
+    # generator-free style must not check, let alone load, a generator).
+    corpus = write_corpus(tmp_path / "in")
+    code, out, err = run_cli(capsys, str(corpus), "-o", str(tmp_path / "out"), "--style", "title", "--engine", "vllm")
+    assert code == 0, err
+    # d2 has no title: 3 queries; "Insulin" is one word, under the default --min-words 2: 2 kept
+    assert "3 queries from 4 of 4 documents" in out and "; 2 kept" in out
+
+
 # ------------------------------------------------------------------------------------------------- generators
 def test_transformers_generator_on_a_tiny_llama(tmp_path, capsys, tiny_llama_dir, one_torch_thread):
     # Catches: the in-process generator not loading a causal-LM folder, unseeded sampling (same seed, other
@@ -477,3 +487,8 @@ def test_eval_set_is_a_beir_folder_marked_synthetic_in_eval_reports(tmp_path, ca
     assert json.loads((tmp_path / "rag.json").read_text())["synthetic"]["synthetic"] is True
     code, _, err = run_cli(capsys, str(corpus), "-o", str(tmp_path / "e2"), "--eval", "--style", "ict")
     assert code == 2 and "--eval needs a generator style" in err
+    # the eval folder's queries cannot become training pairs by a re-run without --eval
+    with FakeEndpoint(_question_about) as endpoint:
+        code, _, err = run_cli(capsys, str(corpus), "-o", str(out), "--api-base", endpoint.url, "--api-model", "m")
+    assert code == 2 and "eval_set: True then, False now" in err
+    assert not (out / "pairs.jsonl").exists()

@@ -158,8 +158,10 @@ def synth_command(
                              filter_model=filter_model, eval_set=eval_set, restart=restart, device=device)
     generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     batch_size=batch_size)
-    spec = GeneratorSpec(model=model, engine=engine, settings=generation, device=device, api_base=api_base,
-                         api_model=api_model, api_key=api_key or os.environ.get(API_KEY_ENV), timeout_s=timeout)
+    spec = None
+    if prompt is not None:  # a generator-free style loads no generator: its options are not even checked
+        spec = GeneratorSpec(model=model, engine=engine, settings=generation, device=device, api_base=api_base,
+                             api_model=api_model, api_key=api_key or os.environ.get(API_KEY_ENV), timeout_s=timeout)
     summary = synthesize(corpus, output, settings, spec)
     if json_output:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -214,14 +214,18 @@ def synthesize(corpus: str | Path, output: str | Path, settings: SynthSettings,
         "sample": settings.sample, "seed": settings.seed, "max_document_words": settings.max_document_words,
         "prompt_sha256": settings.prompt.sha256 if settings.prompt else None,
         "generator": generator.identity() if generator is not None else None,
+        # An eval set's queries must not become training pairs by a re-run without --eval in the same folder.
+        "eval_set": settings.eval_set,
     }
     check_settings(output, resume_settings, restart=settings.restart)  # before any model loads
     if settings.restart:
         (output / GENERATED_FILE).unlink(missing_ok=True)
     store = GeneratedLog(output / GENERATED_FILE)
     pending = [(d, i) for d, i in items if item_key(d.doc_id, i) not in store.keys]
-    log.info("%d documents, %d chosen, %d queries planned (%s), %d already generated in %s", len(docs), len(chosen),
-             len(items), settings.style, len(items) - len(pending), output / GENERATED_FILE)
+    without = len(chosen) - len({d.doc_id for d, _ in items})
+    log.info("%d documents, %d chosen, %d queries planned (%s)%s, %d already generated in %s", len(docs),
+             len(chosen), len(items), settings.style, f"; {without} chosen documents give none" if without else "",
+             len(items) - len(pending), output / GENERATED_FILE)
 
     model = generator.open() if generator is not None and pending else None
     generator_info = model.describe() if model is not None else _earlier_generator(output, generator)
@@ -253,7 +257,8 @@ def synthesize(corpus: str | Path, output: str | Path, settings: SynthSettings,
         log.warning("the filters removed every query (%s): nothing to train or evaluate on", report.counts)
 
     summary = {
-        "documents": len(docs), "documents_chosen": len(chosen), "queries_planned": len(items),
+        "documents": len(docs), "documents_chosen": len(chosen), "documents_without_query": without,
+        "queries_planned": len(items),
         "generated_now": len(pending), "generated_total": len(rows), "kept": len(kept),
         "generation_seconds": round(gen_seconds, 3),
         "queries_per_s": round(len(pending) / gen_seconds, 3) if pending and gen_seconds > 0 else None,
