@@ -54,7 +54,7 @@ from embedkit.tune.cli import tune_command
 app = typer.Typer(
     name="embedkit",
     help="Specialise embedding models to your domain, prove they got better, and ship them.\n\n"
-    "Pipeline: data -> mine -> train -> eval -> export -> serve. Models: 'minilm', 'smollm2-135m' (embedded, no hub "
+    "Pipeline: data (or synth: queries from documents alone) -> mine -> train -> eval -> export -> serve. Models: 'minilm', 'smollm2-135m' (embedded, no hub "
     "needed), any local folder, or a Hugging Face id.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -304,7 +304,7 @@ def test_transformers_generator_on_a_tiny_llama(tmp_path, capsys, tiny_llama_dir
 class FakeEndpoint:
     """An OpenAI-compatible chat endpoint in a thread: records requests, replies with `reply(prompt)`."""
 
-    def __init__(self, reply) -> None:
+    def __init__(self, reply, status: int = 200) -> None:
         self.requests: list[tuple[str, dict, dict]] = []
         endpoint = self
 
@@ -314,7 +314,7 @@ class FakeEndpoint:
 
             def _send(self, body: dict) -> None:
                 data = json.dumps(body).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -411,6 +411,15 @@ def test_unreachable_endpoint_is_one_line_exit_3_and_writes_nothing(tmp_path, ca
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [err.strip().splitlines()[-1]] and errors[0].startswith(f"error: cannot reach {url}/v1/models")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_endpoint_error_is_one_line_with_its_status(tmp_path, capsys):
+    # Catches: an HTTP error from the endpoint shown as a traceback, or without its status and body.
+    corpus = write_corpus(tmp_path / "in")
+    with FakeEndpoint(lambda p: "x", status=500) as endpoint:
+        code, _, err = run_cli(capsys, str(corpus), "-o", str(tmp_path / "out"), "--api-base", endpoint.url)
+    assert code == 3
+    assert err.strip().splitlines()[-1].startswith(f"error: {endpoint.url}/v1/models answered HTTP 500")
 
 
 def test_a_generator_that_returns_nothing_stops_the_run(tmp_path, capsys):
