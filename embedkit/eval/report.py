@@ -8,7 +8,8 @@ Layout of the JSON:
                          "per_query": {qid: {metric: value}}        (retrieval)
                          "per_pair": {"predicted": [...], "gold": [...]}}},   (STS)
      "manifest": {model describe(), data paths and hashes, seed, settings, library versions, command line,
-                  reranker describe() and settings.rerank_top for a two-stage run},
+                  reranker describe() and settings.rerank_top for a two-stage run,
+                  data.<task>.synthetic: the folder's synthetic.json when its queries were generated},
      "timings":  {wall_time_s, per task phases}}
 
 `results` depends only on model + data + settings: two runs with the same inputs give byte-identical
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from embedkit.atomic import atomic_path, write_json, write_text
+from embedkit.data.beir import synthetic_marker, synthetic_note
 from embedkit.manifest import base_manifest, device_fields
 
 REPORT_FORMAT = "embedkit.eval.report/1"
@@ -37,6 +39,10 @@ def build_report(
                       "split": t.spec.split, "data_hash": t.data_hash, "sizes": t.sizes}
         for t in loaded_tasks
     }
+    for t in loaded_tasks:  # generated queries (embedkit synth --eval): every report that uses them says so
+        marker = synthetic_marker(data[t.spec.name]["path"]) if t.spec.type == "retrieval" else None
+        if marker is not None:
+            data[t.spec.name]["synthetic"] = marker
     manifest = base_manifest(
         "eval_report", model=model, data=data, seed=seed,
         settings={"batch_size": batch_size, "top_k": top_k, "search": search,
@@ -65,6 +71,13 @@ def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
     return path, md_path
 
 
+def synthetic_notes(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(task, note) for every task whose queries were generated (a BEIR folder with synthetic.json)."""
+    data = report.get("manifest", {}).get("data", {})
+    return [(name, synthetic_note(d["synthetic"])) for name, d in data.items()
+            if isinstance(d, dict) and isinstance(d.get("synthetic"), dict)]
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, float]]:
     """(task, main metric, value) per task, in report order."""
     return [(name, t["task"]["main_metric"], float(t["metrics"][t["task"]["main_metric"]]))
@@ -87,6 +100,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         *([f"- reranked by `{manifest['reranker'].get('name')}` (fingerprint "
            f"`{str(manifest['reranker'].get('fingerprint'))[:16]}`), top {manifest['settings'].get('rerank_top')} "
            "per query; first-stage values under first_stage in the JSON"] if manifest.get("reranker") else []),
+        *[f"- **{name}**: {note}" for name, note in synthetic_notes(report)],
         "",
         "| task | type | main metric | value | other metrics | data hash |",
         "|---|---|---|---|---|---|",

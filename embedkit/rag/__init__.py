@@ -24,8 +24,8 @@ _EXPORTS = {
     "load_index_encoder": "embedkit.rag.index",
     "HNSW_THRESHOLD": "embedkit.rag.index",
     "evaluate_index": "embedkit.rag.evaluate",
-    "load_documents": "embedkit.rag.corpus",
-    "Document": "embedkit.rag.corpus",
+    "load_documents": "embedkit.data.documents",
+    "Document": "embedkit.data.documents",
     "create_web_app": "embedkit.rag.web",
     "serve_web": "embedkit.rag.web",
 }

@@ -49,8 +49,9 @@ def index_command(
     model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
     corpus: Path = typer.Option(
         ..., "--corpus", "-c",
-        help="Documents: a BEIR folder (its corpus.jsonl), a corpus.jsonl ({\"_id\", \"title\", \"text\"} per line) or "
-             "a .txt (one passage per line; ids are FILE:LINE)."),
+        help="Documents: a BEIR folder (its corpus.jsonl), a corpus.jsonl ({\"_id\", \"title\", \"text\"} per line), "
+             "a .txt (one passage per line; ids are FILE:LINE), or a folder of .txt / .md files (cut into passages "
+             "of about 200 words at paragraph breaks; ids are PATH#N)."),
     output: Path = typer.Option(..., "--output", "-o", help="Index folder to write (an older index there is replaced)."),
     index_type: str = typer.Option(
         "auto", "--index-type",
@@ -76,8 +77,8 @@ def index_command(
     Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
     """
     from embedkit.models import load_model
+    from embedkit.data.documents import load_documents
     from embedkit.rag.bm25 import bm25_available
-    from embedkit.rag.corpus import load_documents
     from embedkit.rag.index import build_index, choose_index_type
 
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
@@ -232,6 +233,7 @@ def eval_command(
 
       embedkit rag eval runs/scifact-index --beir ../shared/data/scifact --rerank runs/my-reranker --rerank-top 100
     """
+    from embedkit.data.beir import synthetic_marker, synthetic_note
     from embedkit.rag.evaluate import evaluate_index
     from embedkit.rag.index import RagIndex, load_index_encoder
 
@@ -251,6 +253,9 @@ def eval_command(
     result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
                             hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
                             progress=True, reranker=reranker, rerank_top=rerank_top)
+    synthetic = synthetic_marker(beir if beir is not None else queries.parent if queries is not None else None)
+    if synthetic is not None:  # generated queries (embedkit synth --eval): the report and the output say so
+        result["synthetic"] = synthetic
     if output is not None:
         write_json(output, base_manifest("rag_eval", **device_fields(target), **result))
     m, lat = result["metrics"], result["latency"]
@@ -260,6 +265,8 @@ def eval_command(
                  f"{result['first_stage']['metrics']['ndcg_at_10']:.4f})")
     typer.echo(f"{result['batch']['queries']} queries, {result['index']['documents']} documents, "
                f"{result['index']['type']} index, {mode}")
+    if synthetic is not None:
+        typer.echo(synthetic_note(synthetic))
     typer.echo(f"{'ndcg_at_10':<14} {m['ndcg_at_10']:.4f}")
     for k in sorted(int(name.rsplit('_', 1)[1]) for name in m if name.startswith("recall_at_")):
         typer.echo(f"{f'recall_at_{k}':<14} {m[f'recall_at_{k}']:.4f}")

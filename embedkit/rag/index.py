@@ -38,13 +38,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from embedkit.atomic import atomic_dir, remove_stale_temps, write_json
+from embedkit.data.documents import load_documents
 from embedkit.errors import ConfigError, DataError, ModelError
 from embedkit.eval.metrics import trec_order
 from embedkit.eval.runner import rerank_run
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
 from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
-from embedkit.rag.corpus import load_documents
 from embedkit.rag.store import STORE_NAME, DocumentStore
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from embedkit.data.documents import Document
 from embedkit.errors import DataError
-from embedkit.rag.corpus import Document
 
 STORE_NAME = "documents.sqlite"
 
