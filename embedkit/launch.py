@@ -13,6 +13,12 @@ A command supports `--nproc` with `processes(nproc, device)`:
         if procs.is_main:                            # rank 0 alone writes files and prints
             ...
 
+Across nodes, `relaunch(..., nodes=Nodes(nnodes=2, node_rank=R, rdzv_endpoint="node0:29500"))` runs the same
+torch.distributed.run on every node with its own rank (`embedkit train --nnodes 2 --node-rank R --rdzv-endpoint
+node0:29500`). A process started by any launcher (torchrun, the DeepSpeed launcher, srun + torchrun) is recognised
+by its environment (`launched()`) and is not relaunched: its global RANK decides the data shard and who writes
+(rank 0 alone), its LOCAL_RANK only which GPU of its node it takes.
+
 Inside a launched process the process group is initialised (nccl on GPUs, gloo on the CPU) and torn down at the
 end; each process resolves its own `--device` (auto: its own GPU, cuda:LOCAL_RANK). On the CPU each process gets
 cores / N threads (OMP_NUM_THREADS, unless set): N processes help only when one process leaves cores idle.
@@ -41,6 +47,58 @@ NPROC_HELP = ("Processes to spread the encoding over (torch.distributed; one GPU
               "CPU it mostly helps when the machine has more cores than one process keeps busy.")
 
 
+NODES_HELP = ("Nodes (machines) to train on, --nproc processes on each (torchrun --nnodes): run the same command on "
+              "every node with its --node-rank and the same --rdzv-endpoint.")
+NODE_RANK_HELP = "This node's rank, 0 to --nnodes - 1 (the static rendezvous: node 0 holds global rank 0)."
+RDZV_ENDPOINT_HELP = ("HOST:PORT where the nodes meet (torchrun --rdzv-endpoint): node 0's address and a free port "
+                      "on it. Needed with --nnodes above 1.")
+RDZV_BACKEND_HELP = ("static (default: node ranks as given, node 0 holds global rank 0) or c10d (torchrun's "
+                     "elastic rendezvous: it numbers the nodes itself, --node-rank is ignored).")
+RDZV_ID_HELP = "The job's id for the c10d rendezvous (e.g. $SLURM_JOB_ID); the same on every node."
+# What command_argv leaves out by default: the launch options, which the launched processes know from their
+# environment (torchrun would also reject --nproc as an ambiguous abbreviation of its own --nproc-per-node).
+LAUNCH_PARAMS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "local_rank")
+
+
+@dataclass
+class Nodes:
+    """Where this node stands in a multi-node launch: torch.distributed.run's --nnodes, --node-rank and rendezvous."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    rdzv_backend: str = "static"
+    rdzv_id: str = "embedkit"
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be at least 1, not {self.nnodes}", field="--nnodes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be 0 to {self.nnodes - 1} (--nnodes {self.nnodes}), not "
+                              f"{self.node_rank}", field="--node-rank")
+        if self.rdzv_backend not in ("static", "c10d"):
+            raise ConfigError(f"--rdzv-backend is static or c10d, not {self.rdzv_backend!r}", field="--rdzv-backend")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address and a "
+                                  f"free port on it), not {self.rdzv_endpoint!r}", field="--rdzv-endpoint")
+
+    @property
+    def many(self) -> bool:
+        return self.nnodes > 1
+
+    def torchrun_args(self) -> list[str]:
+        """torch.distributed.run's rendezvous arguments for this node."""
+        if not self.many:
+            return [f"--master_port={free_port()}"]  # one machine: any free port of its own
+        args = [f"--nnodes={self.nnodes}", f"--rdzv-backend={self.rdzv_backend}",
+                f"--rdzv-endpoint={self.rdzv_endpoint}"]
+        if self.rdzv_backend == "static":
+            return [*args, f"--node-rank={self.node_rank}"]
+        return [*args, f"--rdzv-id={self.rdzv_id}"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -53,8 +111,11 @@ def launched() -> bool:
 
 
 def relaunch(argv: Sequence[str], nproc: int, *, module: str = "embedkit.cli", cpu: bool | None = None,
-             env: dict[str, str] | None = None) -> int:
+             env: dict[str, str] | None = None, nodes: Nodes | None = None) -> int:
     """Run `python -m MODULE ARGV` in `nproc` processes under torch.distributed.run; return its exit code.
+
+    `nodes`: this node's part of a multi-node launch (every node runs the same relaunch with its own node_rank);
+    its exit code is this node's processes'.
 
     `cpu`: the processes run on the CPU (default: when CUDA is unavailable): DeepSpeed is pointed at its CPU
     accelerator and each process gets cores / nproc threads unless OMP_NUM_THREADS is set.
@@ -71,8 +132,8 @@ def relaunch(argv: Sequence[str], nproc: int, *, module: str = "embedkit.cli", c
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # `python -m embedkit.launch` is torch.distributed.run (same arguments) with a short failure report: the
     # one-line error of the process that failed first (see report_error), not the launcher's traceback.
-    cmd = [sys.executable, "-m", "embedkit.launch", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", module, *argv]
+    cmd = [sys.executable, "-m", "embedkit.launch", f"--nproc_per_node={nproc}",
+           *(nodes or Nodes()).torchrun_args(), "-m", module, *argv]
     with tempfile.TemporaryDirectory(prefix="embedkit-launch-") as errors:
         environment[ERRORS_ENV] = errors
         return subprocess.call(cmd, env=environment)
@@ -149,13 +210,11 @@ def init_process_group(device) -> bool:
     return True
 
 
-def command_argv(ctx: Any, *, leave_out: Sequence[str] = ("nproc",)) -> list[str]:
+def command_argv(ctx: Any, *, leave_out: Sequence[str] = LAUNCH_PARAMS) -> list[str]:
     """The running typer/click command as arguments of `python -m embedkit.cli` (`rag index --model m ...`),
     rebuilt from `ctx` (the command's `typer.Context`): the options given on the command line, with their parsed
     values, and the positional arguments. Defaults and environment values are left out (the relaunched processes
-    see the same ones), and so are the parameters named in `leave_out`: `--nproc` (a launched process knows from
-    its environment; torch.distributed.run would also reject it as an ambiguous abbreviation of its own
-    --nproc-per-node)."""
+    see the same ones), and so are the parameters named in `leave_out`: the launch options (LAUNCH_PARAMS)."""
     names = []
     node = ctx
     while node.parent is not None:

@@ -1,5 +1,5 @@
-"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--nproc N] [--deepspeed zero3] [--output DIR]
-[--check | --estimate-memory]`."""
+"""`embedkit train RECIPE [--set a.b=value ...] [--resume] [--nproc N] [--nnodes N --node-rank R --rdzv-endpoint
+HOST:PORT] [--deepspeed zero3] [--output DIR] [--check | --estimate-memory]`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from embedkit.device import resolve_device
-from embedkit.launch import command_argv, launched, relaunch
+from embedkit.launch import (NODE_RANK_HELP, NODES_HELP, RDZV_BACKEND_HELP, RDZV_ENDPOINT_HELP, RDZV_ID_HELP,
+                             Nodes, command_argv, launched, relaunch)
 
 from embedkit.train.config import load_recipe, warn_if_dev_is_test
 from embedkit.train.memory import ESTIMATE_NOTE, estimate_recipe_memory, format_estimate
@@ -28,6 +29,14 @@ def train_command(
                               help="Processes to train with (torchrun; one GPU each, or gloo on the CPU). Data "
                                    "parallel (DDP) unless the recipe names deepspeed or fsdp; training.batch_size "
                                    "is per process and the contrastive loss sees the whole gathered batch."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help=NODES_HELP),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help=NODE_RANK_HELP),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help=RDZV_ENDPOINT_HELP),
+    rdzv_backend: str = typer.Option("static", "--rdzv-backend", help=RDZV_BACKEND_HELP),
+    rdzv_id: str = typer.Option("embedkit", "--rdzv-id", help=RDZV_ID_HELP),
+    # The DeepSpeed launcher appends --local_rank=N to the command (unless --no_local_rank); the process takes its
+    # local rank from LOCAL_RANK, which every launcher sets: the option is accepted and otherwise unused.
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
     estimate_memory: bool = typer.Option(
         False, "--estimate-memory",
@@ -59,6 +68,8 @@ def train_command(
 
     Examples: embedkit train recipes/minilm-scifact.yaml --set training.lr=1e-5 -o runs/lr1e-5 ;
     embedkit train recipes/minilm-scifact.yaml --nproc 2 ; embedkit train RECIPE --resume ;
+    embedkit train RECIPE --nproc 4 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500 (and --node-rank 1 on the
+    other node; docs/train.md "Across nodes": torchrun, the DeepSpeed launcher, SLURM) ;
     embedkit train recipes/minilm-rerank-scifact.yaml ;
     embedkit train recipes/qwen3-0.6b-rerank.yaml --estimate-memory ;
     embedkit train recipes/mistral-7b-encoder-zero3.yaml --estimate-memory --nproc 4
@@ -78,6 +89,7 @@ def train_command(
             typer.echo(format_estimate(estimate))
             typer.echo(ESTIMATE_NOTE)
         return
+    nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id)  # a one-line error before anything loads
     parsed = load_recipe(recipe, overrides)
     if not launched():  # once, not once per process
         warn_if_dev_is_test(parsed, source=recipe)
@@ -85,12 +97,16 @@ def train_command(
         typer.echo(f"{recipe}: ok (model {parsed.model.name} on {parsed.model.device}, data {parsed.data.train}, "
                    f"output {parsed.training.output_dir})")
         return
-    if nproc > 1 and not launched():
+    if (nproc > 1 or nodes.many) and not launched():
         device = resolve_device(parsed.model.device, field="model.device")  # a one-line error before launching
-        code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu")
+        code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu", nodes=nodes)
         if code:
             raise typer.Exit(code)
-        typer.echo(f"trained with {nproc} processes -> {parsed.training.output_dir}")
+        if nodes.many:
+            typer.echo(f"node {node_rank}: trained with {nproc} process{'es' if nproc > 1 else ''} on each of "
+                       f"{nnodes} nodes -> {parsed.training.output_dir} (written by global rank 0)")
+        else:
+            typer.echo(f"trained with {nproc} processes -> {parsed.training.output_dir}")
         return
     if parsed.task == "rerank":
         from embedkit.train.rerank import train_reranker as train

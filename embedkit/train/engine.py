@@ -425,6 +425,7 @@ class Engine:
         self._on_eval = on_eval
         self._model, self._extra = model, list(extra or [])
         plans = [self._plan(p) for p in phases]  # every phase's data checked before anything trains
+        self._check_work_shared(resume)
         if self.backend.shards_parameters and self._build_for_saving is None:  # else found only at the final save
             raise RuntimeError(f"{self.backend.name} rebuilds the model whole to save it: the step must register a "
                                "model builder first (Engine.set_model_builder)")
@@ -641,6 +642,34 @@ class Engine:
     def _barrier(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    def _check_work_shared(self, resume: bool) -> None:
+        """Across nodes, every process must see the work folder rank 0 writes when the run uses it from all of them:
+        checkpoints (every process writes its part into the folder rank 0 made, and reads it on --resume) and the
+        dev-best weights (every process loads them). Without those only rank 0 writes, and the output may live on
+        its node alone. A one-line error on every process, before the model is wrapped, instead of a missing file
+        mid-run."""
+        t = self.training
+        if self.world == 1 or not (t.checkpoint_every or t.eval_every or resume):
+            return
+        from embedkit.models.distributed import all_agree
+
+        token = [None]
+        if self.is_main:
+            self.work.mkdir(parents=True, exist_ok=True)
+            token[0] = f".shared-{os.getpid()}-{time.time_ns()}"
+            (self.work / token[0]).touch()
+        torch.distributed.broadcast_object_list(token, src=0)
+        seen = all_agree((self.work / token[0]).is_file())
+        self._barrier()
+        if self.is_main:
+            (self.work / token[0]).unlink(missing_ok=True)
+        if not seen:
+            raise ConfigError(f"the processes of other nodes do not see {self.work.resolve()}, which rank 0 "
+                              "writes beside the output: checkpoints (training.checkpoint_every, --resume) and the "
+                              "dev-best weights (training.eval_every) need training.output_dir on storage that every "
+                              "node shares",
+                              field="training.output_dir")
 
     # ------------------------------------------------------------------ dev evaluation
     def _dev_eval(self, step: Step, state: dict, jsonl: _JsonlLog) -> None:
