@@ -96,6 +96,9 @@ def _root(
     log_json: bool = typer.Option(False, "--log-json", envvar=logs.JSON_ENV,
                                   help="Log lines on stderr as JSON objects, one a line (time, level, logger, "
                                        "message, and the record's fields), for a machine to read."),
+    # The DeepSpeed launcher runs `python -m embedkit.cli --local_rank=N COMMAND ...` (unless --no_local_rank). A
+    # process takes its local rank from LOCAL_RANK, which every launcher sets: accepted here, otherwise unused.
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     # No model hub unless the user asks for one: embedded models never need it, and a hidden download is a surprise.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

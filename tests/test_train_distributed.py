@@ -429,8 +429,9 @@ def test_mntp_then_contrastive_sharded_trains_like_one_process_and_resumes_mid_w
 
 
 def test_two_nodes_of_one_process_train_like_two_processes_on_one_node(recipe_file, tmp_path):
-    """Catches `embedkit train --nnodes 2` not training the model that `--nproc 2` trains (ranks, data shards or the
-    rendezvous of the two torchrun launches wrong), and two "rank 0"s: a process that decides who writes by its
+    """Catches `embedkit train --nnodes 2` (torchrun's rendezvous) or the DeepSpeed launcher with a hostfile of two
+    nodes not training the model that `--nproc 2` trains (ranks, data shards or the rendezvous wrong), the DeepSpeed
+    launcher's `--local_rank=N` argument refused, and two "rank 0"s: a process that decides who writes by its
     LOCAL_RANK (0 on every node) rather than its global RANK would write a second output. The two nodes are two
     launches on this machine, each in its own folder with a relative output folder, so a second writer would leave
     node1/out; the data paths are absolute (shared), as on a cluster. Without checkpoints and dev evaluation only rank
@@ -441,50 +442,71 @@ def test_two_nodes_of_one_process_train_like_two_processes_on_one_node(recipe_fi
     root = Path(embedkit.__file__).resolve().parents[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    train_argv = [sys.executable, "-m", "embedkit.cli", "train", str(recipe_file),
-                  "--set", "training.eval_every=null", "--set", "training.checkpoint_every=null"]
+    train = ["train", str(recipe_file), "--set", "training.eval_every=null", "--set", "training.checkpoint_every=null"]
+    embedkit_cli = [sys.executable, "-m", "embedkit.cli"]
 
     single = tmp_path / "single-node"
-    proc = subprocess.run([*train_argv, "--nproc", "2", "--output", str(single)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([*embedkit_cli, *train, "--nproc", "2", "--output", str(single)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def two_nodes(output: str, *more: str) -> list[subprocess.CompletedProcess]:
-        endpoint = f"127.0.0.1:{free_port()}"
+    def on_two_nodes(launch: str, command) -> list[subprocess.CompletedProcess]:
+        """command(rank) on node 0 and node 1 at once, each in its own folder (tmp_path/LAUNCH/nodeR)."""
         runs = []
         for rank in (0, 1):
-            cwd = tmp_path / f"node{rank}"
-            cwd.mkdir(exist_ok=True)
-            runs.append(subprocess.Popen([*train_argv, "--output", output, "--nnodes", "2", "--node-rank", str(rank),
-                                          "--rdzv-endpoint", endpoint, *more], cwd=cwd, env=env, text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            cwd = tmp_path / launch / f"node{rank}"
+            cwd.mkdir(parents=True)
+            runs.append(subprocess.Popen(command(rank), cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE))
         done = []
         for run in runs:
             out, err = run.communicate(timeout=600)
             done.append(subprocess.CompletedProcess(run.args, run.returncode, out, err))
         return done
 
-    node0, node1 = two_nodes("out")
+    def assert_trained_like_single_node(launch: str) -> None:
+        out = tmp_path / launch / "node0" / "out"
+        assert (out / "model.safetensors").is_file()
+        assert sorted((tmp_path / launch / "node1").iterdir()) == []  # nothing written on the other node
+        stats = json.loads((out / "embedkit_manifest.json").read_text())["training"]["stats"]
+        assert stats["processes"] == 2 and stats["steps"] == 9  # 12 pairs, global batch 2 x 2, 3 epochs
+        # The same processes doing the same collectives: equal at the resume tests' tolerance.
+        a, b = _weights(out), _weights(single)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), (launch, key)
+        losses = [[json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()
+                   if json.loads(line)["event"] == "train"] for folder in (out, single)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+    # torchrun: the same command on both nodes but for --node-rank.
+    def torchrun(rank: int, endpoint: str, *more: str) -> list[str]:
+        return [*embedkit_cli, *train, "--output", "out", "--nnodes", "2", "--node-rank", str(rank),
+                "--rdzv-endpoint", endpoint, *more]
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    node0, node1 = on_two_nodes("torchrun", lambda rank: torchrun(rank, endpoint))
     assert node0.returncode == 0 and node1.returncode == 0, (node0.stderr[-3000:], node1.stderr[-3000:])
     assert "written by global rank 0" in node0.stdout
-    out = tmp_path / "node0" / "out"
-    assert (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == []  # nothing written on the other node
-    stats = json.loads((out / "embedkit_manifest.json").read_text())["training"]["stats"]
-    assert stats["processes"] == 2 and stats["steps"] == 9  # 12 pairs, global batch 2 x 2, 3 epochs
-    # The same processes doing the same collectives: equal at the resume tests' tolerance.
-    a, b = _weights(out), _weights(single)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
-    assert [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
-            if json.loads(line)["event"] == "train"] == pytest.approx(
-        [json.loads(line)["loss"] for line in (single / "train_log.jsonl").read_text().splitlines()
-         if json.loads(line)["event"] == "train"], rel=1e-6)
+    assert_trained_like_single_node("torchrun")
 
-    # Checkpoints with the output on one node's own disk: refused on every node before training.
-    node0, node1 = two_nodes("checkpointed", "--set", "training.checkpoint_every=2")
+    # The DeepSpeed launcher with a hostfile of two nodes (two names for this machine), started on each node
+    # (--no_ssh: what it would run there over ssh); it passes --local_rank=0 to embedkit.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    node0, node1 = on_two_nodes("deepspeed", lambda rank: [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
+        str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "--module", "embedkit.cli", *train,
+        "--output", "out"])
+    assert node0.returncode == 0 and node1.returncode == 0, (node0.stderr[-3000:], node1.stderr[-3000:])
+    assert_trained_like_single_node("deepspeed")
+
+    # Checkpoints with the output on node 0's own disk: refused on every node before training.
+    endpoint = f"127.0.0.1:{free_port()}"
+    node0, node1 = on_two_nodes("checkpoints",
+                                lambda rank: torchrun(rank, endpoint, "--set", "training.checkpoint_every=2"))
     for node in (node0, node1):
         assert node.returncode != 0
         assert "storage that every node shares" in node.stderr, node.stderr[-3000:]
-    assert not (tmp_path / "node0" / "checkpointed").exists()
+    assert not (tmp_path / "checkpoints" / "node0" / "out").exists()

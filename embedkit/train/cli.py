@@ -34,9 +34,6 @@ def train_command(
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help=RDZV_ENDPOINT_HELP),
     rdzv_backend: str = typer.Option("static", "--rdzv-backend", help=RDZV_BACKEND_HELP),
     rdzv_id: str = typer.Option("embedkit", "--rdzv-id", help=RDZV_ID_HELP),
-    # The DeepSpeed launcher appends --local_rank=N to the command (unless --no_local_rank); the process takes its
-    # local rank from LOCAL_RANK, which every launcher sets: the option is accepted and otherwise unused.
-    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
     estimate_memory: bool = typer.Option(
         False, "--estimate-memory",
