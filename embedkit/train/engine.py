@@ -48,6 +48,7 @@ from embedkit import logs
 from embedkit.atomic import atomic_path, fsync_dir
 from embedkit.device import resolve_device
 from embedkit.errors import ConfigError, DataError
+from embedkit.models.distributed import all_agree
 from embedkit.train.backends import TrainingBackend, backend_class
 from embedkit.train.schedule import count_steps
 from embedkit.train.config import BaseRecipe
@@ -652,8 +653,6 @@ class Engine:
         t = self.training
         if self.world == 1 or not (t.checkpoint_every or t.eval_every or resume):
             return
-        from embedkit.models.distributed import all_agree
-
         token = [None]
         if self.is_main:
             self.work.mkdir(parents=True, exist_ok=True)
