@@ -40,7 +40,8 @@ from embedkit.errors import DataError, EmbedkitError
 from embedkit.eval.cli import compare_command, eval_command
 from embedkit.export.cli import export_command
 import embedkit.export.formats  # noqa: F401  (registers the export folders `embedkit eval -m` can load)
-from embedkit.launch import NPROC_HELP, end_launched_process, processes, report_error
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
+                             RDZV_ID_OPTION, end_launched_process, processes, report_error)
 from embedkit.mine.cli import mine_command
 from embedkit.llm.cli import llm_app
 from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path, smollm2_path
@@ -224,6 +225,11 @@ def encode_command(
     max_length: int | None = typer.Option(None, "--max-length", help="Truncate inputs to this many tokens."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
     """Embed texts with a model and save the vectors as .npy (row i = line i of the input).
 

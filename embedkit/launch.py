@@ -38,6 +38,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn, Sequence
 
+import typer
+
 from embedkit import logs
 from embedkit.device import resolve_device, validate_device
 from embedkit.errors import ConfigError
@@ -47,7 +49,7 @@ NPROC_HELP = ("Processes to spread the encoding over (torch.distributed; one GPU
               "CPU it mostly helps when the machine has more cores than one process keeps busy.")
 
 
-NODES_HELP = ("Nodes (machines) to train on, --nproc processes on each (torchrun --nnodes): run the same command on "
+NODES_HELP = ("Nodes (machines) to run on, --nproc processes on each (torchrun --nnodes): run the same command on "
               "every node with its --node-rank and the same --rdzv-endpoint.")
 NODE_RANK_HELP = "This node's rank, 0 to --nnodes - 1 (the static rendezvous: node 0 holds global rank 0)."
 RDZV_ENDPOINT_HELP = ("HOST:PORT where the nodes meet (torchrun --rdzv-endpoint): node 0's address and a free port "
@@ -55,6 +57,13 @@ RDZV_ENDPOINT_HELP = ("HOST:PORT where the nodes meet (torchrun --rdzv-endpoint)
 RDZV_BACKEND_HELP = ("static (default: node ranks as given, node 0 holds global rank 0) or c10d (torchrun's "
                      "elastic rendezvous: it numbers the nodes itself, --node-rank is ignored).")
 RDZV_ID_HELP = "The job's id for the c10d rendezvous (e.g. $SLURM_JOB_ID); the same on every node."
+# The node options of every command that takes --nproc (typer reads these as defaults; Nodes.from_context reads the
+# values back from the command's context).
+NNODES_OPTION = typer.Option(1, "--nnodes", min=1, help=NODES_HELP)
+NODE_RANK_OPTION = typer.Option(0, "--node-rank", min=0, help=NODE_RANK_HELP)
+RDZV_ENDPOINT_OPTION = typer.Option(None, "--rdzv-endpoint", help=RDZV_ENDPOINT_HELP)
+RDZV_BACKEND_OPTION = typer.Option("static", "--rdzv-backend", help=RDZV_BACKEND_HELP)
+RDZV_ID_OPTION = typer.Option("embedkit", "--rdzv-id", help=RDZV_ID_HELP)
 # What command_argv leaves out by default: the launch options, which the launched processes know from their
 # environment (torchrun would also reject --nproc as an ambiguous abbreviation of its own --nproc-per-node).
 LAUNCH_PARAMS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "local_rank")
@@ -83,6 +92,13 @@ class Nodes:
             if not host or not port.isdigit():
                 raise ConfigError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address and a "
                                   f"free port on it), not {self.rdzv_endpoint!r}", field="--rdzv-endpoint")
+
+    @classmethod
+    def from_context(cls, ctx: Any) -> "Nodes":
+        """The node options of a command (its typer.Context); one node when it has none."""
+        params = ctx.params if ctx is not None else {}
+        return cls(params.get("nnodes") or 1, params.get("node_rank") or 0, params.get("rdzv_endpoint"),
+                   params.get("rdzv_backend") or "static", params.get("rdzv_id") or "embedkit")
 
     @property
     def many(self) -> bool:
@@ -278,29 +294,32 @@ class Processes:
 
 @contextlib.contextmanager
 def processes(nproc: int, device: str = "auto", *, ctx: Any = None, argv: Sequence[str] | None = None,
-              module: str = "embedkit.cli") -> Iterator[Processes]:
+              module: str = "embedkit.cli", nodes: Nodes | None = None) -> Iterator[Processes]:
     """See the module docstring. The device is checked first (a one-line error before anything starts); with
-    nproc > 1 outside a launched process the command is re-run under torch.distributed.run and this process exits
-    with its exit code (SystemExit). What is re-run: `argv`, else the command of `ctx` (its typer.Context) as
-    typed."""
+    nproc > 1 (or several nodes) outside a launched process the command is re-run under torch.distributed.run and
+    this process exits with its exit code (SystemExit). What is re-run: `argv`, else the command of `ctx` (its
+    typer.Context) as typed. `nodes`: this node's part of a multi-node run, else the command's node options
+    (`--nnodes`, `--node-rank`, `--rdzv-*`, read from `ctx`)."""
     import torch
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, not {nproc}", field="--nproc")
+    if nodes is None:
+        nodes = Nodes.from_context(ctx)
     spec = validate_device(device)
     resolved = resolve_device(spec, field="--device")
-    many = nproc > 1 or launched()
+    many = nproc > 1 or nodes.many or launched()
     if many and ":" in spec:
         raise ConfigError(f"--device {spec} names one GPU for several processes; use --device auto (or cuda) to "
                           "give each process its own", field="--device")
     if nproc > 1 and resolved.type == "cuda" and nproc > torch.cuda.device_count():
         raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible; use fewer "
                           "processes or --device cpu", field="--nproc")
-    if nproc > 1 and not launched():
+    if (nproc > 1 or nodes.many) and not launched():
         if argv is None and ctx is None:
             raise ValueError("processes(nproc > 1) needs the command's context (ctx) or its argv")
         code = relaunch(list(argv) if argv is not None else command_argv(ctx), nproc, module=module,
-                        cpu=resolved.type == "cpu")
+                        cpu=resolved.type == "cpu", nodes=nodes)
         raise SystemExit(code)
     if not launched():
         yield Processes(0, 1, resolved)

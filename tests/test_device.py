@@ -125,6 +125,39 @@ def test_nproc_relaunches_the_command_as_typed(tmp_path, monkeypatch, tiny_bert_
     assert not (tmp_path / "v.npy").exists()
 
 
+def test_node_options_relaunch_this_nodes_part_and_are_not_passed_on(tmp_path, monkeypatch, tiny_bert_dir):
+    """Catches `--nnodes` without its rendezvous reaching torchrun (every node would start a world of its own), a node
+    option left in the relaunched command (torchrun's processes would launch again), and a single process per node
+    (`--nproc 1 --nnodes 2`) that runs alone instead of joining the others."""
+    import embedkit.launch
+    from embedkit.cli import app
+    from embedkit.launch import Nodes
+
+    seen = {}
+    monkeypatch.setattr(embedkit.launch, "relaunch", lambda argv, nproc, **kwargs: seen.update(
+        argv=argv, nproc=nproc, **kwargs) or 0)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one\n")
+    args = ["encode", "-m", str(tiny_bert_dir), "--input", str(texts), "-o", str(tmp_path / "v.npy"), "--device", "cpu",
+            "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0:29500"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["nproc"] == 1 and seen["nodes"] == Nodes(2, 1, "node0:29500")
+    assert seen["argv"] == ["encode", "--model", str(tiny_bert_dir), "--input", str(texts), "--output",
+                            str(tmp_path / "v.npy"), "--device", "cpu"]
+    assert seen["nodes"].torchrun_args() == ["--nnodes=2", "--rdzv-backend=static", "--rdzv-endpoint=node0:29500",
+                                             "--node-rank=1"]
+    assert Nodes(2, 1, "node0:29500", "c10d", "job7").torchrun_args() == [
+        "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-id=job7"]
+    for wrong, field in [(dict(nnodes=2), "--rdzv-endpoint"),
+                         (dict(nnodes=2, rdzv_endpoint="node0"), "--rdzv-endpoint"),
+                         (dict(nnodes=2, node_rank=2, rdzv_endpoint="n:1"), "--node-rank"),
+                         (dict(rdzv_backend="etcd"), "--rdzv-backend")]:
+        with pytest.raises(ConfigError) as caught:
+            Nodes(**wrong)
+        assert caught.value.field == field, wrong
+
+
 # ------------------------------------------------------------------------------------------------ 2 processes
 _PROBE = '''
 import json, sys

@@ -19,7 +19,8 @@ from embedkit.eval.compare import compare, load_report
 from embedkit.eval.report import plot_reports, summary_rows, synthetic_notes, write_report
 from embedkit.eval.runner import evaluate
 from embedkit.eval.tasks import parse_task_specs
-from embedkit.launch import NPROC_HELP, processes, report_error
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
+                             RDZV_ID_OPTION, processes, report_error)
 from embedkit.logs import quieten
 from embedkit.models.exported import export_format, load_exported_encoder
 
@@ -70,6 +71,11 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary table."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
     rerank: Optional[str] = typer.Option(
         None, "--rerank",
         help="A reranker (cross-encoder folder from 'embedkit train' with task: rerank, or a sentence-transformers "

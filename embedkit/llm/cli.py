@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from embedkit.device import resolve_device
-from embedkit.launch import command_argv, launched, relaunch
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION, RDZV_ID_OPTION,
+                             Nodes, command_argv, launched, relaunch)
 
 from embedkit.llm.config import load_llm_recipe
 from embedkit.llm.data import preference_pairs, read_qa, write_pairs
@@ -32,17 +33,20 @@ _NPROC_HELP = ("Processes to train with (torchrun; one GPU each, or gloo on the 
 def _run(ctx: typer.Context, mode: str, recipe: Path, set_: list[str], output: Optional[Path], check: bool,
          json_output: bool, resume: bool = False, nproc: int = 1) -> None:
     overrides = list(set_) + ([f"training.output_dir={output}"] if output is not None else [])
+    nodes = Nodes.from_context(ctx)  # a one-line error before anything loads
     parsed = load_llm_recipe(recipe, overrides, mode=mode)
     if check:
         typer.echo(f"{recipe}: ok ({mode}; model {parsed.model.name} on {parsed.model.device}, data "
                    f"{parsed.data.train}, output {parsed.training.output_dir})")
         return
-    if nproc > 1 and not launched():
+    if (nproc > 1 or nodes.many) and not launched():
         device = resolve_device(parsed.model.device, field="model.device")
-        code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu")
+        code = relaunch(command_argv(ctx), nproc, cpu=device.type == "cpu", nodes=nodes)
         if code:
             raise typer.Exit(code)
-        typer.echo(f"{mode}: trained with {nproc} processes -> {parsed.training.output_dir}")
+        where = f" on each of {nodes.nnodes} nodes" if nodes.many else ""
+        typer.echo(f"{mode}: trained with {nproc} process{'es' if nproc > 1 else ''}{where} -> "
+                   f"{parsed.training.output_dir}")
         return
     if mode == "sft":
         from embedkit.llm.sft import train_sft as run
@@ -78,6 +82,11 @@ def sft_command(
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
     nproc: int = typer.Option(1, "--nproc", min=1, help=_NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
     """Supervised fine-tuning: question -> answer in the model's chat template, loss on the answer tokens only.
 
@@ -99,6 +108,11 @@ def dpo_command(
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
     nproc: int = typer.Option(1, "--nproc", min=1, help=_NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
     """DPO on preference pairs built from the QA data: chosen = the question's answer, rejected = the answer of
     another question on the same topic (data.columns.topic, default 'focus').
@@ -121,6 +135,11 @@ def joint_command(
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
     nproc: int = typer.Option(1, "--nproc", min=1, help=_NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
     """Joint training (GritLM-style): loss = contrastive (InfoNCE, in-batch negatives) + joint.sft_weight x answer
     loss, one run, one adapter. model.embedding_attention: causal (default) or bidirectional for the embedding

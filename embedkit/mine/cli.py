@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from embedkit.device import DEVICE_HELP
-from embedkit.launch import NPROC_HELP, processes
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
+                             RDZV_ID_OPTION, processes)
 from embedkit.mine.settings import MiningSettings, parse_range
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ def mine_command(
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     device: str = typer.Option("auto", "--device", help=f"Where the model (and --teacher) runs: {DEVICE_HELP}"),
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
     """Mine hard negatives for (query, positive) pairs, keeping out likely false negatives.
 

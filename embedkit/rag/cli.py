@@ -16,7 +16,8 @@ import typer
 from embedkit.atomic import write_json
 from embedkit.device import DEVICE_HELP, resolve_device
 from embedkit.errors import ConfigError, DataError
-from embedkit.launch import NPROC_HELP, processes
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
+                             RDZV_ID_OPTION, processes)
 from embedkit.logs import quieten
 from embedkit.manifest import base_manifest, device_fields, sha256_texts
 
@@ -66,6 +67,11 @@ def index_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
     device: str = _DEVICE_OPTION,
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
     """Embed a corpus and write a RAG index folder: FAISS index, document store (SQLite), BM25, manifest.
 

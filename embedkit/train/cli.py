@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from embedkit.device import resolve_device
-from embedkit.launch import (NODE_RANK_HELP, NODES_HELP, RDZV_BACKEND_HELP, RDZV_ENDPOINT_HELP, RDZV_ID_HELP,
-                             Nodes, command_argv, launched, relaunch)
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
+                             RDZV_ID_OPTION, Nodes, command_argv, launched, relaunch)
 
 from embedkit.train.config import load_recipe, warn_if_dev_is_test
 from embedkit.train.memory import ESTIMATE_NOTE, estimate_recipe_memory, format_estimate
@@ -29,11 +29,11 @@ def train_command(
                               help="Processes to train with (torchrun; one GPU each, or gloo on the CPU). Data "
                                    "parallel (DDP) unless the recipe names deepspeed or fsdp; training.batch_size "
                                    "is per process and the contrastive loss sees the whole gathered batch."),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help=NODES_HELP),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help=NODE_RANK_HELP),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help=RDZV_ENDPOINT_HELP),
-    rdzv_backend: str = typer.Option("static", "--rdzv-backend", help=RDZV_BACKEND_HELP),
-    rdzv_id: str = typer.Option("embedkit", "--rdzv-id", help=RDZV_ID_HELP),
+    nnodes: int = NNODES_OPTION,
+    node_rank: int = NODE_RANK_OPTION,
+    rdzv_endpoint: Optional[str] = RDZV_ENDPOINT_OPTION,
+    rdzv_backend: str = RDZV_BACKEND_OPTION,
+    rdzv_id: str = RDZV_ID_OPTION,
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
     estimate_memory: bool = typer.Option(
         False, "--estimate-memory",
@@ -86,7 +86,7 @@ def train_command(
             typer.echo(format_estimate(estimate))
             typer.echo(ESTIMATE_NOTE)
         return
-    nodes = Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id)  # a one-line error before anything loads
+    nodes = Nodes.from_context(ctx)  # a one-line error before anything loads
     parsed = load_recipe(recipe, overrides)
     if not launched():  # once, not once per process
         warn_if_dev_is_test(parsed, source=recipe)
