@@ -37,7 +37,8 @@ def train_command(
     check: bool = typer.Option(False, "--check", help="Validate the recipe and its data, then exit (loads no model)."),
     estimate_memory: bool = typer.Option(
         False, "--estimate-memory",
-        help="Print the GPU memory the recipe should need per GPU (with --nproc N: ZeRO-3 partitioned N ways), "
+        help="Print the GPU memory the recipe should need per GPU (with --nproc N: ZeRO-3 partitioned N ways, "
+             "N x --nnodes across nodes), "
              "estimated from the model's shape, then exit: loads no model, needs no GPU, hub or data files. QLoRA "
              "and LoRA recipes (LoRA without ZeRO-3); an estimate, not a measurement (embedkit/train/memory.py says "
              "what it leaves out)."),
@@ -78,7 +79,7 @@ def train_command(
     if output is not None:
         overrides.append(f"training.output_dir={output}")
     if estimate_memory:  # before validation: the data files and the GPU packages need not be on this machine
-        estimate = estimate_recipe_memory(load_recipe(recipe, overrides, validate=False), processes=nproc,
+        estimate = estimate_recipe_memory(load_recipe(recipe, overrides, validate=False), processes=nproc * nnodes,
                                           source=recipe)
         if json_output:
             typer.echo(json.dumps(estimate, indent=2))
