@@ -66,7 +66,7 @@ RDZV_BACKEND_OPTION = typer.Option("static", "--rdzv-backend", help=RDZV_BACKEND
 RDZV_ID_OPTION = typer.Option("embedkit", "--rdzv-id", help=RDZV_ID_HELP)
 # What command_argv leaves out by default: the launch options, which the launched processes know from their
 # environment (torchrun would also reject --nproc as an ambiguous abbreviation of its own --nproc-per-node).
-LAUNCH_PARAMS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id", "local_rank")
+LAUNCH_PARAMS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id")
 
 
 @dataclass
