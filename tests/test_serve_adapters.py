@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -177,6 +179,13 @@ def test_an_adapter_of_another_base_is_refused_naming_both_fingerprints(st_bert,
     message = info.value.one_line()
     assert "\n" not in message and other.fingerprint[:12] in message and served[:12] in message
     assert info.value.exit_code != 0
+    # the command itself: one line on stderr, a non-zero exit, before it listens
+    result = subprocess.run([sys.executable, "-m", "embedkit.cli", "serve", "--model", f"base={st_bert}",
+                             "--adapter", f"foreign={foreign}", "--port", "0"], capture_output=True, text=True,
+                            timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert other.fingerprint[:12] in lines[0] and served[:12] in lines[0]
     with TestClient(_app(st_bert, {})) as client:
         response = client.post("/v1/adapters", json={"name": "foreign", "path": str(foreign)},
                                headers={"Authorization": f"Bearer {KEY}"})
