@@ -8,7 +8,8 @@ Each adapter is served under its own name with its own MicroBatcher, so a model 
 every batcher of one host takes the host's lock for its call: switching the active adapter and the forward that uses
 it are one step no other call can interleave with. (peft's mixed-batch forward, `adapter_names=[...]` per row, gives
 the same vectors for BERT in eval mode, but it runs every LoRA layer once per adapter present in the batch, on
-gathered sub-batches; per-adapter calls keep PEFT's plain forward and the batcher's length-sorted, budgeted calls.)
+gathered sub-batches; per-adapter calls keep PEFT's plain forward and the batcher's length-sorted, budgeted calls,
+and in a one-off check (MiniLM, four r=16 adapters, one thread, 128 texts) they were the faster of the two.)
 
 An adapter folder is an `embedkit train` output with `adapter: {type: lora, save: adapter | both}` (its PEFT adapter
 in `adapter/`, the run's manifest and probe vectors beside it), or a bare PEFT folder (`Encoder.save_adapter`). The

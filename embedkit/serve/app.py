@@ -41,6 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedkit import __version__
 from embedkit.errors import EmbedkitError
+from embedkit.serve.adapters import AdapterFolder, AdapterHost, HostedBaseBackend, host_for
+from embedkit.serve.backends import TorchBackend, verify_probes
 from embedkit.serve.batcher import BatcherClosed, MicroBatcher
 from embedkit.serve.metrics import ServerMetrics
 
@@ -343,9 +345,6 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     loaded on served torch bases, each served under its own name. Every plain torch base gets a host, so that
     adapters can be added at run time (POST /v1/adapters, on a server with an API key).
     """
-    from embedkit.serve.adapters import AdapterHost, HostedBaseBackend
-    from embedkit.serve.backends import TorchBackend
-
     generators = dict(generators or {})
     hosts = dict(adapter_hosts or {})
     for name, backend in backends.items():
@@ -608,9 +607,6 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     async def add_adapter(body: AdapterRequest) -> dict[str, Any]:
         """Load an adapter folder onto its served base and serve it as `name`: its base fingerprint must be the
         base's (400 naming both otherwise) and its probe vectors must reproduce, as at start-up."""
-        from embedkit.serve.adapters import AdapterFolder, host_for
-        from embedkit.serve.backends import verify_probes
-
         require_adapter_admin()
         _check_unicode([body.name, body.path], "name")
         if body.name in everything():
