@@ -160,6 +160,8 @@ def test_adapters_are_added_and_removed_at_run_time_behind_the_key(st_bert, bert
         assert gone.status_code == 404
         assert np.abs(_embed(client, "base") - load_model(st_bert).encode(TEXTS)).max() < 1e-5  # unwrapped base
         assert client.delete("/v1/adapters/base", headers=auth).status_code == 404  # a base is not an adapter
+        dotted = client.post("/v1/adapters", json={"name": "le.gal", "path": str(legal)}, headers=auth)
+        assert dotted.status_code == 400  # PEFT would fail half-way through injecting a dotted name
 
 
 def test_an_adapter_of_another_base_is_refused_naming_both_fingerprints(st_bert, tiny_bert_dir, bert_adapters,

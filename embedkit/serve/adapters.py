@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,18 @@ class AdapterSpec:
         name, sep, path = text.partition("=")
         if not sep or not name or not path:
             raise ModelError(f"--adapter {text!r}: expected NAME=DIR")
+        check_adapter_name(name)
         return cls(name, path)
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: str) -> None:
+    """PEFT keys each adapter's modules by its name inside the model: a '.' (or anything but a plain identifier)
+    would fail half-way through injecting them, so names are checked before anything is loaded."""
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ModelError(f"adapter name {name!r}: use letters, digits, '-' and '_' (at most 64)")
 
 
 @dataclass
@@ -152,6 +164,7 @@ class AdapterHost:
         ModelError naming both fingerprints (nothing is loaded)."""
         from peft import PeftModel
 
+        check_adapter_name(name)
         if name in self.adapters:
             raise ModelError(f"an adapter named {name!r} is already loaded on {self.base.name}")
         folder = AdapterFolder.read(path)
@@ -274,6 +287,9 @@ class HostedBaseBackend(ServeBackend):
 def host_for(hosts: dict[str, AdapterHost], folder: AdapterFolder, base: str | None) -> AdapterHost:
     """The host an adapter goes on: `base` when named, else the only one, else the one whose base fingerprint the
     adapter records."""
+    if not hosts:
+        raise ModelError("no model served here takes adapters: they go on a torch --model (not an ONNX or OpenVINO "
+                         "export, not a model that already carries an adapter)")
     if base is not None:
         if base not in hosts:
             raise ModelError(f"base {base!r} cannot take adapters; bases served here: {', '.join(hosts) or 'none'} "

@@ -331,6 +331,7 @@ class _Served:
     backend: Any
     batcher: MicroBatcher
     created: int
+    removed: bool = False  # an adapter taken down at run time (DELETE /v1/adapters/{name})
 
 
 def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
@@ -481,7 +482,14 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
             ids = await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(_checked_token_ids,
                                                                                                  *args))
         metrics.queue_depth.labels(entry.name).set(entry.batcher.queue_depth)
-        vectors = await _batched_while_connected(entry.batcher, ids, request)
+        try:
+            vectors = await _batched_while_connected(entry.batcher, ids, request)
+        except APIError as exc:  # picked just before its adapter was removed: the name is gone, not the server
+            if not (entry.removed and exc.code == "shutting_down"):
+                raise
+            _pick_model(served, body.model, "embedding", reranking)  # the 404 that lists what is served now
+            raise
+
         if body.dimensions is not None and body.dimensions < backend.dim:
             vectors = vectors[:, : body.dimensions]
             if backend.normalize:
@@ -647,6 +655,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
             raise APIError(404, f"no adapter {name!r} is served here; adapters: {', '.join(adapters) or 'none'}",
                            param="name", code="model_not_found", type="not_found_error")
         entry = served.pop(name)
+        entry.removed = True
         await entry.batcher.stop()
         await asyncio.get_running_loop().run_in_executor(None, entry.backend.host.remove, name)
         return {"id": name, "object": "model", "deleted": True}
