@@ -41,6 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedkit import __version__
 from embedkit.errors import EmbedkitError
+from embedkit.serve.adapters import AdapterFolder, AdapterHost, HostedBaseBackend, host_for
+from embedkit.serve.backends import TorchBackend, verify_probes
 from embedkit.serve.batcher import BatcherClosed, MicroBatcher
 from embedkit.serve.metrics import ServerMetrics
 
@@ -153,6 +155,17 @@ class RerankRequest(BaseModel):
                                              "longest side first; false answers 413 pair_too_long.")
 
 
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"name": "legal", "path": "runs/legal-lora"}]})
+
+    name: str = Field(min_length=1, description="The served name requests pick the adapter by ('model').")
+    path: str = Field(min_length=1, description="An adapter folder on the server: an `embedkit train` output with "
+                                                "adapter.save adapter or both, or a PEFT adapter folder.")
+    base: Optional[str] = Field(None, description="The served base to load it on (default: the only torch base, "
+                                                  "else the one whose fingerprint the adapter records).")
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -168,7 +181,9 @@ _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, tex
     400: "Invalid input (token arrays, too many inputs, input too long, text that is not Unicode, bad dimensions, "
          "model missing, a model of the other kind).",
     401: "Missing or wrong API key.",
+    403: "Adapters are added and removed only on a server started with an API key.",
     404: "Unknown model.",
+    409: "The name is served already.",
     408: "The request's headers and body did not arrive within the read timeout.",
     413: "Request body too large; /v1/rerank with truncate=false: a (query, document) pair over the token limit.",
     422: "The body does not match the schema.",
@@ -211,7 +226,7 @@ def shutting_down() -> APIError:
 
 
 # ---------------------------------------------------------------------------------------------------------- middleware
-_ROUTES = {"/v1/embeddings", "/v1/chat/completions", "/v1/rerank", "/rerank", "/v1/models", "/health", "/metrics",
+_ROUTES = {"/v1/embeddings", "/v1/adapters", "/v1/chat/completions", "/v1/rerank", "/rerank", "/v1/models", "/health", "/metrics",
            "/openapi.json", "/docs", "/redoc", "/embeddings"}
 
 
@@ -316,17 +331,33 @@ class _Served:
     backend: Any
     batcher: MicroBatcher
     created: int
+    removed: bool = False  # an adapter taken down at run time (DELETE /v1/adapters/{name})
 
 
 def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
-               generators: dict[str, Any] | None = None, *, rerankers: dict[str, Any] | None = None) -> FastAPI:
+               generators: dict[str, Any] | None = None, *, rerankers: dict[str, Any] | None = None,
+               adapter_hosts: dict[str, Any] | None = None) -> FastAPI:
     """An app serving `backends` ({served name: embedding backend}) and `rerankers` ({served name:
     TorchRerankBackend}, for /v1/rerank); models are chosen by the request's `model` field. Either may be empty,
     not both; a name serves one model.
 
     `generators` ({served name: embedkit.llm.generate.Generator}) adds /v1/chat/completions for those models.
+    `adapter_hosts` ({base name: embedkit.serve.adapters.AdapterHost}, made by `load_adapters`): LoRA adapters
+    loaded on served torch bases, each served under its own name. Every plain torch base gets a host, so that
+    adapters can be added at run time (POST /v1/adapters, on a server with an API key).
     """
     generators = dict(generators or {})
+    hosts = dict(adapter_hosts or {})
+    for name, backend in backends.items():
+        if name not in hosts and type(backend) is TorchBackend and not backend.encoder.has_adapter:
+            hosts[name] = AdapterHost(backend)
+    backends = dict(backends)
+    for name, host in hosts.items():
+        backends[name] = HostedBaseBackend(host)  # the base's calls run with no adapter active, under its lock
+        for adapter_name, adapter in host.adapters.items():
+            if adapter_name in backends:
+                raise ValueError(f"adapter {adapter_name!r} has the name of a served model")
+            backends[adapter_name] = adapter
     rerankers = dict(rerankers or {})
     unknown = set(generators) - set(backends)
     if unknown:
@@ -340,16 +371,23 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     metrics = ServerMetrics()
     created = int(time.time())
 
-    def batcher(name: str, compute) -> MicroBatcher:
+    def batcher(name: str, compute, model_lock=None) -> MicroBatcher:
         return MicroBatcher(compute, name=name, max_batch_tokens=settings.max_batch_tokens,
                             max_batch_size=settings.max_batch_size, max_padding=settings.max_padding,
-                            call_seconds=settings.call_seconds, on_batch=metrics.batch_observer(name))
+                            call_seconds=settings.call_seconds, on_batch=metrics.batch_observer(name),
+                            model_lock=model_lock)
 
-    served = {name: _Served(name, backend, batcher(name, backend.embed_ids), created)
+    def lock_of(backend: Any):  # a base and its adapters share one model: their batchers take turns
+        host = getattr(backend, "host", None)
+        return host.lock if host is not None else None
+
+    served = {name: _Served(name, backend, batcher(name, backend.embed_ids, lock_of(backend)), created)
               for name, backend in backends.items()}
     reranking = {name: _Served(name, backend, batcher(name, _score_column(backend)), created)
                  for name, backend in rerankers.items()}
-    everything = {**served, **reranking}
+
+    def everything() -> dict[str, _Served]:  # adapters come and go at run time
+        return {**served, **reranking}
     shutdown_deadline = asyncio.Event()  # set when waiting work must give up (shortly before the grace ends)
     tokenizing = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="tokenize", initializer=_yield_cpu)
 
@@ -360,18 +398,18 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         call in progress finishes within the margin, so nothing is cut off and the process exits within the grace.
         """
         margin = min(SHUTDOWN_MARGIN_SECONDS, grace_seconds / 2)
-        for entry in everything.values():
+        for entry in everything().values():
             entry.batcher.expire_in(grace_seconds - margin)
         asyncio.get_running_loop().call_later(max(0.0, grace_seconds - margin), shutdown_deadline.set)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for entry in everything.values():
+        for entry in everything().values():
             await entry.batcher.start()
         try:
             yield
         finally:  # uvicorn has finished the in-flight requests by now; drain whatever is still queued
-            for entry in everything.values():
+            for entry in everything().values():
                 await entry.batcher.stop()
             tokenizing.shutdown(wait=False)
 
@@ -384,6 +422,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         lifespan=lifespan,
     )
     app.state.served = served
+    app.state.adapter_hosts = hosts
     app.state.rerankers = reranking
     app.state.begin_shutdown = begin_shutdown
     app.state.generators = generators
@@ -443,7 +482,14 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
             ids = await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(_checked_token_ids,
                                                                                                  *args))
         metrics.queue_depth.labels(entry.name).set(entry.batcher.queue_depth)
-        vectors = await _batched_while_connected(entry.batcher, ids, request)
+        try:
+            vectors = await _batched_while_connected(entry.batcher, ids, request)
+        except APIError as exc:  # picked just before its adapter was removed: the name is gone, not the server
+            if not (entry.removed and exc.code == "shutting_down"):
+                raise
+            _pick_model(served, body.model, "embedding", reranking)  # the 404 that lists what is served now
+            raise
+
         if body.dimensions is not None and body.dimensions < backend.dim:
             vectors = vectors[:, : body.dimensions]
             if backend.normalize:
@@ -557,14 +603,72 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
                                            for name, entry in served.items()]
                 + [_reranker_card(entry) for entry in reranking.values()]}
 
+    def require_adapter_admin() -> None:
+        """Adding or removing adapters changes what every client gets: only on a server that checks keys (the key
+        itself is checked by check_key, 401)."""
+        if not settings.api_keys:
+            raise APIError(403, "adapters are added and removed at run time only on a server started with --api-key",
+                           type="permission_error", code="adapters_need_api_key")
+
+    @app.post("/v1/adapters", dependencies=[Depends(check_key)], responses=_ERRORS,
+              summary="Load a LoRA adapter onto a served base (needs --api-key)")
+    async def add_adapter(body: AdapterRequest) -> dict[str, Any]:
+        """Load an adapter folder onto its served base and serve it as `name`: its base fingerprint must be the
+        base's (400 naming both otherwise) and its probe vectors must reproduce, as at start-up."""
+        require_adapter_admin()
+        _check_unicode([body.name, body.path], "name")
+        if body.name in everything():
+            raise APIError(409, f"{body.name!r} is served already: remove it first (DELETE /v1/adapters/"
+                                f"{body.name}) or pick another name", param="name", code="model_exists")
+
+        def load():
+            folder = AdapterFolder.read(body.path)
+            host = host_for(hosts, folder, body.base)
+            backend = host.add(body.name, body.path)
+            try:
+                verify_probes(backend)
+            except BaseException:
+                host.remove(body.name)
+                raise
+            return backend
+
+        try:
+            backend = await asyncio.get_running_loop().run_in_executor(None, load)
+        except EmbedkitError as exc:
+            raise APIError(400, exc.one_line(), param="path", code="invalid_adapter") from None
+        if body.name in everything():  # another request took the name while this one loaded
+            await asyncio.get_running_loop().run_in_executor(None, backend.host.remove, body.name)
+            raise APIError(409, f"{body.name!r} is served already", param="name", code="model_exists")
+        entry = _Served(body.name, backend, batcher(body.name, backend.embed_ids, lock_of(backend)),
+                        int(time.time()))
+        await entry.batcher.start()
+        served[body.name] = entry
+        return _model_card(entry)
+
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(check_key)], responses=_ERRORS,
+                summary="Stop serving a LoRA adapter and free its weights (needs --api-key)")
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        """Requests already queued for the adapter are answered first; new ones get 404."""
+        require_adapter_admin()
+        adapters = [n for n, entry in served.items() if getattr(entry.backend, "adapter", None) is not None]
+        if name not in adapters:
+            raise APIError(404, f"no adapter {name!r} is served here; adapters: {', '.join(adapters) or 'none'}",
+                           param="name", code="model_not_found", type="not_found_error")
+        entry = served.pop(name)
+        entry.removed = True
+        await entry.batcher.stop()
+        await asyncio.get_running_loop().run_in_executor(None, entry.backend.host.remove, name)
+        return {"id": name, "object": "model", "deleted": True}
+
     @app.get("/health", summary="Liveness: 200 when the server can embed and rerank")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(everything),
-                "queue_depth": {name: entry.batcher.queue_depth for name, entry in everything.items()}}
+        current = everything()
+        return {"status": "ok", "models": list(current),
+                "queue_depth": {name: entry.batcher.queue_depth for name, entry in current.items()}}
 
     @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
     async def prometheus() -> Response:
-        for name, entry in everything.items():
+        for name, entry in everything().items():
             metrics.queue_depth.labels(name).set(entry.batcher.queue_depth)
         payload, content_type = metrics.render()
         return Response(payload, media_type=content_type)
@@ -578,10 +682,13 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
 
 def _model_card(entry: _Served) -> dict[str, Any]:
     info = entry.backend.describe()
-    return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "embedkit",
+    card = {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "embedkit",
             "kind": "embedding", "dim": entry.backend.dim, "max_length": entry.backend.max_length,
             "backend": getattr(entry.backend, "kind", info.get("backend")), "pooling": info.get("pooling"),
             "normalize": entry.backend.normalize, "prompts": info.get("prompts") or {}}
+    if info.get("parent"):  # a LoRA adapter: vLLM's card names the base the same way
+        card.update(parent=info["parent"], root=info.get("path"), adapter=True)
+    return card
 
 
 def _reranker_card(entry: _Served) -> dict[str, Any]:

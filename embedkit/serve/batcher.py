@@ -22,6 +22,7 @@ this finishes as many as the time allows. `stop()` finishes what is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -72,8 +73,12 @@ class MicroBatcher:
         call_seconds: float = 0.1,
         min_call_tokens: int = 256,
         on_batch: Callable[[int, int, float], None] | None = None,
+        model_lock: Any = None,
     ) -> None:
         self._embed_ids = embed_ids
+        # Batchers that share one model (a base and its LoRA adapters) take turns on it with this lock; the wait
+        # for a turn is not model time, so it must not shrink the next calls (the speed is measured inside it).
+        self._model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
         self.name = name
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
@@ -199,9 +204,10 @@ class MicroBatcher:
     def _run_call(self, id_lists: list[Sequence[int]]) -> np.ndarray:
         """Worker thread: one model call; its speed sizes the next calls."""
         padded = len(id_lists) * max(1, max(len(ids) for ids in id_lists))
-        began = time.perf_counter()
-        vectors = np.asarray(self._embed_ids(id_lists), dtype=np.float32)
-        seconds = time.perf_counter() - began
+        with self._model_lock:
+            began = time.perf_counter()
+            vectors = np.asarray(self._embed_ids(id_lists), dtype=np.float32)
+            seconds = time.perf_counter() - began
         if padded >= self.min_call_tokens // 4:  # tiny calls measure per-call overhead, not speed
             observed = seconds / padded
             previous = self._seconds_per_token

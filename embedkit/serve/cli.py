@@ -28,6 +28,11 @@ def serve_command(
                                           "sentence-transformers CrossEncoder. Repeatable; NAME=PATH sets the "
                                           "served name (default: the folder's name). PyTorch, on --device; its "
                                           "rerank_probes.json is re-scored at start-up like --model's probes."),
+    adapter: List[str] = typer.Option([], "--adapter",
+                                      help="NAME=DIR: a LoRA adapter (an `embedkit train` output with adapter.save "
+                                           "adapter or both) served as NAME on the torch --model it was trained on; "
+                                           "one base in memory, a request picks it with \"model\": NAME. "
+                                           "Repeatable. An adapter of another base refuses to start."),
     backend: str = typer.Option("auto", "--backend", help=backend_help()),
     engine: str = typer.Option("embedkit", "--engine",
                                help="'embedkit' (this server) or 'vllm': launch `vllm serve --runner pooling` for an "
@@ -104,6 +109,8 @@ def serve_command(
 
       embedkit serve --model base=minilm --model tuned=runs/medquad/onnx --api-key secret
 
+      embedkit serve --model base=minilm --adapter legal=runs/legal-lora --adapter med=runs/med-lora --api-key s
+
       embedkit serve --engine vllm --model runs/medquad/hf --port 8001   (GPU machine with vLLM)
 
       embedkit serve --model runs/smollm2-joint   (embeddings and chat completions from one model)
@@ -118,7 +125,11 @@ def serve_command(
         raise ConfigError(f"--default-input-type must be 'query' or 'document', not {input_type!r}")
     if not model and not rerank:
         raise ConfigError("give at least one --model or --rerank")
+    if adapter and not model:
+        raise ConfigError("--adapter needs the --model it goes on")
     if engine == "vllm":
+        if adapter:
+            raise ConfigError("--engine vllm: serve --adapter with --engine embedkit")
         if rerank:
             raise ConfigError("--engine vllm serves embeddings only: serve --rerank with --engine embedkit")
         if len(model) != 1:
@@ -146,4 +157,4 @@ def serve_command(
                              max_connections=max_connections, default_input_type=input_type)  # type: ignore[arg-type]
     run_server(model, backend=backend, host=host, port=port, settings=settings, threads=threads,
                probe_atol=probe_atol, allow_mismatch=allow_mismatch, graceful_timeout=graceful_timeout,
-               log_level=log_level, chat=chat, device=target, rerank=rerank)
+               log_level=log_level, chat=chat, device=target, rerank=rerank, adapters=adapter)

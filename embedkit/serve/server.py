@@ -45,6 +45,37 @@ def load_backends(models: Sequence[str], *, backend: str = "auto", threads: int 
     return loaded
 
 
+def load_adapters(adapters: Sequence[str], backends: dict[str, Any], *, probe_atol: float | None = None,
+                  allow_mismatch: bool = False, taken: Sequence[str] = ()) -> dict[str, Any]:
+    """{base name: AdapterHost} for `--adapter NAME=DIR` arguments: each LoRA adapter loaded onto the served torch
+    base it was trained on (the only one, else the one whose fingerprint it records), then checked against its
+    probe vectors like a --model folder. An adapter of another base is a one-line ModelError naming both
+    fingerprints (the server does not start)."""
+    from embedkit.serve.adapters import AdapterFolder, AdapterHost, AdapterSpec, host_for
+    from embedkit.serve.backends import TorchBackend, verify_probes
+
+    if not adapters:
+        return {}
+    candidates = {name: backend for name, backend in backends.items()
+                  if type(backend) is TorchBackend and not backend.encoder.has_adapter}
+    if not candidates:
+        raise ConfigError("--adapter needs a torch --model to load onto (an ONNX or OpenVINO export has its weights "
+                          "fixed in its graph: serve the base model folder with --backend torch)")
+    hosts = {name: AdapterHost(backend) for name, backend in candidates.items()}
+    names: set[str] = set(backends) | set(taken)
+    for text in adapters:
+        spec = AdapterSpec.parse(text)
+        if spec.name in names:
+            raise ConfigError(f"two models would be served as {spec.name!r}: name the adapter with --adapter "
+                              "NAME=DIR")
+        host = host_for(hosts, AdapterFolder.read(spec.path), None)
+        log.info(f"loading adapter {spec.name} from {spec.path} onto {host.base.name} ...")
+        instance = host.add(spec.name, spec.path)
+        verify_probes(instance, atol=probe_atol, allow_mismatch=allow_mismatch)
+        names.add(spec.name)
+    return hosts
+
+
 def load_rerankers(rerank: Sequence[str], *, threads: int | None = None, probe_atol: float | None = None,
                    allow_mismatch: bool = False, device: Any = "cpu", taken: Sequence[str] = ()) -> dict[str, Any]:
     """{served name: TorchRerankBackend} for `--rerank` arguments (PATH or NAME=PATH), each checked against the
@@ -98,9 +129,10 @@ def run_server(
     chat: bool = True,
     device: Any = "cpu",
     rerank: Sequence[str] = (),
+    adapters: Sequence[str] = (),
 ) -> None:
     """Serve `models` (embedding models, /v1/embeddings) and `rerank` (rerankers, /v1/rerank): either may be
-    empty, not both."""
+    empty, not both; `adapters` (NAME=DIR): LoRA adapters on a torch model of `models`."""
     from embedkit.serve.app import create_app
 
     if not 0 <= port <= 65535:
@@ -112,8 +144,11 @@ def run_server(
                              allow_mismatch=allow_mismatch, device=device) if models else {}
     rerankers = load_rerankers(rerank, threads=threads, probe_atol=probe_atol, allow_mismatch=allow_mismatch,
                                device=device, taken=list(backends))
+    hosts = load_adapters(adapters, backends, probe_atol=probe_atol, allow_mismatch=allow_mismatch,
+                          taken=list(rerankers))
     generators = load_generators(models, backends, device=device) if chat else {}
-    app = create_app(backends, settings, generators, rerankers=rerankers)
+    app = create_app(backends, settings, generators, rerankers=rerankers, adapter_hosts=hosts)
+    backends = {**backends, **{name: adapter for host in hosts.values() for name, adapter in host.adapters.items()}}
     keys = "API key required" if settings is not None and settings.api_keys else "no API key"
     endpoints = [f"{', '.join(names)} at http://{host}:{port}{path}"
                  for names, path in ((backends, "/v1/embeddings"), (rerankers, "/v1/rerank")) if names]

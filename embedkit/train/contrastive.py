@@ -59,6 +59,11 @@ def build_encoder(recipe: Recipe, device: torch.device | str = "cpu"):
         keep_4bit_layout(encoder.backbone)
     set_dropout(encoder, attention=m.attention_dropout, hidden=m.hidden_dropout)
     freeze_unused(encoder)
+    if a.type == "lora" and a.save in ("adapter", "both") and recipe.deepspeed.stage != "zero3":
+        # The model the adapter is attached to, for `embedkit serve --adapter` to check it is served on that base
+        # (its fingerprint: every weight, the tokenizer and the embedding settings). Not under ZeRO-3, whose
+        # partitioned weights are not the model's; QLoRA's 4-bit base is not a base anything serves.
+        encoder.adapter_base = {"name": m.name, "fingerprint": encoder.fingerprint}
     return apply_adapter(encoder, recipe)
 
 
@@ -332,6 +337,11 @@ def save_output(encoder, recipe: Recipe, output: Path, source: dict, stats: dict
             write_probes(encoder, tmp, created_by="train")
         if adapter_dir is not None and a.save in ("adapter", "both"):
             shutil.copytree(adapter_dir, tmp / "adapter")
+            adapter_base = getattr(encoder, "adapter_base", None)
+            if adapter_base is not None:
+                record = json.loads((tmp / MANIFEST_NAME).read_text())
+                record["adapter"] = {"path": "adapter", "base": adapter_base}
+                write_json(tmp / MANIFEST_NAME, record)
         copy_run_logs(work, tmp)
         write_text(tmp / "README.md", model_card(recipe, source, stats, dev, base, command_line()))
     return output
