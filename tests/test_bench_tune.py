@@ -1,0 +1,64 @@
+"""bench/bench_tune.py's matching of its peers (issue #28 item 6) and its --resume rule: what makes its table a fair
+comparison, so it is tested like product code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_tune  # noqa: E402
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"d{i}"}) + "\n" for i in range(8)))
+    path = tmp_path / "tuned.yaml"
+    path.write_text(f"""
+model: {{name: minilm, max_length: 64, attention_dropout: 0.0}}
+data: {{train: {pairs}}}
+loss: {{temperature: 0.02, hard_negatives: 2}}
+mining: {{online: true, range: "10:100", relative_margin: 0.05, sampling: random}}
+training: {{output_dir: {tmp_path / 'out'}, epochs: 5, batch_size: 32, lr: 7.7e-5}}
+""")
+    return path
+
+
+def test_st_arms_take_the_recipes_dropout_and_the_tuned_schedule(recipe):
+    # Bugs caught: sentence-transformers keeping MiniLM's attention dropout 0.1 while the recipes train with 0 (the
+    # unmatched peer of issue #28), and the compute-matched peer training ST's default 3 epochs or mining another
+    # window / count / margin than the tuned recipe it is matched to.
+    st = bench_tune.st_settings("st", str(recipe), [])
+    assert st["attention_dropout"] == 0.0 and st["num_train_epochs"] == 3 and "mining" not in st
+    mined = bench_tune.st_settings("st-mined", str(recipe), [])
+    assert mined["attention_dropout"] == 0.0 and mined["num_train_epochs"] == 5 and mined["batch_size"] == 32
+    assert mined["mining"] == {"num_negatives": 2, "range_min": 10, "range_max": 100, "sampling_strategy": "random",
+                               "relative_margin": 0.05, "output_format": "n-tuple", "use_faiss": True}
+    assert mined["batch_sampler"] == "no_duplicates"
+
+
+def test_only_the_sentence_transformers_arms_train_with_sentence_transformers():
+    # Bug caught: arms picked by `startswith("st")` sent embedkit's candidate arm "steps" to sentence-transformers.
+    assert bench_tune.ST_ARMS == ("st", "st-mined")
+    assert "steps" in bench_tune.CANDIDATE_ARMS and "steps" not in bench_tune.ST_ARMS
+
+
+def test_resume_reuses_a_run_recorded_before_the_recipe_gained_fields(recipe, tmp_path):
+    # Bugs caught: --resume retraining every earlier run because the recipe format gained fields since (task, rerank,
+    # training.min_steps at their defaults), or reusing a run whose recorded settings really differ.
+    from embedkit.train.config import load_recipe
+
+    ran = load_recipe(str(recipe), ["training.seed=42"]).model_dump(mode="json")
+    ran.pop("task"), ran.pop("rerank"), ran["training"].pop("min_steps")
+    done = tmp_path / "run.result.json"
+    done.write_text(json.dumps({"recipe": ran}))
+    assert not bench_tune.trained_another_recipe(done, "tuned", str(recipe), [], 42)
+    assert bench_tune.trained_another_recipe(done, "tuned", str(recipe), ["training.min_steps=150"], 42)
+    ran["training"]["lr"] = 2e-5
+    done.write_text(json.dumps({"recipe": ran}))
+    assert bench_tune.trained_another_recipe(done, "tuned", str(recipe), [], 42)
