@@ -564,14 +564,21 @@ def check_batch_independence(default, source: ExportSource, parity: dict[str, An
     """The graph a folder serves must give a text the same vector alone and inside any batch (ExportError if not)."""
     batch_texts = [t for t, _ in source.items]
     batch_diff = batch_invariance(lambda t: default.encode(t, "document", batch_size=len(t)), batch_texts)
-    parity.update({"batch_invariance_graph": default.variant, "batch_invariance_texts": len(batch_texts),
-                   "batch_invariance_batch_sizes": [8, 32], "batch_invariance_max_abs_diff": batch_diff,
-                   "batch_invariance_bound": max_batch_diff})
-    log.info(f"batch vs alone ({default.variant}, {len(batch_texts)} texts in batches of 8 and 32): max "
-             f"|diff| {batch_diff:.2e} (bound {max_batch_diff:.0e})")
-    if not batch_diff <= max_batch_diff:
-        raise ExportError(f"{default.variant} graph: a text's vector depends on its batch (max |diff| "
-                          f"{batch_diff:.2e} > {max_batch_diff:.0e}); nothing was written", path=output)
+    record_batch_invariance(parity, default.variant, batch_diff, max_batch_diff, count_key="batch_invariance_texts",
+                            count=len(batch_texts), unit="texts", subject="a text's vector", output=output)
+
+
+def record_batch_invariance(parity: dict[str, Any], graph: str, batch_diff: float, bound: float, *, count_key: str,
+                            count: int, unit: str, subject: str, output: Path) -> None:
+    """The batch-vs-alone check's entries in the parity record (embedding and reranker exports alike), logged;
+    ExportError when `batch_diff` misses `bound`."""
+    parity.update({"batch_invariance_graph": graph, count_key: count, "batch_invariance_batch_sizes": [8, 32],
+                   "batch_invariance_max_abs_diff": batch_diff, "batch_invariance_bound": bound})
+    log.info(f"batch vs alone ({graph}, {count} {unit} in batches of 8 and 32): max |diff| {batch_diff:.2e} "
+             f"(bound {bound:.0e})")
+    if not batch_diff <= bound:
+        raise ExportError(f"{graph} graph: {subject} depends on its batch (max |diff| {batch_diff:.2e} > "
+                          f"{bound:.0e}); nothing was written", path=output)
 
 
 def parity_record(check) -> dict[str, Any]:
