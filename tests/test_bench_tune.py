@@ -62,3 +62,22 @@ def test_resume_reuses_a_run_recorded_before_the_recipe_gained_fields(recipe, tm
     ran["training"]["lr"] = 2e-5
     done.write_text(json.dumps({"recipe": ran}))
     assert bench_tune.trained_another_recipe(done, "tuned", str(recipe), [], 42)
+
+
+def test_candidate_recipes_load_and_change_what_their_labels_say(tmp_path):
+    # Bug caught: a candidate arm's override with a misspelt key or value (silently the recipe as written, or a
+    # recipe error after hours of other arms), or the `schedule` arm not mining (its label says it does).
+    from embedkit.train.config import load_recipe
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"d{i}"}) + "\n" for i in range(8)))
+    written = tmp_path / "recipe.yaml"
+    written.write_text(f"model: {{name: minilm}}\ndata: {{train: {pairs}}}\n"
+                       f"training: {{output_dir: {tmp_path / 'out'}, lr: 2.0e-5, epochs: 1}}\n")
+    assert set(bench_tune.CANDIDATE_SETS) == set(bench_tune.CANDIDATE_ARMS)
+    assert not set(bench_tune.CANDIDATE_ARMS) & set(bench_tune.ST_ARMS)
+    steps = load_recipe(str(written), bench_tune.CANDIDATE_SETS["steps"])
+    assert steps.training.min_steps == bench_tune.CANDIDATE_MIN_STEPS and steps.training.lr == 2e-5
+    schedule = load_recipe(str(written), bench_tune.CANDIDATE_SETS["schedule"])
+    assert (schedule.training.lr, schedule.training.epochs) == (5e-5, 3)
+    assert schedule.loss.hard_negatives == 1 and schedule.mining.online
