@@ -457,7 +457,8 @@ def run_dataset(dataset: str, args, plan: dict[str, dict], seeds: list[int], sty
         names = ["base", *trained]
         human_scores = [row["base"]["human"], *(row["arms"][a]["ndcg_at_10"] for a in trained)]
         synth_scores = [row["base"]["synthetic"], *(row["arms"][a]["ndcg_at_10_synthetic"] for a in trained)]
-        row["kendall_tau"] = {"models": names, "tau": kendall_tau(human_scores, synth_scores)}
+        row["kendall_tau"] = {"models": names, "human": human_scores, "synthetic": synth_scores,
+                              "tau": kendall_tau(human_scores, synth_scores)}
     return row
 
 
@@ -483,8 +484,10 @@ def summary(results: dict) -> None:
                   f"{'PASSED' if row['acceptance']['passed'] else 'not met'}")
         if "kendall_tau" in row:
             tau = row["kendall_tau"]["tau"]
-            print(f"{dataset}: Kendall tau, synthetic vs human test order of {len(row['kendall_tau']['models'])} "
-                  f"models: {'-' if tau is None else f'{tau:+.3f}'}")
+            k = row["kendall_tau"]
+            print(f"{dataset}: Kendall tau, synthetic vs human test order of {len(k['models'])} models: "
+                  f"{'- (a constant order)' if tau is None else f'{tau:+.3f}'}; nDCG@10 human / synthetic: "
+                  + ", ".join(f"{m} {h:.4f} / {y:.4f}" for m, h, y in zip(k["models"], k["human"], k["synthetic"])))
 
 
 def main() -> None:
