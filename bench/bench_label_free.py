@@ -11,10 +11,11 @@
         --out /tmp/lf-smoke                       # smoke test: minutes, a check of the script, not a measurement
 
 Per data set the training queries and qrels are hidden: the label-free arms see a corpus folder holding nothing but
-corpus.jsonl (SciFact: its 5,183 abstracts; MedQuAD: the 14,070 distinct answers of train_pairs.jsonl, the
-collection bench_tune.py mines from, without their questions; the test split's topics are disjoint from it), and
-`check_label_free` refuses a training file with a query that synth did not write, or one equal to a human query of
-the data set (train or test). Each arm is evaluated on the full human test split (bench_tune.py's `test_task`).
+corpus.jsonl (SciFact: its 5,183 abstracts; MedQuAD: the 14,268 distinct answers of train_pairs.jsonl, what
+bench_tune.py's few-label collection is drawn from, without their questions; the test topics are disjoint from
+them), and `check_label_free` refuses a training file with a query that synth did not write and removes (and
+counts) a synthetic query equal to a human query of the data set (train or test). Each arm is evaluated on the full
+human test split (bench_tune.py's `test_task`).
 
 Pipeline of one arm, each step the user's command (`python -m embedkit.cli`):
 1. `embedkit synth CORPUS --style S -k 3 --sample DOCS --seed 42` (GPL's 3 queries per passage; `--docs`, default
@@ -57,14 +58,15 @@ round-trip filter encode each corpus once (the shared embedding cache): SciFact 
 per seed: ict and the label-free arms ~3,000 pairs (1,000 documents x 3) = ~94 steps, ~16 min each (style-ict,
 label-free, label-free-pseudo, q100+label-free); title ~1,000 pairs and crop ~1,000 after the copy filter, ~5 min
 each; q100 under a minute; plus ~1 min of start-up per run: ~75 min per seed, ~4 h for 3 seeds per data set
-(MedQuAD: no titles, style-title is skipped). Evaluation of 22 models (base + 7 arms x 3 seeds): SciFact ~7 min each
-(~2.6 h), MedQuAD ~2 min each (~45 min). About 7 h for SciFact and 5 h for MedQuAD. `question` adds SmolLM2
+(MedQuAD: no titles, style-title is skipped). Evaluation: SciFact 22 models (base + 7 arms x 3 seeds), ~7 min each
+(~2.6 h); MedQuAD 19, ~2 min each (~40 min). About 7 h for SciFact and 5 h for MedQuAD. `question` adds SmolLM2
 generation: docs/synth.md measured 0.06 queries/s under load, i.e. ~14 h for 3,000 queries (try --docs 100 first),
 and one more arm. --synthetic-eval N adds N generated queries and a second evaluation of every model.
 
-Smoke (BENCH_SMOKE=1 BENCH_MAX_STEPS=2, scifact, 1 seed, the generator-free styles): ~16 min on 2 cores shared at
+Smoke (BENCH_SMOKE=1 BENCH_MAX_STEPS=2, scifact, 1 seed, the generator-free styles): 15.5 min on 2 cores shared at
 load 5-7, nearly all of it the start-up of ~20 embedkit processes and models; a second call with --resume reuses
-every synth, mine, training and evaluation and takes the time of its imports and the compare bootstraps.
+every synth, mine, training and evaluation and took 3 s. `--synthetic-eval 3` on top: 3 min (SmolLM2's 3 queries
+2 min of it).
 
 Run one data set at a time into a kept --out and use --resume: a run that was trained and evaluated is reused from
 its <arm>-s<seed>.result.json and .eval.json (the model folder may be gone: --cleanup removes it after its
@@ -184,27 +186,31 @@ class LabelLeak(SystemExit):
 
 
 def check_label_free(training: list[dict], synthetic: set[str], human: set[str], allowed: set[str] = frozenset(),
-                     corpus_folder: Path | None = None) -> dict:
-    """The hidden-labels guard. Refuses (LabelLeak) a training row whose query synth did not write (`synthetic`:
-    the queries of the synth outputs the arm uses) unless it is one of `allowed` (the q100 arms' sampled human
-    queries), a synthetic query equal to a human query of the data set (`human`, normalised), and a synth input
-    folder holding anything but corpus.jsonl. Returns the counts it checked."""
+                     corpus_folder: Path | None = None) -> tuple[list[dict], dict]:
+    """The hidden-labels guard: the rows an arm may train on, and the counts. Refuses (LabelLeak) a synth input
+    folder holding anything but corpus.jsonl, and a training row whose query synth did not write (`synthetic`: the
+    queries of the synth outputs the arm uses) unless it is one of `allowed` (the q100 arms' sampled human queries).
+    A synthetic query that happens to equal a human query of the data set (`human`, normalised: a sentence of a
+    document that is also a question or claim of the train or test split) is removed and counted."""
     if corpus_folder is not None:
         extra = sorted(p.name for p in corpus_folder.iterdir() if p.name != "corpus.jsonl")
         if extra:
             raise LabelLeak(f"label-free corpus folder {corpus_folder} holds more than corpus.jsonl: {extra}")
-    synthetic_rows = human_rows = 0
+    kept: list[dict] = []
+    counts = {"synthetic_rows": 0, "human_rows": 0, "removed_equal_to_human": 0}
     for row in training:
         query = row["query"]
         if query in allowed:
-            human_rows += 1
-            continue
-        if query not in synthetic:
+            counts["human_rows"] += 1
+        elif query not in synthetic:
             raise LabelLeak(f"a training query synth did not write: {query[:80]!r}")
-        if normalise(query) in human:
-            raise LabelLeak(f"a synthetic training query equals a human query of the data set: {query[:80]!r}")
-        synthetic_rows += 1
-    return {"synthetic_rows": synthetic_rows, "human_rows": human_rows}
+        elif normalise(query) in human:
+            counts["removed_equal_to_human"] += 1
+            continue
+        else:
+            counts["synthetic_rows"] += 1
+        kept.append(row)
+    return kept, counts
 
 
 def few_label_pairs(dataset: str, data_root: str, work: Path) -> Path:
@@ -421,7 +427,7 @@ def run_dataset(dataset: str, args, plan: dict[str, dict], seeds: list[int], sty
         if spec["few"]:
             rows = few_rows + rows
         synthetic_queries = set().union(*(synthetic[s] for s in spec["synth"])) if spec["synth"] else set()
-        guard = check_label_free(rows, synthetic_queries, human, allowed, corpus)
+        rows, guard = check_label_free(rows, synthetic_queries, human, allowed, corpus)
         data = work / f"train-{arm}.jsonl"
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not data.is_file() or data.read_text(encoding="utf-8") != text:

@@ -59,9 +59,9 @@ def corpus_folder(tmp_path) -> Path:
 
 def test_guard_accepts_synthetic_rows(corpus_folder):
     rows = [{"query": "one synthetic query", "positive": "p"}, {"query": "two", "positive": "p"}]
-    counts = lf.check_label_free(rows, {"one synthetic query", "two"}, {"a human question"},
-                                 corpus_folder=corpus_folder)
-    assert counts == {"synthetic_rows": 2, "human_rows": 0}
+    kept, counts = lf.check_label_free(rows, {"one synthetic query", "two"}, {"a human question"},
+                                       corpus_folder=corpus_folder)
+    assert kept == rows and counts == {"synthetic_rows": 2, "human_rows": 0, "removed_equal_to_human": 0}
 
 
 def test_guard_refuses_a_query_synth_did_not_write(corpus_folder):
@@ -70,18 +70,20 @@ def test_guard_refuses_a_query_synth_did_not_write(corpus_folder):
         lf.check_label_free(rows, {"something else"}, set(), corpus_folder=corpus_folder)
 
 
-def test_guard_refuses_a_synthetic_query_equal_to_a_human_one(corpus_folder):
+def test_guard_removes_a_synthetic_query_equal_to_a_human_one(corpus_folder):
     human = {lf.normalise("0-dimensional biomaterials show inductive properties.")}
-    rows = [{"query": "0-dimensional  biomaterials show Inductive properties.", "positive": "p"}]
-    with pytest.raises(lf.LabelLeak, match="equals a human query"):
-        lf.check_label_free(rows, {rows[0]["query"]}, human, corpus_folder=corpus_folder)
+    rows = [{"query": "0-dimensional  biomaterials show Inductive properties.", "positive": "p"},
+            {"query": "another sentence", "positive": "p"}]
+    kept, counts = lf.check_label_free(rows, {r["query"] for r in rows}, human, corpus_folder=corpus_folder)
+    assert kept == rows[1:]
+    assert counts == {"synthetic_rows": 1, "human_rows": 0, "removed_equal_to_human": 1}
 
 
 def test_guard_allows_the_sampled_human_queries_only_where_asked(corpus_folder):
     rows = [{"query": "a labelled question", "positive": "p"}, {"query": "synthetic", "positive": "p"}]
     human = {"a labelled question"}
-    counts = lf.check_label_free(rows, {"synthetic"}, human, allowed={"a labelled question"})
-    assert counts == {"synthetic_rows": 1, "human_rows": 1}
+    kept, counts = lf.check_label_free(rows, {"synthetic"}, human, allowed={"a labelled question"})
+    assert kept == rows and counts == {"synthetic_rows": 1, "human_rows": 1, "removed_equal_to_human": 0}
     with pytest.raises(lf.LabelLeak):
         lf.check_label_free(rows, {"synthetic"}, human)
 
