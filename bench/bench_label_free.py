@@ -158,6 +158,17 @@ def label_free_corpus(dataset: str, data_root: str, work: Path) -> Path:
     return folder
 
 
+def style_possible(corpus: Path, style: str) -> bool:
+    """Whether some document of `corpus` can give a `style` query (synth's own rule, embedkit.synth.styles); a
+    generator style always can."""
+    if style not in FREE_STYLES:
+        return True
+    from embedkit.data.documents import load_documents
+    from embedkit.synth.styles import queries_available
+
+    return any(queries_available(style, doc, QUERIES_PER_DOC) for doc in load_documents(corpus / "corpus.jsonl"))
+
+
 def human_queries(dataset: str, data_root: str) -> set[str]:
     """Every human query text of the data set (training and test), normalised: what no label-free arm may train on."""
     root = Path(data_root)
@@ -367,6 +378,10 @@ def run_dataset(dataset: str, args, plan: dict[str, dict], seeds: list[int], sty
     synthetic: dict[tuple, set[str]] = {}
     for style, rt, teacher in sorted(styles_needed, key=str):
         out = work / synth_name(style, rt)
+        if not style_possible(corpus, style):  # synth would stop: e.g. title on MedQuAD's answers, which have none
+            row["synth"][synth_name(style, rt)] = {"skipped": f"no document of the corpus can give a {style} query"}
+            print(f"[{dataset}] synth {style}: skipped, no document of the corpus can give one", flush=True)
+            continue
         if synth_name(style, rt) not in row["synth"]:
             row["synth"][synth_name(style, rt)] = synth(corpus, out, style, rt, docs, args.resume)
             s = row["synth"][synth_name(style, rt)]
@@ -374,7 +389,7 @@ def run_dataset(dataset: str, args, plan: dict[str, dict], seeds: list[int], sty
                   f"queries kept", flush=True)
         synthetic[(style, rt, teacher)] = {r["query"] for r in read_jsonl(out / "pairs.jsonl")}
         target = work / mined_name(style, rt, teacher)
-        if synthetic[(style, rt, teacher)]:  # e.g. title on MedQuAD's answers, which have no titles: no rows
+        if synthetic[(style, rt, teacher)]:  # the filters may have removed every row
             row["mine"][target.name] = mine(out / "pairs.jsonl", corpus, target, args.resume, teacher)
             mined[(style, rt, teacher)] = target
     few_mined = None
@@ -419,7 +434,7 @@ def run_dataset(dataset: str, args, plan: dict[str, dict], seeds: list[int], sty
     few_queries = {r["query"] for r in few_rows}
     for arm, spec in plan.items():
         if any(source not in mined for source in spec["synth"]):
-            row["arms"][arm] = {"rows": 0, "skipped": "synth kept no pairs (title: the corpus has no titles)"}
+            row["arms"][arm] = {"rows": 0, "skipped": "synth made or kept no pairs of this style"}
             print(f"[{dataset}] {arm}: skipped, {row['arms'][arm]['skipped']}", flush=True)
             continue
         rows = [r for source in spec["synth"] for r in read_jsonl(mined[source])]

@@ -153,3 +153,14 @@ def test_resume_reuses_a_run_of_the_same_recipe_and_data_only(tmp_path):
     assert same != lf.trained_settings(a, [f"data.train={a}", "training.seed=42", *lf.DISTILL])
     b.write_text(row + row)
     assert same != lf.trained_settings(b, [f"data.train={b}", "training.seed=42"])
+
+
+def test_a_style_the_corpus_cannot_give_is_skipped_not_run(tmp_path):
+    """MedQuAD's answers have no titles: synth would stop with "no document can give a title query"."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    text = "First sentence of the answer. Second sentence of the answer, long enough for a crop."
+    (folder / "corpus.jsonl").write_text(json.dumps({"_id": "a0", "title": "", "text": text}) + "\n")
+    assert not lf.style_possible(folder, "title")
+    assert lf.style_possible(folder, "ict") and lf.style_possible(folder, "crop")
+    assert lf.style_possible(folder, "question")  # a generator can always try
