@@ -66,7 +66,8 @@ and one more arm. --synthetic-eval N adds N generated queries and a second evalu
 Smoke (BENCH_SMOKE=1 BENCH_MAX_STEPS=2, scifact, 1 seed, the generator-free styles): 15.5 min on 2 cores shared at
 load 5-7, nearly all of it the start-up of ~20 embedkit processes and models; a second call with --resume reuses
 every synth, mine, training and evaluation and took 3 s. `--synthetic-eval 3` on top: 3 min (SmolLM2's 3 queries
-2 min of it).
+2 min of it). MedQuAD's smoke: 12 min (style-title skipped: its answers have no titles). With BENCH_MAX_STEPS=2 the
+warm-up and decay leave about one small update, so most arms score as the base model there: a check, not a result.
 
 Run one data set at a time into a kept --out and use --resume: a run that was trained and evaluated is reused from
 its <arm>-s<seed>.result.json and .eval.json (the model folder may be gone: --cleanup removes it after its
