@@ -313,6 +313,17 @@ def _without_new_defaults(model, now: dict, ran: dict) -> dict:
     return out
 
 
+def resolved_training(recipe: str, overrides: list[str], seed: int) -> str:
+    """What an embedkit arm trains, as one comparable string: the recipe with its overrides and the seed, the output
+    folder left out. Two arms with the same string train the same model (training is seeded and deterministic on
+    CPU), so the second reuses the first's run: a search that changed nothing makes `tuned` the recipe as written."""
+    from embedkit.train.config import load_recipe
+
+    dump = load_recipe(recipe, [*overrides, f"training.seed={seed}"]).model_dump(mode="json")
+    dump["training"].pop("output_dir", None)
+    return json.dumps(dump, sort_keys=True)
+
+
 def test_task(dataset: str, data_root: str, work: Path) -> str:
     """The test split as an eval task spec; under BENCH_SMOKE a seeded cut of it (queries and documents)."""
     folder, split = DATASETS[dataset]["test"]
@@ -488,6 +499,7 @@ def main() -> None:
                    "st-mined": (t["tuned_recipe"], []),  # matched to the tuned recipe's epochs and negatives
                    **{c: (DATASETS[dataset]["recipe"], [*overrides, *CANDIDATE_SETS[c]]) for c in CANDIDATE_ARMS}}
         reports: dict[str, list[dict]] = {arm: [] for arm in arms}
+        trained: dict[str, Path] = {}  # resolved_training -> the output of the arm that trained it (embedkit arms)
         for arm in arms:
             runs = []
             for seed in seeds:
@@ -495,10 +507,17 @@ def main() -> None:
                 recipe, extra = recipes[arm]
                 done = output.with_suffix(".result.json")
                 evaluated = output.with_suffix(".eval.json")
+                same = None if arm in ST_ARMS else resolved_training(recipe, extra, seed)
+                twin = trained.get(same) if same else None
+                if twin is not None:
+                    print(f"[{dataset}] {arm} seed {seed} trains what {twin.name} trained (same recipe and seed): "
+                          "reusing its run and evaluation", flush=True)
+                    done.write_text(twin.with_suffix(".result.json").read_text())
+                    evaluated.write_text(twin.with_suffix(".eval.json").read_text())
                 # an earlier run with this --out trained it (and perhaps evaluated it: then the model may be gone)
-                reuse = args.resume and done.is_file() and ((output / "model.safetensors").is_file()
-                                                            or evaluated.is_file())
-                if reuse and trained_another_recipe(done, arm, recipe, extra, seed):
+                reuse = twin is not None or args.resume and done.is_file() and (
+                    (output / "model.safetensors").is_file() or evaluated.is_file())
+                if reuse and twin is None and trained_another_recipe(done, arm, recipe, extra, seed):
                     # e.g. a search run again chose other values: the run it left is not this recipe's
                     print(f"[{dataset}] --resume: {output.name} trained another recipe than {recipe}; training "
                           "again", flush=True)
@@ -506,11 +525,16 @@ def main() -> None:
                     reuse = False
                 if reuse:
                     run = json.loads(done.read_text())
-                    print(f"[{dataset}] --resume: reusing {output}", flush=True)
+                    if twin is None:
+                        print(f"[{dataset}] --resume: reusing {output}", flush=True)
+                    else:
+                        run["same_as"] = twin.name
                 else:
                     run = run_child(arm if arm in ST_ARMS else "embedkit", recipe, extra, output, seed)
                     done.write_text(json.dumps(run))
-                report = evaluate_once(output, task, work / "cache", evaluated, args.resume)
+                report = evaluate_once(output, task, work / "cache", evaluated, args.resume or twin is not None)
+                if same:
+                    trained.setdefault(same, output)
                 reports[arm].append(report)
                 run["ndcg_at_10"] = ndcg(report)
                 runs.append(run)

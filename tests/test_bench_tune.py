@@ -81,3 +81,14 @@ def test_candidate_recipes_load_and_change_what_their_labels_say(tmp_path):
     schedule = load_recipe(str(written), bench_tune.CANDIDATE_SETS["schedule"])
     assert (schedule.training.lr, schedule.training.epochs) == (5e-5, 3)
     assert schedule.loss.hard_negatives == 1 and schedule.mining.online
+
+
+def test_arms_that_train_the_same_recipe_share_one_run(recipe, tmp_path):
+    # Bug caught: the `default` arm retrained (and re-evaluated: 3 x 7 min on SciFact) what `tuned` had trained when
+    # the search changed nothing, or two arms that differ in one setting being taken for one.
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(recipe.read_text().replace(str(tmp_path / "out"), str(tmp_path / "elsewhere")))
+    same = bench_tune.resolved_training(str(recipe), [], 42)
+    assert bench_tune.resolved_training(str(copy), [], 42) == same
+    assert bench_tune.resolved_training(str(recipe), ["training.lr=5e-5"], 42) != same
+    assert bench_tune.resolved_training(str(recipe), [], 43) != same
