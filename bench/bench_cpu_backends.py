@@ -8,10 +8,11 @@ The record (needs bench/.venv-st-backends; run on a quiet machine, nothing else 
 
     .venv/bin/python bench/bench_cpu_backends.py --repeats 5 --quality --record bench/records/cpu/backends-minilm.json
 
-Expected duration on 2 cores (AMD EPYC, AVX-512 VNNI): about 40 minutes, roughly 3 of start-up (the ST exports,
-OpenVINO's calibration and embedkit's two exports with their parity checks, in parallel), 12 of timing (5 rounds of
-7 backends x 512 questions + 512 abstracts) and 25 of --quality (every backend encodes SciFact's 5,183 abstracts; the
-two fp32 torch backends take half of it). Estimated from smoke runs on the same CPU at load average 6-8, which took
+Expected duration on 2 cores (AMD EPYC, AVX-512 VNNI): about 45 minutes, roughly 4 of start-up (the ST exports,
+OpenVINO's calibration and embedkit's three exports with their parity checks, in parallel), 13 of timing (5 rounds of
+8 backends x 512 questions + 512 abstracts) and 27 of --quality (every backend encodes SciFact's 5,183 abstracts; the
+two fp32 torch backends take half of it). Estimated (the eighth backend, embedkit-openvino-int8-bf16, added by
+scaling) from smoke runs on the same CPU at load average 6-8, which took
 about 2.5 times as long as this estimate; a busy machine takes that long and skews the ratios.
 
 A smoke run (every backend once, a cut SciFact corpus whose nDCG@10 is not comparable; 11 minutes at load 6-8):
@@ -31,6 +32,10 @@ Backends (MiniLM, the same model folder for all; each skipped with its reason wh
   embedkit-onnx           `embedkit export --format onnx`, fp32 graph, onnxruntime
   embedkit-onnx-int8      the same folder's per-token int8 graph
   embedkit-openvino-int8  `embedkit export --format openvino --quantize int8` (NNCF static int8, f32 float ops)
+  embedkit-openvino-int8-bf16
+                          the same export with `--precision bf16` (its own folder and parity checks: the int8 IR's
+                          float ops in bf16); skipped with the export's one-line refusal on a CPU without
+                          avx512_bf16 / amx_bf16
   st-torch-peer           (not in the default list) st-torch under the peer venv's older sentence-transformers /
                           transformers: separates a version effect from a backend effect
 
@@ -88,7 +93,9 @@ ST_VENV = BENCH / ".venv-st-backends"
 ST_VENV_HINT = "create it with bench/st-backends-venv.sh"
 
 BACKENDS = ("st-torch", "st-onnx-qint8", "st-openvino-qint8", "embedkit-torch", "embedkit-onnx", "embedkit-onnx-int8",
-            "embedkit-openvino-int8")
+            "embedkit-openvino-int8", "embedkit-openvino-int8-bf16")
+# embedkit's OpenVINO backends: the export's --precision of each
+OPENVINO_PRECISIONS = {"embedkit-openvino-int8": "f32", "embedkit-openvino-int8-bf16": "bf16"}
 OPTIONAL_BACKENDS = ("st-torch-peer",)
 REFERENCE = "st-torch"
 # backend -> (the worker's --backend, the interpreter: "own" = this one, "peer" = the peer venv's)
@@ -294,12 +301,14 @@ def embedkit_backend(name: str, model_dir: str, workdir: Path, threads: int) -> 
         info = {"threads_check": f"onnxruntime intra_op_num_threads = {got}", "threads_ok": got == threads,
                 "variant": variant}
         return InProcess(name, lambda texts, kind, bs: encoder.encode(texts, kind, bs), info)
-    if name == "embedkit-openvino-int8":
+    if name in OPENVINO_PRECISIONS:
         from embedkit.export.openvino import OpenVinoEncoder, describe_runtime, export_openvino
 
-        manifest = export_openvino(model_dir, workdir / "embedkit-openvino", quantize="int8", threads=threads)
+        precision = OPENVINO_PRECISIONS[name]
+        folder = workdir / name
+        manifest = export_openvino(model_dir, folder, quantize="int8", threads=threads, precision=precision)
         print(describe_runtime(manifest["cpu"]), flush=True)
-        encoder = OpenVinoEncoder(workdir / "embedkit-openvino", threads=threads)
+        encoder = OpenVinoEncoder(folder, threads=threads)  # the precision the folder recorded
         described = encoder.describe()
         info = {"threads_check": f"OpenVINO INFERENCE_NUM_THREADS = {described['threads']}",
                 "threads_ok": described["threads"] == threads,

@@ -56,6 +56,21 @@ def test_verdict_without_one_side_is_not_decided():
     assert "not decided" in bench.verdict_lines(v)[0]
 
 
+def test_openvino_bf16_backend_is_listed_and_skipped_without_bf16(tmp_path, monkeypatch):
+    """Catches the bf16 OpenVINO backend missing from the record's default list, and one that runs (measuring f32
+    under a bf16 name) on a CPU without avx512_bf16 / AMX instead of being skipped with the export's refusal."""
+    pytest.importorskip("openvino")
+    import embedkit.export.openvino as ov_export
+
+    assert "embedkit-openvino-int8-bf16" in bench.BACKENDS
+    assert bench.OPENVINO_PRECISIONS == {"embedkit-openvino-int8": "f32", "embedkit-openvino-int8-bf16": "bf16"}
+    monkeypatch.setattr(ov_export, "cpu_instructions", lambda *a, **k: {"model": "Old Xeon", "instructions": ["avx2"]})
+    found = bench.start_backends(["embedkit-openvino-int8-bf16"], str(tmp_path / "no-model"), tmp_path, 1,
+                                 tmp_path / "no-venv")
+    reason = found["embedkit-openvino-int8-bf16"]
+    assert isinstance(reason, str) and reason.startswith("skipped: ModelError") and "avx512_bf16" in reason
+
+
 def test_onnx_quant_config_follows_the_cpu_flags():
     assert st_backend_worker.onnx_quant_config({"avx2", "avx512f", "avx512_vnni"}) == "avx512_vnni"
     assert st_backend_worker.onnx_quant_config({"avx2", "avx512f"}) == "avx512"

@@ -17,8 +17,9 @@ pytest.importorskip("nncf")
 
 from embedkit.errors import ModelError  # noqa: E402
 from embedkit.export.onnx import ExportError  # noqa: E402
-from embedkit.export.openvino import (FP32_IR, INT8_IR, OPENVINO_CONFIG_NAME, OpenVinoEncoder,  # noqa: E402
-                                      cpu_instructions, export_openvino, ir_sha256)
+import embedkit.export.openvino as ov_export  # noqa: E402
+from embedkit.export.openvino import (FP32_IR, INT8_IR, OPENVINO_CONFIG_NAME, PAD_TO_MULTIPLE_OF,  # noqa: E402
+                                      OpenVinoEncoder, check_precision, cpu_instructions, export_openvino, ir_sha256)
 from embedkit.manifest import MANIFEST_NAME  # noqa: E402
 from embedkit.models import load_model  # noqa: E402
 from embedkit.models.probes import BATCH_INVARIANCE_ATOL, batch_invariance, check_probes  # noqa: E402
@@ -28,6 +29,8 @@ TEXTS = ["what causes high blood pressure", "fever", "a man is playing a guitar 
 # As in tests/test_export.py: the 0.005 nDCG bound is for real models; this 2-layer random-weight BERT's near-ties
 # reorder under rounding, so its drop is bounded loosely.
 TINY_MAX_NDCG_DROP = 0.03
+HAS_BF16 = any(flag in cpu_instructions()["instructions"] for flag in ov_export.BF16_FLAGS)
+NO_BF16_CPU = {"model": "Old Xeon", "instructions": ["avx2", "avx512f", "avx512_vnni"]}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,9 @@ def test_manifest_names_the_cpu_instructions_and_precision(ov_int8, tmp_path):
     cpu = manifest["cpu"]
     assert cpu["instructions"] == cpu_instructions()["instructions"]
     assert cpu["compiled_precision"] == {"fp32": "f32", "int8": "f32"}
+    assert manifest["parity"]["served_precision"] == "f32"  # the default: f32 everywhere
+    assert json.loads((out / OPENVINO_CONFIG_NAME).read_text())["inference_precision"] == {"fp32": "f32",
+                                                                                            "int8": "f32"}
     assert cpu["openvino_default_precision"] in ("f32", "bf16", "f16")
     assert on_disk["export"]["format"] == "openvino" and on_disk["library_versions"]["openvino"]
     assert on_disk["export"]["graphs"]["int8"]["sha256"] == ir_sha256(out / INT8_IR)
@@ -204,6 +210,80 @@ def test_a_reranker_is_refused_in_one_line(tiny_reranker, tmp_path, capsys):
     assert exit_info.value.code not in (0, None)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "is a reranker" in lines[0] and "--format onnx" in lines[0], lines
+
+
+def test_ir_keeps_fused_attention_and_pads_to_a_multiple(ov_int8):
+    """Catches an IR converted through ONNX again (attention spelled out op by op: MatMul/Softmax/Transpose, slower
+    on long texts, see the module docstring) and batches padded to the longest text only (the fused attention then
+    sums a row differently alone and in a batch, and int8 roundings flip: not batch-independent)."""
+    import openvino as ov
+
+    out, manifest = ov_int8
+    ops = [op.get_type_name() for op in ov.Core().read_model(out / INT8_IR).get_ordered_ops()]
+    assert "ScaledDotProductAttention" in ops and "Softmax" not in ops
+    assert manifest["export"]["exporter"] == ov_export.CONVERTER
+    assert json.loads((out / OPENVINO_CONFIG_NAME).read_text())["pad_to_multiple_of"] == PAD_TO_MULTIPLE_OF == 16
+    encoder = OpenVinoEncoder(out)
+    ids, mask = encoder.collate([[101, 7, 102], list(range(101, 101 + 17))])
+    assert ids.shape == mask.shape == (2, 32) and mask.sum() == 20
+
+
+def test_precision_is_refused_in_one_line_without_bf16(st_bert, tmp_path, monkeypatch, capsys):
+    """Catches --precision bf16 accepted on a CPU without avx512_bf16 / AMX (OpenVINO would silently run f32 and the
+    folder would record a precision it never ran), an unknown precision, and --precision on another format."""
+    from embedkit.cli import main
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("model name\t: Old Xeon\nflags\t\t: avx2 avx512f avx512_vnni\n")
+    with pytest.raises(ModelError, match="needs a CPU with avx512_bf16 or amx_bf16"):
+        check_precision("bf16", cpu_instructions(fake))
+    fake.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f amx_tile amx_bf16\n")
+    check_precision("bf16", cpu_instructions(fake))  # AMX alone is enough
+    with pytest.raises(ModelError, match="unknown precision 'f16'"):
+        check_precision("f16")
+    monkeypatch.setattr(ov_export, "cpu_instructions", lambda *a, **k: dict(NO_BF16_CPU))
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match="Old Xeon"):
+        export_openvino(st_bert, out, quantize="int8", precision="bf16")
+    for argv, message in ((["--format", "openvino", "--quantize", "int8", "--precision", "bf16"], "needs a CPU with"),
+                          (["--format", "onnx", "--precision", "bf16"], "--precision applies to --format openvino")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "--model", str(st_bert), "--output", str(out), *argv])
+        assert exit_info.value.code not in (0, None)
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no avx512_bf16 / amx_bf16")
+def test_bf16_export_records_checks_and_runs_its_precision(st_bert, tmp_path, monkeypatch, caplog):
+    """Catches a bf16 export whose checks ran in f32 (the parity would not describe what is served), a precision
+    that is not written into the folder or not honoured by the runtime, the server and eval, and a folder that cannot
+    be loaded on a CPU without bf16."""
+    import embedkit.export.formats  # noqa: F401  (registers the formats, as embedkit.cli does)
+    from embedkit.models.exported import load_exported_encoder
+    from embedkit.serve.server import load_backends
+
+    out = tmp_path / "bf16"
+    manifest = export_openvino(st_bert, out, quantize="int8", precision="bf16", max_ndcg_drop=TINY_MAX_NDCG_DROP)
+    parity, config = manifest["parity"], json.loads((out / OPENVINO_CONFIG_NAME).read_text())
+    assert config["inference_precision"] == {"fp32": "f32", "int8": "bf16"}
+    assert parity["served_precision"] == parity["int8_precision"] == "bf16" and "f32" in parity["quality_reference"]
+    assert "bf16" in parity["int8_method"] and parity["int8_mean_cosine"] >= 0.99
+    assert parity["batch_invariance_max_abs_diff"] <= BATCH_INVARIANCE_ATOL
+    assert manifest["cpu"]["compiled_precision"] == {"fp32": "f32", "int8": "bf16"}
+    assert OpenVinoEncoder(out).compiled_precision() == "bf16"
+    assert OpenVinoEncoder(out, variant="fp32").compiled_precision() == "f32"
+    assert load_exported_encoder(out).compiled_precision() == "bf16"  # embedkit eval -m FOLDER
+    backend = load_backends([f"bf={out}"], threads=1)["bf"]  # the server, after its probe check
+    assert backend.describe()["inference_precision"] == "bf16"
+    bf16 = OpenVinoEncoder(out).encode(TEXTS)
+    f32 = OpenVinoEncoder(out, precision="f32").encode(TEXTS)
+    assert 0 < np.abs(bf16 - f32).max() < ov_export.BF16_PROBE_ATOL  # bf16 really ran, within the probe tolerance
+    monkeypatch.setattr(ov_export, "cpu_instructions", lambda *a, **k: dict(NO_BF16_CPU))
+    with caplog.at_level("WARNING"):
+        assert OpenVinoEncoder(out).compiled_precision() == "f32"
+    assert "exported for bf16" in caplog.text
 
 
 @pytest.mark.integration

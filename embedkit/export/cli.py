@@ -45,6 +45,12 @@ def export_command(
                                         help="int8 only: the largest nDCG@10 drop from fp32 on the check set that "
                                              "still passes. Lower it for a stricter release gate. Embedding "
                                              "models only."),
+    precision: str = typer.Option("f32", "--precision",
+                                  help="OpenVINO only: the float precision the served IR runs at. 'f32' (default): "
+                                       "the same vectors on every CPU. 'bf16': the float ops around the int8 "
+                                       "products (or all of them without --quantize) in bf16, on CPUs with "
+                                       "avx512_bf16 or AMX (refused on others); checked against the fp32 IR at f32 "
+                                       "with the int8 bounds. Recorded in the folder; serve and eval use it."),
     exporter: str = typer.Option("torchscript", "--exporter",
                                  help="torch.onnx exporter: 'torchscript' (fast, default) or 'dynamo' (slower)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version (the dynamo exporter uses >= 18)."),
@@ -76,6 +82,8 @@ def export_command(
 
       embedkit export --model runs/minilm-rerank-scifact --format onnx --quantize int8 --output runs/rerank-onnx
     """
+    if precision != "f32" and format != "openvino":
+        raise ConfigError("--precision applies to --format openvino only", field="precision")
     reranker = format in ("onnx", "openvino", "hf") and model_kind(resolve_model_path(model)) == "reranker"
     if format == "onnx":
         from embedkit.export.onnx import export_onnx
@@ -95,7 +103,7 @@ def export_command(
     elif format == "openvino":
         _export_openvino(model, output, quantize=quantize, adapter=adapter, exporter=exporter, opset=opset,
                          check_set=check_set, allow_probe_mismatch=allow_probe_mismatch, max_ndcg_drop=max_ndcg_drop,
-                         reranker=reranker, served_name=served_name)
+                         reranker=reranker, served_name=served_name, precision=precision)
     elif format == "hf":
         from embedkit.export.hf import export_hf
 
@@ -136,18 +144,20 @@ def _export_reranker(model: str, output: Path, *, quantize: Optional[str], adapt
 
 def _parity_summary(parity: dict, quantize: Optional[str]) -> str:
     summary = f"fp32 max |diff| {parity['fp32_max_abs_diff']:.1e}"
-    if quantize:
-        summary += (f", int8 cosine mean {parity['int8_mean_cosine']:.4f} / min {parity['int8_min_cosine']:.4f}, "
-                    f"nDCG@10 on {parity['check_set']} fp32 {parity['ndcg_at_10_fp32']:.4f} / int8 "
-                    f"{parity['ndcg_at_10_int8']:.4f}")
+    label = "int8" if quantize else ("bf16" if "bf16_mean_cosine" in parity else None)
+    if label:
+        shown = label if label == "bf16" or parity.get("int8_precision", "f32") == "f32" else "int8 (bf16)"
+        summary += (f", {shown} cosine mean {parity[label + '_mean_cosine']:.4f} / min "
+                    f"{parity[label + '_min_cosine']:.4f}, nDCG@10 on {parity['check_set']} fp32 "
+                    f"{parity['ndcg_at_10_fp32']:.4f} / {shown} {parity['ndcg_at_10_' + label]:.4f}")
     return summary + f", batch vs alone {parity['batch_invariance_max_abs_diff']:.1e}"
 
 
 def _export_openvino(model: str, output: Path, *, quantize: Optional[str], adapter: Optional[Path], exporter: str,
                      opset: int, check_set: Optional[str], allow_probe_mismatch: bool, max_ndcg_drop: float,
-                     reranker: bool, served_name: Optional[str]) -> None:
+                     reranker: bool, served_name: Optional[str], precision: str = "f32") -> None:
     """`embedkit export --format openvino` (embedkit.export.openvino): embedding models only."""
-    from embedkit.export.openvino import check_openvino_quantize, describe_runtime, export_openvino
+    from embedkit.export.openvino import check_openvino_quantize, check_precision, describe_runtime, export_openvino
 
     if served_name:
         raise ConfigError("--served-name applies to --format hf only", field="served-name")
@@ -155,10 +165,12 @@ def _export_openvino(model: str, output: Path, *, quantize: Optional[str], adapt
         raise ConfigError(f"{model} is a reranker (cross-encoder); --format openvino exports embedding models "
                           "(export a reranker with --format onnx)", field="format")
     check_openvino_quantize(quantize)
+    check_precision(precision)
     manifest = export_openvino(model, output, quantize=quantize, adapter=adapter, exporter=exporter, opset=opset,
                                check_set=check_set, allow_probe_mismatch=allow_probe_mismatch,
-                               max_ndcg_drop=max_ndcg_drop)
+                               max_ndcg_drop=max_ndcg_drop, precision=precision)
     typer.echo(describe_runtime(manifest["cpu"]))
-    typer.echo(f"exported {model} -> {output} (openvino{', int8 (NNCF static)' if quantize else ''}; parity passed: "
+    typer.echo(f"exported {model} -> {output} (openvino{', int8 (NNCF static)' if quantize else ''}, {precision} "
+               "float ops; parity passed: "
                f"{_parity_summary(manifest['parity'], quantize)})")
     typer.echo(f"serve it:  embedkit serve --model {output}   (evaluate it: embedkit eval --model {output})")

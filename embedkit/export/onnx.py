@@ -189,6 +189,8 @@ class OnnxEncoder(OnnxGraph):
         self.normalize = bool(self.config["normalize"])
         self.padding_side = self.config.get("padding_side", "right")
         self.dim = int(self.config["dim"])
+        # Batch width rounded up to this many tokens (an OpenVINO folder records it; ONNX folders pad to the longest).
+        self.pad_to_multiple_of = int(self.config.get("pad_to_multiple_of", 1))
         # The saved tokenizer already appends EOS for last-token pooling (Encoder did it); this only re-checks.
         self.pad_id = prepare_tokenizer(self.tokenizer, self.pooling, path=self.folder)
 
@@ -204,7 +206,8 @@ class OnnxEncoder(OnnxGraph):
                         max_length=self.max_length if truncate else None)
 
     def collate(self, id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        batch = collate(id_lists, self.pad_id, self.padding_side, to="numpy")
+        batch = collate(id_lists, self.pad_id, self.padding_side, to="numpy",
+                        pad_to_multiple_of=self.pad_to_multiple_of)
         return batch["input_ids"], batch["attention_mask"]
 
     def embed_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
@@ -528,34 +531,36 @@ def check_fp32_parity(fp32, source: ExportSource, parity: dict[str, Any], *, max
 
 def check_int8_quality(fp32, int8, source: ExportSource, fp32_vectors: np.ndarray, parity: dict[str, Any], *,
                        method: str, min_mean_cosine: float, min_cosine: float, max_ndcg_drop: float,
-                       output: Path) -> None:
+                       output: Path, label: str = "int8") -> None:
     """The int8 graph against the fp32 one on the check set and the parity texts: mean and lowest cosine, nDCG@10
-    drop; raises ExportError past a bound. `method` (how the int8 graph was made) goes into `parity`."""
+    drop; raises ExportError past a bound. `method` (how the int8 graph was made) goes into `parity`. `label`: what
+    is judged, naming the parity keys ("int8": int8_mean_cosine, ndcg_at_10_int8, ...; "bf16" for an OpenVINO fp32
+    IR run at bf16)."""
     check, items = source.check, source.items
     vectors = {}
-    for name, graph in (("fp32", fp32), ("int8", int8)):
+    for name, graph in (("fp32", fp32), (label, int8)):
         vectors[name] = [graph.encode(list(check.queries.values()), "query", 32),
                          graph.encode(list(check.corpus.values()), "document", 32)]
-    ndcg_fp32, ndcg_int8 = (ndcg_from_vectors(check, *vectors[name]) for name in ("fp32", "int8"))
-    cos = _cosines(np.concatenate(vectors["int8"] + [_encode_items(int8.encode, items, 16)]),
+    ndcg_fp32, ndcg_int8 = (ndcg_from_vectors(check, *vectors[name]) for name in ("fp32", label))
+    cos = _cosines(np.concatenate(vectors[label] + [_encode_items(int8.encode, items, 16)]),
                    np.concatenate(vectors["fp32"] + [fp32_vectors]))
     parity.update({
-        "int8_method": method,
-        "int8_texts": len(cos), "int8_mean_cosine": float(cos.mean()), "int8_min_cosine": float(cos.min()),
-        "int8_mean_cosine_bound": min_mean_cosine, "int8_min_cosine_bound": min_cosine,
-        "ndcg_at_10_fp32": ndcg_fp32, "ndcg_at_10_int8": ndcg_int8, "ndcg_at_10_max_drop": max_ndcg_drop,
+        f"{label}_method": method,
+        f"{label}_texts": len(cos), f"{label}_mean_cosine": float(cos.mean()), f"{label}_min_cosine": float(cos.min()),
+        f"{label}_mean_cosine_bound": min_mean_cosine, f"{label}_min_cosine_bound": min_cosine,
+        "ndcg_at_10_fp32": ndcg_fp32, f"ndcg_at_10_{label}": ndcg_int8, "ndcg_at_10_max_drop": max_ndcg_drop,
     })
-    log.info(f"parity int8 vs fp32 on {len(cos)} texts: mean cosine {cos.mean():.4f} (bound "
+    log.info(f"parity {label} vs fp32 on {len(cos)} texts: mean cosine {cos.mean():.4f} (bound "
              f"{min_mean_cosine}), min {cos.min():.4f} (bound {min_cosine}); nDCG@10 on {check.name}: fp32 "
-             f"{ndcg_fp32:.4f}, int8 {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
+             f"{ndcg_fp32:.4f}, {label} {ndcg_int8:.4f} (max drop {max_ndcg_drop})")
     if not cos.mean() >= min_mean_cosine:
-        raise ExportError(f"int8 graph: mean cosine to fp32 {cos.mean():.4f} < {min_mean_cosine}; "
+        raise ExportError(f"{label} graph: mean cosine to fp32 {cos.mean():.4f} < {min_mean_cosine}; "
                           "nothing was written", path=output)
     if not cos.min() >= min_cosine:
-        raise ExportError(f"int8 graph: a text's cosine to fp32 is {cos.min():.4f} < {min_cosine}; "
+        raise ExportError(f"{label} graph: a text's cosine to fp32 is {cos.min():.4f} < {min_cosine}; "
                           "nothing was written", path=output)
     if not ndcg_fp32 - ndcg_int8 <= max_ndcg_drop:
-        raise ExportError(f"int8 graph: nDCG@10 {ndcg_int8:.4f} vs fp32 {ndcg_fp32:.4f} drops more than "
+        raise ExportError(f"{label} graph: nDCG@10 {ndcg_int8:.4f} vs fp32 {ndcg_fp32:.4f} drops more than "
                           f"{max_ndcg_drop}; nothing was written", path=output)
 
 

@@ -1,5 +1,15 @@
-"""OpenVINO export: the ONNX graph embedkit exports (transformer + pooling + normalisation), converted to OpenVINO IR
-with `openvino.convert_model` and written with `openvino.save_model`; `--quantize int8` adds an NNCF int8 IR.
+"""OpenVINO export: the graph embedkit exports (transformer + pooling + normalisation: `features_module`, the same
+module the ONNX export writes), converted from PyTorch by `openvino.convert_model` (OpenVINO's PyTorch frontend) and
+written with `openvino.save_model`; `--quantize int8` adds an NNCF int8 IR.
+
+Why straight from PyTorch rather than through the ONNX file (what this export did first): the PyTorch frontend keeps
+the encoder's `scaled_dot_product_attention` as one ScaledDotProductAttention op, which OpenVINO's CPU plugin runs
+as one fused attention kernel; torch.onnx (opset 17) spells it out as MatMul, Softmax, IsNaN/Select and Transposes,
+which OpenVINO runs op by op (12 MatMul, 6 Softmax, 24 Transpose, 69 Eltwise layers in MiniLM's compiled int8 IR
+against 6 fused attention Subgraphs), and NNCF then quantises the attention's two matrix products too (48 FakeQuantize
+instead of 36). That is how sentence-transformers' OpenVINO backend gets its IR (optimum-intel converts from
+PyTorch), and it was most of embedkit's gap to it on 256-token abstracts (measured in one process, interleaved, on a
+busy 2-core AMD EPYC: see the note at CONVERTER). fp32 parity with torch is unchanged (max |diff| ~1e-7 on MiniLM).
 
 Folder layout written by `export_openvino(model, out)`:
 
@@ -7,6 +17,7 @@ Folder layout written by `export_openvino(model, out)`:
     model_int8.xml, model_int8.bin  with --quantize int8: NNCF static int8 (below), the folder's default
     tokenizer files                 the model's tokenizer, as in the ONNX folder
     embedkit_openvino.json          embedkit_onnx.json's keys + the inference precision each variant runs at
+                                    ("inference_precision") and the batch width's multiple ("pad_to_multiple_of")
     probe_vectors.json              vectors the default IR gave the probe texts (checked again by `embedkit serve`)
     embedkit_manifest.json          provenance, the parity results, and "cpu": the instructions this CPU has and the
                                     precision OpenVINO chose
@@ -20,16 +31,36 @@ a time so padding never enters the statistics. Why static rather than `nncf.comp
 activations) or onnxruntime's dynamic int8: its activation scales are fixed at export, so a text's vector is the same
 alone and in any batch (measured 0.0 on MiniLM), and the matrix products run on the CPU's int8 kernels (VNNI / AMX
 where present); 7-bit weights keep the integer sums exact on CPUs without VNNI (`quantize_static_int8`). Measured
-while developing it (not a bench record) on MiniLM (embedkit's demo model, AMD EPYC with AVX-512 VNNI), STS-B
-paraphrase check set: mean cosine to fp32 0.9945, lowest text 0.9723, nDCG@10 equal to fp32's; onnxruntime's static
-int8 lost far more on the same model (mean 0.93, embedkit.export.onnx), which is why the ONNX path uses per-token
-scales instead.
+while developing it (not a bench record; the IR then converted through ONNX, see above) on MiniLM (embedkit's demo
+model, AMD EPYC with AVX-512 VNNI), STS-B paraphrase check set: mean cosine to fp32 0.9945, lowest text 0.9723,
+nDCG@10 equal to fp32's; onnxruntime's static int8 lost far more on the same model (mean 0.93, embedkit.export.onnx),
+which is why the ONNX path uses per-token scales instead. The IR converted from PyTorch (fused attention, whose two
+matrix products NNCF leaves float) scored alike: builtin-40 mean cosine 0.9943 (0.9941 through ONNX), SciFact
+check set below.
 
-Inference precision: OpenVINO runs float ops in bf16 by default on CPUs with bf16 (AVX-512 BF16, AMX). That moves
-fp32 vectors by up to ~2e-3 (MiniLM), past the fp32 parity bound (1e-5) and the probe tolerance, and would make a
-folder's vectors depend on the CPU it is served on. So every variant records and runs "f32" for its float ops
-(`VARIANT_PRECISION`); the int8 products are int8 either way. The export prints and records the CPU's int8/bf16
-instructions and OpenVINO's own default, so a user sees what was (not) used.
+Inference precision (`precision`, `embedkit export --precision f32|bf16`): OpenVINO runs float ops in bf16 by default
+on CPUs with bf16 (AVX-512 BF16, AMX). That moves fp32 vectors by up to ~2e-3 (MiniLM), past the fp32 parity bound
+(1e-5), and makes a folder's vectors depend on the CPU it is served on. So the default is "f32" for every variant;
+"bf16" is a choice: the served variant (int8, else fp32) is compiled with INFERENCE_PRECISION_HINT bf16 (the int8
+products stay int8; the float ops around them, softmax, norms, GELU, the unquantised matrix products, run in bf16),
+the fp32 IR stays the f32 reference of the checks. It is refused in one line on a CPU without avx512_bf16 or
+amx_bf16 (`check_precision`): there OpenVINO would silently run f32 and the export would check something other than
+what it records. Its checks: the fp32 IR at f32 against torch as always, then the served variant at bf16 against
+the fp32 IR at f32 with the int8 bounds (mean / lowest cosine, nDCG@10 drop on the check set), batch-vs-alone at
+bf16; the manifest's parity says what was measured ("served_precision", "quality_reference"). The folder's
+embedkit_openvino.json records the precision per variant and every loader (`OpenVinoEncoder`: eval, the server, the
+bench) compiles with it; a CPU without bf16 then runs f32 with a warning (the probe tolerance covers the difference).
+
+Why f32 stays the default although bf16 keeps quality: measured while developing it (not a bench record) on MiniLM
+int8, check set SciFact test sampled to 300 queries / 1,000 abstracts (`--check-set beir:.../scifact`), AMD EPYC
+with AVX-512 BF16 and no AMX: nDCG@10 fp32 IR 0.7969, int8 at f32 0.7996, int8 at bf16 0.8003; mean / lowest cosine
+to fp32 0.9937 / 0.9821 (f32) and 0.9937 / 0.9815 (bf16); batch-vs-alone 0.0 for both. But the speed it bought there
+was small: abstracts x1.02-1.08, questions none (x0.93-1.04, within the noise), interleaved A/B on a busy 2-core
+machine; bf16 on this CPU speeds up only the float matrix products, and in an int8 IR those are the attention's.
+That does not pay for vectors that depend on the CPU a folder is served on. On a CPU with AMX, where bf16 matrix
+units change the picture, measure it (bench/bench_cpu_backends.py runs embedkit-openvino-int8-bf16 beside the f32
+one). The export prints and records the CPU's int8/bf16 instructions and OpenVINO's own default, so a user sees what
+was (not) used.
 """
 
 from __future__ import annotations
@@ -38,9 +69,9 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +79,50 @@ import numpy as np
 
 from embedkit.atomic import atomic_dir, write_json
 from embedkit.errors import ModelError
-from embedkit.export.onnx import (DEFAULT_ATOL, FP32_MAX_ABS_DIFF, INT8_MAX_NDCG_DROP, INT8_MIN_COSINE,
+from embedkit.export.onnx import (DEFAULT_ATOL, FP32_MAX_ABS_DIFF, INPUT_NAMES, INT8_MAX_NDCG_DROP, INT8_MIN_COSINE,
                                   INT8_MIN_MEAN_COSINE, KIND_EMBEDDING, OUTPUT_NAME, ExportError, OnnxEncoder,
                                   check_batch_independence, check_fp32_parity, check_int8_quality, embedding_config,
-                                  load_export_source, parity_record, torch_to_onnx, write_export_manifest)
+                                  features_module, load_export_source, parity_record, write_export_manifest)
 from embedkit.export.formats import OPENVINO_CONFIG_NAME
 from embedkit.manifest import sha256_file
 from embedkit.models.probes import BATCH_INVARIANCE_ATOL, write_probes
+from embedkit.models.tokenization import collate
 
 log = logging.getLogger(__name__)
 
 FP32_IR = "model.xml"
 INT8_IR = "model_int8.xml"
-# The float precision each variant runs at (see the module docstring: f32 keeps vectors the same on every CPU).
-VARIANT_PRECISION = {"fp32": "f32", "int8": "f32"}
+# The float precisions `precision` accepts; the default keeps vectors the same on every CPU (module docstring).
+PRECISIONS = ("f32", "bf16")
+DEFAULT_PRECISION = "f32"
+# /proc/cpuinfo flags of which one lets OpenVINO run bf16 (AVX-512 BF16 or AMX BF16); without one it runs f32.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Probe vectors' tolerance at serve time for a bf16 folder: served on a CPU without bf16 it runs f32, and MiniLM's
+# int8 IR at bf16 differs from itself at f32 by up to 8.7e-3 per component (lowest cosine 0.9986; 64 questions and
+# 64 abstracts). int8 folders at f32 keep 1e-3; a different model moves vectors by far more than either.
+BF16_PROBE_ATOL = 2e-2
+# How the IR is made (the manifest's export.exporter; export.opset is None: no ONNX in between). Measured while
+# developing it (not a bench record): MiniLM int8, OpenVinoEncoder.encode, batch 32, 2 threads, 256 texts per set,
+# 3 interleaved rounds in one process on a busy 2-core AMD EPYC (load 7-9), texts/s relative to the IR converted
+# through ONNX at f32: 256-token SciFact abstracts x1.21 (f32) / x1.23 (bf16) with the fused attention and batches
+# padded to multiples of 16 (x1.26 / x1.33 padded to the longest text only, which is not batch-independent);
+# MedQuAD questions x0.92 / x0.87: the padding to 16 costs short texts more than the fused attention saves them.
+# The graphs alone (same length-sorted batches fed to both IRs by one loop, 3 rounds): embedkit's int8 IR x1.03-1.07
+# of sentence-transformers' (optimum-intel) int8 IR on abstracts, so the graph gap is closed; on questions (15 tokens
+# on average) padding to 16 instead of the longest costs 23-30% (either IR) - the open cost of batch independence.
+# Disabling OpenVINO's fused attention (SNIPPETS_MODE DISABLE) does not make unpadded batches independent either.
+# Padding only the attention's keys to 16 inside the graph (a wrapped scaled_dot_product_attention while tracing) did
+# (0.0 at f32 and bf16, batches padded to the longest) but lost the fused attention's speed: abstracts x0.97, questions
+# x0.90 of the IR converted through ONNX, against x1.21 / x0.91 for this IR padded to 16 in the same run.
+CONVERTER = "openvino.convert_model (PyTorch frontend)"
+# Batches are padded to a multiple of this many tokens (recorded in embedkit_openvino.json, applied by the one
+# collate). The fused attention kernel reduces a row in vector-width chunks with a separate tail: with the width a
+# multiple of 16 a text's chunks are the same alone and in any batch (the extra ones add exact zeros), so the vectors
+# are bitwise batch-independent; padded to the longest text only, MiniLM's int8 IR moved a text by up to 2.6e-3
+# (f32) / 2.3e-3 (bf16) between alone and a batch of 32 (float noise of ~1e-7 flipping int8 roundings downstream).
+# Multiples of 1 and 8 failed, 16, 32 and 64 gave 0.0 (AMD EPYC, AVX-512: 16 f32 lanes); the export's
+# batch-vs-alone check verifies it on the machine that exports.
+PAD_TO_MULTIPLE_OF = 16
 INT8_METHOD = ("NNCF static post-training quantization (model_type transformer, 7-bit weights: overflow fix in every "
                "layer), calibrated on the check set")
 # Calibration texts (half queries, half documents of the check set). NNCF's default subset is 300 samples.
@@ -96,6 +157,18 @@ def cpu_instructions(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     return {"model": model, "instructions": [f for f in CPU_FLAGS if f in flags]}
 
 
+def check_precision(precision: str, cpu: dict[str, Any] | None = None) -> None:
+    """Refuse (one line) a precision embedkit does not know, and bf16 on a CPU without avx512_bf16 / amx_bf16
+    (`cpu`: cpu_instructions()' record, read from /proc/cpuinfo when None)."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+    if precision == "bf16":
+        cpu = cpu if cpu is not None else cpu_instructions()
+        if not any(flag in cpu["instructions"] for flag in BF16_FLAGS):
+            raise ModelError(f"--precision bf16 needs a CPU with {' or '.join(BF16_FLAGS)}; this one "
+                             f"({cpu['model']}) has neither, so OpenVINO would run f32: export with --precision f32")
+
+
 def runtime_record(compiled: dict[str, Any] | None = None) -> dict[str, Any]:
     """What this machine offers OpenVINO: the CPU's instructions, OpenVINO's version, its default inference precision
     here and its optimisation capabilities; `compiled`: the precision each variant was compiled with."""
@@ -109,7 +182,7 @@ def runtime_record(compiled: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def describe_runtime(record: dict[str, Any]) -> str:
-    """One line for the export's output: the CPU, the instructions found, OpenVINO's default and the chosen precision."""
+    """One line for the export's output: the CPU, the instructions found, OpenVINO's default, the chosen precision."""
     missing = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
                if f not in record["instructions"]]
     line = (f"CPU {record['model']}: {' '.join(record['instructions']) or 'none of ' + ' '.join(CPU_FLAGS)}"
@@ -165,17 +238,40 @@ class OpenVinoEncoder(OnnxEncoder):
     """Encode with an exported OpenVINO IR: the ONNX folder's encoder (config keys, saved tokenizer, the one
     tokenization path, length-sorted batches) with the graph compiled and run by OpenVINO on the CPU.
 
+    The float precision is the one the folder recorded for the variant (embedkit_openvino.json
+    "inference_precision"; "f32" when absent); `precision` overrides it (the export's f32 reference of a bf16
+    folder). A recorded bf16 on a CPU without bf16 runs f32, with a warning.
+
     `device` is accepted for symmetry and ignored: the IR runs on the CPU plugin. One infer request, behind a lock:
     an OpenVINO request must not run twice at once, and the server calls the model from one thread anyway."""
 
     def read_config(self, folder: Path) -> dict[str, Any]:
         return read_openvino_config(folder)
 
+    def __init__(self, folder: str | Path, *, variant: str | None = None, threads: int | None = None,
+                 device: Any = "cpu", precision: str | None = None) -> None:
+        self._precision_override = precision
+        super().__init__(folder, variant=variant, threads=threads, device=device)
+
     def open_runtime(self, *, threads: int | None, device: Any):
         self.fingerprint = f"{self.config.get('fingerprint', '')}:openvino-{self.variant}"
-        self.precision = (self.config.get("inference_precision") or {}).get(self.variant, "f32")
+        recorded = (self.config.get("inference_precision") or {}).get(self.variant, DEFAULT_PRECISION)
+        self.precision = self._precision_override or recorded
+        if self.precision not in PRECISIONS:
+            raise ModelError(f"unknown inference precision {self.precision!r} for the {self.variant} IR",
+                             path=self.folder)
+        compile_as = self.precision
+        if self.precision == "bf16":
+            try:
+                check_precision("bf16")
+            except ModelError:
+                log.warning(f"{self.folder}: exported for bf16, but this CPU has no {' / '.join(BF16_FLAGS)}: "
+                            "running f32 (vectors differ from the export's by bf16 rounding)")
+                compile_as = "f32"
         self.threads = threads
-        compiled = compile_ir(self.graph_path, threads=threads, precision=self.precision)
+        if compile_as != DEFAULT_PRECISION:  # its vectors differ from the f32 ones: eval's cache must not mix them
+            self.fingerprint += f"-{compile_as}"
+        compiled = compile_ir(self.graph_path, threads=threads, precision=compile_as)
         self._request = compiled.create_infer_request()
         self._output = compiled.output(OUTPUT_NAME)
         self._lock = threading.Lock()
@@ -203,6 +299,27 @@ class OpenVinoEncoder(OnnxEncoder):
 
 
 # ---------------------------------------------------------------------------------------------------- export
+def torch_to_openvino(encoder):
+    """`encoder` (transformer + pooling + normalisation, `features_module`) as an OpenVINO model converted from
+    PyTorch, with inputs input_ids / attention_mask (int64 [batch, sequence], both axes dynamic) and the output
+    named OUTPUT_NAME, as the ONNX graph has them. Traced on a padded batch, so the graph takes the masked path."""
+    import torch
+
+    ov = _openvino()
+    feats = encoder.tokenize(["a short one", "a somewhat longer example sentence with more tokens in it"], "document")
+    if bool(feats["attention_mask"].all()):
+        raise ExportError("could not build a padded example batch for tracing")
+    example = {name: feats[name] for name in INPUT_NAMES}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(features_module(encoder), example_input=example,
+                                    input=[(name, ov.PartialShape([-1, -1]), ov.Type.i64) for name in INPUT_NAMES])
+    for port, name in zip(ov_model.inputs, INPUT_NAMES):
+        port.get_tensor().set_names({name})
+    ov_model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
+    return ov_model
+
+
 def check_openvino_quantize(quantize: str | None) -> None:
     if quantize not in (None, "int8"):
         raise ModelError(f"unknown quantization {quantize!r}; only 'int8' is supported for OpenVINO")
@@ -216,9 +333,9 @@ def calibration_items(encoder: OnnxEncoder, check, limit: int = CALIBRATION_TEXT
     n_queries = min(len(queries), max(limit // 2, limit - len(documents)))
     ids = encoder.token_ids(queries[:n_queries], "query") + encoder.token_ids(documents[:limit - n_queries], "document")
     items = []
-    for row in ids:
-        input_ids, mask = encoder.collate([row])
-        items.append({"input_ids": input_ids, "attention_mask": mask})
+    for row in ids:  # unpadded: a pad token's hidden states must not widen the activation ranges
+        batch = collate([row], encoder.pad_id, encoder.padding_side, to="numpy")
+        items.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     return items
 
 
@@ -253,13 +370,20 @@ def export_openvino(
     max_batch_diff: float | None = None,
     allow_probe_mismatch: bool = False,
     threads: int | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> dict[str, Any]:
     """Export `model` to an OpenVINO folder at `output` and verify it, as `export_onnx` does. Returns the manifest.
 
     The same checks and bounds as the ONNX export: the fp32 IR against torch (max abs diff), the int8 IR against the
     fp32 one on the check set (mean and lowest cosine, nDCG@10 drop), the default IR's batch-vs-alone difference.
-    A missed bound raises ExportError and writes nothing. `threads`: OpenVINO threads for the checks."""
+    A missed bound raises ExportError and writes nothing. `threads`: OpenVINO threads for the checks. `precision`:
+    the float precision the served variant runs at, "f32" or "bf16" (module docstring; bf16 is refused on a CPU
+    without it, and checked like int8 against the fp32 IR at f32)."""
     check_openvino_quantize(quantize)
+    check_precision(precision)
+    if (exporter, opset) != ("torchscript", 17):
+        raise ModelError("--exporter and --opset apply to --format onnx: the OpenVINO IR is converted from PyTorch "
+                         "directly (openvino.convert_model)")
     ov = _openvino()
     started = time.time()
     source = load_export_source(model, adapter=adapter, check_set=check_set,
@@ -271,22 +395,29 @@ def export_openvino(
 
     output = Path(output)
     with atomic_dir(output) as tmp:
-        log.info(f"exporting {encoder.name} to OpenVINO IR (via ONNX: {exporter}, opset {opset}) ...")
-        with tempfile.TemporaryDirectory(prefix="embedkit-openvino-") as work:
-            onnx_path = Path(work) / "model.onnx"
-            torch_to_onnx(encoder, onnx_path, exporter=exporter, opset=opset)
-            ov.save_model(ov.convert_model(onnx_path), tmp / FP32_IR, compress_to_fp16=False)
+        log.info(f"exporting {encoder.name} to OpenVINO IR ({CONVERTER}) ...")
+        ov.save_model(torch_to_openvino(encoder), tmp / FP32_IR, compress_to_fp16=False)
         encoder.tokenizer.padding_side = encoder.padding_side
         encoder.tokenizer.save_pretrained(tmp)
         config = embedding_config(encoder, fmt="embedkit-openvino/1", graphs=graphs, default_variant=default_variant)
-        config["inference_precision"] = {v: VARIANT_PRECISION[v] for v in graphs}
+        # the served variant at `precision`; the fp32 IR of an int8 folder stays the f32 reference
+        config["inference_precision"] = {v: precision if v == default_variant else DEFAULT_PRECISION for v in graphs}
+        config["pad_to_multiple_of"] = PAD_TO_MULTIPLE_OF
         write_json(tmp / OPENVINO_CONFIG_NAME, config)
 
-        parity: dict[str, Any] = {"texts": len(source.items), **parity_record(source.check)}
-        fp32 = OpenVinoEncoder(tmp, variant="fp32", threads=threads)
+        parity: dict[str, Any] = {"texts": len(source.items), **parity_record(source.check),
+                                  "served_precision": precision}
+        fp32 = OpenVinoEncoder(tmp, variant="fp32", threads=threads, precision=DEFAULT_PRECISION)
         fp32_vectors = check_fp32_parity(fp32, source, parity, max_abs_diff=max_abs_diff, output=output,
                                          what="OpenVINO fp32")
         default = fp32
+        if quantize is None and precision != DEFAULT_PRECISION:
+            # the fp32 IR served at bf16: judged like int8 against itself at f32 (keys "bf16_*")
+            default = OpenVinoEncoder(tmp, variant="fp32", threads=threads)
+            parity["quality_reference"] = "the fp32 IR at f32 (itself checked against torch)"
+            check_int8_quality(fp32, default, source, fp32_vectors, parity, method=f"fp32 IR, {precision} float ops",
+                               min_mean_cosine=min_mean_cosine, min_cosine=min_cosine, max_ndcg_drop=max_ndcg_drop,
+                               output=output, label=precision)
         if quantize == "int8":
             items = calibration_items(fp32, source.check)
             log.info(f"quantising to int8 (NNCF static, calibrated on {len(items)} texts of {source.check.name}) ...")
@@ -298,16 +429,20 @@ def export_openvino(
                                           "note": "calibrated on texts of the same check set the cosines and "
                                                   "nDCG@10 are measured on (only the fixed activation ranges "
                                                   "are fitted to them)"}
-            check_int8_quality(fp32, default, source, fp32_vectors, parity, method=INT8_METHOD,
+            parity["quality_reference"] = "the fp32 IR at f32 (itself checked against torch)"
+            parity["int8_precision"] = precision
+            check_int8_quality(fp32, default, source, fp32_vectors, parity,
+                               method=INT8_METHOD + (f"; float ops in {precision}" if precision != "f32" else ""),
                                min_mean_cosine=min_mean_cosine, min_cosine=min_cosine, max_ndcg_drop=max_ndcg_drop,
                                output=output)
         check_batch_independence(default, source, parity, max_batch_diff=max_batch_diff, output=output)
         parity["passed"] = True
-        write_probes(default, tmp, created_by="export", atol=DEFAULT_ATOL if quantize is None else 1e-3,
+        atol = BF16_PROBE_ATOL if precision == "bf16" else DEFAULT_ATOL if quantize is None else 1e-3
+        write_probes(default, tmp, created_by="export", atol=atol,
                      vectors_fn=lambda t, k: default.encode(list(t), k))
         runtime = runtime_record({v: e.compiled_precision() for v, e in (('fp32', fp32), (default.variant, default))})
         log.info(describe_runtime(runtime))
-        manifest = write_export_manifest(tmp, model, encoder, graphs, exporter=exporter, opset=opset, quantize=quantize,
+        manifest = write_export_manifest(tmp, model, encoder, graphs, exporter=CONVERTER, opset=None, quantize=quantize,
                                          default_variant=default_variant, started=started, parity=parity,
                                          source_probes=source.source_probes, fmt="openvino",
                                          graph_sha256=ir_sha256, graph_bytes=ir_bytes, extra={"cpu": runtime})

@@ -117,12 +117,14 @@ def tokenize_pairs(tokenizer, queries: Sequence[str], documents: Sequence[str], 
 
 # ------------------------------------------------------------------------------------------------ ids -> batch
 def collate(id_lists: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right", *, to: str = "torch",
-            type_ids: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+            type_ids: Sequence[Sequence[int]] | None = None, pad_to_multiple_of: int = 1) -> dict[str, Any]:
     """Pad token-id lists into one batch: {"input_ids", "attention_mask"} (and "token_type_ids", padded with 0,
     when `type_ids` is given), int64 [batch, longest], as torch tensors (`to="torch"`) or numpy arrays ("numpy").
 
     `padding_side` "left" puts the pads before the tokens (causal models; their position ids come from the mask),
     "right" after them (BERT-style encoders, whose absolute position ids would shift on the left).
+    `pad_to_multiple_of`: the width rounded up to a multiple of it (an OpenVINO IR's fused attention sums a row in
+    the same order alone and in a batch only then: embedkit.export.openvino.PAD_TO_MULTIPLE_OF).
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
@@ -130,6 +132,8 @@ def collate(id_lists: Sequence[Sequence[int]], pad_id: int, padding_side: str = 
         raise ValueError(f"to must be 'torch' or 'numpy', not {to!r}")
     rows = len(id_lists)
     width = max((len(ids) for ids in id_lists), default=0)
+    if pad_to_multiple_of > 1:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     batch = {"input_ids": np.full((rows, width), int(pad_id), dtype=np.int64),
              "attention_mask": np.zeros((rows, width), dtype=np.int64)}
     if type_ids is not None:
