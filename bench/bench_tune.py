@@ -79,15 +79,20 @@ ARMS = ("default", "tuned", "st", "st-mined")
 # - steps: the recipe as written with a floor of optimizer steps (tune's MIN_STEPS);
 # - schedule: sentence-transformers' default schedule (lr 5e-5, 3 epochs: what its users train with on every kind of
 #   corpus) plus one positive-aware negative mined online with the recipe format's mining defaults (window 10:100,
-#   relative margin 0.05): every search so far chose mined negatives and more than one epoch.
-CANDIDATE_ARMS = ("steps", "schedule")
+#   relative margin 0.05): every search so far chose mined negatives and more than one epoch;
+# - st-schedule: sentence-transformers' default schedule whole (lr 5e-5, 3 epochs, no warm-up, no weight decay) in
+#   embedkit's trainer, no negatives: the same training as the `st` arm, so it separates the trainer from the recipe.
+CANDIDATE_ARMS = ("steps", "schedule", "st-schedule")
 ST_ARMS = ("st", "st-mined")  # trained by sentence-transformers; every other arm by embedkit
 CANDIDATE_MIN_STEPS = 150  # embedkit/tune/space.py's MIN_STEPS: the epochs' bound a search already uses
 CANDIDATE_SETS = {"steps": [f"training.min_steps={CANDIDATE_MIN_STEPS}"],
-                  "schedule": ["training.lr=5e-5", "training.epochs=3", "loss.hard_negatives=1", "mining.online=true"]}
+                  "schedule": ["training.lr=5e-5", "training.epochs=3", "loss.hard_negatives=1", "mining.online=true"],
+                  "st-schedule": ["training.lr=5e-5", "training.epochs=3", "training.warmup_ratio=0",
+                                  "training.weight_decay=0"]}
 LABELS = {"base": "base model", "default": "default recipe", "tuned": "tuned recipe", "st": "ST default trainer",
           "st-mined": "ST mined + tuned epochs", "steps": f"recipe + min_steps {CANDIDATE_MIN_STEPS}",
-          "schedule": "recipe + lr 5e-5, 3 epochs, 1 mined negative"}
+          "schedule": "recipe + lr 5e-5, 3 epochs, 1 mined negative",
+          "st-schedule": "recipe + ST's schedule (lr 5e-5, 3 epochs, no warm-up or decay)"}
 THREADS = 2
 MAX_LENGTH = 256
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"

@@ -81,6 +81,9 @@ def test_candidate_recipes_load_and_change_what_their_labels_say(tmp_path):
     schedule = load_recipe(str(written), bench_tune.CANDIDATE_SETS["schedule"])
     assert (schedule.training.lr, schedule.training.epochs) == (5e-5, 3)
     assert schedule.loss.hard_negatives == 1 and schedule.mining.online
+    plain = load_recipe(str(written), bench_tune.CANDIDATE_SETS["st-schedule"])
+    assert (plain.training.lr, plain.training.epochs, plain.training.warmup_ratio, plain.training.weight_decay) == (
+        5e-5, 3, 0.0, 0.0) and not plain.loss.hard_negatives
 
 
 def test_arms_that_train_the_same_recipe_share_one_run(recipe, tmp_path):
