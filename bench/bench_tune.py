@@ -115,6 +115,13 @@ def recipe_overrides(dataset: str, data_root: str, train: str | None = None, ext
     return overrides
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write `text` unless `path` holds it already: a second bench on the same --out (another arm, run beside the
+    first) must not truncate a sample file that the first one's training is reading."""
+    if not (path.is_file() and path.read_text() == text):
+        path.write_text(text)
+
+
 def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sample: int) -> tuple[str, list[str]]:
     """A seeded sample of `queries` of the recipe's training queries (every pair of each, as the recipe reads them:
     MedQuAD's 1,000-pair sample, SciFact's train qrels), written under `work`; returns its data.train spec. What a
@@ -136,7 +143,7 @@ def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sa
             target = folder / name
             if not target.exists():
                 target.symlink_to(Path(path).resolve() / name)
-        (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        write_if_changed(folder / "qrels" / "train.tsv", "query-id\tcorpus-id\tscore\n" + "".join(
             f"{q}\t{d}\t{s}\n" for q in qids for d, s in ds.qrels[q].items() if s > 0))
         return f"beir:{folder}:train", []
     from embedkit.train.contrastive import load_examples
@@ -158,10 +165,10 @@ def subsample_queries(dataset: str, data_root: str, work: Path, queries: int, sa
                                                                           positive=cols.positive))
                if a not in set(positives)]
     collection = positives + rng.sample(answers, min(len(answers), max(0, COLLECTION - len(positives))))
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"a{i}", "title": "", "text": t}) + "\n"
-                                                 for i, t in enumerate(collection)))
-    (folder / "train.jsonl").write_text("".join(json.dumps({cols.query: e.query, cols.positive: e.positive}) + "\n"
-                                                for e in examples if e.query in keep))
+    write_if_changed(folder / "corpus.jsonl", "".join(json.dumps({"_id": f"a{i}", "title": "", "text": t}) + "\n"
+                                                      for i, t in enumerate(collection)))
+    write_if_changed(folder / "train.jsonl", "".join(
+        json.dumps({cols.query: e.query, cols.positive: e.positive}) + "\n" for e in examples if e.query in keep))
     return str(folder / "train.jsonl"), [f"mining.corpus={folder / 'corpus.jsonl'}"]
 
 
