@@ -255,16 +255,36 @@ def test_precision_is_refused_in_one_line_without_bf16(st_bert, tmp_path, monkey
         assert not out.exists()
 
 
-@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no avx512_bf16 / amx_bf16")
+def test_a_bf16_folder_runs_f32_with_a_warning_on_a_cpu_without_bf16(ov_int8, tmp_path, monkeypatch, caplog):
+    """Runs on every CPU (the bf16 export itself needs one with bf16, below): catches a folder recorded as bf16 that
+    fails to load, or loads silently, where OpenVINO cannot run bf16 (its vectors then differ by bf16 rounding)."""
+    source, _ = ov_int8
+    out = tmp_path / "recorded_bf16"
+    shutil.copytree(source, out)
+    config = json.loads((out / OPENVINO_CONFIG_NAME).read_text())
+    config["inference_precision"] = {"fp32": "f32", "int8": "bf16"}
+    (out / OPENVINO_CONFIG_NAME).write_text(json.dumps(config))
+    monkeypatch.setattr(ov_export, "cpu_instructions", lambda *a, **k: dict(NO_BF16_CPU))
+    with caplog.at_level("WARNING"):
+        encoder = OpenVinoEncoder(out)
+    assert encoder.compiled_precision() == "f32" and "exported for bf16" in caplog.text
+    np.testing.assert_array_equal(encoder.encode(TEXTS), OpenVinoEncoder(source).encode(TEXTS))
+
+
 def test_bf16_export_records_checks_and_runs_its_precision(st_bert, tmp_path, monkeypatch, caplog):
     """Catches a bf16 export whose checks ran in f32 (the parity would not describe what is served), a precision
     that is not written into the folder or not honoured by the runtime, the server and eval, and a folder that cannot
-    be loaded on a CPU without bf16."""
+    be loaded on a CPU without bf16. On a CPU without bf16 what there is to check is the real refusal (no folder)."""
     import embedkit.export.formats  # noqa: F401  (registers the formats, as embedkit.cli does)
     from embedkit.models.exported import load_exported_encoder
     from embedkit.serve.server import load_backends
 
     out = tmp_path / "bf16"
+    if not HAS_BF16:
+        with pytest.raises(ModelError, match="needs a CPU with"):
+            export_openvino(st_bert, out, quantize="int8", precision="bf16")
+        assert not out.exists()
+        return
     manifest = export_openvino(st_bert, out, quantize="int8", precision="bf16", max_ndcg_drop=TINY_MAX_NDCG_DROP)
     parity, config = manifest["parity"], json.loads((out / OPENVINO_CONFIG_NAME).read_text())
     assert config["inference_precision"] == {"fp32": "f32", "int8": "bf16"}
