@@ -33,6 +33,16 @@ HAS_BF16 = any(flag in cpu_instructions()["instructions"] for flag in ov_export.
 NO_BF16_CPU = {"model": "Old Xeon", "instructions": ["avx2", "avx512f", "avx512_vnni"]}
 
 
+def assert_export_refused_in_one_line(main, model, out, argv, message, capsys) -> None:
+    """`embedkit export` with `argv` exits non-zero with one `error:` line holding `message`, and writes no folder."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(model), "--output", str(out), *argv])
+    assert exit_info.value.code not in (0, None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def ov_fp32(tmp_path_factory, st_bert):
     out = tmp_path_factory.mktemp("ov") / "bert_openvino"
@@ -192,13 +202,7 @@ def test_export_bad_input_is_one_line(st_bert, tmp_path, capsys, argv, message):
     """Catches bad flags that reach the (slow) export or end in a traceback instead of one line and no folder."""
     from embedkit.cli import main
 
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", "--model", str(st_bert), "--output", str(out), *argv])
-    assert exit_info.value.code not in (0, None)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert not out.exists()
+    assert_export_refused_in_one_line(main, st_bert, tmp_path / "out", argv, message, capsys)
 
 
 def test_a_reranker_is_refused_in_one_line(tiny_reranker, tmp_path, capsys):
@@ -247,12 +251,7 @@ def test_precision_is_refused_in_one_line_without_bf16(st_bert, tmp_path, monkey
         export_openvino(st_bert, out, quantize="int8", precision="bf16")
     for argv, message in ((["--format", "openvino", "--quantize", "int8", "--precision", "bf16"], "needs a CPU with"),
                           (["--format", "onnx", "--precision", "bf16"], "--precision applies to --format openvino")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["export", "--model", str(st_bert), "--output", str(out), *argv])
-        assert exit_info.value.code not in (0, None)
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-        assert not out.exists()
+        assert_export_refused_in_one_line(main, st_bert, out, argv, message, capsys)
 
 
 def test_a_bf16_folder_runs_f32_with_a_warning_on_a_cpu_without_bf16(ov_int8, tmp_path, monkeypatch, caplog):
