@@ -226,10 +226,29 @@ def test_ir_keeps_fused_attention_and_pads_to_a_multiple(ov_int8):
     ops = [op.get_type_name() for op in ov.Core().read_model(out / INT8_IR).get_ordered_ops()]
     assert "ScaledDotProductAttention" in ops and "Softmax" not in ops
     assert manifest["export"]["exporter"] == ov_export.CONVERTER
-    assert json.loads((out / OPENVINO_CONFIG_NAME).read_text())["pad_to_multiple_of"] == PAD_TO_MULTIPLE_OF == 16
+    multiple = json.loads((out / OPENVINO_CONFIG_NAME).read_text())["pad_to_multiple_of"]
+    assert PAD_TO_MULTIPLE_OF == 16 and multiple in ov_export.PAD_MULTIPLES  # 16 unless this CPU needed more
     encoder = OpenVinoEncoder(out)
     ids, mask = encoder.collate([[101, 7, 102], list(range(101, 101 + 17))])
-    assert ids.shape == mask.shape == (2, 32) and mask.sum() == 20
+    assert ids.shape == mask.shape == (2, max(32, multiple)) and mask.sum() == 20
+
+
+def test_a_cpu_that_needs_a_larger_multiple_gets_it_recorded(st_bert, tmp_path, monkeypatch):
+    """Catches an export that stops (or writes a folder that is not batch-independent) on a CPU whose attention kernel
+    needs batches padded to more than 16 tokens: the next multiple that passes is recorded and used."""
+    real = ov_export.check_batch_independence
+
+    def fails_at_16(default, *args, **kwargs):
+        if default.pad_to_multiple_of == 16:
+            raise ExportError("simulated: depends on its batch at 16")
+        return real(default, *args, **kwargs)
+
+    monkeypatch.setattr(ov_export, "check_batch_independence", fails_at_16)
+    out = tmp_path / "ov32"
+    export_openvino(st_bert, out)
+    assert json.loads((out / OPENVINO_CONFIG_NAME).read_text())["pad_to_multiple_of"] == 32
+    ids, _ = OpenVinoEncoder(out).collate([[101, 7, 102]])
+    assert ids.shape == (1, 32)
 
 
 def test_precision_is_refused_in_one_line_without_bf16(st_bert, tmp_path, monkeypatch, capsys):
