@@ -395,12 +395,12 @@ def ratios(speed: dict[str, float], reference: str = REFERENCE) -> dict[str, flo
 
 
 def batch_vs_alone(backend, texts: list[str], batch_size: int) -> float:
-    """Max abs difference between the vectors of `texts` encoded in one batch and one at a time."""
-    import numpy as np
+    """Max abs difference between each text's vector alone and inside batches of 8 and `batch_size`: the export's own
+    check (embedkit.models.probes.batch_invariance), so the column means what an export folder's manifest records."""
+    from embedkit.models.probes import batch_invariance
 
-    together = backend.encode(texts, "document", batch_size)
-    alone = backend.encode(texts, "document", 1)
-    return float(np.max(np.abs(np.asarray(together) - np.asarray(alone))))
+    return batch_invariance(lambda t: backend.encode(list(t), "document", len(t)), texts,
+                            batch_sizes=sorted({8, batch_size}))
 
 
 def verdict(speed_by_set: dict[str, dict[str, float]], quality: dict[str, dict[str, float]] | None = None, *,

@@ -63,14 +63,10 @@ OPENVINO_QINT8_FILE = "openvino/openvino_model_qint8_quantized.xml"
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                return set(value.split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's int8 flags, as the driver reports them (bench/cpuinfo.py: stdlib only, so the peer venv runs it)."""
+    from cpuinfo import int8_instructions  # bench/ is this script's folder, first on sys.path
+
+    return set(int8_instructions()["int8_flags"])
 
 
 def onnx_quant_config(flags: set[str], machine: str | None = None) -> str:
