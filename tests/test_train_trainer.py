@@ -329,3 +329,17 @@ def test_a_sharding_backend_without_a_model_builder_fails_before_training(tiny_b
     engine = engine_module.Engine(_recipe(tiny_bert_dir, pairs_file, tmp_path / "out"), tmp_path / "out")
     with pytest.raises(RuntimeError, match="must register a model builder"):
         engine.fit(OneBatch(), torch.nn.Linear(2, 2), n_examples=1)
+
+
+def test_attention_and_hidden_dropout_are_set_apart(tiny_bert_dir):
+    """Bug caught: BERT's attention nn.Dropout was visited again as a plain Dropout after its attention module and
+    took the hidden rate, so `attention_dropout: 0.0, hidden_dropout: 0.2` trained with attention dropout 0.2."""
+    from embedkit.train.contrastive import set_dropout
+
+    encoder = load_model(tiny_bert_dir, max_length=32)
+    set_dropout(encoder, attention=0.0, hidden=0.2)
+    rates = {name: m.p for name, m in encoder.backbone.named_modules() if isinstance(m, torch.nn.Dropout)}
+    attention = {n: p for n, p in rates.items() if ".attention.self." in n}
+    hidden = {n: p for n, p in rates.items() if n not in attention}
+    assert attention and set(attention.values()) == {0.0}
+    assert hidden and set(hidden.values()) == {0.2}

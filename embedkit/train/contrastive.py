@@ -101,6 +101,10 @@ def freeze_unused(encoder) -> int:
 def set_dropout(encoder, *, attention: float | None, hidden: float | None) -> dict[str, int]:
     """Set attention / hidden dropout in the modules (the saved config is untouched: inference has no dropout)."""
     changed = {"attention": 0, "hidden": 0}
+    # An attention module's own nn.Dropout is visited again after it as a plain Dropout: it must keep the
+    # attention rate, not take the hidden one.
+    attention_dropouts = {id(m.dropout) for m in encoder.backbone.modules()
+                          if "Attention" in type(m).__name__ and isinstance(getattr(m, "dropout", None), torch.nn.Dropout)}
     for module in encoder.backbone.modules():
         is_attention = "Attention" in type(module).__name__
         if attention is not None and is_attention:
@@ -110,7 +114,7 @@ def set_dropout(encoder, *, attention: float | None, hidden: float | None) -> di
             elif isinstance(getattr(module, "attention_dropout", None), float):  # Llama / Qwen style
                 module.attention_dropout = attention
                 changed["attention"] += 1
-        elif hidden is not None and isinstance(module, torch.nn.Dropout):
+        elif hidden is not None and isinstance(module, torch.nn.Dropout) and id(module) not in attention_dropouts:
             module.p = hidden
             changed["hidden"] += 1
     return changed
