@@ -192,7 +192,8 @@ def st_settings(arm: str, recipe: str, overrides: list[str]) -> dict:
     parsed = load_recipe(recipe, overrides)
     settings = {"learning_rate": 5e-5, "num_train_epochs": 3, "warmup_ratio": 0.0, "weight_decay": 0.0,
                 "batch_size": parsed.training.batch_size, "batch_sampler": "no_duplicates",
-                "attention_dropout": parsed.model.attention_dropout}
+                "attention_dropout": parsed.model.attention_dropout,
+                "data_seed": st_data_seed(parsed.training.seed)}
     if arm == "st-mined":
         settings["num_train_epochs"] = parsed.training.epochs
         negatives = parsed.loss.hard_negatives or 0
@@ -203,6 +204,14 @@ def st_settings(arm: str, recipe: str, overrides: list[str]) -> dict:
                                   "relative_margin": parsed.mining.relative_margin, "output_format": "n-tuple",
                                   "use_faiss": True}
     return settings
+
+
+def st_data_seed(seed: int) -> int:
+    """The batch-order seed of a sentence-transformers run for the bench's `seed`. ST's samplers seed epoch e with
+    data_seed + e, so data_seed = seed gave seeds 42, 43 and 44 two of their three epoch orders in common (42's
+    second epoch is 43's first): three runs that were not three draws. Until bench records of 2026-12-06 the ST arms
+    ran that way; seed * 1000 keeps the seeds' orders apart, as embedkit's own seed * 1000 + epoch does."""
+    return seed * 1000
 
 
 def mteb_text(document: dict) -> str:
@@ -262,8 +271,9 @@ def child_st(arm: str, recipe: str, overrides: list[str], output: Path, seed: in
               flush=True)
     args = SentenceTransformerTrainingArguments(  # ST's defaults otherwise: lr 5e-5, no warmup, no decay
         output_dir=str(output) + ".st-work", per_device_train_batch_size=settings["batch_size"], seed=seed,
-        data_seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True, report_to=[], save_strategy="no",
-        num_train_epochs=settings["num_train_epochs"], disable_tqdm=True, max_steps=int(MAX_STEPS or -1))
+        data_seed=settings["data_seed"], batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True, report_to=[],
+        save_strategy="no", num_train_epochs=settings["num_train_epochs"], disable_tqdm=True,
+        max_steps=int(MAX_STEPS or -1))
     assert (args.learning_rate, args.warmup_ratio or 0.0, args.weight_decay) == (
         settings["learning_rate"], settings["warmup_ratio"], settings["weight_decay"]), "ST's defaults changed"
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
@@ -391,10 +401,18 @@ def seed_mean_report(reports: list[dict]) -> dict:
     return mean_report(reports)
 
 
-def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str) -> dict:
-    from bench_train import verdict_between
+def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str, seed_scores: tuple[list, list] = ()) -> dict:
+    """`embedkit compare` over the queries (seed-averaged models), plus the interval over the seeds when their
+    scores are given (bench_train.seed_interval: the training run's own noise, which the first one leaves out)."""
+    from bench_train import seed_interval, verdict_between
 
-    return verdict_between(baseline, candidate, name_b, name_c, seed=0)
+    out = verdict_between(baseline, candidate, name_b, name_c, seed=0)
+    if seed_scores:
+        out["over_seeds"] = s = seed_interval(*seed_scores)
+        if s["ci_low"] is not None:
+            print(f"    over the seeds ({s['method']}, {s['seeds'][0]} vs {s['seeds'][1]} seeds): "
+                  f"{s['difference']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]")
+    return out
 
 
 def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: bool = False, *,
@@ -559,12 +577,17 @@ def main() -> None:
         means = {arm: seed_mean_report(reports[arm]) for arm in arms}
         means["base"] = base
         row["verdicts"] = {}
+        def seed_scores(a: str, b: str) -> tuple[list, list]:
+            return () if "base" in (a, b) else ([r["ndcg_at_10"] for r in row[a]["runs"]],
+                                                [r["ndcg_at_10"] for r in row[b]["runs"]])
+
         for other in [a for a in ("default", "st", "st-mined", "base") if a in means and "tuned" in means]:
-            row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned")
+            row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned",
+                                                           seed_scores(other, "tuned"))
         for candidate in [c for c in CANDIDATE_ARMS if c in means]:
             for other in [a for a in ("default", "st") if a in means]:
                 row["verdicts"][f"{candidate}_vs_{other}"] = verdict(means[other], means[candidate], LABELS[other],
-                                                                     LABELS[candidate])
+                                                                     LABELS[candidate], seed_scores(other, candidate))
         results["datasets"][name] = row
         write_json()
     summary(results)
@@ -595,9 +618,12 @@ def summary(results: dict) -> None:
             for other in ("default", "st"):
                 v = row["verdicts"].get(f"{candidate}_vs_{other}")
                 if v is not None:
+                    seeds = v.get("over_seeds") or {}
                     print(f"{dataset}: {LABELS[candidate]} vs {LABELS[other]}: {v['difference']:+.4f} "
-                          f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}], p(improvement) {v['p_improvement']:.3f}, "
-                          f"{v['verdict']}")
+                          f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] over queries, p(improvement) "
+                          f"{v['p_improvement']:.3f}, {v['verdict']}"
+                          + (f"; over seeds [{seeds['ci_low']:+.4f}, {seeds['ci_high']:+.4f}]"
+                             if seeds.get("ci_low") is not None else ""))
 
 
 if __name__ == "__main__":
