@@ -193,7 +193,7 @@ def st_settings(arm: str, recipe: str, overrides: list[str]) -> dict:
     settings = {"learning_rate": 5e-5, "num_train_epochs": 3, "warmup_ratio": 0.0, "weight_decay": 0.0,
                 "batch_size": parsed.training.batch_size, "batch_sampler": "no_duplicates",
                 "attention_dropout": parsed.model.attention_dropout,
-                "data_seed": st_data_seed(parsed.training.seed)}
+                "seed": st_seed(parsed.training.seed)}
     if arm == "st-mined":
         settings["num_train_epochs"] = parsed.training.epochs
         negatives = parsed.loss.hard_negatives or 0
@@ -206,11 +206,12 @@ def st_settings(arm: str, recipe: str, overrides: list[str]) -> dict:
     return settings
 
 
-def st_data_seed(seed: int) -> int:
-    """The batch-order seed of a sentence-transformers run for the bench's `seed`. ST's samplers seed epoch e with
-    data_seed + e, so data_seed = seed gave seeds 42, 43 and 44 two of their three epoch orders in common (42's
-    second epoch is 43's first): three runs that were not three draws. Until bench records of 2026-12-06 the ST arms
-    ran that way; seed * 1000 keeps the seeds' orders apart, as embedkit's own seed * 1000 + epoch does."""
+def st_seed(seed: int) -> int:
+    """The seed a sentence-transformers run gets for the bench's `seed` (its `seed` and `data_seed`). ST's batch
+    samplers seed epoch e with the trainer's `seed` + e (not `data_seed`, which they ignore), so seed = 42, 43, 44
+    gave the three runs two of their three epoch orders in common (42's second epoch is 43's first): three runs that
+    were not three draws. The ST arms of the records before 2026-12-07 ran that way; seed * 1000 keeps the seeds'
+    orders apart, as embedkit's own seed * 1000 + epoch does."""
     return seed * 1000
 
 
@@ -270,9 +271,9 @@ def child_st(arm: str, recipe: str, overrides: list[str], output: Path, seed: in
         print(f"[st-mined] ST's miner kept {len(data)} of {len(examples)} rows (all their negatives found)",
               flush=True)
     args = SentenceTransformerTrainingArguments(  # ST's defaults otherwise: lr 5e-5, no warmup, no decay
-        output_dir=str(output) + ".st-work", per_device_train_batch_size=settings["batch_size"], seed=seed,
-        data_seed=settings["data_seed"], batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True, report_to=[],
-        save_strategy="no", num_train_epochs=settings["num_train_epochs"], disable_tqdm=True,
+        output_dir=str(output) + ".st-work", per_device_train_batch_size=settings["batch_size"],
+        seed=settings["seed"], data_seed=settings["seed"], batch_sampler=BatchSamplers.NO_DUPLICATES, use_cpu=True,
+        report_to=[], save_strategy="no", num_train_epochs=settings["num_train_epochs"], disable_tqdm=True,
         max_steps=int(MAX_STEPS or -1))
     assert (args.learning_rate, args.warmup_ratio or 0.0, args.weight_decay) == (
         settings["learning_rate"], settings["warmup_ratio"], settings["weight_decay"]), "ST's defaults changed"

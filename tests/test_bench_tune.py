@@ -98,11 +98,11 @@ def test_arms_that_train_the_same_recipe_share_one_run(recipe, tmp_path):
 
 
 def test_st_seeds_draw_batch_orders_of_their_own(recipe):
-    # Bug caught: ST's samplers seed epoch e with data_seed + e, and data_seed = seed gave seeds 42, 43, 44 two of
+    # Bug caught: ST's samplers seed epoch e with the trainer's seed + e, and seed 42, 43, 44 gave the runs two of
     # their three epoch orders in common, so the ST arm's "3 seeds" were not 3 draws (its spread looked small and
     # its mean rode on two orders). Every epoch of every bench seed must get its own order seed.
     epochs = 50
-    drawn = [bench_tune.st_settings("st", str(recipe), [f"training.seed={seed}"])["data_seed"] + e
+    drawn = [bench_tune.st_settings("st", str(recipe), [f"training.seed={seed}"])["seed"] + e
              for seed in (42, 43, 44) for e in range(epochs)]
     assert len(set(drawn)) == len(drawn)
 
