@@ -390,13 +390,9 @@ def _ndcg(report: dict) -> float:
 def seed_mean_report(reports: list[dict]) -> dict:
     """One report whose per-query scores are the means over the seeds' reports (same task, same queries): the
     arm's expected score per query, which `embedkit compare` then tests between arms, paired over queries."""
-    (name,) = reports[0]["results"]
-    tasks = [r["results"][name] for r in reports]
-    per_query = {qid: {metric: statistics.fmean(t["per_query"][qid][metric] for t in tasks)
-                       for metric in tasks[0]["per_query"][qid]}
-                 for qid in tasks[0]["per_query"]}
-    metrics = {metric: statistics.fmean(t["metrics"][metric] for t in tasks) for metric in tasks[0]["metrics"]}
-    return {"results": {name: {**tasks[0], "metrics": metrics, "per_query": per_query}}}
+    from embedkit.eval.compare import seed_average
+
+    return seed_average(reports)
 
 
 TIMING_KEYS = ("samples_per_s", "samples_per_cpu_s", "steps_only_samples_per_s", "peak_rss_gb", "child_peak_rss_gb",
@@ -420,29 +416,16 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def seed_interval(baseline: list[float], candidate: list[float], level: float = 0.95) -> dict:
-    """The difference of the arms' seed means with Welch's t interval over the seeds' scores.
+def seed_interval(baseline: list[float], candidate: list[float]) -> dict:
+    """`embedkit compare`'s interval over the seeds (Welch's t on per-seed nDCG@10; see embedkit.eval.compare for
+    why it sits beside the per-query one), as a record."""
+    from embedkit.eval.compare import seed_interval as welch
 
-    Why beside `embedkit compare`: its interval resamples the *queries* of one (seed-averaged) model per arm, so it
-    holds the test set's noise but not the training run's. With few training examples the run's own randomness
-    (batch order, dropout) moves nDCG@10 by as much as the differences measured (MedQuAD, 100 queries: sd 0.008 over
-    6 seeds), and two arms can differ "beyond the interval" on 3 seeds by the luck of their batch orders. The seeds
-    are independent draws of the training randomness (not paired: one trainer's seed 42 is not another's), hence
-    Welch's unequal-variance t. None with fewer than 2 seeds on a side (no spread to estimate)."""
-    if len(baseline) < 2 or len(candidate) < 2:
-        return {"difference": statistics.fmean(candidate) - statistics.fmean(baseline), "ci_low": None,
-                "ci_high": None, "seeds": [len(baseline), len(candidate)], "method": "too few seeds for an interval"}
-    from scipy import stats
-
-    vb, vc = statistics.variance(baseline) / len(baseline), statistics.variance(candidate) / len(candidate)
     diff = statistics.fmean(candidate) - statistics.fmean(baseline)
-    se = (vb + vc) ** 0.5
-    # Welch-Satterthwaite degrees of freedom (the two variances are not assumed equal)
-    dof = (vb + vc) ** 2 / (vb ** 2 / (len(baseline) - 1) + vc ** 2 / (len(candidate) - 1)) if se > 0 else 1.0
-    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
-    return {"difference": diff, "ci_low": diff - half, "ci_high": diff + half, "dof": dof,
-            "seeds": [len(baseline), len(candidate)],
-            "method": f"Welch t over per-seed nDCG@10, {level:.0%} interval"}
+    interval = welch(baseline, candidate)
+    return {"difference": diff, "ci_low": None if interval is None else interval[0],
+            "ci_high": None if interval is None else interval[1], "seeds": [len(baseline), len(candidate)],
+            "method": "Welch t over per-seed nDCG@10, 95% interval" if interval else "too few seeds for an interval"}
 
 
 def verdict_between(baseline: dict, candidate: dict, name_b: str, name_c: str, seed: int) -> dict:

@@ -106,17 +106,3 @@ def test_st_seeds_draw_batch_orders_of_their_own(recipe):
              for seed in (42, 43, 44) for e in range(epochs)]
     assert len(set(drawn)) == len(drawn)
 
-
-def test_the_interval_over_seeds_is_welchs():
-    # Bugs caught: a pooled-variance or paired interval (the trainers' seeds are not paired), or the per-query
-    # interval passed off as one over the seeds. Checked against scipy's own Welch test.
-    from scipy import stats
-
-    import bench_train
-
-    baseline, candidate = [0.8501, 0.8439, 0.8435, 0.8480], [0.8566, 0.8635, 0.8614]
-    got = bench_train.seed_interval(baseline, candidate)
-    ref = stats.ttest_ind(candidate, baseline, equal_var=False).confidence_interval(0.95)
-    assert got["difference"] == pytest.approx(sum(candidate) / 3 - sum(baseline) / 4)
-    assert (got["ci_low"], got["ci_high"]) == pytest.approx((ref.low, ref.high), abs=1e-9)
-    assert bench_train.seed_interval([0.8], [0.9, 0.91])["ci_low"] is None  # one seed: no spread to estimate

@@ -346,3 +346,68 @@ def test_margin_test_rejects_at_rate_alpha_at_the_margin_and_never_for_no_drop()
 
     assert 0.01 <= rejection_rate(MARGIN) <= 0.12  # at the boundary of H0: about alpha
     assert rejection_rate(0.0) == 0.0  # no drop at all: never a regression
+
+
+# ---------------------------------------------------------------------------------------------- several seeds
+def _seed_reports(per_query: np.ndarray, offsets: list[float]) -> list[dict]:
+    """One report per trained seed: the same per-query scores shifted by that seed's luck."""
+    return [{"results": {"ret": retrieval_task(np.clip(per_query + o, 0, 1))}} for o in offsets]
+
+
+def test_several_seeds_are_averaged_and_get_an_interval_over_the_seeds():
+    # Bugs caught: only the first report of a side used; the seeds' interval pooled or paired instead of Welch's.
+    from scipy import stats
+
+    from embedkit.eval.compare import seed_interval
+
+    base = np.random.default_rng(3).uniform(0.2, 0.8, 300)
+    b_offsets, c_offsets = [0.0, 0.004, -0.002], [0.02, 0.011, 0.03, 0.024]
+    result = compare(_seed_reports(base, b_offsets), _seed_reports(base, c_offsets), resamples=500)
+    (task,) = result.tasks
+    assert task.seeds == [3, 4]
+    assert task.difference == pytest.approx(np.mean(c_offsets) - np.mean(b_offsets))
+    b_values = [float(np.mean(base + o)) for o in b_offsets]
+    c_values = [float(np.mean(base + o)) for o in c_offsets]
+    welch = stats.ttest_ind(c_values, b_values, equal_var=False).confidence_interval(0.95)
+    assert (task.seeds_ci_low, task.seeds_ci_high) == pytest.approx((welch.low, welch.high), abs=1e-9)
+    assert seed_interval([0.8], [0.9, 0.91]) is None  # one seed on a side: no spread to estimate
+    assert "over the seeds" in "\n".join(result.summary_lines())
+
+
+def test_strict_needs_the_seeds_to_agree_not_only_the_queries():
+    # Bug caught: a 3-seed comparison passed --strict on the per-query interval alone, although the seeds' own
+    # spread (the batch-order luck of few-label training) leaves the difference anywhere within +-0.05.
+    base = np.random.default_rng(4).uniform(0.2, 0.8, 400)
+    steady, lucky = _seed_reports(base, [0.0, 0.001, -0.001]), _seed_reports(base, [0.03, -0.03, 0.0])
+    assert compare(steady, lucky, resamples=500).exit_code == EXIT_OK  # the default gate: no significant drop
+    strict = compare(steady, lucky, strict=True, resamples=500)
+    assert strict.tasks[0].ci_low > -0.01  # the per-query interval alone would pass
+    assert strict.exit_code == EXIT_REGRESSION and "over the seeds" in strict.tasks[0].reason
+    assert compare(steady, _seed_reports(base, [0.001, 0.0, 0.002]), strict=True).exit_code == EXIT_OK
+
+
+def test_seeds_of_one_side_on_other_queries_are_refused():
+    base = np.random.default_rng(5).uniform(0.2, 0.8, 50)
+    seeds = _seed_reports(base, [0.0, 0.01])
+    seeds[1]["results"]["ret"]["per_query"].pop("q000")
+    with pytest.raises(DataError, match="report 2 of a side"):
+        compare(seeds, _seed_reports(base, [0.0, 0.01]))
+
+
+def test_cli_takes_several_seeds_per_side(tmp_path):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    base = np.random.default_rng(6).uniform(0.2, 0.8, 100)
+    paths = {}
+    for side, offsets in (("b", [0.0, 0.002]), ("c", [0.001, 0.003, 0.0])):
+        for i, report in enumerate(_seed_reports(base, offsets)):
+            paths.setdefault(side, []).append(tmp_path / f"{side}{i}.json")
+            paths[side][-1].write_text(json.dumps(report))
+    args = ["compare", *[a for p in paths["b"] for a in ("-b", str(p))], *[a for p in paths["c"] for a in ("-c", str(p))],
+            "--resamples", "200", "-o", str(tmp_path / "cmp.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "seed means of 2 vs 3 reports" in result.output
+    assert json.loads((tmp_path / "cmp.json").read_text())["tasks"][0]["seeds"] == [2, 3]

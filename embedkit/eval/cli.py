@@ -15,7 +15,7 @@ import typer
 from embedkit.atomic import write_json
 from embedkit.device import DEVICE_HELP
 from embedkit.errors import ConfigError, EmbedkitError
-from embedkit.eval.compare import compare, load_report
+from embedkit.eval.compare import compare, load_report, seed_average
 from embedkit.eval.report import plot_reports, summary_rows, synthetic_notes, write_report
 from embedkit.eval.runner import evaluate
 from embedkit.eval.tasks import parse_task_specs
@@ -135,8 +135,12 @@ def eval_command(
 
 
 def compare_command(
-    baseline: Path = typer.Option(..., "--baseline", "-b", help="Report of the reference model (from 'embedkit eval')."),
-    candidate: Path = typer.Option(..., "--candidate", "-c", help="Report of the model to check, on the same tasks."),
+    baseline: List[Path] = typer.Option(
+        ..., "--baseline", "-b",
+        help="Report of the reference model (from 'embedkit eval'). Repeat for several trained seeds of it."),
+    candidate: List[Path] = typer.Option(
+        ..., "--candidate", "-c",
+        help="Report of the model to check, on the same tasks. Repeat for several trained seeds of it."),
     max_drop: float = typer.Option(
         0.01, "--max-drop", min=0.0,
         help="Margin m: largest tolerated drop of a task's main metric, absolute (0.01 = one nDCG@10 / Spearman "
@@ -176,6 +180,12 @@ def compare_command(
     95% CI of d: paired bootstrap percentile interval (2.5th and 97.5th
     percentiles over --resamples resamples of queries / pairs).
 
+    Several seeds (-b r1.json -b r2.json -c s1.json -c s2.json): the tests run
+    on each side's seed average, and each task also gets a 95% interval over
+    the seeds (Welch's t on the seeds' main metric): the training run's own
+    noise, which the per-query tests leave out. --strict asks both intervals
+    to lie above -m.
+
     Default: exit 1 when a task has p(drop>m) < --alpha, i.e. its drop is
     significantly larger than m; a noisy drop a little over m passes.
     --strict (non-inferiority): exit 0 only when every task's 95% CI lower
@@ -190,13 +200,17 @@ def compare_command(
       embedkit eval -m runs/candidate -o candidate.json && embedkit compare -b eval/baselines/minilm.json -c candidate.json
     """
     try:
-        base_report, cand_report = load_report(baseline), load_report(candidate)
-        result = compare(base_report, cand_report, max_drop=max_drop, alpha=alpha, seed=seed, resamples=resamples,
+        base_reports, cand_reports = [load_report(p) for p in baseline], [load_report(p) for p in candidate]
+        result = compare(base_reports, cand_reports, max_drop=max_drop, alpha=alpha, seed=seed, resamples=resamples,
                          strict=strict)
+        base_report, cand_report = seed_average(base_reports), seed_average(cand_reports)
         if output is not None:
             write_json(output, result.to_dict())
         if plot is not None:
-            plot_reports([(f"baseline ({baseline.name})", base_report), (f"candidate ({candidate.name})", cand_report)],
+            def label(side: str, paths: List[Path]) -> str:
+                return f"{side} ({paths[0].name})" if len(paths) == 1 else f"{side} (mean of {len(paths)} seeds)"
+
+            plot_reports([(label("baseline", baseline), base_report), (label("candidate", candidate), cand_report)],
                          plot)
     except EmbedkitError as exc:
         raise _fail(exc) from None

@@ -19,6 +19,16 @@ Per task only the main metric decides (the others are shown for information). Wr
 
 Both p-values use +1 smoothing, so they are never 0.
 
+Several trained seeds per side (`compare([r1, r2, r3], [s1, s2, s3])`, `embedkit compare -b r1 -b r2 -c s1 -c s2`):
+the tests above run on each side's seed average (per query, per pair, per metric), and each task also gets an
+interval *over the seeds*: Welch's t interval of the difference of the seeds' means of the main metric. Why both:
+the per-query tests hold the test set's noise but not the training run's, and with few training examples the run's
+own randomness (batch order, dropout) moves a score as much as the differences people gate on (MedQuAD, 100
+training queries: nDCG@10 sd 0.008 over 6 seeds of one recipe), so two recipes can differ "beyond the interval" on 3
+seeds by the luck of their batch orders. The seeds are independent draws, not paired across the sides (one
+trainer's seed 42 is not another's), hence Welch's unequal-variance t. `--strict` then asks both intervals to lie
+above -max_drop; the default gate's p-values stay the per-query ones, and the seed interval is reported beside them.
+
 Decision (exit codes): 0 = pass, 1 = regression, 2 = not comparable (different task sets, data hashes, queries
 or pairs: comparing them would be meaningless).
 - default: a task regresses when p(regression beyond the margin) < `alpha` (and the observed drop > m). A noisy
@@ -71,6 +81,9 @@ class TaskComparison:
     p_improvement: float | None = None  # H0 difference <= 0, H1 difference > 0
     ci_low: float | None = None  # 95% paired bootstrap percentile interval of the difference
     ci_high: float | None = None
+    seeds: list[int] | None = None  # [baseline, candidate] reports averaged; None: one each
+    seeds_ci_low: float | None = None  # 95% Welch interval over the seeds (>= 2 on both sides)
+    seeds_ci_high: float | None = None
 
 
 @dataclass
@@ -102,6 +115,11 @@ class Comparison:
                 f"{ci:<18}  {num(t.p_value, '.4f'):<12} {num(t.p_improvement, '.4f'):<10}  "
                 f"{t.verdict.upper()}: {t.reason}"
             )
+            if t.seeds is not None:
+                over = ("n/a (needs 2 seeds on each side)" if t.seeds_ci_low is None
+                        else f"[{t.seeds_ci_low:+.4f}, {t.seeds_ci_high:+.4f}]")
+                lines.append(f"{'':<28} {'':<16} seed means of {t.seeds[0]} vs {t.seeds[1]} reports; "
+                             f"95% interval over the seeds (Welch): {over}")
         if self.strict:
             rule = (f"strict (non-inferiority): pass only when every task's {self.interval_level:.0%} interval lies "
                     f"above -{self.max_drop:g}")
@@ -129,6 +147,55 @@ def load_report(path: str | Path) -> dict[str, Any]:
             if not isinstance(task, dict) or key not in task:
                 raise DataError(f"task '{name}' has no '{key}'", path=path, field=f"results.{name}.{key}")
     return report
+
+
+def seed_interval(baseline: list[float], candidate: list[float], level: float = INTERVAL_LEVEL
+                  ) -> tuple[float, float] | None:
+    """Welch's t interval of mean(candidate) - mean(baseline) over independent seeds; None below 2 seeds a side."""
+    if len(baseline) < 2 or len(candidate) < 2:
+        return None
+    from scipy import stats
+
+    vb, vc = np.var(baseline, ddof=1) / len(baseline), np.var(candidate, ddof=1) / len(candidate)
+    diff = float(np.mean(candidate) - np.mean(baseline))
+    se = float(np.sqrt(vb + vc))
+    if se == 0:
+        return diff, diff
+    # Welch-Satterthwaite degrees of freedom: the sides' variances are not assumed equal
+    dof = (vb + vc) ** 2 / (vb ** 2 / (len(baseline) - 1) + vc ** 2 / (len(candidate) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    return diff - half, diff + half
+
+
+def seed_average(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several trained seeds of one model on the same tasks: metrics, per-query scores and per-pair
+    predictions averaged over the seeds (the paired tests then compare the two sides' expected scores).
+    Reports on other tasks, data or queries are a DataError."""
+    if len(reports) == 1:
+        return reports[0]
+    first = reports[0]["results"]
+    for i, report in enumerate(reports[1:], start=2):
+        other = report["results"]
+        if set(other) != set(first):
+            raise DataError(f"report {i} of a side holds other tasks than report 1 ({sorted(other)} vs "
+                            f"{sorted(first)}): seeds of one model must be evaluated on the same tasks")
+        for name in first:
+            if other[name]["task"].get("data_hash") != first[name]["task"].get("data_hash") or \
+                    set(other[name].get("per_query", {})) != set(first[name].get("per_query", {})):
+                raise DataError(f"report {i} of a side scored task '{name}' on other data or queries than report 1")
+    merged: dict[str, Any] = {}
+    for name, task in first.items():
+        tasks = [r["results"][name] for r in reports]
+        out = {**task, "metrics": {m: float(np.mean([t["metrics"][m] for t in tasks])) for m in task["metrics"]
+                                   if all(m in t["metrics"] for t in tasks)}}
+        if all("per_query" in t for t in tasks):
+            out["per_query"] = {q: {m: float(np.mean([t["per_query"][q][m] for t in tasks])) for m in values}
+                                for q, values in task["per_query"].items()}
+        if all("per_pair" in t for t in tasks):
+            out["per_pair"] = {"gold": task["per_pair"]["gold"],
+                               "predicted": np.mean([t["per_pair"]["predicted"] for t in tasks], axis=0).tolist()}
+        merged[name] = out
+    return {**reports[0], "results": merged, "seed_reports": len(reports)}
 
 
 def _tol(x: float) -> float:
@@ -298,9 +365,12 @@ def _decide(drop: float, test: PairedTest | None, *, max_drop: float, alpha: flo
     return "ok", "no drop"
 
 
+Reports = dict[str, Any] | str | Path | list
+
+
 def compare(
-    baseline: dict[str, Any] | str | Path,
-    candidate: dict[str, Any] | str | Path,
+    baseline: Reports,
+    candidate: Reports,
     *,
     max_drop: float = 0.01,
     alpha: float = 0.05,
@@ -318,8 +388,15 @@ def compare(
         raise ValueError("max_drop must be >= 0")
     if not 0 < alpha < 1:
         raise ValueError("alpha must be in (0, 1)")
-    base = load_report(baseline) if not isinstance(baseline, dict) else baseline
-    cand = load_report(candidate) if not isinstance(candidate, dict) else candidate
+    def loaded(side: Reports) -> list[dict[str, Any]]:
+        items = side if isinstance(side, list) else [side]
+        if not items:
+            raise ValueError("a side of the comparison has no report")
+        return [r if isinstance(r, dict) else load_report(r) for r in items]
+
+    base_seeds, cand_seeds = loaded(baseline), loaded(candidate)
+    several = len(base_seeds) > 1 or len(cand_seeds) > 1
+    base, cand = seed_average(base_seeds), seed_average(cand_seeds)
     base_tasks, cand_tasks = base["results"], cand["results"]
 
     def not_comparable(reason: str) -> Comparison:
@@ -368,7 +445,16 @@ def compare(
         else:
             test, method = None, NO_TEST_METHOD
 
+        over_seeds = seed_interval([float(r["results"][name]["metrics"][metric]) for r in base_seeds],
+                                   [float(r["results"][name]["metrics"][metric]) for r in cand_seeds])
         verdict, reason = _decide(-difference, test, max_drop=max_drop, alpha=alpha, strict=strict)
+        if strict and verdict == "ok" and several:
+            if over_seeds is None:
+                verdict, reason = "regression", ("fewer than 2 seeds on a side: no interval over the seeds, so "
+                                                 "non-inferiority cannot be shown (--strict)")
+            elif over_seeds[0] <= -max_drop:
+                verdict, reason = "regression", (f"interval over the seeds reaches {over_seeds[0]:+.4f} <= -max_drop "
+                                                 f"{-max_drop:g}: non-inferiority not shown across training runs")
         others = {
             m: {"baseline": float(tb["metrics"][m]), "candidate": float(tc["metrics"][m]),
                 "difference": float(tc["metrics"][m]) - float(tb["metrics"][m])}
@@ -379,6 +465,9 @@ def compare(
             p_value=None if test is None else test.p_regression, method=method, verdict=verdict, reason=reason,
             other_metrics=others, p_improvement=None if test is None else test.p_improvement,
             ci_low=None if test is None else test.ci_low, ci_high=None if test is None else test.ci_high,
+            seeds=[len(base_seeds), len(cand_seeds)] if several else None,
+            seeds_ci_low=None if over_seeds is None else over_seeds[0],
+            seeds_ci_high=None if over_seeds is None else over_seeds[1],
         ))
 
     regressions = [t.task for t in comparisons if t.verdict == "regression"]
