@@ -463,6 +463,9 @@ def main() -> None:
                              "default recipes, see CANDIDATE_ARMS)")
     parser.add_argument("--out", default="/tmp/embedkit-bench-tune", help="work folder (models, caches)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--record", type=Path,
+                        help="also write a record (bench/record.py) of the figures a README may quote: per data set "
+                             "the base model, each arm's per-seed nDCG@10, mean, sd and steps, every verdict")
     parser.add_argument("--queries", type=int,
                         help="few labels: train every arm on a seeded sample of this many training queries (e.g. 100)")
     parser.add_argument("--subsamples", default="1",
@@ -593,6 +596,28 @@ def main() -> None:
         write_json()
     summary(results)
     write_json()
+    if args.record:
+        from record import write_record  # bench/record.py (bench/ is on sys.path: this is a script)
+
+        write_record(args.record, record_values(results), command=" ".join(["bench/bench_tune.py", *sys.argv[1:]]))
+        print(f"record: {args.record}")
+
+
+def record_values(results: dict) -> dict:
+    """The figures of `results` a README may quote, without the runs' recipes and logs (those stay in --json)."""
+    values = {k: results[k] for k in ("budget", "seeds", "arms", "queries", "smoke", "max_steps")}
+    values["datasets"] = {}
+    for name, row in results["datasets"].items():
+        t = row["tune"]
+        out = {"base": row["base"]["ndcg_at_10"], "verdicts": row["verdicts"],
+               "tune": {k: t.get(k) for k in ("trial_states", "search_seconds", "best_trial", "dev", "changes")}}
+        for arm in results["arms"]:
+            runs = row[arm]["runs"]
+            out[arm] = {"per_seed": [r["ndcg_at_10"] for r in runs], "mean": row[arm]["ndcg_at_10"],
+                        "sd": row[arm]["ndcg_at_10_sd"], "steps": [r["steps"] for r in runs],
+                        **({"settings": runs[0]["settings"]} if "settings" in runs[0] else {})}
+        values["datasets"][name] = out
+    return values
 
 
 def summary(results: dict) -> None:

@@ -106,3 +106,23 @@ def test_st_seeds_draw_batch_orders_of_their_own(recipe):
              for seed in (42, 43, 44) for e in range(epochs)]
     assert len(set(drawn)) == len(drawn)
 
+
+
+def test_the_record_keeps_every_seed_and_verdict_but_not_the_recipes():
+    # Bugs caught: a record holding only means (the README quotes per-seed spreads and intervals), or carrying the
+    # runs' full recipes and logs (megabytes of provenance that --json already keeps).
+    run = {"ndcg_at_10": 0.85, "steps": 12, "recipe": {"model": {"name": "minilm"}}}
+    results = {"budget": "15m", "seeds": [1, 2], "arms": ["st", "st-schedule"], "queries": 100, "smoke": False,
+               "max_steps": None, "datasets": {"medquad-q100-sub1": {
+                   "tune": {"tuned_recipe": None, "trial_states": [], "skipped": True}, "base": {"ndcg_at_10": 0.8},
+                   "verdicts": {"st-schedule_vs_st": {"difference": -0.01, "over_seeds": {"ci_low": -0.02}}},
+                   "st": {"runs": [{**run, "settings": {"seed": 1000}}, {**run, "ndcg_at_10": 0.86,
+                                                                         "settings": {"seed": 2000}}],
+                          "ndcg_at_10": 0.855, "ndcg_at_10_sd": 0.007},
+                   "st-schedule": {"runs": [run, {**run, "ndcg_at_10": 0.84}], "ndcg_at_10": 0.845,
+                                   "ndcg_at_10_sd": 0.007}}}}
+    values = bench_tune.record_values(results)
+    row = values["datasets"]["medquad-q100-sub1"]
+    assert row["st"]["per_seed"] == [0.85, 0.86] and row["st-schedule"]["steps"] == [12, 12]
+    assert row["verdicts"]["st-schedule_vs_st"]["over_seeds"]["ci_low"] == -0.02 and row["base"] == 0.8
+    assert "recipe" not in json.dumps(values)
