@@ -15,7 +15,8 @@ Per data set (MiniLM, recipes/minilm-<dataset>.yaml, 2 threads):
      arguments (lr 5e-5, 3 epochs, no warmup, no weight decay), except the batch size (the recipe's 32: in-batch
      negatives are the loss's whole point, and ST's default of 8 leaves 7), the NO_DUPLICATES batch sampler ST's
      documentation recommends for that loss, and the recipe's attention dropout (0; hidden dropout stays 0.1 on both
-     sides, as in bench_train.py); same pairs, same max length (256), same threads;
+     sides, as in bench_train.py); same pairs, same max length (256), same threads; the trainer's seed is the
+     bench seed x 1000 (st_seed: ST's sampler seeds epoch e with seed + e, so nearby seeds would share epoch orders);
    - st-mined: the compute-matched peer. sentence-transformers' own `util.mine_hard_negatives` (FAISS, the base model,
      the tuned recipe's rank window, negatives count, sampling and relative margin, from the same pool: the BEIR
      corpus of a `beir:` training set, else the training positives), then the same trainer for the tuned recipe's
