@@ -370,7 +370,11 @@ def test_several_seeds_are_averaged_and_get_an_interval_over_the_seeds():
     c_values = [float(np.mean(base + o)) for o in c_offsets]
     welch = stats.ttest_ind(c_values, b_values, equal_var=False).confidence_interval(0.95)
     assert (task.seeds_ci_low, task.seeds_ci_high) == pytest.approx((welch.low, welch.high), abs=1e-9)
-    assert seed_interval([0.8], [0.9, 0.91]) is None  # one seed on a side: no spread to estimate
+    # one report on a side is a fixed model (the base model): the other side's one-sample t interval
+    one_sample = stats.ttest_1samp(c_values, b_values[0]).confidence_interval(0.95)
+    got = seed_interval(b_values[:1], c_values)
+    assert got == pytest.approx((one_sample.low - b_values[0], one_sample.high - b_values[0]), abs=1e-9)
+    assert seed_interval([0.8], [0.9]) is None  # no side with two seeds: no spread to estimate
     assert "over the seeds" in "\n".join(result.summary_lines())
 
 
