@@ -416,21 +416,11 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def seed_interval(baseline: list[float], candidate: list[float]) -> dict:
-    """`embedkit compare`'s interval over the seeds (Welch's t on per-seed nDCG@10; see embedkit.eval.compare for
-    why it sits beside the per-query one), as a record."""
-    from embedkit.eval.compare import seed_interval as welch
-
-    diff = statistics.fmean(candidate) - statistics.fmean(baseline)
-    interval = welch(baseline, candidate)
-    return {"difference": diff, "ci_low": None if interval is None else interval[0],
-            "ci_high": None if interval is None else interval[1], "seeds": [len(baseline), len(candidate)],
-            "method": "Welch t over per-seed nDCG@10, 95% interval" if interval else "too few seeds for an interval"}
-
-
-def verdict_between(baseline: dict, candidate: dict, name_b: str, name_c: str, seed: int) -> dict:
+def verdict_between(baseline: dict | list[dict], candidate: dict | list[dict], name_b: str, name_c: str,
+                    seed: int) -> dict:
     """`embedkit compare` of the seed-averaged per-query scores: difference, 95% interval, p(improvement), and the
-    default gate's verdict at a 0.01 margin."""
+    default gate's verdict at a 0.01 margin. Given each side's per-seed reports (lists of 2 or more), also
+    compare's interval over the seeds (Welch's t; see embedkit.eval.compare for why it sits beside the other)."""
     from embedkit.eval.compare import compare
 
     gate = compare(baseline, candidate, max_drop=0.01, seed=seed)
@@ -438,9 +428,14 @@ def verdict_between(baseline: dict, candidate: dict, name_b: str, name_c: str, s
     print(f"  embedkit compare, {name_c} vs {name_b} (per-query nDCG@10 averaged over the seeds):")
     for line in gate.summary_lines():
         print(f"    {line}")
-    return {"difference": task.difference, "ci_low": task.ci_low, "ci_high": task.ci_high,
-            "p_improvement": task.p_improvement, "p_drop_beyond_0.01": task.p_value, "verdict": task.verdict,
-            "exit_code": gate.exit_code}
+    out = {"difference": task.difference, "ci_low": task.ci_low, "ci_high": task.ci_high,
+           "p_improvement": task.p_improvement, "p_drop_beyond_0.01": task.p_value, "verdict": task.verdict,
+           "exit_code": gate.exit_code}
+    if task.seeds is not None and min(task.seeds) > 1:
+        out["over_seeds"] = {"difference": task.difference, "ci_low": task.seeds_ci_low,
+                             "ci_high": task.seeds_ci_high, "seeds": task.seeds,
+                             "method": "Welch t over per-seed nDCG@10, 95% interval"}
+    return out
 
 
 def main() -> None:

@@ -403,18 +403,12 @@ def seed_mean_report(reports: list[dict]) -> dict:
     return mean_report(reports)
 
 
-def verdict(baseline: dict, candidate: dict, name_b: str, name_c: str, seed_scores: tuple[list, list] = ()) -> dict:
-    """`embedkit compare` over the queries (seed-averaged models), plus the interval over the seeds when their
-    scores are given (bench_train.seed_interval: the training run's own noise, which the first one leaves out)."""
-    from bench_train import seed_interval, verdict_between
+def verdict(baseline: dict | list[dict], candidate: dict | list[dict], name_b: str, name_c: str) -> dict:
+    """`embedkit compare` between two arms: over the queries of the seed-averaged models, and, given each arm's
+    per-seed reports, over the seeds too (the training run's own noise, which the first one leaves out)."""
+    from bench_train import verdict_between
 
-    out = verdict_between(baseline, candidate, name_b, name_c, seed=0)
-    if seed_scores:
-        out["over_seeds"] = s = seed_interval(*seed_scores)
-        if s["ci_low"] is not None:
-            print(f"    over the seeds ({s['method']}, {s['seeds'][0]} vs {s['seeds'][1]} seeds): "
-                  f"{s['difference']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]")
-    return out
+    return verdict_between(baseline, candidate, name_b, name_c, seed=0)
 
 
 def tune_dataset(dataset: str, data_root: str, work: Path, budget: str, resume: bool = False, *,
@@ -579,20 +573,14 @@ def main() -> None:
             row[arm] = {"runs": runs, "ndcg_at_10": statistics.fmean(scores),
                         "ndcg_at_10_sd": statistics.stdev(scores) if len(scores) > 1 else 0.0}
             write_json()
-        means = {arm: seed_mean_report(reports[arm]) for arm in arms}
-        means["base"] = base
+        sides: dict[str, dict | list[dict]] = {**reports, "base": base}  # each arm's per-seed reports
         row["verdicts"] = {}
-        def seed_scores(a: str, b: str) -> tuple[list, list]:
-            return () if "base" in (a, b) else ([r["ndcg_at_10"] for r in row[a]["runs"]],
-                                                [r["ndcg_at_10"] for r in row[b]["runs"]])
-
-        for other in [a for a in ("default", "st", "st-mined", "base") if a in means and "tuned" in means]:
-            row["verdicts"][f"tuned_vs_{other}"] = verdict(means[other], means["tuned"], LABELS[other], "tuned",
-                                                           seed_scores(other, "tuned"))
-        for candidate in [c for c in CANDIDATE_ARMS if c in means]:
-            for other in [a for a in ("default", "st") if a in means]:
-                row["verdicts"][f"{candidate}_vs_{other}"] = verdict(means[other], means[candidate], LABELS[other],
-                                                                     LABELS[candidate], seed_scores(other, candidate))
+        for other in [a for a in ("default", "st", "st-mined", "base") if a in sides and "tuned" in sides]:
+            row["verdicts"][f"tuned_vs_{other}"] = verdict(sides[other], sides["tuned"], LABELS[other], "tuned")
+        for candidate in [c for c in CANDIDATE_ARMS if c in sides]:
+            for other in [a for a in ("default", "st") if a in sides]:
+                row["verdicts"][f"{candidate}_vs_{other}"] = verdict(sides[other], sides[candidate], LABELS[other],
+                                                                     LABELS[candidate])
         results["datasets"][name] = row
         write_json()
     summary(results)
