@@ -86,7 +86,7 @@ def real_vectors(args) -> None:
     index = RagIndex.load(args.rag_index)
     assert index.index_type == "flat", "--rag-index must be a flat index (its vectors are the reference)"
     ids = np.array(sorted(index.store.doc_ids(range(index.manifest["index"]["next_id"]))), dtype=np.int64)
-    docs = index.faiss_index.reconstruct_batch(ids)
+    docs = index.vectors.reconstruct(ids)
     doc_id = index.store.doc_ids(ids.tolist())
     data = load_beir(args.beir, "test")
     qids = data.judged_query_ids()
@@ -100,7 +100,7 @@ def real_vectors(args) -> None:
     build_s = time.perf_counter() - t0
     result = {"documents": len(ids), "queries": len(qids), "hnsw_build_s": round(build_s, 2)}
     found = {}
-    for name, idx, p in (("flat", index.faiss_index, None),
+    for name, idx, p in (("flat", index.vectors.index, None),
                          ("hnsw", hnsw, faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH))):
         times, rows = [], []
         for q in queries:

@@ -93,6 +93,11 @@ def read_corpus(path: Path) -> dict[str, dict]:
             "title": string_field(obj, "title", path, line, required=False),
             "text": string_field(obj, "text", path, line),
         }
+        if obj.get("metadata") is not None:  # optional; `rag` stores it and filters on it (--filter)
+            if not isinstance(obj["metadata"], dict):
+                raise DataError("'metadata' must be an object ({\"key\": value, ...})", path=path, line=line,
+                                field="metadata")
+            corpus[doc_id]["metadata"] = obj["metadata"]
     return corpus
 
 

@@ -9,12 +9,16 @@ A folder of .txt / .md files (a folder without corpus.jsonl) is cut into passage
 paragraphs (blank-line separated) packed up to `CHUNK_WORDS` words, a longer paragraph cut into word windows, so a
 passage stays within what a small encoder reads (MiniLM: 256 tokens, about 190 English words). In a .md file a
 heading line (`# ...`) starts a new passage and becomes the title of the passages under it.
+
+A document may carry metadata (a JSON object: the `metadata` of a corpus.jsonl row or of a dict row), which
+`rag` stores beside it and filters on (`--filter 'source == "manual"'`); it is not embedded and not part of the
+corpus hash.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -32,6 +36,7 @@ class Document:
     doc_id: str
     title: str
     text: str
+    metadata: Mapping[str, Any] | None = field(default=None, hash=False)
 
     @property
     def embed_text(self) -> str:
@@ -56,7 +61,8 @@ def load_documents(corpus: Any) -> list[Document]:
     """
     if isinstance(corpus, BeirDataset):
         ids = list(corpus.corpus)
-        return [Document(i, corpus.corpus[i]["title"], corpus.corpus[i]["text"]) for i in ids]
+        return [Document(i, corpus.corpus[i]["title"], corpus.corpus[i]["text"], corpus.corpus[i].get("metadata"))
+                for i in ids]
     if isinstance(corpus, (str, Path)):
         return _documents_from_path(Path(corpus))
     if isinstance(corpus, Mapping):
@@ -159,7 +165,7 @@ def _documents_from_path(path: Path) -> list[Document]:
         rows = read_corpus(path)  # validates ids, duplicates and fields, naming file and line
         if not rows:
             raise DataError("no documents in corpus file", path=path)
-        return [Document(doc_id, row["title"], row["text"]) for doc_id, row in rows.items()]
+        return [Document(doc_id, row["title"], row["text"], row.get("metadata")) for doc_id, row in rows.items()]
     if path.suffix == ".txt":
         return read_txt_corpus(path)
     raise DataError("unsupported corpus file: use a BEIR folder, a .jsonl ({\"_id\", \"title\", \"text\"}), a "
@@ -181,7 +187,10 @@ def _document_from_row(doc_id: str | None, row: Any) -> Document:
         raise DataError(f"document {doc_id!r}: 'text' must be a string", field="text")
     if not isinstance(title, str):
         raise DataError(f"document {doc_id!r}: 'title' must be a string", field="title")
-    return Document(str(doc_id), title, text)
+    metadata = row.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise DataError(f"document {doc_id!r}: 'metadata' must be a dict", field="metadata")
+    return Document(str(doc_id), title, text, dict(metadata) if metadata is not None else None)
 
 
 def _check_unique(docs: list[Document]) -> None:

@@ -20,12 +20,13 @@ from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_B
                              RDZV_ID_OPTION, processes)
 from embedkit.logs import quieten
 from embedkit.manifest import base_manifest, device_fields, sha256_texts
+from embedkit.rag.filters import parse_filter
 
 log = logging.getLogger(__name__)
 
 rag_app = typer.Typer(
-    help="Retrieval-augmented generation: a FAISS index over your corpus, searched, evaluated and served as a web "
-         "page.\n\nExample: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/rag && "
+    help="Retrieval-augmented generation: a vector index (FAISS, or Milvus with --store milvus) over your corpus, "
+         "searched, evaluated and served as a web page.\n\nExample: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/rag && "
          "embedkit rag query runs/rag \"does vitamin D prevent fractures?\"",
     no_args_is_help=True,
 )
@@ -39,6 +40,9 @@ _DEVICE_OPTION = typer.Option("auto", "--device", help=f"Where the embedding mod
 _RERANK_HELP = ("A reranker (cross-encoder folder from 'embedkit train' with task: rerank, or a sentence-transformers "
                 "CrossEncoder) that orders the first stage's top --rerank-top documents, as 'embedkit eval --rerank' "
                 "does; results then show its score (0..1).")
+_FILTER_HELP = ("Only documents whose metadata (the 'metadata' object of corpus.jsonl rows) passes this filter, e.g. "
+                "'source == \"manual\" and year >= 2020' (== != < <= > >=, in [...], and / or / not; Milvus's "
+                "syntax, on either store).")
 # embedkit eval's default (eval.runner.DEFAULT_TOP_K, not imported: it would load numpy for `embedkit --help`), so
 # `rag eval --rerank` and `embedkit eval --rerank` agree by default
 _RERANK_TOP = 100
@@ -64,6 +68,18 @@ def index_command(
                                                                    "eval runner's, which keeps rag eval == eval)."),
     bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Also build the BM25 part for --hybrid (when bm25s is "
                                                              "installed)."),
+    store: str = typer.Option(
+        "faiss", "--store",
+        help="Where the vectors live: 'faiss' (index.faiss in the folder) or 'milvus' (a Milvus Lite file in the "
+             "folder, or a Milvus server with --milvus-uri; needs the milvus extra). Flat and HNSW on both; IVF on "
+             "FAISS only."),
+    milvus_uri: Optional[str] = typer.Option(
+        None, "--milvus-uri",
+        help="--store milvus: a Milvus server (http://host:19530; token from $MILVUS_TOKEN) or a Milvus Lite .db "
+             "path outside the folder, instead of the Lite file inside it. Add and delete then change its "
+             "collection in place."),
+    milvus_collection: Optional[str] = typer.Option(
+        None, "--milvus-collection", help="--milvus-uri: the collection (default embedkit_rag_<output folder name>)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
     device: str = _DEVICE_OPTION,
     nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
@@ -73,21 +89,30 @@ def index_command(
     rdzv_backend: str = RDZV_BACKEND_OPTION,
     rdzv_id: str = RDZV_ID_OPTION,
 ) -> None:
-    """Embed a corpus and write a RAG index folder: FAISS index, document store (SQLite), BM25, manifest.
+    """Embed a corpus and write a RAG index folder: vectors (FAISS or Milvus), document store (SQLite), BM25, manifest.
 
     The manifest records the model fingerprint (queries with another model are refused), the corpus hash, the index
     type and the counts. Documents can be added and deleted later without a rebuild (embedkit rag add / delete).
     --nproc N encodes the corpus in N processes (torch.distributed: gloo on the CPU, nccl with one GPU each); the
     first builds and writes the index, identical to a one-process build.
 
-    Example: embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
+    Metadata of corpus.jsonl rows ("metadata": {...}) is stored and can be filtered on (--filter).
+
+    Examples:
+
+      embedkit rag index --model minilm --corpus ../shared/data/scifact --output runs/scifact-index
+
+      embedkit rag index --model minilm --corpus docs.jsonl --output runs/docs-index --store milvus
     """
     from embedkit.models import load_model
     from embedkit.data.documents import load_documents
     from embedkit.rag.bm25 import bm25_available
-    from embedkit.rag.index import build_index, choose_index_type
+    from embedkit.rag.index import build_index, check_store_index_type, choose_index_type
 
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
+    check_store_index_type(store, index_type)
+    if store != "milvus" and (milvus_uri or milvus_collection):
+        raise ConfigError("--milvus-uri and --milvus-collection need --store milvus", field="store")
     docs = load_documents(corpus)
     if quiet:
         quieten()
@@ -98,12 +123,14 @@ def index_command(
         with procs.shard(encoder):
             index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
                                 batch_size=batch_size, bm25=bm25 and bm25_available(), progress=True, source=corpus,
-                                write=procs.is_main)
+                                write=procs.is_main, store=store, milvus_uri=milvus_uri,
+                                milvus_collection=milvus_collection)
     if index is None:
         return
     info = index.describe()
     build = index.manifest.get("build", {})
-    typer.echo(f"indexed {info['documents']} documents into {output} ({info['type']} index, {info['dim']}-d, "
+    typer.echo(f"indexed {info['documents']} documents into {output} ({info['vector_store']} {info['type']} index, "
+               f"{info['dim']}-d, "
                f"bm25 {'yes' if info['bm25'] else 'no'}; encode {build.get('encode_s', 0):.1f}s, index "
                f"{build.get('index_s', 0):.1f}s; model {info['model']}, fingerprint {info['fingerprint'][:12]})")
 
@@ -167,6 +194,7 @@ def query_command(
     rerank: Optional[str] = typer.Option(None, "--rerank", help=_RERANK_HELP),
     rerank_top: int = typer.Option(_RERANK_TOP, "--rerank-top", min=1,
                                    help="Documents the first stage retrieves for the reranker (at least -k)."),
+    filter: Optional[str] = typer.Option(None, "--filter", help=_FILTER_HELP),
     device: str = typer.Option("auto", "--device", help=f"Where the models run: {DEVICE_HELP}"),
 ) -> None:
     """Search an index and print the top-k documents with their scores.
@@ -176,10 +204,13 @@ def query_command(
       embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" -k 5 --hybrid
 
       embedkit rag query runs/scifact-index "does vitamin D prevent fractures?" --rerank runs/my-reranker
+
+      embedkit rag query runs/docs-index "how do I reset it?" --filter 'source == "manual"'
     """
     from embedkit.rag.index import RagIndex, check_queries, check_rerank_top, load_index_encoder
 
     check_queries([question])  # an empty query fails before the model loads
+    flt = parse_filter(filter)
     if rerank is not None:
         check_rerank_top(rerank_top, k)
     target = resolve_device(device)
@@ -187,7 +218,7 @@ def query_command(
     reranker = _load_reranker(rerank, target)
     encoder = load_index_encoder(index, model, device=target)
     hits = index.search(encoder, question, k=k, hybrid=hybrid, hybrid_weight=hybrid_weight, reranker=reranker,
-                        rerank_top=rerank_top)
+                        rerank_top=rerank_top, filter=flt)
     if json_output:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
@@ -222,12 +253,14 @@ def eval_command(
     rerank_top: int = typer.Option(_RERANK_TOP, "--rerank-top", min=1,
                                    help="Documents per query the reranker orders (at most the largest of 100 and "
                                         "--k-values)."),
+    filter: Optional[str] = typer.Option(None, "--filter", help=_FILTER_HELP + " Judged documents it excludes count "
+                                                                               "as not found."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress messages."),
     device: str = typer.Option("auto", "--device", help=f"Where the models run: {DEVICE_HELP}"),
 ) -> None:
     """Evaluate retrieval through the index: Recall@k, nDCG@10, MRR@10, MAP@100, and latency per query.
 
-    On an exact (flat) index of a BEIR corpus, nDCG@10 equals `embedkit eval` on the same folder and model, and
+    On an exact (flat) index of a BEIR corpus, FAISS or Milvus, nDCG@10 equals `embedkit eval` on the same folder and model, and
     with --rerank every query's values equal `embedkit eval --rerank`'s (same --rerank-top). Latency is measured
     per single query (encode + search + fetch, + rerank), median and p95.
 
@@ -248,6 +281,7 @@ def eval_command(
     except ValueError:
         raise ConfigError(f"--k-values must be integers separated by commas, not {k_values!r}",
                           field="k-values") from None
+    flt = parse_filter(filter)
     target = resolve_device(device)
     index = RagIndex.load(index_path)
     query_texts, judgments = _read_eval_data(index, beir, split, queries, qrels)
@@ -258,7 +292,7 @@ def eval_command(
     encoder = load_index_encoder(index, model, device=target)
     result = evaluate_index(index, encoder, query_texts, judgments, ks, hybrid=hybrid,
                             hybrid_weight=hybrid_weight, batch_size=batch_size, latency_queries=latency_queries,
-                            progress=True, reranker=reranker, rerank_top=rerank_top)
+                            progress=True, reranker=reranker, rerank_top=rerank_top, filter=flt)
     synthetic = synthetic_marker(beir if beir is not None else queries.parent if queries is not None else None)
     if synthetic is not None:  # generated queries (embedkit synth --eval): the report and the output say so
         result["synthetic"] = synthetic
@@ -269,8 +303,10 @@ def eval_command(
     if reranker is not None:
         mode += (f", reranked by {rerank} (top {rerank_top}; first stage ndcg_at_10 "
                  f"{result['first_stage']['metrics']['ndcg_at_10']:.4f})")
+    if flt is not None:
+        mode += f", filter {flt.text}"
     typer.echo(f"{result['batch']['queries']} queries, {result['index']['documents']} documents, "
-               f"{result['index']['type']} index, {mode}")
+               f"{result['index']['vector_store']} {result['index']['type']} index, {mode}")
     if synthetic is not None:
         typer.echo(synthetic_note(synthetic))
     typer.echo(f"{'ndcg_at_10':<14} {m['ndcg_at_10']:.4f}")
@@ -328,6 +364,8 @@ def web_command(
     rerank_top: int = typer.Option(_RERANK_TOP, "--rerank-top", min=1,
                                    help="Documents the first stage retrieves for the reranker (raised to a request's "
                                         "k when that is larger)."),
+    filter: Optional[str] = typer.Option(None, "--filter", help=_FILTER_HELP + " The default of the page and the "
+                                                                               "API (a request's filter= replaces it)."),
     device: str = typer.Option("auto", "--device",
                                help=f"Where the embedding model, the reranker and the generator run: {DEVICE_HELP}"),
 ) -> None:
@@ -336,7 +374,7 @@ def web_command(
     Results show their scores with the query terms highlighted; when a generative head is available (--generator,
     or the index's own model) an answer citing the passages [1], [2] ... is shown above them. With --rerank the
     reranker orders the results (and so the passages the answer is written from) and its score is shown. Also
-    GET /api/search?q=...&k=5 (JSON; an empty q is a 400) and GET /health. When `rag add` / `rag delete` swap in a
+    GET /api/search?q=...&k=5[&filter=...] (JSON; an empty q or a bad filter is a 400) and GET /health. When `rag add` / `rag delete` swap in a
     new index folder, the next request loads it: deleted documents are never served.
 
     Example: embedkit rag web runs/scifact-index --port 8080   then open http://127.0.0.1:8080/?q=vitamin+D
@@ -344,6 +382,7 @@ def web_command(
     from embedkit.rag.index import RagIndex, load_index_encoder
     from embedkit.rag.web import serve_web
 
+    flt = parse_filter(filter)
     target = resolve_device(device)
     index = RagIndex.load(index_path)
     reranker = _load_reranker(rerank, target)
@@ -354,7 +393,7 @@ def web_command(
              f", reranked by {rerank}" if reranker is not None else "")
     serve_web(index, encoder, host=host, port=port, answerer=answerer, default_k=k, hybrid=hybrid,
               hybrid_weight=hybrid_weight, answer_passages=answer_passages, reranker=reranker,
-              rerank_top=rerank_top)
+              rerank_top=rerank_top, filter=flt.text if flt is not None else None)
 
 
 def _load_reranker(rerank: str | None, device):

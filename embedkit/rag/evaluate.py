@@ -1,7 +1,7 @@
 """`rag eval`: retrieval quality of an index (through embedkit.eval.metrics / pytrec_eval) and query latency.
 
 Quality: all judged queries are encoded in one `encode` call with the eval runner's batch size and searched in
-one FAISS call, so on an exact (flat) index built from the same corpus the run equals `embedkit eval`'s and so
+one vector-store call, so on an exact (flat) index, FAISS or Milvus, built from the same corpus the run equals `embedkit eval`'s and so
 does nDCG@10. Latency: each query again on its own, as a user would send it (encode one query + search), timed
 end to end; median and p95 over the queries.
 
@@ -22,6 +22,7 @@ import numpy as np
 from embedkit.errors import ConfigError, DataError
 from embedkit.eval.metrics import retrieval_metrics, trec_order
 from embedkit.eval.runner import DEFAULT_TOP_K, rerank_run
+from embedkit.rag.filters import parse_filter
 from embedkit.rag.index import DEFAULT_BATCH_SIZE, RagIndex, encode_texts, rerank_ranked
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def evaluate_index(
     progress: bool = False,
     reranker=None,
     rerank_top: int = DEFAULT_TOP_K,
+    filter: str | None = None,
 ) -> dict[str, Any]:
     """Recall@k (k_values), nDCG@10, MRR@10, MAP@100 of the index's ranking, and per-query latency.
 
@@ -69,6 +71,7 @@ def evaluate_index(
     latency_queries: time only the first N of them (None: all; 0: skip the latency pass). progress: log the steps
     at INFO rather than DEBUG. reranker: a second stage over each query's first `rerank_top` documents (at most
     the depth searched, max(k_values, 100)); the metrics and per-query values are then the two-stage ones.
+    filter: retrieve only documents whose metadata passes it (judged documents it excludes count as not found).
     """
     level = logging.INFO if progress else logging.DEBUG
     k_values = sorted({int(k) for k in k_values})
@@ -82,6 +85,7 @@ def evaluate_index(
     qids = list(judged)
     if not qids:
         raise DataError("no judged queries to evaluate")
+    flt = parse_filter(filter)  # a bad filter fails before anything is encoded
     index.check_encoder(encoder)
     texts = [queries[q] for q in qids]
     top_k = max(max(k_values), DEFAULT_TOP_K)  # 100: recall@100 and MAP@100, as `embedkit eval`
@@ -94,7 +98,7 @@ def evaluate_index(
     t0 = time.perf_counter()
     query_emb = encode_texts(encoder, texts, "query", batch_size)
     t1 = time.perf_counter()
-    ranked = index.rank(texts, query_emb, top_k, hybrid=hybrid, hybrid_weight=hybrid_weight)
+    ranked = index.rank(texts, query_emb, top_k, hybrid=hybrid, hybrid_weight=hybrid_weight, filter=flt)
     t2 = time.perf_counter()
     doc_ids = index.store.doc_ids({i for row in ranked for i, *_ in row})
     run = {q: {doc_ids[i]: score for i, score, *_ in row if i in doc_ids} for q, row in zip(qids, ranked)}
@@ -118,12 +122,12 @@ def evaluate_index(
     if n_latency:
         log.log(level, "timing %d single queries", n_latency)
         index.search(encoder, texts[0], k=latency_k, hybrid=hybrid, hybrid_weight=hybrid_weight,
-                     reranker=reranker, rerank_top=latency_depth)  # warm-up
+                     reranker=reranker, rerank_top=latency_depth, filter=flt)  # warm-up
     for text in texts[:n_latency]:
         s0 = time.perf_counter()
         emb = encode_texts(encoder, [text], "query", batch_size)
         s1 = time.perf_counter()
-        ranked_one = index.rank([text], emb, latency_depth, hybrid=hybrid, hybrid_weight=hybrid_weight)
+        ranked_one = index.rank([text], emb, latency_depth, hybrid=hybrid, hybrid_weight=hybrid_weight, filter=flt)
         docs = index.store.get(i for i, *_ in ranked_one[0])  # fetching the passages is part of answering a query
         s2 = time.perf_counter()
         if reranker is not None:
@@ -139,7 +143,8 @@ def evaluate_index(
                "mean_ms": float(np.mean(total)) if total else float("nan"),
                "encode_median_ms": _percentile(encode, 50), "search_median_ms": _percentile(search, 50),
                "search_p95_ms": _percentile(search, 95)}
-    retrieval: dict[str, Any] = {"hybrid": hybrid, "hybrid_weight": hybrid_weight if hybrid else None}
+    retrieval: dict[str, Any] = {"hybrid": hybrid, "hybrid_weight": hybrid_weight if hybrid else None,
+                                 "filter": flt.text if flt is not None else None}
     result: dict[str, Any] = {
         "metrics": metrics,
         "latency": latency,

@@ -1,9 +1,14 @@
-"""A RAG index: FAISS vectors + a SQLite document store + (optionally) BM25, in one folder with a manifest.
+"""A RAG index: vectors (FAISS or Milvus) + a SQLite document store + (optionally) BM25, in one folder with a manifest.
 
-    <index>/index.faiss            FAISS index; vector ids are the store's integer ids
-    <index>/documents.sqlite       id -> (doc_id, title, text); HNSW tombstones
+    <index>/index.faiss            FAISS index (the default store); vector ids are the document store's integer ids
+    <index>/vectors.milvus.db      or: a Milvus Lite file (`--store milvus`; with `--milvus-uri` a Milvus server)
+    <index>/documents.sqlite       id -> (doc_id, title, text, metadata); HNSW tombstones
     <index>/bm25/                  bm25s index and the FAISS id of each of its rows (when bm25s is installed)
     <index>/embedkit_manifest.json model fingerprint, corpus hash, index type and parameters, counts
+
+The vectors live in a vector store (`embedkit.rag.vectors`: FAISS or Milvus, recorded in the manifest as
+`index.vector_store`); documents, metadata and BM25 live here for every store, so both stores answer the same
+searches, hybrid and reranked ones included, and take the same metadata filters (`embedkit.rag.filters`).
 
 Index types: "flat" is exact inner product (cosine: vectors are L2-normalised); "hnsw" (graph, approximate, fast
 on large corpora) and "ivf" (inverted lists, approximate) trade a little recall for speed. "auto" picks flat below
@@ -14,9 +19,10 @@ top `rerank_top` documents and `embedkit.eval.runner.rerank_run`, the routine `e
 them, so a query, `rag eval` and `embedkit eval` rank with the same pairs and the same scores.
 
 Adding and deleting documents never re-encodes the corpus: new documents are encoded and added, deleted ones are
-removed from flat/IVF indexes, and tombstoned in HNSW graphs (which cannot drop a node) and filtered out at
-search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and swaps it in
-(`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix. Writers take
+removed from flat/IVF indexes and from Milvus, and tombstoned in FAISS HNSW graphs (which cannot drop a node) and
+filtered out at search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and
+swaps it in (`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix (a
+Milvus server's collection, which is not in the folder, is changed in place: see `vectors/milvus_store.py`). Writers take
 a lock file beside the folder (`.NAME.lock`); the next writer removes the temporary folders of killed runs
 (`.NAME.XXXXXXXX.tmp`) under it. A long-lived reader (`rag web`) notices a swap with `changed_on_disk()` (a few
 stat calls) and loads the new folder.
@@ -45,28 +51,21 @@ from embedkit.eval.runner import rerank_run
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
 from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
+from embedkit.rag.filters import Filter, parse_filter
 from embedkit.rag.store import STORE_NAME, DocumentStore
+from embedkit.rag.vectors import DEFAULT_STORE, STORES, VectorStore, store_class
+from embedkit.rag.vectors.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, INDEX_FILE  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
 MANIFEST_KIND = "rag_index"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
 # "auto": exact search of one 384-d query over 50k documents takes ~10 ms on one core (bench/bench_rag.py), so
 # below this HNSW's approximation buys little.
 HNSW_THRESHOLD = 50_000
-HNSW_M = 32  # graph degree: FAISS' usual choice for 384-1024-d text embeddings
-HNSW_EF_CONSTRUCTION = 200
-HNSW_EF_SEARCH = 128  # recall@10 0.999 of exact on SciFact/MiniLM (bench/bench_rag.py); raised to k when k is larger
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 HYBRID_DEPTH = 100  # candidates taken from each retriever before fusion
 DEFAULT_BATCH_SIZE = 32  # the eval runner's default: equal batches give bit-equal embeddings
-
-
-def _faiss():
-    import faiss
-
-    return faiss
 
 
 @dataclass
@@ -83,6 +82,7 @@ class Hit:
     dense_score: float | None = None
     bm25_score: float | None = None
     reranked: bool = False
+    metadata: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,28 +95,6 @@ def choose_index_type(n_documents: int, index_type: str = "auto", hnsw_threshold
     if index_type != "auto":
         return index_type
     return "flat" if n_documents < hnsw_threshold else "hnsw"
-
-
-def _new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    faiss = _faiss()
-    n, dim = vectors.shape
-    if kind == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {}
-    if kind == "hnsw":
-        graph = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        return faiss.IndexIDMap2(graph), {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
-                                          "ef_search": HNSW_EF_SEARCH}
-    # IVF: ~4 sqrt(n) lists, but at least 39 training points per list (FAISS warns below that).
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-    nprobe = min(nlist, max(8, nlist // 16))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.min_points_per_centroid = 1  # nlist <= n/39 already; this only silences the 1-list case of tiny corpora
-    index.train(vectors)
-    # IVF takes ids natively (no IDMap: IndexIDMap's removal assumes a compacting index); a hashtable direct map
-    # lets hybrid search reconstruct vectors by id and survives removals.
-    index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    return index, {"nlist": nlist, "nprobe": nprobe}
 
 
 def encode_texts(encoder, texts: list[str], kind: str, batch_size: int) -> np.ndarray:
@@ -140,6 +118,14 @@ def check_rerank_top(rerank_top: int, k: int) -> None:
     if rerank_top < k:
         raise ConfigError(f"rerank top ({rerank_top}) must be at least the number of results asked for ({k}): the "
                           "reranker orders every result shown", field="rerank-top")
+
+
+def check_store_index_type(store: str, index_type: str) -> None:
+    """Refuse an index type the vector store does not build (Milvus: no IVF), before anything is encoded."""
+    offered = store_class(store).index_types
+    if index_type not in offered and index_type != "auto":
+        raise ConfigError(f"the {store} store builds {', '.join(offered)} indexes, not {index_type!r}",
+                          field="index-type")
 
 
 def _model_record(encoder) -> dict[str, Any]:
@@ -200,13 +186,12 @@ def check_queries(queries: Sequence[str]) -> None:
 class RagIndex:
     """A loaded index. Searching is thread-safe; `add`/`delete` rewrite the folder and reload it."""
 
-    def __init__(self, path: Path, faiss_index, store: DocumentStore, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, vectors: VectorStore, store: DocumentStore, manifest: dict[str, Any]) -> None:
         self.path = Path(path)
-        self.faiss_index = faiss_index
+        self.vectors = vectors
         self.store = store
         self.manifest = manifest
         self._bm25: Bm25Index | None = None
-        self._tombstones = np.array(store.tombstones(), dtype=np.int64)
         self._disk_key: tuple[int, ...] | None = None  # set by load()
 
     # ------------------------------------------------------------------ loading
@@ -247,18 +232,33 @@ class RagIndex:
         for key in ("model", "index", "corpus"):
             if not isinstance(manifest.get(key), dict):
                 raise DataError("missing section", path=manifest_path, field=key)
-        if not (path / INDEX_FILE).is_file():
-            raise DataError("FAISS index file missing", path=path / INDEX_FILE)
-        faiss_index = _faiss().read_index(str(path / INDEX_FILE))
-        if faiss_index.ntotal != manifest["index"].get("vectors"):
-            raise DataError(f"index holds {faiss_index.ntotal} vectors, the manifest says "
-                            f"{manifest['index'].get('vectors')} (folder modified by hand?)", path=path / INDEX_FILE)
-        return cls(path, faiss_index, DocumentStore(path / STORE_NAME, readonly=True), manifest)
+        kind = manifest["index"].get("vector_store", "faiss")  # indexes from before Milvus are FAISS ones
+        if kind not in STORES:
+            raise DataError(f"unknown vector store {kind!r} (this embedkit knows {', '.join(STORES)})",
+                            path=manifest_path, field="vector_store")
+        store = DocumentStore(path / STORE_NAME, readonly=True)
+        try:
+            vectors = store_class(kind).open(path, manifest["index"], store)
+        except BaseException:
+            store.close()
+            raise
+        try:
+            vectors.check(manifest["index"], path)
+        except BaseException:
+            vectors.close()
+            store.close()
+            raise
+        return cls(path, vectors, store, manifest)
 
     def close(self) -> None:
+        self.vectors.close()
         self.store.close()
 
     # ------------------------------------------------------------------ properties
+    @property
+    def vector_store(self) -> str:
+        return self.manifest["index"].get("vector_store", "faiss")
+
     @property
     def index_type(self) -> str:
         return self.manifest["index"]["type"]
@@ -280,7 +280,8 @@ class RagIndex:
 
     def describe(self) -> dict[str, Any]:
         info = self.manifest["index"]
-        return {"path": str(self.path), "type": info["type"], "documents": info["documents"],
+        return {"path": str(self.path), "vector_store": self.vector_store, "type": info["type"],
+                "documents": info["documents"],
                 "vectors": info["vectors"], "tombstones": info["tombstones"], "dim": info["dim"],
                 "params": info.get("params", {}), "bm25": self.has_bm25, "model": self.manifest["model"].get("name"),
                 "fingerprint": self.model_fingerprint}
@@ -296,33 +297,14 @@ class RagIndex:
                 "with the same model or rebuild the index", path=self.path)
 
     # ------------------------------------------------------------------ search
-    def _search_params(self, k: int):
-        faiss = _faiss()
-        selector = None
-        if len(self._tombstones):
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._tombstones))
-        params_info = self.manifest["index"].get("params", {})
-        if self.index_type == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(params_info.get("ef_search", HNSW_EF_SEARCH), k))
-        elif self.index_type == "ivf":
-            params = faiss.SearchParametersIVF(nprobe=params_info.get("nprobe", 8))
-        else:
-            params = faiss.SearchParameters() if selector is not None else None
-        if selector is not None:
-            params.sel = selector
-        return params, selector  # the selector must outlive the search: SWIG keeps no reference to it
-
-    def search_vectors(self, query_emb: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Dense top-k per query as (faiss ids, inner products), best first; deleted documents never appear."""
+    def search_vectors(self, query_emb: np.ndarray, k: int, flt: Filter | str | None = None
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Dense top-k per query as (vector ids, inner products), best first; deleted documents never appear, nor
+        documents whose metadata fails the filter `flt`."""
         query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
         if query_emb.ndim != 2 or query_emb.shape[1] != self.dim:
             raise ModelError(f"query vectors have shape {query_emb.shape}, the index holds {self.dim}-d vectors")
-        k = max(1, min(int(k), self.faiss_index.ntotal))
-        if self.faiss_index.ntotal == 0:
-            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in query_emb]
-        params, _selector = self._search_params(k)
-        scores, ids = self.faiss_index.search(query_emb, k, params=params)
-        return [(row_ids[row_ids >= 0], row_scores[row_ids >= 0]) for row_ids, row_scores in zip(ids, scores)]
+        return self.vectors.search(query_emb, k, parse_filter(flt))
 
     @property
     def bm25(self) -> Bm25Index:
@@ -334,12 +316,20 @@ class RagIndex:
         return self._bm25
 
     def _reconstruct(self, ids: Sequence[int]) -> np.ndarray:
-        return self.faiss_index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+        return self.vectors.reconstruct(ids)
+
+    def _passing(self, ids: Sequence[int], flt: Filter | None) -> list[int]:
+        """The ids among `ids` whose documents pass `flt` (BM25 candidates: BM25 knows no metadata)."""
+        if flt is None:
+            return list(ids)
+        docs = self.store.get(ids)
+        return [i for i in ids if i in docs and flt.matches(docs[i].metadata)]
 
     def rank(self, query_texts: Sequence[str], query_emb: np.ndarray, k: int, *, hybrid: bool = False,
-             hybrid_weight: float = 0.5, depth: int = HYBRID_DEPTH
+             hybrid_weight: float = 0.5, depth: int = HYBRID_DEPTH, filter: Filter | str | None = None
              ) -> list[list[tuple[int, float, float | None, float | None]]]:
-        """Per query, up to k (faiss id, score, dense score, bm25 score), best first.
+        """Per query, up to k (vector id, score, dense score, bm25 score), best first; with `filter`, only
+        documents whose metadata passes it (both retrievers' candidates).
 
         Hybrid: weighted reciprocal rank fusion, score = (1-w)/(60+dense rank) + w/(60+BM25 rank), over the
         union of the top-`depth` (100) of each retriever. Dense scores of BM25-only candidates are computed exactly from
@@ -348,14 +338,19 @@ class RagIndex:
         """
         if not 0.0 <= hybrid_weight <= 1.0:
             raise ConfigError(f"hybrid weight must be between 0 and 1, not {hybrid_weight}", field="hybrid_weight")
+        flt = parse_filter(filter)
         if not hybrid:
             return [[(int(i), float(s), float(s), None) for i, s in _tie_sorted(ids, scores)]
-                    for ids, scores in self.search_vectors(query_emb, k)]
+                    for ids, scores in self.search_vectors(query_emb, k, flt)]
         depth = max(k, depth)
-        dense = self.search_vectors(query_emb, depth)
+        dense = self.search_vectors(query_emb, depth, flt)
         lexical = self.bm25.search(list(query_texts), depth)
         out = []
         for q, ((d_ids, d_scores), (b_ids, b_scores)) in enumerate(zip(dense, lexical)):
+            if flt is not None:
+                keep = set(self._passing([int(i) for i in b_ids], flt))
+                b_scores = [s for i, s in zip(b_ids, b_scores) if int(i) in keep]
+                b_ids = [i for i in b_ids if int(i) in keep]
             dense_score = {int(i): float(s) for i, s in zip(d_ids, d_scores)}
             extra = [int(i) for i in b_ids if int(i) not in dense_score]
             if extra:
@@ -375,14 +370,16 @@ class RagIndex:
 
     def search(self, encoder, query: str | Sequence[str], k: int = 5, *, hybrid: bool = False,
                hybrid_weight: float = 0.5, batch_size: int = DEFAULT_BATCH_SIZE, reranker=None,
-               rerank_top: int | None = None) -> list[Hit] | list[list[Hit]]:
+               rerank_top: int | None = None, filter: Filter | str | None = None) -> list[Hit] | list[list[Hit]]:
         """Top-k documents for a query (a list of Hits) or for each of several queries (a list of lists).
 
         reranker: order the first stage's top `rerank_top` (default: k; at least k) documents with it and return
-        the best k of them, scored by the reranker."""
+        the best k of them, scored by the reranker. filter: only documents whose metadata passes it
+        (`embedkit.rag.filters`, e.g. 'source == "manual" and year >= 2020')."""
         single = isinstance(query, str)
         queries = [query] if single else list(query)
         check_queries(queries)
+        flt = parse_filter(filter)
         if k < 1:
             raise ConfigError(f"k must be at least 1, not {k}", field="k")
         depth = k
@@ -391,13 +388,13 @@ class RagIndex:
             check_rerank_top(depth, k)
         self.check_encoder(encoder)
         query_emb = encode_texts(encoder, queries, "query", batch_size)
-        ranked = self.rank(queries, query_emb, depth, hybrid=hybrid, hybrid_weight=hybrid_weight)
+        ranked = self.rank(queries, query_emb, depth, hybrid=hybrid, hybrid_weight=hybrid_weight, filter=flt)
         docs = self.store.get({i for row in ranked for i, *_ in row})
         ranked = [[r for r in row if r[0] in docs] for row in ranked]
         if reranker is not None:
             ranked = rerank_ranked(reranker, queries, ranked, docs, k=k, batch_size=batch_size)
         results = [[Hit(rank, docs[i].doc_id, score, docs[i].title, docs[i].text, dense, lex,
-                        reranked=reranker is not None)
+                        reranked=reranker is not None, metadata=docs[i].metadata)
                     for rank, (i, score, dense, lex) in enumerate(row, start=1)]
                    for row in ranked]
         return results[0] if single else results
@@ -420,9 +417,9 @@ class RagIndex:
         start = int(self.manifest["index"]["next_id"])
         ids = np.arange(start, start + len(new), dtype=np.int64)
 
-        def change(index, store: DocumentStore) -> None:
-            index.add_with_ids(vectors, ids)
+        def change(store_vectors: VectorStore, store: DocumentStore) -> None:
             store.add(zip(ids.tolist(), new))
+            store_vectors.add(ids, vectors, [d.metadata for d in new])
 
         self._commit(change, op="add", count=len(new), next_id=start + len(new))
         return len(new)
@@ -438,45 +435,47 @@ class RagIndex:
         if not found:
             return 0
         ids = np.array(sorted(found.values()), dtype=np.int64)
-        tombstone = self.index_type == "hnsw"  # HNSW graphs cannot remove nodes
 
-        def change(index, store: DocumentStore) -> None:
-            if not tombstone:
-                index.remove_ids(ids)
+        def change(store_vectors: VectorStore, store: DocumentStore) -> None:
+            tombstone = store_vectors.remove(ids)  # FAISS HNSW graphs cannot remove nodes: tombstones
             store.delete(ids.tolist(), tombstone=tombstone)
 
         self._commit(change, op="delete", count=len(ids), next_id=int(self.manifest["index"]["next_id"]))
         return len(ids)
 
     def _commit(self, change, *, op: str, count: int, next_id: int) -> None:
-        """Apply `change` to a copy of the index and store, write a complete new folder, swap it in, reload."""
-        faiss = _faiss()
+        """Apply `change` to a copy of the vectors and the store, write a complete new folder, swap it in, reload.
+
+        (A vector store that is not in the folder, a Milvus server, is changed in place by `change`.)"""
         with _write_lock(self.path):
             on_disk = json.loads((self.path / MANIFEST_NAME).read_text())
             if (self._disk_key is not None and self.changed_on_disk()) or \
                     on_disk["index"].get("generation") != self.manifest["index"].get("generation"):
                 raise DataError("the index changed on disk since it was loaded (another writer?): load it again",
                                 path=self.path)
-            index = faiss.clone_index(self.faiss_index)  # the loaded index stays valid if anything below fails
             with atomic_dir(self.path) as tmp:
                 self.store.backup_to(tmp / STORE_NAME)
                 store = DocumentStore(tmp / STORE_NAME)
+                vectors = None
                 try:
-                    change(index, store)
+                    vectors = self.vectors.fork(tmp, store)  # the loaded index stays valid if anything fails
+                    change(vectors, store)
                     manifest = dict(self.manifest)
                     updates = list(manifest.get("updates", []))[-99:]  # bounded history
                     updates.append({"op": op, "documents": count,
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                     manifest["updates"] = updates
-                    _write_folder(tmp, index, store, manifest, next_id=next_id,
+                    _write_folder(tmp, vectors, store, manifest, next_id=next_id,
                                   generation=int(self.manifest["index"].get("generation", 0)) + 1,
                                   bm25=bool(self.manifest["index"].get("bm25")))
                 finally:
+                    if vectors is not None:
+                        vectors.close()
                     store.close()
-        self.store.close()
+        self.close()
         fresh = RagIndex.load(self.path)
-        self.faiss_index, self.store, self.manifest = fresh.faiss_index, fresh.store, fresh.manifest
-        self._tombstones, self._bm25, self._disk_key = fresh._tombstones, None, fresh._disk_key
+        self.vectors, self.store, self.manifest = fresh.vectors, fresh.store, fresh.manifest
+        self._bm25, self._disk_key = None, fresh._disk_key
 
 
 def rerank_ranked(reranker, queries: Sequence[str], ranked: list[list[tuple[int, float, float | None, float | None]]],
@@ -505,16 +504,16 @@ def _tie_sorted(ids: Sequence[int], scores: Sequence[float]) -> list[tuple[int, 
     return sorted(((int(i), float(s)) for i, s in zip(ids, scores)), key=lambda x: (-x[1], x[0]))
 
 
-def _write_folder(folder: Path, index, store: DocumentStore, manifest: dict[str, Any], *, next_id: int,
-                  generation: int, bm25: bool) -> None:
-    """index.faiss, bm25/ and the manifest for `store`'s documents (the store is already in `folder`)."""
-    faiss = _faiss()
-    faiss.write_index(index, str(folder / INDEX_FILE))
+def _write_folder(folder: Path, vectors: VectorStore, store: DocumentStore, manifest: dict[str, Any], *,
+                  next_id: int, generation: int, bm25: bool) -> None:
+    """The vectors, bm25/ and the manifest for `store`'s documents (the store is already in `folder`)."""
+    held = vectors.ntotal
+    record = vectors.save()
     documents = store.count()
     if bm25:
         Bm25Index.build((i, d.embed_text) for i, d in store.iter_documents()).save(folder / BM25_DIR)
     manifest["corpus"] = {**manifest.get("corpus", {}), "sha256": _corpus_sha256(store), "documents": documents}
-    manifest["index"] = {**manifest["index"], "vectors": int(index.ntotal), "documents": documents,
+    manifest["index"] = {**manifest["index"], **record, "vectors": int(held), "documents": documents,
                          "tombstones": len(store.tombstones()), "next_id": next_id, "generation": generation,
                          "bm25": bm25}
     write_json(folder / MANIFEST_NAME, manifest)
@@ -532,6 +531,9 @@ def build_index(
     progress: bool = False,
     source: str | Path | None = None,
     write: bool = True,
+    store: str = DEFAULT_STORE,
+    milvus_uri: str | None = None,
+    milvus_collection: str | None = None,
 ) -> RagIndex | None:
     """Encode a corpus and write a RAG index folder at `output` (replacing an older RAG index there).
 
@@ -540,9 +542,14 @@ def build_index(
     source: where the corpus came from, for the manifest (default: the path, when `corpus` is one).
     write=False: only encode (same calls), write nothing, return None: the processes other than rank 0 of a
     sharded build (`embedkit rag index --nproc`). progress: log the steps at INFO rather than DEBUG.
+    store: where the vectors live, "faiss" (index.faiss in the folder) or "milvus" (a Milvus Lite file in the
+    folder, or with `milvus_uri` a Milvus server's collection `milvus_collection`, default embedkit_rag_<folder>).
     """
     level = logging.INFO if progress else logging.DEBUG
     output = Path(output)
+    vector_store = store_class(store)  # an unknown store fails before anything is encoded
+    if store != "milvus" and (milvus_uri or milvus_collection):
+        raise ConfigError("--milvus-uri and --milvus-collection need --store milvus", field="store")
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not _is_rag_index(output))):
         raise ConfigError("output exists and is not a RAG index: refusing to replace it", path=output)
     if bm25 and not bm25_available():
@@ -552,17 +559,16 @@ def build_index(
     if not docs:
         raise DataError("the corpus has no documents")
     kind = choose_index_type(len(docs), index_type, hnsw_threshold)
+    check_store_index_type(store, kind)
     log.log(level, "encoding %d documents with %s", len(docs), getattr(encoder, "name", "the model"))
     t0 = time.perf_counter()
     vectors = encode_texts(encoder, [d.embed_text for d in docs], "document", batch_size)
     encode_s = time.perf_counter() - t0
     if not write:
         return None
-    log.log(level, "building a %s index", kind)
+    log.log(level, "building a %s index (%s)", kind, store)
     t1 = time.perf_counter()
-    index, params = _new_faiss_index(kind, vectors)
     ids = np.arange(len(docs), dtype=np.int64)
-    index.add_with_ids(vectors, ids)
     if source is None:
         source = corpus.path if hasattr(corpus, "path") else corpus if isinstance(corpus, (str, Path)) else None
     manifest = base_manifest(
@@ -570,18 +576,25 @@ def build_index(
         model=_model_record(encoder),
         corpus={"source": str(Path(source).resolve()) if source is not None else None},
         index={"type": kind, "requested_type": index_type, "metric": "inner_product (cosine, normalised vectors)",
-               "dim": int(vectors.shape[1]), "params": params, "file": INDEX_FILE, "store": STORE_NAME},
+               "dim": int(vectors.shape[1]), "vector_store": store, "store": STORE_NAME},
         build={"encode_s": round(encode_s, 3), "batch_size": batch_size,
                **device_fields(getattr(encoder, "device", None))},
     )
     with _write_lock(output), atomic_dir(output) as tmp:
-        store = DocumentStore(tmp / STORE_NAME)
+        documents = DocumentStore(tmp / STORE_NAME)
+        held = None
         try:
-            store.add(zip(ids.tolist(), docs))
+            documents.add(zip(ids.tolist(), docs))
+            held, record = vector_store.create(
+                tmp, kind, vectors, ids, [d.metadata for d in docs], documents=documents,
+                options={"uri": milvus_uri, "collection": milvus_collection, "name": output.name})
+            manifest["index"].update(record)
             manifest["build"]["index_s"] = round(time.perf_counter() - t1, 3)
-            _write_folder(tmp, index, store, manifest, next_id=len(docs), generation=0, bm25=with_bm25)
+            _write_folder(tmp, held, documents, manifest, next_id=len(docs), generation=0, bm25=with_bm25)
         finally:
-            store.close()
+            if held is not None:
+                held.close()
+            documents.close()
     log.log(level, "wrote %s", output)
     return RagIndex.load(output)
 

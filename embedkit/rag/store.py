@@ -2,15 +2,17 @@
 
 SQLite rather than JSONL so a query reads only its k hits (no corpus held in memory) and a delete is one
 statement. HNSW graphs cannot drop vectors, so ids deleted from an HNSW index are kept in `tombstones` and
-filtered out at search time (see `index.py`).
+filtered out at search time (see `vectors/faiss_store.py`). A document's metadata is a JSON text (NULL when it has
+none); an index written before metadata existed has no such column and reads as documents without metadata.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from embedkit.data.documents import Document
 from embedkit.errors import DataError
@@ -22,7 +24,8 @@ CREATE TABLE IF NOT EXISTS documents (
     id INTEGER PRIMARY KEY,          -- the FAISS id of the document's vector
     doc_id TEXT NOT NULL UNIQUE,     -- the corpus id
     title TEXT NOT NULL,
-    text TEXT NOT NULL
+    text TEXT NOT NULL,
+    metadata TEXT                    -- JSON object, or NULL
 );
 CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY);
 """
@@ -40,6 +43,13 @@ class DocumentStore:
         self._lock = threading.Lock()
         if not readonly:
             self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(documents)")}
+        self._has_metadata = "metadata" in columns
+        if not readonly and not self._has_metadata:  # a store from before metadata: the column is added
+            with self._conn:
+                self._conn.execute("ALTER TABLE documents ADD COLUMN metadata TEXT")
+            self._has_metadata = True
+        self._meta = "metadata" if self._has_metadata else "NULL"
 
     def close(self) -> None:
         self._conn.close()
@@ -47,8 +57,9 @@ class DocumentStore:
     def add(self, rows: Iterable[tuple[int, Document]]) -> None:
         with self._lock, self._conn:
             try:
-                self._conn.executemany("INSERT INTO documents (id, doc_id, title, text) VALUES (?, ?, ?, ?)",
-                                       ((i, d.doc_id, d.title, d.text) for i, d in rows))
+                self._conn.executemany(
+                    "INSERT INTO documents (id, doc_id, title, text, metadata) VALUES (?, ?, ?, ?, ?)",
+                    ((i, d.doc_id, d.title, d.text, _dump(d.metadata)) for i, d in rows))
             except sqlite3.IntegrityError as exc:
                 raise DataError(f"duplicate document id ({exc})", field="_id") from None
 
@@ -76,9 +87,9 @@ class DocumentStore:
             for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
-                for i, doc_id, title, text in self._conn.execute(
-                        f"SELECT id, doc_id, title, text FROM documents WHERE id IN ({marks})", chunk):
-                    out[int(i)] = Document(doc_id, title, text)
+                for i, doc_id, title, text, meta in self._conn.execute(
+                        f"SELECT id, doc_id, title, text, {self._meta} FROM documents WHERE id IN ({marks})", chunk):
+                    out[int(i)] = Document(doc_id, title, text, _load(meta))
         return out
 
     def doc_ids(self, ids: Iterable[int]) -> dict[int, str]:
@@ -96,9 +107,17 @@ class DocumentStore:
     def iter_documents(self) -> Iterator[tuple[int, Document]]:
         """All documents in FAISS-id order (read fully under the lock, so a concurrent writer cannot interleave)."""
         with self._lock:
-            rows = self._conn.execute("SELECT id, doc_id, title, text FROM documents ORDER BY id").fetchall()
-        for i, doc_id, title, text in rows:
-            yield int(i), Document(doc_id, title, text)
+            rows = self._conn.execute(
+                f"SELECT id, doc_id, title, text, {self._meta} FROM documents ORDER BY id").fetchall()
+        for i, doc_id, title, text, meta in rows:
+            yield int(i), Document(doc_id, title, text, _load(meta))
+
+    def iter_metadata(self) -> Iterator[tuple[int, Mapping[str, Any] | None]]:
+        """(id, metadata) of every document (what a filter is evaluated over)."""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT id, {self._meta} FROM documents ORDER BY id").fetchall()
+        for i, meta in rows:
+            yield int(i), _load(meta)
 
     def count(self) -> int:
         with self._lock:
@@ -120,3 +139,11 @@ class DocumentStore:
                 self._conn.backup(dest)
         finally:
             dest.close()
+
+
+def _dump(metadata: Mapping[str, Any] | None) -> str | None:
+    return None if metadata is None else json.dumps(dict(metadata), ensure_ascii=False, sort_keys=True)
+
+
+def _load(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else json.loads(text)

@@ -1,10 +1,14 @@
 """`rag web`: a small search page over a RAG index (FastAPI, rendered on the server; no JavaScript needed).
 
-    GET /?q=...&k=5[&mode=hybrid] the page: search box, ranked passages with scores and <mark>ed query terms, and,
+    GET /?q=...&k=5[&mode=hybrid][&filter=...] the page: search box, ranked passages with scores and <mark>ed query terms, and,
                                  when an answerer is given, a generated answer citing the passages as [1], [2];
                                  an empty q shows a message, not results
-    GET /api/search?q=...&k=5    the same results as JSON; an empty or missing q is a 400 with {"error": ...}
+    GET /api/search?q=...&k=5[&filter=...]  the same results as JSON; an empty or missing q, or a bad filter, is a
+                                 400 with {"error": ...}
     GET /health                  index and model summary (and the reranker's, when one orders the results)
+
+A metadata filter (`rag web --filter`, embedkit.rag.filters) is the default of every search; a request's `filter=`
+replaces it (an empty one searches everything).
 
 With a reranker (`rag web --rerank`) every search, the page's and the API's, retrieves the first stage's top
 `rerank_top` (at least k) and returns the reranker's best k with its scores: the answer is written from those.
@@ -24,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 from embedkit.errors import ConfigError, DataError, EmbedkitError
 from embedkit.eval.runner import DEFAULT_TOP_K
+from embedkit.rag.filters import parse_filter
 from embedkit.rag.index import Hit, RagIndex
 
 Answerer = Callable[[str, list[str]], str]
@@ -137,7 +142,8 @@ mark{background:#ffe58a;padding:0 .1em;border-radius:2px}.empty,.error{color:#8a
 
 def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hits: list[Hit] | None,
                 answer: str | None, error: str | None, info: dict[str, Any], elapsed_ms: float | None,
-                notice: str | None = None, answer_sources: int | None = None, reranker: str | None = None) -> str:
+                notice: str | None = None, answer_sources: int | None = None, reranker: str | None = None,
+                filter: str = "") -> str:
     """The page. `answer_sources`: how many of the top hits the answer was given (default: all); only citations
     of those become links, so an answer's [n] always points to the passage it was shown as [n]. `reranker`: the
     name of the reranker that ordered the hits."""
@@ -162,6 +168,8 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
                      f"<option value='dense'{'' if hybrid else ' selected'}>dense</option>"
                      f"<option value='hybrid'{' selected' if hybrid else ''}>hybrid (dense + BM25)</option>"
                      "</select></label>")
+    parts.append(f"<label>filter <input type='text' name='filter' id='filter' value='{e(filter, quote=True)}' "
+                 "placeholder='source == \"manual\"' aria-label='Metadata filter'></label>")
     parts.append("<button type='submit'>Search</button></form>")
     if notice:
         parts.append(f"<p class='empty' id='notice'>{e(notice)}</p>")
@@ -195,25 +203,28 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
 
 def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None, default_k: int = 5,
                    hybrid: bool = False, hybrid_weight: float = 0.5, answer_passages: int | None = None,
-                   reranker=None, rerank_top: int = DEFAULT_TOP_K):
+                   reranker=None, rerank_top: int = DEFAULT_TOP_K, filter: str | None = None):
     """The FastAPI app. `answerer(question, passages) -> str` adds a generated answer citing passages [1], [2] ...
 
     answer_passages: how many of the top hits the answerer sees (default: all shown). reranker: orders each
     search's first-stage top max(rerank_top, k) (RagIndex.search's reranking, as `rag query --rerank`).
+    filter: the default metadata filter (a request's filter= replaces it).
     """
     from fastapi import FastAPI, Query
     from fastapi.responses import HTMLResponse, JSONResponse
 
     index.check_encoder(encoder)  # fail at start-up, not on the first query
+    default_filter = parse_filter(filter)  # and a bad filter too
     live = LiveIndex(index)
     app = FastAPI(title="embedkit RAG search", docs_url=None, redoc_url=None)
 
     reranker_name = str(reranker.describe().get("name")) if reranker is not None else None
 
-    def run(current: RagIndex, q: str, k: int, use_hybrid: bool) -> tuple[list[Hit], float]:
+    def run(current: RagIndex, q: str, k: int, use_hybrid: bool, flt: str | None) -> tuple[list[Hit], float]:
         t0 = time.perf_counter()
         hits = current.search(encoder, q, k=k, hybrid=use_hybrid and current.has_bm25, hybrid_weight=hybrid_weight,
-                              reranker=reranker, rerank_top=max(rerank_top, k))
+                              reranker=reranker, rerank_top=max(rerank_top, k),
+                              filter=default_filter if flt is None else flt)
         return hits, (time.perf_counter() - t0) * 1000
 
     def passages(hits: list[Hit]) -> list[str]:
@@ -229,7 +240,8 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
 
     # Sync handlers: FastAPI runs them in its thread pool, so a slow encode or answer does not block the loop.
     @app.get("/", response_class=HTMLResponse)
-    def page(q: str | None = None, k: int = default_k, mode: str = "") -> HTMLResponse:
+    def page(q: str | None = None, k: int = default_k, mode: str = "",
+             filter: str | None = None) -> HTMLResponse:
         k = max(1, min(k, MAX_K))
         use_hybrid = hybrid if mode not in ("dense", "hybrid") else mode == "hybrid"
         hits = answer = error = elapsed = notice = None
@@ -239,7 +251,7 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
             if q is not None and not q.strip():  # submitted empty: say so (no q at all is the start page)
                 notice = EMPTY_QUERY
             elif q is not None:
-                hits, elapsed = run(current, q, k, use_hybrid)
+                hits, elapsed = run(current, q, k, use_hybrid, filter)
                 if answerer is not None and hits:
                     answer, error = answer_for(q, hits)
         except IndexUnavailable as exc:
@@ -249,24 +261,28 @@ def create_web_app(index: RagIndex, encoder, *, answerer: Answerer | None = None
         body = render_page(query=q or "", k=k, hybrid=use_hybrid and current.has_bm25,
                            hybrid_available=current.has_bm25, hits=hits, answer=answer, error=error,
                            info=current.describe(), elapsed_ms=elapsed, notice=notice,
-                           answer_sources=answer_passages, reranker=reranker_name)
+                           answer_sources=answer_passages, reranker=reranker_name,
+                           filter=(default_filter.text if default_filter else "") if filter is None else filter)
         return HTMLResponse(body, status_code=status)
 
     @app.get("/api/search")
     def api_search(q: str | None = None, k: int = Query(default_k, ge=1, le=MAX_K),
-                   hybrid_param: bool = Query(hybrid, alias="hybrid"), answer: bool = False) -> JSONResponse:
+                   hybrid_param: bool = Query(hybrid, alias="hybrid"), answer: bool = False,
+                   filter: str | None = None) -> JSONResponse:
         if q is None or not q.strip():
             return JSONResponse({"error": "field 'q': the query is empty: give some words to search for"},
                                 status_code=400)
         try:
             current = live.current()
-            hits, elapsed = run(current, q, k, hybrid_param)
+            hits, elapsed = run(current, q, k, hybrid_param, filter)
         except IndexUnavailable as exc:
             return JSONResponse({"error": exc.one_line()}, status_code=503)
         except EmbedkitError as exc:
             return JSONResponse({"error": exc.one_line()}, status_code=400)
         body: dict[str, Any] = {"query": q, "k": k, "hybrid": hybrid_param and current.has_bm25,
                                 "reranker": reranker_name, "elapsed_ms": elapsed,
+                                "filter": (default_filter.text if default_filter else None) if filter is None
+                                else (filter or None),
                                 "results": [h.to_dict() for h in hits]}
         if answer and answerer is not None and hits:
             body["answer"], failure = answer_for(q, hits)
