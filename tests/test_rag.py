@@ -1,4 +1,7 @@
-"""The RAG index (embedkit.rag): exact search, index types, add/delete, model check, eval parity, hybrid, CLI."""
+"""The RAG index (embedkit.rag): exact search, index types, add/delete, model check, eval parity, hybrid, CLI.
+
+The tests of index / add / delete / query / eval behaviour run on both vector stores (the `store` fixture: FAISS and
+a Milvus Lite file); filters and the Milvus-only parts are in test_rag_stores.py."""
 
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ def encoder(st_bert):
     return load_model(st_bert)
 
 
+@pytest.fixture(params=["faiss", "milvus"])
+def store(request) -> str:
+    """The vector store a test's indexes use: every RAG behaviour must hold on both."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def docs():
     return {f"d{i:02d}": {"title": "", "text": t} for i, t in enumerate(TEXTS + EXTRA)}
@@ -40,8 +49,8 @@ def _build(encoder, docs, path, **kw):
     return build_index(encoder, docs, path, **kw)
 
 
-def test_flat_search_equals_brute_force_numpy_ranking(encoder, docs, tmp_path):
-    index = _build(encoder, docs, tmp_path / "idx", index_type="flat")
+def test_flat_search_equals_brute_force_numpy_ranking(encoder, docs, tmp_path, store):
+    index = _build(encoder, docs, tmp_path / "idx", index_type="flat", store=store)
     assert index.index_type == "flat" and len(index) == len(docs)
     ids = list(docs)
     doc_emb = encoder.encode([docs[i]["text"] for i in ids], kind="document", normalize=True)
@@ -82,27 +91,35 @@ def test_auto_picks_flat_below_threshold_and_hnsw_above(encoder, docs, tmp_path)
            [[h.doc_id for h in r] for r in flat.search(encoder, query, k=5)]
 
 
-def test_manifest_records_model_corpus_and_counts(encoder, docs, tmp_path):
+def test_manifest_records_model_corpus_and_counts(encoder, docs, tmp_path, store):
     from embedkit.manifest import sha256_texts
 
-    _build(encoder, docs, tmp_path / "idx")
+    _build(encoder, docs, tmp_path / "idx", store=store)
     manifest = json.loads((tmp_path / "idx" / "embedkit_manifest.json").read_text())
-    assert manifest["kind"] == "rag_index"
+    assert manifest["kind"] == "rag_index" and manifest["index"]["vector_store"] == store
     assert manifest["model"]["fingerprint"] == encoder.fingerprint
     assert manifest["index"]["documents"] == manifest["index"]["vectors"] == len(docs)
     expected = sha256_texts(t for i, row in docs.items() for t in (i, "", row["text"]))
     assert manifest["corpus"]["sha256"] == expected
-    assert {p.name for p in (tmp_path / "idx").iterdir()} == {"index.faiss", "documents.sqlite", "bm25",
+    vectors = {"faiss": "index.faiss", "milvus": "vectors.milvus.db"}[store]
+    assert manifest["index"]["file"] == vectors
+    assert {p.name for p in (tmp_path / "idx").iterdir()} == {vectors, "documents.sqlite", "bm25",
                                                               "embedkit_manifest.json"}
+    if store == "milvus":  # the Lite file inside the folder (relative: the folder can move), exact FLAT over IP
+        assert manifest["index"]["milvus"] == {"uri": "vectors.milvus.db", "collection": "embedkit_rag",
+                                               "embedded": True, "index": "FLAT", "metric": "IP"}
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
-def test_add_then_delete_without_rebuild(encoder, docs, tmp_path, index_type):
+STORE_TYPES = [("faiss", "flat"), ("faiss", "hnsw"), ("faiss", "ivf"), ("milvus", "flat"), ("milvus", "hnsw")]
+
+
+@pytest.mark.parametrize("store,index_type", STORE_TYPES)
+def test_add_then_delete_without_rebuild(encoder, docs, tmp_path, store, index_type):
     from embedkit.errors import DataError
     from embedkit.rag import RagIndex
 
     path = tmp_path / "idx"
-    index = _build(encoder, docs, path, index_type=index_type)
+    index = _build(encoder, docs, path, index_type=index_type, store=store)
     n = len(docs)
     assert index.delete(["d00", "d03"]) == 2
     assert len(index) == n - 2
@@ -116,9 +133,10 @@ def test_add_then_delete_without_rebuild(encoder, docs, tmp_path, index_type):
     assert len(reloaded) == n
     manifest = reloaded.manifest["index"]
     assert manifest["documents"] == n
-    # HNSW keeps deleted vectors as tombstones; flat and IVF really remove them.
-    assert manifest["tombstones"] == (2 if index_type == "hnsw" else 0)
-    assert manifest["vectors"] == (n + 2 if index_type == "hnsw" else n)
+    # FAISS's HNSW keeps deleted vectors as tombstones; flat, IVF and Milvus really remove them.
+    tombstones = 2 if (store, index_type) == ("faiss", "hnsw") else 0
+    assert manifest["tombstones"] == tombstones and manifest["vectors"] == n + tombstones
+    assert reloaded.vectors.ntotal == n + tombstones
     assert manifest["next_id"] == n + 2  # ids are never reused
     found = {h.doc_id: h for h in reloaded.search(encoder, "fever and cough in winter", k=n + 5)}
     assert "new1" in found and found["new1"].title == "Flu" and "d00" not in found and "d03" not in found
@@ -149,22 +167,27 @@ def test_empty_query_is_refused(encoder, docs, tmp_path):
     assert len(index.search(encoder, " fever ", k=3)) == 3
 
 
-def test_index_swaps_are_noticed_by_other_handles(encoder, docs, tmp_path):
-    """A long-lived reader (rag web) learns from two stat calls that a writer swapped in a new folder."""
+def test_index_swaps_are_noticed_by_other_handles(encoder, docs, tmp_path, store):
+    """A long-lived reader (rag web) learns from two stat calls that a writer swapped in a new folder; until it
+    reloads it searches the folder it loaded (for Milvus Lite: its own server on the old file, not the new one)."""
     from embedkit.rag import RagIndex, build_index
 
     path = tmp_path / "idx"
-    reader = _build(encoder, docs, path)
+    reader = _build(encoder, docs, path, store=store)
+    assert "d00" in {h.doc_id for h in reader.search(encoder, "fever", k=len(docs))}  # holds the file open
     assert not reader.changed_on_disk()
     writer = RagIndex.load(path)
     writer.delete(["d00"])  # through another handle, as another process would
     assert reader.changed_on_disk() and not writer.changed_on_disk()  # a handle's own writes keep it current
+    assert "d00" not in {h.doc_id for h in writer.search(encoder, "fever", k=len(docs))}
+    fresh = RagIndex.load(path)
+    assert len(fresh.search(encoder, "fever", k=len(docs))) == len(docs) - 1
     # A rebuild at the same path restarts the generation count, yet it is another folder.
-    build_index(encoder, docs, path)
+    build_index(encoder, docs, path, store=store)
     assert writer.changed_on_disk() and not RagIndex.load(path).changed_on_disk()
 
 
-def test_stale_temp_folders_of_killed_writers_are_removed_under_the_lock(encoder, docs, tmp_path, st_bert):
+def test_stale_temp_folders_of_killed_writers_are_removed_under_the_lock(encoder, docs, tmp_path, st_bert, store):
     """`rag add` killed mid-write (SIGKILL) leaves .idx.XXXXXXXX.tmp; the next writer removes it, holding the lock,
     and touches nothing else: not the live index, not another index's temporary folder."""
     import fcntl
@@ -175,8 +198,8 @@ def test_stale_temp_folders_of_killed_writers_are_removed_under_the_lock(encoder
     from embedkit.rag import RagIndex
 
     path = tmp_path / "idx"
-    _build(encoder, docs, path)
-    _build(encoder, docs, tmp_path / "idx2")
+    _build(encoder, docs, path, store=store)
+    _build(encoder, docs, tmp_path / "idx2", store=store)
     more = tmp_path / "more.jsonl"
     more.write_text('{"_id": "m1", "title": "", "text": "a new passage about coughs"}\n')
     killed = subprocess.run([sys.executable, "-c", (
@@ -249,24 +272,25 @@ def _small_beir(shared_data: Path, folder: Path, n_queries: int = 40, n_docs: in
     return folder
 
 
-def test_rag_eval_ndcg_equals_embedkit_eval(encoder, tmp_path, shared_data):
+def test_rag_eval_ndcg_equals_embedkit_eval(encoder, tmp_path, shared_data, store):
     from embedkit.data.beir import load_beir
     from embedkit.eval.runner import evaluate
     from embedkit.rag import build_index, evaluate_index
 
     beir = _small_beir(shared_data, tmp_path / "scifact-slice")
     data = load_beir(beir, "test")
-    index = build_index(encoder, data, tmp_path / "idx", index_type="flat")
+    index = build_index(encoder, data, tmp_path / "idx", index_type="flat", store=store)
     result = evaluate_index(index, encoder, data.queries, data.qrels, latency_queries=5)
     report = evaluate(encoder, [f"beir:{beir}:test"], use_cache=False, cache_dir=tmp_path / "cache")
     (task,) = report["results"].values()
-    # FAISS and the eval runner sum the dot products in different orders (AVX-512 kernels differ from AVX2 ones), and
+    # FAISS (or Milvus) and the eval runner sum the dot products in different orders (AVX-512 kernels differ from AVX2 ones), and
     # the random tiny BERT scores many documents within 1e-7 of each other, so a near-tie deep in a ranking may swap
     # (seen: map@100 off by 2.6e-6 on an AVX-512 CPU). An indexing or metric bug moves these numbers by far more.
     for name in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "map_at_100"):
         assert result["metrics"][name] == pytest.approx(task["metrics"][name], abs=1e-4), name
     assert result["per_query"].keys() == task["per_query"].keys()
     assert 0 < result["metrics"]["ndcg_at_10"] < 1  # a real, non-degenerate number on this slice
+    assert result["index"]["vector_store"] == store
     assert result["metrics"]["recall_at_1"] <= result["metrics"]["recall_at_5"] <= result["metrics"]["recall_at_100"]
     lat = result["latency"]
     assert lat["queries"] == 5 and 0 < lat["median_ms"] <= lat["p95_ms"]
@@ -304,12 +328,12 @@ def test_hybrid_finds_a_lexical_only_match(encoder, docs, tmp_path):
            [h.doc_id for h in index.search(encoder, "the of", k=3)]
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
-def test_hybrid_scores_bm25_only_candidates_from_stored_vectors(encoder, docs, tmp_path, index_type):
+@pytest.mark.parametrize("store,index_type", STORE_TYPES)
+def test_hybrid_scores_bm25_only_candidates_from_stored_vectors(encoder, docs, tmp_path, store, index_type):
     """With a shallow dense list, BM25-only candidates get their exact cosine from the index's stored vectors."""
     from embedkit.rag.index import encode_texts
 
-    index = _build(encoder, docs, tmp_path / "idx", index_type=index_type)
+    index = _build(encoder, docs, tmp_path / "idx", index_type=index_type, store=store)
     ids = list(docs)
     query = "insulin lowers blood glucose"
     q = encode_texts(encoder, [query], "query", 32)
@@ -348,12 +372,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_cli_index_query_eval(st_bert, tmp_path, shared_data):
+def test_cli_index_query_eval(st_bert, tmp_path, shared_data, store):
     beir = _small_beir(shared_data, tmp_path / "beir", n_queries=10, n_docs=60)
     out = tmp_path / "idx"
-    result = run_cli("index", "--model", str(st_bert), "--corpus", str(beir), "--output", str(out), "-q")
+    result = run_cli("index", "--model", str(st_bert), "--corpus", str(beir), "--output", str(out), "-q",
+                     "--store", store)
     assert result.returncode == 0, result.stderr
-    assert "flat index" in result.stdout and "indexed" in result.stdout
+    assert f"{store} flat index" in result.stdout and "indexed" in result.stdout
 
     result = run_cli("query", str(out), "vitamin D and bone fractures", "-k", "3", "--json")
     assert result.returncode == 0, result.stderr
@@ -368,6 +393,7 @@ def test_cli_index_query_eval(st_bert, tmp_path, shared_data):
     assert "ndcg_at_10" in result.stdout and "latency per query" in result.stdout and "hybrid" in result.stdout
     saved = json.loads(report.read_text())
     assert saved["kind"] == "rag_eval" and saved["retrieval"]["hybrid"] is True
+    assert saved["index"]["vector_store"] == store
     assert f"{saved['metrics']['ndcg_at_10']:.4f}" in result.stdout
 
     # explicit files: a qrels line naming a document that is not in the index is reported with its line
@@ -392,18 +418,24 @@ def test_cli_bad_corpus_line_exits_2_with_file_and_line(tmp_path):
     assert result.returncode == 2 and "RAG index folder not found" in result.stderr
 
 
-def test_cli_add_and_delete(st_bert, tmp_path):
+def test_cli_add_and_delete(st_bert, tmp_path, store):
     corpus = tmp_path / "passages.txt"
     corpus.write_text("\n".join(TEXTS) + "\n")
     out = tmp_path / "idx"
-    assert run_cli("index", "-m", str(st_bert), "-c", str(corpus), "-o", str(out), "-q").returncode == 0
+    assert run_cli("index", "-m", str(st_bert), "-c", str(corpus), "-o", str(out), "-q", "--store",
+                   store).returncode == 0
     more = tmp_path / "more.jsonl"
     more.write_text('{"_id": "m1", "title": "", "text": "a new passage about coughs"}\n')
     result = run_cli("add", str(out), "--corpus", str(more))
     assert result.returncode == 0, result.stderr
     assert "added 1 documents; the index now holds 11" in result.stdout
+    result = run_cli("query", str(out), "coughs", "-k", "20", "--json")
+    assert result.returncode == 0 and "m1" in {h["doc_id"] for h in json.loads(result.stdout)}
     result = run_cli("delete", str(out), "m1", "passages.txt:1")
     assert result.returncode == 0 and "now holds 9" in result.stdout
+    result = run_cli("query", str(out), "coughs", "-k", "20", "--json")
+    found = {h["doc_id"] for h in json.loads(result.stdout)}
+    assert len(found) == 9 and not {"m1", "passages.txt:1"} & found
     result = run_cli("delete", str(out), "m1")
     assert result.returncode == 2 and "not in the index" in result.stderr
     result = run_cli("query", str(out), "   ")  # an empty query: one line, exit 2, no hits
@@ -413,7 +445,8 @@ def test_cli_add_and_delete(st_bert, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- reranking
-def test_reranked_rag_eval_equals_embedkit_eval_rerank_per_query(st_bert, tiny_reranker, tmp_path, one_torch_thread):
+def test_reranked_rag_eval_equals_embedkit_eval_rerank_per_query(st_bert, tiny_reranker, tmp_path, one_torch_thread,
+                                                                store):
     """Bug caught: `rag eval --rerank` ranks with other pairs, other document texts, another head/tail split or
     another tie order than `embedkit eval --rerank` (a second reranking routine drifting from the first), or its
     report leaves out which reranker made the numbers."""
@@ -427,7 +460,7 @@ def test_reranked_rag_eval_equals_embedkit_eval_rerank_per_query(st_bert, tiny_r
     beir = write_beir(tmp_path / "beir", split="test")  # 10 documents: with --rerank-top 5 the tail counts too
     runner = CliRunner()
     indexed = runner.invoke(app, ["rag", "index", "-m", str(st_bert), "-c", str(beir), "-o", str(tmp_path / "idx"),
-                                  "--index-type", "flat", "-q"])
+                                  "--index-type", "flat", "-q", "--store", store])
     assert indexed.exit_code == 0, indexed.output
     rag = runner.invoke(app, ["rag", "eval", str(tmp_path / "idx"), "--beir", str(beir), "--rerank",
                               str(tiny_reranker), "--rerank-top", "5", "--latency-queries", "2", "-q",
@@ -454,13 +487,14 @@ def test_reranked_rag_eval_equals_embedkit_eval_rerank_per_query(st_bert, tiny_r
     assert rag_report["index"]["fingerprint"] == load_model(st_bert).fingerprint  # both stages are named
 
 
-def test_search_with_a_reranker_orders_the_first_stage_top(encoder, docs, tiny_reranker, tmp_path, one_torch_thread):
+def test_search_with_a_reranker_orders_the_first_stage_top(encoder, docs, tiny_reranker, tmp_path, one_torch_thread,
+                                                          store):
     """Bug caught: the reranker sees fewer candidates than --rerank-top (or only the k shown), the hits keep the
     first stage's order or its cosine as their score, or a depth below k silently shows unreranked results."""
     from embedkit.errors import ConfigError
     from embedkit.models.reranker import load_reranker
 
-    index = _build(encoder, docs, tmp_path / "idx")
+    index = _build(encoder, docs, tmp_path / "idx", store=store)
     reranker = load_reranker(tiny_reranker)
     query = "insulin and blood sugar"
     first = index.search(encoder, query, k=8)

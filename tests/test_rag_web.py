@@ -182,9 +182,10 @@ def test_empty_query_is_a_400(web_index):
     assert blank.status_code == 200 and parse(blank.text).notice and parse(blank.text).hits == []
 
 
-def test_rag_web_follows_index_swaps(st_bert, tmp_path, monkeypatch):
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_rag_web_follows_index_swaps(st_bert, tmp_path, monkeypatch, store):
     """`rag add` / `rag delete` from another process swap in a new folder: the running page serves it at once
-    (deleted documents never again), and reloads only then."""
+    (deleted documents never again), and reloads only then; on either vector store."""
     from fastapi.testclient import TestClient
 
     from embedkit.models import load_model
@@ -193,7 +194,7 @@ def test_rag_web_follows_index_swaps(st_bert, tmp_path, monkeypatch):
     encoder = load_model(st_bert)
     docs = {f"doc{i}": {"title": "", "text": t} for i, t in enumerate(dict.fromkeys(CORPUS))}
     path = tmp_path / "idx"
-    client = TestClient(create_web_app(build_index(encoder, docs, path), encoder))
+    client = TestClient(create_web_app(build_index(encoder, docs, path, store=store), encoder))
     loads = []
     real_load = RagIndex.load.__func__
     monkeypatch.setattr(RagIndex, "load", classmethod(lambda cls, p: loads.append(p) or real_load(cls, p)))
@@ -217,7 +218,7 @@ def test_rag_web_follows_index_swaps(st_bert, tmp_path, monkeypatch):
     other.add(encoder, {"new": "a diabetes clinic opened downtown"})
     loads.clear()
     assert "new" in ids("diabetes clinic") and len(loads) == 1
-    build_index(encoder, {"only": "a single passage about guitars"}, path)  # rebuilt from scratch
+    build_index(encoder, {"only": "a single passage about guitars"}, path, store=store)  # rebuilt from scratch
     assert ids("guitar") == ["only"] and client.get("/health").json()["index"]["documents"] == 1
 
 
@@ -271,6 +272,39 @@ def test_json_api(web_index):
     assert hybrid["hybrid"] is True and hybrid["results"][0]["bm25_score"] is not None
     assert client.get("/api/search", params={"q": "x", "k": 0}).status_code == 422
     assert client.get("/health").json()["index"]["documents"] == len(index)
+
+
+@pytest.mark.parametrize("store", ["faiss", "milvus"])
+def test_filter_in_the_api_and_the_page(st_bert, tmp_path, store):
+    """Bug caught: `rag web --filter` or a request's filter= ignored, a bad filter a 500, or the page losing the
+    filter it searched with."""
+    from fastapi.testclient import TestClient
+
+    from embedkit.models import load_model
+    from embedkit.rag import build_index, create_web_app
+
+    encoder = load_model(st_bert)
+    docs = {f"doc{i}": {"title": "", "text": t, "metadata": {"source": "manual" if i % 3 == 0 else "web"}}
+            for i, t in enumerate(dict.fromkeys(CORPUS))}
+    manual = {d for d, row in docs.items() if row["metadata"]["source"] == "manual"}
+    index = build_index(encoder, docs, tmp_path / "idx", store=store)
+    client = TestClient(create_web_app(index, encoder, filter='source == "manual"'))
+
+    def ids(**params) -> set[str]:
+        body = client.get("/api/search", params={"q": "fever", "k": 20, **params})
+        assert body.status_code == 200, body.text
+        return {r["doc_id"] for r in body.json()["results"]}
+
+    assert ids() == manual  # the default filter
+    assert ids(filter='source == "web"') == set(docs) - manual  # a request's filter replaces it
+    assert ids(filter="") == set(docs)  # an empty one searches everything
+    bad = client.get("/api/search", params={"q": "fever", "filter": "source ="})
+    assert bad.status_code == 400 and "field 'filter'" in bad.json()["error"]
+    page = client.get("/", params={"q": "fever", "k": 20, "filter": 'source == "web"'})
+    parsed = parse(page.text)
+    assert {h["doc_id"] for h in parsed.hits} == set(docs) - manual
+    assert "value='source == &quot;web&quot;'" in page.text
+    assert "bad filter" in parse(client.get("/", params={"q": "fever", "filter": "(("}).text).error
 
 
 def test_json_api_and_page_with_a_reranker(web_index, tiny_reranker, one_torch_thread):
