@@ -1,4 +1,5 @@
-"""RAG: a FAISS index over a corpus (plus a document store and optional BM25), searched, evaluated and served.
+"""RAG: a vector index over a corpus (FAISS or Milvus, plus a document store and optional BM25), searched,
+evaluated and served.
 
     from embedkit.models import load_model
     from embedkit.rag import build_index, RagIndex, evaluate_index
@@ -6,10 +7,13 @@
     index = build_index(encoder, "../shared/data/scifact", "runs/scifact-index")   # flat below 50k docs, else HNSW
     index.search(encoder, "does vitamin D prevent fractures?", k=5)               # -> [Hit(rank, doc_id, score, ...)]
     index.search(encoder, "...", k=5, reranker=load_reranker("runs/my-reranker"), rerank_top=50)  # two stages
-    index.add(encoder, {"new-1": {"title": "", "text": "..."}}); index.delete(["new-1"])
+    index.add(encoder, {"new-1": {"title": "", "text": "...", "metadata": {"source": "manual"}}})
+    index.delete(["new-1"])
+    index.search(encoder, "...", k=5, filter='source == "manual"')                # metadata filters (rag.filters)
+    build_index(encoder, corpus, "runs/idx", store="milvus")                      # Milvus Lite file in the folder
     evaluate_index(index, encoder, queries, qrels)["metrics"]["ndcg_at_10"]
 
-Names are imported lazily so that importing the package does not import faiss, torch or fastapi.
+Names are imported lazily so that importing the package does not import faiss, pymilvus, torch or fastapi.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ _EXPORTS = {
     "load_index_encoder": "embedkit.rag.index",
     "HNSW_THRESHOLD": "embedkit.rag.index",
     "evaluate_index": "embedkit.rag.evaluate",
+    "parse_filter": "embedkit.rag.filters",
+    "Filter": "embedkit.rag.filters",
     "load_documents": "embedkit.data.documents",
     "Document": "embedkit.data.documents",
     "create_web_app": "embedkit.rag.web",

@@ -260,7 +260,8 @@ def eval_command(
 ) -> None:
     """Evaluate retrieval through the index: Recall@k, nDCG@10, MRR@10, MAP@100, and latency per query.
 
-    On an exact (flat) index of a BEIR corpus, FAISS or Milvus, nDCG@10 equals `embedkit eval` on the same folder and model, and
+    On an exact (flat) index of a BEIR corpus, FAISS or Milvus, nDCG@10 equals `embedkit eval` on the same folder
+    and model, and
     with --rerank every query's values equal `embedkit eval --rerank`'s (same --rerank-top). Latency is measured
     per single query (encode + search + fetch, + rerank), median and p95.
 

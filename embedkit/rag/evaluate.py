@@ -1,9 +1,9 @@
 """`rag eval`: retrieval quality of an index (through embedkit.eval.metrics / pytrec_eval) and query latency.
 
 Quality: all judged queries are encoded in one `encode` call with the eval runner's batch size and searched in
-one vector-store call, so on an exact (flat) index, FAISS or Milvus, built from the same corpus the run equals `embedkit eval`'s and so
-does nDCG@10. Latency: each query again on its own, as a user would send it (encode one query + search), timed
-end to end; median and p95 over the queries.
+one vector-store call, so on an exact (flat) index, FAISS or Milvus, built from the same corpus the run equals
+`embedkit eval`'s and so does nDCG@10. Latency: each query again on its own, as a user would send it (encode one
+query + search), timed end to end; median and p95 over the queries.
 
 Two stages (`reranker`): each query's first `rerank_top` documents of that run are ordered by the reranker through
 `embedkit.eval.runner.rerank_run`, exactly as `embedkit eval --rerank` orders them (the rest keep their order below),

@@ -22,9 +22,9 @@ Adding and deleting documents never re-encodes the corpus: new documents are enc
 removed from flat/IVF indexes and from Milvus, and tombstoned in FAISS HNSW graphs (which cannot drop a node) and
 filtered out at search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and
 swaps it in (`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix (a
-Milvus server's collection, which is not in the folder, is changed in place: see `vectors/milvus_store.py`). Writers take
-a lock file beside the folder (`.NAME.lock`); the next writer removes the temporary folders of killed runs
-(`.NAME.XXXXXXXX.tmp`) under it. A long-lived reader (`rag web`) notices a swap with `changed_on_disk()` (a few
+Milvus server's collection, which is not in the folder, is changed in place: see `vectors/milvus_store.py`).
+Writers take a lock file beside the folder (`.NAME.lock`); the next writer removes the temporary folders of killed
+runs (`.NAME.XXXXXXXX.tmp`) under it. A long-lived reader (`rag web`) notices a swap with `changed_on_disk()` (a few
 stat calls) and loads the new folder.
 """
 

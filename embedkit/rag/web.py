@@ -1,10 +1,12 @@
 """`rag web`: a small search page over a RAG index (FastAPI, rendered on the server; no JavaScript needed).
 
-    GET /?q=...&k=5[&mode=hybrid][&filter=...] the page: search box, ranked passages with scores and <mark>ed query terms, and,
+    GET /?q=...&k=5[&mode=hybrid][&filter=...]
+                                 the page: search box, ranked passages with scores and <mark>ed query terms, and,
                                  when an answerer is given, a generated answer citing the passages as [1], [2];
                                  an empty q shows a message, not results
-    GET /api/search?q=...&k=5[&filter=...]  the same results as JSON; an empty or missing q, or a bad filter, is a
-                                 400 with {"error": ...}
+    GET /api/search?q=...&k=5[&filter=...]
+                                 the same results as JSON; an empty or missing q, or a bad filter, is a 400 with
+                                 {"error": ...}
     GET /health                  index and model summary (and the reranker's, when one orders the results)
 
 A metadata filter (`rag web --filter`, embedkit.rag.filters) is the default of every search; a request's `filter=`
