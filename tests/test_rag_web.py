@@ -304,6 +304,7 @@ def test_filter_in_the_api_and_the_page(st_bert, tmp_path, store):
     parsed = parse(page.text)
     assert {h["doc_id"] for h in parsed.hits} == set(docs) - manual
     assert "value='source == &quot;web&quot;'" in page.text
+    assert f"{store} flat index" in page.text
     assert "bad filter" in parse(client.get("/", params={"q": "fever", "filter": "(("}).text).error
 
 

@@ -121,8 +121,11 @@ def check_rerank_top(rerank_top: int, k: int) -> None:
 
 
 def check_store_index_type(store: str, index_type: str) -> None:
-    """Refuse an index type the vector store does not build (Milvus: no IVF), before anything is encoded."""
-    offered = store_class(store).index_types
+    """Refuse a vector store whose packages are missing, or an index type it does not build (Milvus: no IVF),
+    before anything is encoded."""
+    backend = store_class(store)
+    backend.require()
+    offered = backend.index_types
     if index_type not in offered and index_type != "auto":
         raise ConfigError(f"the {store} store builds {', '.join(offered)} indexes, not {index_type!r}",
                           field="index-type")

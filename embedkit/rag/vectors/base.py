@@ -69,6 +69,10 @@ class VectorStore(ABC):
     def save(self) -> dict[str, Any]:
         """Write a fork's state into its folder; returns the manifest record to merge."""
 
+    @classmethod
+    def require(cls) -> None:
+        """Raise ConfigError (naming the extra to install) when the backend's packages are missing."""
+
     def check(self, info: Mapping[str, Any], path: Path) -> None:
         """Raise DataError when the store disagrees with the manifest (a folder modified by hand)."""
 

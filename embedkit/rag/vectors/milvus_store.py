@@ -78,8 +78,12 @@ class _Lite:
 
     def __init__(self, path: Path, *, copy_if_held: bool) -> None:
         _pymilvus()  # installed? (and gRPC told to keep quiet)
-        from milvus_lite.adapter.grpc.server import start_server_in_thread
-        from milvus_lite.exceptions import DataDirLockedError
+        try:
+            from milvus_lite.adapter.grpc.server import start_server_in_thread
+            from milvus_lite.exceptions import DataDirLockedError
+        except ImportError:
+            raise ConfigError("a Milvus Lite file needs milvus-lite: pip install 'embedkit[milvus]' (or give a "
+                              "server with --milvus-uri)", field="store") from None
 
         self.private: str | None = None
         try:
@@ -141,6 +145,10 @@ class MilvusVectors(VectorStore):
                     if self._expected is not None:
                         self._check_count(self._expected)
         return self._client
+
+    @classmethod
+    def require(cls) -> None:
+        _pymilvus()
 
     # ------------------------------------------------------------------ creating and opening
     @classmethod
