@@ -156,7 +156,8 @@ def render_page(*, query: str, k: int, hybrid: bool, hybrid_available: bool, hit
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{e(query) + ' - ' if query else ''}embedkit search</title><style>{_CSS}</style></head><body>",
         "<h1>embedkit search</h1>",
-        f"<div class='sub'>{e(str(info['documents']))} documents &middot; {e(str(info.get('vector_store', 'faiss')))} {e(info['type'])} index &middot; model "
+        f"<div class='sub'>{e(str(info['documents']))} documents &middot; "
+        f"{e(str(info.get('vector_store', 'faiss')))} {e(info['type'])} index &middot; model "
         f"{e(str(info.get('model')))}{' &middot; reranked by ' + e(reranker) if reranker else ''}</div>",
         "<form method='get' action='/' role='search'>",
         f"<input type='search' id='q' name='q' value='{e(query, quote=True)}' placeholder='Ask a question' "
