@@ -185,3 +185,79 @@ def test_without_ray_the_error_is_one_line(monkeypatch, tiny_encoder, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     with pytest.raises(ConfigError, match=r"pip install 'embedkit\[ray\]'"):
         _encode(tiny_encoder, ["a"], ["one text"], tmp_path / "shards")
+
+
+def _beir(root, texts):
+    """A BEIR folder over `texts` (ids d0..), with 6 train queries whose positives are d0, d7, d14, ..."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                               for i, t in enumerate(texts)))
+    queries = {f"q{j}": " ".join(texts[7 * j].split()[:4]) for j in range(6)}
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    (root / "qrels").mkdir(exist_ok=True)
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{j}\td{7 * j}\t1\n" for j in range(6)))
+    return root
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_mine_on_ray_and_from_shards_equals_mine(ray_session, tiny_bert_dir, tmp_path):
+    from embedkit.cli import app
+
+    beir = _beir(tmp_path / "beir", _texts(90, seed=2))
+    runner = CliRunner()
+    mine = ["mine", "-m", str(tiny_bert_dir), "-d", str(beir), "--split", "train", "--range", "0:40", "-n", "4",
+            "--sampling", "top", "--no-relative-margin"]
+    result = runner.invoke(app, [*mine, "-o", str(tmp_path / "plain.jsonl"), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    plain = _rows(tmp_path / "plain.jsonl")
+    assert len(plain) == 6 and all(len(row["negatives"]) == 4 for row in plain)
+
+    def same(rows):
+        assert ([(r["positive_id"], r["negative_ids"]) for r in rows]
+                == [(r["positive_id"], r["negative_ids"]) for r in plain])
+        assert np.abs(np.array([r["scores"] for r in rows]) - np.array([r["scores"] for r in plain])).max() <= 1e-6
+
+    # --ray: the pool is encoded on Ray into the cache (the shards are joined into it, then removed).
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, [*mine, "-o", str(tmp_path / "ray.jsonl"), "--cache-dir", str(cache), "--ray",
+                                 "--ray-workers", "2", "--shard-size", "25"])
+    assert result.exit_code == 0, result.output
+    same(_rows(tmp_path / "ray.jsonl"))
+    assert len(list(cache.rglob("*.npy"))) == 1 and not list(cache.rglob("*.shards"))
+    # Shards from `embedkit encode --ray` (ids from the corpus) are read by --corpus-embeddings alone.
+    shards = tmp_path / "shards"
+    result = runner.invoke(app, ["encode", "-m", str(tiny_bert_dir), "-i", str(beir / "corpus.jsonl"), "-o",
+                                 str(shards), "--id-field", "_id", "--ray", "--ray-workers", "2", "--shard-size", "25"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*mine, "-o", str(tmp_path / "shards.jsonl"), "--corpus-embeddings", str(shards)])
+    assert result.exit_code == 0, result.output
+    same(_rows(tmp_path / "shards.jsonl"))
+    result = runner.invoke(app, [*mine, "-o", str(tmp_path / "x.jsonl"), "--corpus-embeddings", str(shards),
+                                 "--corpus-ids", str(beir / "corpus.jsonl")])
+    assert result.exit_code != 0 and "holds its own ids" in str(result.exception)
+
+
+def test_rag_index_on_ray_equals_rag_index(ray_session, tiny_bert_dir, tmp_path):
+    from embedkit.cli import app
+    from embedkit.rag.index import RagIndex
+
+    beir = _beir(tmp_path / "beir", _texts(70, seed=3))
+    runner = CliRunner()
+    index = ["rag", "index", "-m", str(tiny_bert_dir), "-c", str(beir), "--index-type", "flat", "--no-bm25"]
+    result = runner.invoke(app, [*index, "-o", str(tmp_path / "plain")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*index, "-o", str(tmp_path / "ray"), "--ray", "--ray-workers", "2",
+                                 "--shard-size", "20"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "ray.shards").exists()
+    plain, on_ray = RagIndex.load(tmp_path / "plain"), RagIndex.load(tmp_path / "ray")
+    assert on_ray.manifest["build"]["ray"] == {"workers": 2, "shard_size": 20, "shards": 4, "resumed_shards": 0}
+    queries = np.random.default_rng(0).standard_normal((5, plain.dim)).astype(np.float32)
+    for (ids_a, scores_a), (ids_b, scores_b) in zip(plain.search_vectors(queries, 70),
+                                                    on_ray.search_vectors(queries, 70)):
+        assert np.abs(np.sort(scores_a) - np.sort(scores_b)).max() <= 1e-5
+        assert ids_a[:10].tolist() == ids_b[:10].tolist()
