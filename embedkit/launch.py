@@ -64,6 +64,21 @@ NODE_RANK_OPTION = typer.Option(0, "--node-rank", min=0, help=NODE_RANK_HELP)
 RDZV_ENDPOINT_OPTION = typer.Option(None, "--rdzv-endpoint", help=RDZV_ENDPOINT_HELP)
 RDZV_BACKEND_OPTION = typer.Option("static", "--rdzv-backend", help=RDZV_BACKEND_HELP)
 RDZV_ID_OPTION = typer.Option("embedkit", "--rdzv-id", help=RDZV_ID_HELP)
+
+# Ray Data encoding (embedkit.models.ray_encode): `--ray` = a local Ray; `--ray-address ADDRESS` = a cluster. (Not
+# `--ray [ADDRESS]`: typer has no option whose value is optional.)
+RAY_HELP = ("Encode the corpus on Ray Data into resumable vector shards, on a local Ray (all the machine's CPUs) "
+            "unless --ray-address is given. An interrupted run resumes from its finished shards. Needs pip install "
+            "'embedkit\\[ray]'.")
+RAY_OPTION = typer.Option(False, "--ray", help=RAY_HELP)
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", metavar="ADDRESS",
+                                  help="Encode on this Ray cluster (implies --ray): auto, HOST:6379, "
+                                       "ray://HOST:10001.")
+RAY_WORKERS_OPTION = typer.Option(None, "--ray-workers", min=1,
+                                  help="With --ray: model actors (default: one per GPU of the cluster, else 2).")
+SHARD_SIZE_OPTION = typer.Option(16384, "--shard-size", min=1,
+                                 help="With --ray: texts per shard (the unit of work and of resume). Multiples of "
+                                      "16384 give vectors bit-equal to one process; others agree to float rounding.")
 # What command_argv leaves out by default: the launch options, which the launched processes know from their
 # environment (torchrun would also reject --nproc as an ambiguous abbreviation of its own --nproc-per-node).
 LAUNCH_PARAMS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id")

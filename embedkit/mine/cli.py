@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 
 from embedkit.device import DEVICE_HELP
-from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
-                             RDZV_ID_OPTION, processes)
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RAY_ADDRESS_OPTION, RAY_OPTION,
+                             RAY_WORKERS_OPTION, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION, RDZV_ID_OPTION,
+                             SHARD_SIZE_OPTION, processes)
 from embedkit.mine.settings import MiningSettings, parse_range
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def mine_command(
     corpus_embeddings: Path | None = typer.Option(
         None, "--corpus-embeddings",
         help="Precomputed document vectors (float32 .npy, L2-normalised, from the same model) instead of encoding "
-        "the pool. Needs --corpus-ids and a pool with ids (a BEIR folder or --corpus)."),
+        "the pool. Needs --corpus-ids and a pool with ids (a BEIR folder or --corpus). Or a folder of vector "
+        "shards from `embedkit encode --ray` (it holds its ids: no --corpus-ids)."),
     corpus_ids: Path | None = typer.Option(
         None, "--corpus-ids", help="Ids of the rows of --corpus-embeddings: one per line (.txt) or a JSON list."),
     query_column: str = typer.Option("query", "--query", help="Pairs only: column holding the query."),
@@ -117,6 +119,10 @@ def mine_command(
     rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
     rdzv_backend: str = RDZV_BACKEND_OPTION,
     rdzv_id: str = RDZV_ID_OPTION,
+    ray: bool = RAY_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    ray_workers: int | None = RAY_WORKERS_OPTION,
+    shard_size: int = SHARD_SIZE_OPTION,
 ) -> None:
     """Mine hard negatives for (query, positive) pairs, keeping out likely false negatives.
 
@@ -134,6 +140,9 @@ def mine_command(
     --nproc N runs N processes (torch.distributed: gloo on the CPU, nccl with one GPU each) that share the encoding
     of the pool and the queries; each mines the same rows, the first writes the files (identical to one process).
 
+    --ray encodes the pool on Ray Data (a local Ray, or --ray-address), shard by shard, into the corpus-embedding
+    cache: an interrupted run, started again, resumes from the shards it finished (not with --no-cache).
+
     Examples:
 
       embedkit mine -m minilm -d ../shared/data/scifact --split train -o runs/scifact-mined.jsonl
@@ -148,7 +157,10 @@ def mine_command(
     from embedkit.mine.report import format_summary, warning_lines
     from embedkit.mine.run import mine_to_file
     from embedkit.models import load_model
+    from embedkit.models.ray_encode import check_ray_options, ray_settings
 
+    check_ray_options(ray, ray_address, nproc)
+    on_ray = ray_settings(ray, ray_address, ray_workers, shard_size, device)
     lo, hi = parse_range(window)
     settings = MiningSettings(
         range_min=lo, range_max=hi, num_negatives=num_negatives, sampling=sampling, seed=seed,
@@ -166,7 +178,8 @@ def mine_command(
         with procs.shard(encoder):
             summary = mine_to_file(encoder, task, output, settings, corpus_embeddings=corpus_embeddings,
                                    corpus_ids=corpus_ids, teacher=teacher, cache_dir=cache_dir,
-                                   use_cache=not no_cache, progress=True, device=procs.device, write=procs.is_main)
+                                   use_cache=not no_cache, progress=True, device=procs.device, write=procs.is_main,
+                                   ray=on_ray)
     if not procs.is_main:
         return
     if json_output:

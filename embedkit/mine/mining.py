@@ -25,6 +25,7 @@ from embedkit.manifest import sha256_file
 from embedkit.mine.core import MiningStats, mine_embeddings
 from embedkit.mine.settings import MiningSettings
 from embedkit.mine.vectors import NpyFileSource, VectorSource
+from embedkit.models.ray_encode import VectorShards
 
 
 @dataclass
@@ -174,10 +175,24 @@ def read_ids(path: str | Path) -> list[str]:
     return ids
 
 
-def align_precomputed(task: MiningTask, embeddings: str | Path, ids_path: str | Path) -> NpyFileSource:
-    """Use precomputed corpus embeddings: reorder the task's pool to the rows of `embeddings` (ids from ids_path)."""
-    source = NpyFileSource(embeddings)
-    ids = read_ids(ids_path)
+def align_precomputed(task: MiningTask, embeddings: str | Path,
+                      ids_path: str | Path | None) -> NpyFileSource | VectorShards:
+    """Use precomputed corpus embeddings: reorder the task's pool to the rows of `embeddings` (ids from ids_path).
+
+    `embeddings` is a float32 .npy with its ids in `ids_path`, or a folder of vector shards (`embedkit encode
+    --ray`), which holds its own ids (`ids_path` then None)."""
+    if Path(embeddings).is_dir():
+        if ids_path is not None:
+            raise ConfigError("a folder of vector shards holds its own ids: leave out --corpus-ids",
+                              field="corpus_ids")
+        source: NpyFileSource | VectorShards = VectorShards(embeddings)
+        ids = source.ids
+        ids_path = embeddings
+    else:
+        if ids_path is None:
+            raise ConfigError("precomputed embeddings in a .npy need --corpus-ids", field="corpus_ids")
+        source = NpyFileSource(embeddings)
+        ids = read_ids(ids_path)
     if len(ids) != source.n:
         raise DataError(f"{len(ids)} ids for {source.n} embedding rows", path=ids_path)
     row_of = {}

@@ -35,6 +35,7 @@ from embedkit.mine.mining import (
 )
 from embedkit.mine.report import write_histogram
 from embedkit.mine.settings import MiningSettings
+from embedkit.models.ray_encode import RaySettings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def mine_to_file(
     progress: bool = False,
     device: Any = None,
     write: bool = True,
+    ray: RaySettings | None = None,
 ) -> dict[str, Any]:
     """Mine `task` with `encoder`; write the output files; return the summary (also written as JSON).
 
@@ -66,13 +68,15 @@ def mine_to_file(
     rows' scores and the margins apply to them. device: where the teacher runs (default: the encoder's device).
     write=False mines the same rows and writes nothing (no output, no cache): the other processes of a sharded run
     (`embedkit mine --nproc`), which must make the same encode calls as the one that writes. progress: log the steps
-    at INFO rather than DEBUG.
+    at INFO rather than DEBUG. ray: encode the pool on Ray Data (embedkit.models.ray_encode), into the cache.
     """
     output = Path(output)
     if output.suffix.lower() != ".jsonl":
         raise ConfigError("the output is JSON Lines: give a path ending in .jsonl", path=output, field="output")
-    if (corpus_embeddings is None) != (corpus_ids is None):
-        raise ConfigError("precomputed embeddings need both --corpus-embeddings (.npy) and --corpus-ids",
+    shard_folder = corpus_embeddings is not None and Path(corpus_embeddings).is_dir()  # holds its own ids
+    if (corpus_embeddings is None) != (corpus_ids is None) and not shard_folder:
+        raise ConfigError("precomputed embeddings need both --corpus-embeddings (.npy) and --corpus-ids (or a "
+                          "folder of vector shards from `embedkit encode --ray`, alone)",
                           field="corpus_ids" if corpus_ids is None else "corpus_embeddings")
     level = logging.INFO if progress else logging.DEBUG
     started = time.perf_counter()
@@ -89,7 +93,7 @@ def mine_to_file(
             log.log(level, f"encoding {len(task.corpus_texts):,} documents")
             source, corpus_info = stack.enter_context(corpus_vectors(
                 encoder, task.corpus_ids, task.corpus_texts, batch_size=settings.batch_size, cache_dir=cache_dir,
-                use_cache=use_cache, progress=progress, write_cache=write))
+                use_cache=use_cache, progress=progress, write_cache=write, ray=ray))
             if corpus_info["cached"]:
                 log.log(level, "corpus embeddings from cache %s", corpus_info["path"])
         encode_started = time.perf_counter()

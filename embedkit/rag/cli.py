@@ -16,8 +16,9 @@ import typer
 from embedkit.atomic import write_json
 from embedkit.device import DEVICE_HELP, resolve_device
 from embedkit.errors import ConfigError, DataError
-from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION,
-                             RDZV_ID_OPTION, processes)
+from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RAY_ADDRESS_OPTION, RAY_OPTION,
+                             RAY_WORKERS_OPTION, RDZV_BACKEND_OPTION, RDZV_ENDPOINT_OPTION, RDZV_ID_OPTION,
+                             SHARD_SIZE_OPTION, processes)
 from embedkit.logs import quieten
 from embedkit.manifest import base_manifest, device_fields, sha256_texts
 from embedkit.rag.filters import parse_filter
@@ -88,13 +89,19 @@ def index_command(
     rdzv_endpoint: str | None = RDZV_ENDPOINT_OPTION,
     rdzv_backend: str = RDZV_BACKEND_OPTION,
     rdzv_id: str = RDZV_ID_OPTION,
+    ray: bool = RAY_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    ray_workers: int | None = RAY_WORKERS_OPTION,
+    shard_size: int = SHARD_SIZE_OPTION,
 ) -> None:
     """Embed a corpus and write a RAG index folder: vectors (FAISS or Milvus), document store (SQLite), BM25, manifest.
 
     The manifest records the model fingerprint (queries with another model are refused), the corpus hash, the index
     type and the counts. Documents can be added and deleted later without a rebuild (embedkit rag add / delete).
     --nproc N encodes the corpus in N processes (torch.distributed: gloo on the CPU, nccl with one GPU each); the
-    first builds and writes the index, identical to a one-process build.
+    first builds and writes the index, identical to a one-process build. --ray encodes it on Ray Data (a local Ray,
+    or --ray-address) into vector shards beside the index (OUTPUT.shards/, removed once the index is written): run
+    the same command again after an interruption and it resumes from the finished shards.
 
     Metadata of corpus.jsonl rows ("metadata": {...}) is stored and can be filtered on (--filter).
 
@@ -108,7 +115,10 @@ def index_command(
     from embedkit.data.documents import load_documents
     from embedkit.rag.bm25 import bm25_available
     from embedkit.rag.index import build_index, check_store_index_type, choose_index_type
+    from embedkit.models.ray_encode import check_ray_options, ray_settings
 
+    check_ray_options(ray, ray_address, nproc)
+    on_ray = ray_settings(ray, ray_address, ray_workers, shard_size, device)
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads
     check_store_index_type(store, index_type)
     if store != "milvus" and (milvus_uri or milvus_collection):
@@ -124,7 +134,8 @@ def index_command(
             index = build_index(encoder, docs, output, index_type=index_type, hnsw_threshold=hnsw_threshold,
                                 batch_size=batch_size, bm25=bm25 and bm25_available(), progress=True, source=corpus,
                                 write=procs.is_main, store=store, milvus_uri=milvus_uri,
-                                milvus_collection=milvus_collection)
+                                milvus_collection=milvus_collection,
+                                ray=on_ray)
     if index is None:
         return
     info = index.describe()

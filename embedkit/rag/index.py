@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from embedkit.errors import ConfigError, DataError, ModelError
 from embedkit.eval.metrics import trec_order
 from embedkit.eval.runner import rerank_run
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
+from embedkit.models.ray_encode import RaySettings, VectorShards, encode_to_shards
 from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
 from embedkit.rag.filters import Filter, parse_filter
@@ -537,6 +539,7 @@ def build_index(
     store: str = DEFAULT_STORE,
     milvus_uri: str | None = None,
     milvus_collection: str | None = None,
+    ray: RaySettings | None = None,
 ) -> RagIndex | None:
     """Encode a corpus and write a RAG index folder at `output` (replacing an older RAG index there).
 
@@ -547,6 +550,8 @@ def build_index(
     sharded build (`embedkit rag index --nproc`). progress: log the steps at INFO rather than DEBUG.
     store: where the vectors live, "faiss" (index.faiss in the folder) or "milvus" (a Milvus Lite file in the
     folder, or with `milvus_uri` a Milvus server's collection `milvus_collection`, default embedkit_rag_<folder>).
+    ray: encode on Ray Data (embedkit.models.ray_encode) into vector shards beside the index (`<output>.shards/`),
+    read back for the index and removed once it is written; an interrupted build resumes from the finished shards.
     """
     level = logging.INFO if progress else logging.DEBUG
     output = Path(output)
@@ -565,7 +570,17 @@ def build_index(
     check_store_index_type(store, kind)
     log.log(level, "encoding %d documents with %s", len(docs), getattr(encoder, "name", "the model"))
     t0 = time.perf_counter()
-    vectors = encode_texts(encoder, [d.embed_text for d in docs], "document", batch_size)
+    shards = output.with_name(output.name + ".shards")
+    on_ray: dict[str, Any] = {}
+    if ray is None:
+        vectors = encode_texts(encoder, [d.embed_text for d in docs], "document", batch_size)
+    else:
+        report = encode_to_shards(encoder, [d.doc_id for d in docs], [d.embed_text for d in docs], shards,
+                                  kind="document", batch_size=batch_size, normalize=True, settings=ray,
+                                  progress=progress)
+        on_ray = {"ray": {"workers": report.workers, "shard_size": ray.shard_size, "shards": report.shards,
+                          "resumed_shards": report.shards - len(report.encoded)}}
+        vectors = VectorShards(shards).to_array()
     encode_s = time.perf_counter() - t0
     if not write:
         return None
@@ -581,7 +596,7 @@ def build_index(
         index={"type": kind, "requested_type": index_type, "metric": "inner_product (cosine, normalised vectors)",
                "dim": int(vectors.shape[1]), "vector_store": store, "store": STORE_NAME},
         build={"encode_s": round(encode_s, 3), "batch_size": batch_size,
-               **device_fields(getattr(encoder, "device", None))},
+               **device_fields(getattr(encoder, "device", None)), **on_ray},
     )
     with _write_lock(output), atomic_dir(output) as tmp:
         documents = DocumentStore(tmp / STORE_NAME)
@@ -598,6 +613,8 @@ def build_index(
             if held is not None:
                 held.close()
             documents.close()
+    if ray is not None:
+        shutil.rmtree(shards)
     log.log(level, "wrote %s", output)
     return RagIndex.load(output)
 
