@@ -84,6 +84,9 @@ def test_candidate_recipes_load_and_change_what_their_labels_say(tmp_path):
     plain = load_recipe(str(written), bench_tune.CANDIDATE_SETS["st-schedule"])
     assert (plain.training.lr, plain.training.epochs, plain.training.warmup_ratio, plain.training.weight_decay) == (
         5e-5, 3, 0.0, 0.0) and not plain.loss.hard_negatives
+    former = load_recipe(str(written), bench_tune.CANDIDATE_SETS["former"])
+    assert (former.training.lr, former.training.epochs, former.training.warmup_ratio,
+            former.training.weight_decay) == (2e-5, 1, 0.1, 0.01)
 
 
 def test_arms_that_train_the_same_recipe_share_one_run(recipe, tmp_path):
@@ -126,3 +129,14 @@ def test_the_record_keeps_every_seed_and_verdict_but_not_the_recipes():
     assert row["st"]["per_seed"] == [0.85, 0.86] and row["st-schedule"]["steps"] == [12, 12]
     assert row["verdicts"]["st-schedule_vs_st"]["over_seeds"]["ci_low"] == -0.02 and row["base"] == 0.8
     assert "recipe" not in json.dumps(values)
+
+
+@pytest.mark.parametrize("dataset", ["scifact", "medquad"])
+def test_shipped_recipes_train_the_schedule_that_was_measured(dataset):
+    # Bug caught: a MiniLM recipe drifting from the schedule whose records made it the default (docs/tune.md, "The
+    # default recipe"), e.g. a warm-up or decay left in, which would make the README's "the recipe now" rows false;
+    # or the `former` arm no longer training what the recipes trained before the change.
+    recipe = str(Path(__file__).resolve().parents[1] / bench_tune.DATASETS[dataset]["recipe"])
+    now = bench_tune.resolved_training(recipe, [], 42)
+    assert bench_tune.resolved_training(recipe, bench_tune.CANDIDATE_SETS["st-schedule"], 42) == now
+    assert bench_tune.resolved_training(recipe, bench_tune.CANDIDATE_SETS["former"], 42) != now
