@@ -2,9 +2,10 @@
 
 Why Ray: `--nproc` (torch.distributed) needs every process up for the whole job, all on one launch; a lost
 process fails the job and it starts again from nothing. Ray Data runs the same encoding as a stream of small
-tasks over a pool of stateful model actors (`map_batches` with a callable class, `concurrency=N`, one GPU each
-when there are GPUs): an actor loads the model once and then encodes one shard per call; a killed actor is
-restarted and its shard retried by Ray; workers may join from other machines (`--ray ADDRESS`). Ray is an
+tasks over a pool of stateful model actors (`map_batches` with a callable class and an `ActorPoolStrategy` of N
+actors, one GPU each when there are GPUs): an actor loads the model once and then encodes one shard per call; a
+killed actor is restarted and its shard retried by Ray; workers may join from other machines (`--ray-address
+ADDRESS`). Ray is an
 optional extra (`pip install 'embedkit[ray]'`), imported only when `--ray` is given.
 
 The output is a folder of shards:
