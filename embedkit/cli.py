@@ -24,7 +24,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -46,7 +45,7 @@ from embedkit.launch import (NNODES_OPTION, NODE_RANK_OPTION, NPROC_HELP, RAY_AD
                              SHARD_SIZE_OPTION, end_launched_process, processes, report_error)
 from embedkit.mine.cli import mine_command
 from embedkit.llm.cli import llm_app
-from embedkit.models.ray_encode import VectorShards, check_ray_options, encode_to_shards, ray_settings
+from embedkit.models.ray_encode import check_ray_options, encode_to_npy_on_ray, encode_to_shards, ray_settings
 from embedkit.models.registry import EMBEDDED_MODELS, SMOLLM2_DIST, embedkit_home, minilm_path, smollm2_path
 from embedkit.packages import DEFAULT_PACKAGES, install_package
 from embedkit.pipeline import DemoSettings, render_summary, run_demo
@@ -292,22 +291,19 @@ def _encode_on_ray(model: str, texts: list[str], ids: list[str], output: Path, s
     """`embedkit encode --ray`: shards into a folder (kept), or into OUTPUT.shards/ joined into OUTPUT.npy."""
     from embedkit.models import load_model
 
-    to_npy = output.suffix.lower() == ".npy"
-    folder = output.with_name(output.name + ".shards") if to_npy else output
     encoder = load_model(model, dtype=dtype, max_length=max_length, device="cpu")  # the actors take it from here
-    report = encode_to_shards(encoder, ids, texts, folder, kind=kind, batch_size=batch_size, normalize=normalize,
-                              settings=settings)
-    shards = VectorShards(folder)
+    if output.suffix.lower() == ".npy":
+        report = encode_to_npy_on_ray(encoder, ids, texts, output, kind=kind, batch_size=batch_size,
+                                      normalize=normalize, settings=settings)
+        where = str(output)
+    else:
+        report = encode_to_shards(encoder, ids, texts, output, kind=kind, batch_size=batch_size, normalize=normalize,
+                                  settings=settings)
+        where = f"{output}/ (shard-NNNNN.npy + .ids.json)"
     done = (f"{len(report.encoded)} of {report.shards} shards encoded on {report.workers} Ray workers in "
             f"{report.seconds:.1f} s ({report.texts_per_s:.1f} texts/s)" if report.encoded
             else f"all {report.shards} shards were already there")
-    if to_npy:
-        shards.write_npy(output)
-        shutil.rmtree(folder)
-        where = str(output)
-    else:
-        where = f"{output}/ (shard-NNNNN.npy + .ids.json)"
-    typer.echo(f"wrote {shards.n} x {shards.dim} vectors to {where} (model {encoder.name}, pooling "
+    typer.echo(f"wrote {report.count} x {encoder.dim} vectors to {where} (model {encoder.name}, pooling "
                f"{encoder.pooling}, fingerprint {encoder.fingerprint[:12]}); {done}")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +23,7 @@ import numpy as np
 from embedkit.atomic import atomic_path
 from embedkit.eval.runner import default_cache_dir, embedding_cache_path, ranks_agree
 from embedkit.mine.vectors import NpyFileSource, NpyWriter
-from embedkit.models.ray_encode import RaySettings, VectorShards, encode_to_shards
+from embedkit.models.ray_encode import RaySettings, encode_to_npy_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,5 @@ def _encode(encoder, ids: list[str], texts: list[str], target: Path, *, batch_si
     if ray is None:
         encode_to_npy(encoder, texts, target, kind="document", batch_size=batch_size, progress=progress)
         return
-    folder = target.with_name(target.name + ".shards")
-    encode_to_shards(encoder, ids, texts, folder, kind="document", batch_size=batch_size, normalize=True,
-                     settings=ray, progress=progress)
-    VectorShards(folder).write_npy(target)
-    shutil.rmtree(folder)
+    encode_to_npy_on_ray(encoder, ids, texts, target, kind="document", batch_size=batch_size, normalize=True,
+                         settings=ray, progress=progress)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +345,26 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
     if sorted(done) != plan.missing:
         raise RuntimeError(f"Ray returned shards {sorted(done)}, expected {plan.missing}")
     return EncodeReport(plan.folder, plan.shards, sorted(done), len(texts), n_done, seconds, workers)
+
+
+def shards_beside(target: str | Path) -> Path:
+    """The shard folder of a result written at `target` (a .npy, a RAG index): `<target>.shards/`, kept until the
+    result is complete so that an interrupted run resumes from it."""
+    target = Path(target)
+    return target.with_name(target.name + ".shards")
+
+
+def encode_to_npy_on_ray(encoder: Any, ids: Sequence[str], texts: Sequence[str], target: str | Path, *, kind: str,
+                         batch_size: int, normalize: bool = True, settings: RaySettings | None = None,
+                         progress: bool = True) -> EncodeReport:
+    """`encode_to_shards` into `shards_beside(target)`, joined into the .npy `target`, the shards removed once it
+    is written (`embedkit encode -o X.npy --ray`, the mining cache's entries)."""
+    folder = shards_beside(target)
+    report = encode_to_shards(encoder, ids, texts, folder, kind=kind, batch_size=batch_size, normalize=normalize,
+                              settings=settings, progress=progress)
+    VectorShards(folder).write_npy(target)
+    shutil.rmtree(folder)
+    return report
 
 
 class VectorShards:

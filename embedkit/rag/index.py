@@ -50,7 +50,7 @@ from embedkit.errors import ConfigError, DataError, ModelError
 from embedkit.eval.metrics import trec_order
 from embedkit.eval.runner import rerank_run
 from embedkit.manifest import MANIFEST_NAME, base_manifest, device_fields, sha256_texts
-from embedkit.models.ray_encode import RaySettings, VectorShards, encode_to_shards
+from embedkit.models.ray_encode import RaySettings, VectorShards, encode_to_shards, shards_beside
 from embedkit.models.registry import EMBEDDED_MODELS
 from embedkit.rag.bm25 import BM25_DIR, Bm25Index, bm25_available
 from embedkit.rag.filters import Filter, parse_filter
@@ -570,7 +570,7 @@ def build_index(
     check_store_index_type(store, kind)
     log.log(level, "encoding %d documents with %s", len(docs), getattr(encoder, "name", "the model"))
     t0 = time.perf_counter()
-    shards = output.with_name(output.name + ".shards")
+    shards = shards_beside(output)
     on_ray: dict[str, Any] = {}
     if ray is None:
         vectors = encode_texts(encoder, [d.embed_text for d in docs], "document", batch_size)
