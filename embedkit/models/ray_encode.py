@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -255,6 +256,29 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
+def _clear_frames(error: BaseException) -> None:
+    """Clear the finished frames of an error and of the errors it came from (a log record may keep them)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]
+
+
+def _wait_for_cores(ray, free_before: float, wait_s: float = 30.0) -> None:
+    """After a failed job: collect its leftovers, then wait (bounded) until the cores free before it are free again."""
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0.0) < free_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 @dataclass
 class EncodeReport:
     folder: Path
@@ -305,6 +329,7 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
         cpus = max(1, min(int(resources.get("CPU", 1)) // workers, node_cpus)) if not gpus else 1
         import ray.data
 
+        free_before = ray.available_resources().get("CPU", 0.0)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         # The model goes to the object store once (from the CPU; the driver's copy goes back where it was), and
@@ -325,20 +350,35 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
         started = time.perf_counter()
         done: list[int] = []
         n_done = 0
-        for row in encoded.iter_rows():
-            k, dim = int(row["shard"]), int(row["dim"])
-            vectors = np.frombuffer(row["vectors"], dtype="<f4").reshape(-1, dim)
-            if vectors.shape[0] != len(texts[k * size:(k + 1) * size]):
-                raise RuntimeError(f"shard {k}: {vectors.shape[0]} vectors for {len(texts[k * size:(k + 1) * size])} "
-                                   "texts")
-            write_shard(plan.folder, k, ids[k * size:(k + 1) * size], vectors)
-            done.append(k)
-            n_done += vectors.shape[0]
-            elapsed = time.perf_counter() - started
-            log.log(level, "shard %d done: %d/%d shards, %s texts, %.1f texts/s", k,
-                    plan.shards - len(plan.missing) + len(done), plan.shards, f"{n_done:,}",
-                    n_done / elapsed if elapsed > 0 else 0.0)
+        failure: RuntimeError | None = None
+        try:
+            for row in encoded.iter_rows():
+                k, dim = int(row["shard"]), int(row["dim"])
+                vectors = np.frombuffer(row["vectors"], dtype="<f4").reshape(-1, dim)
+                if vectors.shape[0] != len(texts[k * size:(k + 1) * size]):
+                    raise RuntimeError(f"shard {k}: {vectors.shape[0]} vectors for "
+                                       f"{len(texts[k * size:(k + 1) * size])} texts")
+                write_shard(plan.folder, k, ids[k * size:(k + 1) * size], vectors)
+                done.append(k)
+                n_done += vectors.shape[0]
+                elapsed = time.perf_counter() - started
+                log.log(level, "shard %d done: %d/%d shards, %s texts, %.1f texts/s", k,
+                        plan.shards - len(plan.missing) + len(done), plan.shards, f"{n_done:,}",
+                        n_done / elapsed if elapsed > 0 else 0.0)
+        except Exception as exc:
+            failure = RuntimeError(f"Ray encode failed: {exc}")
+            _clear_frames(exc)
         seconds = time.perf_counter() - started
+        # Ray Data lets a job's actors go by dropping its references (no `ray.kill`), and references outlive the
+        # job (Ray's error holds some; a restarted actor's lineage others) until some later garbage collection: in
+        # a Ray session the caller keeps (a notebook, a retry loop, a test) the next job then waits for cores a
+        # finished job still holds, which is how a resume after a failure hung for 30 minutes. So the job and
+        # Ray's error are dropped and collected here, and the cores waited for, before this returns or raises (a
+        # plain error with Ray's text).
+        del encoded, dataset
+        _wait_for_cores(ray, free_before)
+        if failure is not None:
+            raise failure
     finally:
         if started_ray:
             ray.shutdown()
