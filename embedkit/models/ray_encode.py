@@ -31,6 +31,7 @@ tests check max |diff| <= 1e-6).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -270,9 +271,7 @@ def _clear_frames(error: BaseException) -> None:
 
 
 def _wait_for_cores(ray, free_before: float, wait_s: float = 30.0) -> None:
-    """After a failed job: collect its leftovers, then wait (bounded) until the cores free before it are free again."""
-    import gc
-
+    """After a job: collect its leftovers, then wait (bounded) until the cores free before it are free again."""
     gc.collect()
     deadline = time.monotonic() + wait_s
     while ray.available_resources().get("CPU", 0.0) < free_before and time.monotonic() < deadline:
