@@ -369,11 +369,11 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
             _clear_frames(exc)
         seconds = time.perf_counter() - started
         # Ray Data lets a job's actors go by dropping its references (no `ray.kill`), and references outlive the
-        # job (Ray's error holds some; a restarted actor's lineage others) until some later garbage collection: in
-        # a Ray session the caller keeps (a notebook, a retry loop, a test) the next job then waits for cores a
-        # finished job still holds, which is how a resume after a failure hung for 30 minutes. So the job and
-        # Ray's error are dropped and collected here, and the cores waited for, before this returns or raises (a
-        # plain error with Ray's text).
+        # job until some later garbage collection: Ray's error and its traceback hold some (a log record with
+        # exc_info keeps the error), a restarted actor's lineage others. In a Ray session the caller keeps (a
+        # notebook, a retry loop, a test) the next job then waits for cores a finished job still holds, which is
+        # how a resume after a failure hung for 30 minutes. So the job and Ray's error are dropped and collected
+        # here, and the cores waited for, before this returns or raises (a plain error with Ray's text).
         del encoded, dataset
         _wait_for_cores(ray, free_before)
         if failure is not None:
