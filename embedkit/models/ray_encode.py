@@ -195,10 +195,13 @@ class ShardEncoder:
     per call. On a GPU actor the model moves to that GPU."""
 
     def __init__(self, encoder: Any, kind: str, batch_size: int, normalize: bool, threads: int | None = None,
-                 crash_once: str | None = None, fail_on: str | None = None) -> None:
+                 crash_once: str | None = None, fail_on: str | None = None, registry: Any = None) -> None:
         import ray
         import torch
 
+        if registry is not None:  # so the driver can end this actor when the job is over (see encode_to_shards)
+            context = ray.get_runtime_context()
+            ray.get(registry.add.remote(context.get_actor_id(), context.current_actor))
         if isinstance(encoder, ray.ObjectRef):
             encoder = ray.get(encoder)
         if threads:
@@ -255,6 +258,34 @@ def _connect(ray, address: str | None) -> bool:
         raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {exc}".splitlines()[0],
                           field="ray") from None
     return True
+
+
+class ActorRegistry:
+    """A zero-CPU Ray actor that the job's model actors join when they start, so that the driver holds a handle to
+    each and can end them (`ray.kill`) when the job is over: Ray Data gives no handle out."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, Any] = {}
+
+    def add(self, actor_id: str, handle: Any) -> None:
+        self.actors[actor_id] = handle  # a restarted actor joins again under the same id
+
+    def handles(self) -> list[Any]:
+        return list(self.actors.values())
+
+
+def _end_actors(ray, registry: Any) -> None:
+    """End the job's model actors and the registry (an actor already gone is fine)."""
+    try:
+        handles = ray.get(registry.handles.remote(), timeout=30)
+    except Exception as exc:  # the registry itself lost: nothing to end by hand, the wait below still bounds
+        log.debug("Ray actor registry unavailable: %s", exc)
+        handles = []
+    for handle in [*handles, registry]:
+        try:
+            ray.kill(handle)
+        except Exception as exc:
+            log.debug("ray.kill: %s", exc)
 
 
 def _clear_frames(error: BaseException) -> None:
@@ -336,6 +367,7 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
         where = encoder.device
         model_ref = ray.put(encoder.to("cpu"))
         encoder.to(where)
+        registry = ray.remote(num_cpus=0)(ActorRegistry).remote()
         items = [{"shard": k, "texts": texts[k * size:(k + 1) * size]} for k in plan.missing]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         encoded = dataset.map_batches(
@@ -343,7 +375,8 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
             num_cpus=cpus, num_gpus=gpus,
             fn_constructor_kwargs={"encoder": model_ref, "kind": kind, "batch_size": batch_size,
                                    "normalize": normalize, "threads": None if gpus else cpus,
-                                   "crash_once": os.environ.get(CRASH_ENV), "fail_on": os.environ.get(FAIL_ENV)})
+                                   "crash_once": os.environ.get(CRASH_ENV), "fail_on": os.environ.get(FAIL_ENV),
+                                   "registry": registry})
         log.log(level, "encoding %d shards of %d texts on %d Ray workers (%s each)", len(plan.missing), size,
                 workers, f"{gpus:g} GPU" if gpus else f"{cpus} CPU")
         started = time.perf_counter()
@@ -369,12 +402,15 @@ def encode_to_shards(encoder: Any, ids: Sequence[str], texts: Sequence[str], fol
             _clear_frames(exc)
         seconds = time.perf_counter() - started
         # Ray Data lets a job's actors go by dropping its references (no `ray.kill`), and references outlive the
-        # job until some later garbage collection: Ray's error and its traceback hold some (a log record with
-        # exc_info keeps the error), a restarted actor's lineage others. In a Ray session the caller keeps (a
-        # notebook, a retry loop, a test) the next job then waits for cores a finished job still holds, which is
-        # how a resume after a failure hung for 30 minutes. So the job and Ray's error are dropped and collected
-        # here, and the cores waited for, before this returns or raises (a plain error with Ray's text).
+        # job until some later garbage collection, or longer: Ray's error and its traceback hold some (a log record
+        # with exc_info keeps the error), the lineage of the blocks an actor made others. In a Ray session the
+        # caller keeps (a notebook, a retry loop, a test) the next job then waits for cores a finished job still
+        # holds: a resume after a failure hung 30 minutes (CI, stop 41), and with the references dropped and
+        # collected, still found no core free (CI, stop 42). So the driver ends the job's actors itself (their
+        # handles come from the registry they joined) and waits, bounded, for the cores before it returns or
+        # raises (a plain error with Ray's text). The shards are written by then, so no lineage is needed.
         del encoded, dataset
+        _end_actors(ray, registry)
         _wait_for_cores(ray, free_before)
         if failure is not None:
             raise failure
