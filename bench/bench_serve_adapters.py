@@ -1,6 +1,7 @@
 """Many LoRA adapters on one served base against one merged model: memory (RSS) and mixed-adapter throughput.
 
-    .venv/bin/python bench/bench_serve_adapters.py [--adapters 8] [--texts 2000] [--rank 16] [--json out.json]
+    .venv/bin/python bench/bench_serve_adapters.py [--adapters 8] [--texts 2000] [--rank 16] [--json out.json] \
+        [--record bench/records/serve/adapters-minilm.json]
 
 Issue #34's acceptance: 8 adapters on one served base within 1.5x the memory of one model, and a load spread over
 the adapters within 0.8x the throughput of one merged model.
@@ -15,7 +16,8 @@ the adapters within 0.8x the throughput of one merged model.
 - Throughput: the app in-process (BackgroundServer) at concurrency 1 and 8, requests of --batch texts: base + N
   adapters with requests round-robin over the adapters, and the merged model alone; texts/s, medians of --repeats.
 
-Prints one JSON object (and writes it with --json); nothing here is a record until it is saved under bench/records/.
+Prints one JSON object (and writes it with --json, and as a record with --record), with the verdict against the
+issue's two targets.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from bench_serve import load_texts  # noqa: E402
 from cpuinfo import describe  # noqa: E402
+from record import write_record  # noqa: E402
 
 CONCURRENCIES = (1, 8)
 
@@ -134,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--record", type=Path, help="write a record (bench/record.py) here")
     parser.add_argument("--child", choices=["adapters", "merged"], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,9 +172,14 @@ def main() -> None:
         "texts_per_s": {"mixed_adapters": mixed, "merged": merged},
         "throughput_ratio": {c: mixed[c] / merged[c] for c in mixed},
     }
+    # Issue #34's targets: RSS of N adapters on one base <= 1.5x one merged model; mixed-adapter throughput >= 0.8x.
+    result["verdict"] = {"memory_within_1.5x": result["rss_ratio"] <= 1.5,
+                         "throughput_within_0.8x": all(r >= 0.8 for r in result["throughput_ratio"].values())}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.record:
+        write_record(args.record, result, command=" ".join(["bench/bench_serve_adapters.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from embedkit.errors import ModelError  # noqa: E402
+from embedkit.errors import DataError, ModelError  # noqa: E402
 from embedkit.export.onnx import ExportError  # noqa: E402
 import embedkit.export.openvino as ov_export  # noqa: E402
 from embedkit.export.openvino import (FP32_IR, INT8_IR, OPENVINO_CONFIG_NAME, PAD_TO_MULTIPLE_OF,  # noqa: E402
@@ -159,6 +159,31 @@ def test_serve_refuses_a_changed_weights_file_and_the_wrong_backend(ov_int8, tmp
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="sha256"):
         load_backends([str(changed)])
+
+
+def test_another_graph_of_the_same_model_has_another_fingerprint(ov_int8, tmp_path):
+    """Catches a fingerprint made of the source model and the variant only: two int8 IRs of one model calibrated on
+    other texts shared it, so `embedkit eval` served the second the first one's cached document vectors."""
+    from embedkit.eval import runner as eval_runner
+    from embedkit.export.openvino import OpenVinoEncoder
+
+    out, _ = ov_int8
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    weights = changed / "model_int8.bin"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the last weights zeroed: a graph that loads and gives other vectors
+    weights.write_bytes(bytes(data))
+    first, second = OpenVinoEncoder(out), OpenVinoEncoder(changed)
+    assert first.fingerprint != second.fingerprint
+    assert first.fingerprint == OpenVinoEncoder(out).fingerprint  # stable across loads
+    texts = ["a query about asthma", "a longer document about the treatment of asthma in children"] * 3
+    ids = [f"d{i}" for i in range(len(texts))]
+    cache = tmp_path / "cache"
+    got = [eval_runner.encode_cached(enc, ids, texts, kind="document", batch_size=4, cache_dir=cache,
+                                     use_cache=True)[0] for enc in (first, second)]
+    fresh = second.encode(texts, "document", 4)
+    assert np.abs(got[1] - fresh).max() <= 1e-6
 
 
 def test_eval_on_the_export_uses_openvino(ov_int8, tmp_path):
@@ -352,3 +377,23 @@ def test_eval_picks_the_runtime_from_the_manifest(ov_fp32, st_bert, tmp_path):
     assert type(load_exported_encoder(ov_dir)) is OpenVinoEncoder
     with pytest.raises(ModelError, match="not an export folder"):
         load_exported_encoder(st_bert)
+
+
+def test_int8_calibrates_on_stsb_when_the_model_names_no_data(monkeypatch, caplog):
+    """Catches int8 calibrated on builtin-40's 80 one-line texts (SciFact nDCG@10 -0.0068 vs fp32, the 0.005 bound
+    missed; bench/records/cpu/calibration-minilm.json), and a model's own data replaced by STS-B."""
+    from embedkit.export.checkset import CheckSet, builtin_check_set
+
+    wider = ov_export.calibration_set(builtin_check_set())
+    assert wider.name == "stsb-paraphrase-test" and len(wider.queries) + len(wider.corpus) >= 300
+    own = CheckSet("team-dev", {"q": "a query"}, {"d": "a document"}, {"q": {"d": 1}}, "the model's dev data")
+    assert ov_export.calibration_set(own) is own  # a team's own data, however small, is kept
+
+    def missing(spec):
+        raise DataError("STS-B is not installed")
+
+    monkeypatch.setattr(ov_export, "load_check_set", missing)
+    builtin = builtin_check_set()
+    with caplog.at_level("WARNING"):
+        assert ov_export.calibration_set(builtin) is builtin
+    assert "embedkit models fetch stsb" in caplog.text

@@ -103,7 +103,8 @@ def test_int8_export_reports_ranking_agreement_and_what_it_came_from(rerank_expo
     # recompute the agreement independently of the exporter, on the same check pairs
     pairs = check_pairs(builtin_check_set())
     int8 = OnnxReranker(out)
-    assert int8.variant == "int8" and int8.fingerprint.endswith(":int8")
+    assert int8.variant == "int8"
+    assert int8.fingerprint == f"{source.fingerprint}:int8:{int8.graph_sha256()[:16]}"  # the graph's own hash in it
     reference = source.score(pairs.queries, pairs.documents, logits=True)
     got = int8.score(pairs.queries, pairs.documents, logits=True)
     assert ranking_agreement(reference, got, pairs.groups)["spearman"] == pytest.approx(parity["int8_spearman"])
