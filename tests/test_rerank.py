@@ -323,3 +323,38 @@ def test_length_sorted_chunks_give_the_logits_of_one_forward_in_pair_order(tmp_p
         whole = reranker(reranker.collate(ids, types))
     assert used and used[-1]
     assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_a_cpu_batch_goes_in_forwards_of_at_most_the_token_cap_in_pair_order(tmp_path, tiny_bert_dir, monkeypatch):
+    """Bug caught: a CPU training step ran every pair of its batch in one forward, 0.85x sentence-transformers'
+    rows/s (its loss runs one forward per column of pairs); and chunks returned out of the pairs' order."""
+    from embedkit.data.tuples import read_examples
+    from embedkit.train import rerank
+    from embedkit.train.gradcache import DirectRunner
+
+    recipe = _recipe(tiny_bert_dir, "x.jsonl", tmp_path / "o", training={"length_chunk": None})
+    torch.manual_seed(0)
+    reranker = Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).eval()
+    examples = list(read_examples(_pairs_file(tmp_path / "rows.jsonl")))
+    pairs = rerank.prepare_pairs(reranker, examples, 3, False)
+    step = rerank.RerankStep(recipe, reranker, None, pairs)
+    ids = [i for row in pairs.ids for i in row]
+    types = [t for row in pairs.type_ids for t in row]
+    longest = max(len(x) for x in ids)
+    monkeypatch.setattr(rerank, "CPU_FORWARD_TOKENS", 2 * longest)  # two pairs a forward
+    widths = []
+
+    def counting(features):
+        widths.append(features["input_ids"].shape[0])
+        return reranker(features)
+
+    with torch.no_grad():
+        chunked = step._logits(DirectRunner(counting), ids, types)
+        whole = reranker(reranker.collate(ids, types))
+    assert len(ids) > 2 and max(widths) <= 2 and sum(widths) == len(ids)
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    monkeypatch.setattr(rerank, "CPU_FORWARD_TOKENS", len(ids) * longest)  # all fit: one forward
+    widths.clear()
+    with torch.no_grad():
+        step._logits(DirectRunner(counting), ids, types)
+    assert widths == [len(ids)]

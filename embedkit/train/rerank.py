@@ -132,6 +132,16 @@ def prepare_pairs(reranker: Reranker, examples: list, k: int, distillation: bool
     return PairData(ids, types, valid, teacher, duplicates)
 
 
+# Tokens per forward when training on a CPU. One forward over a whole batch (the bench's 16 rows x 8 pairs x 256
+# tokens) keeps every layer's activations, attention's included, far beyond the CPU's caches; the same pairs in
+# forwards of 16 pairs (4,096 tokens) ran forward + backward in 17.4 s instead of 21.7 s (MiniLM, 2 threads, AMD
+# EPYC with AVX-512; sentence-transformers' model alike: 16.6 s vs 20.8 s, its listwise loss runs one forward per
+# column of 16 pairs), the gap that made embedkit's trainer 0.85x its rows/s (docs/rerank.md). A property of the
+# CPU's memory, not of the data: the cap is in tokens (of the batch's longest pair), so a batch of short pairs goes
+# in larger groups. GPUs keep one forward.
+CPU_FORWARD_TOKENS = 4096
+
+
 class RerankStep(StepBase):
     name = "rerank"
 
@@ -162,15 +172,21 @@ class RerankStep(StepBase):
         return record
 
     def _logits(self, engine: Engine, ids: list[list[int]], types: list[list[int]]) -> torch.Tensor:
-        """The pairs' logits with autograd, in their order: one forward, or length-sorted chunks of
-        `training.length_chunk` rows' pairs, each padded to its own longest, when that removes enough padding (the
-        bi-encoder's rule, `chunking_saves`). A row's positive and negatives differ in length, and one forward pads
-        every pair of the batch to the longest; the logits are the same either way (the attention mask makes each
-        pair independent), only the dropout masks are drawn differently."""
+        """The pairs' logits with autograd, in their order: one forward, or length-sorted chunks, each padded to its
+        own longest: of `training.length_chunk` rows' pairs when that removes enough padding (the bi-encoder's rule,
+        `chunking_saves`: a row's positive and negatives differ in length, and one forward pads every pair of the
+        batch to the longest), and on a CPU of at most CPU_FORWARD_TOKENS tokens. The logits are the same either way
+        (the attention mask makes each pair independent), only the dropout masks are drawn differently."""
         size = (self.recipe.training.length_chunk or 0) * (1 + self.recipe.loss.hard_negatives)
-        if not size or not chunking_saves(ids, size):
+        chunk = size if size and chunking_saves(ids, size) else 0
+        if self.reranker.device.type == "cpu":
+            cap = max(1, CPU_FORWARD_TOKENS // max(len(x) for x in ids))
+            if len(ids) > cap:
+                chunk = min(chunk or cap, cap)
+        if not chunk:
             with engine.autocast():
                 return engine.model(self.reranker.collate(ids, types)).float()
+        size = chunk
         order: list[int] = []
         parts = []
         for chunk in length_sorted_batches(ids, size):
