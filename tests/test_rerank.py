@@ -299,10 +299,23 @@ def test_eval_cli_refuses_an_embedding_model_as_reranker(tmp_path, st_bert):
     assert "not a reranker" in result.output and not (tmp_path / "r.json").exists()
 
 
+def _step_and_pairs(tmp_path, tiny_bert_dir, length_chunk):
+    """A RerankStep over the tiny rows (3 negatives each), its reranker in eval mode, and the pairs' ids and types."""
+    from embedkit.data.tuples import read_examples
+    from embedkit.train import rerank
+
+    recipe = _recipe(tiny_bert_dir, "x.jsonl", tmp_path / "o", training={"length_chunk": length_chunk})
+    torch.manual_seed(0)
+    reranker = Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).eval()
+    examples = list(read_examples(_pairs_file(tmp_path / "rows.jsonl")))
+    pairs = rerank.prepare_pairs(reranker, examples, 3, False)
+    step = rerank.RerankStep(recipe, reranker, None, pairs)
+    return (step, reranker, [i for row in pairs.ids for i in row], [t for row in pairs.type_ids for t in row])
+
+
 def test_length_sorted_chunks_give_the_logits_of_one_forward_in_pair_order(tmp_path, tiny_bert_dir, monkeypatch):
     """Bug caught: the chunked forward returns the logits in length order, not the pairs' order, so positives and
     negatives swap columns in the loss."""
-    from embedkit.data.tuples import read_examples
     from embedkit.train import gradcache, rerank
     from embedkit.train.gradcache import DirectRunner
 
@@ -310,14 +323,7 @@ def test_length_sorted_chunks_give_the_logits_of_one_forward_in_pair_order(tmp_p
     used = []
     monkeypatch.setattr(rerank, "chunking_saves", lambda ids, size: used.append(gradcache.chunking_saves(ids, size))
                         or used[-1])
-    recipe = _recipe(tiny_bert_dir, "x.jsonl", tmp_path / "o", training={"length_chunk": 1})
-    torch.manual_seed(0)
-    reranker = Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).eval()
-    examples = list(read_examples(_pairs_file(tmp_path / "rows.jsonl")))
-    pairs = rerank.prepare_pairs(reranker, examples, 3, False)
-    step = rerank.RerankStep(recipe, reranker, None, pairs)
-    ids = [i for row in pairs.ids for i in row]
-    types = [t for row in pairs.type_ids for t in row]
+    step, reranker, ids, types = _step_and_pairs(tmp_path, tiny_bert_dir, length_chunk=1)
     with torch.no_grad():
         chunked = step._logits(DirectRunner(reranker), ids, types)
         whole = reranker(reranker.collate(ids, types))
@@ -328,18 +334,10 @@ def test_length_sorted_chunks_give_the_logits_of_one_forward_in_pair_order(tmp_p
 def test_a_cpu_batch_goes_in_forwards_of_at_most_the_token_cap_in_pair_order(tmp_path, tiny_bert_dir, monkeypatch):
     """Bug caught: a CPU training step ran every pair of its batch in one forward, 0.85x sentence-transformers'
     rows/s (its loss runs one forward per column of pairs); and chunks returned out of the pairs' order."""
-    from embedkit.data.tuples import read_examples
     from embedkit.train import rerank
     from embedkit.train.gradcache import DirectRunner
 
-    recipe = _recipe(tiny_bert_dir, "x.jsonl", tmp_path / "o", training={"length_chunk": None})
-    torch.manual_seed(0)
-    reranker = Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).eval()
-    examples = list(read_examples(_pairs_file(tmp_path / "rows.jsonl")))
-    pairs = rerank.prepare_pairs(reranker, examples, 3, False)
-    step = rerank.RerankStep(recipe, reranker, None, pairs)
-    ids = [i for row in pairs.ids for i in row]
-    types = [t for row in pairs.type_ids for t in row]
+    step, reranker, ids, types = _step_and_pairs(tmp_path, tiny_bert_dir, length_chunk=None)
     longest = max(len(x) for x in ids)
     monkeypatch.setattr(rerank, "CPU_FORWARD_TOKENS", 2 * longest)  # two pairs a forward
     widths = []
