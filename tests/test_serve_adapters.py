@@ -96,6 +96,25 @@ def test_each_adapter_serves_its_merged_models_vectors(which, st_bert, tiny_llam
         assert np.abs(legal - med).max() > 1e-2 and np.abs(legal - plain).max() > 1e-2
 
 
+def test_a_served_adapter_call_adds_its_low_rank_product_in_place(st_bert, bert_adapters, monkeypatch):
+    """Bug caught: served calls through PEFT's own LoRA forward, whose two output-sized temporaries made 8 adapters
+    serve at 0.62x a merged model (bench/records/serve/adapters-minilm.json); the in-place sum must give the merged
+    model's vectors, and the base alone (adapters disabled) still goes through PEFT."""
+    from fastapi.testclient import TestClient
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    peft_calls = []
+    peft_forward = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda self, *a, **k: peft_calls.append(1) or peft_forward(self, *a, **k))
+    with TestClient(_app(st_bert, bert_adapters)) as client:
+        peft_calls.clear()  # start-up's probe checks included
+        got = _embed(client, "legal")
+        assert not peft_calls
+        assert np.abs(got - merged_vectors(st_bert, bert_adapters["legal"])).max() < 1e-5
+        _embed(client, "base")
+        assert peft_calls
+
+
 def test_a_mixed_request_stream_gets_each_requests_own_adapter(st_bert, bert_adapters):
     """Bug caught: a model call mixing adapters (one batcher for all, or two batchers switching the active adapter
     under each other's forward): concurrent requests for base, legal and med must each get their own vectors."""
