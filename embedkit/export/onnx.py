@@ -163,8 +163,10 @@ class OnnxGraph:
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.session = self.open_runtime(threads=threads, device=device)
         # The graph's own hash too: two int8 exports of one model (another calibration set, another embedkit)
-        # give other vectors, and eval's embedding cache and a RAG index key on this fingerprint.
-        self.fingerprint += f":{self.graph_sha256()[:16]}"
+        # give other vectors, and eval's embedding cache and a RAG index key on this fingerprint. Hashed once, at
+        # load; `embedkit serve` compares the same value with the manifest's.
+        self.graph_hash = self.graph_sha256()
+        self.fingerprint += f":{self.graph_hash[:16]}"
 
     # The two places where the runtime shows: a runtime for another format of the same graph (OpenVINO IR,
     # embedkit.export.openvino) overrides them and keeps the rest (config, tokenizer, batching).

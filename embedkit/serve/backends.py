@@ -271,7 +271,7 @@ class OnnxBackend(ServeBackend):
         recorded = (graphs.get(self.encoder.variant) or {}).get("sha256")
         if not isinstance(recorded, str) or not recorded:
             return None
-        actual = self.encoder.graph_sha256()
+        actual = self.encoder.graph_hash  # hashed when the folder was loaded
         return FingerprintCheck(actual == recorded, f"{self.encoder.graph_path.name} sha256", recorded, actual,
                                 str(source))
 

@@ -177,16 +177,15 @@ class RerankStep(StepBase):
         `chunking_saves`: a row's positive and negatives differ in length, and one forward pads every pair of the
         batch to the longest), and on a CPU of at most CPU_FORWARD_TOKENS tokens. The logits are the same either way
         (the attention mask makes each pair independent), only the dropout masks are drawn differently."""
-        size = (self.recipe.training.length_chunk or 0) * (1 + self.recipe.loss.hard_negatives)
-        chunk = size if size and chunking_saves(ids, size) else 0
+        rows = (self.recipe.training.length_chunk or 0) * (1 + self.recipe.loss.hard_negatives)
+        size = rows if rows and chunking_saves(ids, rows) else 0
         if self.reranker.device.type == "cpu":
             cap = max(1, CPU_FORWARD_TOKENS // max(len(x) for x in ids))
             if len(ids) > cap:
-                chunk = min(chunk or cap, cap)
-        if not chunk:
+                size = min(size or cap, cap)
+        if not size:
             with engine.autocast():
                 return engine.model(self.reranker.collate(ids, types)).float()
-        size = chunk
         order: list[int] = []
         parts = []
         for chunk in length_sorted_batches(ids, size):
