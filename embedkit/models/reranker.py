@@ -110,6 +110,9 @@ class Reranker(nn.Module):
         self.uses_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self._fingerprint: str | None = None
         self.base_model = base_model or {"name": name, "path": source_path, "fingerprint": self.fingerprint}
+        # The weights `from_pretrained` initialised because the start folder does not hold them (names as in this
+        # module's named_parameters): a cross-encoder's new one-logit head. What `training.head_lr` trains.
+        self.new_parameter_names: frozenset[str] = frozenset()
 
     def _check_backbone(self, model: nn.Module, source_path: str | None) -> None:
         if getattr(model.config, "num_labels", 1) != 1:
@@ -159,7 +162,8 @@ class Reranker(nn.Module):
         if kind != "reranker":
             kwargs.update(num_labels=1)  # a new head: from torch's RNG, which training seeds
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(weights, **kwargs)
+            model, loading = AutoModelForSequenceClassification.from_pretrained(weights, output_loading_info=True,
+                                                                                **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load a sequence-classification model: {exc}".splitlines()[0],
                              path=weights) from exc
@@ -172,6 +176,10 @@ class Reranker(nn.Module):
         base = manifest.get("base_model") if kind == "reranker" else None
         reranker = cls(model, tokenizer, max_length=int(chosen), name=str(name_or_path), source_path=str(path),
                        base_model=base)
+        # transformers' missing keys are the new weights: the classifier of an embedding-model start (and BERT's
+        # pooler where the checkpoint has none; all-MiniLM-L6-v2's has one), nothing for a trained cross-encoder.
+        names = {name for name, _ in reranker.named_parameters()}
+        reranker.new_parameter_names = frozenset(f"backbone.{key}" for key in loading["missing_keys"]) & names
         target = resolve_device(device, field="device")
         return reranker.to(target) if target.type != "cpu" else reranker
 

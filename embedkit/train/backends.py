@@ -43,15 +43,30 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, training) -> list[dict]:
+    """AdamW's parameter groups, for every backend: decayed and not decayed (biases and norm weights, the usual
+    BERT/HF rule) at `training.lr`. With `training.head_lr` (reranker recipes), the weights the model made new rather
+    than loaded (its `new_parameter_names`: a cross-encoder's one-logit head) go in groups of their own at head_lr,
+    after the others (the logged lr stays the first group's); their `lr_scale` (head_lr / lr) is what
+    `restart_optimizer` keeps for every phase."""
+    head_lr = getattr(training, "head_lr", None)  # an LLM recipe's training section has none
+    new = set(getattr(model, "new_parameter_names", ())) if head_lr is not None else set()
+    decay, no_decay, new_decay, new_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # Biases and norm weights are not decayed (the usual BERT/HF rule).
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
+        decayed = not (p.ndim < 2 or "norm" in name.lower())
+        if name in new:
+            (new_decay if decayed else new_no_decay).append(p)
+        else:
+            (decay if decayed else no_decay).append(p)
+    wd = training.weight_decay
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if new_decay or new_no_decay:
+        head = {"lr": head_lr, "lr_scale": head_lr / training.lr}
+        groups += [{"params": new_decay, "weight_decay": wd, **head},
+                   {"params": new_no_decay, "weight_decay": 0.0, **head}]
+    return [g for g in groups if g["params"]]
 
 
 def linear_schedule(optimizer, warmup: int, total: int):
@@ -73,10 +88,12 @@ def make_adamw(groups: list[dict], lr: float):
 def restart_optimizer(optimizer, lr: float, warmup: int, total: int):
     """The optimizer as a fresh one would start (AdamW's moments and step counts are made lazily on its next step, as
     for a new AdamW), at `lr`, under a new warmup + linear-decay schedule over `total` steps; returns the schedule.
-    The parameter groups (and, under DeepSpeed, the partitioned fp32 master weights they hold) stay."""
+    The parameter groups (and, under DeepSpeed, the partitioned fp32 master weights they hold) stay; a group with an
+    `lr_scale` (param_groups' new head) starts at lr times it."""
     optimizer.state.clear()
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = lr  # a scheduler only sets initial_lr where it is missing
+        # a scheduler only sets initial_lr where it is missing
+        group["lr"] = group["initial_lr"] = lr * group.get("lr_scale", 1.0)
     return linear_schedule(optimizer, warmup, total)
 
 
@@ -275,7 +292,7 @@ class DataParallelBackend(TrainingBackend):
     def wrap(self, model: nn.Module, extra: list[nn.Parameter]) -> None:
         t = self.engine.training
         self.unwrapped, self.extra = model, extra
-        groups = param_groups(model, t.weight_decay)
+        groups = param_groups(model, t)
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0})
         if not groups:
@@ -478,7 +495,7 @@ class DeepSpeedBackend(ShardedBackend):
         t = self.engine.training
         self.unwrapped, self.extra = model, extra
         self.ds_engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, t.weight_decay), config=self.config)
+            model=model, model_parameters=param_groups(model, t), config=self.config)
         self.model = self.ds_engine
         self.optimizer = self.ds_engine.optimizer
         self._make_extra_optimizer()
@@ -609,7 +626,7 @@ class FSDPBackend(ShardedBackend):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         self.model = model
-        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)  # no fused DTensor kernel
+        self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr)  # no fused DTensor kernel
         self._make_extra_optimizer()
 
     def start_phase(self, lr: float, total_steps: int, warmup: int) -> None:

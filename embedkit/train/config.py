@@ -6,7 +6,8 @@
     data:     {train: pairs.jsonl | beir:DIR:SPLIT, columns: {query: q, positive: p}, max_examples: 1000, dev: beir:DIR:SPLIT}
     loss:     {type: infonce, temperature: 0.05, learn_temperature: false, symmetric: false, hard_negatives: 0, ...}
     training: {output_dir: runs/x, epochs: 1, batch_size: 32, lr: 2e-5, seed: 42, grad_cache: null,
-               gradient_accumulation: 1, mixed_precision: no | bf16 | fp16, report_to: [tensorboard], ...}
+               gradient_accumulation: 1, mixed_precision: no | bf16 | fp16, report_to: [tensorboard],
+               head_lr: null (task: rerank: the lr of a cross-encoder's new head), ...}
     deepspeed: {stage: none | zero2 | zero3, offload_optimizer: false, offload_params: false}
     fsdp:     {enabled: false, offload_params: false, reshard_after_forward: true}   (torch FSDP2, several processes)
     mining:   {online: false, every: epoch | N (steps), range: "10:100", num_negatives: null (= loss.hard_negatives),
@@ -218,6 +219,10 @@ class TrainingSection(EngineTrainingSection):
     # Ignored with grad_cache.
     length_chunk: int | None = Field(8, gt=0)
     drop_last: bool = False
+    # task: rerank only. The lr of the weights the model creates new instead of loading (a cross-encoder's one-logit
+    # head started from an embedding model; Reranker.new_parameter_names); null: lr, as every other weight. With
+    # AdamW a weight moves by about lr a step, so at an encoder's 2e-5 a new head barely moves in a short run.
+    head_lr: float | None = Field(None, gt=0.0)
 
 
 class RerankSection(Section):
@@ -390,6 +395,11 @@ class Recipe(BaseRecipe):
         elif self.loss.type not in _loss_names("embed"):
             raise ValueError(f"loss.type {self.loss.type!r} is a reranker loss: set task: rerank, or use one of "
                              f"{', '.join(_loss_names('embed'))}")
+        # Refused, not ignored: a bi-encoder has no newly initialised head, so the setting would change nothing while
+        # reading as if it did (and `embedkit tune` would search it in vain).
+        if self.task != "rerank" and self.training.head_lr is not None:
+            raise ValueError("training.head_lr is the lr of a reranker's new head: set task: rerank, or remove it "
+                             "(a bi-encoder recipe has no new head)")
         if self.mining.online:
             if self.loss.hard_negatives == 0:
                 raise ValueError("mining.online needs loss.hard_negatives > 0 (how many mined negatives to train on)")

@@ -70,11 +70,21 @@ def build_reranker(recipe: Recipe, device: torch.device | str = "cpu") -> Rerank
         if recipe.rerank.instruction is not None:
             raise ConfigError(f"{m.name} starts a cross-encoder, which has no prompt: rerank.instruction is for the "
                               "yes/no reranker (a causal LM start)", field="rerank.instruction")
+    # head_lr trains the weights the start does not hold; refused, not ignored, where none is new (it would change
+    # nothing while reading as if it did): a yes/no reranker (its logit is the LM head's yes minus no, checked before
+    # a large LM loads) or a trained cross-encoder (its head is loaded).
+    no_head = "no weight is new, so training.head_lr (the lr of a new head) has nothing to train: remove it"
+    if recipe.training.head_lr is not None and kind != "cross-encoder":
+        raise ConfigError(f"{m.name} starts a yes/no reranker, whose logit is its LM head's: {no_head}",
+                          field="training.head_lr")
     reranker = Reranker.from_pretrained(m.name, max_length=m.max_length, dtype=m.dtype, device=str(device),
                                         start=True, instruction=recipe.rerank.instruction,
                                         quantization="nf4" if a.type == "qlora" else None,
                                         sharded_storage=a.type == "qlora"
                                         and backend_class(recipe).flattens_parameters(recipe))
+    if recipe.training.head_lr is not None and not reranker.new_parameter_names:
+        raise ConfigError(f"{m.name} is a trained cross-encoder, whose head is loaded: {no_head}",
+                          field="training.head_lr")
     if a.type == "qlora":
         keep_4bit_layout(reranker.backbone)
     set_dropout(reranker, attention=m.attention_dropout, hidden=m.hidden_dropout)
@@ -335,7 +345,8 @@ def model_card(recipe: Recipe, source: dict, stats: dict, dev: dict | None, mode
              f"- data: {source.get('used')} rows from `{source.get('spec')}`"
              + (f" (sha256 `{source['sha256'][:16]}`)" if source.get("sha256") else ""),
              f"- loss: {stats['loss']}; {lc.hard_negatives} negatives per row",
-             f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}, epochs {t.epochs}"
+             f"- {stats['steps']} steps, batch {t.batch_size}, lr {t.lr}"
+             + (f" (new head {t.head_lr})" if t.head_lr is not None else "") + f", epochs {t.epochs}"
         + (f" (min_steps {t.min_steps})" if t.min_steps else "") + f", seed {t.seed}, "
              f"max length {m.max_length or 'model default'}",
              f"- throughput {stats['samples_per_second']} rows/s, device {stats['device']}",
