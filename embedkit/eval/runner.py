@@ -4,7 +4,9 @@ Retrieval: queries are encoded with kind="query", documents with kind="document"
 exact top-k search by chunked matrix products (or FAISS IndexFlatIP for large corpora); ties broken by
 document id the way trec_eval does, so a run is deterministic. Corpus embeddings are cached on disk under
 `<cache>/embeddings/` keyed by what determines them (model fingerprint, prompts, pooling, max length, corpus
-texts): a second evaluation of the same model on the same corpus only encodes the queries.
+texts): a second evaluation of the same model on the same corpus only encodes the queries. A corpus that misses
+the cache still copies the vectors of the texts an earlier entry of the same model holds and encodes only the others
+(row reuse, `embedkit.eval.rowcache`): a corpus with a few documents added encodes those few.
 STS: both sentences are encoded with kind="query" (a symmetric task: both sides are the same kind of
 text; mteb likewise uses no document prompt for STS), scored by cosine.
 Two stages (`reranker`): each query's first `rerank_top` documents of the bi-encoder's ranking are ordered by the
@@ -33,6 +35,7 @@ from embedkit.errors import ConfigError
 from embedkit.eval.metrics import paired_cosine, retrieval_metrics, sts_metrics, trec_order
 from embedkit.eval.mteb_adapter import run_mteb_task
 from embedkit.eval.report import build_report
+from embedkit.eval.rowcache import ReuseMismatch, RowReuse, find_reuse, text_digests, write_sidecar
 from embedkit.eval.tasks import LoadedTask, TaskSpec, load_task, parse_task_specs
 from embedkit.manifest import sha256_texts
 
@@ -75,22 +78,58 @@ def _encoder_key(encoder: Encoder, kind: str) -> dict[str, Any]:
             "max_length": d.get("max_length"), "dtype": d.get("dtype"), "kind": kind, "normalize": True}
 
 
+def _model_key(encoder: Encoder, kind: str) -> str:
+    return json.dumps(_encoder_key(encoder, kind), sort_keys=True, default=str)
+
+
 def embedding_cache_path(cache_dir: Path, encoder: Encoder, ids: list[str], texts: list[str], kind: str) -> Path:
-    model_key = json.dumps(_encoder_key(encoder, kind), sort_keys=True, default=str)
+    model_key = _model_key(encoder, kind)
     corpus_key = sha256_texts(t for pair in zip(ids, texts) for t in pair)
     key = hashlib.sha256(f"{model_key}\0{corpus_key}".encode()).hexdigest()[:40]
     return Path(cache_dir) / "embeddings" / f"{key}.npy"
 
 
+def embedding_model_tag(encoder: Encoder, kind: str) -> str:
+    """16 hex digits naming the model key (`_encoder_key`) in the names of the row-digest sidecars, so the entries
+    of one model key are found with one glob (`embedkit.eval.rowcache`)."""
+    return hashlib.sha256(_model_key(encoder, kind).encode()).hexdigest()[:16]
+
+
+def plan_row_reuse(encoder: Encoder, entry: Path, texts: list[str], *, kind: str,
+                   level: int = logging.INFO) -> tuple[np.ndarray, RowReuse | None]:
+    """(row digests of `texts`, where their vectors can be copied from) for the missing cache entry `entry`.
+
+    The plan is None when no earlier entry of the same model key holds any of the texts, and always under sharded
+    encoding (every process must encode the same texts, and the processes need not see the same cache): there a
+    miss is encoded whole, as before row reuse. The digests are what `write_row_digests` writes beside the entry.
+    """
+    digests = text_digests(texts)
+    if encodes_sharded(encoder):
+        return digests, None
+    reuse = find_reuse(entry, embedding_model_tag(encoder, kind), digests)
+    if reuse is not None:
+        log.log(level, f"reused {reuse.reused:,} of {reuse.n:,} vectors from cached entries; "
+                       f"encoding {reuse.n - reuse.reused:,}")
+    return digests, reuse
+
+
+def write_row_digests(encoder: Encoder, entry: Path, digests: np.ndarray, *, kind: str) -> None:
+    """The sidecar that makes the just-written `entry` a candidate for row reuse (written after the entry)."""
+    write_sidecar(entry, embedding_model_tag(encoder, kind), digests)
+
+
 def encode_cached(
     encoder: Encoder, ids: list[str], texts: list[str], *, kind: str, batch_size: int,
-    cache_dir: Path | None, use_cache: bool,
+    cache_dir: Path | None, use_cache: bool, progress: bool = False,
 ) -> tuple[np.ndarray, bool]:
     """Embeddings of `texts`, from the cache when present; returns (embeddings, was_cached).
 
     The cache holds plain .npy (loaded with allow_pickle=False), written atomically; a file of the wrong
-    shape (e.g. cut short by a full disk) is ignored and rewritten. Under sharded encoding (several processes)
-    the cache is used only when every process finds it (else all encode together), and only rank 0 writes it.
+    shape (e.g. cut short by a full disk) is ignored and rewritten. On a miss, the vectors of texts that an earlier
+    entry of the same model key holds are copied from it and only the other texts are encoded, in one call
+    (`plan_row_reuse`; logged at INFO with `progress`, else DEBUG); the entry written is the same either way, up to
+    float rounding (~1e-7) of a reused vector. Under sharded encoding (several processes) the cache is used only
+    when every process finds it (else all encode together, with no row reuse), and only rank 0 writes it.
     """
     path = embedding_cache_path(cache_dir, encoder, ids, texts, kind) if (use_cache and cache_dir) else None
     cached = None
@@ -103,11 +142,24 @@ def encode_cached(
             cached = None
     if ranks_agree(encoder, cached is not None):
         return cached, True
-    embeddings = np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
-                                      dtype=np.float32)
+    digests, reuse, embeddings = None, None, None
+    if path is not None:
+        digests, reuse = plan_row_reuse(encoder, path, texts, kind=kind,
+                                        level=logging.INFO if progress else logging.DEBUG)
+    if reuse is not None:
+        try:
+            embeddings = reuse.rows(encoder, texts, 0, len(texts), kind=kind, batch_size=batch_size)
+        except ReuseMismatch as exc:
+            log.warning("not reusing cached rows (%s); encoding all %d texts", exc, len(texts))
+        finally:
+            reuse.close()
+    if embeddings is None:
+        embeddings = np.ascontiguousarray(encoder.encode(texts, kind=kind, batch_size=batch_size, normalize=True),
+                                          dtype=np.float32)
     if path is not None and _is_main_process():
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
             np.save(f, embeddings, allow_pickle=False)
+        write_row_digests(encoder, path, digests, kind=kind)
     return embeddings, False
 
 
@@ -120,6 +172,15 @@ def ranks_agree(encoder: Encoder, flag: bool) -> bool:
 
     active, group = sharding_group(encoder)
     return all_agree(flag, group) if active else flag
+
+
+def encodes_sharded(encoder: Encoder) -> bool:
+    """Whether `encoder.encode` is a collective over several processes now (see `ranks_agree`)."""
+    if getattr(encoder, "_embedkit_shard_group", None) is None:
+        return False
+    from embedkit.models.distributed import sharding_group
+
+    return sharding_group(encoder)[0]
 
 
 def _is_main_process() -> bool:
@@ -201,6 +262,7 @@ def rerank_run(reranker: Any, queries: dict[str, str], documents: dict[str, str]
 def run_retrieval(
     encoder: Encoder, task: LoadedTask, *, batch_size: int, top_k: int, search: str,
     cache_dir: Path | None, use_cache: bool, reranker: Any = None, rerank_top: int = DEFAULT_TOP_K,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     data = task.data
     query_ids = data.judged_query_ids()
@@ -208,7 +270,8 @@ def run_retrieval(
     timings: dict[str, Any] = {}
     t0 = time.perf_counter()
     doc_emb, cached = encode_cached(encoder, doc_ids, data.document_texts(doc_ids), kind="document",
-                                    batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache)
+                                    batch_size=batch_size, cache_dir=cache_dir, use_cache=use_cache,
+                                    progress=progress)
     t1 = time.perf_counter()
     query_emb = np.ascontiguousarray(
         encoder.encode([data.queries[q] for q in query_ids], kind="query", batch_size=batch_size, normalize=True),
@@ -296,7 +359,7 @@ def evaluate(
         if spec.type == "retrieval":
             result, task_timings = run_retrieval(encoder, task, batch_size=batch_size, top_k=top_k, search=search,
                                                  cache_dir=cache, use_cache=use_cache, reranker=reranker,
-                                                 rerank_top=rerank_top)
+                                                 rerank_top=rerank_top, progress=progress)
         elif spec.type == "sts":
             result, task_timings = run_sts(encoder, task, batch_size=batch_size)
         else:

@@ -149,7 +149,8 @@ def generate_with_model(items: Sequence[tuple[Document, int]], store: GeneratedL
 def round_trip(rows: list[dict[str, Any]], docs: Sequence[Document], settings: SynthSettings,
                report: FilterReport) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The round-trip filter with `settings.filter_model`; the corpus vectors go through the embedding cache that
-    `embedkit eval` and `embedkit mine` share, so mining the output afterwards with the same model encodes nothing."""
+    `embedkit eval` and `embedkit mine` share, so mining the output afterwards with the same model encodes only the
+    passages synth added (row reuse: the documents' vectors are copied from this entry)."""
     from embedkit.models import load_model
 
     encoder = load_model(settings.filter_model, device=settings.device)
