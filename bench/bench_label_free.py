@@ -40,8 +40,9 @@ Arms (`--arms`, default all):
 - label-free-pseudo: the same rows with margin-MSE distillation (`loss.distillation=margin_mse`) on their scores:
   the base bi-encoder's scores as mine wrote them, or the `--teacher` reranker's (GPL's pseudo labels);
 - q100: a seeded 100-query sample of the supervised training pairs (bench_tune.py's `subsample_queries`, sample 1),
-  mined from the same corpus and trained with the same recipe: what a team with a hundred labelled questions has;
-- q100+label-free: those rows added to the label-free arm's.
+  mined from the same corpus and trained with the label-free recipe at the supervised recipes' schedule (`5e-5`,
+  3 epochs, no warm-up or weight decay: FEW_SCHEDULE): what a team with a hundred labelled questions has;
+- q100+label-free: those rows added to the label-free arm's, the same schedule.
 
 Synthetic eval set (`--synthetic-eval N`, off by default: it needs the generator): `embedkit synth --eval --style
 question --sample N --seed 7 --round-trip-k 10` on the corpus (another seed than the training data); every model is
@@ -106,6 +107,10 @@ ACCEPT_GAIN = 0.02
 MAX_STEPS = os.environ.get("BENCH_MAX_STEPS")
 SMOKE_SIZES = {"corpus_docs": 24, "few_queries": 20}
 DISTILL = ["loss.distillation=margin_mse", "data.columns.scores=scores"]
+# The few-label arms train the supervised recipes' schedule (recipes/minilm-*.yaml since 2026-12-07: sentence-
+# transformers' default), so q100 is what a team with a hundred labels trains by default; on the label-free recipe's
+# one epoch at 2e-5, 100 pairs make 4 optimizer steps, mostly warm-up (docs/tune.md, "The default recipe").
+FEW_SCHEDULE = ["training.lr=5e-5", "training.epochs=3", "training.warmup_ratio=0.0", "training.weight_decay=0.0"]
 
 
 # ---------------------------------------------------------------------------------------------------- arms
@@ -118,8 +123,8 @@ def arm_plan(styles: list[str], main_style: str, teacher: str | None = None) -> 
     main = (main_style, ROUND_TRIP_K, None)
     plan["label-free"] = {"synth": [main], "few": False, "overrides": []}
     plan["label-free-pseudo"] = {"synth": [(main_style, ROUND_TRIP_K, teacher)], "few": False, "overrides": DISTILL}
-    plan["q100"] = {"synth": [], "few": True, "overrides": []}
-    plan["q100+label-free"] = {"synth": [main], "few": True, "overrides": []}
+    plan["q100"] = {"synth": [], "few": True, "overrides": FEW_SCHEDULE}
+    plan["q100+label-free"] = {"synth": [main], "few": True, "overrides": FEW_SCHEDULE}
     return plan
 
 

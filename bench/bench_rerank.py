@@ -18,9 +18,10 @@ Per data set (2 threads):
      negatives);
    - st: `CrossEncoder` + `CrossEncoderTrainer` with its MultipleNegativesRankingLoss set to the same loss (no
      in-batch negatives, no sigmoid, scale 1: softmax cross-entropy over the row's positive and hard negatives);
-     its default random batch sampler (embedkit draws a seeded random order too).
+     its default random batch sampler (embedkit draws a seeded random order too);
+   - embedkit-head (not in the default --arms): embedkit with the new head at its own lr (HEAD_LR, training.head_lr).
 3. evaluation on the *test* split by embedkit's evaluation runner (what `embedkit eval --rerank` runs): the first
-   stage alone, and its top 100 reranked by each model; nDCG@10 mean +- sd over the seeds; verdicts are
+   stage alone, and its top 100 (`--rerank-top`) reranked by each model; nDCG@10 mean +- sd over the seeds; verdicts are
    `embedkit compare` on the per-query nDCG@10 averaged over the seeds (difference, 95% interval,
    p(improvement), the default gate at a 0.01 margin): embedkit vs first stage, embedkit vs st.
    Speed: rows per second of each trainer's training loop (embedkit: the engine's step time; ST: the trainer's
@@ -63,6 +64,10 @@ THREADS = 2
 SETTINGS = {"epochs": 1, "batch_size": 16, "lr": 2e-5, "warmup_ratio": 0.1, "weight_decay": 0.01,
             "max_grad_norm": 1.0, "max_length": 256, "attention_dropout": 0.0, "negatives": 7,
             "mining": {"range": "0:100", "relative_margin": 0.05, "sampling": "random", "seed": 42}}
+# The embedkit-head arm: embedkit's trainer with the new one-logit head at its own lr (training.head_lr), all else as
+# above. 1e-3 is the usual lr of a freshly initialised classification head over a pretrained encoder (50x the
+# encoder's 2e-5), fixed before any run: not searched on this bench's test split.
+HEAD_LR = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -113,7 +118,7 @@ def mine_rows(dataset: str, data_root: str, first_stage: str, out: Path, negativ
 
 
 # ---------------------------------------------------------------------------------------------------- children
-def child_embedkit(rows: Path, output: Path, seed: int) -> dict:
+def child_embedkit(rows: Path, output: Path, seed: int, head_lr: float | None = None) -> dict:
     from embedkit.train.config import parse_recipe
     from embedkit.train.rerank import train_reranker
 
@@ -125,7 +130,8 @@ def child_embedkit(rows: Path, output: Path, seed: int) -> dict:
         "training": {"output_dir": str(output), "epochs": s["epochs"], "batch_size": s["batch_size"], "lr": s["lr"],
                      "warmup_ratio": s["warmup_ratio"], "weight_decay": s["weight_decay"],
                      "max_grad_norm": s["max_grad_norm"], "seed": seed, "threads": THREADS, "progress": False,
-                     "report_to": [], **({"max_steps": 2} if SMOKE else {})}})
+                     "report_to": [], **({"max_steps": 2} if SMOKE else {}),
+                     **({"head_lr": head_lr} if head_lr is not None else {})}})
     started = time.perf_counter()
     result = train_reranker(recipe)
     return {"steps": result.steps, "rows": result.samples, "train_s": result.train_seconds,
@@ -191,7 +197,7 @@ def run_child(arm: str, rows: Path, output: Path, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 def evaluate_once(first_stage: str, test: str, cache: Path, saved: Path, resume: bool,
-                  reranker: Path | None = None) -> dict:
+                  reranker: Path | None = None, rerank_top: int = 100) -> dict:
     import torch
 
     from embedkit.eval.runner import evaluate
@@ -205,7 +211,7 @@ def evaluate_once(first_stage: str, test: str, cache: Path, saved: Path, resume:
     if SMOKE:
         spec = smoke_test_split(test, cache.parent)
     report = evaluate(load_model(first_stage), [spec], batch_size=32, cache_dir=cache,
-                      reranker=load_reranker(reranker) if reranker is not None else None, rerank_top=100)
+                      reranker=load_reranker(reranker) if reranker is not None else None, rerank_top=rerank_top)
     saved.write_text(json.dumps(report))
     return report
 
@@ -252,7 +258,10 @@ def main() -> None:
     parser.add_argument("--datasets", default="scifact")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--first-stage", default="minilm", help="the bi-encoder whose top 100 is reranked")
-    parser.add_argument("--arms", default="embedkit,st")
+    parser.add_argument("--arms", default="embedkit,st",
+                        help="embedkit, st, embedkit-head (embedkit with the new head at HEAD_LR)")
+    parser.add_argument("--rerank-top", type=int, default=100,
+                        help="the first stage's top K that each reranker reorders (the cost grows with K)")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--negatives", type=int, default=SETTINGS["negatives"])
     parser.add_argument("--train-queries", type=int, default=None, help="a seeded sample of N training queries")
@@ -269,8 +278,11 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(THREADS)
-        run = (child_embedkit if args.child == "embedkit" else child_st)(Path(args.rows), Path(args.output),
-                                                                           args.seed)
+        if args.child == "st":
+            run = child_st(Path(args.rows), Path(args.output), args.seed)
+        else:
+            run = child_embedkit(Path(args.rows), Path(args.output), args.seed,
+                                 HEAD_LR if args.child == "embedkit-head" else None)
         Path(args.result).write_text(json.dumps(run))
         return
     from bench_train import seed_mean_report, verdict_between
@@ -279,7 +291,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
-    values: dict = {"settings": SETTINGS, "first_stage": args.first_stage, "seeds": seeds, "smoke": SMOKE}
+    if any(a not in ("embedkit", "st", "embedkit-head") for a in arms):
+        parser.error("--arms: choose from embedkit, st, embedkit-head")
+    top = args.rerank_top
+    values: dict = {"settings": SETTINGS, "first_stage": args.first_stage, "seeds": seeds, "smoke": SMOKE,
+                    "rerank_top": top, **({"head_lr": HEAD_LR} if "embedkit-head" in arms else {})}
     for dataset in args.datasets.split(","):
         name = dataset + (f"-q{args.train_queries}" if args.train_queries else "")
         test = DATASETS[dataset]["test"].format(data=args.data)
@@ -297,8 +313,9 @@ def main() -> None:
                 done = model.with_suffix(".result.json")
                 run = json.loads(done.read_text()) if args.resume and done.is_file() else run_child(arm, rows, model,
                                                                                                       seed)
-                report = evaluate_once(args.first_stage, test, out / "cache", model.with_suffix(".eval.json"),
-                                       args.resume, reranker=model)
+                evaluated = model.with_suffix(".eval.json" if top == 100 else f".top{top}.eval.json")
+                report = evaluate_once(args.first_stage, test, out / "cache", evaluated, args.resume, reranker=model,
+                                       rerank_top=top)
                 run.update(ndcg_at_10=ndcg(report), rerank_ms_per_query=rerank_ms_per_query(report))
                 runs.append(run)
                 reports[arm].append(report)
@@ -310,9 +327,13 @@ def main() -> None:
                         "rows_per_s_median": statistics.median(r["rows_per_s"] for r in runs),
                         "rerank_ms_per_query_median": statistics.median(r["rerank_ms_per_query"] for r in runs)}
         means = {arm: seed_mean_report(reports[arm]) for arm in arms}
-        if "embedkit" in arms:
-            row["embedkit_vs_first_stage"] = verdict_between(base, means["embedkit"], "first stage",
-                                                             "reranked by embedkit", seed=0)
+        for arm in ("embedkit", "embedkit-head"):
+            if arm in arms:
+                row[f"{arm}_vs_first_stage"] = verdict_between(base, means[arm], "first stage", f"reranked by {arm}",
+                                                               seed=0)
+        if {"embedkit", "embedkit-head"} <= set(arms):
+            row["embedkit-head_vs_embedkit"] = verdict_between(means["embedkit"], means["embedkit-head"], "embedkit",
+                                                               "embedkit-head", seed=0)
         if {"embedkit", "st"} <= set(arms):
             row["embedkit_vs_st"] = verdict_between(means["st"], means["embedkit"], "st", "embedkit", seed=0)
             row["speed_ratio_embedkit_over_st"] = (row["embedkit"]["rows_per_s_median"]

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------- arms
-def test_arm_plan():
+def test_arm_plan(tmp_path):
     plan = lf.arm_plan(["title", "ict", "crop"], "ict")
     assert list(plan) == ["style-title", "style-ict", "style-crop", "label-free", "label-free-pseudo", "q100",
                           "q100+label-free"]
@@ -32,6 +32,17 @@ def test_arm_plan():
     # the supervised sample: alone, and with the label-free rows added
     assert (plan["q100"]["few"], plan["q100"]["synth"]) == (True, [])
     assert plan["q100+label-free"]["few"] and plan["q100+label-free"]["synth"] == plan["label-free"]["synth"]
+    # both few-label arms train the supervised recipes' schedule, not the label-free recipe's one epoch at 2e-5
+    # (bug caught: 100 pairs made 4 optimizer steps, mostly warm-up, a baseline no team trains)
+    from embedkit.train.config import load_recipe
+    supervised = load_recipe(Path(lf.REPO) / "recipes" / "minilm-medquad.yaml", [], check_environment=False).training
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "positive": "p", "negatives": ["n"]}) + "\n")
+    for arm in ("q100", "q100+label-free"):
+        sets = [f"data.train={pairs}", *plan[arm]["overrides"]]
+        few = load_recipe(Path(lf.REPO) / lf.RECIPE, sets, check_environment=False).training
+        assert (few.lr, few.epochs, few.warmup_ratio, few.weight_decay) == (
+            supervised.lr, supervised.epochs, supervised.warmup_ratio, supervised.weight_decay)
     assert not any(plan[a]["few"] for a in ("style-title", "style-ict", "style-crop", "label-free",
                                              "label-free-pseudo"))
 
