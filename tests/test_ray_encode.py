@@ -39,8 +39,9 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     import ray.data
 
-    # A job here takes seconds: one that waits 2 minutes for a core is stuck, and fails then, not at Ray's 30.
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 120
+    # A job here takes seconds: one that waits 5 minutes for a core is stuck, and fails then, not at Ray's 30. Not
+    # less: on a 2-core machine loaded by another job, two workers' start (each imports torch) took over 2 minutes.
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 300
     yield ray
     ray.shutdown()
 
