@@ -13,8 +13,9 @@ sample 1 at each seed (bench_tune's child process, the same training as its `def
 element-wise into one model, evaluated on the full test split. The members' and sentence-transformers' per-seed
 evaluations are read from `--peer-evals` (bench_tune.py's `<ds>-q100-sub1-st-schedule-s<seed>.eval.json`: the
 recipe's schedule since 2026-12-07, the same training; its `-default-` files there are the former recipe's; and
-`-st-s<seed>.eval.json`), or the members are evaluated here when absent. Verdicts are `embedkit compare` on the per-query nDCG@10 (soups vs their members, soups
-vs sentence-transformers' default trainer, both sides seed-averaged). MedQuAD: ~1 min per training and ~2 min per
+`-st-s<seed>.eval.json`), or the members are evaluated here when absent. Verdicts are `embedkit compare` on the
+per-query nDCG@10 (soups vs their members, soups vs sentence-transformers' default trainer, both sides
+seed-averaged; with several reports a side also over the seeds). MedQuAD: ~1 min per training and ~2 min per
 evaluation on 2 cores.
 """
 
