@@ -68,8 +68,8 @@ class RowReuse:
     """Where each row of a new entry comes from: `source[i]` (index into the open candidates, -1: encode it) and
     `row[i]` (its row there)."""
 
-    def __init__(self, maps: list[np.ndarray], paths: list[Path], source: np.ndarray, row: np.ndarray) -> None:
-        self.maps, self.paths, self.source, self.row = maps, paths, source, row
+    def __init__(self, maps: list[np.ndarray], source: np.ndarray, row: np.ndarray) -> None:
+        self.maps, self.source, self.row = maps, source, row
         self.n = int(source.shape[0])
         self.dim = int(maps[0].shape[1])
         self.reused = int(np.count_nonzero(source >= 0))
@@ -135,7 +135,6 @@ def find_reuse(entry: Path, model_tag: str, digests: np.ndarray) -> RowReuse | N
     source = np.full(n, -1, dtype=np.int32)
     row = np.zeros(n, dtype=np.int64)
     maps: list[np.ndarray] = []
-    paths: list[Path] = []
     dim = None
     for _, sidecar in sorted(sidecars, key=lambda item: item[0], reverse=True):
         wanted = np.flatnonzero(source < 0)
@@ -156,11 +155,10 @@ def find_reuse(entry: Path, model_tag: str, digests: np.ndarray) -> RowReuse | N
         source[wanted[hit]] = len(maps)
         row[wanted[hit]] = order[pos_ok[hit]]
         maps.append(array)
-        paths.append(candidate)
         dim = int(array.shape[1])
     if not maps:
         return None
-    return RowReuse(maps, paths, source, row)
+    return RowReuse(maps, source, row)
 
 
 def _load_candidate(sidecar: Path, candidate: Path, dim: int | None) -> tuple[np.ndarray, np.ndarray] | None:
