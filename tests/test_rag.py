@@ -69,12 +69,17 @@ def test_flat_search_equals_brute_force_numpy_ranking(encoder, docs, tmp_path, s
 
 
 def test_auto_picks_flat_below_threshold_and_hnsw_above(encoder, docs, tmp_path):
+    """Bug caught: auto's switch in documents whatever the width (a 1024-d model's exact search costs 2.7x a 384-d
+    one's per document, so it must switch earlier), or a choice the manifest does not explain."""
     from embedkit.errors import ConfigError
     from embedkit.rag import HNSW_THRESHOLD, choose_index_type
 
+    assert HNSW_THRESHOLD == 100_000  # bench/records/index/curve-real.json: exact search ~10 ms a query there
     assert choose_index_type(HNSW_THRESHOLD - 1) == "flat"
     assert choose_index_type(HNSW_THRESHOLD) == "hnsw"
+    assert choose_index_type(37_499, dim=1024) == "flat" and choose_index_type(37_500, dim=1024) == "hnsw"
     assert choose_index_type(10, hnsw_threshold=5) == "hnsw"
+    assert choose_index_type(10, hnsw_threshold=5, dim=4096) == "hnsw"
     assert choose_index_type(10, "ivf") == "ivf"
     with pytest.raises(ConfigError, match="unknown index type"):
         choose_index_type(10, "annoy")
@@ -85,6 +90,11 @@ def test_auto_picks_flat_below_threshold_and_hnsw_above(encoder, docs, tmp_path)
     manifest = json.loads((tmp_path / "hnsw" / "embedkit_manifest.json").read_text())
     assert manifest["index"]["type"] == "hnsw" and manifest["index"]["params"]["M"] == 32
     assert manifest["index"]["requested_type"] == "auto"
+    assert manifest["index"]["choice"].startswith(f"auto: HNSW index: {len(docs)} documents, from the switch at "
+                                                  f"{len(docs)} (--hnsw-threshold)")
+    flat_choice = json.loads((tmp_path / "flat" / "embedkit_manifest.json").read_text())["index"]["choice"]
+    assert flat_choice.startswith(f"auto: flat (exact) index: {len(docs)} documents, under the switch to HNSW at "
+                                  f"{100_000 * 384 // encoder.dim:,} ({100_000 * 384:,} floats / {encoder.dim}-d")
     # On 15 documents with efSearch 128 the graph search visits everything: same ranking as exact search.
     query = ["the patient has a fever", "interest rates"]
     assert [[h.doc_id for h in r] for r in hnsw.search(encoder, query, k=5)] == \

@@ -62,9 +62,11 @@ def index_command(
     index_type: str = typer.Option(
         "auto", "--index-type",
         help="'flat' (exact inner product), 'hnsw' (graph, approximate, fast at scale), 'ivf' (inverted lists, "
-             "approximate), or 'auto': flat below --hnsw-threshold documents, HNSW from there."),
-    hnsw_threshold: int = typer.Option(50_000, "--hnsw-threshold", min=1, help="'auto': corpus size from which HNSW "
-                                                                                "is used."),
+             "approximate), or 'auto': flat below --hnsw-threshold documents, HNSW from there (the choice is printed)."),
+    hnsw_threshold: int | None = typer.Option(
+        None, "--hnsw-threshold", min=1,
+        help="'auto': corpus size from which HNSW is used (default: 100,000 documents for a 384-d model, fewer for "
+             "wider vectors: where exact search passes ~10 ms a query on one core; docs/rag.md, Choosing the index)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per encoder forward pass (32 = the "
                                                                    "eval runner's, which keeps rag eval == eval)."),
     bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Also build the BM25 part for --hybrid (when bm25s is "

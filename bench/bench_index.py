@@ -1,0 +1,242 @@
+"""The index curve: recall@10 against exact search, query latency, memory and build time of each FAISS index type
+embedkit builds (flat, hnsw, ivf), over real text at growing corpus sizes; the `auto` rule of
+embedkit/rag/index.py (`choose_index_type`) is read off it.
+
+The corpus is real text assembled from ../shared/data: every sentence (>= 20 characters, split at . ! ?) of the
+SciFact abstracts (titles included), the MedQuAD answers (train pairs and the test corpus) and the SICK and
+STS12-15 sentences, whitespace-normalised, exact duplicates dropped, in a seeded random order, so that the first n
+sentences are a random sample of the whole. Sentence-sized passages are what a RAG index over short chunks holds.
+The queries are real questions and claims held out from the corpus (MedQuAD's train and test questions, SciFact's
+claims), a seeded sample. Vectors: all-MiniLM-L6-v2 (embedkit's `minilm`), unit length, encoded once into
+`--work` (in chunks, so an interrupted run resumes) and reused by later runs.
+
+Each index is built with embedkit's own constructor (`new_faiss_index`, the parameters `embedkit rag index` uses)
+and searched through the FAISS store's own search (`FaissVectors.search`), one query at a time on `--threads`
+threads (built on every core): the latency a `rag query` or `/rag` request sees. Memory is the serialised index's
+size (what the index holds in RAM, vectors included); build time includes IVF's k-means training.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_index.py --sizes 10000,30000,100000,all --queries 1000 \\
+        --record bench/records/index/curve-real.json
+
+--synthetic N adds rows over N random unit vectors (no model, no text: the hard case for approximate search, with
+no cluster structure; for sizes beyond the real corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import write_record  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MIN_CHARS = 20
+ENCODE_CHUNK = 10_000
+K = 10
+BUILD_THREADS = os.cpu_count() or 1
+
+
+def sentences(text: str) -> list[str]:
+    text = " ".join(text.split())
+    return [s for s in SENTENCE_END.split(text) if len(s) >= MIN_CHARS]
+
+
+def _jsonl(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def assemble(data: Path, seed: int) -> tuple[list[str], list[str]]:
+    """(corpus sentences, held-out queries), each deduplicated and in a seeded random order."""
+    corpus: dict[str, None] = {}
+    for row in _jsonl(data / "scifact" / "corpus.jsonl"):
+        for s in sentences(row.get("title", "")) + sentences(row.get("text", "")):
+            corpus.setdefault(s)
+    for row in _jsonl(data / "medquad" / "train_pairs.jsonl"):
+        for s in sentences(row["positive"]):
+            corpus.setdefault(s)
+    for row in _jsonl(data / "medquad" / "test" / "corpus.jsonl"):
+        for s in sentences(row.get("title", "")) + sentences(row.get("text", "")):
+            corpus.setdefault(s)
+    for path in sorted((data / "sts").glob("*/*.jsonl")):
+        for row in _jsonl(path):
+            for key in ("sentence1", "sentence2"):
+                for s in sentences(row[key]):
+                    corpus.setdefault(s)
+    queries: dict[str, None] = {}
+    for row in _jsonl(data / "medquad" / "train_pairs.jsonl"):
+        queries.setdefault(" ".join(row["query"].split()))
+    for path in (data / "medquad" / "test" / "queries.jsonl", data / "scifact" / "queries.jsonl"):
+        for row in _jsonl(path):
+            queries.setdefault(" ".join(row["text"].split()))
+    texts = list(corpus)
+    questions = [q for q in queries if q not in corpus]
+    random.Random(seed).shuffle(texts)
+    random.Random(seed + 1).shuffle(questions)
+    return texts, questions
+
+
+def digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def encode_resumable(texts: list[str], kind: str, folder: Path, model: str, batch_size: int) -> np.ndarray:
+    """The texts' unit vectors, encoded in chunks of ENCODE_CHUNK saved as they finish; a chunk already saved for
+    the same texts is not encoded again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = None
+    parts = []
+    started, done_before = time.perf_counter(), 0
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        chunk = texts[start:start + ENCODE_CHUNK]
+        path = folder / f"{kind}-{start:08d}-{digest(chunk)[:16]}.npy"
+        if path.is_file():
+            parts.append(np.load(path))
+            done_before += len(chunk)
+            continue
+        if encoder is None:
+            from embedkit.models import load_model
+
+            encoder = load_model(model, device="cpu")
+        vectors = np.asarray(encoder.encode(chunk, kind=kind, batch_size=batch_size, normalize=True),
+                             dtype=np.float32)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(path)
+        parts.append(vectors)
+        done = start + len(chunk)
+        rate = (done - done_before) / (time.perf_counter() - started)
+        print(f"encoded {kind} {done}/{len(texts)} ({rate:.0f} texts/s, ~{(len(texts) - done) / rate / 60:.1f} min "
+              "left)", flush=True)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+class _NoDocuments:
+    """The document store's part FaissVectors reads at search time: no tombstones, no filters."""
+
+    def tombstones(self):
+        return []
+
+
+def measure(kind: str, vectors: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray | None,
+            threads: int) -> tuple[dict, np.ndarray]:
+    import faiss
+
+    from embedkit.rag.vectors.faiss_store import FaissVectors, new_faiss_index
+
+    faiss.omp_set_num_threads(BUILD_THREADS)  # built as `rag index` builds it: on every core
+    started = time.perf_counter()
+    index, params = new_faiss_index(kind, vectors)
+    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    build_s = time.perf_counter() - started
+    faiss.omp_set_num_threads(threads)
+    store = FaissVectors(index, kind, params, _NoDocuments(), Path("."))
+    store.search(queries[:1], K)  # warm-up
+    latencies, found = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        (ids, _), = store.search(q[None, :], K)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        found.append(np.pad(ids[:K], (0, K - len(ids[:K])), constant_values=-1))
+    found = np.stack(found)
+    row = {"index": kind, "params": params, "build_s": round(build_s, 2),
+           "bytes": int(faiss.serialize_index(index).size),
+           "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+           "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+           "mean_ms": round(float(np.mean(latencies)), 3)}
+    if exact_ids is not None:
+        hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) / K for a, b in zip(found, exact_ids)]
+        row["recall_at_10"] = round(float(np.mean(hits)), 4)
+        row["recall_at_10_min"] = round(float(np.min(hits)), 2)
+    return row, found
+
+
+def curve(vectors: np.ndarray, queries: np.ndarray, sizes: list[int], kinds: list[str], label: str,
+          threads: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        exact = None
+        for kind in ["flat"] + [k for k in kinds if k != "flat"]:
+            row, found = measure(kind, vectors[:n], queries, exact, threads)
+            if kind == "flat":
+                exact = found
+                row["recall_at_10"] = 1.0
+            row.update(corpus=label, documents=n)
+            rows.append(row)
+            print(f"{label:>9} n={n:>8} {kind:>5}: recall@10 {row['recall_at_10']:.4f}  p50 {row['p50_ms']:.2f} ms  "
+                  f"p99 {row['p99_ms']:.2f} ms  {row['bytes'] / 2**20:.0f} MiB  build {row['build_s']:.1f} s",
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--work", type=Path, default=Path("runs/index-bench"), help="encoded vectors (reused)")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--sizes", default="10000,30000,100000,all", help="corpus sizes; 'all' = every sentence")
+    parser.add_argument("--kinds", default="flat,hnsw,ivf")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", default="", help="sizes over random unit vectors, e.g. 1000000")
+    parser.add_argument("--synthetic-queries", type=int, default=200, help="random queries for --synthetic")
+    parser.add_argument("--encode-only", action="store_true", help="encode (or check) the vectors, measure nothing")
+    parser.add_argument("--record", type=Path)
+    parser.add_argument("--note", default="", help="an observation to keep in the record (e.g. a run stopped)")
+    args = parser.parse_args()
+
+    texts, questions = assemble(args.data, args.seed)
+    questions = questions[:args.queries]
+    print(f"corpus: {len(texts)} sentences; queries: {len(questions)}", flush=True)
+    corpus_vectors = encode_resumable(texts, "document", args.work / "vectors", args.model, args.batch_size)
+    query_vectors = encode_resumable(questions, "query", args.work / "vectors", args.model, args.batch_size)
+    for name, array in (("corpus.npy", corpus_vectors), ("queries.npy", query_vectors)):
+        np.save(args.work / f".{name}", array)  # the joined vectors, for bench_mine_memory.py --vectors
+        (args.work / f".{name}").replace(args.work / name)
+    if args.encode_only:
+        return
+    kinds = args.kinds.split(",")
+    sizes = [len(texts) if s == "all" else min(int(s), len(texts)) for s in args.sizes.split(",") if s]
+    rows = curve(corpus_vectors, query_vectors, sizes, kinds, "real", args.threads) if sizes else []
+    if args.synthetic:
+        rng = np.random.default_rng(args.seed)
+        top = max(int(s) for s in args.synthetic.split(","))
+        synthetic = rng.standard_normal((top, corpus_vectors.shape[1]), dtype=np.float32)
+        synthetic /= np.linalg.norm(synthetic, axis=1, keepdims=True)
+        probe = rng.standard_normal((args.synthetic_queries, corpus_vectors.shape[1]), dtype=np.float32)
+        probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+        rows += curve(synthetic, probe, [int(s) for s in args.synthetic.split(",")], kinds, "synthetic",
+                      args.threads)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS {peak_gb:.2f} GB")
+    if args.record:
+        values = {"model": args.model, "dim": int(corpus_vectors.shape[1]), "k": K, "threads": args.threads,
+                  "queries": len(questions), "synthetic_queries": args.synthetic_queries if args.synthetic else 0,
+                  "build_threads": BUILD_THREADS, "corpus_sentences": len(texts), "corpus_sha256": digest(texts),
+                  "queries_sha256": digest(questions), "seed": args.seed, "note": args.note,
+                  "peak_rss_gb": round(peak_gb, 2),
+                  "rows": rows}
+        write_record(args.record, values, command=" ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
