@@ -370,12 +370,15 @@ def _groups_of(optimizer, reranker) -> dict[str, float]:
     return dict(lrs)
 
 
-def test_the_new_head_is_what_the_start_does_not_hold(tiny_bert_dir, tiny_reranker, minilm_dir):
-    """Bug caught: the head is named wrongly (a pooler the checkpoint holds counted as new, or a trained
-    cross-encoder's loaded head as new). all-MiniLM-L6-v2's checkpoint holds BERT's pooler: only the classifier is
-    new."""
-    for start in (tiny_bert_dir, minilm_dir):
-        assert Reranker.from_pretrained(start, max_length=48, start=True).new_parameter_names == HEAD, start
+def test_the_new_head_is_what_the_start_did_not_train(tiny_bert_dir, st_bert, tiny_reranker, minilm_dir):
+    """Bug caught: the head is named wrongly: a plain transformer's pooler (its checkpoint holds it, trained with the
+    model) counted as new; an embedding model's pooler (sentence-transformers pools token states, so its training
+    never ran the pooler; all-MiniLM-L6-v2's checkpoint still holds it) left at the encoder's lr; or a trained
+    cross-encoder's loaded head counted as new."""
+    pooler = {"backbone.bert.pooler.dense.weight", "backbone.bert.pooler.dense.bias"}
+    assert Reranker.from_pretrained(tiny_bert_dir, max_length=48, start=True).new_parameter_names == HEAD
+    for start in (st_bert, minilm_dir):
+        assert Reranker.from_pretrained(start, max_length=48, start=True).new_parameter_names == HEAD | pooler, start
     assert Reranker.from_pretrained(tiny_reranker).new_parameter_names == frozenset()
 
 

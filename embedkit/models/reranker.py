@@ -110,8 +110,8 @@ class Reranker(nn.Module):
         self.uses_type_ids = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self._fingerprint: str | None = None
         self.base_model = base_model or {"name": name, "path": source_path, "fingerprint": self.fingerprint}
-        # The weights `from_pretrained` initialised because the start folder does not hold them (names as in this
-        # module's named_parameters): a cross-encoder's new one-logit head. What `training.head_lr` trains.
+        # The weights the start did not train (names as in this module's named_parameters): a cross-encoder's new
+        # one-logit head, and an embedding model's unused pooler. What `training.head_lr` trains.
         self.new_parameter_names: frozenset[str] = frozenset()
 
     def _check_backbone(self, model: nn.Module, source_path: str | None) -> None:
@@ -177,9 +177,14 @@ class Reranker(nn.Module):
         reranker = cls(model, tokenizer, max_length=int(chosen), name=str(name_or_path), source_path=str(path),
                        base_model=base)
         # transformers' missing keys are the new weights: the classifier of an embedding-model start (and BERT's
-        # pooler where the checkpoint has none; all-MiniLM-L6-v2's has one), nothing for a trained cross-encoder.
+        # pooler where the checkpoint has none), nothing for a trained cross-encoder. An embedding model's pooler is
+        # new in all but name: sentence-transformers pools the token states, so its training never ran the pooler
+        # (all-MiniLM-L6-v2's gives near-zero tanh outputs), and the head reads the pair only through it.
         names = {name for name, _ in reranker.named_parameters()}
-        reranker.new_parameter_names = frozenset(f"backbone.{key}" for key in loading["missing_keys"]) & names
+        new = {f"backbone.{key}" for key in loading["missing_keys"]}
+        if kind == "embedding":
+            new |= {name for name in names if ".pooler." in name}
+        reranker.new_parameter_names = frozenset(new & names)
         target = resolve_device(device, field="device")
         return reranker.to(target) if target.type != "cpu" else reranker
 
