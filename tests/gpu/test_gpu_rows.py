@@ -94,3 +94,21 @@ def test_row7_qwen3_encoder_recipe(check):
     _assert_measured(check, side, "Qwen3 encoder")
     if check.cuda and n.get("estimate"):
         assert n["peak_gpu_gib"] > 0
+
+
+def test_row8_qwen3_rerank_recipe(check):
+    r = check.run(8)
+    assert r.status == "pass", r.result
+    n = r.numbers
+    assert n["steps"] == n["max_steps"] and n["reranker"] == "yes-no"
+    # The reloaded folder re-scored its probe pairs within their tolerance (the pass criterion beside the steps).
+    assert n["probes"]["ok"] and n["probes"]["n"] > 0 and n["probes"]["max_abs_diff"] <= n["probes"]["atol"]
+    (side,) = n["throughput"]
+    _assert_measured(check, side, "Qwen3 yes/no reranker")
+    # LoRA: only the adapters train; the causal LM reads its prompt causally (half the attention FLOPs).
+    assert 0 < side["flops_config"]["trainable"] < side["flops_config"]["params"] / 5
+    assert side["flops_config"]["causal"]
+    # --estimate-memory's peak for the row's recipe, beside the measured one.
+    assert n["estimate"] and n["estimate"]["texts_at_once"] == n["pairs_per_step"]
+    if check.cuda:
+        assert n["peak_gpu_gib"] > 0 and n["peak_vs_estimate"] > 0
