@@ -38,12 +38,12 @@ Rows (each: result numbers, pass / fail / skipped, seconds):
      stages; pass: all steps of both stages, finite losses. --quick: a 2-layer, 256-d Qwen3, 2 + 3 steps, batch 4
   8  Qwen3-0.6B yes/no reranker recipe for a few steps: recipes/qwen3-0.6b-rerank.yaml (task: rerank, LoRA r16, fp32
      weights with bf16 autocast, gradient checkpointing) through the same code path on row 7's random Qwen3, on a
-     slice of SciFact train (200 queries, a pool of 2,000 documents from which the recipe's first stage, MiniLM,
+     slice of SciFact train (200 queries, a pool of <= 2,000 documents from which the recipe's first stage, MiniLM,
      mines 7 negatives a row): training.max_steps=10 at the recipe's batch 16 rows x 8 pairs / max length 512:
      steps, samples/s (a sample: one query-document pair), tokens/s, MFU, peak GPU memory beside
      `embedkit train RECIPE --estimate-memory`'s peak, loss first -> last; then the saved folder reloaded
      (load_reranker) re-scores its probe pairs (rerank_probes.json); pass: all steps, finite loss, probe logits
-     within their atol. --quick: row 7's quick Qwen3, 16 queries / 200 documents, 3 steps of 2 rows, max length 192
+     within their atol. --quick: row 7's quick Qwen3, 16 queries / <= 200 documents, 3 steps of 2 rows, length 192
 
 Throughput (rows 2, 3, 7, 8; StepTimer, throughput): the training loop only, from the end of the first optimizer step
 (a warm-up step: allocator, kernel selection) to the end of the last one -- not model loading, tokenization or
@@ -1354,9 +1354,9 @@ QWEN3_SHAPES: dict[str, dict[str, int]] = {
 QWEN3_RECIPE = REPO / "recipes" / "qwen3-0.6b-encoder.yaml"
 ROW7_STEPS = {"full": (10, 4), "quick": (3, 2)}  # (contrastive steps, MNTP steps)
 QWEN3_RERANK_RECIPE = REPO / "recipes" / "qwen3-0.6b-rerank.yaml"
-# (steps, SciFact training queries, documents in the mining pool): a slice of SciFact train, so that the first stage
-# (MiniLM) mines the negatives in seconds, not over the 5,183-document corpus; the full slice (225 pairs) holds the
-# 10 steps' 160 rows.
+# (steps, SciFact training queries, most documents in the mining pool: scifact_subset's n_docs): a slice of SciFact
+# train, so that the first stage (MiniLM) mines the negatives in seconds, not over the 5,183-document corpus; the full
+# slice (225 pairs, 1,922 documents) holds the 10 steps' 160 rows.
 ROW8_PLAN = {"full": (10, 200, 2000), "quick": (3, 16, 200)}
 
 
