@@ -326,3 +326,27 @@ def test_dev_evaluation_reranks_the_first_stages_candidates(yesno_lm, st_bert, t
     result = train_reranker(recipe)
     assert result.dev["main_metric"] == "ndcg_at_10" and 0.0 <= result.dev["score"] <= 1.0
     assert result.dev["first_stage"]["model"] == str(st_bert) and len(result.dev["per_query"]) == 15
+
+
+def test_the_served_yes_no_reranker_scores_like_reranker_score(trained):
+    """Bug caught: `embedkit serve --rerank` tokenized a yes/no reranker's pairs as a cross-encoder's (query and
+    document without the prompt): its start-up probe check refused the folder, and had it been skipped the served
+    scores would be those of another input. The served scores must be `Reranker.score`'s, the long document cut
+    inside the prompt as in training."""
+    from fastapi.testclient import TestClient
+
+    from embedkit.serve.app import ServeSettings, create_app
+    from embedkit.serve.server import load_rerankers
+
+    yesno = load_reranker(trained.output_dir)
+    documents = ["diabetes is a disease of high blood sugar", NOISE[0], LONG, "a"]
+    expected = yesno.score(["what is diabetes"] * len(documents), documents)
+    rerankers = load_rerankers([f"yn={trained.output_dir}"])  # probe-checked, as `serve --rerank` loads it
+    app = create_app({}, ServeSettings(), rerankers=rerankers)
+    with TestClient(app) as client:
+        response = client.post("/v1/rerank", json={"model": "yn", "query": "what is diabetes",
+                                                    "documents": documents})
+    assert response.status_code == 200, response.text
+    scores = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+    assert np.allclose([scores[i] for i in range(len(documents))], expected, atol=1e-5)
+    assert np.ptp(expected) > 0.05  # the documents score differently: a swapped result would show

@@ -51,17 +51,18 @@ class ThreadSafeTokenizer:
     def __call__(self, texts: Sequence[str], kind: str, max_length: int | None) -> list[list[int]]:
         """Token ids of the prompted texts; cut to `max_length` tokens (special tokens kept) unless it is None.
         The same ids as the encoders' (embedkit.models.tokenization.tokenize)."""
-        return tokenize(self._copy_for(max_length), texts, kind, prompts=self._prompts, max_length=max_length)
+        return tokenize(self.copy_for(max_length), texts, kind, prompts=self._prompts, max_length=max_length)
 
     def pairs(self, queries: Sequence[str], documents: Sequence[str], max_length: int | None) -> list["PairIds"]:
         """(query, document) pairs' ids, cut longest side first to `max_length` unless it is None: the same ids as
         `Reranker.pair_ids` (embedkit.models.tokenization.tokenize_pairs). Single texts are cut longest-first too,
         so a copy made by either call has the truncation setting the other asks for (nothing is changed after)."""
-        ids, type_ids = tokenize_pairs(self._copy_for(max_length), queries, documents, prompts=self._prompts,
+        ids, type_ids = tokenize_pairs(self.copy_for(max_length), queries, documents, prompts=self._prompts,
                                        max_length=max_length)
         return [PairIds(row, types) for row, types in zip(ids, type_ids)]
 
-    def _copy_for(self, max_length: int | None):
+    def copy_for(self, max_length: int | None):
+        """This thread-safe tokenizer's copy that truncates to `max_length` (None: not at all), made once."""
         tokenizer = self._copies.get(max_length)
         if tokenizer is None:
             with self._lock:
@@ -319,8 +320,9 @@ class TorchRerankBackend:
     """One served reranker (`embedkit serve --rerank`, for /v1/rerank): a `Reranker` (cross-encoder) behind the two
     calls the server makes, `pair_ids` per request (from several threads) and `score_ids` per micro-batch.
 
-    Its scores are `Reranker.score`'s: the same pair ids (tokenize_pairs, longest side cut first), the same collate
-    and forward, the same sigmoid in torch. `verify_probes` calls `fingerprint_check` and `probe_check` (which
+    Its scores are `Reranker.score`'s: the same pair ids (a cross-encoder's tokenize_pairs, longest side cut first;
+    a yes/no LLM reranker's prompt, the document cut first: pair_token_ids), the same collate and forward, the same
+    sigmoid in torch. `verify_probes` calls `fingerprint_check` and `probe_check` (which
     re-scores the folder's rerank_probes.json through `score`) at start-up, as for an embedding model."""
 
     kind = "torch"
@@ -346,11 +348,19 @@ class TorchRerankBackend:
         self.folder = Path(reranker.source_path) if reranker.source_path else None
         self.probe_file = RERANK_PROBES_NAME
         self._tokenize = ThreadSafeTokenizer(reranker.tokenizer, {})  # a cross-encoder has no prompts
+        self._template = getattr(reranker, "template", None)  # a yes/no LLM reranker's prompt
 
     def pair_ids(self, queries: Sequence[str], documents: Sequence[str], *,
                  max_length: int | None = None) -> list[PairIds]:
-        """The pairs' ids, cut longest side first to `max_length` (None: not cut)."""
-        return self._tokenize.pairs(queries, documents, max_length)
+        """The pairs' ids, cut to `max_length` (None: not cut) as the reranker cuts them in training and eval."""
+        if self._template is None:
+            return self._tokenize.pairs(queries, documents, max_length)
+        from embedkit.models.rerank_template import pair_token_ids
+
+        # the untruncating copy: pair_token_ids cuts by offsets itself, so the tokenizer's own setting never changes
+        ids = pair_token_ids(self._tokenize.copy_for(None), self._template, queries, documents,
+                             max_length=max_length, path=self.folder)
+        return [PairIds(row, []) for row in ids]
 
     def token_ids(self, texts: Sequence[str], *, max_length: int | None = None) -> list[list[int]]:
         """Ids of single texts (special tokens included): the server's length checks of over-long texts."""
