@@ -24,21 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO))
-
-from bench_rerank import SETTINGS, THREADS, mine_rows  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench_rerank sets the offline environment and puts the repository on sys.path when imported
+from bench_rerank import REPO, SETTINGS, THREADS, mine_rows  # noqa: E402
 
 ARMS = {"encoder-lr": {"lr": 2e-5}, "head-lr": {"lr": 2e-5, "head_lr": 1e-3}, "lr-1e-4": {"lr": 1e-4}}
 HELD_OUT = 0.15
