@@ -90,8 +90,8 @@ def test_auto_picks_flat_below_threshold_and_hnsw_above(encoder, docs, tmp_path)
     manifest = json.loads((tmp_path / "hnsw" / "embedkit_manifest.json").read_text())
     assert manifest["index"]["type"] == "hnsw" and manifest["index"]["params"]["M"] == 32
     assert manifest["index"]["requested_type"] == "auto"
-    assert manifest["index"]["choice"].startswith(f"auto: HNSW index: {len(docs)} documents, from the switch at "
-                                                  f"{len(docs)} (--hnsw-threshold)")
+    assert manifest["index"]["choice"].startswith(f"auto: HNSW index: {len(docs)} documents, at or past the switch "
+                                                  f"at {len(docs)} (--hnsw-threshold)")
     flat_choice = json.loads((tmp_path / "flat" / "embedkit_manifest.json").read_text())["index"]["choice"]
     assert flat_choice.startswith(f"auto: flat (exact) index: {len(docs)} documents, under the switch to HNSW at "
                                   f"{100_000 * 384 // encoder.dim:,} ({100_000 * 384:,} floats / {encoder.dim}-d")

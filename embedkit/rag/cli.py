@@ -62,7 +62,8 @@ def index_command(
     index_type: str = typer.Option(
         "auto", "--index-type",
         help="'flat' (exact inner product), 'hnsw' (graph, approximate, fast at scale), 'ivf' (inverted lists, "
-             "approximate), or 'auto': flat below --hnsw-threshold documents, HNSW from there (the choice is printed)."),
+             "approximate), or 'auto': flat below --hnsw-threshold documents, HNSW from there (the choice is "
+             "printed)."),
     hnsw_threshold: int | None = typer.Option(
         None, "--hnsw-threshold", min=1,
         help="'auto': corpus size from which HNSW is used (default: 100,000 documents for a 384-d model, fewer for "

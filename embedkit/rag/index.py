@@ -119,10 +119,10 @@ def explain_index_choice(n_documents: int, index_type: str, kind: str, hnsw_thre
     source = "--hnsw-threshold" if hnsw_threshold else f"{FLAT_MAX_FLOATS:,} floats / {dim}-d vectors"
     if kind == "flat":
         return (f"auto: flat (exact) index: {n_documents:,} documents, under the switch to HNSW at {threshold:,} "
-                f"({source}), where exact search stays at about 10 ms a query on one core")
-    return (f"auto: HNSW index: {n_documents:,} documents, from the switch at {threshold:,} ({source}) exact search "
-            "would take over ~10 ms a query on one core; HNSW answers in about 1 ms at recall@10 ~0.99 of exact "
-            "(--index-type flat keeps exact search)")
+                f"({source}), below which exact search stays under ~10 ms a query on one core")
+    return (f"auto: HNSW index: {n_documents:,} documents, at or past the switch at {threshold:,} ({source}), where "
+            "exact search would take over ~10 ms a query on one core; HNSW answers in about 1 ms at recall@10 ~0.99 "
+            "of exact (--index-type flat keeps exact search)")
 
 
 def encode_texts(encoder, texts: list[str], kind: str, batch_size: int) -> np.ndarray:
@@ -622,8 +622,9 @@ def build_index(
         MANIFEST_KIND,
         model=_model_record(encoder),
         corpus={"source": str(Path(source).resolve()) if source is not None else None},
-        index={"type": kind, "requested_type": index_type, "choice": choice, "metric": "inner_product (cosine, normalised vectors)",
-               "dim": int(vectors.shape[1]), "vector_store": store, "store": STORE_NAME},
+        index={"type": kind, "requested_type": index_type, "choice": choice,
+               "metric": "inner_product (cosine, normalised vectors)", "dim": int(vectors.shape[1]),
+               "vector_store": store, "store": STORE_NAME},
         build={"encode_s": round(encode_s, 3), "batch_size": batch_size,
                **device_fields(getattr(encoder, "device", None)), **on_ray},
     )
