@@ -29,6 +29,7 @@ from embedkit.export.onnx import ONNX_CONFIG_NAME, OnnxEncoder
 from embedkit.export.openvino import OPENVINO_CONFIG_NAME, OpenVinoEncoder
 from embedkit.manifest import MANIFEST_NAME
 from embedkit.models.probes import PROBES_NAME, ProbeCheck, check_probes, has_probes, probes_path
+from embedkit.models.rerank_template import pair_token_ids
 from embedkit.models.tokenization import length_sorted_batches, tokenize, tokenize_pairs
 
 log = logging.getLogger(__name__)
@@ -355,8 +356,6 @@ class TorchRerankBackend:
         """The pairs' ids, cut to `max_length` (None: not cut) as the reranker cuts them in training and eval."""
         if self._template is None:
             return self._tokenize.pairs(queries, documents, max_length)
-        from embedkit.models.rerank_template import pair_token_ids
-
         # the untruncating copy: pair_token_ids cuts by offsets itself, so the tokenizer's own setting never changes
         ids = pair_token_ids(self._tokenize.copy_for(None), self._template, queries, documents,
                              max_length=max_length, path=self.folder)
