@@ -116,6 +116,15 @@ def test_rerank_stage_compares_two_stages_with_the_tuned_model_alone(demo):
     assert 0.0 <= demo.rerank["p_improvement"] <= 1.0 and demo.rerank["steps"] >= 1
 
 
+def test_the_rerank_stage_trains_at_its_own_lr(demo):
+    """The cross-encoder trains at `rerank_lr` (1e-4: its head and pooler start untrained), not at the bi-encoder's
+    `lr`. Bug caught: the stage passing `settings.lr` (the fixture's 1e-3 here; 2e-5 in the README's run, where the
+    reranker barely learnt and lost to the first stage)."""
+    manifest = json.loads((demo.workdir / "reranker" / "embedkit_manifest.json").read_text())
+    assert manifest["training"]["recipe"]["training"]["lr"] == DemoSettings.rerank_lr == demo.rerank["lr"]
+    assert DemoSettings.rerank_lr != 1e-3  # the fixture's bi-encoder lr: the two must differ for the check to bite
+
+
 def test_printed_summary(demo, capsys):
     from embedkit.pipeline import render_summary
 
