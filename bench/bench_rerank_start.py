@@ -13,7 +13,7 @@ the two-stage test is bench_rerank.py's. Each arm is `embedkit train` with `task
 new one-logit head), the listwise loss, batches of 16 rows (128 pairs) at `--max-length` 128 tokens (half of
 bench_rerank's, to keep a run to minutes on 2 cores), `--steps` optimizer steps with bench_rerank's warm-up (0.1),
 linear decay, weight decay 0.01 and clipping 1.0:
-  encoder-lr  every weight at 2e-5 (bench_rerank's setting, where the reranker did not learn);
+  encoder-lr  every weight at 2e-5 (bench_rerank's setting until 2026-12-07: it did not learn);
   head-lr     2e-5, and the weights the start never trained at training.head_lr 1e-3: the classifier and, for an
               embedding-model start, BERT's pooler (the embedding model's training never ran it);
   lr-1e-4     every weight at 1e-4.
