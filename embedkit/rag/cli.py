@@ -62,8 +62,9 @@ def index_command(
     index_type: str = typer.Option(
         "auto", "--index-type",
         help="'flat' (exact inner product), 'hnsw' (graph, approximate, fast at scale), 'ivf' (inverted lists, "
-             "approximate), or 'auto': flat below --hnsw-threshold documents, HNSW from there (the choice is "
-             "printed)."),
+             "approximate), 'ivfpq' (IVF over compressed vectors: about 1/20 of flat's memory, lower recall; "
+             "FAISS only, 9,984 documents or more), or 'auto': flat below --hnsw-threshold documents, HNSW from "
+             "there (the choice is printed)."),
     hnsw_threshold: int | None = typer.Option(
         None, "--hnsw-threshold", min=1,
         help="'auto': corpus size from which HNSW is used (default: 100,000 documents for a 384-d model, fewer for "
@@ -75,8 +76,8 @@ def index_command(
     store: str = typer.Option(
         "faiss", "--store",
         help="Where the vectors live: 'faiss' (index.faiss in the folder) or 'milvus' (a Milvus Lite file in the "
-             "folder, or a Milvus server with --milvus-uri; needs the milvus extra). Flat and HNSW on both; IVF on "
-             "FAISS only."),
+             "folder, or a Milvus server with --milvus-uri; needs the milvus extra). Flat and HNSW on both; IVF and "
+             "IVF-PQ on FAISS only."),
     milvus_uri: Optional[str] = typer.Option(
         None, "--milvus-uri",
         help="--store milvus: a Milvus server (http://host:19530; token from $MILVUS_TOKEN) or a Milvus Lite .db "

@@ -11,15 +11,16 @@ The vectors live in a vector store (`embedkit.rag.vectors`: FAISS or Milvus, rec
 searches, hybrid and reranked ones included, and take the same metadata filters (`embedkit.rag.filters`).
 
 Index types: "flat" is exact inner product (cosine: vectors are L2-normalised); "hnsw" (graph, approximate, fast
-on large corpora) and "ivf" (inverted lists, approximate) trade a little recall for speed. "auto" picks flat below
-`FLAT_MAX_FLOATS` / dim documents (100,000 for a 384-d model) and HNSW from there.
+on large corpora) and "ivf" (inverted lists, approximate) trade a little recall for speed; "ivfpq" (IVF over
+compressed vectors, FAISS only) trades more recall for memory. "auto" picks flat below `FLAT_MAX_FLOATS` / dim
+documents (100,000 for a 384-d model) and HNSW from there.
 
 A reranker (a cross-encoder, embedkit.models.reranker) can order the results: the index retrieves the first stage's
 top `rerank_top` documents and `embedkit.eval.runner.rerank_run`, the routine `embedkit eval --rerank` uses, orders
 them, so a query, `rag eval` and `embedkit eval` rank with the same pairs and the same scores.
 
 Adding and deleting documents never re-encodes the corpus: new documents are encoded and added, deleted ones are
-removed from flat/IVF indexes and from Milvus, and tombstoned in FAISS HNSW graphs (which cannot drop a node) and
+removed from flat/IVF/IVF-PQ indexes and from Milvus, and tombstoned in FAISS HNSW graphs (which cannot drop a node) and
 filtered out at search time by a FAISS IDSelector. Every update writes a complete new folder beside the old one and
 swaps it in (`embedkit.atomic.atomic_dir`), so a crash leaves either the old index or the new one, never a mix (a
 Milvus server's collection, which is not in the folder, is changed in place: see `vectors/milvus_store.py`).
@@ -57,17 +58,20 @@ from embedkit.rag.filters import Filter, parse_filter
 from embedkit.rag.store import STORE_NAME, DocumentStore
 from embedkit.rag.vectors import DEFAULT_STORE, STORES, VectorStore, store_class
 from embedkit.rag.vectors.faiss_store import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, INDEX_FILE  # noqa: F401
+from embedkit.rag.vectors.faiss_store import check_ivfpq_documents
 
 log = logging.getLogger(__name__)
 
 MANIFEST_KIND = "rag_index"
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 # "auto" (docs/rag.md, Choosing the index; bench/records/index/curve-real.json, real sentences, MiniLM 384-d): exact
 # search reads every vector, ~0.09 ms per 1,000 documents a query on one core, so it stays under ~10 ms (about what
 # encoding the query costs on a CPU, so search is never the larger part) up to ~100k x 384 floats. Beyond, HNSW
 # answers in under 1 ms at recall@10 0.99 of exact; IVF is never auto's choice: 0.94-0.95 recall at HNSW's
 # latency. The budget is in floats, not documents, since exact search's time grows with the dimension: a 1024-d
 # model switches at 37,500 documents. A property of exact search's arithmetic, not of a corpus, so it transfers.
+# IVF-PQ is never auto's choice either: it gives up recall (its scores come from 48-byte codes, not the vectors) for
+# memory (a 384-d vector in 48 bytes instead of 1,536), a trade only the user can weigh.
 FLAT_MAX_FLOATS = 100_000 * 384
 HNSW_THRESHOLD = FLAT_MAX_FLOATS // 384  # documents, for a 384-d model (MiniLM)
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
@@ -149,8 +153,8 @@ def check_rerank_top(rerank_top: int, k: int) -> None:
 
 
 def check_store_index_type(store: str, index_type: str) -> None:
-    """Refuse a vector store whose packages are missing, or an index type it does not build (Milvus: no IVF),
-    before anything is encoded."""
+    """Refuse a vector store whose packages are missing, or an index type it does not build (Milvus: no IVF or
+    IVF-PQ), before anything is encoded."""
     backend = store_class(store)
     backend.require()
     offered = backend.index_types
@@ -595,6 +599,8 @@ def build_index(
     dim = int(getattr(encoder, "dim", 384) or 384)
     kind = choose_index_type(len(docs), index_type, hnsw_threshold, dim)
     check_store_index_type(store, kind)
+    if kind == "ivfpq":
+        check_ivfpq_documents(len(docs))
     choice = explain_index_choice(len(docs), index_type, kind, hnsw_threshold, dim)
     log.log(level, "%s", choice)
     log.log(level, "encoding %d documents with %s", len(docs), getattr(encoder, "name", "the model"))

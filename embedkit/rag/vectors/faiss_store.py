@@ -1,8 +1,10 @@
 """FAISS, the default store: one file (index.faiss) in the index folder, searched in process.
 
-"flat" is exact inner product; "hnsw" (graph) and "ivf" (inverted lists) are approximate. FAISS keeps no
-metadata: a filter is evaluated over the metadata in the document store (`Filter.matches`) and the ids that pass
-become an IDSelector, so filtered search stays exact on a flat index. HNSW graphs cannot drop a node, so deleted ids
+"flat" is exact inner product; "hnsw" (graph) and "ivf" (inverted lists) are approximate; "ivfpq" is IVF over
+product-quantized codes (a 384-d vector in 48 bytes instead of 1,536), approximate twice: in the lists probed and in
+the scores, which come from the codes (as do the vectors hybrid search reconstructs). FAISS keeps no metadata: a
+filter is evaluated over the metadata in the document store (`Filter.matches`) and the ids that pass become an
+IDSelector, so filtered search stays exact on a flat index. HNSW graphs cannot drop a node, so deleted ids
 are tombstones (kept by the document store) that an IDSelector keeps out of every search.
 """
 
@@ -14,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from embedkit.errors import DataError
+from embedkit.errors import ConfigError, DataError
 from embedkit.rag.filters import Filter
 from embedkit.rag.vectors.base import Results, VectorStore
 
@@ -22,6 +24,11 @@ INDEX_FILE = "index.faiss"
 HNSW_M = 32  # graph degree: FAISS' usual choice for 384-1024-d text embeddings
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128  # recall@10 0.999 of exact on SciFact/MiniLM (bench/bench_rag.py); raised to k when k is larger
+PQ_NBITS = 8  # 256 centroids per sub-quantizer: one byte a sub-vector, the code FAISS scans fastest
+# Every codebook is trained by k-means on the corpus: FAISS wants 39 points per centroid (it warns below, and refuses
+# fewer points than centroids). A fixed 8 bits rather than fewer on small corpora: a codebook trained on a small
+# first corpus would encode every later `rag add`; and below ~10,000 documents flat's memory is small anyway.
+PQ_MIN_DOCUMENTS = 39 * 2 ** PQ_NBITS  # 9,984
 FILTER_CACHE = 16  # filters whose passing ids a loaded index remembers (the same filter is usually sent again)
 
 
@@ -29,6 +36,21 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+def pq_subquantizers(dim: int) -> int:
+    """IVF-PQ's m: sub-vectors of about 8 floats, one byte each (48 for a 384-d model: 32x less than flat's float32
+    vectors); the largest divisor of `dim` not above dim / 8, since FAISS cuts a vector into m equal parts."""
+    target = max(1, dim // 8)
+    return next(m for m in range(target, 0, -1) if dim % m == 0)
+
+
+def check_ivfpq_documents(n: int) -> None:
+    """Refuse an IVF-PQ index over too few documents to train its codebooks (before anything is encoded)."""
+    if n < PQ_MIN_DOCUMENTS:
+        raise ConfigError(f"ivfpq needs at least {PQ_MIN_DOCUMENTS:,} documents to train its codebooks "
+                          f"({2 ** PQ_NBITS} centroids per sub-vector, 39 points each), not {n:,}: use flat (exact; "
+                          "small at this size) or ivf", field="index-type")
 
 
 def new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]]:
@@ -44,18 +66,25 @@ def new_faiss_index(kind: str, vectors: np.ndarray) -> tuple[Any, dict[str, Any]
     # IVF: ~4 sqrt(n) lists, but at least 39 training points per list (FAISS warns below that).
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
     nprobe = min(nlist, max(8, nlist // 16))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    params: dict[str, Any] = {"nlist": nlist, "nprobe": nprobe}
+    if kind == "ivfpq":  # the same lists and probes as IVF; only the vectors in them are compressed
+        check_ivfpq_documents(n)
+        m = pq_subquantizers(dim)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, PQ_NBITS, faiss.METRIC_INNER_PRODUCT)
+        params.update(m=m, nbits=PQ_NBITS)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.min_points_per_centroid = 1  # nlist <= n/39 already; this only silences the 1-list case of tiny corpora
     index.train(vectors)
     # IVF takes ids natively (no IDMap: IndexIDMap's removal assumes a compacting index); a hashtable direct map
     # lets hybrid search reconstruct vectors by id and survives removals.
     index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    return index, {"nlist": nlist, "nprobe": nprobe}
+    return index, params
 
 
 class FaissVectors(VectorStore):
     kind = "faiss"
-    index_types = ("flat", "hnsw", "ivf")
+    index_types = ("flat", "hnsw", "ivf", "ivfpq")
 
     def __init__(self, index, index_type: str, params: Mapping[str, Any], documents, folder: Path) -> None:
         self.index, self.index_type, self.params = index, index_type, dict(params)
@@ -110,7 +139,7 @@ class FaissVectors(VectorStore):
         k = max(1, min(int(k), self.index.ntotal))
         if self.index_type == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.params.get("ef_search", HNSW_EF_SEARCH), k))
-        elif self.index_type == "ivf":
+        elif self.index_type in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF(nprobe=self.params.get("nprobe", 8))
         else:
             params = faiss.SearchParameters() if selector is not None else None

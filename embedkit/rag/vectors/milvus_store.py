@@ -15,8 +15,9 @@ does not have (never shown: hits are read from the document store) or deleted ve
 (no longer found by search); running the same add / delete again repairs either.
 
 Index types: "flat" is Milvus's FLAT with metric IP (exact: `rag eval` equals `embedkit eval`, as with FAISS) and
-"hnsw" is HNSW with FAISS's parameters. "ivf" is refused: Milvus Lite trains one IVF per segment (an added batch is a
-segment of its own, clustered alone) and probes each, so its results would not be the ones FAISS's IVF gives.
+"hnsw" is HNSW with FAISS's parameters. "ivf" and "ivfpq" are refused: Milvus Lite trains one IVF (and codebook) per
+segment (an added batch is a segment of its own, clustered alone) and probes each, so its results would not be the
+ones FAISS's IVF gives.
 Milvus deletes for real, so there are no tombstones.
 Metadata is a JSON field, and filters become Milvus expressions over it (`Filter.to_milvus`).
 """
