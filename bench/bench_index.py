@@ -1,5 +1,5 @@
 """The index curve: recall@10 against exact search, query latency, memory and build time of each FAISS index type
-embedkit builds (flat, hnsw, ivf), over real text at growing corpus sizes; the `auto` rule of
+embedkit builds (flat, hnsw, ivf, ivfpq), over real text at growing corpus sizes; the `auto` rule of
 embedkit/rag/index.py (`choose_index_type`) is read off it.
 
 The corpus is real text assembled from ../shared/data: every sentence (>= 20 characters, split at . ! ?) of the
@@ -10,10 +10,20 @@ The queries are real questions and claims held out from the corpus (MedQuAD's tr
 claims), a seeded sample. Vectors: all-MiniLM-L6-v2 (embedkit's `minilm`), unit length, encoded once into
 `--work` (in chunks, so an interrupted run resumes) and reused by later runs.
 
+--texts FILE replaces that corpus with one of your own (a .txt with one text per line, or a .jsonl with a "text"
+field per row; whitespace-normalised, blank lines and exact duplicates dropped, in the same seeded order) and
+--query-texts FILE gives its questions (same formats; a question that is also a corpus text is dropped). The vectors
+then go to runs/index-bench-<file name> unless --work says otherwise, so the shared-data corpus's are kept. For the
+1,000,000-text curve on a GPU machine (encoding a million texts on 2 CPU cores takes hours):
+
+    .venv/bin/python bench/bench_index.py --texts million.txt --query-texts questions.txt \\
+        --sizes 100000,300000,all --kinds flat,hnsw,ivf,ivfpq --record bench/records/index/curve-real-1m.json
+
 Each index is built with embedkit's own constructor (`new_faiss_index`, the parameters `embedkit rag index` uses)
 and searched through the FAISS store's own search (`FaissVectors.search`), one query at a time on `--threads`
 threads (built on every core): the latency a `rag query` or `/rag` request sees. Memory is the serialised index's
-size (what the index holds in RAM, vectors included); build time includes IVF's k-means training.
+size (what the index holds in RAM, vectors or codes included); build time includes IVF's k-means training (and
+IVF-PQ's codebooks').
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_index.py --sizes 10000,30000,100000,all --queries 1000 \\
         --record bench/records/index/curve-real.json
@@ -85,6 +95,30 @@ def assemble(data: Path, seed: int) -> tuple[list[str], list[str]]:
             queries.setdefault(" ".join(row["text"].split()))
     texts = list(corpus)
     questions = [q for q in queries if q not in corpus]
+    random.Random(seed).shuffle(texts)
+    random.Random(seed + 1).shuffle(questions)
+    return texts, questions
+
+
+def read_texts(path: Path) -> list[str]:
+    """The texts of a .txt (one per line) or a .jsonl (a "text" field per row), whitespace-normalised, blank ones
+    and exact duplicates dropped, in file order."""
+    rows = (row["text"] for row in _jsonl(path)) if path.suffix == ".jsonl" else \
+        path.read_text(encoding="utf-8").splitlines()
+    texts: dict[str, None] = {}
+    for text in rows:
+        text = " ".join(text.split())
+        if text:
+            texts.setdefault(text)
+    return list(texts)
+
+
+def assemble_files(texts_path: Path, queries_path: Path, seed: int) -> tuple[list[str], list[str]]:
+    """(corpus texts, queries) from --texts / --query-texts, as `assemble` gives the shared data's: deduplicated, no
+    query that is a corpus text, in a seeded random order."""
+    texts = read_texts(texts_path)
+    corpus = set(texts)
+    questions = [q for q in read_texts(queries_path) if q not in corpus]
     random.Random(seed).shuffle(texts)
     random.Random(seed + 1).shuffle(questions)
     return texts, questions
@@ -189,10 +223,14 @@ def curve(vectors: np.ndarray, queries: np.ndarray, sizes: list[int], kinds: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--work", type=Path, default=Path("runs/index-bench"), help="encoded vectors (reused)")
+    parser.add_argument("--work", type=Path, help="encoded vectors (reused; default runs/index-bench, with --texts "
+                                                  "runs/index-bench-<file name>)")
+    parser.add_argument("--texts", type=Path, help="a corpus of your own instead of --data's: .txt (a text a line) "
+                                                   "or .jsonl (a \"text\" field a row)")
+    parser.add_argument("--query-texts", type=Path, help="with --texts: its questions (same formats)")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--sizes", default="10000,30000,100000,all", help="corpus sizes; 'all' = every sentence")
-    parser.add_argument("--kinds", default="flat,hnsw,ivf")
+    parser.add_argument("--kinds", default="flat,hnsw,ivf", help="any of flat, hnsw, ivf, ivfpq")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -204,7 +242,20 @@ def main() -> None:
     parser.add_argument("--note", default="", help="an observation to keep in the record (e.g. a run stopped)")
     args = parser.parse_args()
 
-    texts, questions = assemble(args.data, args.seed)
+    from embedkit.rag.vectors.faiss_store import FaissVectors
+
+    unknown = set(args.kinds.split(",")) - set(FaissVectors.index_types)
+    if unknown:
+        parser.error(f"--kinds: unknown {', '.join(sorted(unknown))} (use {', '.join(FaissVectors.index_types)})")
+    if (args.texts is None) != (args.query_texts is None):
+        parser.error("--texts and --query-texts go together")
+    if args.work is None:
+        args.work = Path("runs/index-bench" if args.texts is None else f"runs/index-bench-{args.texts.stem}")
+
+    if args.texts is not None:
+        texts, questions = assemble_files(args.texts, args.query_texts, args.seed)
+    else:
+        texts, questions = assemble(args.data, args.seed)
     questions = questions[:args.queries]
     print(f"corpus: {len(texts)} sentences; queries: {len(questions)}", flush=True)
     corpus_vectors = encode_resumable(texts, "document", args.work / "vectors", args.model, args.batch_size)
@@ -230,6 +281,8 @@ def main() -> None:
     print(f"peak RSS {peak_gb:.2f} GB")
     if args.record:
         values = {"model": args.model, "dim": int(corpus_vectors.shape[1]), "k": K, "threads": args.threads,
+                  "texts": str(args.texts) if args.texts else None,
+                  "query_texts": str(args.query_texts) if args.query_texts else None,
                   "queries": len(questions), "synthetic_queries": args.synthetic_queries if args.synthetic else 0,
                   "build_threads": BUILD_THREADS, "corpus_sentences": len(texts), "corpus_sha256": digest(texts),
                   "queries_sha256": digest(questions), "seed": args.seed, "note": args.note,

@@ -56,6 +56,19 @@ def test_the_corpus_is_deduplicated_and_holds_no_query(tmp_path, bench_index):
     assert bench_index.assemble(tmp_path, seed=1)[0] != texts or len(texts) < 3
 
 
+def test_texts_files_are_read_deduplicated_without_blanks_or_queries_from_the_corpus(tmp_path, bench_index):
+    """Bug caught (--texts / --query-texts): a blank line kept as a text (it embeds to the special tokens alone), a
+    duplicate kept, or a question that is also a corpus text (a perfect match that inflates recall)."""
+    (tmp_path / "corpus.txt").write_text("Gout hurts the toes.\n\n   \nA man  plays a guitar.\nGout hurts the toes.\n"
+                                         "What is gout?\n")
+    _write_jsonl(tmp_path / "questions.jsonl", [{"text": "What is  gout?"}, {"text": "Who plays the guitar?"},
+                                                {"text": " "}])
+    texts, queries = bench_index.assemble_files(tmp_path / "corpus.txt", tmp_path / "questions.jsonl", seed=0)
+    assert sorted(texts) == ["A man plays a guitar.", "Gout hurts the toes.", "What is gout?"]
+    assert queries == ["Who plays the guitar?"]
+    assert (texts, queries) == bench_index.assemble_files(tmp_path / "corpus.txt", tmp_path / "questions.jsonl", 0)
+
+
 def test_the_curve_measures_recall_against_exact_search(bench_index):
     """Bug caught: recall computed against the approximate index itself (always 1), against a shifted id space, or
     the flat row not exact; and embedkit's own parameters not the ones measured."""
