@@ -178,7 +178,7 @@ def delete_command(
     ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="Also delete the ids in this file (one a line)."),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="Ignore ids that are not in the index."),
 ) -> None:
-    """Delete documents by id (removed from flat/IVF indexes; tombstoned and filtered out in HNSW graphs).
+    """Delete documents by id (removed from flat/IVF/IVF-PQ indexes; tombstoned and filtered out in HNSW graphs).
 
     Example: embedkit rag delete runs/scifact-index 4983 5836
     """

@@ -23,7 +23,7 @@ Results = list[tuple[np.ndarray, np.ndarray]]  # per query: (ids, scores), best 
 
 class VectorStore(ABC):
     kind: ClassVar[str]
-    index_types: ClassVar[tuple[str, ...]]  # the index types it builds ("flat" exact; "hnsw", "ivf" approximate)
+    index_types: ClassVar[tuple[str, ...]]  # the types it builds ("flat" exact; "hnsw", "ivf", "ivfpq" approximate)
     in_place: bool = False  # True: updates change the live vectors before the folder swap (a server)
 
     @classmethod
