@@ -313,7 +313,8 @@ def main() -> None:
         for arm in arms:
             runs, reports[arm] = [], []
             for seed in seeds:
-                model = out / f"{name}-{arm}-lr{SETTINGS['lr']:g}-s{seed}"
+                # the lr as 1e-04, never 0.0001: with_suffix below would take ".0001-s42" for the suffix
+                model = out / f"{name}-{arm}-lr{SETTINGS['lr']:.0e}-s{seed}"
                 done = model.with_suffix(".result.json")
                 run = json.loads(done.read_text()) if args.resume and done.is_file() else run_child(arm, rows, model,
                                                                                                       seed)
