@@ -74,6 +74,12 @@ SETTINGS = {"epochs": 1, "batch_size": 16, "lr": 1e-4, "warmup_ratio": 0.1, "wei
 HEAD_LR = 1e-3
 
 
+def model_path(out: Path, name: str, arm: str, seed: int) -> Path:
+    """A trained model's folder; its .result.json / .eval.json replace the suffix, so the lr is written 1e-04, never
+    0.0001 (with_suffix would take ".0001-s42" for the suffix: every seed's files one name)."""
+    return out / f"{name}-{arm}-lr{SETTINGS['lr']:.0e}-s{seed}"
+
+
 # ---------------------------------------------------------------------------------------------------- rows
 def mine_rows(dataset: str, data_root: str, first_stage: str, out: Path, negatives: int,
               train_queries: int | None) -> tuple[Path, dict]:
@@ -313,8 +319,7 @@ def main() -> None:
         for arm in arms:
             runs, reports[arm] = [], []
             for seed in seeds:
-                # the lr as 1e-04, never 0.0001: with_suffix below would take ".0001-s42" for the suffix
-                model = out / f"{name}-{arm}-lr{SETTINGS['lr']:.0e}-s{seed}"
+                model = model_path(out, name, arm, seed)
                 done = model.with_suffix(".result.json")
                 run = json.loads(done.read_text()) if args.resume and done.is_file() else run_child(arm, rows, model,
                                                                                                       seed)

@@ -26,3 +26,16 @@ def test_held_out_rows_share_no_query_with_training_and_are_the_same_every_run(t
     assert len(trained) + len(held) == 80 and len({r["query"] for r in held}) == 6  # 15% of 40 queries
     assert bench.split_rows(source, tmp_path)[1] == held
     assert bench.summarize([0, 0, 1, 7]) == {"first": 0.5, "mrr": (1 + 1 + 0.5 + 0.125) / 4}
+
+
+@pytest.fixture(scope="module")
+def bench_rerank():
+    yield from bench_module("bench_rerank")
+
+
+def test_bench_rerank_names_every_seeds_files_apart(tmp_path, bench_rerank):
+    """Bug caught: a model named with the lr as 0.0001, whose .result.json (with_suffix) lost the seed and the arm
+    after the dot, so a second seed read the first one's result back under --resume."""
+    names = {bench_rerank.model_path(tmp_path, "scifact", arm, seed).with_suffix(".result.json").name
+             for arm in ("embedkit", "st") for seed in (42, 43)}
+    assert len(names) == 4 and all(f"-lr{bench_rerank.SETTINGS['lr']:.0e}-" in n for n in names)
