@@ -72,7 +72,8 @@ INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 # model switches at 37,500 documents. A property of exact search's arithmetic, not of a corpus, so it transfers.
 # IVF-PQ is never auto's choice either: it gives up recall (its scores come from codes, 48 bytes a 384-d vector, not
 # from the vectors) for memory, a trade only the user can weigh (bench/records/index/curve-real-ivfpq.json:
-# recall@10 0.71-0.73 of exact for a sixteenth of flat's size at 100k-200k documents).
+# recall@10 0.71-0.73 of exact for a sixteenth of flat's size at 100k-200k documents; 0.93-0.94 of exact's top 10
+# within its top 100, so its candidates suit a reranker).
 FLAT_MAX_FLOATS = 100_000 * 384
 HNSW_THRESHOLD = FLAT_MAX_FLOATS // 384  # documents, for a 384-d model (MiniLM)
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
