@@ -135,7 +135,6 @@ def test_ivfpq_refuses_a_corpus_too_small_to_train_and_the_milvus_store(tmp_path
     with pytest.raises(ConfigError, match=r"ivfpq needs at least 9,984 documents .* not 100: use flat") as err:
         build_index(encoder, docs, tmp_path / "idx", index_type="ivfpq", bm25=False)
     assert err.value.field == "index-type" and not (tmp_path / "idx").exists() and encoder.encoded == 0
-    pytest.importorskip("pymilvus")
     with pytest.raises(ConfigError, match="milvus store builds flat, hnsw indexes, not 'ivfpq'") as err:
         build_index(encoder, docs, tmp_path / "idx", index_type="ivfpq", store="milvus", bm25=False)
     assert err.value.field == "index-type" and not (tmp_path / "idx").exists()
