@@ -170,6 +170,11 @@ class _NoDocuments:
         return []
 
 
+def exact_top_found(found, exact_ids: np.ndarray) -> list[float]:
+    """Per query, the share of exact search's top K among the ids an index returned (-1: no result)."""
+    return [len(set(a.tolist()) & set(b.tolist()) - {-1}) / K for a, b in zip(found, exact_ids)]
+
+
 def measure(kind: str, vectors: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray | None,
             threads: int) -> tuple[dict, np.ndarray]:
     import faiss
@@ -197,14 +202,13 @@ def measure(kind: str, vectors: np.ndarray, queries: np.ndarray, exact_ids: np.n
            "p99_ms": round(float(np.percentile(latencies, 99)), 3),
            "mean_ms": round(float(np.mean(latencies)), 3)}
     if exact_ids is not None:
-        hits = [len(set(a.tolist()) & set(b.tolist()) - {-1}) / K for a, b in zip(found, exact_ids)]
+        hits = exact_top_found(found, exact_ids)
         row["recall_at_10"] = round(float(np.mean(hits)), 4)
         row["recall_at_10_min"] = round(float(np.min(hits)), 2)
         # What a second stage over the top RERANK_DEPTH can recover: the share of exact search's top 10 that the index
         # returns anywhere in its top RERANK_DEPTH (a reranker reorders candidates, it cannot add one). Not timed.
         deep = [ids for ids, _ in store.search(queries, RERANK_DEPTH)]
-        row[f"recall_10_at_{RERANK_DEPTH}"] = round(float(np.mean(
-            [len(set(a.tolist()) & set(b.tolist()) - {-1}) / K for a, b in zip(deep, exact_ids)])), 4)
+        row[f"recall_10_at_{RERANK_DEPTH}"] = round(float(np.mean(exact_top_found(deep, exact_ids))), 4)
     return row, found
 
 
