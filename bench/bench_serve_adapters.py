@@ -13,8 +13,9 @@ the adapters within 0.8x the throughput of one merged model.
   (`load_adapters`, as `embedkit serve --adapter`) and one merged model; their resident set sizes (VmRSS, VmHWM).
   Importing peft is part of the first arm's cost; the second arm imports it after measuring and reports what that
   import alone adds (`peft_import`, MiB), so the adapters' own share can be read apart from the library's.
-- Throughput: the app in-process (BackgroundServer) at concurrency 1 and 8, requests of --batch texts: base + N
-  adapters with requests round-robin over the adapters, and the merged model alone; texts/s, medians of --repeats.
+- Throughput: the apps in-process (BackgroundServer, both running) at concurrency 1 and 8, requests of --batch
+  texts: base + N adapters with requests round-robin over the adapters, and the merged model alone, measured in
+  turn within every repeat; texts/s, medians of --repeats.
 
 Prints one JSON object (and writes it with --json, and as a record with --record), with the verdict against the
 issue's two targets.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -121,12 +123,20 @@ async def drive(url: str, texts: list[str], batch: int, concurrency: int, models
         return len(texts) / (time.perf_counter() - began)
 
 
-def throughput(app, texts: list[str], batch: int, repeats: int, models: list[str]) -> dict[str, float]:
+def throughput(apps: dict[str, tuple], texts: list[str], batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """{arm: {"c1": texts/s, "c8": ...}}, medians of `repeats`; the arms' servers run side by side and every repeat
+    measures each arm at each concurrency in turn, so that a change in the machine's speed during the run falls on
+    both arms alike (measured one after the other, two runs of this bench gave ratios 0.83 / 0.74 and 0.75 / 0.78)."""
     from embedkit.serve.server import BackgroundServer
 
-    with BackgroundServer(app) as server:
-        return {f"c{c}": statistics.median(asyncio.run(drive(server.url, texts, batch, c, models))
-                                           for _ in range(repeats)) for c in CONCURRENCIES}
+    runs: dict[str, dict[str, list[float]]] = {arm: {f"c{c}": [] for c in CONCURRENCIES} for arm in apps}
+    with contextlib.ExitStack() as running:
+        urls = {arm: running.enter_context(BackgroundServer(app)).url for arm, (app, _) in apps.items()}
+        for _ in range(repeats):
+            for c in CONCURRENCIES:
+                for arm, (_, models) in apps.items():
+                    runs[arm][f"c{c}"].append(asyncio.run(drive(urls[arm], texts, batch, c, models)))
+    return {arm: {c: statistics.median(values) for c, values in by_c.items()} for arm, by_c in runs.items()}
 
 
 def main() -> None:
@@ -135,7 +145,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--record", type=Path, help="write a record (bench/record.py) here")
     parser.add_argument("--child", choices=["adapters", "merged"], help=argparse.SUPPRESS)
@@ -162,10 +172,11 @@ def main() -> None:
         texts = load_texts(args.texts)
         backends = load_backends(["base=minilm"])
         hosts = load_adapters([f"a{i}={folder}" for i, folder in enumerate(folders)], backends)
-        mixed = throughput(create_app(backends, adapter_hosts=hosts), texts, args.batch, args.repeats,
-                           [f"a{i}" for i in range(args.adapters)])
-        merged = throughput(create_app(load_backends([f"merged={root / 'merged'}"])), texts, args.batch,
-                            args.repeats, ["merged"])
+        speeds = throughput({"mixed_adapters": (create_app(backends, adapter_hosts=hosts),
+                                                [f"a{i}" for i in range(args.adapters)]),
+                             "merged": (create_app(load_backends([f"merged={root / 'merged'}"])), ["merged"])},
+                            texts, args.batch, args.repeats)
+        mixed, merged = speeds["mixed_adapters"], speeds["merged"]
     result = {
         "cpu": describe(), "adapters": args.adapters, "rank": args.rank, "texts": args.texts, "batch": args.batch,
         "rss_mib": memory, "rss_ratio": memory["adapters"]["VmRSS"] / memory["merged"]["VmRSS"],

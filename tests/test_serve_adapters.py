@@ -28,12 +28,12 @@ TEXTS = ["what causes high blood pressure", "fever", "the court ruled that the c
 KEY = "sekret"
 
 
-def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4) -> Path:
+def make_adapter(base: Path, out: Path, *, seed: int, r: int = 4, dora: bool = False) -> Path:
     """An adapter folder laid out as `embedkit train` writes one with adapter.save: adapter (adapter/, a manifest
     recording the base's fingerprint, probe vectors), its LoRA B matrices made non-zero so it changes the vectors."""
     encoder = load_model(base)
     base_record = {"name": str(base), "fingerprint": encoder.fingerprint}
-    attach_lora(encoder, r=r, alpha=2 * r)
+    attach_lora(encoder, r=r, alpha=2 * r, dora=dora)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in encoder.backbone.named_parameters():
@@ -99,7 +99,7 @@ def test_each_adapter_serves_its_merged_models_vectors(which, st_bert, tiny_llam
 def test_a_served_adapter_call_adds_its_low_rank_product_in_place(st_bert, bert_adapters, monkeypatch):
     """Bug caught: served calls through PEFT's own LoRA forward, whose two output-sized temporaries made 8 adapters
     serve at 0.62x a merged model (bench/records/serve/adapters-minilm.json); the in-place sum must give the merged
-    model's vectors, and the base alone (adapters disabled) still goes through PEFT."""
+    model's vectors, and the base alone must get none of any adapter's product."""
     from fastapi.testclient import TestClient
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -109,10 +109,83 @@ def test_a_served_adapter_call_adds_its_low_rank_product_in_place(st_bert, bert_
     with TestClient(_app(st_bert, bert_adapters)) as client:
         peft_calls.clear()  # start-up's probe checks included
         got = _embed(client, "legal")
-        assert not peft_calls
         assert np.abs(got - merged_vectors(st_bert, bert_adapters["legal"])).max() < 1e-5
-        _embed(client, "base")
-        assert peft_calls
+        plain = _embed(client, "base")
+        assert not peft_calls
+        assert np.abs(plain - load_model(st_bert).encode(TEXTS)).max() < 1e-5
+
+
+def _host_and_lanes(base: Path, adapters: dict[str, Path], calls: list):
+    """A host with `adapters` loaded, one MicroBatcher over its embed_rows (recording each call's adapters in
+    `calls`) and a lane per adapter and for the base, as create_app builds them."""
+    from embedkit.serve.batcher import BatcherLane, MicroBatcher
+
+    backends = load_backends([f"base={base}"])
+    host = load_adapters([f"{name}={path}" for name, path in adapters.items()], backends)["base"]
+
+    def recorded(rows):
+        calls.append(sorted({str(row.tag) for row in rows}))
+        return host.embed_rows(rows)
+
+    shared = MicroBatcher(recorded, name="base", max_batch_tokens=1 << 20, max_batch_size=1024, max_padding=1.0,
+                          min_call_tokens=1 << 20)
+    return host, {name: BatcherLane(shared, None if name == "base" else name) for name in ["base", *adapters]}
+
+
+def test_requests_for_several_adapters_share_one_model_call(st_bert, bert_adapters):
+    """Bug caught: a batcher (and a model call) per adapter, which ran 8 adapters at 0.57x a merged model's
+    throughput at concurrency 8 (bench/records/serve/adapters-minilm-inplace.json), or a mixed call that gives a
+    row another adapter's product: requests for base, legal and med queued together go in one call, and each gets
+    its own model's vectors."""
+    calls: list = []
+    _, lanes = _host_and_lanes(st_bert, bert_adapters, calls)
+    expected = {"base": load_model(st_bert).encode(TEXTS),
+                **{name: merged_vectors(st_bert, folder) for name, folder in bert_adapters.items()}}
+    tokens = load_backends([f"base={st_bert}"])["base"].token_ids(TEXTS, "document")
+    order = ["med", "base", "legal", "med"]
+
+    async def run():
+        for lane in lanes.values():
+            await lane.start()
+        got = await asyncio.gather(*(lanes[name].embed(tokens) for name in order))
+        for lane in lanes.values():
+            await lane.stop()
+        return got
+
+    got = asyncio.run(run())
+    assert calls == [["None", "legal", "med"]]
+    for name, vectors in zip(order, got):
+        assert np.abs(vectors - expected[name]).max() < 1e-5, name
+
+
+def test_a_dora_adapter_runs_apart_through_peft_and_keeps_its_vectors(st_bert, bert_adapters, tmp_path):
+    """Bug caught: an adapter the in-place sum cannot compute (DoRA's learned magnitudes) summed as plain LoRA: in a
+    call queued with a plain adapter and the base, it runs apart through PEFT, and each gets its merged model's
+    vectors."""
+    from embedkit.serve.batcher import BatcherLane
+
+    dora = make_adapter(st_bert, tmp_path / "dora", seed=7, dora=True)
+    calls: list = []
+    host, lanes = _host_and_lanes(st_bert, {"legal": bert_adapters["legal"], "dora": dora}, calls)
+    assert host.plain == {"legal": True, "dora": False}
+    tokens = load_backends([f"base={st_bert}"])["base"].token_ids(TEXTS, "document")
+    order = ["dora", "legal", "base", "dora"]
+
+    async def run():
+        for lane in lanes.values():
+            await lane.start()
+        got = await asyncio.gather(*(lanes[name].embed(tokens) for name in order))
+        for lane in lanes.values():
+            await lane.stop()
+        return got
+
+    got = asyncio.run(run())
+    assert isinstance(lanes["dora"], BatcherLane) and calls == [["None", "dora", "legal"]]
+    expected = {"base": load_model(st_bert).encode(TEXTS), "legal": merged_vectors(st_bert, bert_adapters["legal"]),
+                "dora": merged_vectors(st_bert, dora)}
+    assert np.abs(expected["dora"] - expected["base"]).max() > 1e-2
+    for name, vectors in zip(order, got):
+        assert np.abs(vectors - expected[name]).max() < 1e-5, name
 
 
 def test_a_mixed_request_stream_gets_each_requests_own_adapter(st_bert, bert_adapters):

@@ -214,6 +214,41 @@ def test_draining_batcher_finishes_closest_to_done_first_then_fails_the_rest():
     assert done and failed and max(done) < min(failed), (done, failed)  # smallest remaining work finished first
 
 
+def test_a_lane_stopped_alone_answers_its_queue_and_the_last_lane_stops_the_shared_batcher():
+    """Bug caught: removing one adapter (its lane) stops the batcher its base and the other adapters share, drops
+    the removed adapter's queued requests, or leaves the shared batcher running after every lane stopped; and rows
+    must reach the model tagged with their own lane."""
+    from embedkit.serve.batcher import BatcherClosed, BatcherLane, MicroBatcher
+
+    calls: list = []
+
+    def model(rows):
+        calls.append(sorted({row.tag for row in rows}))
+        time.sleep(0.01)
+        return np.array([[len(row), ord(row.tag)] for row in rows], dtype=np.float32)
+
+    async def drive():
+        shared = MicroBatcher(model, call_seconds=0.02, min_call_tokens=64)
+        legal, med = BatcherLane(shared, "l"), BatcherLane(shared, "m")
+        await legal.start()
+        await med.start()
+        queued = [asyncio.ensure_future(lane.embed([[1] * 8] * 20)) for lane in (legal, med, legal)]
+        await asyncio.sleep(0)
+        await legal.stop()  # returns once its two queued requests are answered
+        assert all(future.done() for future in (queued[0], queued[2]))
+        with pytest.raises(BatcherClosed):
+            await legal.embed([[1]])
+        assert shared.running
+        still = await med.embed([[2, 2]])
+        await med.stop()
+        return [await future for future in queued], still, shared.running
+
+    answers, still, running = asyncio.run(drive())
+    assert [answer[:, 1].tolist() for answer in answers] == [[ord("l")] * 20, [ord("m")] * 20, [ord("l")] * 20]
+    assert still.tolist() == [[2, ord("m")]] and not running
+    assert any(len(tags) == 2 for tags in calls)  # one model call held both lanes' rows
+
+
 # ---------------------------------------------------------------------------------------------------------- concurrency
 @pytest.fixture
 def one_torch_thread():

@@ -1,16 +1,18 @@
 """Many LoRA adapters on one served base (`embedkit serve --model base=minilm --adapter legal=DIR`).
 
-One `AdapterHost` per served torch base: its encoder's backbone is wrapped once in a PEFT `PeftModel`, each adapter
-folder is added with `load_adapter(name)`, and a model call picks its adapter with `set_adapter(name)` (the base
-runs with no adapter active). The base's weights are in memory once; each adapter adds only its LoRA matrices.
+One `AdapterHost` per served torch base: its encoder's backbone is wrapped once in a PEFT `PeftModel` and each
+adapter folder is added with `load_adapter(name)`. The base's weights are in memory once; each adapter adds only
+its LoRA matrices.
 
-Each adapter is served under its own name with its own MicroBatcher, so a model call never mixes adapters, and
-every batcher of one host takes the host's lock for its call: switching the active adapter and the forward that uses
-it are one step no other call can interleave with. (peft's mixed-batch forward, `adapter_names=[...]` per row, gives
-the same vectors for BERT in eval mode, but it runs every LoRA layer once per adapter present in the batch, on
-gathered sub-batches; per-adapter calls keep one adapter a call (`lora_inference_forward`) and the batcher's
-length-sorted, budgeted calls. One mixed call of 256 texts over 8 adapters ran at 149.7 texts/s, 8 calls of 32 at
-197.4 (MiniLM, r=16, 2 threads; a development measurement).)
+The base and its adapters are one model, so the server gives them one MicroBatcher (each served name a
+`BatcherLane` into it) and a model call holds rows of several adapters: `embed_rows` puts each adapter's rows side
+by side and `lora_inference_forward` runs the base's weights over all of them, adding each segment's own low-rank
+product, under the host's lock (adding or removing an adapter never interleaves with a call). No `set_adapter` per
+call. Written here, not taken from PEFT: peft's mixed-batch forward (`adapter_names=[...]` per row) gives the same
+vectors for BERT in eval mode, but makes output-sized temporaries per adapter on gathered sub-batches; one mixed
+call of 256 texts over 8 adapters ran at 149.7 texts/s through it, 8 calls of 32 at 197.4 (MiniLM, r=16, 2 threads;
+a development measurement). An adapter that is not plain LoRA (DoRA, a LoRA bias, LoRA on embeddings) runs in calls
+of its own through PEFT's forward.
 
 An adapter folder is an `embedkit train` output with `adapter: {type: lora, save: adapter | both}` (its PEFT adapter
 in `adapter/`, the run's manifest and probe vectors beside it), or a bare PEFT folder (`Encoder.save_adapter`). The
@@ -21,6 +23,7 @@ for any model folder (`verify_probes`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -35,45 +38,101 @@ from embedkit.errors import ModelError
 from embedkit.manifest import MANIFEST_NAME
 from embedkit.models.probes import has_probes
 from embedkit.serve.backends import FingerprintCheck, ServeBackend, TorchBackend
+from embedkit.serve.batcher import TaggedRow
 
 log = logging.getLogger(__name__)
 
 PEFT_CONFIG = "adapter_config.json"
 
 
-def lora_inference_forward(layer, x, *args, **kwargs):
-    """PEFT's LoRA `Linear.forward` for a served call, the same sum with fewer passes over the activations:
-    `base(x) + B(A(x)) * scaling` makes two temporaries the size of the layer's output and adds them; here the
-    low-rank product is added into the base's output in place (`addmm_`, the scaling as its alpha). On MiniLM, 2
-    threads, 8 rank-16 adapters, 320 questions in calls of 32: PEFT's forward 215.9 texts/s, this one 277.9, the
-    merged model 278.5, vectors equal to the merged model's within 1.5e-7 either way (a development measurement
-    behind bench/records/serve/adapters-minilm.json, which is PEFT's forward). Anything else (training, adapters
-    disabled or merged, a mixed batch, several active adapters, a LoRA variant such as DoRA, a LoRA bias, another
-    dtype) goes to PEFT's own forward."""
+class CallPlan:
+    """Which rows of the model call in progress take which adapter: `segments` of (adapter or None for the base
+    alone, first row, row after the last), rows of one adapter side by side; None outside the host's calls."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[str | None, int, int]] | None = None
+
+
+def lora_inference_forward(layer, x, plan: CallPlan, *args, **kwargs):
+    """PEFT's LoRA `Linear.forward` for a served call, the same sum with fewer passes over the activations and
+    several adapters in one call. PEFT's `base(x) + B(A(x)) * scaling` makes two temporaries the size of the
+    layer's output and adds them; here each segment's low-rank product is added into its rows of the base's output
+    in place (`addmm_`, the scaling as its alpha), and rows of the base alone get none. The base's weights, the
+    bulk of the work, run once over every row of the call, as in a merged model. Served, 8 rank-16 adapters on
+    MiniLM went from 0.62x / 0.49x a merged model's throughput through PEFT's forward (concurrency 1 / 8,
+    bench/records/serve/adapters-minilm.json) to 0.72x / 0.57x with this sum in calls of one adapter
+    (adapters-minilm-inplace.json) and 0.83x / 0.78x with calls mixing adapters (adapters-minilm-shared-batcher.json);
+    the rest is the skinny low-rank products themselves. Outside a served call (training, no plan) and in the layer
+    states PEFT handles otherwise (merged, an `adapter_names` mixed batch) PEFT's own forward runs; adapters this
+    forward cannot sum (a LoRA variant such as DoRA, a LoRA bias, another dtype, LoRA outside Linear layers) never
+    reach it (`AdapterHost.plain`), and PEFT's disabled state does not apply here: the host disables PEFT's adapters
+    around a planned call so that such an adapter's other layers stay out of it, while the segments say what each
+    Linear layer adds."""
     import torch
 
-    active = layer.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if (name is None or name not in layer.lora_A or torch.is_grad_enabled() or layer.training
-            or layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None
-            or name in getattr(layer, "lora_variant", {}) or layer.lora_B[name].bias is not None
-            or x.dtype != layer.lora_A[name].weight.dtype):
+    segments = plan.segments
+    if (segments is None or torch.is_grad_enabled() or layer.training or layer.merged
+            or kwargs.get("adapter_names") is not None):
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
-    low_rank = x.reshape(-1, x.shape[-1]) @ layer.lora_A[name].weight.t()
-    result.view(-1, result.shape[-1]).addmm_(low_rank, layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
+    if len(segments) > 1 and (x.dim() < 2 or x.shape[0] != segments[-1][2]):
+        raise RuntimeError("a mixed-adapter call needs the rows first in every LoRA layer's input: got "
+                           f"{tuple(x.shape)}")
+    for name, first, end in segments:
+        if name is None or name not in layer.lora_A:  # the base alone, or an adapter that skips this layer
+            continue
+        rows_in = x if len(segments) == 1 else x[first:end]
+        rows_out = result if len(segments) == 1 else result[first:end]
+        low_rank = rows_in.reshape(-1, rows_in.shape[-1]) @ layer.lora_A[name].weight.t()
+        rows_out.view(-1, rows_out.shape[-1]).addmm_(low_rank, layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
     return result
 
 
-def use_inference_forward(model) -> None:
-    """Give every LoRA Linear layer of `model` (a PeftModel) `lora_inference_forward`, once (an instance attribute:
-    `peft.unload()` replaces these layers, and the training code never sees it)."""
+def use_inference_forward(model, plan: CallPlan) -> None:
+    """Give every LoRA Linear layer of `model` (a PeftModel) `lora_inference_forward` reading `plan`, once (an
+    instance attribute: `peft.unload()` replaces these layers, and the training code never sees it)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     for module in model.modules():
         if isinstance(module, LoraLinear) and "forward" not in vars(module):
-            module.forward = lambda x, *args, _layer=module, **kwargs: lora_inference_forward(_layer, x, *args,
+            module.forward = lambda x, *args, _layer=module, **kwargs: lora_inference_forward(_layer, x, plan, *args,
                                                                                               **kwargs)
+
+
+def store_for_inference(model, name: str) -> None:
+    """Lay adapter `name`'s LoRA matrices out transposed in memory (the parameters keep their shapes and values, as
+    views): `lora_inference_forward` multiplies by A.T and B.T, and a contiguous right-hand operand made those
+    skinny products several times faster (MiniLM's layers, 360 token rows, 2 threads: x @ A.T 150 -> 40 us for
+    the 1536-wide input; a development measurement). No copy is kept: served memory stays one set of LoRA weights."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLinear) and name in module.lora_A:
+                for weight in (module.lora_A[name].weight, module.lora_B[name].weight):
+                    weight.data = weight.data.t().contiguous().t()
+
+
+def plain_lora(model, name: str) -> bool:
+    """Whether adapter `name` is only plain LoRA on Linear layers in the model's dtype, which
+    `lora_inference_forward` sums (no DoRA or other variant, no LoRA bias, no LoRA on embeddings or convolutions)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        holds = name in module.lora_A or name in getattr(module, "lora_embedding_A", {})
+        if not holds:
+            continue
+        if (not isinstance(module, LoraLinear) or name not in module.lora_A
+                or name in getattr(module, "lora_variant", {}) or module.lora_B[name].bias is not None
+                or module.lora_A[name].weight.dtype != module.base_layer.weight.dtype):
+            return False
+    return True
 
 
 @dataclass
@@ -154,6 +213,8 @@ class AdapterHost:
         self._base_fingerprint: str | None = None
         self.lock = threading.RLock()
         self.adapters: dict[str, "AdapterBackend"] = {}
+        self.plain: dict[str, bool] = {}  # adapter -> its LoRA is summed by lora_inference_forward (plain_lora)
+        self.plan = CallPlan()
         self._plain_backbone = self.encoder.backbone
 
     @property
@@ -173,21 +234,53 @@ class AdapterHost:
 
     def embed(self, adapter: str | None, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """One model call with `adapter` active (None: the base alone)."""
+        return self.embed_rows([TaggedRow(ids, adapter) for ids in id_lists])
+
+    def embed_rows(self, rows: Sequence[TaggedRow]) -> np.ndarray:
+        """One model call over rows of several adapters (TaggedRow.tag: the adapter, None for the base alone), the
+        shared batcher's call: rows regrouped by adapter (padding is the call's longest row either way), each group a
+        segment of `lora_inference_forward`, vectors back in the given order. Adapters that are not plain LoRA run
+        apart through PEFT's forward."""
         import torch
 
-        with self.lock:
+        groups: dict[str | None, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.tag, []).append(i)
+        with self.lock, torch.inference_mode():
             peft = self.peft
+            for name in groups:
+                if name is not None and name not in self.adapters:
+                    raise ModelError(f"adapter {name!r} has been removed")
             if peft is None:  # no adapter loaded: the base backend's own call, unchanged
-                if adapter is not None:
-                    raise ModelError(f"adapter {adapter!r} has been removed")
-                return self.base.embed_ids(id_lists)
-            with torch.inference_mode():
-                if adapter is None:
-                    with peft.disable_adapter():
-                        return self.encoder.forward(self.encoder.collate(id_lists)).cpu().numpy()
-                if peft.active_adapter != adapter:
-                    peft.set_adapter(adapter)
-                return self.encoder.forward(self.encoder.collate(id_lists)).cpu().numpy()
+                return self.base.embed_ids([row.ids for row in rows])
+            together = [name for name in groups if name is None or self.plain[name]]
+            out = None
+            for call in ([together] if together else []) + [[name] for name in groups if name not in together]:
+                order = [i for name in call for i in groups[name]]
+                vectors = self._forward(peft, call, [len(groups[name]) for name in call],
+                                        [rows[i].ids for i in order])
+                if out is None:
+                    out = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
+                out[order] = vectors
+            return out
+
+    def _forward(self, peft, names: list[str | None], counts: list[int], id_lists) -> np.ndarray:
+        """The encoder's forward over `id_lists`, `counts[k]` rows of adapter `names[k]` after each other."""
+        features = self.encoder.collate(id_lists)
+        if len(names) == 1 and names[0] is not None and not self.plain[names[0]]:  # PEFT's own forward
+            if peft.active_adapter != names[0]:
+                peft.set_adapter(names[0])
+            return self.encoder.forward(features).cpu().numpy()
+        bounds = np.cumsum([0, *counts]).tolist()
+        # An adapter that is not plain LoRA may hold layers PEFT runs with its active adapter (LoRA on embeddings):
+        # disabled, they give the base's output, and the planned Linear layers ignore the flag.
+        others_off = peft.disable_adapter() if not all(self.plain.values()) else contextlib.nullcontext()
+        self.plan.segments = [(name, bounds[k], bounds[k + 1]) for k, name in enumerate(names)]
+        try:
+            with others_off:
+                return self.encoder.forward(features).cpu().numpy()
+        finally:
+            self.plan.segments = None
 
     def base_check(self, adapter: AdapterFolder) -> FingerprintCheck | None:
         if adapter.base_fingerprint is None:
@@ -228,7 +321,10 @@ class AdapterHost:
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                                  path=folder.peft_dir) from None
             self.encoder.backbone.eval()
-            use_inference_forward(self.encoder.backbone)
+            use_inference_forward(self.encoder.backbone, self.plan)
+            self.plain[name] = plain_lora(self.encoder.backbone, name)
+            if self.plain[name]:
+                store_for_inference(self.encoder.backbone, name)
             backend = AdapterBackend(self, name, folder, check)
             self.adapters[name] = backend
         return backend
@@ -241,6 +337,7 @@ class AdapterHost:
                 raise ModelError(f"no adapter {name!r} on {self.base.name}")
             peft = self.encoder.backbone
             del self.adapters[name]
+            self.plain.pop(name, None)
             if self.adapters:
                 peft.delete_adapter(name)
             else:

@@ -41,9 +41,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedkit import __version__
 from embedkit.errors import EmbedkitError
-from embedkit.serve.adapters import AdapterFolder, AdapterHost, HostedBaseBackend, host_for
+from embedkit.serve.adapters import AdapterBackend, AdapterFolder, AdapterHost, HostedBaseBackend, host_for
 from embedkit.serve.backends import TorchBackend, verify_probes
-from embedkit.serve.batcher import BatcherClosed, MicroBatcher
+from embedkit.serve.batcher import BatcherClosed, BatcherLane, MicroBatcher
 from embedkit.serve.metrics import ServerMetrics
 
 
@@ -329,7 +329,7 @@ class _CancelledMiddleware:
 class _Served:
     name: str
     backend: Any
-    batcher: MicroBatcher
+    batcher: MicroBatcher | BatcherLane
     created: int
     removed: bool = False  # an adapter taken down at run time (DELETE /v1/adapters/{name})
 
@@ -371,18 +371,22 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
     metrics = ServerMetrics()
     created = int(time.time())
 
-    def batcher(name: str, compute, model_lock=None) -> MicroBatcher:
+    def batcher(name: str, compute) -> MicroBatcher:
         return MicroBatcher(compute, name=name, max_batch_tokens=settings.max_batch_tokens,
                             max_batch_size=settings.max_batch_size, max_padding=settings.max_padding,
-                            call_seconds=settings.call_seconds, on_batch=metrics.batch_observer(name),
-                            model_lock=model_lock)
+                            call_seconds=settings.call_seconds, on_batch=metrics.batch_observer(name))
 
-    def lock_of(backend: Any):  # a base and its adapters share one model: their batchers take turns
+    # A base and its LoRA adapters are one model: one batcher, whose calls mix their rows (BatcherLane).
+    host_batchers = {name: batcher(name, host.embed_rows) for name, host in hosts.items()}
+
+    def batcher_of(name: str, backend: Any) -> MicroBatcher | BatcherLane:
         host = getattr(backend, "host", None)
-        return host.lock if host is not None else None
+        if host is None:
+            return batcher(name, backend.embed_ids)
+        base = next(base for base, candidate in hosts.items() if candidate is host)
+        return BatcherLane(host_batchers[base], name if isinstance(backend, AdapterBackend) else None)
 
-    served = {name: _Served(name, backend, batcher(name, backend.embed_ids, lock_of(backend)), created)
-              for name, backend in backends.items()}
+    served = {name: _Served(name, backend, batcher_of(name, backend), created) for name, backend in backends.items()}
     reranking = {name: _Served(name, backend, batcher(name, _score_column(backend)), created)
                  for name, backend in rerankers.items()}
 
@@ -639,8 +643,7 @@ def create_app(backends: dict[str, Any], settings: ServeSettings | None = None,
         if body.name in everything():  # another request took the name while this one loaded
             await asyncio.get_running_loop().run_in_executor(None, backend.host.remove, body.name)
             raise APIError(409, f"{body.name!r} is served already", param="name", code="model_exists")
-        entry = _Served(body.name, backend, batcher(body.name, backend.embed_ids, lock_of(backend)),
-                        int(time.time()))
+        entry = _Served(body.name, backend, batcher_of(body.name, backend), int(time.time()))
         await entry.batcher.start()
         served[body.name] = entry
         return _model_card(entry)
@@ -910,7 +913,8 @@ def _check_unicode(texts: list[str], param: str) -> None:
                            code="invalid_text") from None
 
 
-async def _batched_while_connected(batcher: MicroBatcher, ids: list[Any], request: Request) -> np.ndarray:
+async def _batched_while_connected(batcher: MicroBatcher | BatcherLane, ids: list[Any],
+                                   request: Request) -> np.ndarray:
     """The batcher's vectors (or a reranker's scores, one column); 503 when the shutdown cut the work off. A client
     that disconnects first takes its rows out of the batcher (nobody would read them) and gets no answer."""
     embedding = asyncio.ensure_future(batcher.embed(ids))

@@ -22,7 +22,6 @@ this finishes as many as the time allows. `stop()` finishes what is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -39,12 +38,13 @@ class BatcherClosed(RuntimeError):
 class _Request:
     """One caller's texts: which are waiting, what has been computed, how much model time it has had."""
 
-    __slots__ = ("id_lists", "future", "seq", "order", "handed", "served", "total", "finished", "out")
+    __slots__ = ("id_lists", "future", "seq", "owner", "order", "handed", "served", "total", "finished", "out")
 
-    def __init__(self, id_lists: Sequence[Sequence[int]], future: asyncio.Future, seq: int) -> None:
+    def __init__(self, id_lists: Sequence[Sequence[int]], future: asyncio.Future, seq: int, owner: Any = None) -> None:
         self.id_lists = id_lists
         self.future = future
         self.seq = seq
+        self.owner = owner  # the BatcherLane it came through (None: the batcher's own embed)
         self.order = length_order(id_lists)  # longest first
         self.handed = 0  # rows of `order` given to model calls so far
         self.served = 0  # tokens given to model calls so far: the fairness key
@@ -73,12 +73,8 @@ class MicroBatcher:
         call_seconds: float = 0.1,
         min_call_tokens: int = 256,
         on_batch: Callable[[int, int, float], None] | None = None,
-        model_lock: Any = None,
     ) -> None:
         self._embed_ids = embed_ids
-        # Batchers that share one model (a base and its LoRA adapters) take turns on it with this lock; the wait
-        # for a turn is not model time, so it must not shrink the next calls (the speed is measured inside it).
-        self._model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
         self.name = name
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
@@ -96,11 +92,20 @@ class MicroBatcher:
         self._expired = False  # the shutdown deadline passed: no new requests, waiting ones failed
         self._expiry: asyncio.TimerHandle | None = None
         self._seconds_per_token: float | None = None  # measured model speed, padded tokens
+        self.lanes: set[BatcherLane] = set()  # the started lanes of the names that share this batcher
 
     @property
     def queue_depth(self) -> int:
         """Requests with texts not yet given to the model."""
         return sum(1 for request in self._requests if request.waiting)
+
+    def queue_depth_of(self, owner: Any) -> int:
+        """Requests of one lane with texts not yet given to the model."""
+        return sum(1 for request in self._requests if request.waiting and request.owner is owner)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     @property
     def call_tokens(self) -> int:
@@ -117,7 +122,7 @@ class MicroBatcher:
         self._closed = self._draining = self._expired = False
         self._task = asyncio.create_task(self._schedule(), name=f"batcher-{self.name}")
 
-    async def embed(self, id_lists: list[list[int]]) -> np.ndarray:
+    async def embed(self, id_lists: Sequence[Any], owner: Any = None) -> np.ndarray:
         """Vectors for these token-id lists, computed in shared model calls; rows in the given order."""
         if self._closed or self._expired or self._wake is None:
             raise BatcherClosed("the server is shutting down")
@@ -125,7 +130,7 @@ class MicroBatcher:
             return np.empty((0, 0), dtype=np.float32)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._seq += 1
-        self._requests.append(_Request(id_lists, future, self._seq))
+        self._requests.append(_Request(id_lists, future, self._seq, owner))
         self._wake.set()
         return await future
 
@@ -204,10 +209,9 @@ class MicroBatcher:
     def _run_call(self, id_lists: list[Sequence[int]]) -> np.ndarray:
         """Worker thread: one model call; its speed sizes the next calls."""
         padded = len(id_lists) * max(1, max(len(ids) for ids in id_lists))
-        with self._model_lock:
-            began = time.perf_counter()
-            vectors = np.asarray(self._embed_ids(id_lists), dtype=np.float32)
-            seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        vectors = np.asarray(self._embed_ids(id_lists), dtype=np.float32)
+        seconds = time.perf_counter() - began
         if padded >= self.min_call_tokens // 4:  # tiny calls measure per-call overhead, not speed
             observed = seconds / padded
             previous = self._seconds_per_token
@@ -219,6 +223,76 @@ class MicroBatcher:
     def stats(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "max_batch_tokens": self.max_batch_tokens,
                 "max_batch_size": self.max_batch_size, "call_tokens": self.call_tokens}
+
+
+class TaggedRow:
+    """A row that came through a BatcherLane: its token ids and its lane's tag (the LoRA adapter it is embedded
+    with). Its len() is its token count, all the batcher reads of a row."""
+
+    __slots__ = ("ids", "tag")
+
+    def __init__(self, ids: Sequence[int], tag: Any) -> None:
+        self.ids, self.tag = ids, tag
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class BatcherLane:
+    """One served name's way into a MicroBatcher it shares with other names, with the same methods the server calls
+    on a batcher of its own.
+
+    A base and its LoRA adapters are one model in memory, so one batcher fills each model call from all their
+    requests (least served first, as for one name) and the call embeds each row with its own adapter: 8 requests
+    for 8 adapters make one call of 8 requests' rows, as 8 requests for one merged model would, where a batcher per
+    adapter made 8 calls of one request each, in 8 threads taking turns on one model (0.57x a merged model's
+    throughput at concurrency 8, bench/records/serve/adapters-minilm-inplace.json). The lane's rows reach the model
+    as TaggedRow(ids, tag). The first lane started starts the shared batcher; a lane stopped alone (an adapter
+    removed at run time) has its queued requests answered and refuses new ones; the last one stops the batcher.
+    """
+
+    def __init__(self, shared: MicroBatcher, tag: Any) -> None:
+        self.shared, self.tag = shared, tag
+        self.name = shared.name
+        self._closed = False
+        self._pending = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self.shared.queue_depth_of(self)
+
+    async def start(self) -> None:
+        self._closed, self._idle = False, asyncio.Event()
+        self._idle.set()
+        if not self.shared.running:
+            await self.shared.start()
+        self.shared.lanes.add(self)
+
+    async def embed(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        if self._closed or self._idle is None:
+            raise BatcherClosed("the server is shutting down")
+        self._pending += 1
+        self._idle.clear()
+        try:
+            return await self.shared.embed([TaggedRow(ids, self.tag) for ids in id_lists], owner=self)
+        finally:
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+
+    def expire_in(self, seconds: float) -> None:
+        self.shared.expire_in(seconds)
+
+    async def stop(self) -> None:
+        """Answer this lane's queued requests, refuse new ones; the last lane stops the shared batcher."""
+        if self._closed or self._idle is None:
+            return
+        self._closed = True
+        await self._idle.wait()
+        self.shared.lanes.discard(self)
+        if not self.shared.lanes:
+            await self.shared.stop()
 
 
 def fill_call(waiting: Sequence[Sequence[int]], *, max_tokens: int, max_rows: int, max_padding: float = 0.2,
