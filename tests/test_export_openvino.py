@@ -142,6 +142,23 @@ def test_served_vectors_equal_in_process_openvino_vectors(ov_int8):
             assert np.abs(got - encoder.encode(TEXTS, kind=kind)).max() < 1e-5
 
 
+def test_bulk_encoding_runs_a_call_in_parts_on_two_streams_with_the_same_vectors(ov_int8):
+    """Catches rows put back out of order after a call is split over the streams (each row would get another's
+    vector), a split that reuses one infer request, and the server compiled for throughput (a one-text request on
+    half the threads): 2 threads give 2 streams for bulk encoding and 1 for the server, the same vectors."""
+    from embedkit.serve.server import load_backends
+
+    out, _ = ov_int8
+    bulk = OpenVinoEncoder(out, threads=2)
+    one = OpenVinoEncoder(out, threads=2, streams=1)
+    assert bulk.streams == 2 and one.streams == 1 and len(bulk._requests) == 2
+    assert str(bulk.session.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    texts = TEXTS * 3 + ["a much longer text about the side effects of the drug in older adults and children"]
+    for batch in (1, 2, 7, len(texts)):
+        assert np.abs(bulk.encode(texts, "document", batch) - one.encode(texts, "document", batch)).max() == 0.0
+    assert load_backends([f"ov={out}"], threads=2)["ov"].encoder.streams == 1
+
+
 def test_serve_refuses_a_changed_weights_file_and_the_wrong_backend(ov_int8, tmp_path):
     """Catches a start-up check that hashes only the IR's .xml (its weights live in the .bin), and an OpenVINO
     folder served by the ONNX backend."""
