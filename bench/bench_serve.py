@@ -5,8 +5,11 @@
 One run with MiniLM (the same model folder for every server) and N short texts (MedQuAD questions when
 ../shared/data is there, else generated sentences), sent in requests of --batch (32) at concurrency 1 and 8:
 
-- in-process `encode`: torch fp32, ONNX fp32, ONNX int8 (the limit each server is measured against);
-- `embedkit serve`, each backend in its own process, as in production: torch fp32, ONNX fp32, ONNX int8;
+- in-process `encode`: torch fp32, ONNX fp32, ONNX int8, OpenVINO int8 (the limit each server is measured
+  against; OpenVINO both as bulk encoding runs it, on the throughput streams, and on one stream as the server
+  compiles it: the server's ratio is to the one-stream figure);
+- `embedkit serve`, each backend in its own process, as in production: torch fp32, ONNX fp32, ONNX int8, OpenVINO
+  int8 (`embedkit export --format openvino --quantize int8`);
 - infinity-emb (the peer), from its own venv, on the same MiniLM folder: `--engine torch` (fp32) and
   `--engine optimum` (onnxruntime fp32, on an ONNX graph exported by optimum's own exporter), each started once per
   `--batch-size` in --infinity-batch-sizes (8, 32, 128); all values are printed and kept in the JSON, and the best
@@ -59,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "medquad" / "test" / "queries.jsonl"
 
 from cpuinfo import describe, int8_instructions  # noqa: E402  (int8 speed depends on AVX2 / AVX-512 / VNNI)
+from record import write_record  # noqa: E402
 
 CONCURRENCIES = (1, 8)
 CHECK_TEXTS = 8  # texts each server embeds before timing, compared with in-process torch
@@ -231,7 +235,10 @@ def main() -> None:
     parser.add_argument("--onnx-dir", type=Path, help="An existing minilm int8 export (else exported to a temp dir).")
     parser.add_argument("--onnx-fp32-dir", type=Path,
                         help="An existing minilm fp32 export, no --quantize (else exported to a temp dir).")
+    parser.add_argument("--openvino-dir", type=Path,
+                        help="An existing minilm OpenVINO int8 export (else exported to a temp dir).")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--record", type=Path, help="write a record (bench/record.py) here")
     parser.add_argument("--repeats", type=int, default=3, help="passes per measurement; the median is reported")
     parser.add_argument("--infinity-venv", type=Path, default=REPO / "bench" / ".venv-infinity",
                         help="venv with infinity-emb installed (see the docstring)")
@@ -248,6 +255,7 @@ def main() -> None:
     import numpy as np
 
     from embedkit.export.onnx import OnnxEncoder, export_onnx
+    from embedkit.export.openvino import OpenVinoEncoder, export_openvino
     from embedkit.models import load_model
     from embedkit.models.registry import resolve_model_path
 
@@ -271,6 +279,11 @@ def main() -> None:
             raise SystemExit(f"{folder} serves its {served} graph, not {variant}: pass an export made "
                              f"{'with' if variant == 'int8' else 'without'} --quantize int8")
 
+    openvino_dir = args.openvino_dir or work / "minilm_openvino_int8"
+    if not (openvino_dir / "embedkit_openvino.json").is_file():
+        print(f"exporting minilm to {openvino_dir} (OpenVINO int8) ...", file=sys.stderr)
+        export_openvino("minilm", openvino_dir, quantize="int8")
+
     results: dict[str, float] = {}
     errors: dict[str, int] = {}
     vector_diff: dict[str, float] = {}
@@ -278,16 +291,19 @@ def main() -> None:
     torch_encoder = load_model("minilm")
     reference = np.asarray(torch_encoder.encode(check_texts), dtype=np.float32)
     inprocess = {"torch": torch_encoder, "onnx_fp32": OnnxEncoder(onnx_dirs["fp32"]),
-                 "onnx_int8": OnnxEncoder(onnx_dirs["int8"])}
+                 "onnx_int8": OnnxEncoder(onnx_dirs["int8"]), "openvino_int8_streams": OpenVinoEncoder(openvino_dir),
+                 "openvino_int8": OpenVinoEncoder(openvino_dir, streams=1)}  # the server's one stream
     for name, encoder in inprocess.items():
         results[f"inprocess_{name}"] = in_process(encoder, texts, args.batch, args.repeats)
+    names = list(inprocess)
     del inprocess, torch_encoder
     print("in-process: " + ", ".join(f"{name.replace('_', ' ')} {results[f'inprocess_{name}']:.0f}"
-                                     for name in ("torch", "onnx_fp32", "onnx_int8")) + " texts/s", flush=True)
+                                     for name in names) + " texts/s", flush=True)
 
     url = f"http://127.0.0.1:{args.port}"
     for name, backend, model in (("torch", "torch", "minilm"), ("onnx_fp32", "onnx", str(onnx_dirs["fp32"])),
-                                 ("onnx_int8", "onnx", str(onnx_dirs["int8"]))):
+                                 ("onnx_int8", "onnx", str(onnx_dirs["int8"])),
+                                 ("openvino_int8", "openvino", str(openvino_dir))):
         log = work / f"serve_{name}.log"
         process = start_server(model, backend, args.port, log)
         try:
@@ -399,6 +415,11 @@ def main() -> None:
           f"{results['inprocess_onnx_int8']:.0f} texts/s, server "
           + " / ".join(f"{results[f'serve_onnx_int8_c{c}']:.0f}" for c in CONCURRENCIES)
           + " texts/s at concurrency " + " / ".join(str(c) for c in CONCURRENCIES), flush=True)
+    print("embedkit OpenVINO int8 (no int8 peer, not compared): in-process "
+          f"{results['inprocess_openvino_int8']:.0f} texts/s on one stream "
+          f"({results['inprocess_openvino_int8_streams']:.0f} on the throughput streams), server "
+          + " / ".join(f"{results[f'serve_openvino_int8_c{c}']:.0f}" for c in CONCURRENCIES)
+          + " texts/s at concurrency " + " / ".join(str(c) for c in CONCURRENCIES), flush=True)
 
     try:
         load = os.getloadavg()[0]
@@ -411,6 +432,8 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.record:
+        write_record(args.record, report, command=" ".join(["bench/bench_serve.py", *sys.argv[1:]]))
     tmp.cleanup()
 
 

@@ -132,6 +132,16 @@ def _host_and_lanes(base: Path, adapters: dict[str, Path], calls: list):
     return host, {name: BatcherLane(shared, None if name == "base" else name) for name in ["base", *adapters]}
 
 
+async def _queued_together(lanes: dict, order: list[str], tokens) -> list[np.ndarray]:
+    """One request per name of `order`, all queued before the batcher's first call; the lanes stopped after."""
+    for lane in lanes.values():
+        await lane.start()
+    got = await asyncio.gather(*(lanes[name].embed(tokens) for name in order))
+    for lane in lanes.values():
+        await lane.stop()
+    return got
+
+
 def test_requests_for_several_adapters_share_one_model_call(st_bert, bert_adapters):
     """Bug caught: a batcher (and a model call) per adapter, which ran 8 adapters at 0.57x a merged model's
     throughput at concurrency 8 (bench/records/serve/adapters-minilm-inplace.json), or a mixed call that gives a
@@ -143,16 +153,7 @@ def test_requests_for_several_adapters_share_one_model_call(st_bert, bert_adapte
                 **{name: merged_vectors(st_bert, folder) for name, folder in bert_adapters.items()}}
     tokens = load_backends([f"base={st_bert}"])["base"].token_ids(TEXTS, "document")
     order = ["med", "base", "legal", "med"]
-
-    async def run():
-        for lane in lanes.values():
-            await lane.start()
-        got = await asyncio.gather(*(lanes[name].embed(tokens) for name in order))
-        for lane in lanes.values():
-            await lane.stop()
-        return got
-
-    got = asyncio.run(run())
+    got = asyncio.run(_queued_together(lanes, order, tokens))
     assert calls == [["None", "legal", "med"]]
     for name, vectors in zip(order, got):
         assert np.abs(vectors - expected[name]).max() < 1e-5, name
@@ -170,16 +171,7 @@ def test_a_dora_adapter_runs_apart_through_peft_and_keeps_its_vectors(st_bert, b
     assert host.plain == {"legal": True, "dora": False}
     tokens = load_backends([f"base={st_bert}"])["base"].token_ids(TEXTS, "document")
     order = ["dora", "legal", "base", "dora"]
-
-    async def run():
-        for lane in lanes.values():
-            await lane.start()
-        got = await asyncio.gather(*(lanes[name].embed(tokens) for name in order))
-        for lane in lanes.values():
-            await lane.stop()
-        return got
-
-    got = asyncio.run(run())
+    got = asyncio.run(_queued_together(lanes, order, tokens))
     assert isinstance(lanes["dora"], BatcherLane) and calls == [["None", "dora", "legal"]]
     expected = {"base": load_model(st_bert).encode(TEXTS), "legal": merged_vectors(st_bert, bert_adapters["legal"]),
                 "dora": merged_vectors(st_bert, dora)}

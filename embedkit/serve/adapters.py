@@ -201,8 +201,8 @@ class AdapterFolder:
 
 
 class AdapterHost:
-    """The served base and the LoRA adapters loaded onto it. Every model call of the base or of an adapter holds
-    `lock` (re-entrant: the MicroBatcher takes it before timing its call, then `embed` takes it again)."""
+    """The served base and the LoRA adapters loaded onto it. Every model call (`embed_rows`) holds `lock`, and so
+    do adding and removing an adapter: a call never sees the model half changed."""
 
     def __init__(self, base: TorchBackend) -> None:
         self.base = base
