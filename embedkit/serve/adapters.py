@@ -77,16 +77,16 @@ def lora_inference_forward(layer, x, plan: CallPlan, *args, **kwargs):
             or kwargs.get("adapter_names") is not None):
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
-    if len(segments) > 1 and (x.dim() < 2 or x.shape[0] != segments[-1][2]):
-        raise RuntimeError("a mixed-adapter call needs the rows first in every LoRA layer's input: got "
+    if x.dim() < 2 or x.shape[0] != segments[-1][2]:  # rows are sliced by segment below
+        raise RuntimeError("a served adapter call needs the rows first in every LoRA layer's input: got "
                            f"{tuple(x.shape)}")
     for name, first, end in segments:
         if name is None or name not in layer.lora_A:  # the base alone, or an adapter that skips this layer
             continue
-        rows_in = x if len(segments) == 1 else x[first:end]
-        rows_out = result if len(segments) == 1 else result[first:end]
+        rows_in, rows_out = x[first:end], result[first:end]  # views: the rows of one adapter are side by side
         low_rank = rows_in.reshape(-1, rows_in.shape[-1]) @ layer.lora_A[name].weight.t()
-        rows_out.view(-1, rows_out.shape[-1]).addmm_(low_rank, layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
+        rows_out.view(-1, rows_out.shape[-1]).addmm_(low_rank, layer.lora_B[name].weight.t(),
+                                                     alpha=layer.scaling[name])
     return result
 
 
