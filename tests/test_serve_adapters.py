@@ -180,6 +180,21 @@ def test_a_dora_adapter_runs_apart_through_peft_and_keeps_its_vectors(st_bert, b
         assert np.abs(vectors - expected[name]).max() < 1e-5, name
 
 
+def test_a_removed_adapter_leaves_no_served_factors_and_a_readded_name_serves_its_new_weights(st_bert, bert_adapters):
+    """Bug caught: the layers' served factors (`served_lora`, views of the LoRA weights) outliving `remove`, which
+    keeps every removed adapter's weights in memory on a server that adds and removes them, or a name re-added with
+    other weights serving the old ones."""
+    host = load_adapters([f"{name}={path}" for name, path in bert_adapters.items()],
+                         load_backends([f"base={st_bert}"]))["base"]
+    tokens = host.base.token_ids(TEXTS, "document")
+    host.remove("med")
+    holders = [module for module in host.encoder.backbone.modules() if hasattr(module, "served_lora")]
+    assert holders and all("med" not in module.served_lora and "legal" in module.served_lora for module in holders)
+    assert np.abs(host.embed("legal", tokens) - merged_vectors(st_bert, bert_adapters["legal"])).max() < 1e-5
+    host.add("med", bert_adapters["legal"])  # the name again, another adapter's weights
+    assert np.abs(host.embed("med", tokens) - merged_vectors(st_bert, bert_adapters["legal"])).max() < 1e-5
+
+
 def test_a_mixed_request_stream_gets_each_requests_own_adapter(st_bert, bert_adapters):
     """Bug caught: a model call mixing adapters (one batcher for all, or two batchers switching the active adapter
     under each other's forward): concurrent requests for base, legal and med must each get their own vectors."""

@@ -63,30 +63,39 @@ def lora_inference_forward(layer, x, plan: CallPlan, *args, **kwargs):
     bulk of the work, run once over every row of the call, as in a merged model. Served, 8 rank-16 adapters on
     MiniLM went from 0.62x / 0.49x a merged model's throughput through PEFT's forward (concurrency 1 / 8,
     bench/records/serve/adapters-minilm.json) to 0.72x / 0.57x with this sum in calls of one adapter
-    (adapters-minilm-inplace.json) and 0.83x / 0.78x with calls mixing adapters (adapters-minilm-shared-batcher.json);
-    the rest is the skinny low-rank products themselves. Outside a served call (training, no plan) and in the layer
-    states PEFT handles otherwise (merged, an `adapter_names` mixed batch) PEFT's own forward runs; adapters this
-    forward cannot sum (a LoRA variant such as DoRA, a LoRA bias, another dtype, LoRA outside Linear layers) never
-    reach it (`AdapterHost.plain`), and PEFT's disabled state does not apply here: the host disables PEFT's adapters
-    around a planned call so that such an adapter's other layers stay out of it, while the segments say what each
-    Linear layer adds."""
+    (adapters-minilm-inplace.json) and 0.83x / 0.78x with calls mixing adapters (adapters-minilm-shared-batcher.json).
+    Served calls are small (the batcher sizes them to ~0.1 s: 13 to 23 short texts), so what runs per layer and
+    segment besides the two products counts as well: it reads the factors `store_for_inference` laid out
+    (`served_lora`: no ModuleDict, Parameter or PEFT property lookups), calls the base Linear's kernel directly and
+    slices flat token rows (one-text calls: 10.9 -> 9.1 ms against a merged model's 8.3, a development measurement;
+    served, 0.78x / 0.77x in adapters-minilm-served-factors.json, within the bench's run-to-run spread).
+    Outside a served call (training, no plan) and in the layer states PEFT handles otherwise (merged, an
+    `adapter_names` mixed batch) PEFT's own forward runs; adapters this forward cannot sum (a LoRA variant such as
+    DoRA, a LoRA bias, another dtype, LoRA outside Linear layers) never reach it (`AdapterHost.plain`), and PEFT's
+    disabled state does not apply here: the host disables PEFT's adapters around a planned call so that such an
+    adapter's other layers stay out of it, while the segments say what each Linear layer adds."""
     import torch
 
     segments = plan.segments
     if (segments is None or torch.is_grad_enabled() or layer.training or layer.merged
             or kwargs.get("adapter_names") is not None):
         return type(layer).forward(layer, x, *args, **kwargs)
-    result = layer.base_layer(x, *args, **kwargs)
-    if x.dim() < 2 or x.shape[0] != segments[-1][2]:  # rows are sliced by segment below
+    base = layer.base_layer
+    result = (torch.nn.functional.linear(x, base.weight, base.bias) if type(base) is torch.nn.Linear and not args
+              and not kwargs else base(x, *args, **kwargs))
+    rows = segments[-1][2]
+    if x.dim() < 2 or x.shape[0] != rows:  # rows are sliced by segment below
         raise RuntimeError("a served adapter call needs the rows first in every LoRA layer's input: got "
                            f"{tuple(x.shape)}")
+    factors = layer.served_lora
+    flat_in, flat_out = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
+    per_row = flat_in.shape[0] // rows  # token rows per text (1 for pooled inputs)
     for name, first, end in segments:
-        if name is None or name not in layer.lora_A:  # the base alone, or an adapter that skips this layer
+        if name not in factors:  # the base alone, or an adapter that skips this layer
             continue
-        rows_in, rows_out = x[first:end], result[first:end]  # views: the rows of one adapter are side by side
-        low_rank = rows_in.reshape(-1, rows_in.shape[-1]) @ layer.lora_A[name].weight.t()
-        rows_out.view(-1, rows_out.shape[-1]).addmm_(low_rank, layer.lora_B[name].weight.t(),
-                                                     alpha=layer.scaling[name])
+        a_t, b_t, scaling = factors[name]
+        span = slice(first * per_row, end * per_row)  # the rows of one adapter are side by side
+        flat_out[span].addmm_(flat_in[span] @ a_t, b_t, alpha=scaling)
     return result
 
 
@@ -97,23 +106,33 @@ def use_inference_forward(model, plan: CallPlan) -> None:
 
     for module in model.modules():
         if isinstance(module, LoraLinear) and "forward" not in vars(module):
+            module.served_lora = {}
             module.forward = lambda x, *args, _layer=module, **kwargs: lora_inference_forward(_layer, x, plan, *args,
                                                                                               **kwargs)
 
 
 def store_for_inference(model, name: str) -> None:
     """Lay adapter `name`'s LoRA matrices out transposed in memory (the parameters keep their shapes and values, as
-    views): `lora_inference_forward` multiplies by A.T and B.T, and a contiguous right-hand operand made those
-    skinny products several times faster (MiniLM's layers, 360 token rows, 2 threads: x @ A.T 150 -> 40 us for
-    the 1536-wide input; a development measurement). No copy is kept: served memory stays one set of LoRA weights."""
+    views) and list them in each layer's `served_lora` as (A.T, B.T, scaling), what `lora_inference_forward`
+    multiplies by: a contiguous right-hand operand made those skinny products several times faster (MiniLM's
+    layers, 360 token rows, 2 threads: x @ A.T 150 -> 40 us for the 1536-wide input; a development measurement).
+    No copy is kept: served memory stays one set of LoRA weights."""
     import torch
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, LoraLinear) and name in module.lora_A:
-                for weight in (module.lora_A[name].weight, module.lora_B[name].weight):
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                for weight in (a, b):
                     weight.data = weight.data.t().contiguous().t()
+                module.served_lora[name] = (a.detach().t(), b.detach().t(), float(module.scaling[name]))
+
+
+def forget_for_inference(model, name: str) -> None:
+    """Drop adapter `name` from every layer's `served_lora` (before PEFT deletes its weights)."""
+    for module in model.modules():
+        getattr(module, "served_lora", {}).pop(name, None)
 
 
 def plain_lora(model, name: str) -> bool:
@@ -338,6 +357,7 @@ class AdapterHost:
             peft = self.encoder.backbone
             del self.adapters[name]
             self.plain.pop(name, None)
+            forget_for_inference(peft, name)
             if self.adapters:
                 peft.delete_adapter(name)
             else:
