@@ -21,9 +21,11 @@ the command's result, stderr its log lines), and turns an EmbedkitError into one
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -329,6 +331,40 @@ def demo_command(
     typer.echo(f"\n{render_summary(result)}")
     typer.echo(f"\noutputs in {workdir}: summary.md, summary.json{', summary.png' if settings.plot else ''}, "
                "model/, onnx/, rag-index/, eval_*.json, compare.json")
+
+
+LIST_NUMBER = re.compile(r"\d+\. ")
+
+
+def reflow_help(text: str | None) -> str | None:
+    """A help text's hard-wrapped lines joined into paragraphs, so that --help wraps them at the terminal's width
+    (typer's rich help keeps every line break: docstrings wrapped at 120 columns came out ragged in an 80-column
+    terminal). Indented lines (examples) and list items (-, *, 1.) keep lines of their own; blank lines stay."""
+    if not text:
+        return text
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            starts_item = line.startswith((" ", "\t", "- ", "* ")) or LIST_NUMBER.match(line)
+            if lines and not starts_item and not lines[-1].startswith((" ", "\t")):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _reflow_app(typer_app: typer.Typer) -> None:
+    typer_app.info.help = reflow_help(typer_app.info.help)
+    for command in typer_app.registered_commands:
+        command.help = reflow_help(command.help or inspect.getdoc(command.callback))
+    for group in typer_app.registered_groups:
+        group.help = reflow_help(group.help)
+        _reflow_app(group.typer_instance)
+
+
+_reflow_app(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,39 @@ def test_help_lists_every_stage():
         assert command in out
 
 
+def test_help_text_is_reflowed_to_the_terminal_keeping_examples_and_steps_on_their_own_lines():
+    """Bug caught: docstrings' hard line breaks (wrapped at 120 columns) kept by typer's help, which came out ragged
+    in an 80-column terminal; or a reflow that glues example commands and numbered steps into the prose."""
+    import os
+
+    from embedkit.cli import app, reflow_help
+
+    text = ("Find the recipe.\n\nA sentence wrapped\nat the source.\n1. Step one\ngoes on.\n2. Step two.\n\nExamples:\n\n"
+            "  embedkit tune a.yaml\n  embedkit tune b.yaml\n- an item\n  indented")
+    assert reflow_help(text) == ("Find the recipe.\n\nA sentence wrapped at the source.\n1. Step one goes on.\n"
+                                 "2. Step two.\n\nExamples:\n\n  embedkit tune a.yaml\n  embedkit tune b.yaml\n"
+                                 "- an item\n  indented")
+
+    def commands(typer_app):
+        for command in typer_app.registered_commands:
+            yield command
+        for group in typer_app.registered_groups:
+            yield from commands(group.typer_instance)
+
+    for command in commands(app):  # every command, sub-apps' too, went through the reflow
+        assert command.help and command.help == reflow_help(command.help), command.callback.__name__
+    for args in (["synth", "--help"], ["tune", "--help"], ["rag", "query", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "embedkit.cli", *args], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "80", "TERM": "dumb"}, check=True).stdout
+        description = [line.rstrip() for line in out.split("╭")[0].splitlines()]
+        for line, after in zip(description, description[1:]):
+            prose = line.startswith(" ") and not line.startswith("  ") and after.startswith(" ") \
+                and not after.startswith("  ") and not after[1:2].isdigit()
+            if prose and line.strip() and after.strip():  # a line break inside a paragraph: only where it had to be
+                assert len(line) + 1 + len(after.split()[0]) > 79, (args, line, after)
+        assert any(line.strip().startswith("embedkit") for line in description), args  # examples kept
+
+
 def test_models_lists_the_embedded_defaults():
     rows = json.loads(run_cli("models", "--json", check=True).stdout)
     by_name = {row["name"]: row for row in rows}
