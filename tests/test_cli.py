@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,6 @@ def test_help_lists_every_stage():
 def test_help_text_is_reflowed_to_the_terminal_keeping_examples_and_steps_on_their_own_lines():
     """Bug caught: docstrings' hard line breaks (wrapped at 120 columns) kept by typer's help, which came out ragged
     in an 80-column terminal; or a reflow that glues example commands and numbered steps into the prose."""
-    import os
-
     from embedkit.cli import app, reflow_help
 
     text = ("Find the recipe.\n\nA sentence wrapped\nat the source.\n1. Step one\ngoes on.\n2. Step two.\n\nExamples:\n\n"
