@@ -57,6 +57,7 @@ ENCODE_CHUNK = 10_000
 K = 10
 RERANK_DEPTH = 100  # the candidates a reranker orders (`--rerank-top`'s usual 100)
 BUILD_THREADS = os.cpu_count() or 1
+WINDOWS = ((16, 8), (24, 12), (32, 16), (64, 32))  # --chunks multi: (words, stride) of each granularity
 
 
 def sentences(text: str) -> list[str]:
@@ -71,18 +72,38 @@ def _jsonl(path: Path):
                 yield json.loads(line)
 
 
-def assemble(data: Path, seed: int) -> tuple[list[str], list[str]]:
-    """(corpus sentences, held-out queries), each deduplicated and in a seeded random order."""
+def word_windows(text: str) -> list[str]:
+    """The overlapping word windows of `text` at every WINDOWS size (each window half-overlaps the next), as a
+    hierarchical chunker indexes a document at several granularities; a text no longer than a window gives none
+    of that size (its sentences already stand for it)."""
+    words = text.split()
+    return [" ".join(words[i:i + size]) for size, stride in WINDOWS if len(words) > size
+            for i in range(0, len(words) - size + 1, stride)]
+
+
+def assemble(data: Path, seed: int, chunks: str = "sentences") -> tuple[list[str], list[str]]:
+    """(corpus texts, held-out queries), each deduplicated and in a seeded random order. `chunks`: "sentences"
+    (every sentence of the documents) or "multi" (those sentences and every document's `word_windows`: the real
+    text of ../shared/data is 203,758 sentences, 4.35M words in 21,006 documents, too little for a 1,000,000-text
+    curve otherwise)."""
     corpus: dict[str, None] = {}
+    documents = [row.get("title", "") + " " + row.get("text", "")
+                 for row in _jsonl(data / "scifact" / "corpus.jsonl")]
     for row in _jsonl(data / "scifact" / "corpus.jsonl"):
         for s in sentences(row.get("title", "")) + sentences(row.get("text", "")):
             corpus.setdefault(s)
     for row in _jsonl(data / "medquad" / "train_pairs.jsonl"):
+        documents.append(row["positive"])
         for s in sentences(row["positive"]):
             corpus.setdefault(s)
     for row in _jsonl(data / "medquad" / "test" / "corpus.jsonl"):
+        documents.append(row.get("title", "") + " " + row.get("text", ""))
         for s in sentences(row.get("title", "")) + sentences(row.get("text", "")):
             corpus.setdefault(s)
+    if chunks == "multi":
+        for document in dict.fromkeys(documents):
+            for window in word_windows(document):
+                corpus.setdefault(window)
     for path in sorted((data / "sts").glob("*/*.jsonl")):
         for row in _jsonl(path):
             for key in ("sentence1", "sentence2"):
@@ -132,6 +153,18 @@ def digest(texts: list[str]) -> str:
     return h.hexdigest()
 
 
+def load_encoder(model: str):
+    """`model` as embedkit loads it: an export folder (`embedkit export --format onnx | openvino`) by its own
+    runtime, anything else by `load_model` on the CPU."""
+    import embedkit.export.formats  # noqa: F401  (registers the export runtimes)
+    from embedkit.models import load_model
+    from embedkit.models.exported import export_format, load_exported_encoder
+
+    if export_format(model) is not None:
+        return load_exported_encoder(model)
+    return load_model(model, device="cpu")
+
+
 def encode_resumable(texts: list[str], kind: str, folder: Path, model: str, batch_size: int) -> np.ndarray:
     """The texts' unit vectors, encoded in chunks of ENCODE_CHUNK saved as they finish; a chunk already saved for
     the same texts is not encoded again."""
@@ -147,9 +180,7 @@ def encode_resumable(texts: list[str], kind: str, folder: Path, model: str, batc
             done_before += len(chunk)
             continue
         if encoder is None:
-            from embedkit.models import load_model
-
-            encoder = load_model(model, device="cpu")
+            encoder = load_encoder(model)
         vectors = np.asarray(encoder.encode(chunk, kind=kind, batch_size=batch_size, normalize=True),
                              dtype=np.float32)
         tmp = path.with_suffix(".tmp.npy")
@@ -238,7 +269,10 @@ def main() -> None:
     parser.add_argument("--texts", type=Path, help="a corpus of your own instead of --data's: .txt (a text a line) "
                                                    "or .jsonl (a \"text\" field a row)")
     parser.add_argument("--query-texts", type=Path, help="with --texts: its questions (same formats)")
-    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--model", default="minilm", help="a model, or an export folder (encoded by its runtime)")
+    parser.add_argument("--chunks", choices=("sentences", "multi"), default="sentences",
+                        help="the shared data's texts: every sentence, or (multi) also every document's 16/24/32/64-"
+                             "word half-overlapping windows (~1.3M texts)")
     parser.add_argument("--sizes", default="10000,30000,100000,all", help="corpus sizes; 'all' = every sentence")
     parser.add_argument("--kinds", default="flat,hnsw,ivf", help="any of flat, hnsw, ivf, ivfpq")
     parser.add_argument("--queries", type=int, default=1000)
@@ -260,23 +294,28 @@ def main() -> None:
     if (args.texts is None) != (args.query_texts is None):
         parser.error("--texts and --query-texts go together")
     if args.work is None:
-        args.work = Path("runs/index-bench" if args.texts is None else f"runs/index-bench-{args.texts.stem}")
+        args.work = Path("runs/index-bench" + (f"-{args.texts.stem}" if args.texts is not None else
+                                               "-multi" if args.chunks == "multi" else ""))
 
     if args.texts is not None:
         texts, questions = assemble_files(args.texts, args.query_texts, args.seed)
     else:
-        texts, questions = assemble(args.data, args.seed)
+        texts, questions = assemble(args.data, args.seed, args.chunks)
     questions = questions[:args.queries]
-    print(f"corpus: {len(texts)} sentences; queries: {len(questions)}", flush=True)
-    corpus_vectors = encode_resumable(texts, "document", args.work / "vectors", args.model, args.batch_size)
-    query_vectors = encode_resumable(questions, "query", args.work / "vectors", args.model, args.batch_size)
+    sizes = [len(texts) if s == "all" else min(int(s), len(texts)) for s in args.sizes.split(",") if s]
+    if sizes and not args.encode_only:
+        texts = texts[:max(sizes)]  # the seeded order makes the first n a random sample: encode no more than used
+    print(f"corpus: {len(texts)} texts; queries: {len(questions)}", flush=True)
+    # the cache is keyed by the texts, so each model keeps a folder of its own
+    cache = args.work / ("vectors" if args.model == "minilm" else f"vectors-{Path(args.model).name}")
+    corpus_vectors = encode_resumable(texts, "document", cache, args.model, args.batch_size)
+    query_vectors = encode_resumable(questions, "query", cache, args.model, args.batch_size)
     for name, array in (("corpus.npy", corpus_vectors), ("queries.npy", query_vectors)):
         np.save(args.work / f".{name}", array)  # the joined vectors, for bench_mine_memory.py --vectors
         (args.work / f".{name}").replace(args.work / name)
     if args.encode_only:
         return
     kinds = args.kinds.split(",")
-    sizes = [len(texts) if s == "all" else min(int(s), len(texts)) for s in args.sizes.split(",") if s]
     rows = curve(corpus_vectors, query_vectors, sizes, kinds, "real", args.threads) if sizes else []
     if args.synthetic:
         rng = np.random.default_rng(args.seed)
@@ -293,6 +332,7 @@ def main() -> None:
         values = {"model": args.model, "dim": int(corpus_vectors.shape[1]), "k": K, "threads": args.threads,
                   "texts": str(args.texts) if args.texts else None,
                   "query_texts": str(args.query_texts) if args.query_texts else None,
+                  "chunks": None if args.texts else args.chunks,
                   "queries": len(questions), "synthetic_queries": args.synthetic_queries if args.synthetic else 0,
                   "build_threads": BUILD_THREADS, "corpus_sentences": len(texts), "corpus_sha256": digest(texts),
                   "queries_sha256": digest(questions), "seed": args.seed, "note": args.note,

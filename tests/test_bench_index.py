@@ -56,6 +56,25 @@ def test_the_corpus_is_deduplicated_and_holds_no_query(tmp_path, bench_index):
     assert bench_index.assemble(tmp_path, seed=1)[0] != texts or len(texts) < 3
 
 
+def test_multi_chunks_add_half_overlapping_word_windows_of_whole_documents(tmp_path, bench_index, monkeypatch):
+    """Bug caught (--chunks multi, the 1,000,000-text curve): windows that skip words (a stride past the window),
+    windows cut from sentences instead of whole documents, a document no longer than a window repeated as one (a
+    duplicate of its sentences' text), or the sentence corpus changed by the option (the records of the sentence
+    curve would no longer be reproducible)."""
+    _fake_data(tmp_path)
+    words = " ".join(f"w{i}." for i in range(10))
+    _write_jsonl(tmp_path / "medquad" / "train_pairs.jsonl", [{"query": "What is w?", "positive": words}])
+    monkeypatch.setattr(bench_index, "WINDOWS", ((4, 2), (20, 10)))
+    sentences_only, _ = bench_index.assemble(tmp_path, seed=0)
+    texts, queries = bench_index.assemble(tmp_path, seed=0, chunks="multi")
+    added = set(texts) - set(sentences_only)
+    assert set(sentences_only) <= set(texts) and len(texts) == len(set(texts))
+    windows = {t for t in added if t.startswith("w")}
+    assert windows == {"w0. w1. w2. w3.", "w2. w3. w4. w5.", "w4. w5. w6. w7.", "w6. w7. w8. w9."}
+    assert not any(len(t.split()) == 20 for t in added)  # no document is longer than 20 words
+    assert queries == bench_index.assemble(tmp_path, seed=0)[1]
+
+
 def test_texts_files_are_read_deduplicated_without_blanks_or_queries_from_the_corpus(tmp_path, bench_index):
     """Bug caught (--texts / --query-texts): a blank line kept as a text (it embeds to the special tokens alone), a
     duplicate kept, or a question that is also a corpus text (a perfect match that inflates recall)."""
