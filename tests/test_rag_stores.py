@@ -202,6 +202,25 @@ def test_milvus_refuses_ivf_and_unknown_stores(encoder, docs, tmp_path):
         build_index(encoder, docs, tmp_path / "idx", milvus_uri=str(tmp_path / "x.db"))
 
 
+def test_index_type_aliases_are_read_as_faiss_own_kinds(st_bert, encoder, docs, tmp_path):
+    """Bug caught: `--index-type ivf-flat` / `ivf-pq` (FAISS' own names, and issue #33's) refused by the store check
+    before they are read as ivf / ivfpq, or an index recorded under the alias (later commands key on the type)."""
+    from embedkit.errors import ConfigError
+    from embedkit.rag import build_index
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": d, **row}) + "\n" for d, row in docs.items()))
+    out = tmp_path / "idx"
+    result = run_cli("index", "-m", str(st_bert), "-c", str(corpus), "-o", str(out), "-q", "--index-type", "ivf-flat")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "embedkit_manifest.json").read_text())["index"]["type"] == "ivf"
+    result = run_cli("index", "-m", str(st_bert), "-c", str(corpus), "-o", str(tmp_path / "pq"), "-q",
+                     "--index-type", "ivf-pq")
+    assert result.returncode == 2 and "ivfpq needs at least 9,984 documents" in result.stderr, result.stderr
+    with pytest.raises(ConfigError, match="milvus store builds flat, hnsw"):
+        build_index(encoder, docs, tmp_path / "m", store="milvus", index_type="ivf-flat")
+
+
 def test_milvus_lite_file_held_by_another_handle_is_searched_through_a_copy(encoder, docs, tmp_path):
     """Milvus Lite lets one handle hold a file: a second reader (`rag query` while `rag web` runs) searches a
     private copy, with the same results, and removes the copy when closed."""

@@ -61,9 +61,10 @@ def index_command(
     output: Path = typer.Option(..., "--output", "-o", help="Index folder to write (an older index there is replaced)."),
     index_type: str = typer.Option(
         "auto", "--index-type",
-        help="'flat' (exact inner product), 'hnsw' (graph, approximate, fast at scale), 'ivf' (inverted lists, "
-             "approximate), 'ivfpq' (IVF over compressed vectors: a sixteenth of flat's memory, recall@10 ~0.72 "
-             "of exact, ~0.93 within its top 100, what a reranker over it sees; FAISS only, 9,984 documents or more), "
+        help="'flat' (exact inner product), 'hnsw' (graph, approximate, fast at scale), 'ivf' or 'ivf-flat' (inverted "
+             "lists, approximate), 'ivfpq' or 'ivf-pq' (IVF over compressed vectors: a sixteenth of flat's memory, "
+             "recall@10 ~0.72 of exact, ~0.93 within its top 100, what a reranker over it sees; FAISS only, 9,984 "
+             "documents or more), "
              "or 'auto': flat below --hnsw-threshold documents, HNSW from there (the choice is printed)."),
     hnsw_threshold: int | None = typer.Option(
         None, "--hnsw-threshold", min=1,
@@ -118,9 +119,10 @@ def index_command(
     from embedkit.models import load_model
     from embedkit.data.documents import load_documents
     from embedkit.rag.bm25 import bm25_available
-    from embedkit.rag.index import build_index, check_store_index_type, choose_index_type
+    from embedkit.rag.index import build_index, canonical_index_type, check_store_index_type, choose_index_type
     from embedkit.models.ray_encode import check_ray_options, ray_settings
 
+    index_type = canonical_index_type(index_type)
     check_ray_options(ray, ray_address, nproc)
     on_ray = ray_settings(ray, ray_address, ray_workers, shard_size, device)
     choose_index_type(0, index_type)  # bad options and a bad corpus fail before the model loads

@@ -64,13 +64,15 @@ log = logging.getLogger(__name__)
 
 MANIFEST_KIND = "rag_index"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+INDEX_ALIASES = {"ivf-flat": "ivf", "ivf-pq": "ivfpq"}  # FAISS' own names (IndexIVFFlat, IndexIVFPQ)
 # "auto" (docs/rag.md, Choosing the index; bench/records/index/curve-real.json, real sentences, MiniLM 384-d): exact
 # search reads every vector, ~0.09 ms per 1,000 documents a query on one core, so it stays under ~10 ms (about what
 # encoding the query costs on a CPU, so search is never the larger part) up to ~100k x 384 floats. Beyond, HNSW
 # answers in under 1 ms at recall@10 0.99 of exact; IVF is never auto's choice: 0.94-0.95 recall at HNSW's
 # latency. Checked at 1,000,000 real texts (curve-real-1m.json: exact 74.8 ms a query, HNSW 0.70 ms at recall@10
-# 0.99 after a ~10-minute build on 2 cores; IVF 0.98 but 6.3 ms). The budget is in floats, not documents, since exact search's time grows with the dimension: a 1024-d
-# model switches at 37,500 documents. A property of exact search's arithmetic, not of a corpus, so it transfers.
+# 0.99 after a ~10-minute build on 2 cores; IVF 0.98 but 6.3 ms). The budget is in floats, not documents, since
+# exact search's time grows with the dimension: a 1024-d model switches at 37,500 documents. A property of exact
+# search's arithmetic, not of a corpus, so it transfers.
 # IVF-PQ is never auto's choice either: it gives up recall (its scores come from codes, 48 bytes a 384-d vector, not
 # from the vectors) for memory, a trade only the user can weigh (bench/records/index/curve-real-ivfpq.json:
 # recall@10 0.71-0.73 of exact for a sixteenth of flat's size at 100k-200k documents; 0.93-0.94 of exact's top 10
@@ -107,10 +109,16 @@ def hnsw_threshold_for(dim: int) -> int:
     return max(1, FLAT_MAX_FLOATS // max(1, int(dim)))
 
 
+def canonical_index_type(index_type: str) -> str:
+    """The index type an `--index-type` value names: "ivf-flat" is "ivf", "ivf-pq" is "ivfpq"."""
+    return INDEX_ALIASES.get(index_type, index_type)
+
+
 def choose_index_type(n_documents: int, index_type: str = "auto", hnsw_threshold: int | None = None,
                       dim: int = 384) -> str:
     """The FAISS index kind for a corpus size: the given type, or for "auto" flat below the threshold (given, else
-    `hnsw_threshold_for(dim)`), else HNSW."""
+    `hnsw_threshold_for(dim)`), else HNSW. An alias (`INDEX_ALIASES`) gives its own name."""
+    index_type = canonical_index_type(index_type)
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"unknown index type {index_type!r} (use {', '.join(INDEX_TYPES)})", field="index_type")
     if index_type != "auto":
