@@ -298,7 +298,10 @@ def test_rag_eval_ndcg_equals_embedkit_eval(encoder, tmp_path, shared_data, stor
     # (seen: map@100 off by 2.6e-6 on an AVX-512 CPU). An indexing or metric bug moves these numbers by far more.
     for name in ("ndcg_at_10", "recall_at_10", "recall_at_100", "mrr_at_10", "map_at_100"):
         assert result["metrics"][name] == pytest.approx(task["metrics"][name], abs=1e-4), name
+    # per query too (issue #33: a store that ranked one query worse and another better would pass on the means)
     assert result["per_query"].keys() == task["per_query"].keys()
+    for qid, values in task["per_query"].items():
+        assert result["per_query"][qid]["ndcg_at_10"] == pytest.approx(values["ndcg_at_10"], abs=1e-4), qid
     assert 0 < result["metrics"]["ndcg_at_10"] < 1  # a real, non-degenerate number on this slice
     assert result["index"]["vector_store"] == store
     assert result["metrics"]["recall_at_1"] <= result["metrics"]["recall_at_5"] <= result["metrics"]["recall_at_100"]
