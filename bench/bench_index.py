@@ -13,11 +13,20 @@ claims), a seeded sample. Vectors: all-MiniLM-L6-v2 (embedkit's `minilm`), unit 
 --texts FILE replaces that corpus with one of your own (a .txt with one text per line, or a .jsonl with a "text"
 field per row; whitespace-normalised, blank lines and exact duplicates dropped, in the same seeded order) and
 --query-texts FILE gives its questions (same formats; a question that is also a corpus text is dropped). The vectors
-then go to runs/index-bench-<file name> unless --work says otherwise, so the shared-data corpus's are kept. For the
-1,000,000-text curve on a GPU machine (encoding a million texts on 2 CPU cores takes hours):
+then go to runs/index-bench-<file name> unless --work says otherwise, so the shared-data corpus's are kept.
 
-    .venv/bin/python bench/bench_index.py --texts million.txt --query-texts questions.txt \\
-        --sizes 100000,300000,all --kinds flat,hnsw,ivf,ivfpq --record bench/records/index/curve-real-1m.json
+--chunks multi adds every document's 16/24/32/64-word half-overlapping windows to its sentences (1,247,165 texts: the
+shared data's real text at several granularities, as a hierarchical chunker indexes it; the vectors go to
+runs/index-bench-multi). --model takes an export folder too, encoded by its own runtime: MiniLM's OpenVINO int8
+export encoded the million texts on 2 cores in ~41 minutes (a short timing gave PyTorch a third of its rate). The curve
+(bench/records/index/curve-real-1m.json, ~75 minutes on 2 cores, the encoding shared with the test suite, most of it
+encoding and HNSW's build):
+
+    .venv/bin/python -m embedkit.cli export -m minilm --format openvino --quantize int8 --precision bf16 \\
+        -o runs/index-bench-multi/minilm-openvino-int8-bf16
+    .venv/bin/python bench/bench_index.py --chunks multi --model runs/index-bench-multi/minilm-openvino-int8-bf16 \\
+        --sizes 100000,300000,1000000 --kinds flat,hnsw,ivf,ivfpq --queries 1000 --threads 1 \\
+        --record bench/records/index/curve-real-1m.json
 
 Each index is built with embedkit's own constructor (`new_faiss_index`, the parameters `embedkit rag index` uses)
 and searched through the FAISS store's own search (`FaissVectors.search`), one query at a time on `--threads`
