@@ -96,9 +96,9 @@ def assemble(data: Path, seed: int, chunks: str = "sentences") -> tuple[list[str
     text of ../shared/data is 203,758 sentences, 4.35M words in 21,006 documents, too little for a 1,000,000-text
     curve otherwise)."""
     corpus: dict[str, None] = {}
-    documents = [row.get("title", "") + " " + row.get("text", "")
-                 for row in _jsonl(data / "scifact" / "corpus.jsonl")]
+    documents = []  # whole documents, for the windows of "multi"
     for row in _jsonl(data / "scifact" / "corpus.jsonl"):
+        documents.append(row.get("title", "") + " " + row.get("text", ""))
         for s in sentences(row.get("title", "")) + sentences(row.get("text", "")):
             corpus.setdefault(s)
     for row in _jsonl(data / "medquad" / "train_pairs.jsonl"):
